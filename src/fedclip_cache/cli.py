@@ -1,0 +1,124 @@
+"""The ``fedclip-cache`` command line: a thin typer layer over the library."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Extract frozen CLIP features once; train FedCLIP and baselines on the cache.")
+console = Console()
+err = Console(stderr=True)
+
+# Errors whose message is already a complete one-line diagnosis: print it, exit 2, no traceback.
+USER_ERRORS: tuple[type[Exception], ...] = ()
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    from .extract import ExtractError
+    from .models import ModelLoadError
+    from .sources import SourceError
+    from .store import CacheError
+    from .federated.config import ConfigError
+
+    return (ExtractError, ModelLoadError, SourceError, CacheError, ConfigError)
+
+
+def _floats(text: Optional[str], name: str) -> Optional[list[float]]:
+    if text is None:
+        return None
+    try:
+        vals = [float(x) for x in text.split(",")]
+    except ValueError:
+        raise typer.BadParameter(f"{name} takes three comma-separated numbers, e.g. 0.5,0.5,0.5")
+    if len(vals) != 3:
+        raise typer.BadParameter(f"{name} takes three comma-separated numbers, e.g. 0.5,0.5,0.5")
+    return vals
+
+
+@app.command()
+def extract(
+    source: Path = typer.Argument(..., help="DomainBed folder ROOT/<domain>/<class>/<image>, or a manifest "
+                                            ".csv/.parquet (path, label, domain[, client][, split])."),
+    out: Path = typer.Argument(..., help="Cache folder to create or extend (resumable)."),
+    model: str = typer.Option("ViT-B-32", help="open_clip model name, NAME/TAG (e.g. ViT-B-32/openai), or "
+                                               "local-dir:DIR."),
+    pretrained: Optional[str] = typer.Option("openai", help="Pretrained tag, a local checkpoint file, or "
+                                                            "'none' for random init."),
+    model_config: Optional[Path] = typer.Option(None, help="Custom architecture JSON (registered with "
+                                                           "open_clip; its file stem becomes the model name)."),
+    image_mean: Optional[str] = typer.Option(None, help="Override normalisation mean, e.g. 0.5,0.5,0.5."),
+    image_std: Optional[str] = typer.Option(None, help="Override normalisation std, e.g. 0.5,0.5,0.5."),
+    format: str = typer.Option("parquet", help="parquet or hdf5."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    precision: str = typer.Option("fp32", help="fp32, fp16 or bf16 (autocast)."),
+    dtype: str = typer.Option("float32", help="Stored embedding dtype: float32 or float16."),
+    batch_size: int = typer.Option(64, min=1),
+    workers: Optional[int] = typer.Option(None, min=0, help="DataLoader worker processes (default min(4, CPUs))."),
+    shard_size: int = typer.Option(4096, min=1, help="Images per committed shard (the most a crash can lose)."),
+    template: Optional[List[str]] = typer.Option(None, help="Prompt template with {} for the class; repeatable. "
+                                                            "Default: the official 'a picture of a {}'."),
+    templates_file: Optional[Path] = typer.Option(None, help="File with one template per line."),
+    strict: bool = typer.Option(False, help="Fail on the first unreadable image instead of skipping it."),
+    seed: int = typer.Option(0, help="Seed for random-init models (--pretrained none)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+):
+    """Run frozen open_clip once over every image and store raw embeddings + class-prompt text embeddings."""
+    from .extract import DEFAULT_TEMPLATES, ExtractConfig, extract as run_extract
+    from .models import ModelSpec
+
+    templates = list(template or [])
+    if templates_file:
+        if not templates_file.is_file():
+            raise typer.BadParameter(f"{templates_file}: not found", param_hint="--templates-file")
+        templates += [ln.strip() for ln in templates_file.read_text().splitlines() if ln.strip()]
+    cfg = ExtractConfig(
+        source=str(source), out=str(out),
+        model=ModelSpec(model=model, pretrained=pretrained, model_config=str(model_config) if model_config else None,
+                        image_mean=_floats(image_mean, "--image-mean"), image_std=_floats(image_std, "--image-std"),
+                        seed=seed),
+        format=format, device=device, precision=precision, dtype=dtype, batch_size=batch_size, workers=workers,
+        shard_size=shard_size, templates=templates or list(DEFAULT_TEMPLATES), strict=strict, progress=not quiet)
+    rep = run_extract(cfg)
+    import os
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    console.print(f"[bold green]cache[/] {rep.cache}: +{rep.embedded} embedded, {len(rep.skipped)} skipped, "
+                  f"{rep.already_cached} already cached ({rep.changed} changed files re-extracted) "
+                  f"in {rep.seconds:.1f}s ({rep.images_per_s:,.0f} img/s); total {rep.total_images} images",
+                  soft_wrap=True)
+    if rep.skipped:
+        t = Table(title=f"skipped {len(rep.skipped)} file(s) (recorded in the cache)")
+        t.add_column("file"), t.add_column("reason")
+        for p, r in rep.skipped[:50]:
+            t.add_row(p, r)
+        console.print(t)
+    if rep.ignored:
+        console.print(f"[yellow]ignored {len(rep.ignored)} non-image file(s)[/] (listed by `fedclip-cache info`)")
+
+
+@app.command()
+def info(cache: Path = typer.Argument(..., help="Cache folder."),
+         as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")):
+    """Summarise a cache: model, dimensions, domain x class counts, skipped files."""
+    from .cache import open_cache
+    from .report import cache_summary, render_cache_summary
+
+    summary = cache_summary(open_cache(cache))
+    if as_json:
+        print(json.dumps(summary, indent=2))
+    else:
+        render_cache_summary(summary, console)
+
+
+def main() -> None:
+    try:
+        app()
+    except _user_errors() as e:
+        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        sys.exit(2)

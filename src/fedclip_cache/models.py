@@ -1,0 +1,212 @@
+"""Load a frozen open_clip model from any of the forms users have on disk or on the hub.
+
+Accepted forms (all resolve to one :class:`LoadedModel`):
+
+* ``--model ViT-B-32 --pretrained openai`` or ``--model ViT-B-32/openai`` (hub tag),
+* ``--pretrained /path/to/checkpoint.bin`` (a local checkpoint file for a built-in architecture),
+* ``--model-config my_arch.json`` (a custom architecture, registered in open_clip's config registry),
+* ``--model local-dir:DIR`` (open_clip's folder form: ``open_clip_config.json`` + weights).
+
+Everything that determines the feature values goes into :meth:`LoadedModel.fingerprint`, so that a cache
+built with one model is never extended with another.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+
+class ModelLoadError(RuntimeError):
+    """A model or its weights could not be obtained; the message says how to fix it."""
+
+
+@dataclass
+class ModelSpec:
+    """What the user asked for, before anything is loaded."""
+
+    model: str = "ViT-B-32"
+    pretrained: Optional[str] = "openai"
+    model_config: Optional[str] = None
+    image_mean: Optional[Sequence[float]] = None
+    image_std: Optional[Sequence[float]] = None
+    seed: int = 0  # only matters for random-init models (no weights)
+
+    def normalised(self) -> "ModelSpec":
+        """Split ``name/tag`` and apply ``--model-config`` (its file stem is the model name)."""
+        model, pretrained = self.model, self.pretrained
+        if self.model_config:
+            model = Path(self.model_config).stem
+        elif "/" in model and not model.startswith(("local-dir:", "hf-hub:")):
+            model, _, tag = model.partition("/")
+            pretrained = tag or pretrained
+        if model.startswith("local-dir:"):
+            pretrained = None  # open_clip ignores it for local-dir
+        if pretrained in ("", "none", "None", "random"):
+            pretrained = None
+        return ModelSpec(model, pretrained, self.model_config, self.image_mean, self.image_std, self.seed)
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    preprocess: Callable
+    tokenizer: Callable
+    spec: ModelSpec
+    weights: dict = field(default_factory=dict)  # provenance of the weights
+    preprocess_cfg: dict = field(default_factory=dict)
+
+    @property
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    @property
+    def logit_scale(self) -> float:
+        ls = getattr(self.model, "logit_scale", None)
+        return float(ls.exp()) if isinstance(ls, torch.Tensor) else 100.0
+
+    def fingerprint(self) -> dict:
+        """The fields that must match for two caches' rows to be comparable."""
+        return {
+            "model": self.spec.model,
+            "weights": self.weights,
+            "preprocess": self.preprocess_cfg,
+        }
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _config_sha256(cfg: Any) -> str:
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()
+
+
+def register_model_config(path: str | Path) -> str:
+    """Register a custom architecture JSON with open_clip; returns the model name (the file stem)."""
+    import open_clip
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: model config not found; pass an existing JSON file to --model-config")
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{path}: not valid JSON ({e}); fix the file or drop --model-config") from e
+    missing = [k for k in ("embed_dim", "vision_cfg", "text_cfg") if k not in cfg]
+    if missing:
+        # open_clip would silently skip this file and then say "model not found": say why instead.
+        raise ModelLoadError(f"{path}: model config lacks {', '.join(missing)}; open_clip needs embed_dim, "
+                             f"vision_cfg and text_cfg")
+    open_clip.add_model_config(path)
+    return path.stem
+
+
+def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _check_weights_obtainable(model: str, tag: str) -> dict:
+    """Fail fast, before open_clip starts minutes of hub retries, when tagged weights cannot be had."""
+    import open_clip
+
+    cfg = open_clip.get_pretrained_cfg(model, tag)
+    if not cfg:
+        tags = open_clip.list_pretrained_tags_by_model(model)
+        raise ModelLoadError(
+            f"--pretrained {tag!r} is neither a file nor a known tag for {model} (known tags: "
+            f"{', '.join(tags) or 'none'}); pass a local checkpoint file with --pretrained PATH")
+    hub = cfg.get("hf_hub", "")
+    cached = None
+    if hub:
+        from huggingface_hub import try_to_load_from_cache
+
+        repo, filename = os.path.split(hub.rstrip("/")) if not hub.endswith("/") else (hub.rstrip("/"), "")
+        for fname in ([filename] if filename else ["open_clip_pytorch_model.bin", "open_clip_model.safetensors"]):
+            hit = try_to_load_from_cache(repo, fname)
+            if isinstance(hit, str):
+                cached = hit
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    if cached is None and (offline or not _hub_reachable()):
+        raise ModelLoadError(
+            f"cannot download weights for {model}/{tag} (no network{' : HF_HUB_OFFLINE is set' if offline else ''}); "
+            f"download them elsewhere and pass the file: --model {model} --pretrained /path/to/"
+            f"open_clip_pytorch_model.bin (or --model local-dir:DIR)")
+    return {"kind": "tag", "tag": tag, "hf_hub": hub, "url": cfg.get("url", "")}
+
+
+def load_model(spec: ModelSpec, device: str | torch.device = "cpu") -> LoadedModel:
+    """Create the model in eval mode with frozen parameters, plus its deterministic preprocessing."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import open_clip
+
+    spec = spec.normalised()
+    if spec.model_config:
+        register_model_config(spec.model_config)
+    name, pretrained = spec.model, spec.pretrained
+
+    if name.startswith("local-dir:"):
+        folder = Path(name[len("local-dir:"):])
+        cfg_file = folder / "open_clip_config.json"
+        if not cfg_file.is_file():
+            raise ModelLoadError(f"{cfg_file}: missing; a local-dir model needs open_clip_config.json "
+                                 f"(with model_cfg and preprocess_cfg) next to its weights")
+        ckpts = sorted(p for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".safetensors"))
+        weights = {"kind": "local-dir", "config_sha256": file_sha256(cfg_file),
+                   "files": {p.name: file_sha256(p) for p in ckpts}}
+        # open_clip resolves relative local-dir paths against the CWD; make it absolute and unambiguous.
+        name = "local-dir:" + str(folder.resolve())
+    elif pretrained is None:
+        weights = {"kind": "random-init", "seed": spec.seed}
+    elif os.path.isfile(pretrained):
+        weights = {"kind": "file", "file": os.path.basename(pretrained), "sha256": file_sha256(pretrained)}
+    else:
+        if open_clip.get_model_config(name) is None:
+            raise ModelLoadError(f"unknown model {name!r}; use one of open_clip.list_models() or pass "
+                                 f"--model-config FILE.json for a custom architecture")
+        weights = _check_weights_obtainable(name, pretrained)
+
+    if spec.model_config:
+        weights["arch_config_sha256"] = file_sha256(spec.model_config)
+
+    kwargs = {}
+    if spec.image_mean is not None:
+        kwargs["image_mean"] = tuple(float(x) for x in spec.image_mean)
+    if spec.image_std is not None:
+        kwargs["image_std"] = tuple(float(x) for x in spec.image_std)
+    torch.manual_seed(spec.seed)  # random-init models are reproducible from the seed
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            name, pretrained=pretrained, device="cpu", **kwargs)
+    except ModelLoadError:
+        raise
+    except (RuntimeError, FileNotFoundError, ValueError) as e:
+        raise ModelLoadError(f"could not load model {spec.model!r} (pretrained={spec.pretrained!r}): {e}") from e
+    tokenizer = open_clip.get_tokenizer(name)
+    model.eval().requires_grad_(False).to(device)
+
+    pcfg = dict(getattr(model.visual, "preprocess_cfg", {}))
+    for k in ("mean", "std"):
+        if k in pcfg:
+            pcfg[k] = [float(x) for x in pcfg[k]]
+    if isinstance(pcfg.get("size"), tuple):
+        pcfg["size"] = list(pcfg["size"])
+    if spec.model_config or name.startswith("local-dir:"):
+        weights.setdefault("model_cfg_sha256", _config_sha256(open_clip.get_model_config(spec.model))
+                           if spec.model_config else weights.get("config_sha256"))
+    return LoadedModel(model=model, preprocess=preprocess, tokenizer=tokenizer, spec=spec,
+                       weights=weights, preprocess_cfg=pcfg)

@@ -1,0 +1,66 @@
+"""Rendering: turn caches, runs and sweeps into rich tables (terminal) and plain data (JSON/Markdown/CSV)."""
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from .cache import FeatureCache
+
+
+def cache_summary(c: FeatureCache) -> dict:
+    m = c.meta
+    return {
+        "path": str(c.path),
+        "format": m["format"],
+        "model": m["model"]["name"],
+        "pretrained": m["model"]["pretrained"],
+        "weights": m["model"]["weights"],
+        "model_params": m["model"].get("num_params"),
+        "open_clip_version": m["model"].get("open_clip_version"),
+        "torch_version": m["model"].get("torch_version"),
+        "preprocess": m["preprocess"],
+        "precision": m.get("precision"),
+        "dtype": m["dtype"],
+        "normalised": m["normalised"],
+        "images": len(c),
+        "dim": c.dim,
+        "classes": c.classes,
+        "templates": c.templates,
+        "domains": c.domain_names,
+        "clients": c.client_names,
+        "counts": c.counts(),
+        "skipped": c.skipped,
+        "ignored": [{"path": p, "reason": r} for p, r in m.get("ignored", [])],
+        "created": m.get("created"),
+        "updated": m.get("updated"),
+    }
+
+
+def render_cache_summary(s: dict, console: Console) -> None:
+    p = s["preprocess"]
+    console.print(f"[bold]{s['path']}[/] ({s['format']}, {s['dtype']}, raw features, D={s['dim']})")
+    console.print(f"model {s['model']} / {s['pretrained'] or s['weights'].get('kind')} "
+                  f"({s['model_params']:,} params; open_clip {s['open_clip_version']}, torch {s['torch_version']})")
+    console.print(f"preprocess size={p.get('size')} resize={p.get('resize_mode')} interp={p.get('interpolation')} "
+                  f"mean={p.get('mean')} std={p.get('std')}; precision {s['precision']}")
+    console.print(f"templates: {s['templates']}")
+    t = Table(title=f"{s['images']:,} images · {len(s['domains'])} domains × {len(s['classes'])} classes")
+    t.add_column("class")
+    for d in s["domains"]:
+        t.add_column(d, justify="right")
+    t.add_column("total", justify="right")
+    for cl in s["classes"]:
+        row = [s["counts"][d][cl] for d in s["domains"]]
+        t.add_row(cl, *map(str, row), str(sum(row)))
+    totals = [sum(s["counts"][d].values()) for d in s["domains"]]
+    t.add_row("[bold]total", *map(str, totals), str(sum(totals)))
+    console.print(t)
+    if s["skipped"]:
+        st = Table(title=f"{len(s['skipped'])} skipped file(s)")
+        st.add_column("file"), st.add_column("reason")
+        for r in s["skipped"]:
+            st.add_row(r["path"], r["reason"])
+        console.print(st)
+    if s["ignored"]:
+        console.print(f"{len(s['ignored'])} ignored non-image file(s): " +
+                      ", ".join(r["path"] for r in s["ignored"][:10]) + (" …" if len(s["ignored"]) > 10 else ""))

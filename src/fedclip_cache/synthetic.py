@@ -1,0 +1,103 @@
+"""Synthetic inputs for tests, benchmarks and the quick demo: image folders, tiny open_clip models, and caches.
+
+Nothing here downloads anything: tiny models are random-initialised from a JSON config registered with open_clip.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+TINY_CLIP_CONFIG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+
+
+def write_tiny_model(folder: str | Path, name: str = "tiny-clip", seed: int = 0) -> tuple[Path, Path]:
+    """Write ``<name>.json`` (an open_clip architecture) and ``<name>.pt`` (its random weights, fixed by seed)."""
+    import open_clip
+    import torch
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg_path = folder / f"{name}.json"
+    cfg_path.write_text(json.dumps(TINY_CLIP_CONFIG, indent=2))
+    open_clip.add_model_config(cfg_path)
+    torch.manual_seed(seed)
+    model = open_clip.create_model(name, pretrained=None)
+    ckpt = folder / f"{name}.pt"
+    torch.save(model.state_dict(), ckpt)
+    return cfg_path, ckpt
+
+
+def write_image_folder(root: str | Path, domains: Sequence[str] = ("art", "photo", "sketch"),
+                       classes: Sequence[str] = ("cat", "dog", "fish"), per_class: int = 4, size: int = 40,
+                       seed: int = 0, ext: str = "png") -> Path:
+    """A DomainBed-layout folder of small images whose colour depends on class and domain."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    root = Path(root)
+    for di, d in enumerate(domains):
+        for ci, c in enumerate(classes):
+            (root / d / c).mkdir(parents=True, exist_ok=True)
+            for k in range(per_class):
+                base = np.array([40 + 70 * ci, 60 + 50 * di, 120], np.float64) % 255
+                img = (base + rng.normal(0, 25, (size, size, 3))).clip(0, 255).astype(np.uint8)
+                Image.fromarray(img).save(root / d / c / f"{d}_{c}_{k:04d}.{ext}")
+    return root
+
+
+def synthetic_cache_arrays(domain_sizes: dict[str, int], num_classes: int, dim: int = 512, seed: int = 0,
+                           class_sep: float = 2.0, domain_shift: float = 1.0, align_text: bool = True):
+    """Features, labels, domains and text embeddings with controllable class separability and prompt alignment.
+
+    Class means are random directions; each domain adds its own offset. With ``align_text=False`` the text
+    embeddings are unrelated to the class means, so zero-shot is at chance while training can still succeed.
+    """
+    rng = np.random.default_rng(seed)
+    means = rng.normal(size=(num_classes, dim)) * class_sep
+    feats, labels, doms = [], [], []
+    for d, n in domain_sizes.items():
+        shift = rng.normal(size=dim) * domain_shift
+        y = rng.integers(0, num_classes, n)
+        feats.append(means[y] + shift + rng.normal(size=(n, dim)))
+        labels.append(y)
+        doms += [d] * n
+    text = means + rng.normal(size=means.shape) * 0.5 if align_text else rng.normal(size=means.shape)
+    return (np.concatenate(feats).astype(np.float32), np.concatenate(labels).astype(np.int64),
+            np.array(doms, dtype=object), text[None].astype(np.float32))
+
+
+def write_synthetic_cache(out: str | Path, domain_sizes: dict[str, int], num_classes: int, dim: int = 512,
+                          seed: int = 0, fmt: str = "parquet", model_params: int = 151_277_313, **kw) -> Path:
+    """A complete cache folder (same files extract writes) holding synthetic features, e.g. PACS-shaped."""
+    from . import store
+    from .extract import FORMAT_VERSION
+    from .sources import image_id
+
+    feats, labels, doms, text = synthetic_cache_arrays(domain_sizes, num_classes, dim, seed, **kw)
+    classes = [f"class{c:03d}" for c in range(num_classes)]
+    out = Path(out)
+    n = len(labels)
+    paths = np.array([f"{d}/{classes[y]}/{i:06d}.jpg" for i, (d, y) in enumerate(zip(doms, labels))], dtype=object)
+    cols = {"id": np.array([image_id(p) for p in paths], dtype=object), "path": paths, "domain": doms,
+            "client": doms, "class_name": np.array([classes[y] for y in labels], dtype=object),
+            "split": np.full(n, "", dtype=object), "skip_reason": [""] * n, "label": labels,
+            "size": np.zeros(n, np.int64), "mtime_ns": np.zeros(n, np.int64)}
+    store.write_shard(out / store.SHARD_DIR / f"part-synthetic-r000-00000{store.FORMATS[fmt]}", fmt, cols, feats,
+                      "float32")
+    templates = ["a picture of a {}"]
+    store.write_text(out, fmt, templates, classes, text)
+    store.write_json(out / store.META_FILE, {
+        "format_version": FORMAT_VERSION, "format": fmt, "dtype": "float32", "normalised": False,
+        "embedding_dim": dim, "fingerprint": {"model": "synthetic", "seed": seed},
+        "model": {"name": "synthetic", "pretrained": None, "weights": {"kind": "synthetic", "seed": seed},
+                  "num_params": model_params, "logit_scale": 100.0},
+        "preprocess": {}, "precision": "fp32", "classes": classes, "templates": templates,
+        "domains": sorted(domain_sizes), "counts": {"images": n, "skipped": 0}, "runs": []})
+    return out
