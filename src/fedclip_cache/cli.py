@@ -122,3 +122,77 @@ def main() -> None:
     except _user_errors() as e:
         err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         sys.exit(2)
+
+
+def _federate_config(**kw) -> "FederateConfig":
+    from .federated.config import FederateConfig
+
+    split = kw.pop("split")
+    try:
+        kw["split"] = tuple(float(x) for x in split.split(","))
+    except ValueError:
+        raise typer.BadParameter("--split takes three fractions, e.g. 0.6,0.2,0.2")
+    kw["heldout"] = [h for h in (kw.pop("heldout") or "").split(",") if h]
+    return FederateConfig(**kw).validate()
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise typer.BadParameter("--seeds takes comma-separated integers, e.g. 0,1,2")
+
+
+@app.command()
+def federate(
+    cache: Path = typer.Argument(..., help="Cache folder written by `extract`."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (config, metrics.parquet, summary.json)."),
+    algo: str = typer.Option("fedclip", help="fedclip (FedAvg of the adapter) | fedprox | local | central | zeroshot."),
+    adapter: str = typer.Option("fedclip", help="fedclip (official gate) | residual (CLIP-Adapter) | linear."),
+    hidden: Optional[int] = typer.Option(None, help="Adapter width h (fedclip default h = D, the official setting)."),
+    residual_alpha: float = typer.Option(0.2, help="Mixing weight of the residual adapter."),
+    head: str = typer.Option("text", help="text (class prompts from the cache) | prototype (class means)."),
+    template: str = typer.Option("0", help="Index of the cache's prompt template, or 'mean' for an ensemble."),
+    loss: str = typer.Option("contrastive", help="contrastive (official in-batch CLIP loss) | ce."),
+    lr: float = typer.Option(5e-5, help="Adam learning rate (official 5e-5)."),
+    weight_decay: float = typer.Option(0.2, help="Adam L2 weight decay, coupled (official 0.2)."),
+    batch_size: int = typer.Option(32, help="Local batch size (official 32)."),
+    local_epochs: int = typer.Option(1, help="Local epochs per round (official 1)."),
+    rounds: int = typer.Option(200, help="Communication rounds (official README: 200)."),
+    mu: float = typer.Option(0.0, help="FedProx proximal weight."),
+    weighting: str = typer.Option("uniform", help="uniform (official) | samples (FedAvg by sample count)."),
+    protocol: str = typer.Option("lodo", help="lodo (leave-one-domain-out, official) | personal."),
+    heldout: Optional[str] = typer.Option(None, help="Held-out domain(s), comma-separated; default: each in turn."),
+    partition: str = typer.Option("none", help="none (clients = domains) | iid | dirichlet | pathological."),
+    alpha: float = typer.Option(0.5, help="Dirichlet concentration (smaller = more label skew)."),
+    clients: int = typer.Option(4, "--clients", help="Clients per partition scope."),
+    classes_per_client: int = typer.Option(2, help="Classes per client for --partition pathological."),
+    partition_scope: str = typer.Option("domain", help="domain (split each domain) | pooled."),
+    split: str = typer.Option("0.6,0.2,0.2", help="Train/val/test fractions of each training client."),
+    split_source: str = typer.Option("random", help="random (seeded) | cache (the manifest's split column)."),
+    client_key: str = typer.Option("domain", help="domain | client: which cache column defines clients."),
+    seed: int = typer.Option(0),
+    seeds: Optional[str] = typer.Option(None, help="Several seeds at once, e.g. 0,1,2 (trained together)."),
+    eval_every: int = typer.Option(1, help="Evaluate every N rounds (official: every round)."),
+    device: str = typer.Option("cpu", help="cpu | cuda | auto."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+):
+    """Train FedCLIP or a baseline purely on cached features (leave-one-domain-out or personalisation)."""
+    from .federated.results import federate as run_federate
+    from .report import render_run_summary
+
+    cfg = _federate_config(algo=algo, adapter=adapter, hidden=hidden, residual_alpha=residual_alpha, head=head,
+                           template=template, loss=loss, lr=lr, weight_decay=weight_decay, batch_size=batch_size,
+                           local_epochs=local_epochs, rounds=rounds, mu=mu, weighting=weighting, protocol=protocol,
+                           heldout=heldout, partition=partition, alpha=alpha, num_clients=clients,
+                           classes_per_client=classes_per_client, partition_scope=partition_scope, split=split,
+                           split_source=split_source, client_key=client_key, seed=seed, eval_every=eval_every,
+                           device=device)
+    summary = run_federate(cache, cfg, out, seeds=_seeds(seeds) if seeds else None, progress=not quiet and not as_json)
+    if as_json:
+        print(json.dumps(summary, indent=2))
+        return
+    render_run_summary(summary, console)
+    if out:
+        console.print(f"run folder: {out} (config.json, metrics.parquet, summary.json, adapter.pt)")

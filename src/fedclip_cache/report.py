@@ -64,3 +64,28 @@ def render_cache_summary(s: dict, console: Console) -> None:
     if s["ignored"]:
         console.print(f"{len(s['ignored'])} ignored non-image file(s): " +
                       ", ".join(r["path"] for r in s["ignored"][:10]) + (" …" if len(s["ignored"]) > 10 else ""))
+
+
+def _pct(x) -> str:
+    return "—" if x is None else f"{100 * x:.2f}"
+
+
+def render_run_summary(s: dict, console: Console) -> None:
+    comm = s["communication"]
+    console.print(f"[bold]{s['algo']}[/] adapter={s['adapter']} hidden={s['hidden'] or 'default'} head={s['head']} "
+                  f"loss={s['loss']} protocol={s['protocol']} rounds={s['rounds']} ({s['seconds']:.1f}s)")
+    ratio = f", full model / adapter = {comm['full_model_over_adapter']}×" if comm["full_model_over_adapter"] else ""
+    console.print(f"trainable parameters {comm['trainable_params']:,}{ratio}; "
+                  f"{comm['bytes_up_per_round']:,} B up + {comm['bytes_down_per_round']:,} B down per round, "
+                  f"{comm['bytes_total']:,} B in total", soft_wrap=True)
+    t = Table(title="accuracy (%) at the selected round (best mean validation) / last round")
+    for col in ("experiment", "best round", "held-out", "clients' test (mean)", "held-out (last)",
+                "test (last)"):
+        t.add_column(col, justify="right" if col != "experiment" else "left")
+    for e in s["experiments"]:
+        t.add_row(e["experiment"], str(e["best"]["round"]), _pct(e["best"]["heldout"]), _pct(e["best"]["test_mean"]),
+                  _pct(e["last"]["heldout"]), _pct(e["last"]["test_mean"]))
+    m = s["mean"]
+    t.add_row("[bold]mean", "", _pct(m["heldout_best"]), _pct(m["test_mean_best"]), _pct(m["heldout_last"]),
+              _pct(m["test_mean_last"]))
+    console.print(t)

@@ -1,0 +1,203 @@
+"""The in-process federated loop: every experiment (held-out domain x seed) and every client trains together.
+
+Per round: each lane (a client's adapter copy) runs its local update (vectorised), then FedAvg aggregates lanes
+per experiment and broadcasts the global adapter back; every ``eval_every`` rounds all validation/test/held-out
+sets are scored in one batched pass. Selection (official): the round with the best mean validation accuracy over
+training clients; the held-out domain never takes part in training or selection.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from ..cache import FeatureCache
+from .adapters import ADAPTERS, Params, get_adapter, init_params, num_params
+from .config import ConfigError, FederateConfig
+from .protocols import Experiment
+from .train import LocalHyper, aggregate, batch_schedule, client_weights, evaluate, lane_key, local_update
+
+FEDAVG_ALGOS = ("fedclip", "fedprox")
+
+
+@dataclass
+class Lane:
+    exp: int
+    client: int  # index in the experiment's clients, -1 for central's pooled lane
+    train: np.ndarray
+    seed: int
+    key: int
+
+
+@dataclass
+class LoopResult:
+    experiments: list[Experiment]
+    segments: list[dict]  # experiment, client, split, n
+    rounds: list[int]
+    acc: np.ndarray  # (R, S)
+    loss: np.ndarray  # (R, S)
+    trainable_params: int
+    seconds: float
+    final_params: dict = field(default_factory=dict)
+
+
+def _normalise(t: torch.Tensor) -> torch.Tensor:
+    return t / t.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+
+
+def text_head(cache: FeatureCache, template: str) -> torch.Tensor:
+    T = torch.from_numpy(cache.text_embeddings)
+    if template == "mean":  # prompt ensemble: mean of normalised prompts, renormalised (CLIP's recipe)
+        return _normalise(_normalise(T).mean(0))
+    try:
+        i = int(template)
+        return _normalise(T[i])
+    except (ValueError, IndexError):
+        raise ConfigError(f"--template {template!r}: give an index below {T.shape[0]} or 'mean' "
+                          f"(templates in this cache: {cache.templates})") from None
+
+
+def _class_sums(Xn: torch.Tensor, Y: torch.Tensor, rows: np.ndarray, c: int) -> tuple[torch.Tensor, torch.Tensor]:
+    r = torch.from_numpy(rows)
+    sums = torch.zeros(c, Xn.shape[1]).index_add_(0, Y[r], Xn[r])
+    return sums, torch.bincount(Y[r], minlength=c).float()
+
+
+def run_loop(cache: FeatureCache, cfg: FederateConfig, experiments: list[Experiment],
+             on_round: Optional[Callable[[int, int], None]] = None) -> LoopResult:
+    t0 = time.perf_counter()
+    device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    X = torch.from_numpy(cache.features).to(device)
+    Y = torch.from_numpy(cache.labels).to(device)
+    d, c = X.shape[1], len(cache.classes)
+    kind_name = "none" if cfg.algo == "zeroshot" else cfg.adapter
+    kind = get_adapter(kind_name) if kind_name != "none" else ADAPTERS["none"]
+    hidden = cfg.hidden or kind.default_hidden(d)
+    opts = {"residual_alpha": cfg.residual_alpha}
+    hp = LocalHyper(cfg.lr, cfg.beta1, cfg.beta2, cfg.eps, cfg.weight_decay, cfg.batch_size, cfg.local_epochs,
+                    cfg.mu if cfg.algo == "fedprox" else 0.0, cfg.loss, cfg.logit_scale)
+
+    # ---- heads: text prompts, or class prototypes aggregated by sums and counts (no features leave a client)
+    Xn = _normalise(X)
+    if cfg.head == "text":
+        T = text_head(cache, cfg.template).to(device)
+        if T.shape[-1] != d:
+            raise ConfigError(f"{cache.path}: text embeddings have D={T.shape[-1]} but image features D={d}")
+        exp_head = [T for _ in experiments]
+        client_head = [[T for _ in e.clients] for e in experiments]
+    else:
+        exp_head, client_head = [], []
+        for e in experiments:
+            parts = [_class_sums(Xn, Y, cl.train, c) for cl in e.clients]
+            s = sum(p[0] for p in parts)
+            n = sum(p[1] for p in parts)
+            exp_head.append(_normalise(s / n.clamp(min=1).unsqueeze(1)))
+            client_head.append([_normalise(p[0] / p[1].clamp(min=1).unsqueeze(1)) for p in parts])
+
+    # ---- lanes: one per client (or one pooled lane per experiment for central), largest first
+    lanes: list[Lane] = []
+    if cfg.algo in FEDAVG_ALGOS + ("local",):
+        for ei, e in enumerate(experiments):
+            for ci, cl in enumerate(e.clients):
+                lanes.append(Lane(ei, ci, cl.train, e.seed, lane_key(e.name, cl.name)))
+    elif cfg.algo == "central":
+        for ei, e in enumerate(experiments):
+            lanes.append(Lane(ei, -1, np.sort(np.concatenate([cl.train for cl in e.clients])), e.seed,
+                              lane_key(e.name, "central")))
+    lanes.sort(key=lambda ln: -len(ln.train))
+    lane_head = torch.stack([client_head[ln.exp][ln.client] if cfg.algo == "local" else exp_head[ln.exp]
+                             for ln in lanes]) if lanes else None
+    inits = {s: init_params(kind_name, d, hidden, s) for s in {e.seed for e in experiments}}
+    P: Params = {n: torch.stack([inits[ln.seed][n] for ln in lanes]).to(device) for n in kind.shapes(d, hidden)} \
+        if lanes else {}
+    members = [np.array([i for i, ln in enumerate(lanes) if ln.exp == ei]) for ei in range(len(experiments))]
+    weights = [client_weights(np.array([len(lanes[i].train) for i in m]), cfg.weighting) for m in members]
+    lane_exp = torch.tensor([ln.exp for ln in lanes], dtype=torch.long)
+
+    # ---- evaluation groups: one per experiment (global model), or one per lane for local training
+    segments: list[dict] = []
+    group_rows, group_segs, group_heads, group_source = [], [], [], []
+
+    def add_segment(rows, segs, e: Experiment, client: str, split: str, idx: np.ndarray):
+        if len(idx) == 0:
+            return
+        segments.append({"experiment": e.name, "heldout": e.heldout_name, "seed": e.seed, "client": client,
+                         "split": split, "n": int(len(idx))})
+        rows.append(idx)
+        segs.append(np.full(len(idx), len(segments) - 1))
+
+    if cfg.algo == "local":
+        for li, ln in enumerate(lanes):
+            e = experiments[ln.exp]
+            cl = e.clients[ln.client]
+            rows, segs = [], []
+            add_segment(rows, segs, e, cl.name, "val", cl.val)
+            add_segment(rows, segs, e, cl.name, "test", cl.test)
+            if e.heldout is not None:
+                add_segment(rows, segs, e, cl.name, "heldout", e.heldout)
+            group_rows.append(rows), group_segs.append(segs), group_heads.append(lane_head[li])
+            group_source.append(li)
+    else:
+        for ei, e in enumerate(experiments):
+            rows, segs = [], []
+            for cl in e.clients:
+                add_segment(rows, segs, e, cl.name, "val", cl.val)
+                add_segment(rows, segs, e, cl.name, "test", cl.test)
+            if e.heldout is not None:
+                add_segment(rows, segs, e, e.heldout_name, "heldout", e.heldout)
+            group_rows.append(rows), group_segs.append(segs), group_heads.append(exp_head[ei])
+            group_source.append(ei)
+    m = max(sum(len(r) for r in rows) for rows in group_rows)
+    E_rows = torch.full((len(group_rows), m), -1, dtype=torch.long)
+    E_seg = torch.full((len(group_rows), m), len(segments), dtype=torch.long)  # padding -> a dummy segment
+    for g, (rows, segs) in enumerate(zip(group_rows, group_segs)):
+        r, s = np.concatenate(rows), np.concatenate(segs)
+        E_rows[g, :len(r)] = torch.from_numpy(r)
+        E_seg[g, :len(s)] = torch.from_numpy(s)
+    E_rows, E_seg = E_rows.to(device), E_seg.to(device)
+    E_heads = torch.stack(group_heads)
+    src = torch.tensor(group_source, dtype=torch.long)
+    seg_n = torch.bincount(E_seg.flatten(), minlength=len(segments) + 1).clamp(min=1).double()
+
+    def score(params_for_groups: Params):
+        corr, loss = evaluate(kind, params_for_groups, X, Y, E_heads, E_rows, cfg.logit_scale, opts)
+        segf = E_seg.flatten()
+        acc = torch.bincount(segf, weights=corr.flatten().double(), minlength=len(segments) + 1) / seg_n
+        lo = torch.bincount(segf, weights=loss.flatten().double(), minlength=len(segments) + 1) / seg_n
+        return acc[:-1].cpu().numpy(), lo[:-1].cpu().numpy()
+
+    central_order = torch.tensor([next((i for i, ln in enumerate(lanes) if ln.exp == ei), 0)
+                                  for ei in range(len(experiments))], dtype=torch.long)
+
+    def group_params(P: Params, G: Params) -> Params:
+        """The adapter each evaluation group is scored with."""
+        if cfg.algo in FEDAVG_ALGOS:
+            return G
+        if cfg.algo == "central":
+            return {n: v[central_order] for n, v in P.items()}
+        return {n: v[src] for n, v in P.items()}  # local: each lane its own; zeroshot: no parameters
+
+    G: Params = {n: torch.stack([inits[e.seed][n] for e in experiments]).to(device) for n in P}
+    rounds, accs, losses = [], [], []
+    total_rounds = 0 if cfg.algo == "zeroshot" else cfg.rounds
+    if total_rounds == 0:  # nothing to train: score the starting point once, as round 0
+        a, lo = score(group_params(P, G))
+        rounds.append(0), accs.append(a), losses.append(lo)
+    for r in range(1, total_rounds + 1):
+        schedules = [batch_schedule(ln.train, ln.seed, r, ln.key, hp) for ln in lanes]
+        P = local_update(kind, P, X, Y, lane_head, schedules, hp, opts)
+        if cfg.algo in FEDAVG_ALGOS:
+            G = aggregate(P, members, weights)
+            P = {n: v[lane_exp] for n, v in G.items()}  # the server sends the global adapter back to every client
+        if r % cfg.eval_every == 0 or r == total_rounds:
+            a, lo = score(group_params(P, G))
+            rounds.append(r), accs.append(a), losses.append(lo)
+        if on_round:
+            on_round(r, total_rounds)
+    final = G if cfg.algo in FEDAVG_ALGOS else P
+    return LoopResult(experiments, segments, rounds, np.array(accs), np.array(losses),
+                      num_params(kind_name, d, hidden), time.perf_counter() - t0,
+                      {n: v.cpu() for n, v in final.items()})

@@ -1,0 +1,107 @@
+"""Protocols: who are the clients, which data each trains/validates/tests on, and what is held out.
+
+* ``lodo`` (official): each held-out domain in turn is an unseen client, 100 % test, never trained on and never used
+  for model selection; every other domain is a training client.
+* ``personal``: every domain is a training client; each is scored on its own test split.
+
+Each training client is split 60/20/20 by a seeded shuffle (seeded by the client's name, so a domain gets the same
+split in every held-out run).
+"""
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from ..cache import FeatureCache
+from .config import ConfigError, FederateConfig
+from .partition import partition
+
+
+@dataclass
+class Client:
+    name: str
+    train: np.ndarray  # row indices into the cache
+    val: np.ndarray
+    test: np.ndarray
+
+
+@dataclass
+class Experiment:
+    """One federated training run: a set of training clients and, for LODO, the held-out domain."""
+
+    name: str
+    seed: int
+    clients: list[Client]
+    heldout_name: Optional[str] = None
+    heldout: Optional[np.ndarray] = None
+
+
+def _key(*parts) -> int:
+    return zlib.crc32("/".join(map(str, parts)).encode())
+
+
+def split_indices(idx: np.ndarray, fractions, seed: int, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    perm = idx[np.random.default_rng([seed, _key(name)]).permutation(len(idx))]
+    n1 = int(len(idx) * fractions[0])
+    n2 = int(len(idx) * (fractions[0] + fractions[1]))
+    return np.sort(perm[:n1]), np.sort(perm[n1:n2]), np.sort(perm[n2:])
+
+
+def _split_from_cache(cache: FeatureCache, idx: np.ndarray, name: str):
+    s = cache.splits[idx]
+    unknown = sorted(set(s.tolist()) - {"train", "val", "test"})
+    if unknown:
+        raise ConfigError(f"--split-source cache: client {name} has rows with split {unknown[0]!r}; the cache's "
+                          f"split column must say train, val or test on every row")
+    return idx[s == "train"], idx[s == "val"], idx[s == "test"]
+
+
+def _make_clients(cache: FeatureCache, pool: np.ndarray, cfg: FederateConfig, seed: int) -> list[Client]:
+    units = cache.domains if cfg.client_key == "domain" else cache.clients
+    groups: list[tuple[str, np.ndarray]] = []
+    if cfg.partition == "none":
+        for u in sorted(set(units[pool].tolist())):
+            groups.append((u, pool[units[pool] == u]))
+    else:
+        scopes = ([(u, pool[units[pool] == u]) for u in sorted(set(units[pool].tolist()))]
+                  if cfg.partition_scope == "domain" else [("pooled", pool)])
+        for scope, idx in scopes:
+            parts = partition(cfg.partition, cache.labels[idx], cfg.num_clients, seed + _key(scope) % 10_000,
+                              cfg.alpha, cfg.classes_per_client)
+            groups += [(f"{scope}#{i}", idx[p]) for i, p in enumerate(parts)]
+    clients = []
+    for name, idx in groups:
+        tr, va, te = (_split_from_cache(cache, idx, name) if cfg.split_source == "cache"
+                      else split_indices(idx, cfg.split, seed, name))
+        clients.append(Client(name, tr, va, te))
+    return clients
+
+
+def build_experiments(cache: FeatureCache, cfg: FederateConfig, seeds: Optional[list[int]] = None) -> list[Experiment]:
+    seeds = [cfg.seed] if seeds is None else seeds
+    domains = cache.domain_names
+    all_rows = np.arange(len(cache))
+    exps = []
+    for seed in seeds:
+        if cfg.protocol == "personal":
+            exps.append(Experiment(f"personal/seed{seed}", seed, _make_clients(cache, all_rows, cfg, seed)))
+            continue
+        heldouts = cfg.heldout or domains
+        missing = [h for h in heldouts if h not in domains]
+        if missing:
+            raise ConfigError(f"--heldout {missing[0]!r} is not a domain of this cache; domains: {', '.join(domains)}")
+        if len(domains) < 2:
+            raise ConfigError("--protocol lodo needs at least two domains; use --protocol personal")
+        for h in heldouts:
+            held = all_rows[cache.domains == h]
+            pool = all_rows[cache.domains != h]
+            exps.append(Experiment(f"heldout={h}/seed{seed}", seed, _make_clients(cache, pool, cfg, seed), h, held))
+    for e in exps:
+        empty = [c.name for c in e.clients if len(c.train) == 0]
+        if empty and cfg.algo not in ("zeroshot",):
+            raise ConfigError(f"client {empty[0]} has no training samples in {e.name}; use fewer clients or "
+                              f"another partition")
+    return exps

@@ -1,0 +1,141 @@
+"""From loop output to what users read: selection, per-round metrics, summary, communication cost, run folder."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from ..cache import FeatureCache, open_cache
+from ..store import atomic_write, write_json
+from .config import FederateConfig
+from .loop import LoopResult, run_loop
+from .protocols import build_experiments
+
+BYTES_PER_PARAM = 4  # float32 adapters travel
+
+
+def metrics_table(res: LoopResult):
+    """Tidy per-round metrics: one row per (round, experiment, client, split)."""
+    import pyarrow as pa
+
+    r, s = len(res.rounds), len(res.segments)
+    seg = res.segments
+    return pa.table({
+        "round": np.repeat(np.array(res.rounds, np.int32), s),
+        "experiment": [x["experiment"] for x in seg] * r,
+        "heldout": [x["heldout"] for x in seg] * r,
+        "seed": np.tile(np.array([x["seed"] for x in seg], np.int32), r),
+        "client": [x["client"] for x in seg] * r,
+        "split": [x["split"] for x in seg] * r,
+        "n": np.tile(np.array([x["n"] for x in seg], np.int32), r),
+        "accuracy": res.acc.reshape(-1),
+        "loss": res.loss.reshape(-1),
+    })
+
+
+def communication(cfg: FederateConfig, n_clients: int, trainable: int, rounds: int, model_params: Optional[int],
+                  num_classes: int, dim: int) -> dict:
+    per_client = trainable * BYTES_PER_PARAM
+    talks = cfg.algo in ("fedclip", "fedprox")
+    up = per_client * n_clients if talks else 0
+    proto = (num_classes * dim + num_classes) * BYTES_PER_PARAM * n_clients if cfg.head == "prototype" and \
+        cfg.algo != "local" else 0  # class sums + counts, sent once
+    out = {
+        "trainable_params": trainable,
+        "bytes_per_adapter": per_client,
+        "bytes_up_per_round": up,
+        "bytes_down_per_round": up,
+        "bytes_total": (2 * up * rounds) + proto,
+        "prototype_bytes_once": proto,
+        "full_model_params": model_params,
+        "full_model_over_adapter": round(model_params / trainable, 1) if model_params and trainable else None,
+    }
+    return out
+
+
+def summarise(res: LoopResult, cfg: FederateConfig, cache: FeatureCache) -> dict:
+    segs = res.segments
+    exps = []
+    for e in res.experiments:
+        ix = [i for i, s in enumerate(segs) if s["experiment"] == e.name]
+        val = [i for i in ix if segs[i]["split"] == "val"]
+        test = [i for i in ix if segs[i]["split"] == "test"]
+        held = [i for i in ix if segs[i]["split"] == "heldout"]
+        val_curve = res.acc[:, val].mean(1) if val else np.zeros(len(res.rounds))
+        best = int(np.argmax(val_curve))  # first best, as the official `if best < val` update
+
+        def at(k):
+            return {
+                "round": int(res.rounds[k]),
+                "val_mean": float(val_curve[k]) if val else None,
+                "test": {segs[i]["client"]: float(res.acc[k, i]) for i in test},
+                "test_mean": float(res.acc[k, test].mean()) if test else None,
+                "heldout": float(res.acc[k, held].mean()) if held else None,
+            }
+        exps.append({"experiment": e.name, "heldout": e.heldout_name, "seed": e.seed,
+                     "clients": {cl.name: {"train": len(cl.train), "val": len(cl.val), "test": len(cl.test)}
+                                 for cl in e.clients},
+                     "heldout_size": int(len(e.heldout)) if e.heldout is not None else 0,
+                     "best": at(best), "last": at(len(res.rounds) - 1)})
+    n_clients = max(len(e.clients) for e in res.experiments)
+
+    def avg(key, which):
+        vals = [x[which][key] for x in exps if x[which][key] is not None]
+        return float(np.mean(vals)) if vals else None
+
+    return {
+        "algo": cfg.algo, "adapter": "none" if cfg.algo == "zeroshot" else cfg.adapter,
+        "hidden": cfg.hidden, "head": cfg.head, "loss": cfg.loss, "protocol": cfg.protocol,
+        "rounds": cfg.rounds if cfg.algo != "zeroshot" else 0,
+        "experiments": exps,
+        "mean": {"heldout_best": avg("heldout", "best"), "test_mean_best": avg("test_mean", "best"),
+                 "heldout_last": avg("heldout", "last"), "test_mean_last": avg("test_mean", "last")},
+        "communication": communication(cfg, n_clients, res.trainable_params,
+                                       cfg.rounds if cfg.algo != "zeroshot" else 0, cache.model_params,
+                                       len(cache.classes), cache.dim),
+        "seconds": round(res.seconds, 3),
+    }
+
+
+def federate(cache: str | Path | FeatureCache, cfg: FederateConfig, out: Optional[str | Path] = None,
+             seeds: Optional[list[int]] = None, progress: bool = False) -> dict:
+    """Train on a cache and (optionally) write a run folder; returns the summary dict."""
+    cfg.validate()
+    fc = cache if isinstance(cache, FeatureCache) else open_cache(cache)
+    exps = build_experiments(fc, cfg, seeds)
+    on_round, bar = None, None
+    if progress:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        bar = Progress(TextColumn(f"[bold]{cfg.algo}"), BarColumn(), MofNCompleteColumn(), TextColumn("rounds"),
+                       TimeRemainingColumn())
+        bar.start()
+        task = bar.add_task("rounds", total=cfg.rounds)
+        on_round = lambda r, total: bar.update(task, completed=r)  # noqa: E731
+    try:
+        res = run_loop(fc, cfg, exps, on_round)
+    finally:
+        if bar:
+            bar.stop()
+    summary = summarise(res, cfg, fc)
+    if out is not None:
+        write_run(Path(out), fc, cfg, res, summary, seeds)
+    return summary
+
+
+def write_run(out: Path, fc: FeatureCache, cfg: FederateConfig, res: LoopResult, summary: dict,
+              seeds: Optional[list[int]]) -> None:
+    import pyarrow.parquet as pq
+    import torch
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "config.json", {"cache": str(Path(fc.path).resolve()), "seeds": seeds or [cfg.seed],
+                                     "federate": cfg.to_dict(), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                     "cache_model": fc.meta.get("model", {}).get("name")})
+    table = metrics_table(res)
+    atomic_write(out / "metrics.parquet", lambda p: pq.write_table(table, p))
+    atomic_write(out / "adapter.pt", lambda p: torch.save(res.final_params, p))
+    write_json(out / "summary.json", summary)

@@ -1,0 +1,184 @@
+"""Local update and aggregation as pure functions, shared by the in-process loop, the reference loop and Flower.
+
+``local_update`` trains many lanes (client copies of the adapter) at once: their parameters are stacked on a
+leading axis, each lane draws its own shuffled batches, and Adam runs per lane with its own step count, exactly as
+if each client trained alone (``reference_local_update`` is that plain per-client loop, used by tests and
+benchmarks to prove it). Lanes are ordered by training-set size, so the lanes still busy at step t are always a
+prefix ``[:k]`` and every tensor op works on views, never copies.
+"""
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .adapters import AdapterKind, Params, adapt_and_normalise
+
+
+@dataclass(frozen=True)
+class LocalHyper:
+    """Local-training hyper-parameters (official FedCLIP defaults)."""
+
+    lr: float = 5e-5
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-6
+    weight_decay: float = 0.2  # coupled L2, as torch.optim.Adam (not AdamW)
+    batch_size: int = 32
+    epochs: int = 1
+    mu: float = 0.0  # FedProx proximal weight
+    loss: str = "contrastive"
+    logit_scale: float = 100.0
+
+
+def lane_key(*parts) -> int:
+    return zlib.crc32("/".join(map(str, parts)).encode())
+
+
+def batch_schedule(train: np.ndarray, seed: int, rnd: int, key: int, hp: LocalHyper) -> list[np.ndarray]:
+    """The batches one client trains on in one round: a fresh shuffle per epoch, batches of ``batch_size``;
+    a final batch of one sample is skipped, as the official code does (``if len(text) > 1``)."""
+    out = []
+    for epoch in range(hp.epochs):
+        perm = train[np.random.default_rng([seed, rnd, epoch, key]).permutation(len(train))]
+        for s in range(0, len(perm), hp.batch_size):
+            b = perm[s:s + hp.batch_size]
+            if len(b) > 1:
+                out.append(b)
+    return out
+
+
+def batch_loss(kind: AdapterKind, params: Params, x: torch.Tensor, y: torch.Tensor, valid: torch.Tensor,
+               heads: torch.Tensor, hp: LocalHyper, opts: dict) -> torch.Tensor:
+    """Sum over lanes of each lane's mean loss. x (k,B,D) raw features, y (k,B), valid (k,B), heads (k,C,D)
+    L2-normalised class embeddings (text prompts or prototypes)."""
+    f = adapt_and_normalise(kind, params, x, opts)
+    n = valid.sum(1).clamp(min=1).to(f.dtype)
+    w = valid.to(f.dtype)
+    if hp.loss == "ce":
+        logits = hp.logit_scale * torch.bmm(f, heads.transpose(1, 2))
+        ce = torch.logsumexp(logits, -1) - logits.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+        return ((ce * w).sum(1) / n).sum()
+    # Official FedCLIP: CLIP loss within the batch, each image paired with its own class prompt; duplicates of a
+    # class are negatives of each other (targets arange(B)).
+    t = heads.gather(1, y.unsqueeze(-1).expand(-1, -1, heads.shape[-1]))
+    logits = hp.logit_scale * torch.bmm(f, t.transpose(1, 2))  # (k, B_img, B_txt)
+    diag = logits.diagonal(dim1=1, dim2=2)
+    pad = ~valid
+    ce_img = torch.logsumexp(logits.masked_fill(pad.unsqueeze(1), float("-inf")), 2) - diag
+    ce_txt = torch.logsumexp(logits.masked_fill(pad.unsqueeze(2), float("-inf")), 1) - diag
+    return ((((ce_img + ce_txt) / 2) * w).sum(1) / n).sum()
+
+
+def local_update(kind: AdapterKind, params: Params, X: torch.Tensor, Y: torch.Tensor, heads: torch.Tensor,
+                 schedules: list[list[np.ndarray]], hp: LocalHyper, opts: dict | None = None) -> Params:
+    """One round of local training for every lane; returns new stacked parameters (inputs are not modified).
+
+    ``schedules[l]`` is lane l's list of batches (row indices into X); lanes must be ordered by non-increasing
+    number of batches. A fresh Adam per lane per round (the official code re-creates its optimiser every round).
+    """
+    opts = opts or {}
+    lanes = len(schedules)
+    nb = np.array([len(s) for s in schedules])
+    if lanes == 0 or not params:
+        return {k: v.clone() for k, v in params.items()}
+    if np.any(np.diff(nb) > 0):
+        raise ValueError("lanes must be sorted by non-increasing number of batches")
+    names = list(params)
+    p = {k: v.detach().clone().contiguous() for k, v in params.items()}
+    anchor = {k: v.detach().clone() for k, v in params.items()} if hp.mu > 0 else None
+    m = {k: torch.zeros_like(v) for k, v in p.items()}
+    v2 = {k: torch.zeros_like(v) for k, v in p.items()}
+    steps = [torch.zeros((), dtype=torch.float32) for _ in range(lanes)]
+    bsz = hp.batch_size
+    # (steps, lanes, B) row indices, -1 = padding
+    idx = np.full((int(nb[0]), lanes, bsz), -1, np.int64)
+    for l, sched in enumerate(schedules):
+        for t, b in enumerate(sched):
+            idx[t, l, :len(b)] = b
+    idx_t = torch.from_numpy(idx)
+    for t in range(int(nb[0])):
+        k = int((nb > t).sum())
+        it = idx_t[t, :k]
+        valid = it >= 0
+        it = it.clamp(min=0)
+        leaves = {n: p[n][:k].detach().requires_grad_(True) for n in names}
+        loss = batch_loss(kind, leaves, X[it], Y[it], valid, heads[:k], hp, opts)
+        grads = torch.autograd.grad(loss, [leaves[n] for n in names])
+        with torch.no_grad():
+            if anchor is not None:
+                for n, g in zip(names, grads):
+                    g.add_(p[n][:k] - anchor[n][:k], alpha=hp.mu)
+            torch._foreach_add_(steps[:k], 1.0)
+            for n, g in zip(names, grads):
+                # fused Adam walks memory linearly: grads of transposed weights come back strided
+                pl, gl, ml, vl = p[n][:k], g.contiguous(), m[n][:k], v2[n][:k]
+                torch._fused_adam_(list(pl.unbind(0)), list(gl.unbind(0)), list(ml.unbind(0)), list(vl.unbind(0)),
+                                   [], steps[:k], lr=hp.lr, beta1=hp.beta1, beta2=hp.beta2,
+                                   weight_decay=hp.weight_decay, eps=hp.eps, amsgrad=False, maximize=False)
+    return p
+
+
+def reference_local_update(kind: AdapterKind, params: Params, X: torch.Tensor, Y: torch.Tensor,
+                           heads: torch.Tensor, schedule: list[np.ndarray], hp: LocalHyper,
+                           opts: dict | None = None) -> Params:
+    """The plain per-client loop (one client, one batch at a time, torch.optim.Adam), as the official code trains.
+    ``params`` are one client's unstacked parameters; heads (C, D)."""
+    opts = opts or {}
+    p = {k: torch.nn.Parameter(v.detach().clone()) for k, v in params.items()}
+    anchor = {k: v.detach().clone() for k, v in params.items()}
+    opt = torch.optim.Adam(p.values(), lr=hp.lr, betas=(hp.beta1, hp.beta2), eps=hp.eps,
+                           weight_decay=hp.weight_decay)
+    for b in schedule:
+        bt = torch.from_numpy(b)
+        x, y = X[bt].unsqueeze(0), Y[bt].unsqueeze(0)
+        stacked = {k: v.unsqueeze(0) for k, v in p.items()}
+        loss = batch_loss(kind, stacked, x, y, torch.ones_like(y, dtype=torch.bool), heads.unsqueeze(0), hp, opts)
+        if hp.mu > 0:
+            loss = loss + hp.mu / 2 * sum(((p[k] - anchor[k]) ** 2).sum() for k in p)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return {k: v.detach() for k, v in p.items()}
+
+
+# ------------------------------------------------------------------------------------------- aggregation
+
+def aggregate(params: Params, members: list[np.ndarray], weights: list[np.ndarray]) -> Params:
+    """FedAvg: for each group g, sum_l weights[g][l] * params[members[g][l]] (weights normalised to 1).
+    Returns stacked (G, ...) global parameters."""
+    out = {}
+    for n, v in params.items():
+        rows = []
+        for mem, w in zip(members, weights):
+            w = torch.as_tensor(np.asarray(w, np.float64) / np.sum(w), dtype=v.dtype)
+            rows.append(torch.tensordot(w, v[torch.as_tensor(mem)], dims=1))
+        out[n] = torch.stack(rows)
+    return out
+
+
+def client_weights(train_sizes: np.ndarray, weighting: str) -> np.ndarray:
+    """Official FedCLIP averages uniformly; ``samples`` is FedAvg by sample count."""
+    return np.ones(len(train_sizes)) if weighting == "uniform" else np.asarray(train_sizes, np.float64)
+
+
+# ------------------------------------------------------------------------------------------- evaluation
+
+@torch.no_grad()
+def evaluate(kind: AdapterKind, params: Params, X: torch.Tensor, Y: torch.Tensor, heads: torch.Tensor,
+             rows: torch.Tensor, logit_scale: float, opts: dict | None = None, chunk: int = 8192):
+    """Per-row correctness and cross-entropy for G groups at once. rows (G, M) indices (-1 = padding),
+    params stacked (G, ...), heads (G, C, D). Returns (correct (G,M) bool, loss (G,M))."""
+    opts = opts or {}
+    correct, losses = [], []
+    for s in range(0, rows.shape[1], chunk):
+        r = rows[:, s:s + chunk].clamp(min=0)
+        f = adapt_and_normalise(kind, params, X[r], opts)
+        logits = logit_scale * torch.bmm(f, heads.transpose(1, 2))
+        y = Y[r]
+        correct.append(logits.argmax(-1) == y)
+        losses.append(F.cross_entropy(logits.transpose(1, 2), y, reduction="none"))
+    return torch.cat(correct, 1), torch.cat(losses, 1)
