@@ -39,8 +39,8 @@ def test_official_adapter_has_525312_parameters_and_matches_torch_modules():
     seq = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Tanh(), torch.nn.Linear(16, 16),
                               torch.nn.Softmax(dim=1))
     with torch.no_grad():
-        seq[0].weight.copy_(p["w1"]), seq[0].bias.copy_(p["b1"])
-        seq[2].weight.copy_(p["w2"]), seq[2].bias.copy_(p["b2"])
+        seq[0].weight.copy_(p["w1"].T), seq[0].bias.copy_(p["b1"])  # we store (in, out)
+        seq[2].weight.copy_(p["w2"].T), seq[2].bias.copy_(p["b2"])
     x = torch.randn(5, 16)
     official = seq(x) * x  # fed_at_clip: image_features_att = img_adap(f); f = mul(att, f)
     ours = ADAPTERS["fedclip"].forward({k: v[None] for k, v in p.items()}, x[None], {})[0]

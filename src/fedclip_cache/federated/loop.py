@@ -160,10 +160,12 @@ def run_loop(cache: FeatureCache, cfg: FederateConfig, experiments: list[Experim
     E_rows, E_seg = E_rows.to(device), E_seg.to(device)
     E_heads = torch.stack(group_heads)
     src = torch.tensor(group_source, dtype=torch.long)
+    # Evaluation inputs never change: gather them once (unless that would not fit comfortably in memory).
+    E_X = X[E_rows.clamp(min=0)] if E_rows.numel() * d * 4 < 2 * 2**30 else None
     seg_n = torch.bincount(E_seg.flatten(), minlength=len(segments) + 1).clamp(min=1).double()
 
     def score(params_for_groups: Params):
-        corr, loss = evaluate(kind, params_for_groups, X, Y, E_heads, E_rows, cfg.logit_scale, opts)
+        corr, loss = evaluate(kind, params_for_groups, X, Y, E_heads, E_rows, cfg.logit_scale, opts, gathered=E_X)
         segf = E_seg.flatten()
         acc = torch.bincount(segf, weights=corr.flatten().double(), minlength=len(segments) + 1) / seg_n
         lo = torch.bincount(segf, weights=loss.flatten().double(), minlength=len(segments) + 1) / seg_n
