@@ -116,23 +116,66 @@ def info(cache: Path = typer.Argument(..., help="Cache folder."),
         render_cache_summary(summary, console)
 
 
-def main() -> None:
-    try:
-        app()
-    except _user_errors() as e:
-        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
-        sys.exit(2)
+# Federate options are declared once and shared by `federate` and `sweep` (which accepts any federate option).
+FEDERATE_OPTIONS: list[tuple[str, type, object]] = [
+    ("algo", str, typer.Option("fedclip", help="fedclip (FedAvg of the adapter) | fedprox | local | central | zeroshot.")),
+    ("adapter", str, typer.Option("fedclip", help="fedclip (official gate) | residual (CLIP-Adapter) | linear.")),
+    ("hidden", Optional[int], typer.Option(None, help="Adapter width h (fedclip default h = D, the official setting).")),
+    ("residual_alpha", float, typer.Option(0.2, help="Mixing weight of the residual adapter.")),
+    ("head", str, typer.Option("text", help="text (class prompts from the cache) | prototype (class means).")),
+    ("template", str, typer.Option("0", help="Index of the cache's prompt template, or 'mean' for an ensemble.")),
+    ("loss", str, typer.Option("contrastive", help="contrastive (official in-batch CLIP loss) | ce.")),
+    ("lr", float, typer.Option(5e-5, help="Adam learning rate (official 5e-5).")),
+    ("weight_decay", float, typer.Option(0.2, help="Adam L2 weight decay, coupled (official 0.2).")),
+    ("batch_size", int, typer.Option(32, help="Local batch size (official 32).")),
+    ("local_epochs", int, typer.Option(1, help="Local epochs per round (official 1).")),
+    ("rounds", int, typer.Option(200, help="Communication rounds (official README: 200).")),
+    ("mu", float, typer.Option(0.0, help="FedProx proximal weight.")),
+    ("weighting", str, typer.Option("uniform", help="uniform (official) | samples (FedAvg by sample count).")),
+    ("protocol", str, typer.Option("lodo", help="lodo (leave-one-domain-out, official) | personal.")),
+    ("heldout", Optional[str], typer.Option(None, help="Held-out domain(s), comma-separated; default: each in turn.")),
+    ("partition", str, typer.Option("none", help="none (clients = domains) | iid | dirichlet | pathological.")),
+    ("alpha", float, typer.Option(0.5, help="Dirichlet concentration (smaller = more label skew).")),
+    ("num_clients", int, typer.Option(4, "--clients", help="Clients per partition scope.")),
+    ("classes_per_client", int, typer.Option(2, help="Classes per client for --partition pathological.")),
+    ("partition_scope", str, typer.Option("domain", help="domain (split each domain) | pooled.")),
+    ("split", str, typer.Option("0.6,0.2,0.2", help="Train/val/test fractions of each training client.")),
+    ("split_source", str, typer.Option("random", help="random (seeded) | cache (the manifest's split column).")),
+    ("client_key", str, typer.Option("domain", help="domain | client: which cache column defines clients.")),
+    ("seed", int, typer.Option(0, help="Seed (data split, shuffles, adapter init).")),
+    ("eval_every", int, typer.Option(1, help="Evaluate every N rounds (official: every round).")),
+    ("device", str, typer.Option("cpu", help="cpu | cuda | auto.")),
+]
 
 
-def _federate_config(**kw) -> "FederateConfig":
+def with_federate_options(func):
+    """Append the shared federate options to a command's signature; they arrive as ``fed_options`` (a dict)."""
+    import functools
+    import inspect
+
+    sig = inspect.signature(func)
+    own = [p for p in sig.parameters.values() if p.name != "fed_options"]
+    extra = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=opt, annotation=t)
+             for n, t, opt in FEDERATE_OPTIONS]
+
+    @functools.wraps(func)
+    def wrapper(**kw):
+        fed = {n: kw.pop(n) for n, _, _ in FEDERATE_OPTIONS}
+        return func(**kw, fed_options=fed)
+
+    wrapper.__signature__ = sig.replace(parameters=own + extra)
+    return wrapper
+
+
+def _federate_config(fed: dict) -> "FederateConfig":
     from .federated.config import FederateConfig
 
-    split = kw.pop("split")
+    kw = dict(fed)
     try:
-        kw["split"] = tuple(float(x) for x in split.split(","))
+        kw["split"] = tuple(float(x) for x in kw["split"].split(","))
     except ValueError:
         raise typer.BadParameter("--split takes three fractions, e.g. 0.6,0.2,0.2")
-    kw["heldout"] = [h for h in (kw.pop("heldout") or "").split(",") if h]
+    kw["heldout"] = [h for h in (kw.get("heldout") or "").split(",") if h]
     return FederateConfig(**kw).validate()
 
 
@@ -144,55 +187,83 @@ def _seeds(text: str) -> list[int]:
 
 
 @app.command()
+@with_federate_options
 def federate(
     cache: Path = typer.Argument(..., help="Cache folder written by `extract`."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (config, metrics.parquet, summary.json)."),
-    algo: str = typer.Option("fedclip", help="fedclip (FedAvg of the adapter) | fedprox | local | central | zeroshot."),
-    adapter: str = typer.Option("fedclip", help="fedclip (official gate) | residual (CLIP-Adapter) | linear."),
-    hidden: Optional[int] = typer.Option(None, help="Adapter width h (fedclip default h = D, the official setting)."),
-    residual_alpha: float = typer.Option(0.2, help="Mixing weight of the residual adapter."),
-    head: str = typer.Option("text", help="text (class prompts from the cache) | prototype (class means)."),
-    template: str = typer.Option("0", help="Index of the cache's prompt template, or 'mean' for an ensemble."),
-    loss: str = typer.Option("contrastive", help="contrastive (official in-batch CLIP loss) | ce."),
-    lr: float = typer.Option(5e-5, help="Adam learning rate (official 5e-5)."),
-    weight_decay: float = typer.Option(0.2, help="Adam L2 weight decay, coupled (official 0.2)."),
-    batch_size: int = typer.Option(32, help="Local batch size (official 32)."),
-    local_epochs: int = typer.Option(1, help="Local epochs per round (official 1)."),
-    rounds: int = typer.Option(200, help="Communication rounds (official README: 200)."),
-    mu: float = typer.Option(0.0, help="FedProx proximal weight."),
-    weighting: str = typer.Option("uniform", help="uniform (official) | samples (FedAvg by sample count)."),
-    protocol: str = typer.Option("lodo", help="lodo (leave-one-domain-out, official) | personal."),
-    heldout: Optional[str] = typer.Option(None, help="Held-out domain(s), comma-separated; default: each in turn."),
-    partition: str = typer.Option("none", help="none (clients = domains) | iid | dirichlet | pathological."),
-    alpha: float = typer.Option(0.5, help="Dirichlet concentration (smaller = more label skew)."),
-    clients: int = typer.Option(4, "--clients", help="Clients per partition scope."),
-    classes_per_client: int = typer.Option(2, help="Classes per client for --partition pathological."),
-    partition_scope: str = typer.Option("domain", help="domain (split each domain) | pooled."),
-    split: str = typer.Option("0.6,0.2,0.2", help="Train/val/test fractions of each training client."),
-    split_source: str = typer.Option("random", help="random (seeded) | cache (the manifest's split column)."),
-    client_key: str = typer.Option("domain", help="domain | client: which cache column defines clients."),
-    seed: int = typer.Option(0),
     seeds: Optional[str] = typer.Option(None, help="Several seeds at once, e.g. 0,1,2 (trained together)."),
-    eval_every: int = typer.Option(1, help="Evaluate every N rounds (official: every round)."),
-    device: str = typer.Option("cpu", help="cpu | cuda | auto."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
+    fed_options: dict = None,
 ):
     """Train FedCLIP or a baseline purely on cached features (leave-one-domain-out or personalisation)."""
     from .federated.results import federate as run_federate
     from .report import render_run_summary
 
-    cfg = _federate_config(algo=algo, adapter=adapter, hidden=hidden, residual_alpha=residual_alpha, head=head,
-                           template=template, loss=loss, lr=lr, weight_decay=weight_decay, batch_size=batch_size,
-                           local_epochs=local_epochs, rounds=rounds, mu=mu, weighting=weighting, protocol=protocol,
-                           heldout=heldout, partition=partition, alpha=alpha, num_clients=clients,
-                           classes_per_client=classes_per_client, partition_scope=partition_scope, split=split,
-                           split_source=split_source, client_key=client_key, seed=seed, eval_every=eval_every,
-                           device=device)
+    cfg = _federate_config(fed_options)
     summary = run_federate(cache, cfg, out, seeds=_seeds(seeds) if seeds else None, progress=not quiet and not as_json)
     if as_json:
         print(json.dumps(summary, indent=2))
         return
     render_run_summary(summary, console)
     if out:
-        console.print(f"run folder: {out} (config.json, metrics.parquet, summary.json, adapter.pt)")
+        from .plots import run_plots
+        run_plots(out)
+        console.print(f"run folder: {out} (config.json, metrics.parquet, summary.json, adapter.pt, plots/)")
+
+
+@app.command()
+@with_federate_options
+def sweep(
+    cache: Path = typer.Argument(..., help="Cache folder written by `extract`."),
+    out: Path = typer.Option(..., "--out", "-o", help="Sweep folder (resumable: finished points are kept)."),
+    grid: List[str] = typer.Option([], help="KEY=V1,V2,... over any federate option, repeatable; the cartesian "
+                                            "product is run, e.g. --grid hidden=32,64,128 --grid algo=fedclip,local"),
+    seeds: str = typer.Option("0,1,2", help="Seeds, trained together per grid point."),
+    jobs: int = typer.Option(1, min=1, help="Worker processes for grid points (torch threads are divided)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    fed_options: dict = None,
+):
+    """Run a grid of federate configurations x seeds on one cache; tables, Parquet results and plots."""
+    from .report import render_sweep
+    from .sweep import parse_grid, sweep as run_sweep
+
+    base = _federate_config(fed_options)
+    g = parse_grid(grid)
+    progress = None
+    if not quiet:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+            TimeRemainingColumn
+        progress = Progress(TextColumn("[bold]sweep"), BarColumn(), MofNCompleteColumn(), TextColumn("runs"),
+                            TimeElapsedColumn(), TimeRemainingColumn())
+        progress.start()
+        task = progress.add_task("sweep", total=None)
+    try:
+        res = run_sweep(cache, base, g, _seeds(seeds), out, jobs=jobs,
+                        on_done=(lambda d, t: progress.update(task, completed=d, total=t)) if progress else None)
+    finally:
+        if progress:
+            progress.stop()
+    console.print(f"{res['ran']} grid point(s) trained now, {res['points'] - res['ran']} re-used from earlier runs")
+    render_sweep(res, console)
+    console.print(f"sweep folder: {out} (results.parquet, summary.md, summary.csv, plots/)")
+
+
+@app.command()
+def report(
+    path: Path = typer.Argument(..., help="A run folder (from federate --out) or a sweep folder."),
+    format: str = typer.Option("table", help="table (rich) | md | csv | json."),
+    plots: bool = typer.Option(True, help="Re-draw the PNG plots."),
+):
+    """Re-render the tables and plots of a finished run or sweep, without recomputing anything."""
+    from .report import report_path
+
+    report_path(path, format, plots, console)
+
+
+def main() -> None:
+    try:
+        app()
+    except _user_errors() as e:
+        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        sys.exit(2)

@@ -89,3 +89,68 @@ def render_run_summary(s: dict, console: Console) -> None:
     t.add_row("[bold]mean", "", _pct(m["heldout_best"]), _pct(m["test_mean_best"]), _pct(m["heldout_last"]),
               _pct(m["test_mean_last"]))
     console.print(t)
+
+
+def render_sweep(res: dict, console: Console) -> None:
+    from .sweep import summary_rows
+
+    cols, rows = summary_rows(res["summary"])
+    t = Table(title="accuracy (%) mean ± std over seeds at the selected round")
+    for c in cols:
+        t.add_column(c, justify="right")
+    for r in rows:
+        t.add_row(*r)
+    console.print(t)
+
+
+def report_path(path, fmt: str, plots: bool, console: Console) -> None:
+    """Re-render a run folder or a sweep folder from what is on disk."""
+    import json
+    from pathlib import Path
+
+    from .store import CacheError
+
+    path = Path(path)
+    if fmt not in ("table", "md", "csv", "json"):
+        raise CacheError(f"--format {fmt!r} unknown; use table, md, csv or json")
+    if (path / "sweep.json").is_file():
+        from .plots import sweep_plots
+        from .sweep import collect, summary_rows
+
+        res = collect(path)
+        if plots:
+            sweep_plots(path, res)
+        cols, rows = summary_rows(res["summary"])
+        if fmt == "table":
+            render_sweep(res, console)
+        elif fmt == "md":
+            print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
+            for r in rows:
+                print("| " + " | ".join(r) + " |")
+        elif fmt == "csv":
+            print(path.joinpath("summary.csv").read_text() if path.joinpath("summary.csv").is_file() else "", end="")
+        else:
+            print(json.dumps(res["summary"], indent=2))
+        return
+    if (path / "summary.json").is_file():
+        s = json.loads((path / "summary.json").read_text())
+        if plots and (path / "metrics.parquet").is_file():
+            from .plots import run_plots
+            run_plots(path)
+        if fmt == "table":
+            render_run_summary(s, console)
+        elif fmt == "json":
+            print(json.dumps(s, indent=2))
+        else:
+            sep = "," if fmt == "csv" else " | "
+            head = ["experiment", "best_round", "heldout", "test_mean", "heldout_last", "test_mean_last"]
+            lines = [sep.join(head)] + ([] if fmt == "csv" else ["|".join(["---"] * len(head))])
+            for e in s["experiments"]:
+                vals = [e["experiment"], e["best"]["round"], _pct(e["best"]["heldout"]), _pct(e["best"]["test_mean"]),
+                        _pct(e["last"]["heldout"]), _pct(e["last"]["test_mean"])]
+                lines.append(sep.join(map(str, vals)))
+            if fmt == "md":
+                lines = ["| " + ln + " |" for ln in lines]
+            print("\n".join(lines))
+        return
+    raise CacheError(f"{path}: neither a run folder (summary.json) nor a sweep folder (sweep.json)")

@@ -1,0 +1,121 @@
+"""PNG plots for sweeps and runs (matplotlib, headless)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _label(c: dict, keys: list[str]) -> str:
+    return ", ".join(f"{k}={c[k]}" for k in keys) or c["algo"]
+
+
+def round_curve(metrics_path: Path) -> tuple[np.ndarray, np.ndarray, str]:
+    """Mean accuracy per round over seeds and held-out runs (held-out split for LODO, else clients' test)."""
+    import pyarrow.parquet as pq
+
+    df = pq.read_table(metrics_path, columns=["round", "split", "accuracy"]).to_pandas()
+    split = "heldout" if (df["split"] == "heldout").any() else "test"
+    g = df[df["split"] == split].groupby("round")["accuracy"].mean()
+    return g.index.to_numpy(), g.to_numpy(), split
+
+
+def sweep_plots(out: Path, results: dict) -> list[Path]:
+    summary, curves, keys = results["summary"], results["curves"], results["keys"]
+    if not summary:
+        return []
+    plt = _plt()
+    pdir = Path(out) / "plots"
+    pdir.mkdir(parents=True, exist_ok=True)
+    written = []
+
+    # 1. adapter-size ablation: accuracy vs trainable parameters (log x), one line per algorithm
+    fig, ax = plt.subplots(figsize=(6, 4))
+    other = [k for k in keys if k not in ("hidden", "algo", "adapter")]
+    lines: dict[str, list] = {}
+    for rec in summary:
+        name = rec["algo"] + (f" ({rec.get('adapter')})" if "adapter" in rec else "") + \
+            "".join(f", {k}={rec[k]}" for k in other if k in rec)
+        lines.setdefault(name, []).append((rec["params"], rec["avg"]["mean"], rec["avg"]["std"]))
+    for name, pts in lines.items():
+        pts.sort()
+        x, y, e = map(np.array, zip(*pts))
+        ax.errorbar(np.maximum(x, 1), 100 * y, yerr=100 * e, marker="o", capsize=3, label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable (communicated) parameters")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title("accuracy vs adapter size (mean ± std over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    written.append(pdir / "accuracy_vs_params.png")
+    fig.savefig(written[-1], dpi=120)
+    plt.close(fig)
+
+    # 2. accuracy vs round
+    fig, ax = plt.subplots(figsize=(6, 4))
+    split = "test"
+    for c in curves:
+        m = Path(c["folder"]) / "metrics.parquet"
+        if m.is_file():
+            r, a, split = round_curve(m)
+            ax.plot(r, 100 * a, label=_label(c, keys), lw=1.2)
+    ax.set_xlabel("round")
+    ax.set_ylabel(f"{split} accuracy (%)")
+    ax.set_title("accuracy vs communication round")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    written.append(pdir / "accuracy_vs_round.png")
+    fig.savefig(written[-1], dpi=120)
+    plt.close(fig)
+
+    # 3. communication cost vs accuracy
+    table = results["table"].to_pandas()
+    cost = table.groupby("point")["bytes_total"].first()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for rec in summary:
+        b = float(cost.get(rec["point"], 0))
+        ax.scatter(max(b, 1) / 2**20, 100 * rec["avg"]["mean"], label=_label(rec, keys))
+    ax.set_xscale("log")
+    ax.set_xlabel("total bytes communicated (MiB)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title("communication cost vs accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    written.append(pdir / "communication_vs_accuracy.png")
+    fig.savefig(written[-1], dpi=120)
+    plt.close(fig)
+    return written
+
+
+def run_plots(run_dir: Path) -> list[Path]:
+    """Accuracy-vs-round curves of one run, one line per experiment and split."""
+    import pyarrow.parquet as pq
+
+    plt = _plt()
+    df = pq.read_table(Path(run_dir) / "metrics.parquet").to_pandas()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for (exp, split), g in df[df["split"] != "val"].groupby(["experiment", "split"]):
+        curve = g.groupby("round")["accuracy"].mean()
+        ax.plot(curve.index, 100 * curve.to_numpy(), label=f"{exp} {split}", lw=1.2)
+    ax.set_xlabel("round")
+    ax.set_ylabel("accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    out = Path(run_dir) / "plots" / "accuracy_vs_round.png"
+    out.parent.mkdir(exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return [out]

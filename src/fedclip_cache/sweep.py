@@ -1,0 +1,269 @@
+"""Cheap repeated ablations: a grid of federate configurations x seeds over one cache, resumable.
+
+Layout of a sweep folder::
+
+    SWEEP/
+      sweep.json              the base config, grid, seeds and cache (rewritten as the grid widens)
+      points/<id>/            one finished point: config.json, summary.json, metrics.parquet (all seeds)
+      results.parquet         tidy: one row per point x seed x held-out run x client / held-out domain
+      summary.md, summary.csv mean ± std over seeds per point and held-out domain
+      plots/*.png
+
+A point is the set of options that are not the seed; all its seeds train together in one vectorised loop
+(their lanes are stacked). Points run one after another or in worker processes (``jobs``). A point is committed
+by atomically writing its folder's ``summary.json`` last, so an interrupted sweep resumes where it stopped.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import os
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from .federated.config import ConfigError, FederateConfig
+from .store import atomic_write, write_json
+
+GRID_ALIASES = {"clients": "num_clients", "epochs": "local_epochs"}
+
+
+def _convert(name: str, raw: str) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(FederateConfig)}
+    name = GRID_ALIASES.get(name, name)
+    if name not in fields or name in ("seed",):
+        hint = " (use --seeds for seeds)" if name == "seed" else ""
+        raise ConfigError(f"--grid key {name!r} is not a federate option{hint}; known: "
+                          f"{', '.join(sorted(k for k in fields if k != 'seed'))}")
+    default = getattr(FederateConfig(), name)
+    if name == "heldout":
+        return [h for h in raw.split("+") if h]
+    if name == "split":
+        return tuple(float(x) for x in raw.split("/"))
+    try:
+        if name == "hidden":
+            return None if raw in ("none", "default") else int(raw)
+        if isinstance(default, bool):
+            return raw.lower() in ("1", "true", "yes")
+        if isinstance(default, int):
+            return int(raw)
+        if isinstance(default, float):
+            return float(raw)
+    except ValueError:
+        kind = "int" if name == "hidden" else type(default).__name__
+        raise ConfigError(f"--grid {name}={raw!r}: not a valid {kind}") from None
+    return raw
+
+
+def parse_grid(specs: list[str]) -> dict[str, list]:
+    """``["hidden=32,64", "lr=1e-4,5e-5"]`` -> {"hidden": [32, 64], "lr": [1e-4, 5e-5]}."""
+    grid: dict[str, list] = {}
+    for spec in specs:
+        for part in spec.split(";"):
+            if not part.strip():
+                continue
+            if "=" not in part:
+                raise ConfigError(f"--grid {part!r}: expected KEY=V1,V2,... e.g. hidden=32,64,128")
+            key, vals = part.split("=", 1)
+            key = GRID_ALIASES.get(key.strip().replace("-", "_"), key.strip().replace("-", "_"))
+            grid[key] = [_convert(key, v.strip()) for v in vals.split(",") if v.strip()]
+    return grid
+
+
+def expand(base: FederateConfig, grid: dict[str, list]) -> list[FederateConfig]:
+    keys = list(grid)
+    out = []
+    for combo in itertools.product(*(grid[k] for k in keys)) if keys else [()]:
+        out.append(dataclasses.replace(base, **dict(zip(keys, combo))).validate())
+    return out
+
+
+def point_id(cfg: FederateConfig) -> str:
+    d = cfg.to_dict()
+    d.pop("seed")
+    return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _run_point(cache_path: str, cfg_dict: dict, seeds: list[int], folder: str, threads: Optional[int]) -> str:
+    """Worker: train one point for all seeds together and commit its folder."""
+    import torch
+
+    from .cache import open_cache
+    from .federated.results import federate
+
+    if threads:
+        torch.set_num_threads(threads)
+    cfg = FederateConfig.from_dict(cfg_dict)
+    federate(open_cache(cache_path), cfg, out=Path(folder) / ".staging", seeds=seeds)
+    staging = Path(folder) / ".staging"
+    for f in ("config.json", "metrics.parquet", "adapter.pt"):
+        os.replace(staging / f, Path(folder) / f)
+    os.replace(staging / "summary.json", Path(folder) / "summary.json")  # last: marks the point done
+    staging.rmdir()
+    return folder
+
+
+def sweep(cache_path: str | Path, base: FederateConfig, grid: dict[str, list], seeds: list[int],
+          out: str | Path, jobs: int = 1, on_done: Optional[Callable[[int, int], None]] = None) -> dict:
+    """Run every grid point not already in ``out``; return the aggregated results (see :func:`collect`)."""
+    out = Path(out)
+    points = expand(base, grid)
+    state_file = out / "sweep.json"
+    if state_file.is_file():
+        state = json.loads(state_file.read_text())
+        if state.get("seeds") != seeds:
+            # different seeds are different work: record them per point instead of mixing
+            pass
+    write_json(state_file, {"cache": str(Path(cache_path).resolve()), "base": base.to_dict(),
+                            "grid": {k: [list(v) if isinstance(v, tuple) else v for v in vs] for k, vs in grid.items()},
+                            "grid_keys": list(grid), "seeds": seeds})
+    todo = []
+    for cfg in points:
+        folder = out / "points" / f"{point_id(cfg)}-s{'_'.join(map(str, seeds))}"
+        if not (folder / "summary.json").is_file():
+            folder.mkdir(parents=True, exist_ok=True)
+            todo.append((cfg, folder))
+    done = len(points) - len(todo)
+    if on_done:
+        on_done(done, len(points))
+    if jobs <= 1:
+        for cfg, folder in todo:
+            _run_point(str(cache_path), cfg.to_dict(), seeds, str(folder), None)
+            done += 1
+            if on_done:
+                on_done(done, len(points))
+    else:
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+        with ProcessPoolExecutor(jobs) as ex:
+            futs = [ex.submit(_run_point, str(cache_path), cfg.to_dict(), seeds, str(folder), threads)
+                    for cfg, folder in todo]
+            for f in as_completed(futs):
+                f.result()
+                done += 1
+                if on_done:
+                    on_done(done, len(points))
+    results = collect(out, only=[point_id(c) for c in points], seeds=seeds)
+    results["ran"], results["points"] = len(todo), len(points)
+    write_outputs(out, results)
+    return results
+
+
+# ------------------------------------------------------------------------------------------- results
+
+def collect(out: str | Path, only: Optional[list[str]] = None, seeds: Optional[list[int]] = None) -> dict:
+    """Read finished points into a tidy table and a mean ± std summary."""
+    import pyarrow as pa
+
+    out = Path(out)
+    state = json.loads((out / "sweep.json").read_text())
+    keys = state["grid_keys"]
+    rows, curves = [], []
+    folders = sorted((out / "points").glob("*"))
+    order = only
+    if order is None:  # re-rendering: points of the latest grid first, in grid order, then any older ones
+        base = FederateConfig.from_dict(state["base"])
+        grid = {k: [tuple(v) if isinstance(v, list) and k == "split" else v for v in vs]
+                for k, vs in state["grid"].items()}
+        order = [point_id(c) for c in expand(base, grid)]
+    if order:  # grid order, so tables read like the command line
+        rank = {pid: i for i, pid in enumerate(order)}
+        folders.sort(key=lambda f: rank.get(f.name.partition("-s")[0], len(rank)))
+    for folder in folders:
+        if not (folder / "summary.json").is_file():
+            continue
+        pid, _, seed_tag = folder.name.partition("-s")
+        if only is not None and pid not in only:
+            continue
+        if seeds is not None and seed_tag != "_".join(map(str, seeds)):
+            continue
+        cfg = json.loads((folder / "config.json").read_text())["federate"]
+        s = json.loads((folder / "summary.json").read_text())
+        params = s["communication"]["trainable_params"]
+        point = {k: (json.dumps(cfg[k]) if isinstance(cfg[k], (list, tuple)) else cfg[k]) for k in keys}
+        for e in s["experiments"]:
+            common = {"point": pid, **point, "algo": cfg["algo"], "adapter": s["adapter"], "seed": e["seed"],
+                      "heldout": e["heldout"] or "", "trainable_params": params,
+                      "bytes_total": s["communication"]["bytes_total"], "best_round": e["best"]["round"]}
+            if e["heldout"]:
+                rows.append({**common, "target": e["heldout"], "split": "heldout",
+                             "acc_best": e["best"]["heldout"], "acc_last": e["last"]["heldout"]})
+            for client, acc in e["best"]["test"].items():
+                rows.append({**common, "target": client, "split": "test", "acc_best": acc,
+                             "acc_last": e["last"]["test"].get(client)})
+        curves.append({"point": pid, "folder": str(folder), **point, "algo": cfg["algo"], "params": params})
+    table = pa.Table.from_pylist(rows) if rows else None
+    return {"keys": keys, "table": table, "summary": summarise(table, keys), "curves": curves, "out": str(out)}
+
+
+def summarise(table, keys: list[str]) -> list[dict]:
+    """Mean ± std over seeds, per point and held-out domain (LODO) or client (personal), plus the average."""
+    if table is None:
+        return []
+    df = table.to_pandas()
+    has_heldout = (df["split"] == "heldout").any()
+    df = df[df["split"] == ("heldout" if has_heldout else "test")]
+    df = df.rename(columns={"trainable_params": "params"})
+    group = ["point", *[k for k in keys if k not in ("point", "algo")], "algo", "params"]
+    out = []
+    for gkey, g in df.groupby(group, sort=False, dropna=False):
+        rec = dict(zip(group, gkey if isinstance(gkey, tuple) else (gkey,)))
+        per_seed_avg = g.groupby("seed")["acc_best"].mean()
+        for tgt, gt in g.groupby("target", sort=True):
+            rec[f"{tgt}"] = _mean_std(gt["acc_best"].to_numpy())
+        rec["avg"] = _mean_std(per_seed_avg.to_numpy())
+        rec["seeds"] = int(g["seed"].nunique())
+        out.append(rec)
+    return out
+
+
+def _mean_std(x: np.ndarray) -> dict:
+    return {"mean": float(np.mean(x)), "std": float(np.std(x, ddof=1)) if len(x) > 1 else 0.0, "n": int(len(x))}
+
+
+def summary_rows(summary: list[dict]) -> tuple[list[str], list[list[str]]]:
+    if not summary:
+        return [], []
+    cols = [c for c in summary[0] if c not in ("point", "seeds")]
+    rows = []
+    for rec in summary:
+        row = []
+        for c in cols:
+            v = rec.get(c)
+            row.append(f"{100 * v['mean']:.2f} ± {100 * v['std']:.2f}" if isinstance(v, dict) else str(v))
+        rows.append(row)
+    return cols, rows
+
+
+def write_outputs(out: Path, results: dict) -> None:
+    import pyarrow.parquet as pq
+
+    from .plots import sweep_plots
+
+    if results["table"] is not None:
+        atomic_write(out / "results.parquet", lambda p: pq.write_table(results["table"], p))
+    cols, rows = summary_rows(results["summary"])
+    md = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)] + ["| " + " | ".join(r) + " |" for r in rows]
+    atomic_write(out / "summary.md", lambda p: p.write_text("\n".join(md) + "\n"))
+    flat = []
+    for rec in results["summary"]:
+        f = {}
+        for k, v in rec.items():
+            if isinstance(v, dict):
+                f[f"{k}_mean"], f[f"{k}_std"] = v["mean"], v["std"]
+            else:
+                f[k] = v
+        flat.append(f)
+    import csv
+    import io
+
+    buf = io.StringIO()
+    if flat:
+        w = csv.DictWriter(buf, fieldnames=list(flat[0]))
+        w.writeheader()
+        w.writerows(flat)
+    atomic_write(out / "summary.csv", lambda p: p.write_text(buf.getvalue()))
+    sweep_plots(out, results)
