@@ -56,7 +56,7 @@ def extract(
     image_std: Optional[str] = typer.Option(None, help="Override normalisation std, e.g. 0.5,0.5,0.5."),
     format: str = typer.Option("parquet", help="parquet or hdf5."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    precision: str = typer.Option("fp32", help="fp32, fp16 or bf16 (autocast)."),
+    precision: str = typer.Option("auto", help="auto (fp16 autocast on CUDA, fp32 on CPU), fp32, fp16 or bf16."),
     dtype: str = typer.Option("float32", help="Stored embedding dtype: float32 or float16."),
     batch_size: int = typer.Option(64, min=1),
     workers: Optional[int] = typer.Option(None, min=0, help="DataLoader worker processes (default min(4, CPUs))."),
@@ -66,6 +66,8 @@ def extract(
     templates_file: Optional[Path] = typer.Option(None, help="File with one template per line."),
     strict: bool = typer.Option(False, help="Fail on the first unreadable image instead of skipping it."),
     seed: int = typer.Option(0, help="Seed for random-init models (--pretrained none)."),
+    dataset: Optional[str] = typer.Option(None, help="Known dataset (PACS, VLCS, OfficeHome, DomainNet) to check "
+                                                     "counts against; default: recognised by its domain names."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ):
     """Run frozen open_clip once over every image and store raw embeddings + class-prompt text embeddings."""
@@ -83,7 +85,8 @@ def extract(
                         image_mean=_floats(image_mean, "--image-mean"), image_std=_floats(image_std, "--image-std"),
                         seed=seed),
         format=format, device=device, precision=precision, dtype=dtype, batch_size=batch_size, workers=workers,
-        shard_size=shard_size, templates=templates or list(DEFAULT_TEMPLATES), strict=strict, progress=not quiet)
+        shard_size=shard_size, templates=templates or list(DEFAULT_TEMPLATES), strict=strict, progress=not quiet,
+        dataset=dataset)
     rep = run_extract(cfg)
     import os
     if int(os.environ.get("RANK", "0")) != 0:
@@ -92,6 +95,8 @@ def extract(
                   f"{rep.already_cached} already cached ({rep.changed} changed files re-extracted) "
                   f"in {rep.seconds:.1f}s ({rep.images_per_s:,.0f} img/s); total {rep.total_images} images",
                   soft_wrap=True)
+    for w in rep.warnings:
+        console.print(f"[yellow]warning:[/] {w}", soft_wrap=True)
     if rep.skipped:
         t = Table(title=f"skipped {len(rep.skipped)} file(s) (recorded in the cache)")
         t.add_column("file"), t.add_column("reason")
@@ -261,9 +266,32 @@ def report(
     report_path(path, format, plots, console)
 
 
+@app.command()
+def run(
+    pipeline: Path = typer.Argument(..., help="Pipeline TOML (see pipelines/)."),
+    data: Optional[Path] = typer.Option(None, help="Dataset folder or manifest (needed until the cache exists)."),
+    set_: List[str] = typer.Option([], "--set", help="Override SECTION.KEY=VALUE, e.g. federate.rounds=50; "
+                                                     "repeatable."),
+    base_dir: Path = typer.Option(Path("."), help="Where the pipeline's relative cache/out paths live."),
+    no_sweep: bool = typer.Option(False, help="Stop after federate."),
+):
+    """extract -> federate (LODO, every held-out domain) -> sweep, re-using the cache when it exists."""
+    from .pipeline import run as run_pipeline
+    from .report import render_run_summary, render_sweep
+
+    res = run_pipeline(pipeline, str(data) if data else None, set_, base_dir, log=console.print,
+                       skip_sweep=no_sweep)
+    render_run_summary(res["federate"], console)
+    if "sweep" in res:
+        render_sweep(res["sweep"], console)
+    console.print(f"outputs: {res['out']} (federate/, sweep/)")
+
+
 def main() -> None:
     try:
         app()
     except _user_errors() as e:
-        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        from rich.markup import escape
+
+        err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(2)

@@ -6,6 +6,7 @@ text embeddings. The reader orders rows canonically, so the cache equals a singl
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import os
 import time
@@ -37,7 +38,7 @@ class ExtractConfig:
     model: ModelSpec = field(default_factory=ModelSpec)
     format: str = "parquet"
     device: str = "auto"
-    precision: str = "fp32"
+    precision: str = "auto"  # fp16 autocast on CUDA, fp32 on CPU
     dtype: str = "float32"
     batch_size: int = 64
     workers: Optional[int] = None
@@ -45,6 +46,7 @@ class ExtractConfig:
     templates: Sequence[str] = DEFAULT_TEMPLATES
     strict: bool = False
     progress: bool = True
+    dataset: Optional[str] = None  # known dataset to check the layout against (None: identify by domain names)
 
 
 @dataclass
@@ -59,6 +61,7 @@ class ExtractReport:
     seconds: float
     total_images: int
     total_skipped: int
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def images_per_s(self) -> float:
@@ -194,8 +197,8 @@ def extract(cfg: ExtractConfig) -> ExtractReport:
         raise ExtractError(f"--format {cfg.format!r} unknown; use parquet or hdf5")
     if cfg.dtype not in ("float32", "float16"):
         raise ExtractError(f"--dtype {cfg.dtype!r} unknown; use float32 or float16")
-    if cfg.precision not in ("fp32", "fp16", "bf16"):
-        raise ExtractError(f"--precision {cfg.precision!r} unknown; use fp32, fp16 or bf16")
+    if cfg.precision not in ("auto", "fp32", "fp16", "bf16"):
+        raise ExtractError(f"--precision {cfg.precision!r} unknown; use auto, fp32, fp16 or bf16")
     bad = [t for t in cfg.templates if "{}" not in t]
     if bad:
         raise ExtractError(f"template {bad[0]!r} has no '{{}}' placeholder for the class name")
@@ -205,6 +208,8 @@ def extract(cfg: ExtractConfig) -> ExtractReport:
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
+    if cfg.precision == "auto":
+        cfg = dataclasses.replace(cfg, precision="fp16" if device.type == "cuda" else "fp32")
     out = Path(cfg.out)
     table = scan(cfg.source)
     lm = load_model(cfg.model, device)
@@ -240,7 +245,8 @@ def extract(cfg: ExtractConfig) -> ExtractReport:
     index = store.read_index(out, cfg.format)
     todo, already, changed = _plan(table, index)
     mine = todo[rank::world]
-    report = ExtractReport(str(out), len(table), already, changed, 0, [], list(table.ignored), 0.0, 0, 0)
+    report = ExtractReport(str(out), len(table), already, changed, 0, [], list(table.ignored), 0.0, 0, 0,
+                           warnings=_layout_warnings(table, cfg.dataset))
     if len(mine):
         _run_shards(cfg, lm, table.take(mine), classes, dim, device, out, session, rank, report, world)
     _barrier(world)
@@ -262,6 +268,13 @@ def extract(cfg: ExtractConfig) -> ExtractReport:
         report.total_images, report.total_skipped = meta["counts"]["images"], meta["counts"]["skipped"]
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _layout_warnings(table: ImageTable, dataset: Optional[str]) -> list[str]:
+    from . import datasets
+
+    doms, counts = np.unique(table.domain.astype(str), return_counts=True)
+    return datasets.check(dataset, dict(zip(doms.tolist(), counts.tolist())), set(table.class_name.tolist()))
 
 
 def _run_shards(cfg: ExtractConfig, lm: LoadedModel, rows: ImageTable, classes: list[str], dim: int,
