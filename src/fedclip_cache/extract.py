@@ -62,6 +62,7 @@ class ExtractReport:
     total_images: int
     total_skipped: int
     warnings: list[str] = field(default_factory=list)
+    loop_seconds: float = 0.0  # decode + encode + write only (no scan / model load): the steady-state rate
 
     @property
     def images_per_s(self) -> float:
@@ -248,7 +249,9 @@ def extract(cfg: ExtractConfig) -> ExtractReport:
     report = ExtractReport(str(out), len(table), already, changed, 0, [], list(table.ignored), 0.0, 0, 0,
                            warnings=_layout_warnings(table, cfg.dataset))
     if len(mine):
+        t_loop = time.perf_counter()
         _run_shards(cfg, lm, table.take(mine), classes, dim, device, out, session, rank, report, world)
+        report.loop_seconds = time.perf_counter() - t_loop
     _barrier(world)
 
     if rank == 0:
