@@ -72,13 +72,20 @@ def peak_rss_mb(n: int, tmp: Path) -> float:
 
     cfg, ckpt = write_tiny_model(tmp / "model")
     data = make_jpegs(tmp / f"rss{n}", n, size=96)
-    code = ("import resource,sys; from fedclip_cache import *; "
+    # Sample the resident set during the run (ru_maxrss alone is dominated by torch's import high-water mark).
+    code = ("import threading,time,sys\n"
+            "def rss(): return int(open('/proc/self/statm').read().split()[1])*4096/2**20\n"
+            "from fedclip_cache import *\n"
+            "peak=[0]; stop=[False]\n"
+            "def watch():\n"
+            "    while not stop[0]: peak[0]=max(peak[0],rss()); time.sleep(0.02)\n"
+            "t=threading.Thread(target=watch); t.start()\n"
             f"extract(ExtractConfig(source=r'{data}', out=r'{tmp / f'rss-cache{n}'}', progress=False, workers=2, "
-            f"model=ModelSpec(model_config=r'{cfg}', pretrained=r'{ckpt}'), shard_size=1024)); "
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+            f"model=ModelSpec(model_config=r'{cfg}', pretrained=r'{ckpt}'), shard_size=1024))\n"
+            "stop[0]=True; t.join(); print(peak[0])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    return int(out.stdout.strip().splitlines()[-1]) / 1024
+    return float(out.stdout.strip().splitlines()[-1])
 
 
 def main():
@@ -90,12 +97,21 @@ def main():
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--workers", type=int, default=None)
     ap.add_argument("--rss", action="store_true")
+    ap.add_argument("--rss-only", action="store_true", help="only the memory measurement")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     a = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     device = resolve_device(a.device)
     precision = a.precision if a.precision != "auto" else ("fp16" if device.type == "cuda" else "fp32")
     tmp = Path(tempfile.mkdtemp())
+    if a.rss_only:
+        r1, r10 = peak_rss_mb(1000, tmp), peak_rss_mb(10000, tmp)
+        res = {"setup": "rss-tiny-clip-cpu", "peak_rss_mb_1k": round(r1, 1), "peak_rss_mb_10k": round(r10, 1),
+               "rss_growth": round(r10 / r1 - 1, 3)}
+        print(json.dumps(res, indent=2))
+        Path(a.out).mkdir(parents=True, exist_ok=True)
+        (Path(a.out) / f"extract-{res['setup']}.json").write_text(json.dumps(res, indent=2))
+        return
     data = make_jpegs(tmp / "data", a.images)
     files = sorted(str(p) for p in data.rglob("*.jpg"))
     spec = ModelSpec(model=a.model, pretrained=None)

@@ -15,6 +15,26 @@ def _plt():
     return plt
 
 
+def _finish(plt, fig, ax, path: Path, xlabel: str, ylabel: str, title: str = "", logx: bool = False) -> Path:
+    """Shared styling and saving of every figure."""
+    if logx:
+        from matplotlib.ticker import NullFormatter
+
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels on short log ranges overlap
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def _label(c: dict, keys: list[str]) -> str:
     return ", ".join(f"{k}={c[k]}" for k in keys) or c["algo"]
 
@@ -35,7 +55,6 @@ def sweep_plots(out: Path, results: dict) -> list[Path]:
         return []
     plt = _plt()
     pdir = Path(out) / "plots"
-    pdir.mkdir(parents=True, exist_ok=True)
     written = []
 
     # 1. adapter-size ablation: accuracy vs trainable parameters (log x), one line per algorithm
@@ -50,16 +69,8 @@ def sweep_plots(out: Path, results: dict) -> list[Path]:
         pts.sort()
         x, y, e = map(np.array, zip(*pts))
         ax.errorbar(np.maximum(x, 1), 100 * y, yerr=100 * e, marker="o", capsize=3, label=name)
-    ax.set_xscale("log")
-    ax.set_xlabel("trainable (communicated) parameters")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_title("accuracy vs adapter size (mean ± std over seeds)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    written.append(pdir / "accuracy_vs_params.png")
-    fig.savefig(written[-1], dpi=120)
-    plt.close(fig)
+    written.append(_finish(plt, fig, ax, pdir / "accuracy_vs_params.png", "trainable (communicated) parameters",
+                           "accuracy (%)", "accuracy vs adapter size (mean ± std over seeds)", logx=True))
 
     # 2. accuracy vs round
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -69,15 +80,8 @@ def sweep_plots(out: Path, results: dict) -> list[Path]:
         if m.is_file():
             r, a, split = round_curve(m)
             ax.plot(r, 100 * a, label=_label(c, keys), lw=1.2)
-    ax.set_xlabel("round")
-    ax.set_ylabel(f"{split} accuracy (%)")
-    ax.set_title("accuracy vs communication round")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    written.append(pdir / "accuracy_vs_round.png")
-    fig.savefig(written[-1], dpi=120)
-    plt.close(fig)
+    written.append(_finish(plt, fig, ax, pdir / "accuracy_vs_round.png", "round", f"{split} accuracy (%)",
+                           "accuracy vs communication round"))
 
     # 3. communication cost vs accuracy
     table = results["table"].to_pandas()
@@ -86,16 +90,8 @@ def sweep_plots(out: Path, results: dict) -> list[Path]:
     for rec in summary:
         b = float(cost.get(rec["point"], 0))
         ax.scatter(max(b, 1) / 2**20, 100 * rec["avg"]["mean"], label=_label(rec, keys))
-    ax.set_xscale("log")
-    ax.set_xlabel("total bytes communicated (MiB)")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_title("communication cost vs accuracy")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    written.append(pdir / "communication_vs_accuracy.png")
-    fig.savefig(written[-1], dpi=120)
-    plt.close(fig)
+    written.append(_finish(plt, fig, ax, pdir / "communication_vs_accuracy.png", "total bytes communicated (MiB)",
+                           "accuracy (%)", "communication cost vs accuracy", logx=True))
     return written
 
 
@@ -109,13 +105,4 @@ def run_plots(run_dir: Path) -> list[Path]:
     for (exp, split), g in df[df["split"] != "val"].groupby(["experiment", "split"]):
         curve = g.groupby("round")["accuracy"].mean()
         ax.plot(curve.index, 100 * curve.to_numpy(), label=f"{exp} {split}", lw=1.2)
-    ax.set_xlabel("round")
-    ax.set_ylabel("accuracy (%)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    out = Path(run_dir) / "plots" / "accuracy_vs_round.png"
-    out.parent.mkdir(exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return [out]
+    return [_finish(plt, fig, ax, Path(run_dir) / "plots" / "accuracy_vs_round.png", "round", "accuracy (%)")]
