@@ -59,7 +59,8 @@ def extract(
     precision: str = typer.Option("auto", help="auto (fp16 autocast on CUDA, fp32 on CPU), fp32, fp16 or bf16."),
     dtype: str = typer.Option("float32", help="Stored embedding dtype: float32 or float16."),
     batch_size: int = typer.Option(64, min=1),
-    workers: Optional[int] = typer.Option(None, min=0, help="DataLoader worker processes (default min(4, CPUs))."),
+    workers: Optional[int] = typer.Option(None, min=0, help="DataLoader worker processes (default: all CPUs up to 32 on "
+                                                                     "CUDA, min(4, CPUs) on CPU)."),
     shard_size: int = typer.Option(4096, min=1, help="Images per committed shard (the most a crash can lose)."),
     template: Optional[List[str]] = typer.Option(None, help="Prompt template with {} for the class; repeatable. "
                                                             "Default: the official 'a picture of a {}'."),

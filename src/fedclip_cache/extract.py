@@ -285,7 +285,9 @@ def _run_shards(cfg: ExtractConfig, lm: LoadedModel, rows: ImageTable, classes: 
                 world: int) -> None:
     from torch.utils.data import DataLoader
 
-    workers = cfg.workers if cfg.workers is not None else min(4, os.cpu_count() or 1)
+    # CPU: workers share the cores with the forward, a few suffice; GPU: decoding is the bottleneck, use them all.
+    cpus = os.cpu_count() or 1
+    workers = cfg.workers if cfg.workers is not None else (min(cpus, 32) if device.type == "cuda" else min(4, cpus))
     paths = [str(rows.root / r) for r in rows.relpath]
     loader = DataLoader(
         ImageFiles(paths, lm.preprocess, _input_size(lm)), batch_size=cfg.batch_size, shuffle=False,

@@ -112,13 +112,8 @@ def sweep(cache_path: str | Path, base: FederateConfig, grid: dict[str, list], s
     """Run every grid point not already in ``out``; return the aggregated results (see :func:`collect`)."""
     out = Path(out)
     points = expand(base, grid)
-    state_file = out / "sweep.json"
-    if state_file.is_file():
-        state = json.loads(state_file.read_text())
-        if state.get("seeds") != seeds:
-            # different seeds are different work: record them per point instead of mixing
-            pass
-    write_json(state_file, {"cache": str(Path(cache_path).resolve()), "base": base.to_dict(),
+    # Point folders are named by (config hash, seeds), so other seeds are other work and never mixed in.
+    write_json(out / "sweep.json", {"cache": str(Path(cache_path).resolve()), "base": base.to_dict(),
                             "grid": {k: [list(v) if isinstance(v, tuple) else v for v in vs] for k, vs in grid.items()},
                             "grid_keys": list(grid), "seeds": seeds})
     todo = []

@@ -82,8 +82,6 @@ class FederateConfig:
             raise ConfigError("--rounds, --mu and --weight-decay must not be negative")
         if self.hidden is not None and self.hidden <= 0:
             raise ConfigError(f"--hidden must be a positive width (got {self.hidden})")
-        if self.algo == "fedprox" and self.mu == 0:
-            pass  # allowed: FedProx with mu = 0 is FedAvg (tested)
         if self.alpha <= 0:
             raise ConfigError(f"--alpha must be > 0 (got {self.alpha})")
         if len(self.split) != 3 or abs(sum(self.split) - 1) > 1e-6 or min(self.split) < 0:

@@ -190,13 +190,14 @@ def evaluate(kind: AdapterKind, params: Params, X: torch.Tensor, Y: torch.Tensor
              rows: torch.Tensor, logit_scale: float, opts: dict | None = None, chunk: int = 1024,
              gathered: torch.Tensor | None = None):
     """Per-row correctness and cross-entropy for G groups at once. rows (G, M) indices (-1 = padding),
-    params stacked (G, ...), heads (G, C, D); ``gathered`` = X[rows] when the caller keeps it across rounds.
+    params stacked (G, ...), heads (G, C, D); ``gathered`` = X[rows] cut into contiguous ``chunk``-row pieces,
+    when the caller keeps it across rounds (slicing one big tensor would copy each piece every round).
     Returns (correct (G,M) bool, loss (G,M))."""
     opts = opts or {}
     correct, losses = [], []
     for s in range(0, rows.shape[1], chunk):
         r = rows[:, s:s + chunk].clamp(min=0)
-        f = adapt_and_normalise(kind, params, X[r] if gathered is None else gathered[:, s:s + chunk], opts)
+        f = adapt_and_normalise(kind, params, X[r] if gathered is None else gathered[s // chunk], opts)
         logits = logit_scale * torch.bmm(f, heads.transpose(1, 2))
         y = Y[r]
         correct.append(logits.argmax(-1) == y)
