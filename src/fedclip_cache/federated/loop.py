@@ -130,27 +130,22 @@ def run_loop(cache: FeatureCache, cfg: FederateConfig, experiments: list[Experim
         rows.append(idx)
         segs.append(np.full(len(idx), len(segments) - 1))
 
-    if cfg.algo == "local":
-        for li, ln in enumerate(lanes):
-            e = experiments[ln.exp]
-            cl = e.clients[ln.client]
-            rows, segs = [], []
+    def add_group(e: Experiment, clients, heldout_label: str, head: torch.Tensor, source: int):
+        rows, segs = [], []
+        for cl in clients:
             add_segment(rows, segs, e, cl.name, "val", cl.val)
             add_segment(rows, segs, e, cl.name, "test", cl.test)
-            if e.heldout is not None:
-                add_segment(rows, segs, e, cl.name, "heldout", e.heldout)
-            group_rows.append(rows), group_segs.append(segs), group_heads.append(lane_head[li])
-            group_source.append(li)
+        if e.heldout is not None:
+            add_segment(rows, segs, e, heldout_label, "heldout", e.heldout)
+        group_rows.append(rows), group_segs.append(segs), group_heads.append(head), group_source.append(source)
+
+    if cfg.algo == "local":  # each lane is scored with its own adapter, on its own client and the held-out domain
+        for li, ln in enumerate(lanes):
+            e = experiments[ln.exp]
+            add_group(e, [e.clients[ln.client]], e.clients[ln.client].name, lane_head[li], li)
     else:
         for ei, e in enumerate(experiments):
-            rows, segs = [], []
-            for cl in e.clients:
-                add_segment(rows, segs, e, cl.name, "val", cl.val)
-                add_segment(rows, segs, e, cl.name, "test", cl.test)
-            if e.heldout is not None:
-                add_segment(rows, segs, e, e.heldout_name, "heldout", e.heldout)
-            group_rows.append(rows), group_segs.append(segs), group_heads.append(exp_head[ei])
-            group_source.append(ei)
+            add_group(e, e.clients, e.heldout_name, exp_head[ei], ei)
     m = max(sum(len(r) for r in rows) for rows in group_rows)
     E_rows = torch.full((len(group_rows), m), -1, dtype=torch.long)
     E_seg = torch.full((len(group_rows), m), len(segments), dtype=torch.long)  # padding -> a dummy segment
