@@ -1,0 +1,109 @@
+"""Flower apps for real federated clients, built on the same pure functions as the in-process loop.
+
+Each Flower client holds only its own rows of a cache (its domain's features and the class-prompt embeddings);
+``fit`` is :func:`fedclip_cache.federated.train.local_update` with one lane, the server is Flower's ``FedAvg``
+(clients report ``num_examples = 1`` for the official uniform average, or their training-set size with
+``weighting = "samples"``). Batches, splits and initialisation use the same seeds as ``fedclip-cache federate``, so
+one round of Flower equals one round of the in-process loop (tested).
+
+Run config keys (``flwr run ... --run-config``): ``cache`` (path), ``heldout`` (the domain left out; "" for the
+personal protocol) and any federate option (``rounds``, ``lr``, ``hidden`` ...). Node config: ``partition-id``
+(index of the training client). Requires ``pip install 'fedclip-cache[flower]'``; only the text head is supported
+(prototype heads need a federated sum of class statistics first).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .cache import open_cache
+from .federated.adapters import get_adapter, init_params
+from .federated.config import ConfigError, FederateConfig
+from .federated.loop import text_head
+from .federated.protocols import build_experiments
+from .federated.train import LocalHyper, batch_schedule, evaluate, lane_key, local_update
+
+try:
+    from flwr.client import ClientApp, NumPyClient
+    from flwr.common import Context, ndarrays_to_parameters
+    from flwr.server import ServerApp, ServerAppComponents, ServerConfig
+    from flwr.server.strategy import FedAvg
+except ImportError as e:  # pragma: no cover - exercised only without the extra
+    raise ImportError("fedclip_cache.flower needs Flower: pip install 'fedclip-cache[flower]'") from e
+
+
+def _federate_config(run_config: dict) -> tuple[str, FederateConfig]:
+    rc = dict(run_config)
+    cache = rc.pop("cache")
+    heldout = rc.pop("heldout", "")
+    cfg = FederateConfig.from_dict({**rc, "heldout": [heldout] if heldout else [],
+                                    "protocol": "lodo" if heldout else "personal"}).validate()
+    if cfg.head != "text":
+        raise ConfigError("the Flower apps support --head text only")
+    if cfg.algo not in ("fedclip", "fedprox"):
+        raise ConfigError("the Flower apps run fedclip or fedprox (local/central/zeroshot need no federation)")
+    return cache, cfg
+
+
+class FedCLIPClient(NumPyClient):
+    """One training client: its cached features never leave it; only the adapter travels."""
+
+    def __init__(self, cache_path: str, cfg: FederateConfig, partition_id: int):
+        cache = open_cache(cache_path)
+        exp = build_experiments(cache, cfg)[0]
+        if not 0 <= partition_id < len(exp.clients):
+            raise ConfigError(f"partition-id {partition_id} out of range: {len(exp.clients)} training clients")
+        self.cfg, self.exp, self.client = cfg, exp, exp.clients[partition_id]
+        self.X, self.Y = torch.from_numpy(cache.features), torch.from_numpy(cache.labels)
+        self.kind = get_adapter(cfg.adapter)
+        self.hidden = cfg.hidden or self.kind.default_hidden(cache.dim)
+        self.names = list(self.kind.shapes(cache.dim, self.hidden))
+        self.head = text_head(cache, cfg.template)
+        self.hp = LocalHyper(cfg.lr, cfg.beta1, cfg.beta2, cfg.eps, cfg.weight_decay, cfg.batch_size,
+                             cfg.local_epochs, cfg.mu if cfg.algo == "fedprox" else 0.0, cfg.loss, cfg.logit_scale)
+        self.opts = {"residual_alpha": cfg.residual_alpha}
+
+    def _stacked(self, parameters) -> dict[str, torch.Tensor]:
+        return {n: torch.from_numpy(np.asarray(p)).unsqueeze(0) for n, p in zip(self.names, parameters)}
+
+    def fit(self, parameters, config):
+        rnd = int(config.get("server_round", 1))
+        sched = batch_schedule(self.client.train, self.exp.seed, rnd, lane_key(self.exp.name, self.client.name),
+                               self.hp)
+        new = local_update(self.kind, self._stacked(parameters), self.X, self.Y, self.head.unsqueeze(0), [sched],
+                           self.hp, self.opts)
+        n = 1 if self.cfg.weighting == "uniform" else len(self.client.train)
+        return [new[k][0].numpy() for k in self.names], n, {}
+
+    def evaluate(self, parameters, config):
+        rows = torch.from_numpy(self.client.test).unsqueeze(0)
+        correct, loss = evaluate(self.kind, self._stacked(parameters), self.X, self.Y, self.head.unsqueeze(0), rows,
+                                 self.cfg.logit_scale, self.opts)
+        return float(loss.mean()), len(self.client.test), {"accuracy": float(correct.float().mean())}
+
+
+def initial_parameters(cache_path: str, cfg: FederateConfig) -> list[np.ndarray]:
+    cache = open_cache(cache_path)
+    kind = get_adapter(cfg.adapter)
+    hidden = cfg.hidden or kind.default_hidden(cache.dim)
+    p = init_params(cfg.adapter, cache.dim, hidden, cfg.seed)
+    return [p[n].numpy() for n in kind.shapes(cache.dim, hidden)]
+
+
+def client_fn(context: Context):
+    cache, cfg = _federate_config(context.run_config)
+    return FedCLIPClient(cache, cfg, int(context.node_config["partition-id"])).to_client()
+
+
+def server_fn(context: Context):
+    cache, cfg = _federate_config(context.run_config)
+    n_clients = len(build_experiments(open_cache(cache), cfg)[0].clients)
+    strategy = FedAvg(fraction_fit=1.0, fraction_evaluate=1.0, min_fit_clients=n_clients,
+                      min_available_clients=n_clients,
+                      initial_parameters=ndarrays_to_parameters(initial_parameters(cache, cfg)),
+                      on_fit_config_fn=lambda rnd: {"server_round": rnd})
+    return ServerAppComponents(strategy=strategy, config=ServerConfig(num_rounds=cfg.rounds))
+
+
+client_app = ClientApp(client_fn=client_fn)
+server_app = ServerApp(server_fn=server_fn)
