@@ -203,6 +203,8 @@ def test_cli_run_folder_and_communication(tmp_path):
     (["--heldout", "mars"], "'mars' is not a domain"),
     (["--template", "7"], "--template '7'"),
     (["--adapter", "lora"], "--adapter 'lora' unknown"),
+    pytest.param(["--device", "cuda"], "no CUDA GPU is visible",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")),
 ])
 def test_bad_options_give_clear_errors(syn, args, needle):
     res = CliRunner().invoke(app, ["federate", str(syn.path), "--rounds", "1", "-q", *args])

@@ -62,8 +62,8 @@ def text_head(cache: FeatureCache, template: str) -> torch.Tensor:
 
 
 def _class_sums(Xn: torch.Tensor, Y: torch.Tensor, rows: np.ndarray, c: int) -> tuple[torch.Tensor, torch.Tensor]:
-    r = torch.from_numpy(rows)
-    sums = torch.zeros(c, Xn.shape[1]).index_add_(0, Y[r], Xn[r])
+    r = torch.from_numpy(rows).to(Xn.device)
+    sums = torch.zeros(c, Xn.shape[1], device=Xn.device).index_add_(0, Y[r], Xn[r])
     return sums, torch.bincount(Y[r], minlength=c).float()
 
 
@@ -71,6 +71,8 @@ def run_loop(cache: FeatureCache, cfg: FederateConfig, experiments: list[Experim
              on_round: Optional[Callable[[int, int], None]] = None) -> LoopResult:
     t0 = time.perf_counter()
     device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")
     X = torch.from_numpy(cache.features).to(device)
     Y = torch.from_numpy(cache.labels).to(device)
     d, c = X.shape[1], len(cache.classes)
@@ -116,7 +118,7 @@ def run_loop(cache: FeatureCache, cfg: FederateConfig, experiments: list[Experim
         if lanes else {}
     members = [np.array([i for i, ln in enumerate(lanes) if ln.exp == ei]) for ei in range(len(experiments))]
     weights = [client_weights(np.array([len(lanes[i].train) for i in m]), cfg.weighting) for m in members]
-    lane_exp = torch.tensor([ln.exp for ln in lanes], dtype=torch.long)
+    lane_exp = torch.tensor([ln.exp for ln in lanes], dtype=torch.long, device=device)
 
     # ---- evaluation groups: one per experiment (global model), or one per lane for local training
     segments: list[dict] = []
@@ -155,7 +157,7 @@ def run_loop(cache: FeatureCache, cfg: FederateConfig, experiments: list[Experim
         E_seg[g, :len(s)] = torch.from_numpy(s)
     E_rows, E_seg = E_rows.to(device), E_seg.to(device)
     E_heads = torch.stack(group_heads)
-    src = torch.tensor(group_source, dtype=torch.long)
+    src = torch.tensor(group_source, dtype=torch.long, device=device)
     # Evaluation inputs never change: gather them once (unless that would not fit comfortably in memory).
     E_X = [X[E_rows[:, s:s + EVAL_CHUNK].clamp(min=0)] for s in range(0, E_rows.shape[1], EVAL_CHUNK)] \
         if E_rows.numel() * d * 4 < 2 * 2**30 else None
@@ -170,7 +172,7 @@ def run_loop(cache: FeatureCache, cfg: FederateConfig, experiments: list[Experim
         return acc[:-1].cpu().numpy(), lo[:-1].cpu().numpy()
 
     central_order = torch.tensor([next((i for i, ln in enumerate(lanes) if ln.exp == ei), 0)
-                                  for ei in range(len(experiments))], dtype=torch.long)
+                                  for ei in range(len(experiments))], dtype=torch.long, device=device)
 
     def group_params(P: Params, G: Params) -> Params:
         """The adapter each evaluation group is scored with."""

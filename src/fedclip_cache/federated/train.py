@@ -111,14 +111,14 @@ def local_update(kind: AdapterKind, params: Params, X: torch.Tensor, Y: torch.Te
     anchor = {k: v.detach().clone() for k, v in params.items()} if hp.mu > 0 else None
     m = {k: torch.zeros_like(v) for k, v in p.items()}
     v2 = {k: torch.zeros_like(v) for k, v in p.items()}
-    steps = [torch.zeros((), dtype=torch.float32) for _ in range(lanes)]
+    steps = [torch.zeros((), dtype=torch.float32, device=X.device) for _ in range(lanes)]
     bsz = hp.batch_size
     # (steps, lanes, B) row indices, -1 = padding
     idx = np.full((int(nb[0]), lanes, bsz), -1, np.int64)
     for l, sched in enumerate(schedules):
         for t, b in enumerate(sched):
             idx[t, l, :len(b)] = b
-    idx_t = torch.from_numpy(idx)
+    idx_t = torch.from_numpy(idx).to(X.device)
     for t in range(int(nb[0])):
         k = int((nb > t).sum())
         it = idx_t[t, :k]
@@ -151,7 +151,7 @@ def reference_local_update(kind: AdapterKind, params: Params, X: torch.Tensor, Y
     opt = torch.optim.Adam(p.values(), lr=hp.lr, betas=(hp.beta1, hp.beta2), eps=hp.eps,
                            weight_decay=hp.weight_decay)
     for b in schedule:
-        bt = torch.from_numpy(b)
+        bt = torch.from_numpy(b).to(X.device)
         x, y = X[bt].unsqueeze(0), Y[bt].unsqueeze(0)
         stacked = {k: v.unsqueeze(0) for k, v in p.items()}
         loss = batch_loss(kind, stacked, x, y, torch.ones_like(y, dtype=torch.bool), heads.unsqueeze(0), hp, opts)
@@ -172,8 +172,8 @@ def aggregate(params: Params, members: list[np.ndarray], weights: list[np.ndarra
     for n, v in params.items():
         rows = []
         for mem, w in zip(members, weights):
-            w = torch.as_tensor(np.asarray(w, np.float64) / np.sum(w), dtype=v.dtype)
-            rows.append(torch.tensordot(w, v[torch.as_tensor(mem)], dims=1))
+            w = torch.as_tensor(np.asarray(w, np.float64) / np.sum(w), dtype=v.dtype, device=v.device)
+            rows.append(torch.tensordot(w, v[torch.as_tensor(mem, device=v.device)], dims=1))
         out[n] = torch.stack(rows)
     return out
 
