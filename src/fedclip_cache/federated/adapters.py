@@ -128,7 +128,13 @@ def init_params(kind: str, d: int, h: int, seed: int) -> Params:
     return ADAPTERS[kind].init(d, h, g)
 
 
-def adapt_and_normalise(kind: AdapterKind, p: Params, x: torch.Tensor, opts: dict) -> torch.Tensor:
-    """The FedCLIP image path: adapter on the *raw* feature, then L2-normalise."""
+def cosine_logits(kind: AdapterKind, p: Params, x: torch.Tensor, targets: torch.Tensor, scale: float,
+                  opts: dict) -> torch.Tensor:
+    """The FedCLIP image path (adapter on the *raw* feature, then L2-normalise) scored against class or prompt
+    embeddings: ``scale * normalise(adapter(x)) @ targets^T`` with targets already L2-normalised, (L,B,D) x (L,T,D) -> (L,B,T).
+
+    The 1/norm is applied to the (B, T) logits rather than to the (B, D) features: the same value with one
+    elementwise pass over D fewer (T is the number of classes or the batch size, D = 512)."""
     a = kind.forward(p, x, opts)
-    return a / a.norm(dim=-1, keepdim=True)
+    inv = a.norm(dim=-1, keepdim=True).reciprocal() * scale
+    return torch.bmm(a, targets.transpose(1, 2)) * inv

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .adapters import AdapterKind, Params, adapt_and_normalise
+from .adapters import AdapterKind, Params, cosine_logits
 
 
 @dataclass(frozen=True)
@@ -73,17 +73,16 @@ def batch_loss(kind: AdapterKind, params: Params, x: torch.Tensor, y: torch.Tens
                heads: torch.Tensor, hp: LocalHyper, opts: dict) -> torch.Tensor:
     """Sum over lanes of each lane's mean loss. x (k,B,D) raw features, y (k,B), valid (k,B), heads (k,C,D)
     L2-normalised class embeddings (text prompts or prototypes)."""
-    f = adapt_and_normalise(kind, params, x, opts)
-    n = valid.sum(1).clamp(min=1).to(f.dtype)
-    w = valid.to(f.dtype)
+    n = valid.sum(1).clamp(min=1).to(x.dtype)
+    w = valid.to(x.dtype)
     if hp.loss == "ce":
-        logits = hp.logit_scale * torch.bmm(f, heads.transpose(1, 2))
+        logits = cosine_logits(kind, params, x, heads, hp.logit_scale, opts)
         ce = torch.logsumexp(logits, -1) - logits.gather(-1, y.unsqueeze(-1)).squeeze(-1)
         return ((ce * w).sum(1) / n).sum()
     # Official FedCLIP: CLIP loss within the batch, each image paired with its own class prompt; duplicates of a
     # class are negatives of each other (targets arange(B)).
     t = heads.gather(1, y.unsqueeze(-1).expand(-1, -1, heads.shape[-1]))
-    logits = hp.logit_scale * torch.bmm(f, t.transpose(1, 2))  # (k, B_img, B_txt)
+    logits = cosine_logits(kind, params, x, t, hp.logit_scale, opts)  # (k, B_img, B_txt)
     diag = logits.diagonal(dim1=1, dim2=2)
     pad = ~valid
     ce_img = torch.logsumexp(logits.masked_fill(pad.unsqueeze(1), float("-inf")), 2) - diag
@@ -197,8 +196,8 @@ def evaluate(kind: AdapterKind, params: Params, X: torch.Tensor, Y: torch.Tensor
     correct, losses = [], []
     for s in range(0, rows.shape[1], chunk):
         r = rows[:, s:s + chunk].clamp(min=0)
-        f = adapt_and_normalise(kind, params, X[r] if gathered is None else gathered[s // chunk], opts)
-        logits = logit_scale * torch.bmm(f, heads.transpose(1, 2))
+        logits = cosine_logits(kind, params, X[r] if gathered is None else gathered[s // chunk], heads, logit_scale,
+                               opts)
         y = Y[r]
         correct.append(logits.argmax(-1) == y)
         losses.append(F.cross_entropy(logits.transpose(1, 2), y, reduction="none"))
