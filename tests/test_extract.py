@@ -110,7 +110,9 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path, tiny_model, mod
     assert 3 <= committed < 18, "the kill must land mid-run"
     partial = open_cache(out)
     assert 0 < len(partial) < 72  # the half-done cache is valid and readable
+    (out / "shards" / ".part-killed-mid-write.parquet.abc.tmp").write_bytes(b"half a shard")
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    assert not list((out / "shards").glob(".*.tmp"))  # leftovers of the killed write are cleaned up
     resumed = open_cache(out)
     assert len(resumed) == 72 and len(set(resumed.ids.tolist())) == 72
     assert len(list((out / "shards").glob("*.parquet"))) == 18  # nothing was extracted twice

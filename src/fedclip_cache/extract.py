@@ -237,6 +237,10 @@ def extract(cfg: ExtractConfig) -> ExtractReport:
             store.write_text(out, cfg.format, templates, classes, text)
             meta.update(classes=classes, templates=templates)
             store.write_json(meta_file, meta)
+        # A run killed mid-write leaves its half-written temporary file behind (never a visible shard): tidy up
+        # before any rank writes again.
+        for stale in (out / store.SHARD_DIR).glob(".*.tmp"):
+            stale.unlink()
     session = _broadcast(_dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S%f"), world)
     _barrier(world)
     if rank != 0:
