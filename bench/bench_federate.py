@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import tempfile
 import time
@@ -83,7 +82,7 @@ def official_structure_seconds_per_round(cache, exps, rounds):
     for e in exps:
         server = adapter()
         clients = [adapter() for _ in e.clients]
-        for r in range(rounds):
+        for _ in range(rounds):
             for c, m in zip(e.clients, clients):
                 m.load_state_dict(server.state_dict())
                 opt = torch.optim.Adam(m.parameters(), lr=5e-5, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.2)
@@ -104,7 +103,7 @@ def official_structure_seconds_per_round(cache, exps, rounds):
                 for k, v in server.state_dict().items():
                     v.copy_(sum(cm.state_dict()[k] for cm in clients) / len(clients))
                 for rows in [c.val for c in e.clients] + [c.test for c in e.clients] + [e.heldout]:
-                    for x, y in loader(rows, False):
+                    for x, _ in loader(rows, False):
                         f = server(x) * x
                         (100 * (f / f.norm(dim=1, keepdim=True)) @ T.T).argmax(1)
     return (time.perf_counter() - t0) / rounds

@@ -13,7 +13,6 @@ Domains (10 classes "0".."9" each, RGB PNG):
 from __future__ import annotations
 
 import argparse
-import glob
 import os
 from pathlib import Path
 

@@ -92,7 +92,7 @@ def main(argv=None) -> dict:
     table = Table(title="digits LODO accuracy (%) at the selected round (best mean validation)")
     for col in ("run", "head", *cache.domain_names, "held-out mean", "clients' test", "params"):
         table.add_column(col, justify="left" if col in ("run", "head") else "right")
-    for name, (s, note) in results.items():
+    for name, (s, _) in results.items():
         by = {e["heldout"]: e["best"]["heldout"] for e in s["experiments"]}
         table.add_row(name, s["head"], *(f"{100 * by[d]:.1f}" for d in cache.domain_names),
                       f"{100 * s['mean']['heldout_best']:.1f}", f"{100 * s['mean']['test_mean_best']:.1f}",

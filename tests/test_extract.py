@@ -247,7 +247,6 @@ def test_two_process_gloo_run_equals_single_process(tmp_path, image_root, model_
 
 
 def test_model_forms_local_dir_and_offline_tag(tmp_path, image_root, tiny_model, model_args):
-    import open_clip
     from fedclip_cache.synthetic import TINY_CLIP_CONFIG
 
     d = tmp_path / "localdir"

@@ -1,14 +1,13 @@
 """Sweeps: one row per run, correct mean ± std, resumability, widening, plots, report."""
 import json
 
-import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
 from fedclip_cache.cli import app
 from fedclip_cache.federated.config import ConfigError, FederateConfig
-from fedclip_cache.sweep import collect, parse_grid, sweep
+from fedclip_cache.sweep import parse_grid, sweep
 from fedclip_cache.synthetic import write_synthetic_cache
 
 runner = CliRunner()

@@ -4,11 +4,14 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
+
+if TYPE_CHECKING:
+    from .federated.config import FederateConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Extract frozen CLIP features once; train FedCLIP and baselines on the cache.")
@@ -35,7 +38,7 @@ def _floats(text: Optional[str], name: str) -> Optional[list[float]]:
     try:
         vals = [float(x) for x in text.split(",")]
     except ValueError:
-        raise typer.BadParameter(f"{name} takes three comma-separated numbers, e.g. 0.5,0.5,0.5")
+        raise typer.BadParameter(f"{name} takes three comma-separated numbers, e.g. 0.5,0.5,0.5") from None
     if len(vals) != 3:
         raise typer.BadParameter(f"{name} takes three comma-separated numbers, e.g. 0.5,0.5,0.5")
     return vals
@@ -180,7 +183,7 @@ def _federate_config(fed: dict) -> "FederateConfig":
     try:
         kw["split"] = tuple(float(x) for x in kw["split"].split(","))
     except ValueError:
-        raise typer.BadParameter("--split takes three fractions, e.g. 0.6,0.2,0.2")
+        raise typer.BadParameter("--split takes three fractions, e.g. 0.6,0.2,0.2") from None
     kw["heldout"] = [h for h in (kw.get("heldout") or "").split(",") if h]
     return FederateConfig(**kw).validate()
 
@@ -189,7 +192,7 @@ def _seeds(text: str) -> list[int]:
     try:
         return [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
-        raise typer.BadParameter("--seeds takes comma-separated integers, e.g. 0,1,2")
+        raise typer.BadParameter("--seeds takes comma-separated integers, e.g. 0,1,2") from None
 
 
 @app.command()

@@ -1,7 +1,6 @@
 """From loop output to what users read: selection, per-round metrics, summary, communication cost, run folder."""
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Optional
@@ -67,7 +66,7 @@ def summarise(res: LoopResult, cfg: FederateConfig, cache: FeatureCache) -> dict
         val_curve = res.acc[:, val].mean(1) if val else np.zeros(len(res.rounds))
         best = int(np.argmax(val_curve))  # first best, as the official `if best < val` update
 
-        def at(k):
+        def at(k, val=val, test=test, held=held, val_curve=val_curve):
             return {
                 "round": int(res.rounds[k]),
                 "val_mean": float(val_curve[k]) if val else None,
