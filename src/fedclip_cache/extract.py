@@ -307,7 +307,7 @@ def _run_shards(cfg: ExtractConfig, lm: LoadedModel, rows: ImageTable, classes: 
 
     pending_idx: list[np.ndarray] = []
     pending_emb: list[np.ndarray] = []
-    pending_reason: list[list[str]] = []
+    pending_reason: list[np.ndarray] = []
     n_pending = 0
     seq = 0
 
@@ -317,7 +317,7 @@ def _run_shards(cfg: ExtractConfig, lm: LoadedModel, rows: ImageTable, classes: 
             return
         idx = np.concatenate(pending_idx)
         emb = np.concatenate(pending_emb)
-        reasons = [r for rs in pending_reason for r in rs]
+        reasons = np.concatenate(pending_reason)
         cols = {"id": ids[idx], "path": rows.relpath[idx], "domain": rows.domain[idx], "client": rows.client[idx],
                 "class_name": rows.class_name[idx], "split": rows.split[idx], "skip_reason": reasons,
                 "label": labels[idx], "size": rows.size[idx], "mtime_ns": rows.mtime_ns[idx]}
@@ -332,31 +332,30 @@ def _run_shards(cfg: ExtractConfig, lm: LoadedModel, rows: ImageTable, classes: 
     with progress as bar:
         task = bar.add_task("extract", total=len(rows) * world) if bar else None
         with torch.inference_mode(), autocast_for(device, cfg.precision):
-            for x, idx, reasons in loader:
-                ok_list = [r == "" for r in reasons]
-                emb = np.full((len(reasons), dim), np.nan, np.float32)
-                if all(ok_list):
-                    feats = model.encode_image(_to_device(x, device))
-                    emb[:] = feats.float().cpu().numpy()
+            for x, idx, ok, reasons in loader:
+                n = len(idx)
+                emb = np.full((n, dim), np.nan, np.float32)
+                n_ok = int(ok.sum())
+                if n_ok == n:
+                    emb[:] = model.encode_image(_to_device(x, device)).float().cpu().numpy()
                 else:
-                    ok = torch.tensor(ok_list)
-                    for path_i, r in zip(idx[~ok].tolist(), [r for r in reasons if r]):
+                    for pos in (~ok).nonzero().flatten().tolist():  # only the failed images of this batch
+                        path_i, r = int(idx[pos]), reasons[pos]
                         if cfg.strict:
                             raise ExtractError(f"{paths[path_i]}: {r} (--strict makes any skipped image an error; "
                                                f"fix or remove the file, or drop --strict)")
                         report.skipped.append((str(rows.relpath[path_i]), r))
-                    if ok.any():
-                        feats = model.encode_image(_to_device(x[ok], device))
-                        emb[ok.numpy()] = feats.float().cpu().numpy()
+                    if n_ok:
+                        emb[ok.numpy()] = model.encode_image(_to_device(x[ok], device)).float().cpu().numpy()
                 pending_idx.append(idx.numpy())
                 pending_emb.append(emb)
-                pending_reason.append(list(reasons))
-                n_pending += len(reasons)
-                report.embedded += sum(ok_list)
+                pending_reason.append(np.asarray(reasons, dtype=object))
+                n_pending += n
+                report.embedded += n_ok
                 if n_pending >= cfg.shard_size:
                     flush()
                 if bar:
-                    bar.update(task, advance=len(reasons) * world)
+                    bar.update(task, advance=n * world)
         flush()
 
 

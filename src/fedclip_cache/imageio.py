@@ -56,10 +56,12 @@ class ImageFiles(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int):
+        """(image tensor, index, ok flag, reason): the flag collates into a tensor, so the main loop checks a whole
+        batch at once and only looks at reasons when something failed."""
         try:
             x = self.preprocess(open_rgb(self.paths[i]))
-            return x, i, ""
+            return x, i, True, ""
         except BadImage as e:
-            return torch.zeros(3, *self.input_size), i, str(e)
+            return torch.zeros(3, *self.input_size), i, False, str(e)
         except Exception as e:  # preprocessing of an odd image (e.g. 1x0 pixels)
-            return torch.zeros(3, *self.input_size), i, f"preprocessing failed: {type(e).__name__}: {e}"
+            return torch.zeros(3, *self.input_size), i, False, f"preprocessing failed: {type(e).__name__}: {e}"

@@ -72,7 +72,7 @@ def _parquet_write(path: Path, cols: dict, emb: np.ndarray, dtype: str, meta: di
 
     n, d = emb.shape
     values = pa.array(emb.astype(dtype, copy=False).reshape(-1))
-    skipped = np.array([bool(r) for r in cols["skip_reason"]])
+    skipped = np.asarray(cols["skip_reason"], dtype=object) != ""
     emb_arr = pa.FixedSizeListArray.from_arrays(values, d, mask=pa.array(skipped) if skipped.any() else None)
     arrays = {c: pa.array(list(cols[c]), pa.string()) for c in STRING_COLUMNS}
     arrays.update({c: pa.array(np.asarray(cols[c], t)) for c, t in INT_COLUMNS.items()})
