@@ -164,8 +164,10 @@ def _bad_files(root):
     (d / "notes.txt").write_text("not data")
 
 
-def test_bad_files_are_skipped_with_reasons_and_converted_modes_kept(tmp_path, image_root, model_args):
+@pytest.mark.parametrize("fmt", ["parquet", "hdf5"])
+def test_bad_files_are_skipped_with_reasons_and_converted_modes_kept(tmp_path, image_root, model_args, fmt):
     _bad_files(image_root)
+    model_args = [*model_args, "--format", fmt]
     res = extract(image_root, tmp_path / "c", model_args)
     assert "3 skipped" in res.output
     c = open_cache(tmp_path / "c")
