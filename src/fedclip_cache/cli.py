@@ -18,11 +18,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 console = Console()
 err = Console(stderr=True)
 
-# Errors whose message is already a complete one-line diagnosis: print it, exit 2, no traceback.
-USER_ERRORS: tuple[type[Exception], ...] = ()
-
-
 def _user_errors() -> tuple[type[Exception], ...]:
+    """Errors whose message is already a complete one-line diagnosis: print it, exit 2, no traceback."""
     from .extract import ExtractError
     from .models import ModelLoadError
     from .sources import SourceError

@@ -21,7 +21,7 @@ import torch
 from . import store
 from .imageio import ImageFiles
 from .models import LoadedModel, ModelSpec, load_model
-from .sources import ImageTable, image_id, scan
+from .sources import ImageTable, scan
 
 DEFAULT_TEMPLATES = ("a picture of a {}",)  # the official FedCLIP prompt: 'a picture of a' + ' ' + classname
 FORMAT_VERSION = 1
@@ -224,16 +224,18 @@ def extract(cfg: ExtractConfig) -> ExtractReport:
     old_classes = meta.get("classes", []) if meta else []
     classes = sorted(set(old_classes) | set(table.classes))
     templates = list(cfg.templates)
-    text = None
     if rank == 0:
-        text = encode_text(lm, templates, classes, device, cfg.precision)
+        stale_text = meta is None or meta.get("classes") != classes or meta.get("templates") != templates or \
+            not (out / f"text{store.FORMATS[cfg.format]}").is_file()
         if meta is None:
+            text = encode_text(lm, templates, classes, device, cfg.precision)
             meta = _meta_record(lm, cfg, fp, text.shape[-1])
             meta.update(classes=classes, templates=templates, counts={"images": 0, "skipped": 0})
             (out / store.SHARD_DIR).mkdir(parents=True, exist_ok=True)
             store.write_json(meta_file, meta)  # the fingerprint is on disk before the first shard
-        if meta.get("classes") != classes or meta.get("templates") != templates or \
-                not (out / f"text{store.FORMATS[cfg.format]}").is_file():
+        elif stale_text:
+            text = encode_text(lm, templates, classes, device, cfg.precision)
+        if stale_text:  # a resume with the same classes and templates re-encodes nothing
             store.write_text(out, cfg.format, templates, classes, text)
             meta.update(classes=classes, templates=templates)
             store.write_json(meta_file, meta)
@@ -254,7 +256,8 @@ def extract(cfg: ExtractConfig) -> ExtractReport:
                            warnings=_layout_warnings(table, cfg.dataset))
     if len(mine):
         t_loop = time.perf_counter()
-        _run_shards(cfg, lm, table.take(mine), classes, dim, device, out, session, rank, report, world)
+        _run_shards(cfg, lm, table.take(mine), table.ids[mine], classes, dim, device, out, session, rank, report,
+                    world)
         report.loop_seconds = time.perf_counter() - t_loop
     _barrier(world)
 
@@ -284,7 +287,7 @@ def _layout_warnings(table: ImageTable, dataset: Optional[str]) -> list[str]:
     return datasets.check(dataset, dict(zip(doms.tolist(), counts.tolist())), set(table.class_name.tolist()))
 
 
-def _run_shards(cfg: ExtractConfig, lm: LoadedModel, rows: ImageTable, classes: list[str], dim: int,
+def _run_shards(cfg: ExtractConfig, lm: LoadedModel, rows: ImageTable, ids: np.ndarray, classes: list[str], dim: int,
                 device: torch.device, out: Path, session: str, rank: int, report: ExtractReport,
                 world: int) -> None:
     from torch.utils.data import DataLoader
@@ -302,7 +305,6 @@ def _run_shards(cfg: ExtractConfig, lm: LoadedModel, rows: ImageTable, classes: 
         model = model.to(memory_format=torch.channels_last)
     label_of = {c: i for i, c in enumerate(classes)}
     labels = np.array([label_of[c] for c in rows.class_name], np.int32)
-    ids = np.array([image_id(p) for p in rows.relpath], dtype=object)
     slow = float(os.environ.get("FEDCLIP_CACHE_SHARD_DELAY", "0"))  # test hook: widen the crash window
 
     pending_idx: list[np.ndarray] = []

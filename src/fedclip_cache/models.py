@@ -18,7 +18,7 @@ import os
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -86,10 +86,6 @@ def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
-
-
-def _config_sha256(cfg: Any) -> str:
-    return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()
 
 
 def register_model_config(path: str | Path) -> str:
@@ -205,8 +201,5 @@ def load_model(spec: ModelSpec, device: str | torch.device = "cpu") -> LoadedMod
             pcfg[k] = [float(x) for x in pcfg[k]]
     if isinstance(pcfg.get("size"), tuple):
         pcfg["size"] = list(pcfg["size"])
-    if spec.model_config or name.startswith("local-dir:"):
-        weights.setdefault("model_cfg_sha256", _config_sha256(open_clip.get_model_config(spec.model))
-                           if spec.model_config else weights.get("config_sha256"))
     return LoadedModel(model=model, preprocess=preprocess, tokenizer=tokenizer, spec=spec,
                        weights=weights, preprocess_cfg=pcfg)

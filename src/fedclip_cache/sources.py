@@ -12,6 +12,7 @@ are returned in ``ignored`` with the reason.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from dataclasses import dataclass, field
@@ -43,16 +44,13 @@ class ImageTable:
     def __len__(self) -> int:
         return len(self.relpath)
 
-    @property
+    @functools.cached_property
     def ids(self) -> np.ndarray:
         return np.array([image_id(p) for p in self.relpath], dtype=object)
 
     @property
     def classes(self) -> list[str]:
         return sorted(set(self.class_name.tolist()))
-
-    def abspath(self, i: int) -> str:
-        return str(self.root / self.relpath[i])
 
     def take(self, idx: np.ndarray) -> "ImageTable":
         return ImageTable(self.root, *(getattr(self, c)[idx] for c in COLUMNS), ignored=self.ignored)

@@ -88,17 +88,17 @@ def point_id(cfg: FederateConfig) -> str:
     return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def _run_point(cache_path: str, cfg_dict: dict, seeds: list[int], folder: str, threads: Optional[int]) -> str:
-    """Worker: train one point for all seeds together and commit its folder."""
+def _run_point(cache, cfg_dict: dict, seeds: list[int], folder: str, threads: Optional[int]) -> str:
+    """Train one point for all seeds together and commit its folder. ``cache``: an open FeatureCache (in-process)
+    or its path (worker processes open it themselves)."""
     import torch
 
-    from .cache import open_cache
     from .federated.results import federate
 
     if threads:
         torch.set_num_threads(threads)
     cfg = FederateConfig.from_dict(cfg_dict)
-    federate(open_cache(cache_path), cfg, out=Path(folder) / ".staging", seeds=seeds)
+    federate(cache, cfg, out=Path(folder) / ".staging", seeds=seeds)
     staging = Path(folder) / ".staging"
     for f in ("config.json", "metrics.parquet", "adapter.pt"):
         os.replace(staging / f, Path(folder) / f)
@@ -126,8 +126,11 @@ def sweep(cache_path: str | Path, base: FederateConfig, grid: dict[str, list], s
     if on_done:
         on_done(done, len(points))
     if jobs <= 1:
+        from .cache import open_cache
+
+        cache = open_cache(cache_path) if todo else None  # read once for all points, not once per point
         for cfg, folder in todo:
-            _run_point(str(cache_path), cfg.to_dict(), seeds, str(folder), None)
+            _run_point(cache, cfg.to_dict(), seeds, str(folder), None)
             done += 1
             if on_done:
                 on_done(done, len(points))
