@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from fedclip_cache import open_cache
 from fedclip_cache.cli import app, main
 from fedclip_cache.models import ModelSpec, load_model
+from fedclip_cache.store import CacheError
 from fedclip_cache.synthetic import write_image_folder
 
 runner = CliRunner()
@@ -108,8 +109,10 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path, tiny_model, mod
     proc.wait()
     committed = len(list((out / "shards").glob("*.parquet")))
     assert 3 <= committed < 18, "the kill must land mid-run"
-    partial = open_cache(out)
-    assert 0 < len(partial) < 72  # the half-done cache is valid and readable
+    with pytest.raises(CacheError, match="incomplete cache: the extract that was writing it stopped"):
+        open_cache(out)  # never used silently
+    partial = open_cache(out, allow_incomplete=True)
+    assert 0 < len(partial) < 72 and not partial.complete  # but valid and readable on request
     (out / "shards" / ".part-killed-mid-write.parquet.abc.tmp").write_bytes(b"half a shard")
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     assert not list((out / "shards").glob(".*.tmp"))  # leftovers of the killed write are cleaned up

@@ -10,7 +10,7 @@ import dataclasses
 import datetime as _dt
 import os
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -18,13 +18,14 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from . import store
+from . import integrity, store
+from .integrity import CACHE_FORMAT_VERSION, CacheBusy, WriterLock
 from .imageio import ImageFiles
 from .models import LoadedModel, ModelSpec, load_model
 from .sources import ImageTable, scan
 
 DEFAULT_TEMPLATES = ("a picture of a {}",)  # the official FedCLIP prompt: 'a picture of a' + ' ' + classname
-FORMAT_VERSION = 1
+FORMAT_VERSION = CACHE_FORMAT_VERSION
 
 
 class ExtractError(RuntimeError):
@@ -47,6 +48,8 @@ class ExtractConfig:
     strict: bool = False
     progress: bool = True
     dataset: Optional[str] = None  # known dataset to check the layout against (None: identify by domain names)
+    exif_transpose: bool = False  # apply EXIF orientation (the official code does not)
+    verify: bool = False  # re-hash every committed shard before resuming (default: size check only)
 
 
 @dataclass
@@ -63,6 +66,9 @@ class ExtractReport:
     total_skipped: int
     warnings: list[str] = field(default_factory=list)
     loop_seconds: float = 0.0  # decode + encode + write only (no scan / model load): the steady-state rate
+    retried: int = 0  # files skipped for a transient reason before, tried again now
+    retired: list[str] = field(default_factory=list)  # cached files no longer in the dataset: no longer served
+    repaired: list[tuple[str, str]] = field(default_factory=list)  # (shard or file, what was wrong) fixed now
 
     @property
     def images_per_s(self) -> float:
@@ -72,6 +78,10 @@ class ExtractReport:
 # --------------------------------------------------------------------------------------------- helpers
 
 def resolve_device(device: str) -> torch.device:
+    import re
+
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device or ""):
+        raise ExtractError(f"--device {device!r} unknown; use auto, cpu, cuda or cuda:N")
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -112,7 +122,8 @@ def _now() -> str:
 
 
 def fingerprint(lm: LoadedModel, cfg: ExtractConfig) -> dict:
-    return {**lm.fingerprint(), "precision": cfg.precision, "dtype": cfg.dtype, "normalised": False}
+    return {**lm.fingerprint(), "precision": cfg.precision, "dtype": cfg.dtype, "normalised": False,
+            "exif_transpose": cfg.exif_transpose}
 
 
 def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -128,6 +139,10 @@ def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
 
 
 def check_compatible(cache: Path, meta: dict, fp: dict, fmt: str) -> None:
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ExtractError(f"{cache}: written by another fedclip-cache version (cache format "
+                           f"{meta.get('format_version')}, this version writes {FORMAT_VERSION}); extract into a "
+                           f"new output folder")
     if meta.get("format") != fmt:
         raise ExtractError(f"{cache}: cache is {meta.get('format')}, this run asks for --format {fmt}; "
                            f"use --format {meta.get('format')} or a new output folder")
@@ -177,32 +192,53 @@ def _meta_record(lm: LoadedModel, cfg: ExtractConfig, fp: dict, dim: int) -> dic
 
 # --------------------------------------------------------------------------------------------- the run
 
-def _plan(table: ImageTable, index: dict) -> tuple[np.ndarray, int, int]:
-    """Rows of ``table`` still to extract: new ids, plus files whose size or mtime changed."""
-    ids = table.ids
-    known = dict(zip(index["id"].tolist(), zip(index["size"].tolist(), index["mtime_ns"].tolist())))
-    todo, changed = [], 0
-    for i, (iid, sz, mt) in enumerate(zip(ids, table.size.tolist(), table.mtime_ns.tolist())):
+def _plan(table: ImageTable, known: dict) -> tuple[np.ndarray, int, int, int]:
+    """Rows of ``table`` still to extract: new ids, files whose size or mtime changed, and files whose last attempt
+    failed for a transient reason (permission denied, I/O error). Returns (todo, already, changed, retried)."""
+    todo, changed, retried = [], 0, 0
+    for i, (iid, sz, mt) in enumerate(zip(table.ids.tolist(), table.size.tolist(), table.mtime_ns.tolist())):
         prev = known.get(iid)
         if prev is None:
             todo.append(i)
-        elif prev != (sz, mt):
+        elif (prev[0], prev[1]) != (sz, mt):
             todo.append(i)
             changed += 1
-    return np.array(todo, np.int64), len(table) - len(todo), changed
+        elif prev[2] == "transient":
+            todo.append(i)
+            retried += 1
+    return np.array(todo, np.int64), len(table) - len(todo), changed, retried
 
 
-def extract(cfg: ExtractConfig) -> ExtractReport:
-    """Embed every image of ``cfg.source`` not yet in ``cfg.out``; see the module docstring."""
+def validate_config(cfg: ExtractConfig) -> None:
     if cfg.format not in store.FORMATS:
         raise ExtractError(f"--format {cfg.format!r} unknown; use parquet or hdf5")
     if cfg.dtype not in ("float32", "float16"):
         raise ExtractError(f"--dtype {cfg.dtype!r} unknown; use float32 or float16")
     if cfg.precision not in ("auto", "fp32", "fp16", "bf16"):
         raise ExtractError(f"--precision {cfg.precision!r} unknown; use auto, fp32, fp16 or bf16")
+    if not cfg.templates:
+        raise ExtractError("no prompt templates given; pass --template 'a picture of a {}' or leave the default")
     bad = [t for t in cfg.templates if "{}" not in t]
     if bad:
         raise ExtractError(f"template {bad[0]!r} has no '{{}}' placeholder for the class name")
+    if len(set(cfg.templates)) != len(cfg.templates):
+        raise ExtractError("the same --template is given twice; each template must be listed once")
+    for name in ("batch_size", "shard_size"):
+        if getattr(cfg, name) < 1:
+            raise ExtractError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(cfg, name)})")
+    if cfg.workers is not None and cfg.workers < 0:
+        raise ExtractError(f"--workers must be 0 or more (got {cfg.workers})")
+    for name, vals in (("--image-mean", cfg.model.image_mean), ("--image-std", cfg.model.image_std)):
+        if vals is not None and (len(vals) != 3 or not all(np.isfinite(v) for v in vals)):
+            raise ExtractError(f"{name} takes three finite numbers, e.g. 0.5,0.5,0.5 (got {list(vals)})")
+    if cfg.model.image_std is not None and min(cfg.model.image_std) <= 0:
+        raise ExtractError(f"--image-std values must be > 0 (got {list(cfg.model.image_std)})")
+    resolve_device(cfg.device)
+
+
+def extract(cfg: ExtractConfig) -> ExtractReport:
+    """Embed every image of ``cfg.source`` not yet in ``cfg.out`` and commit the cache; see the module docstring."""
+    validate_config(cfg)
     t0 = time.perf_counter()
     rank, world = _dist()
     device = resolve_device(cfg.device)
@@ -212,70 +248,100 @@ def extract(cfg: ExtractConfig) -> ExtractReport:
     if cfg.precision == "auto":
         cfg = dataclasses.replace(cfg, precision="fp16" if device.type == "cuda" else "fp32")
     out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise ExtractError(f"{out}: exists and is not a folder; pass a folder for the cache")
     table = scan(cfg.source)
     lm = load_model(cfg.model, device)
     fp = fingerprint(lm, cfg)
 
+    with ExitStack() as stack:
+        busy = None
+        if rank == 0:  # one writer per cache; a torchrun group is one writer, represented by rank 0
+            try:
+                stack.enter_context(WriterLock(out))
+            except CacheBusy as e:
+                busy = str(e)
+        busy = _broadcast(busy, world)
+        if busy:
+            raise CacheBusy(busy)
+        return _extract_locked(cfg, table, lm, fp, device, out, rank, world, t0)
+
+
+def _open_or_create(cfg: ExtractConfig, lm: LoadedModel, fp: dict, out: Path, report: ExtractReport
+                    ) -> tuple[dict, bool]:
+    """(meta, is_new). A damaged cache.json is rebuilt from the shards, if they were made by this model."""
     meta_file = out / store.META_FILE
-    meta = store.read_meta(out) if meta_file.is_file() else None
-    if meta is not None:
-        check_compatible(out, meta, fp, cfg.format)
+    if meta_file.exists():
+        try:
+            meta = store.read_meta(out)
+            check_compatible(out, meta, fp, cfg.format)
+            return meta, False
+        except store.CacheError as e:
+            foreign = []
+            for p in store.shard_files(out, cfg.format):
+                try:
+                    if store.read_shard_meta(p).get("fingerprint") != fp:
+                        foreign.append(p.name)
+                except store.CacheError:
+                    pass  # damaged shards are removed by the inventory
+            if foreign:
+                raise ExtractError(f"{meta_file}: damaged, and shard {foreign[0]} was made with another model or "
+                                   f"preprocessing; extract into a new output folder") from None
+            report.repaired.append((store.META_FILE, f"damaged ({str(e).split(': ', 2)[1]}); rebuilt"))
+    meta = _meta_record(lm, cfg, fp, 0)
+    meta.update(state="in-progress", shards={}, last_session="", skipped=[], classes=[], templates=[],
+                counts={"images": 0, "skipped": 0})
+    return meta, True
 
-    old_classes = meta.get("classes", []) if meta else []
-    classes = sorted(set(old_classes) | set(table.classes))
-    templates = list(cfg.templates)
-    if rank == 0:
-        stale_text = meta is None or meta.get("classes") != classes or meta.get("templates") != templates or \
-            not (out / f"text{store.FORMATS[cfg.format]}").is_file()
-        if meta is None:
-            text = encode_text(lm, templates, classes, device, cfg.precision)
-            meta = _meta_record(lm, cfg, fp, text.shape[-1])
-            meta.update(classes=classes, templates=templates, counts={"images": 0, "skipped": 0})
-            (out / store.SHARD_DIR).mkdir(parents=True, exist_ok=True)
-            store.write_json(meta_file, meta)  # the fingerprint is on disk before the first shard
-        elif stale_text:
-            text = encode_text(lm, templates, classes, device, cfg.precision)
-        if stale_text:  # a resume with the same classes and templates re-encodes nothing
-            store.write_text(out, cfg.format, templates, classes, text)
-            meta.update(classes=classes, templates=templates)
-            store.write_json(meta_file, meta)
-        # A run killed mid-write leaves its half-written temporary file behind (never a visible shard): tidy up
-        # before any rank writes again.
-        for stale in (out / store.SHARD_DIR).glob(".*.tmp"):
-            stale.unlink()
-    session = _broadcast(_dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S%f"), world)
-    _barrier(world)
-    if rank != 0:
-        meta = store.read_meta(out)
-    dim = int(meta["embedding_dim"])
 
-    index = store.read_index(out, cfg.format)
-    todo, already, changed = _plan(table, index)
-    mine = todo[rank::world]
-    report = ExtractReport(str(out), len(table), already, changed, 0, [], list(table.ignored), 0.0, 0, 0,
+def _extract_locked(cfg: ExtractConfig, table: ImageTable, lm: LoadedModel, fp: dict, device, out: Path,
+                    rank: int, world: int, t0: float) -> ExtractReport:
+    from .commit import commit
+
+    meta_file = out / store.META_FILE
+    report = ExtractReport(str(out), len(table), 0, 0, 0, [], list(table.ignored), 0.0, 0, 0,
                            warnings=_layout_warnings(table, cfg.dataset))
+    classes, templates = table.classes, list(cfg.templates)
+    plan = None
+    if rank == 0:
+        removed_tmp = integrity.clean_temporaries(out)  # a killed run's half-written files (never visible)
+        meta, _ = _open_or_create(cfg, lm, fp, out, report)
+        stale_text = meta.get("classes") != classes or meta.get("templates") != templates or \
+            not (out / f"text{store.FORMATS[cfg.format]}").is_file()
+        if stale_text:  # a resume with the same classes and templates re-encodes nothing
+            text = encode_text(lm, templates, classes, device, cfg.precision)
+            meta["embedding_dim"] = int(text.shape[-1])
+        # From here until the commit, readers refuse the cache: the fingerprint is on disk before the first shard.
+        meta["state"] = "in-progress"
+        (out / store.SHARD_DIR).mkdir(parents=True, exist_ok=True)
+        store.write_json(meta_file, meta)
+        if stale_text:
+            store.write_text(out, cfg.format, templates, classes, text)
+        inv = integrity.take_inventory(out, meta, fp, int(meta["embedding_dim"]), verify=cfg.verify)
+        report.repaired += inv.removed
+        if removed_tmp:
+            report.repaired.append(("temporary files", f"{removed_tmp} left by a killed run, removed"))
+        todo, report.already_cached, report.changed, report.retried = _plan(table, inv.known())
+        plan = (todo, int(meta["embedding_dim"]))
+    session = _broadcast(_dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S%f"), world)
+    todo, dim = _broadcast(plan, world)
+    mine = todo[rank::world]
     if len(mine):
         t_loop = time.perf_counter()
-        _run_shards(cfg, lm, table.take(mine), table.ids[mine], classes, dim, device, out, session, rank, report,
-                    world)
+        _run_shards(cfg, lm, table.take(mine), table.ids[mine], classes, dim, fp, device, out, session, rank,
+                    report, world)
         report.loop_seconds = time.perf_counter() - t_loop
     _barrier(world)
-
     if rank == 0:
-        final = store.read_index(out, cfg.format)
-        uniq_ok = len(set(final["id"][final["skip_reason"] == ""].tolist()))
-        meta = store.read_meta(out)
-        meta["domains"] = sorted(set(meta.get("domains", [])) | set(table.domain.tolist()))
-        meta["counts"] = {"images": uniq_ok, "skipped": int((final["skip_reason"] != "").sum())}
-        ignored = {p: r for p, r in meta.get("ignored", [])}
-        ignored.update({p: r for p, r in table.ignored})
-        meta["ignored"] = sorted([p, r] for p, r in ignored.items())
-        meta["updated"] = _now()
-        meta["runs"].append({"time": _now(), "source": str(Path(cfg.source).resolve()), "scanned": len(table),
-                             "todo": int(len(todo)), "world_size": world, "device": str(device),
-                             "seconds": round(time.perf_counter() - t0, 3)})
-        store.write_json(meta_file, meta)
-        report.total_images, report.total_skipped = meta["counts"]["images"], meta["counts"]["skipped"]
+        meta["classes"], meta["templates"] = classes, templates
+        meta["domains"] = sorted(set(table.domain.tolist()))
+        meta["ignored"] = sorted([p, r] for p, r in table.ignored)
+        run = {"time": _now(), "source": str(Path(cfg.source).resolve()), "scanned": len(table),
+               "todo": int(len(todo)), "world_size": world, "device": str(device)}
+        result = commit(out, meta, inv, table, session, fp, dim, cfg.format, cfg.dtype, run, t0)
+        report.retired = result.retired
+        report.total_images, report.total_skipped = result.images, result.skipped
+        report.skipped += [(p, r) for p, r in table.problems]
     report.seconds = time.perf_counter() - t0
     return report
 
@@ -288,77 +354,93 @@ def _layout_warnings(table: ImageTable, dataset: Optional[str]) -> list[str]:
 
 
 def _run_shards(cfg: ExtractConfig, lm: LoadedModel, rows: ImageTable, ids: np.ndarray, classes: list[str], dim: int,
-                device: torch.device, out: Path, session: str, rank: int, report: ExtractReport,
+                fp: dict, device: torch.device, out: Path, session: str, rank: int, report: ExtractReport,
                 world: int) -> None:
     from torch.utils.data import DataLoader
 
     # CPU: workers share the cores with the forward, a few suffice; GPU: decoding is the bottleneck, use them all.
     cpus = os.cpu_count() or 1
     workers = cfg.workers if cfg.workers is not None else (min(cpus, 32) if device.type == "cuda" else min(4, cpus))
-    paths = [str(rows.root / r) for r in rows.relpath]
+    paths = [os.path.join(rows.root, r) for r in rows.relpath]
     loader = DataLoader(
-        ImageFiles(paths, lm.preprocess, _input_size(lm)), batch_size=cfg.batch_size, shuffle=False,
-        num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=False,
+        ImageFiles(paths, lm.preprocess, _input_size(lm), cfg.exif_transpose), batch_size=cfg.batch_size,
+        shuffle=False, num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=False,
         prefetch_factor=4 if workers > 0 else None)
     model = lm.model
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     label_of = {c: i for i, c in enumerate(classes)}
     labels = np.array([label_of[c] for c in rows.class_name], np.int32)
+    path_bytes = np.array([os.fsencode(r) for r in rows.relpath], dtype=object)
     slow = float(os.environ.get("FEDCLIP_CACHE_SHARD_DELAY", "0"))  # test hook: widen the crash window
-
-    pending_idx: list[np.ndarray] = []
-    pending_emb: list[np.ndarray] = []
-    pending_reason: list[np.ndarray] = []
-    n_pending = 0
-    seq = 0
-
-    def flush():
-        nonlocal n_pending, seq, pending_idx, pending_emb, pending_reason
-        if not n_pending:
-            return
-        idx = np.concatenate(pending_idx)
-        emb = np.concatenate(pending_emb)
-        reasons = np.concatenate(pending_reason)
-        cols = {"id": ids[idx], "path": rows.relpath[idx], "domain": rows.domain[idx], "client": rows.client[idx],
-                "class_name": rows.class_name[idx], "split": rows.split[idx], "skip_reason": reasons,
-                "label": labels[idx], "size": rows.size[idx], "mtime_ns": rows.mtime_ns[idx]}
-        name = f"part-{session}-r{rank:03d}-{seq:05d}{store.FORMATS[cfg.format]}"
-        store.write_shard(out / store.SHARD_DIR / name, cfg.format, cols, emb, cfg.dtype)
-        seq += 1
-        pending_idx, pending_emb, pending_reason, n_pending = [], [], [], 0
-        if slow:
-            time.sleep(slow)
+    writer = _ShardWriter(cfg, out, session, rank, fp, dim, ids, rows, labels, path_bytes, slow)
 
     progress = _progress(cfg.progress and rank == 0, len(rows) * world)
     with progress as bar:
         task = bar.add_task("extract", total=len(rows) * world) if bar else None
         with torch.inference_mode(), autocast_for(device, cfg.precision):
-            for x, idx, ok, reasons in loader:
-                n = len(idx)
-                emb = np.full((n, dim), np.nan, np.float32)
-                n_ok = int(ok.sum())
+            for x, idx, ok, transient, reasons in loader:
+                n, n_ok = len(idx), int(ok.sum())
                 if n_ok == n:
-                    emb[:] = model.encode_image(_to_device(x, device)).float().cpu().numpy()
+                    emb = model.encode_image(_to_device(x, device)).float().cpu().numpy()
                 else:
                     for pos in (~ok).nonzero().flatten().tolist():  # only the failed images of this batch
-                        path_i, r = int(idx[pos]), reasons[pos]
+                        i, r = int(idx[pos]), reasons[pos]
                         if cfg.strict:
-                            raise ExtractError(f"{paths[path_i]}: {r} (--strict makes any skipped image an error; "
+                            raise ExtractError(f"{paths[i]}: {r} (--strict makes any skipped image an error; "
                                                f"fix or remove the file, or drop --strict)")
-                        report.skipped.append((str(rows.relpath[path_i]), r))
-                    if n_ok:
-                        emb[ok.numpy()] = model.encode_image(_to_device(x[ok], device)).float().cpu().numpy()
-                pending_idx.append(idx.numpy())
-                pending_emb.append(emb)
-                pending_reason.append(np.asarray(reasons, dtype=object))
-                n_pending += n
+                        report.skipped.append((store.display_text(str(rows.relpath[i])), r))
+                        writer.skip(i, r, bool(transient[pos]))
+                    emb = (model.encode_image(_to_device(x[ok], device)).float().cpu().numpy() if n_ok
+                           else np.zeros((0, dim), np.float32))
+                writer.add(idx.numpy()[ok.numpy()], emb)
                 report.embedded += n_ok
-                if n_pending >= cfg.shard_size:
-                    flush()
                 if bar:
                     bar.update(task, advance=n * world)
-        flush()
+        writer.flush()
+
+
+class _ShardWriter:
+    """Buffers embedded rows and skip records; commits a shard every ``shard_size`` attempted images."""
+
+    def __init__(self, cfg, out, session, rank, fp, dim, ids, rows, labels, path_bytes, slow):
+        self.cfg, self.out, self.session, self.rank, self.fp, self.dim = cfg, out, session, rank, fp, dim
+        self.ids, self.rows, self.labels, self.path_bytes, self.slow = ids, rows, labels, path_bytes, slow
+        self.idx: list[np.ndarray] = []
+        self.emb: list[np.ndarray] = []
+        self.skipped: list[dict] = []
+        self.embedded = 0
+        self.seq = 0
+
+    def add(self, idx: np.ndarray, emb: np.ndarray) -> None:
+        self.idx.append(idx)
+        self.emb.append(emb)
+        self.embedded += len(idx)
+        if self.embedded + len(self.skipped) >= self.cfg.shard_size:
+            self.flush()
+
+    def skip(self, i: int, reason: str, transient: bool) -> None:
+        r = self.rows
+        self.skipped.append({"id": self.ids[i], "path": str(r.relpath[i]), "reason": reason,
+                             "kind": "transient" if transient else "permanent", "size": int(r.size[i]),
+                             "mtime_ns": int(r.mtime_ns[i])})
+
+    def flush(self) -> None:
+        if not self.embedded and not self.skipped:
+            return
+        r = self.rows
+        idx = np.concatenate(self.idx) if self.idx else np.zeros(0, np.int64)
+        emb = np.concatenate(self.emb) if self.emb else np.zeros((0, self.dim), np.float32)
+        cols = {"id": self.ids[idx], "path": r.relpath[idx], "path_bytes": self.path_bytes[idx],
+                "domain": r.domain[idx], "client": r.client[idx], "class_name": r.class_name[idx],
+                "split": r.split[idx], "label": self.labels[idx], "size": r.size[idx], "mtime_ns": r.mtime_ns[idx]}
+        name = f"part-{self.session}-r{self.rank:03d}-{self.seq:05d}{store.FORMATS[self.cfg.format]}"
+        store.write_shard(self.out / store.SHARD_DIR / name, self.cfg.format, cols, emb, self.cfg.dtype,
+                          {"fingerprint": self.fp, "session": self.session, "skipped": self.skipped})
+        self.seq += 1
+        self.idx, self.emb, self.skipped, self.embedded = [], [], [], 0
+        if self.slow:
+            time.sleep(self.slow)
 
 
 def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:

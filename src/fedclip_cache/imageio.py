@@ -1,33 +1,65 @@
 """Mapper, first half: decode one image file robustly into an RGB PIL image (runs in DataLoader workers)."""
 from __future__ import annotations
 
+import errno
+import io
+import os
+import stat
+
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 _SIXTEEN_BIT = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
+# OS errors that say nothing about the file's content: the next extract retries the file even if it is unchanged.
+TRANSIENT_ERRNOS = {errno.EACCES, errno.EPERM, errno.EIO, errno.EAGAIN, errno.EBUSY, errno.ENOMEM, errno.ETIMEDOUT,
+                    errno.ESTALE, errno.EINTR, errno.ENFILE, errno.EMFILE, errno.ENOENT}
 
 
 class BadImage(Exception):
-    """The file cannot become an image; the message is the reason recorded in the cache."""
+    """The file cannot become an image; the message is the reason recorded in the cache. ``transient`` failures
+    (permission denied, I/O error) are retried by the next run; permanent ones only when the file changes."""
+
+    def __init__(self, reason: str, transient: bool = False):
+        super().__init__(reason)
+        self.transient = transient
 
 
-def open_rgb(path: str) -> Image.Image:
+def _read_regular_file(path: str) -> bytes:
+    """The file's bytes. Opened non-blocking and checked with fstat, so a FIFO or device never hangs a worker."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise BadImage(f"cannot open: {e.strerror or e}", transient=e.errno in TRANSIENT_ERRNOS) from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise BadImage("not a regular file")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read()
+    except OSError as e:
+        raise BadImage(f"read error: {e.strerror or e}", transient=e.errno in TRANSIENT_ERRNOS) from None
+    finally:
+        os.close(fd)
+    if not data:
+        raise BadImage("empty file (0 bytes)")
+    return data
+
+
+def open_rgb(path: str, exif_transpose: bool = False) -> Image.Image:
     """Open and fully decode ``path`` as 8-bit RGB; raise :class:`BadImage` with a short reason otherwise.
 
     CMYK, palette, grey, alpha and 16-bit images are converted (16-bit by scaling, since PIL's own
     conversion clips everything above 255 to white). Truncated files are *not* patched up: a half-decoded
-    image would silently poison the cache.
+    image would silently poison the cache. EXIF orientation is ignored unless ``exif_transpose`` (the official
+    FedCLIP code, like torchvision's ImageFolder, ignores it).
     """
+    data = _read_regular_file(path)
     try:
-        with open(path, "rb") as f:
-            if not f.read(1):
-                raise BadImage("empty file (0 bytes)")
-        img = Image.open(path)
+        img = Image.open(io.BytesIO(data))
         img.load()
-    except BadImage:
-        raise
+        if exif_transpose:
+            img = ImageOps.exif_transpose(img)
     except UnidentifiedImageError:
         raise BadImage("not an image (unrecognised format)") from None
     except OSError as e:
@@ -47,21 +79,23 @@ class ImageFiles(Dataset):
     """Decode + preprocess by index; a bad file yields a zero tensor and its reason instead of an exception,
     so one broken JPEG never stops a million-image run."""
 
-    def __init__(self, paths: list[str], preprocess, input_size: tuple[int, int]):
+    def __init__(self, paths: list[str], preprocess, input_size: tuple[int, int], exif_transpose: bool = False):
         self.paths = paths
         self.preprocess = preprocess
         self.input_size = input_size
+        self.exif_transpose = exif_transpose
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        """(image tensor, index, ok flag, reason): the flag collates into a tensor, so the main loop checks a whole
-        batch at once and only looks at reasons when something failed."""
+        """(image tensor, index, ok flag, transient flag, reason): the flags collate into tensors, so the main loop
+        checks a whole batch at once and only looks at reasons when something failed."""
         try:
-            x = self.preprocess(open_rgb(self.paths[i]))
-            return x, i, True, ""
+            x = self.preprocess(open_rgb(self.paths[i], self.exif_transpose))
+            return x, i, True, False, ""
         except BadImage as e:
-            return torch.zeros(3, *self.input_size), i, False, str(e)
+            return torch.zeros(3, *self.input_size), i, False, e.transient, str(e)
         except Exception as e:  # preprocessing of an odd image (e.g. 1x0 pixels)
-            return torch.zeros(3, *self.input_size), i, False, f"preprocessing failed: {type(e).__name__}: {e}"
+            return torch.zeros(3, *self.input_size), i, False, False, \
+                f"preprocessing failed: {type(e).__name__}: {e}"

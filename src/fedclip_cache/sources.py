@@ -12,9 +12,11 @@ are returned in ``ignored`` with the reason.
 """
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,14 +34,18 @@ class ImageTable:
     """One row per image; every column is a numpy array of equal length."""
 
     root: Path
-    relpath: np.ndarray  # str: path relative to root (or absolute for manifest rows outside it)
+    relpath: np.ndarray  # str: path relative to root (or absolute for manifest rows outside it); undecodable
+    #                      file-name bytes are kept as surrogate escapes (os.fsdecode), so os.fsencode is lossless
     domain: np.ndarray
     client: np.ndarray
     class_name: np.ndarray
     split: np.ndarray  # "" when the source does not say
     size: np.ndarray  # int64 bytes
     mtime_ns: np.ndarray  # int64
-    ignored: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    ignored: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): not images, never attempted
+    problems: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): image names we cannot read
+    #                                  (broken link, link loop, FIFO/device, unlistable folder): skipped, re-checked
+    #                                  on every scan
 
     def __len__(self) -> int:
         return len(self.relpath)
@@ -53,7 +59,8 @@ class ImageTable:
         return sorted(set(self.class_name.tolist()))
 
     def take(self, idx: np.ndarray) -> "ImageTable":
-        return ImageTable(self.root, *(getattr(self, c)[idx] for c in COLUMNS), ignored=self.ignored)
+        return ImageTable(self.root, *(getattr(self, c)[idx] for c in COLUMNS), ignored=self.ignored,
+                          problems=self.problems)
 
 
 COLUMNS = ("relpath", "domain", "client", "class_name", "split", "size", "mtime_ns")
@@ -61,25 +68,45 @@ COLUMNS = ("relpath", "domain", "client", "class_name", "split", "size", "mtime_
 
 def image_id(relpath: str) -> str:
     """Stable id of an image: a hash of its path relative to the dataset root (same on every machine)."""
-    return hashlib.blake2b(relpath.encode("utf-8"), digest_size=8).hexdigest()
+    return hashlib.blake2b(os.fsencode(relpath), digest_size=8).hexdigest()
 
 
-def _stat(paths: list[Path]) -> tuple[np.ndarray, np.ndarray]:
-    sizes = np.empty(len(paths), np.int64)
-    mtimes = np.empty(len(paths), np.int64)
-    for i, p in enumerate(paths):
-        st = p.stat()
-        sizes[i], mtimes[i] = st.st_size, st.st_mtime_ns
-    return sizes, mtimes
+def label_text(name: str) -> str:
+    """A domain or class name as valid UTF-8 text (undecodable bytes of a folder name become \\xNN)."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
+_KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a character device",
+          stat.S_IFBLK: "a block device", stat.S_IFDIR: "a folder"}
+
+
+def stat_image(path: str) -> tuple[os.stat_result | None, str]:
+    """``(stat, "")`` for a regular file (links followed), else ``(None, reason)``; never opens the file, so a
+    FIFO named ``x.jpg`` cannot hang the scan."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            return None, f"broken symbolic link (target {os.readlink(path)!r} missing)"
+        return None, "missing on disk"
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return None, "symbolic link loop"
+        return None, f"cannot stat: {e.strerror or e}"
+    if not stat.S_ISREG(st.st_mode):
+        return None, f"not a regular file ({_KINDS.get(stat.S_IFMT(st.st_mode), 'special file')})"
+    return st, ""
 
 
 def scan_folder(root: str | Path) -> ImageTable:
-    """Scan ``ROOT/<domain>/<class>/<image>`` (images may sit in sub-folders of a class folder)."""
+    """Scan ``ROOT/<domain>/<class>/<image>`` (images may sit in sub-folders of a class folder; linked folders are
+    followed once, so a link loop cannot recurse)."""
     root = Path(root)
     if not root.is_dir():
         raise SourceError(f"{root}: not a folder; pass a DomainBed-style ROOT/<domain>/<class>/<image> folder "
                           f"or a manifest .csv/.parquet")
-    rel, dom, cls, ignored = [], [], [], []
+    rel, dom, cls, sizes, mtimes, ignored, problems = [], [], [], [], [], [], []
+    seen_dirs: set[tuple[int, int]] = set()
     for d in sorted(p for p in root.iterdir() if not p.name.startswith(".")):
         if not d.is_dir():
             ignored.append((d.name, "file at dataset root (expected ROOT/<domain>/<class>/<image>)"))
@@ -88,7 +115,23 @@ def scan_folder(root: str | Path) -> ImageTable:
             if not c.is_dir():
                 ignored.append((str(c.relative_to(root)), "file directly in a domain folder (no class folder)"))
                 continue
-            for dirpath, dirnames, filenames in os.walk(c):
+
+            def unlistable(e: OSError):
+                problems.append((os.path.relpath(e.filename, root), f"cannot list folder: {e.strerror or e}"))
+
+            for dirpath, dirnames, filenames in os.walk(c, followlinks=True, onerror=unlistable):
+                try:
+                    st = os.stat(dirpath)
+                except OSError as e:
+                    problems.append((os.path.relpath(dirpath, root), f"cannot list folder: {e.strerror or e}"))
+                    dirnames[:] = []
+                    continue
+                if (st.st_dev, st.st_ino) in seen_dirs:
+                    ignored.append((os.path.relpath(dirpath, root), "folder already scanned (linked twice or a "
+                                                                    "symbolic link loop)"))
+                    dirnames[:] = []
+                    continue
+                seen_dirs.add((st.st_dev, st.st_ino))
                 dirnames.sort()
                 for f in sorted(filenames):
                     r = os.path.relpath(os.path.join(dirpath, f), root)
@@ -97,20 +140,32 @@ def scan_folder(root: str | Path) -> ImageTable:
                     if Path(f).suffix.lower() not in IMAGE_EXTENSIONS:
                         ignored.append((r, "not an image file extension"))
                         continue
+                    fst, why = stat_image(os.path.join(dirpath, f))
+                    if fst is None:
+                        problems.append((r, why))
+                        continue
                     rel.append(r)
-                    dom.append(d.name)
-                    cls.append(c.name)
-    if not rel:
+                    dom.append(label_text(d.name))
+                    cls.append(label_text(c.name))
+                    sizes.append(fst.st_size)
+                    mtimes.append(fst.st_mtime_ns)
+    if not rel and not problems:
         raise SourceError(f"{root}: no images found; expected ROOT/<domain>/<class>/<image> with extensions "
                           f"{', '.join(sorted(IMAGE_EXTENSIONS))}")
-    sizes, mtimes = _stat([root / r for r in rel])
     dom_a = np.array(dom, dtype=object)
     return ImageTable(root, np.array(rel, dtype=object), dom_a, dom_a.copy(), np.array(cls, dtype=object),
-                      np.full(len(rel), "", dtype=object), sizes, mtimes, ignored)
+                      np.full(len(rel), "", dtype=object), np.array(sizes, np.int64), np.array(mtimes, np.int64),
+                      ignored, problems)
 
 
 def scan_manifest(path: str | Path) -> ImageTable:
-    """Read a CSV or Parquet manifest with columns path, label, domain[, client][, split]."""
+    """Read a CSV or Parquet manifest with columns path, label, domain[, client][, split].
+
+    Rows naming the same file (a relative and an absolute spelling, or a link to it) are one image: the first
+    row is kept and the others listed as ignored; if they disagree on label, domain, client or split, that is an
+    error. Paths under the manifest's folder are stored relative to it, so the image id does not depend on the
+    spelling.
+    """
     import pyarrow as pa
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
@@ -125,13 +180,14 @@ def scan_manifest(path: str | Path) -> ImageTable:
             table = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(
                 column_types={c: pa.string() for c in ("path", "label", "domain", "client", "split")}))
     except (pa.ArrowInvalid, OSError) as e:
-        raise SourceError(f"{path}: cannot read manifest ({e}); expected CSV or Parquet") from e
+        raise SourceError(f"{path}: cannot read manifest ({str(e).splitlines()[0][:200]}); expected a UTF-8 CSV "
+                          f"or a Parquet file") from None
     missing = [c for c in ("path", "label", "domain") if c not in table.column_names]
     if missing:
         raise SourceError(f"{path}: manifest lacks column(s) {', '.join(missing)}; required: path, label, domain "
                           f"(optional: client, split)")
 
-    def col(name, default=None):
+    def col(name):
         if name not in table.column_names:
             return None
         arr = table.column(name).cast(pa.string()).to_numpy(zero_copy_only=False)
@@ -148,18 +204,36 @@ def scan_manifest(path: str | Path) -> ImageTable:
     splits = col("split")
     splits = np.full(len(paths), "", dtype=object) if splits is None else splits
     root = path.parent.resolve()
-    full = [Path(p) if os.path.isabs(p) else root / p for p in paths]
-    keep = np.array([f.is_file() for f in full], bool)
-    ignored = [(str(p), "listed in manifest but missing on disk") for p, k in zip(paths, keep) if not k]
-    bad_ext = np.array([Path(p).suffix.lower() not in IMAGE_EXTENSIONS for p in paths], bool) & keep
-    ignored += [(str(p), "not an image file extension") for p in paths[bad_ext]]
-    keep &= ~bad_ext
-    rel = np.array([os.path.normpath(p) for p in paths[keep]], dtype=object)
-    if len(set(rel.tolist())) != len(rel):
-        dup = next(p for p in rel if (rel == p).sum() > 1)
-        raise SourceError(f"{path}: image {dup} is listed more than once; each image must appear once")
-    sizes, mtimes = _stat([f for f, k in zip(full, keep) if k])
-    return ImageTable(root, rel, domains[keep], clients[keep], labels[keep], splits[keep], sizes, mtimes, ignored)
+    keep, rel, sizes, mtimes, ignored, problems = [], [], [], [], [], []
+    first_row: dict[str, int] = {}
+    for i, p in enumerate(paths.tolist()):
+        full = os.path.normpath(p if os.path.isabs(p) else os.path.join(root, p))
+        if Path(p).suffix.lower() not in IMAGE_EXTENSIONS:
+            ignored.append((p, "not an image file extension"))
+            continue
+        st, why = stat_image(full)
+        if st is None:
+            (ignored if why == "missing on disk" else problems).append(
+                (p, "listed in manifest but missing on disk" if why == "missing on disk" else why))
+            continue
+        key = os.path.realpath(full)
+        if key in first_row:
+            j = first_row[key]
+            fields = ("label", "domain", "client", "split")
+            if any(a[i] != a[j] for a in (labels, domains, clients, splits)):
+                diff = next(f for f, a in zip(fields, (labels, domains, clients, splits)) if a[i] != a[j])
+                raise SourceError(f"{path}: rows {j + 2} and {i + 2} name the same file ({paths[j]} and {p}) with "
+                                  f"different {diff}; keep one of them")
+            ignored.append((p, f"same file as manifest row {j + 2} ({paths[j]}); embedded once"))
+            continue
+        first_row[key] = i
+        keep.append(i)
+        rel.append(full[len(str(root)) + 1:] if full.startswith(str(root) + os.sep) else full)
+        sizes.append(st.st_size)
+        mtimes.append(st.st_mtime_ns)
+    k = np.array(keep, np.int64)
+    return ImageTable(root, np.array(rel, dtype=object), domains[k], clients[k], labels[k], splits[k],
+                      np.array(sizes, np.int64), np.array(mtimes, np.int64), ignored, problems)
 
 
 def scan(source: str | Path) -> ImageTable:

@@ -1,15 +1,18 @@
-"""The on-disk cache: a folder of atomically committed shards plus metadata.
+"""The on-disk files of a cache: shards, text embeddings and metadata, in Parquet or HDF5.
 
 Layout (identical for both formats, only the shard/text file type differs)::
 
     CACHE/
-      cache.json                  provenance, fingerprint, classes, templates, counts (written atomically)
+      cache.json                  provenance, fingerprint, state, committed shard list, skipped files
       text.parquet | text.h5      raw encode_text embeddings, one per (template, class)
       shards/part-<session>-r<rank>-<seq>.parquet | .h5
+      .lock                       held (flock) by the one extract writing the cache
 
-Each shard holds one row per image *attempted*: embedded images carry their embedding, skipped images carry
-``skip_reason`` (and a NaN embedding). A shard is written to a temporary name and renamed into place, so a crash
-at any moment leaves only complete shards; resume simply reads which ids are already present.
+A shard holds only **embedded** images, one row each, so pandas/duckdb/h5py users of the shard files see no junk
+rows. The files that were attempted and skipped travel in the shard's own key-value metadata (so they commit
+atomically with it) and end up in ``cache.json``. Every file is written to a temporary name and renamed into
+place. Which shards make up the cache, and whether it is complete, is decided by ``integrity.py``; this module only
+reads and writes files, and turns every unreadable file into a one-line :class:`CacheError` naming it.
 """
 from __future__ import annotations
 
@@ -24,8 +27,11 @@ import numpy as np
 META_FILE = "cache.json"
 SHARD_DIR = "shards"
 FORMATS = {"parquet": ".parquet", "hdf5": ".h5"}
-STRING_COLUMNS = ("id", "path", "domain", "client", "class_name", "split", "skip_reason")
+SHARD_FORMAT_VERSION = 2
+STRING_COLUMNS = ("id", "path", "domain", "client", "class_name", "split")
 INT_COLUMNS = {"label": np.int32, "size": np.int64, "mtime_ns": np.int64}
+INDEX_COLUMNS = ("id", "size", "mtime_ns")
+META_KEY = "fedclip_cache"
 
 
 class CacheError(ValueError):
@@ -50,123 +56,212 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
 
 
 def write_json(path: Path, obj: dict) -> None:
-    atomic_write(path, lambda t: t.write_text(json.dumps(obj, indent=2, sort_keys=False)))
+    # ensure_ascii keeps undecodable file-name bytes (surrogate escapes) lossless and the file valid UTF-8.
+    atomic_write(path, lambda t: t.write_text(json.dumps(obj, indent=2, ensure_ascii=True)))
 
 
 def read_meta(cache: Path) -> dict:
+    """``cache.json`` as a dict; a missing, unreadable or malformed file is a one-line CacheError."""
     f = Path(cache) / META_FILE
     if not f.is_file():
         raise CacheError(f"{cache}: not a fedclip-cache cache (no {META_FILE}); create one with "
                          f"`fedclip-cache extract DATA {cache}`")
     try:
-        return json.loads(f.read_text())
-    except json.JSONDecodeError as e:
-        raise CacheError(f"{f}: damaged metadata ({e}); re-run extract into a new folder") from e
+        meta = json.loads(f.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CacheError(f"{f}: damaged metadata ({type(e).__name__}); re-run the same `fedclip-cache extract` "
+                         f"command to rebuild it from the shards") from None
+    missing = [k for k in ("format", "embedding_dim", "fingerprint") if not isinstance(meta, dict) or k not in meta]
+    if missing:
+        raise CacheError(f"{f}: not a valid cache description (missing {', '.join(missing)}); re-run the same "
+                         f"`fedclip-cache extract` command to rebuild it from the shards")
+    if meta["format"] not in FORMATS:
+        raise CacheError(f"{f}: unknown format {meta['format']!r}; re-run the same `fedclip-cache extract` "
+                         f"command to rebuild it")
+    return meta
+
+
+def display_text(s: str) -> str:
+    """A str that is valid UTF-8: undecodable file-name bytes (surrogate escapes) become ``\\xNN``."""
+    return os.fsencode(s).decode("utf-8", "backslashreplace") if _has_surrogates(s) else s
+
+
+def _has_surrogates(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+        return False
+    except UnicodeEncodeError:
+        return True
 
 
 # ----------------------------------------------------------------------------------------------- shards
 
-def _parquet_write(path: Path, cols: dict, emb: np.ndarray, dtype: str, meta: dict | None = None) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    n, d = emb.shape
-    values = pa.array(emb.astype(dtype, copy=False).reshape(-1))
-    skipped = np.asarray(cols["skip_reason"], dtype=object) != ""
-    emb_arr = pa.FixedSizeListArray.from_arrays(values, d, mask=pa.array(skipped) if skipped.any() else None)
-    arrays = {c: pa.array(list(cols[c]), pa.string()) for c in STRING_COLUMNS}
-    arrays.update({c: pa.array(np.asarray(cols[c], t)) for c, t in INT_COLUMNS.items()})
-    arrays["embedding"] = emb_arr
-    table = pa.table(arrays)
-    if meta:
-        table = table.replace_schema_metadata({"fedclip_cache": json.dumps(meta)})
-    pq.write_table(table, path)
-
-
-def _hdf5_write(path: Path, cols: dict, emb: np.ndarray, dtype: str, meta: dict | None = None) -> None:
-    import h5py
-
-    with h5py.File(path, "w") as f:
-        for c in STRING_COLUMNS:
-            f.create_dataset(c, data=np.array(list(cols[c]), dtype=object), dtype=h5py.string_dtype())
-        for c, t in INT_COLUMNS.items():
-            f.create_dataset(c, data=np.asarray(cols[c], t))
-        f.create_dataset("embedding", data=emb.astype(dtype, copy=False))
-        if meta:
-            f.attrs["fedclip_cache"] = json.dumps(meta)
-
-
-def write_shard(path: Path, fmt: str, cols: dict, emb: np.ndarray, dtype: str, meta: dict | None = None) -> None:
+def write_shard(path: Path, fmt: str, cols: dict, emb: np.ndarray, dtype: str, meta: dict) -> None:
+    """Write embedded rows (``cols``: STRING_COLUMNS + INT_COLUMNS + ``path_bytes``) and ``meta`` atomically."""
+    meta = {**meta, "format_version": SHARD_FORMAT_VERSION, "rows": int(len(emb)), "dim": int(emb.shape[1])}
     writer = _parquet_write if fmt == "parquet" else _hdf5_write
     atomic_write(path, lambda t: writer(t, cols, emb, dtype, meta))
 
 
-def shard_paths(cache: Path, fmt: str) -> list[Path]:
+def _text_column(values) -> list[str]:
+    return [display_text(v) for v in values]
+
+
+def _parquet_write(path: Path, cols: dict, emb: np.ndarray, dtype: str, meta: dict) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    n, d = emb.shape
+    arrays = {c: pa.array(_text_column(cols[c]), pa.string()) for c in STRING_COLUMNS}
+    arrays["path_bytes"] = pa.array(list(cols["path_bytes"]), pa.binary())
+    arrays.update({c: pa.array(np.asarray(cols[c], t)) for c, t in INT_COLUMNS.items()})
+    pa_type = pa.float16() if dtype == "float16" else pa.float32()
+    arrays["embedding"] = pa.FixedSizeListArray.from_arrays(
+        pa.array(np.ascontiguousarray(emb, dtype=dtype).reshape(-1), pa_type), d)
+    table = pa.table(arrays).replace_schema_metadata({META_KEY: json.dumps(meta, ensure_ascii=True)})
+    pq.write_table(table, path)
+
+
+def _hdf5_write(path: Path, cols: dict, emb: np.ndarray, dtype: str, meta: dict) -> None:
+    import h5py
+
+    with h5py.File(path, "w") as f:
+        for c in STRING_COLUMNS:
+            f.create_dataset(c, data=np.array(_text_column(cols[c]), dtype=object), dtype=h5py.string_dtype())
+        raw = np.empty(len(emb), dtype=object)  # file-system bytes, lossless for any file name
+        raw[:] = [np.frombuffer(b, np.uint8) for b in cols["path_bytes"]]
+        f.create_dataset("path_bytes", data=raw, dtype=h5py.vlen_dtype(np.uint8))
+        for c, t in INT_COLUMNS.items():
+            f.create_dataset(c, data=np.asarray(cols[c], t))
+        f.create_dataset("embedding", data=np.ascontiguousarray(emb, dtype=dtype))
+        f.attrs[META_KEY] = json.dumps(meta, ensure_ascii=True)
+
+
+def shard_files(cache: Path, fmt: str) -> list[Path]:
+    """Every shard file on disk, committed or not, oldest session first (names sort chronologically)."""
     d = Path(cache) / SHARD_DIR
     return sorted(d.glob(f"part-*{FORMATS[fmt]}")) if d.is_dir() else []
 
 
-def _read_parquet_columns(paths: list[Path], columns: list[str] | None):
+def _damaged(path: Path, e: BaseException) -> CacheError:
+    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return CacheError(f"{path}: damaged shard ({type(e).__name__}: {msg[:160]}); re-run the same "
+                      f"`fedclip-cache extract` command to re-embed its rows")
+
+
+def read_shard_meta(path: Path) -> dict:
+    """The shard's own metadata (rows, dim, fingerprint, session, skipped files), from its footer only."""
+    try:
+        if path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            md = pq.read_schema(path).metadata or {}
+            raw = md.get(META_KEY.encode())
+            meta = json.loads(raw) if raw else {}
+            meta["_rows_on_disk"] = pq.ParquetFile(path).metadata.num_rows
+        else:
+            import h5py
+
+            with h5py.File(path, "r") as f:
+                raw = f.attrs.get(META_KEY)
+                meta = json.loads(raw) if raw else {}
+                meta["_rows_on_disk"] = int(f["embedding"].shape[0]) if "embedding" in f else -1
+                meta["_dim_on_disk"] = int(f["embedding"].shape[1]) if "embedding" in f else -1
+    except Exception as e:  # pyarrow / h5py raise assorted errors on truncated or garbage files
+        raise _damaged(path, e) from None
+    if meta.get("format_version") != SHARD_FORMAT_VERSION:
+        raise CacheError(f"{path}: shard written by another fedclip-cache format "
+                         f"({meta.get('format_version', 'unknown')}, this version reads {SHARD_FORMAT_VERSION}); "
+                         f"re-extract into a new folder")
+    return meta
+
+
+def _decode_paths(arrow_binary) -> np.ndarray:
+    """File-system bytes -> str (surrogate escapes for undecodable bytes, exactly as ``os.fsdecode``)."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
+    import pyarrow.compute as pc
 
-    if not paths:
-        return None
-    tables = [pq.read_table(p, columns=columns) for p in paths]
-    return pa.concat_tables(tables).combine_chunks()
-
-
-def read_index(cache: Path, fmt: str) -> dict[str, np.ndarray]:
-    """The bookkeeping columns of every committed shard (no embeddings): what resume needs."""
-    cols = ["id", "path", "size", "mtime_ns", "skip_reason"]
-    paths = shard_paths(cache, fmt)
-    if fmt == "parquet":
-        t = _read_parquet_columns(paths, cols)
-        if t is None:
-            return {c: np.array([], dtype=object if c not in INT_COLUMNS else np.int64) for c in cols}
-        return {c: t.column(c).to_numpy(zero_copy_only=False) for c in cols}
-    out = {c: [] for c in cols}
-    import h5py
-
-    for p in paths:
-        with h5py.File(p, "r") as f:
-            for c in cols:
-                out[c].append(f[c].asstr()[:] if c in STRING_COLUMNS else f[c][:])
-    return {c: (np.concatenate(v) if v else np.array([], dtype=object if c in STRING_COLUMNS else np.int64))
-            for c, v in out.items()}
+    try:  # the common case, every name valid UTF-8: one vectorised cast
+        return pc.cast(arrow_binary, pa.string()).to_numpy(zero_copy_only=False).astype(object)
+    except (pa.ArrowInvalid, UnicodeDecodeError):
+        return np.array([os.fsdecode(v) for v in arrow_binary.to_pylist()], dtype=object)
 
 
-def read_rows(cache: Path, fmt: str) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """All columns of all shards, plus the embedding matrix (NaN rows for skipped images)."""
-    paths = shard_paths(cache, fmt)
-    if fmt == "parquet":
-        import pyarrow.compute as pc
+def read_shard(path: Path, columns: tuple[str, ...], with_embedding: bool, dim: int
+               ) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    """Selected columns (``path`` comes back lossless, decoded from ``path_bytes``) and optionally the embedding."""
+    want = ["path_bytes" if c == "path" else c for c in columns]
+    try:
+        if path.suffix == ".parquet":
+            import pyarrow.parquet as pq
 
-        t = _read_parquet_columns(paths, None)
-        if t is None:
-            return {}, np.zeros((0, 0), np.float32)
-        cols = {c: t.column(c).to_numpy(zero_copy_only=False) for c in STRING_COLUMNS + tuple(INT_COLUMNS)}
-        emb_col = t.column("embedding")
-        d = emb_col.type.list_size
-        # Skipped rows are null lists; fill them so the flat values buffer stays N*D long.
-        if emb_col.null_count:
-            import pyarrow as pa
-            fill = pa.scalar([float("nan")] * d, emb_col.type)
-            emb_col = pc.fill_null(emb_col, fill)
-        flat = emb_col.combine_chunks().flatten() if hasattr(emb_col, "combine_chunks") else emb_col.flatten()
-        emb = flat.to_numpy(zero_copy_only=False).reshape(len(t), d)
-        return cols, emb
-    import h5py
+            t = pq.read_table(path, columns=want + (["embedding"] if with_embedding else []))
+            cols = {}
+            for c in columns:
+                if c == "path":
+                    cols[c] = _decode_paths(t.column("path_bytes"))
+                else:
+                    cols[c] = t.column(c).to_numpy(zero_copy_only=False)
+            emb = None
+            if with_embedding:
+                col = t.column("embedding")
+                if col.type.list_size != dim:
+                    raise CacheError(f"{path}: embedding width {col.type.list_size}, the cache's is {dim}; delete "
+                                     f"the shard and re-run the same extract command, or re-extract")
+                flat = col.combine_chunks().flatten() if col.num_chunks != 1 else col.chunk(0).flatten()
+                emb = flat.to_numpy(zero_copy_only=False).reshape(len(t), dim)
+            return cols, emb
+        import h5py
 
-    parts, embs = {c: [] for c in STRING_COLUMNS + tuple(INT_COLUMNS)}, []
-    for p in paths:
-        with h5py.File(p, "r") as f:
-            for c in parts:
-                parts[c].append(f[c].asstr()[:] if c in STRING_COLUMNS else f[c][:])
-            embs.append(f["embedding"][:])
-    if not embs:
-        return {}, np.zeros((0, 0), np.float32)
-    return {c: np.concatenate(v) for c, v in parts.items()}, np.concatenate(embs)
+        with h5py.File(path, "r") as f:
+            cols = {}
+            for c in columns:
+                if c == "path":
+                    cols[c] = np.array([os.fsdecode(bytes(b)) for b in f["path_bytes"][:]], dtype=object)
+                elif c in STRING_COLUMNS:
+                    cols[c] = f[c].asstr()[:].astype(object)
+                else:
+                    cols[c] = f[c][:]
+            emb = None
+            if with_embedding:
+                if f["embedding"].shape[1] != dim:
+                    raise CacheError(f"{path}: embedding width {f['embedding'].shape[1]}, the cache's is {dim}; "
+                                     f"delete the shard and re-run the same extract command, or re-extract")
+                emb = f["embedding"][:]
+            return cols, emb
+    except CacheError:
+        raise
+    except Exception as e:
+        raise _damaged(path, e) from None
+
+
+def read_shard_embedding_into(path: Path, out: np.ndarray) -> None:
+    """Fill ``out`` (rows, dim) with the shard's embedding, converting dtype once, without extra copies."""
+    try:
+        if path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            col = pq.read_table(path, columns=["embedding"]).column("embedding")
+            pos = 0
+            for chunk in col.chunks:
+                flat = chunk.flatten().to_numpy(zero_copy_only=False).reshape(len(chunk), -1)
+                out[pos:pos + len(chunk)] = flat
+                pos += len(chunk)
+            if pos != len(out):
+                raise ValueError(f"{pos} rows, expected {len(out)}")
+        else:
+            import h5py
+
+            with h5py.File(path, "r") as f:
+                ds = f["embedding"]
+                if ds.shape != out.shape:
+                    raise ValueError(f"shape {ds.shape}, expected {out.shape}")
+                if ds.dtype == out.dtype:
+                    ds.read_direct(out)
+                else:
+                    out[:] = ds[:]
+    except Exception as e:
+        raise _damaged(path, e) from None
 
 
 # ----------------------------------------------------------------------------------------------- text
@@ -200,18 +295,20 @@ def read_text(cache: Path, fmt: str) -> tuple[list[str], list[str], np.ndarray]:
     path = Path(cache) / f"text{FORMATS[fmt]}"
     if not path.is_file():
         raise CacheError(f"{path}: text embeddings missing; re-run the same extract command to rebuild them")
-    if fmt == "parquet":
-        import pyarrow.parquet as pq
+    try:
+        if fmt == "parquet":
+            import pyarrow.parquet as pq
 
-        t = pq.read_table(path)
-        d = t.column("embedding").type.list_size
-        tpl = t.column("template").to_pylist()
-        cls = t.column("class_name").to_pylist()
-        templates = list(dict.fromkeys(tpl))
-        classes = list(dict.fromkeys(cls))
-        emb = t.column("embedding").combine_chunks().flatten().to_numpy().reshape(len(templates), len(classes), d)
-        return templates, classes, emb
-    import h5py
+            t = pq.read_table(path)
+            d = t.column("embedding").type.list_size
+            templates = list(dict.fromkeys(t.column("template").to_pylist()))
+            classes = list(dict.fromkeys(t.column("class_name").to_pylist()))
+            emb = t.column("embedding").combine_chunks().flatten().to_numpy()
+            return templates, classes, emb.reshape(len(templates), len(classes), d)
+        import h5py
 
-    with h5py.File(path, "r") as f:
-        return list(f["templates"].asstr()[:]), list(f["classes"].asstr()[:]), f["embedding"][:]
+        with h5py.File(path, "r") as f:
+            return list(f["templates"].asstr()[:]), list(f["classes"].asstr()[:]), f["embedding"][:]
+    except Exception as e:
+        raise CacheError(f"{path}: damaged text embeddings ({type(e).__name__}); re-run the same extract "
+                         f"command to rebuild them") from None

@@ -74,10 +74,14 @@ def synthetic_cache_arrays(domain_sizes: dict[str, int], num_classes: int, dim: 
 
 
 def write_synthetic_cache(out: str | Path, domain_sizes: dict[str, int], num_classes: int, dim: int = 512,
-                          seed: int = 0, fmt: str = "parquet", model_params: int = 151_277_313, **kw) -> Path:
-    """A complete cache folder (same files extract writes) holding synthetic features, e.g. PACS-shaped."""
+                          seed: int = 0, fmt: str = "parquet", model_params: int = 151_277_313,
+                          shard_rows: int = 65_536, logit_scale: float = 100.0, **kw) -> Path:
+    """A complete, committed cache folder (the same files extract writes) holding synthetic features."""
+    import os
+
     from . import store
     from .extract import FORMAT_VERSION
+    from .integrity import shard_record
     from .sources import image_id
 
     feats, labels, doms, text = synthetic_cache_arrays(domain_sizes, num_classes, dim, seed, **kw)
@@ -85,19 +89,29 @@ def write_synthetic_cache(out: str | Path, domain_sizes: dict[str, int], num_cla
     out = Path(out)
     n = len(labels)
     paths = np.array([f"{d}/{classes[y]}/{i:06d}.jpg" for i, (d, y) in enumerate(zip(doms, labels))], dtype=object)
-    cols = {"id": np.array([image_id(p) for p in paths], dtype=object), "path": paths, "domain": doms,
+    cols = {"id": np.array([image_id(p) for p in paths], dtype=object), "path": paths,
+            "path_bytes": np.array([os.fsencode(p) for p in paths], dtype=object), "domain": doms,
             "client": doms, "class_name": np.array([classes[y] for y in labels], dtype=object),
-            "split": np.full(n, "", dtype=object), "skip_reason": [""] * n, "label": labels,
+            "split": np.full(n, "", dtype=object), "label": labels,
             "size": np.zeros(n, np.int64), "mtime_ns": np.zeros(n, np.int64)}
-    store.write_shard(out / store.SHARD_DIR / f"part-synthetic-r000-00000{store.FORMATS[fmt]}", fmt, cols, feats,
-                      "float32")
+    fingerprint = {"model": "synthetic", "seed": seed}
+    session = "00000000T000000000000"
+    listing = {}
+    for k, start in enumerate(range(0, n, shard_rows)):
+        part = slice(start, start + shard_rows)
+        name = f"part-{session}-r000-{k:05d}{store.FORMATS[fmt]}"
+        store.write_shard(out / store.SHARD_DIR / name, fmt, {c: v[part] for c, v in cols.items()}, feats[part],
+                          "float32", {"fingerprint": fingerprint, "session": session, "skipped": []})
+        listing[name] = shard_record(out / store.SHARD_DIR / name, len(labels[part]))
     templates = ["a picture of a {}"]
     store.write_text(out, fmt, templates, classes, text)
     store.write_json(out / store.META_FILE, {
         "format_version": FORMAT_VERSION, "format": fmt, "dtype": "float32", "normalised": False,
-        "embedding_dim": dim, "fingerprint": {"model": "synthetic", "seed": seed},
+        "embedding_dim": dim, "fingerprint": fingerprint,
         "model": {"name": "synthetic", "pretrained": None, "weights": {"kind": "synthetic", "seed": seed},
-                  "num_params": model_params, "logit_scale": 100.0},
+                  "num_params": model_params, "logit_scale": logit_scale},
         "preprocess": {}, "precision": "fp32", "classes": classes, "templates": templates,
-        "domains": sorted(domain_sizes), "counts": {"images": n, "skipped": 0}, "runs": []})
+        "domains": sorted(domain_sizes), "counts": {"images": n, "skipped": 0}, "runs": [],
+        "state": "complete", "shards": listing, "last_session": session, "skipped": [],
+        "retired": {"count": 0, "paths": []}})
     return out

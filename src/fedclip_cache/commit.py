@@ -1,0 +1,83 @@
+"""The end of an extract: make the shards mirror the dataset on disk, then commit ``cache.json``.
+
+The current scan is the truth. For every image id in it the newest event wins (an embedded row or a skip record);
+rows of files that were deleted or moved (a moved file has a new path, hence a new id) are **retired**, and older
+rows of re-extracted files are **superseded**. Shards holding rows that are no longer served are rewritten without
+them (only those shards: the cost is proportional to what changed), so that anyone reading the shard files
+directly also sees exactly the files on disk. The commit is the atomic rename of ``cache.json`` with
+``state = complete`` and the list of shards (rows, bytes, sha256); files it no longer lists are deleted after it,
+and, should a crash come first, by the next run.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import store
+from .integrity import Inventory, add_new_shards, shard_record
+from .sources import ImageTable, image_id
+
+
+@dataclass
+class CommitResult:
+    images: int
+    skipped: int
+    retired: list[str]
+    superseded: int
+
+
+def commit(out: Path, meta: dict, inv: Inventory, table: ImageTable, session: str, fp: dict, dim: int, fmt: str,
+           dtype: str, run: dict, t0: float) -> CommitResult:
+    add_new_shards(out, meta, fp, dim, inv)
+    live = set(table.ids.tolist())
+    shard_dir = out / store.SHARD_DIR
+
+    listing, obsolete, retired_paths, superseded, seq = {}, [], set(), 0, 0
+    for name, ids in inv.shard_rows.items():
+        keep = np.array([inv.winners.get(i, ())[:3] == ("row", name, pos) and i in live
+                         for pos, i in enumerate(ids.tolist())], bool)
+        gone = ~np.array([i in live for i in ids.tolist()], bool)
+        retired_paths.update(inv.shard_paths[name][gone].tolist())
+        superseded += int((~keep & ~gone).sum())
+        if keep.all() and len(keep):
+            listing[name] = inv.listed.get(name) or shard_record(shard_dir / name, len(ids))
+            continue
+        obsolete.append(name)
+        if keep.any():  # compact: the rows still served move to a new shard of this session
+            new = f"part-{session}-r000-c{seq:05d}{store.FORMATS[fmt]}"
+            seq += 1
+            _rewrite(shard_dir / name, shard_dir / new, np.flatnonzero(keep), fmt, dtype, fp, session, dim)
+            listing[new] = shard_record(shard_dir / new, int(keep.sum()))
+
+    skipped = []
+    for i, w in inv.winners.items():
+        if w[0] == "skip":
+            if i in live:
+                skipped.append(w[1])
+            else:
+                retired_paths.add(w[1]["path"])
+    skipped += [{"id": image_id(p), "path": p, "reason": r, "kind": "scan", "size": 0, "mtime_ns": 0}
+                for p, r in table.problems]
+    skipped.sort(key=lambda r: r["path"])
+    retired = sorted(retired_paths)
+    images = sum(r["rows"] for r in listing.values())
+    run = {**run, "retired": len(retired), "superseded": superseded, "seconds": round(time.perf_counter() - t0, 3)}
+    meta.update(state="complete", shards=dict(sorted(listing.items())), last_session=session, skipped=skipped,
+                retired={"count": len(retired), "paths": retired[:1000], "session": session},
+                counts={"images": images, "skipped": len(skipped)}, updated=run["time"])
+    meta["runs"] = meta.get("runs", []) + [run]
+    store.write_json(out / store.META_FILE, meta)  # the commit point
+    for name in obsolete:
+        (shard_dir / name).unlink(missing_ok=True)
+    return CommitResult(images, len(skipped), retired, superseded)
+
+
+def _rewrite(src: Path, dst: Path, keep: np.ndarray, fmt: str, dtype: str, fp: dict, session: str, dim: int) -> None:
+    cols, emb = store.read_shard(src, store.STRING_COLUMNS + tuple(store.INT_COLUMNS), True, dim)
+    cols = {c: v[keep] for c, v in cols.items()}  # "path" comes back lossless (from the stored bytes)
+    cols["path_bytes"] = np.array([os.fsencode(p) for p in cols["path"]], dtype=object)
+    store.write_shard(dst, fmt, cols, emb[keep], dtype, {"fingerprint": fp, "session": session, "skipped": []})

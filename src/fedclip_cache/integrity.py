@@ -1,0 +1,272 @@
+"""What a cache contains, whether it is complete, and who may write it.
+
+``cache.json`` is the commit record. Its ``state`` is ``in-progress`` from the moment an extract starts changing the
+cache until that extract has finished *and* committed; then ``complete``, with the exact list of shard files that
+make up the cache (rows, bytes, sha256 each), the files that were skipped, and what was retired. Readers serve only
+a complete cache, and only the listed shards, after checking each is present with its recorded size (``verify``
+also re-hashes them). Shards that a killed run committed but never listed are adopted by the next extract; their
+rows are not lost.
+
+One writer at a time: an extract holds an ``flock`` on ``CACHE/.lock`` (released by the kernel when the process
+dies, so a killed run never leaves a stale lock) and writes its pid, host and start time into it.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import socket
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import store
+from .store import CacheError
+
+LOCK_FILE = ".lock"
+CACHE_FORMAT_VERSION = 2
+
+
+class CacheBusy(CacheError):
+    """Another process is writing the cache."""
+
+
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def shard_record(path: Path, rows: int) -> dict:
+    return {"rows": int(rows), "bytes": path.stat().st_size, "sha256": file_sha256(path)}
+
+
+def session_of(name: str) -> str:
+    """``part-<session>-r<rank>-<seq>.ext`` -> ``<session>``."""
+    return name.split("-")[1] if name.count("-") >= 3 else ""
+
+
+# ------------------------------------------------------------------------------------------------- the lock
+
+class WriterLock:
+    """Exclusive, non-blocking ``flock`` on ``CACHE/.lock`` for the lifetime of one extract."""
+
+    def __init__(self, cache: Path):
+        self.path = Path(cache) / LOCK_FILE
+        self.fd: int | None = None
+
+    def __enter__(self) -> "WriterLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise CacheBusy(f"{self.path.parent}: another extract is writing this cache "
+                                f"({describe_holder(read_holder(self.path))}); wait for it to finish, or stop it "
+                                f"and re-run this command") from None
+            raise
+        holder = {"pid": os.getpid(), "host": socket.gethostname(),
+                  "since": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                  "command": " ".join(sys.argv[:3])}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(holder).encode(), 0)
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing releases the flock
+            self.fd = None
+
+
+def read_holder(lock_path: Path) -> dict:
+    try:
+        return json.loads(Path(lock_path).read_text() or "{}")
+    except (OSError, ValueError):
+        return {}
+
+
+def describe_holder(h: dict) -> str:
+    if not h:
+        return "holder unknown"
+    return f"pid {h.get('pid')} on {h.get('host')}, since {h.get('since')}"
+
+
+def writer_active(cache: Path) -> dict | None:
+    """The holder of the writer lock if an extract is running on ``cache`` now, else None. Read-only safe."""
+    p = Path(cache) / LOCK_FILE
+    try:
+        fd = os.open(p, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return None
+    except OSError:
+        return read_holder(p) or {"pid": "?"}
+    finally:
+        os.close(fd)
+
+
+# ------------------------------------------------------------------------------------------------- readers
+
+@dataclass
+class ReadPlan:
+    shards: list[Path]
+    complete: bool
+    note: str = ""  # why the cache is incomplete, when it is
+    dedupe: bool = False  # uncommitted shards may repeat ids: keep the newest row
+
+
+def plan_read(cache: Path, meta: dict, allow_incomplete: bool = False, verify: bool = False) -> ReadPlan:
+    """The shard files a reader may serve; refuses an incomplete or damaged cache with a one-line message."""
+    cache = Path(cache)
+    if meta.get("format_version") != CACHE_FORMAT_VERSION:
+        raise CacheError(f"{cache}: written by another fedclip-cache version (cache format "
+                         f"{meta.get('format_version')}, this version reads {CACHE_FORMAT_VERSION}); re-extract "
+                         f"into a new folder")
+    listed = meta.get("shards") or {}
+    if meta.get("state") != "complete":
+        holder = writer_active(cache)
+        why = (f"extract is still writing it ({describe_holder(holder)})" if holder
+               else "the extract that was writing it stopped before finishing")
+        on_disk = store.shard_files(cache, meta["format"])
+        if not allow_incomplete:
+            raise CacheError(f"{cache}: incomplete cache: {why}; {len(on_disk)} shard(s) on disk. Re-run the same "
+                             f"`fedclip-cache extract` command to finish it, or pass --allow-incomplete to use "
+                             f"what is there")
+        return ReadPlan(on_disk, False, why, dedupe=True)
+    out = []
+    for name, rec in listed.items():
+        p = cache / store.SHARD_DIR / name
+        if not p.is_file():
+            raise CacheError(f"{p}: shard listed in {store.META_FILE} is missing; re-run the same "
+                             f"`fedclip-cache extract` command to re-embed its rows")
+        size = p.stat().st_size
+        if size != rec.get("bytes"):
+            raise CacheError(f"{p}: damaged shard ({size} bytes, {rec.get('bytes')} committed); re-run the same "
+                             f"`fedclip-cache extract` command to re-embed its rows")
+        if verify and file_sha256(p) != rec.get("sha256"):
+            raise CacheError(f"{p}: damaged shard (checksum differs from the committed one); re-run the same "
+                             f"`fedclip-cache extract` command to re-embed its rows")
+        out.append(p)
+    return ReadPlan(sorted(out), True)
+
+
+# ------------------------------------------------------------------------------------------------- the writer
+
+@dataclass
+class Inventory:
+    """Every shard on disk, sorted into what the cache holds, what a killed run left, and what is damaged.
+
+    ``winners`` maps image id -> the newest event for it: ("row", shard name, position, size, mtime_ns) or
+    ("skip", record). Committed content comes first; shards of runs that never committed come after, in session
+    order; a later event for the same id supersedes an earlier one (a changed file, a retried skip).
+    """
+
+    listed: dict[str, dict] = field(default_factory=dict)  # committed shards still valid: name -> record
+    adopted: list[str] = field(default_factory=list)  # uncommitted shards of killed runs, kept
+    removed: list[tuple[str, str]] = field(default_factory=list)  # (file, why) deleted as damaged or leftover
+    shard_rows: dict[str, np.ndarray] = field(default_factory=dict)  # name -> ids in the shard, in order
+    shard_paths: dict[str, np.ndarray] = field(default_factory=dict)  # name -> image paths, in order
+    winners: dict[str, tuple] = field(default_factory=dict)
+
+    def add_shard(self, name: str, cols: dict, skipped: list[dict]) -> None:
+        ids = cols["id"]
+        self.shard_rows[name] = ids
+        self.shard_paths[name] = cols["path"]
+        for pos, (i, s, m) in enumerate(zip(ids.tolist(), cols["size"].tolist(), cols["mtime_ns"].tolist())):
+            self.winners[i] = ("row", name, pos, s, m)
+        for rec in skipped:
+            self.winners[rec["id"]] = ("skip", rec)
+
+    def known(self) -> dict[str, tuple[int, int, str]]:
+        """id -> (size, mtime_ns, kind) where kind is "row", "permanent" or "transient"."""
+        out = {}
+        for i, w in self.winners.items():
+            if w[0] == "row":
+                out[i] = (w[3], w[4], "row")
+            else:
+                r = w[1]
+                out[i] = (r["size"], r["mtime_ns"], r.get("kind", "permanent"))
+        return out
+
+
+def _read_and_check(path: Path, fp: dict, dim: int) -> tuple[dict, dict]:
+    meta = store.read_shard_meta(path)
+    if meta.get("fingerprint") != fp:
+        raise CacheError(f"{path}: shard written with another model/preprocessing")
+    rows, dim_on_disk = meta["_rows_on_disk"], meta.get("_dim_on_disk", meta.get("dim"))
+    if rows != meta.get("rows") or meta.get("dim") != dim or dim_on_disk != dim:
+        raise CacheError(f"{path}: shard holds {rows} rows of width {dim_on_disk}, expected {meta.get('rows')} "
+                         f"of width {dim}")
+    cols, _ = store.read_shard(path, store.INDEX_COLUMNS + ("path",), False, dim)
+    return meta, cols
+
+
+def take_inventory(cache: Path, meta: dict, fp: dict, dim: int, verify: bool = False) -> Inventory:
+    """Sort the shards on disk before a run plans; damaged and leftover ones are deleted (their rows are then
+    simply not cached, so the run re-embeds them). Only ever called by the one writer, under the lock."""
+    cache = Path(cache)
+    inv = Inventory()
+    listed = dict(meta.get("shards") or {})
+    last = meta.get("last_session") or ""
+    for rec in meta.get("skipped", []):  # committed skip records are the oldest events; shards refine them
+        if rec.get("kind") != "scan":
+            inv.winners[rec["id"]] = ("skip", rec)
+    for p in store.shard_files(cache, meta["format"]):
+        name, rec = p.name, listed.get(p.name)
+        if rec is None and session_of(name) <= last:
+            # A shard the last commit retired but a crash left on disk: never serve it again.
+            p.unlink()
+            inv.removed.append((name, "left over from an earlier run's compaction"))
+            continue
+        try:
+            if rec is not None and (p.stat().st_size != rec.get("bytes") or
+                                    (verify and file_sha256(p) != rec.get("sha256"))):
+                raise CacheError(f"{p}: size or checksum differs from the committed one")
+            smeta, cols = _read_and_check(p, fp, dim)
+        except CacheError as e:
+            p.unlink()
+            inv.removed.append((name, f"damaged: {str(e).split(': ', 1)[-1]}"))
+            continue
+        inv.add_shard(name, cols, smeta.get("skipped", []))
+        if rec is not None:
+            inv.listed[name] = rec
+        else:
+            inv.adopted.append(name)
+    gone = {n for n, _ in inv.removed}
+    inv.removed += [(n, "listed in cache.json but missing on disk") for n in listed if n not in inv.listed
+                    and n not in gone]
+    return inv
+
+
+def add_new_shards(cache: Path, meta: dict, fp: dict, dim: int, inv: Inventory) -> list[str]:
+    """Add the shards this run wrote (every shard file not yet in ``inv``) as the newest events."""
+    new = []
+    for p in store.shard_files(cache, meta["format"]):
+        if p.name not in inv.shard_rows:
+            smeta, cols = _read_and_check(p, fp, dim)
+            inv.add_shard(p.name, cols, smeta.get("skipped", []))
+            new.append(p.name)
+    return new
+
+
+def clean_temporaries(cache: Path) -> int:
+    """Remove the half-written temporary files a killed run leaves (only ever called under the writer lock)."""
+    n = 0
+    for folder in (Path(cache), Path(cache) / store.SHARD_DIR):
+        if folder.is_dir():
+            for stale in folder.glob(".*.tmp"):
+                stale.unlink()
+                n += 1
+    return n
