@@ -69,9 +69,17 @@ def extract(
     seed: int = typer.Option(0, help="Seed for random-init models (--pretrained none)."),
     dataset: Optional[str] = typer.Option(None, help="Known dataset (PACS, VLCS, OfficeHome, DomainNet) to check "
                                                      "counts against; default: recognised by its domain names."),
+    exif_transpose: bool = typer.Option(False, help="Rotate images by their EXIF orientation tag before "
+                                                    "preprocessing (the official code, like ImageFolder, does not)."),
+    verify: bool = typer.Option(False, help="Re-hash every committed shard before resuming (default: size check); "
+                                            "damaged shards are removed and their images re-embedded."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ):
-    """Run frozen open_clip once over every image and store raw embeddings + class-prompt text embeddings."""
+    """Run frozen open_clip once over every image and store raw embeddings + class-prompt text embeddings.
+
+    Re-running the same command resumes a killed run, embeds only new or changed images, retries files that failed
+    for a transient reason, retires images deleted or moved since, and repairs damaged shards or metadata. One
+    extract at a time per cache: a second is refused while the first runs."""
     from .extract import DEFAULT_TEMPLATES, ExtractConfig, extract as run_extract
     from .models import ModelSpec
 
@@ -79,7 +87,11 @@ def extract(
     if templates_file:
         if not templates_file.is_file():
             raise typer.BadParameter(f"{templates_file}: not found", param_hint="--templates-file")
-        templates += [ln.strip() for ln in templates_file.read_text().splitlines() if ln.strip()]
+        from_file = [ln.strip() for ln in templates_file.read_text(errors="replace").splitlines() if ln.strip()]
+        if not from_file:
+            raise typer.BadParameter(f"{templates_file}: no templates in the file (one per line, with {{}})",
+                                     param_hint="--templates-file")
+        templates += from_file
     cfg = ExtractConfig(
         source=str(source), out=str(out),
         model=ModelSpec(model=model, pretrained=pretrained, model_config=str(model_config) if model_config else None,
@@ -87,22 +99,32 @@ def extract(
                         seed=seed),
         format=format, device=device, precision=precision, dtype=dtype, batch_size=batch_size, workers=workers,
         shard_size=shard_size, templates=templates or list(DEFAULT_TEMPLATES), strict=strict, progress=not quiet,
-        dataset=dataset)
+        dataset=dataset, exif_transpose=exif_transpose, verify=verify)
     rep = run_extract(cfg)
     import os
     if int(os.environ.get("RANK", "0")) != 0:
         return
-    console.print(f"[bold green]cache[/] {rep.cache}: +{rep.embedded} embedded, {len(rep.skipped)} skipped, "
-                  f"{rep.already_cached} already cached ({rep.changed} changed files re-extracted) "
-                  f"in {rep.seconds:.1f}s ({rep.images_per_s:,.0f} img/s); total {rep.total_images} images",
-                  soft_wrap=True)
+    from rich.markup import escape
+
+    from .store import display_text
+
+    console.print(f"[bold green]cache[/] {escape(rep.cache)}: +{rep.embedded} embedded, {len(rep.skipped)} skipped, "
+                  f"{rep.already_cached} already cached ({rep.changed} changed files re-extracted, {rep.retried} "
+                  f"retried), {len(rep.retired)} retired, in {rep.seconds:.1f}s ({rep.images_per_s:,.0f} img/s); "
+                  f"total {rep.total_images} images", soft_wrap=True)
+    for what, why in rep.repaired:
+        console.print(f"[yellow]repaired:[/] {escape(what)}: {escape(why)}", soft_wrap=True)
+    if rep.retired:
+        console.print(f"[yellow]retired {len(rep.retired)} image(s)[/] no longer in the dataset (deleted or moved; "
+                      f"no longer served): " + escape(", ".join(display_text(p) for p in rep.retired[:5])) +
+                      (" …" if len(rep.retired) > 5 else ""), soft_wrap=True)
     for w in rep.warnings:
         console.print(f"[yellow]warning:[/] {w}", soft_wrap=True)
     if rep.skipped:
         t = Table(title=f"skipped {len(rep.skipped)} file(s) (recorded in the cache)")
         t.add_column("file"), t.add_column("reason")
         for p, r in rep.skipped[:50]:
-            t.add_row(p, r)
+            t.add_row(escape(p), escape(r))
         console.print(t)
     if rep.ignored:
         console.print(f"[yellow]ignored {len(rep.ignored)} non-image file(s)[/] (listed by `fedclip-cache info`)")
@@ -110,12 +132,16 @@ def extract(
 
 @app.command()
 def info(cache: Path = typer.Argument(..., help="Cache folder."),
-         as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")):
-    """Summarise a cache: model, dimensions, domain x class counts, skipped files."""
+         as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+         verify: bool = typer.Option(False, help="Re-hash every shard against the checksums of the commit."),
+         allow_incomplete: bool = typer.Option(False, help="Describe an unfinished cache (killed or running extract) "
+                                                           "instead of refusing it.")):
+    """Summarise a cache: model, dimensions, domain x class counts, skipped and retired files. Reads no embeddings."""
     from .cache import open_cache
     from .report import cache_summary, render_cache_summary
 
-    summary = cache_summary(open_cache(cache))
+    summary = cache_summary(open_cache(cache, allow_incomplete=allow_incomplete, verify=verify,
+                                       load_features=False))
     if as_json:
         print(json.dumps(summary, indent=2))
     else:

@@ -4,7 +4,10 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
+from rich.markup import escape
+
 from .cache import FeatureCache
+from .store import display_text
 
 
 def cache_summary(c: FeatureCache) -> dict:
@@ -29,8 +32,13 @@ def cache_summary(c: FeatureCache) -> dict:
         "domains": c.domain_names,
         "clients": c.client_names,
         "counts": c.counts(),
+        "complete": c.complete,
+        "incomplete_reason": c.incomplete_reason,
+        "shards": len(m.get("shards") or {}),
         "skipped": c.skipped,
-        "ignored": [{"path": p, "reason": r} for p, r in m.get("ignored", [])],
+        "retired": {"count": m.get("retired", {}).get("count", 0),
+                    "paths": [display_text(p) for p in m.get("retired", {}).get("paths", [])]},
+        "ignored": [{"path": display_text(p), "reason": r} for p, r in m.get("ignored", [])],
         "created": m.get("created"),
         "updated": m.get("updated"),
     }
@@ -38,7 +46,9 @@ def cache_summary(c: FeatureCache) -> dict:
 
 def render_cache_summary(s: dict, console: Console) -> None:
     p = s["preprocess"]
-    console.print(f"[bold]{s['path']}[/] ({s['format']}, {s['dtype']}, raw features, D={s['dim']})")
+    state = "complete" if s["complete"] else f"[bold red]INCOMPLETE[/] ({escape(s['incomplete_reason'])})"
+    console.print(f"[bold]{escape(s['path'])}[/] ({s['format']}, {s['dtype']}, raw features, D={s['dim']}; {state}, "
+                  f"{s['shards']} shard(s))")
     console.print(f"model {s['model']} / {s['pretrained'] or s['weights'].get('kind')} "
                   f"({s['model_params']:,} params; open_clip {s['open_clip_version']}, torch {s['torch_version']})")
     console.print(f"preprocess size={p.get('size')} resize={p.get('resize_mode')} interp={p.get('interpolation')} "
@@ -58,12 +68,18 @@ def render_cache_summary(s: dict, console: Console) -> None:
     if s["skipped"]:
         st = Table(title=f"{len(s['skipped'])} skipped file(s)")
         st.add_column("file"), st.add_column("reason")
+        st.add_column("retried")
         for r in s["skipped"]:
-            st.add_row(r["path"], r["reason"])
+            st.add_row(escape(r["path"]), escape(r["reason"]),
+                       {"transient": "next run", "scan": "every scan"}.get(r["kind"], "when the file changes"))
         console.print(st)
+    if s["retired"]["count"]:
+        console.print(f"{s['retired']['count']} image(s) retired by the last extract (deleted or moved on disk; no "
+                      f"longer served): " + escape(", ".join(s["retired"]["paths"][:10])) +
+                      (" …" if s["retired"]["count"] > 10 else ""), soft_wrap=True)
     if s["ignored"]:
         console.print(f"{len(s['ignored'])} ignored non-image file(s): " +
-                      ", ".join(r["path"] for r in s["ignored"][:10]) + (" …" if len(s["ignored"]) > 10 else ""))
+                      escape(", ".join(r["path"] for r in s["ignored"][:10])) + (" …" if len(s["ignored"]) > 10 else ""))
 
 
 def _pct(x) -> str:
