@@ -221,3 +221,9 @@ def test_checkpoint_refused_by_weights_only_is_a_one_line_error(tmp_path, image_
     assert ex.value.code == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and "refused to load" in err and "evil.pt" in err
+    # a TorchScript archive (the form of OpenAI's original ViT-B-32.pt) is refused the same way, with the fix
+    ts = tmp_path / "ts.pt"
+    torch.jit.script(torch.nn.Linear(2, 2)).save(str(ts))
+    with pytest.raises(ModelLoadError) as e:
+        load_model(ModelSpec(model_config=str(cfg), pretrained=str(ts)))
+    assert str(ts) in str(e.value) and "TorchScript" in str(e.value) and "\n" not in str(e.value)

@@ -7,8 +7,12 @@ Accepted forms (all resolve to one :class:`LoadedModel`):
 * ``--model-config my_arch.json`` (a custom architecture, registered in open_clip's config registry),
 * ``--model local-dir:DIR`` (open_clip's folder form: ``open_clip_config.json`` + weights).
 
-Everything that determines the feature values goes into :meth:`LoadedModel.fingerprint`, so that a cache
-built with one model is never extended with another.
+Tags whose pretrained config says ``quick_gelu`` (OpenAI's, LAION-400M's, MetaCLIP's ... weights) are built with
+QuickGELU whatever the model name (open_clip 3.3 would build nn.GELU and only warn); ``ModelSpec.quick_gelu``
+overrides, e.g. for OpenAI weights loaded from a checkpoint file, which cannot say which activation it needs.
+
+Everything that determines the feature values, the activation actually built included, goes into
+:meth:`LoadedModel.fingerprint`, so that a cache built with one model is never extended with another.
 """
 from __future__ import annotations
 
@@ -126,10 +130,11 @@ def built_activation(model: torch.nn.Module) -> str:
 
 def _unpickling_error(path: str, e: Exception) -> "ModelLoadError":
     """One line naming the file and saying why torch.load(weights_only=True) refused it."""
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    why = next((ln for ln in lines if "GLOBAL" in ln or "global" in ln.split(" ", 3)[:3] or "TorchScript" in ln),
-               lines[-1] if lines else type(e).__name__)
-    why = why.rstrip(".")
+    import re
+
+    text = " ".join(str(e).split())
+    m = re.search(r"(?i)unsupported global:? GLOBAL [\w.]+|[^.]*TorchScript[^.]*", text)
+    why = m.group(0).strip() if m else (text[:200] or type(e).__name__)
     return ModelLoadError(
         f"{path}: refused to load: it holds pickled Python objects beyond tensors ({why}), and unpickling those can "
         f"run arbitrary code, so checkpoints are only read with torch.load(weights_only=True); if you trust the "
@@ -263,7 +268,16 @@ def load_model(spec: ModelSpec, device: str | torch.device = "cpu") -> LoadedMod
         raise
     except pickle.UnpicklingError as e:  # torch.load(weights_only=True) refused the file
         raise _unpickling_error(_checkpoint_path(name, pretrained), e) from None
-    except (RuntimeError, FileNotFoundError, ValueError) as e:
+    except RuntimeError as e:
+        if "TorchScript" in str(e):  # e.g. OpenAI's original ViT-B-32.pt
+            path = _checkpoint_path(name, pretrained)
+            raise ModelLoadError(
+                f"{path}: refused to load: it is a TorchScript archive (like OpenAI's original release), and loading "
+                f"one runs its code, so checkpoints are only read with torch.load(weights_only=True); if you trust "
+                f"the file, convert it once: torch.save(torch.jit.load(PATH, map_location='cpu').state_dict(), "
+                f"'weights.bin'), then pass --pretrained weights.bin (with --quick-gelu for OpenAI weights)") from None
+        raise ModelLoadError(f"could not load model {spec.model!r} (pretrained={spec.pretrained!r}): {e}") from e
+    except (FileNotFoundError, ValueError) as e:
         raise ModelLoadError(f"could not load model {spec.model!r} (pretrained={spec.pretrained!r}): {e}") from e
     tokenizer = open_clip.get_tokenizer(name)
     model.eval().requires_grad_(False).to(device)
