@@ -25,6 +25,10 @@ import build_digits  # noqa: E402
 import convert_efficientnet  # noqa: E402
 from fedclip_cache import ExtractConfig, ModelSpec, extract, open_cache  # noqa: E402
 from fedclip_cache.federated.config import FederateConfig  # noqa: E402
+
+# The demo encoder's logit_scale is open_clip's untrained initial value (1/0.07); its text tower is random too.
+# Train with the official FedCLIP constant instead, as the demo's published numbers were.
+DEMO_LOGIT_SCALE = 100.0
 from fedclip_cache.federated.results import federate  # noqa: E402
 from fedclip_cache.plots import run_plots  # noqa: E402
 from fedclip_cache.report import render_cache_summary, cache_summary, render_sweep  # noqa: E402
@@ -85,7 +89,7 @@ def main(argv=None) -> dict:
     t = time.perf_counter()
     results = {}
     for name, algo, head, note in RUNS:
-        s = federate(cache, FederateConfig(algo=algo, head=head, rounds=a.rounds), out=out / "runs" / name)
+        s = federate(cache, FederateConfig(algo=algo, head=head, rounds=a.rounds, logit_scale=DEMO_LOGIT_SCALE), out=out / "runs" / name)
         run_plots(out / "runs" / name)
         results[name] = (s, note)
     timings["federate"] = time.perf_counter() - t
@@ -105,7 +109,7 @@ def main(argv=None) -> dict:
     t = time.perf_counter()
     hidden = [int(h) for h in a.sweep_hidden.split(",")]
     seeds = [int(s) for s in a.seeds.split(",")]
-    sw = sweep(cache_dir, FederateConfig(head="prototype", rounds=a.rounds), {"hidden": hidden}, seeds,
+    sw = sweep(cache_dir, FederateConfig(head="prototype", rounds=a.rounds, logit_scale=DEMO_LOGIT_SCALE), {"hidden": hidden}, seeds,
                out / "sweep")
     timings["sweep"] = time.perf_counter() - t
     render_sweep(sw, console)

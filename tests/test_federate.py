@@ -92,10 +92,10 @@ def test_heldout_domain_never_reaches_training_or_selection(syn):
         assert np.intersect1d(seen, e.heldout).size == 0
         assert set(syn.domains[e.heldout]) == {e.heldout_name} and len(e.heldout) == SIZES[e.heldout_name]
         assert e.heldout_name not in {c.name for c in e.clients}
-        for c in e.clients:  # 60/20/20 of each training client, disjoint, complete
+        for c in e.clients:  # 60/20/20 of each training client with the official boundaries, disjoint
             n = SIZES[c.name]
-            assert (len(c.train), len(c.val), len(c.test)) == (int(n * .6), int(n * .8) - int(n * .6),
-                                                               n - int(n * .8))
+            assert (len(c.train), len(c.val), len(c.test)) == (int(n * .6), int(n * .2), int(n * .2))
+            assert c.dropped == n - int(n * .6) - 2 * int(n * .2)
     # poisoning the held-out features changes held-out accuracy but not training or selection
     cfg = FederateConfig(rounds=4, heldout=["photo"], lr=1e-3)
     a = federate(syn, cfg)
@@ -132,7 +132,8 @@ def test_partition_label_skew_and_errors():
 
 
 def test_dirichlet_clients_in_federate(syn):
-    cfg = FederateConfig(rounds=2, partition="dirichlet", alpha=1.0, num_clients=2, protocol="personal")
+    cfg = FederateConfig(rounds=2, partition="dirichlet", alpha=1.0, num_clients=2, protocol="personal",
+                         split_tail="test")  # every sample in some split
     exps = build_experiments(syn, cfg)
     names = [c.name for c in exps[0].clients]
     assert len(names) == 8 and "art#0" in names

@@ -67,6 +67,13 @@ def extract(
     templates_file: Optional[Path] = typer.Option(None, help="File with one template per line."),
     strict: bool = typer.Option(False, help="Fail on the first unreadable image instead of skipping it."),
     seed: int = typer.Option(0, help="Seed for random-init models (--pretrained none)."),
+    quick_gelu: Optional[bool] = typer.Option(
+        None, "--quick-gelu/--no-quick-gelu",
+        help="Transformer MLP activation. Default (auto): QuickGELU when the pretrained tag's config says so "
+             "(openai, laion400m, metaclip, ...; OpenAI trained with it), else what the model config says "
+             "(-quickgelu names, quick_gelu in a JSON/local-dir config). A checkpoint FILE cannot tell us the "
+             "activation its weights were trained with: pass --quick-gelu for OpenAI-trained weights loaded from a "
+             "file. The activation built is recorded in the cache."),
     dataset: Optional[str] = typer.Option(None, help="Known dataset (PACS, VLCS, OfficeHome, DomainNet) to check "
                                                      "counts against; default: recognised by its domain names."),
     exif_transpose: bool = typer.Option(False, help="Rotate images by their EXIF orientation tag before "
@@ -96,7 +103,7 @@ def extract(
         source=str(source), out=str(out),
         model=ModelSpec(model=model, pretrained=pretrained, model_config=str(model_config) if model_config else None,
                         image_mean=_floats(image_mean, "--image-mean"), image_std=_floats(image_std, "--image-std"),
-                        seed=seed),
+                        seed=seed, quick_gelu=quick_gelu),
         format=format, device=device, precision=precision, dtype=dtype, batch_size=batch_size, workers=workers,
         shard_size=shard_size, templates=templates or list(DEFAULT_TEMPLATES), strict=strict, progress=not quiet,
         dataset=dataset, exif_transpose=exif_transpose, verify=verify)
@@ -157,6 +164,9 @@ FEDERATE_OPTIONS: list[tuple[str, type, object]] = [
     ("head", str, typer.Option("text", help="text (class prompts from the cache) | prototype (class means).")),
     ("template", str, typer.Option("0", help="Index of the cache's prompt template, or 'mean' for an ensemble.")),
     ("loss", str, typer.Option("contrastive", help="contrastive (official in-batch CLIP loss) | ce.")),
+    ("logit_scale", Optional[float], typer.Option(None, help="Logit scale (temperature) of the cosine logits; "
+                                                            "default: the model's own logit_scale.exp() from the "
+                                                            "cache (100 for OpenAI CLIP, the official value).")),
     ("lr", float, typer.Option(5e-5, help="Adam learning rate (official 5e-5).")),
     ("weight_decay", float, typer.Option(0.2, help="Adam L2 weight decay, coupled (official 0.2).")),
     ("batch_size", int, typer.Option(32, help="Local batch size (official 32).")),
@@ -172,6 +182,8 @@ FEDERATE_OPTIONS: list[tuple[str, type, object]] = [
     ("classes_per_client", int, typer.Option(2, help="Classes per client for --partition pathological.")),
     ("partition_scope", str, typer.Option("domain", help="domain (split each domain) | pooled.")),
     ("split", str, typer.Option("0.6,0.2,0.2", help="Train/val/test fractions of each training client.")),
+    ("split_tail", str, typer.Option("drop", help="drop (official: train/val/test = int(.6n)/int(.2n)/int(.2n), the "
+                                                  "0-2 left over dropped and counted) | test (they go to test).")),
     ("split_source", str, typer.Option("random", help="random (seeded) | cache (the manifest's split column).")),
     ("client_key", str, typer.Option("domain", help="domain | client: which cache column defines clients.")),
     ("seed", int, typer.Option(0, help="Seed (data split, shuffles, adapter init).")),

@@ -146,6 +146,12 @@ def check_compatible(cache: Path, meta: dict, fp: dict, fmt: str) -> None:
     if meta.get("format") != fmt:
         raise ExtractError(f"{cache}: cache is {meta.get('format')}, this run asks for --format {fmt}; "
                            f"use --format {meta.get('format')} or a new output folder")
+    old_act = meta.get("fingerprint", {}).get("activation")
+    if old_act != fp.get("activation"):
+        made = f"with activation {old_act!r}" if old_act else "before the activation was recorded"
+        raise ExtractError(
+            f"{cache}: the cached features were made with a different activation ({made}; this run builds "
+            f"{fp.get('activation')!r}), so they are not comparable; re-extract into a new output folder")
     diff = _diff(meta.get("fingerprint", {}), fp)
     if diff:
         raise ExtractError(f"{cache}: built with a different model/preprocessing ({'; '.join(diff[:3])}); "
@@ -182,6 +188,7 @@ def _meta_record(lm: LoadedModel, cfg: ExtractConfig, fp: dict, dim: int) -> dic
         "fingerprint": fp,
         "model": {"name": lm.spec.model, "pretrained": lm.spec.pretrained, "weights": lm.weights,
                   "num_params": lm.num_params, "logit_scale": lm.logit_scale,
+                  "activation": lm.activation, "activation_source": lm.activation_source,
                   "open_clip_version": open_clip.__version__, "torch_version": torch.__version__},
         "preprocess": lm.preprocess_cfg,
         "precision": cfg.precision,

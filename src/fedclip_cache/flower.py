@@ -19,7 +19,7 @@ import torch
 from .cache import open_cache
 from .federated.adapters import get_adapter, init_params
 from .federated.config import ConfigError, FederateConfig
-from .federated.loop import text_head
+from .federated.loop import resolve_logit_scale, text_head
 from .federated.protocols import build_experiments
 from .federated.train import LocalHyper, batch_schedule, evaluate, lane_key, local_update
 
@@ -59,8 +59,9 @@ class FedCLIPClient(NumPyClient):
         self.hidden = cfg.hidden or self.kind.default_hidden(cache.dim)
         self.names = list(self.kind.shapes(cache.dim, self.hidden))
         self.head = text_head(cache, cfg.template)
+        self.logit_scale, _ = resolve_logit_scale(cfg, cache)  # the same value as `federate` on this cache
         self.hp = LocalHyper(cfg.lr, cfg.beta1, cfg.beta2, cfg.eps, cfg.weight_decay, cfg.batch_size,
-                             cfg.local_epochs, cfg.mu if cfg.algo == "fedprox" else 0.0, cfg.loss, cfg.logit_scale)
+                             cfg.local_epochs, cfg.mu if cfg.algo == "fedprox" else 0.0, cfg.loss, self.logit_scale)
         self.opts = {"residual_alpha": cfg.residual_alpha}
 
     def _stacked(self, parameters) -> dict[str, torch.Tensor]:
@@ -78,7 +79,7 @@ class FedCLIPClient(NumPyClient):
     def evaluate(self, parameters, config):
         rows = torch.from_numpy(self.client.test).unsqueeze(0)
         correct, loss = evaluate(self.kind, self._stacked(parameters), self.X, self.Y, self.head.unsqueeze(0), rows,
-                                 self.cfg.logit_scale, self.opts)
+                                 self.logit_scale, self.opts)
         return float(loss.mean()), len(self.client.test), {"accuracy": float(correct.float().mean())}
 
 

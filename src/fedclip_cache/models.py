@@ -7,14 +7,19 @@ Accepted forms (all resolve to one :class:`LoadedModel`):
 * ``--model-config my_arch.json`` (a custom architecture, registered in open_clip's config registry),
 * ``--model local-dir:DIR`` (open_clip's folder form: ``open_clip_config.json`` + weights).
 
-Everything that determines the feature values goes into :meth:`LoadedModel.fingerprint`, so that a cache
-built with one model is never extended with another.
+Tags whose pretrained config says ``quick_gelu`` (OpenAI's, LAION-400M's, MetaCLIP's ... weights) are built with
+QuickGELU whatever the model name (open_clip 3.3 would build nn.GELU and only warn); ``ModelSpec.quick_gelu``
+overrides, e.g. for OpenAI weights loaded from a checkpoint file, which cannot say which activation it needs.
+
+Everything that determines the feature values, the activation actually built included, goes into
+:meth:`LoadedModel.fingerprint`, so that a cache built with one model is never extended with another.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import pickle
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +42,11 @@ class ModelSpec:
     image_mean: Optional[Sequence[float]] = None
     image_std: Optional[Sequence[float]] = None
     seed: int = 0  # only matters for random-init models (no weights)
+    # Activation of the transformer MLPs. None = auto: QuickGELU when the pretrained tag's config says so (OpenAI,
+    # LAION-400M, MetaCLIP ... weights were trained with it), else what the model config says (``-quickgelu`` names,
+    # ``quick_gelu`` in a custom or local-dir config). A checkpoint FILE cannot tell us its activation: pass True for
+    # OpenAI-trained weights loaded from a file.
+    quick_gelu: Optional[bool] = None
 
     def normalised(self) -> "ModelSpec":
         """Split ``name/tag`` and apply ``--model-config`` (its file stem is the model name)."""
@@ -50,7 +60,8 @@ class ModelSpec:
             pretrained = None  # open_clip ignores it for local-dir
         if pretrained in ("", "none", "None", "random"):
             pretrained = None
-        return ModelSpec(model, pretrained, self.model_config, self.image_mean, self.image_std, self.seed)
+        return ModelSpec(model, pretrained, self.model_config, self.image_mean, self.image_std, self.seed,
+                         self.quick_gelu)
 
 
 @dataclass
@@ -61,6 +72,8 @@ class LoadedModel:
     spec: ModelSpec
     weights: dict = field(default_factory=dict)  # provenance of the weights
     preprocess_cfg: dict = field(default_factory=dict)
+    activation: str = ""  # the MLP activation actually built (see built_activation)
+    activation_source: str = ""  # why: tag config, model config, user override
 
     @property
     def num_params(self) -> int:
@@ -77,7 +90,55 @@ class LoadedModel:
             "model": self.spec.model,
             "weights": self.weights,
             "preprocess": self.preprocess_cfg,
+            "activation": self.activation,
         }
+
+
+def built_activation(model: torch.nn.Module) -> str:
+    """The MLP activation of the open_clip transformer blocks actually built: ``quick_gelu`` or ``gelu``.
+
+    Read from the modules, not the config: the image tower's first block when it is an open_clip transformer, else
+    the text tower's (a ResNet or timm image tower has no such block; there ``quick_gelu`` changes only the text
+    tower). Towers that disagree give ``visual=...,text=...``; a model with no open_clip transformer block gives
+    ``n/a``.
+    """
+    from open_clip.transformer import QuickGELU
+
+    def name(act) -> str:
+        if isinstance(act, QuickGELU):
+            return "quick_gelu"
+        if isinstance(act, torch.nn.GELU):
+            return "gelu" if act.approximate == "none" else f"gelu_{act.approximate}"
+        return type(act).__name__.lower()
+
+    def tower(mod) -> Optional[str]:
+        blocks = getattr(getattr(mod, "transformer", None), "resblocks", None)
+        if not blocks:
+            return None
+        mlp = getattr(blocks[0], "mlp", None)
+        act = getattr(mlp, "gelu", None) if mlp is not None else None
+        return name(act) if act is not None else None
+
+    found = {k: v for k, v in (("visual", tower(getattr(model, "visual", None))),
+                               ("text", tower(getattr(model, "text", model)))) if v is not None}
+    if not found:
+        return "n/a"
+    if len(set(found.values())) == 1:
+        return next(iter(found.values()))
+    return ",".join(f"{k}={v}" for k, v in found.items())
+
+
+def _unpickling_error(path: str, e: Exception) -> "ModelLoadError":
+    """One line naming the file and saying why torch.load(weights_only=True) refused it."""
+    import re
+
+    text = " ".join(str(e).split())
+    m = re.search(r"(?i)unsupported global:? GLOBAL [\w.]+|[^.]*TorchScript[^.]*", text)
+    why = m.group(0).strip() if m else (text[:200] or type(e).__name__)
+    return ModelLoadError(
+        f"{path}: refused to load: it holds pickled Python objects beyond tensors ({why}), and unpickling those can "
+        f"run arbitrary code, so checkpoints are only read with torch.load(weights_only=True); if you trust the "
+        f"file, re-save its state_dict (torch.save(model.state_dict(), PATH)) or convert it to .safetensors")
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
@@ -180,6 +241,21 @@ def load_model(spec: ModelSpec, device: str | torch.device = "cpu") -> LoadedMod
         weights["arch_config_sha256"] = file_sha256(spec.model_config)
 
     kwargs = {}
+    # The activation: OpenAI's (and LAION-400M's, MetaCLIP's, ...) weights were trained with QuickGELU, but
+    # open_clip 3.3 builds a plain name like ViT-B-32 with nn.GELU and only warns. Follow the tag's config.
+    if spec.quick_gelu is not None:
+        activation_source = "--quick-gelu" if spec.quick_gelu else "--no-quick-gelu"
+        if spec.quick_gelu:
+            kwargs["force_quick_gelu"] = True
+        else:
+            kwargs["quick_gelu"] = False  # a model kwarg overrides the config's quick_gelu
+    elif weights["kind"] == "tag" and open_clip.get_pretrained_cfg(name, pretrained).get("quick_gelu", False):
+        kwargs["force_quick_gelu"] = True
+        activation_source = f"pretrained tag {pretrained!r} (quick_gelu)"
+    elif weights["kind"] == "file":
+        activation_source = "model config (a checkpoint file does not record its activation)"
+    else:
+        activation_source = "model config"
     if spec.image_mean is not None:
         kwargs["image_mean"] = tuple(float(x) for x in spec.image_mean)
     if spec.image_std is not None:
@@ -190,7 +266,18 @@ def load_model(spec: ModelSpec, device: str | torch.device = "cpu") -> LoadedMod
             name, pretrained=pretrained, device="cpu", **kwargs)
     except ModelLoadError:
         raise
-    except (RuntimeError, FileNotFoundError, ValueError) as e:
+    except pickle.UnpicklingError as e:  # torch.load(weights_only=True) refused the file
+        raise _unpickling_error(_checkpoint_path(name, pretrained), e) from None
+    except RuntimeError as e:
+        if "TorchScript" in str(e):  # e.g. OpenAI's original ViT-B-32.pt
+            path = _checkpoint_path(name, pretrained)
+            raise ModelLoadError(
+                f"{path}: refused to load: it is a TorchScript archive (like OpenAI's original release), and loading "
+                f"one runs its code, so checkpoints are only read with torch.load(weights_only=True); if you trust "
+                f"the file, convert it once: torch.save(torch.jit.load(PATH, map_location='cpu').state_dict(), "
+                f"'weights.bin'), then pass --pretrained weights.bin (with --quick-gelu for OpenAI weights)") from None
+        raise ModelLoadError(f"could not load model {spec.model!r} (pretrained={spec.pretrained!r}): {e}") from e
+    except (FileNotFoundError, ValueError) as e:
         raise ModelLoadError(f"could not load model {spec.model!r} (pretrained={spec.pretrained!r}): {e}") from e
     tokenizer = open_clip.get_tokenizer(name)
     model.eval().requires_grad_(False).to(device)
@@ -202,4 +289,27 @@ def load_model(spec: ModelSpec, device: str | torch.device = "cpu") -> LoadedMod
     if isinstance(pcfg.get("size"), tuple):
         pcfg["size"] = list(pcfg["size"])
     return LoadedModel(model=model, preprocess=preprocess, tokenizer=tokenizer, spec=spec,
-                       weights=weights, preprocess_cfg=pcfg)
+                       weights=weights, preprocess_cfg=pcfg, activation=built_activation(model),
+                       activation_source=activation_source)
+
+
+def _checkpoint_path(name: str, pretrained: Optional[str]) -> str:
+    """The file open_clip was reading, for error messages."""
+    if name.startswith("local-dir:"):
+        from open_clip.factory import _find_checkpoint_in_dir
+
+        return _find_checkpoint_in_dir(Path(name[len("local-dir:"):])) or name
+    if pretrained and os.path.isfile(pretrained):
+        return pretrained
+    try:
+        import open_clip
+        from huggingface_hub import try_to_load_from_cache
+
+        hub = open_clip.get_pretrained_cfg(name, pretrained).get("hf_hub", "").rstrip("/")
+        for fname in ("open_clip_pytorch_model.bin", "open_clip_model.safetensors"):
+            hit = try_to_load_from_cache(hub, fname)
+            if isinstance(hit, str):
+                return hit
+    except Exception:  # only for the message
+        pass
+    return f"weights of {name}/{pretrained}"

@@ -86,7 +86,7 @@ def run(path: str | Path, data: Optional[str], overrides: Optional[list[str]] = 
         if data is None:
             raise ConfigError(f"{cache} does not exist yet: pass --data PATH (the dataset folder or manifest)")
         spec = ModelSpec(**{k: ex.pop(k) for k in ("model", "pretrained", "model_config", "image_mean",
-                                                     "image_std", "seed") if k in ex})
+                                                     "image_std", "seed", "quick_gelu") if k in ex})
         if "templates" in ex:
             ex["templates"] = list(ex["templates"])
         rep = extract(ExtractConfig(source=str(data), out=str(cache), model=spec, dataset=p.get("dataset"),

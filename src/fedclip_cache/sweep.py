@@ -47,6 +47,8 @@ def _convert(name: str, raw: str) -> Any:
     try:
         if name == "hidden":
             return None if raw in ("none", "default") else int(raw)
+        if name == "logit_scale":  # none/cache: the model's own, from the cache
+            return None if raw in ("none", "cache", "default") else float(raw)
         if isinstance(default, bool):
             return raw.lower() in ("1", "true", "yes")
         if isinstance(default, int):
@@ -54,7 +56,7 @@ def _convert(name: str, raw: str) -> Any:
         if isinstance(default, float):
             return float(raw)
     except ValueError:
-        kind = "int" if name == "hidden" else type(default).__name__
+        kind = {"hidden": "int", "logit_scale": "float"}.get(name, type(default).__name__)
         raise ConfigError(f"--grid {name}={raw!r}: not a valid {kind}") from None
     return raw
 

@@ -7,6 +7,7 @@ leave-one-domain-out, selection by best mean validation accuracy).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -32,7 +33,9 @@ class FederateConfig:
     head: str = "text"
     template: str = "0"  # index into the cache's templates, or "mean" (prompt ensemble)
     loss: str = "contrastive"
-    logit_scale: float = 100.0
+    # Temperature of the cosine logits. None = the model's own logit_scale.exp() recorded in the cache (100 for
+    # OpenAI's CLIP, the constant of the official code); 100 with a recorded note when the cache has none.
+    logit_scale: Optional[float] = None
     lr: float = 5e-5
     beta1: float = 0.9
     beta2: float = 0.98
@@ -52,6 +55,9 @@ class FederateConfig:
     partition_scope: str = "domain"  # split each domain into clients, or the pooled training domains
     split: tuple[float, float, float] = (0.6, 0.2, 0.2)
     split_source: str = "random"  # or "cache": use the manifest's split column
+    # Official boundaries: train = first int(.6n) of the shuffle, val = next int(.2n), test = next int(.2n); the 0-2
+    # samples left over are dropped ("drop", counted in the summary) or given to test ("test": covers every sample).
+    split_tail: str = "drop"
     client_key: str = "domain"  # or "client": the cache's client column defines the clients
     seed: int = 0
     eval_every: int = 1
@@ -70,14 +76,16 @@ class FederateConfig:
         one_of("weighting", self.weighting, WEIGHTINGS)
         one_of("partition_scope", self.partition_scope, ("domain", "pooled"))
         one_of("split_source", self.split_source, ("random", "cache"))
+        one_of("split_tail", self.split_tail, ("drop", "test"))
         one_of("client_key", self.client_key, ("domain", "client"))
         from .adapters import get_adapter
 
         get_adapter(self.adapter)
-        for name in ("lr", "batch_size", "local_epochs", "eval_every", "num_clients", "classes_per_client",
-                     "logit_scale"):
+        for name in ("lr", "batch_size", "local_epochs", "eval_every", "num_clients", "classes_per_client"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive (got {getattr(self, name)})")
+        if self.logit_scale is not None and not (math.isfinite(self.logit_scale) and self.logit_scale > 0):
+            raise ConfigError(f"--logit-scale must be a finite number > 0 (got {self.logit_scale})")
         if self.rounds < 0 or self.mu < 0 or self.weight_decay < 0:
             raise ConfigError("--rounds, --mu and --weight-decay must not be negative")
         if self.hidden is not None and self.hidden <= 0:

@@ -43,6 +43,8 @@ class LoopResult:
     trainable_params: int
     seconds: float
     final_params: dict = field(default_factory=dict)
+    logit_scale: float = 100.0  # the value used for training and evaluation
+    logit_scale_source: str = ""
 
 
 def _normalise(t: torch.Tensor) -> torch.Tensor:
@@ -59,6 +61,28 @@ def text_head(cache: FeatureCache, template: str) -> torch.Tensor:
     except (ValueError, IndexError):
         raise ConfigError(f"--template {template!r}: give an index below {T.shape[0]} or 'mean' "
                           f"(templates in this cache: {cache.templates})") from None
+
+
+FALLBACK_LOGIT_SCALE = 100.0  # the official FedCLIP constant (= OpenAI CLIP's learned scale)
+
+
+def resolve_logit_scale(cfg: FederateConfig, cache: FeatureCache) -> tuple[float, str]:
+    """The logit scale to train and evaluate with, and where it came from: ``--logit-scale`` when given, else the
+    model's own ``logit_scale.exp()`` recorded in the cache, else 100 (the official constant) with a note."""
+    if cfg.logit_scale is not None:
+        return float(cfg.logit_scale), "--logit-scale"
+    raw = cache.meta.get("model", {}).get("logit_scale")
+    if raw is None:
+        return FALLBACK_LOGIT_SCALE, (f"fallback {FALLBACK_LOGIT_SCALE:g}: the cache records no model logit_scale "
+                                      f"(pass --logit-scale to choose)")
+    try:
+        val = float(raw)
+    except (TypeError, ValueError):
+        val = float("nan")
+    if not (np.isfinite(val) and val > 0):
+        raise ConfigError(f"{cache.path}: cache.json records model.logit_scale = {raw!r}, not a finite number > 0; "
+                          f"pass --logit-scale to choose one")
+    return val, "cache (model.logit_scale)"
 
 
 def _class_sums(Xn: torch.Tensor, Y: torch.Tensor, rows: np.ndarray, c: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,8 +104,9 @@ def run_loop(cache: FeatureCache, cfg: FederateConfig, experiments: list[Experim
     kind = get_adapter(kind_name) if kind_name != "none" else ADAPTERS["none"]
     hidden = cfg.hidden or kind.default_hidden(d)
     opts = {"residual_alpha": cfg.residual_alpha}
+    logit_scale, logit_scale_source = resolve_logit_scale(cfg, cache)
     hp = LocalHyper(cfg.lr, cfg.beta1, cfg.beta2, cfg.eps, cfg.weight_decay, cfg.batch_size, cfg.local_epochs,
-                    cfg.mu if cfg.algo == "fedprox" else 0.0, cfg.loss, cfg.logit_scale)
+                    cfg.mu if cfg.algo == "fedprox" else 0.0, cfg.loss, logit_scale)
 
     # ---- heads: text prompts, or class prototypes aggregated by sums and counts (no features leave a client)
     Xn = _normalise(X)
@@ -164,7 +189,7 @@ def run_loop(cache: FeatureCache, cfg: FederateConfig, experiments: list[Experim
     seg_n = torch.bincount(E_seg.flatten(), minlength=len(segments) + 1).clamp(min=1).double()
 
     def score(params_for_groups: Params):
-        corr, loss = evaluate(kind, params_for_groups, X, Y, E_heads, E_rows, cfg.logit_scale, opts,
+        corr, loss = evaluate(kind, params_for_groups, X, Y, E_heads, E_rows, logit_scale, opts,
                               chunk=EVAL_CHUNK, gathered=E_X)
         segf = E_seg.flatten()
         acc = torch.bincount(segf, weights=corr.flatten().double(), minlength=len(segments) + 1) / seg_n
@@ -202,4 +227,4 @@ def run_loop(cache: FeatureCache, cfg: FederateConfig, experiments: list[Experim
     final = G if cfg.algo in FEDAVG_ALGOS else P
     return LoopResult(experiments, segments, rounds, np.array(accs), np.array(losses),
                       num_params(kind_name, d, hidden), time.perf_counter() - t0,
-                      {n: v.cpu() for n, v in final.items()})
+                      {n: v.cpu() for n, v in final.items()}, logit_scale, logit_scale_source)

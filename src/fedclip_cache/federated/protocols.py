@@ -5,7 +5,9 @@
 * ``personal``: every domain is a training client; each is scored on its own test split.
 
 Each training client is split 60/20/20 by a seeded shuffle (seeded by the client's name, so a domain gets the same
-split in every held-out run).
+split in every held-out run), with the official boundaries ``int(.6n)``, ``int(.2n)``, ``int(.2n)``; the 0-2
+samples left over are dropped as in the official code (counted in the summary) or, with ``--split-tail test``,
+given to the test split.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ class Client:
     train: np.ndarray  # row indices into the cache
     val: np.ndarray
     test: np.ndarray
+    dropped: int = 0  # samples in no split (the official split's floor remainder, --split-tail drop)
 
 
 @dataclass
@@ -43,11 +46,17 @@ def _key(*parts) -> int:
     return zlib.crc32("/".join(map(str, parts)).encode())
 
 
-def split_indices(idx: np.ndarray, fractions, seed: int, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    perm = idx[np.random.default_rng([seed, _key(name)]).permutation(len(idx))]
-    n1 = int(len(idx) * fractions[0])
-    n2 = int(len(idx) * (fractions[0] + fractions[1]))
-    return np.sort(perm[:n1]), np.sort(perm[n1:n2]), np.sort(perm[n2:])
+def split_indices(idx: np.ndarray, fractions, seed: int, name: str, tail: str = "drop"
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Seeded shuffle, then the official boundaries (PersonalizedFL ``getfeadataloader``): train = the first
+    ``int(f0 n)``, val = the next ``int(f1 n)``, test = the next ``int(f2 n)``. The 0-2 samples those floors leave
+    over are dropped (``tail="drop"``, the official behaviour; see :func:`dropped`) or appended to test
+    (``tail="test"``)."""
+    n = len(idx)
+    perm = idx[np.random.default_rng([seed, _key(name)]).permutation(n)]
+    n_tr, n_va, n_te = (int(n * f) for f in fractions)
+    end = n if tail == "test" else n_tr + n_va + n_te
+    return np.sort(perm[:n_tr]), np.sort(perm[n_tr:n_tr + n_va]), np.sort(perm[n_tr + n_va:end])
 
 
 def _split_from_cache(cache: FeatureCache, idx: np.ndarray, name: str):
@@ -75,8 +84,8 @@ def _make_clients(cache: FeatureCache, pool: np.ndarray, cfg: FederateConfig, se
     clients = []
     for name, idx in groups:
         tr, va, te = (_split_from_cache(cache, idx, name) if cfg.split_source == "cache"
-                      else split_indices(idx, cfg.split, seed, name))
-        clients.append(Client(name, tr, va, te))
+                      else split_indices(idx, cfg.split, seed, name, cfg.split_tail))
+        clients.append(Client(name, tr, va, te, int(len(idx) - len(tr) - len(va) - len(te))))
     return clients
 
 

@@ -75,8 +75,8 @@ def summarise(res: LoopResult, cfg: FederateConfig, cache: FeatureCache) -> dict
                 "heldout": float(res.acc[k, held].mean()) if held else None,
             }
         exps.append({"experiment": e.name, "heldout": e.heldout_name, "seed": e.seed,
-                     "clients": {cl.name: {"train": len(cl.train), "val": len(cl.val), "test": len(cl.test)}
-                                 for cl in e.clients},
+                     "clients": {cl.name: {"train": len(cl.train), "val": len(cl.val), "test": len(cl.test),
+                                           "dropped": cl.dropped} for cl in e.clients},
                      "heldout_size": int(len(e.heldout)) if e.heldout is not None else 0,
                      "best": at(best), "last": at(len(res.rounds) - 1)})
     n_clients = max(len(e.clients) for e in res.experiments)
@@ -85,9 +85,22 @@ def summarise(res: LoopResult, cfg: FederateConfig, cache: FeatureCache) -> dict
         vals = [x[which][key] for x in exps if x[which][key] is not None]
         return float(np.mean(vals)) if vals else None
 
+    # Samples in no split: the official split boundaries drop the 0-2 left over per training client (counted once
+    # per client and seed: a domain is split the same way in every held-out run).
+    dropped = {f"{e.seed}/{cl.name}": cl.dropped for e in res.experiments for cl in e.clients}
+    notes = []
+    if res.logit_scale_source.startswith("fallback"):
+        notes.append(f"logit scale {res.logit_scale_source}")
+    if sum(dropped.values()):
+        notes.append(f"--split-tail drop (official boundaries): {sum(dropped.values())} sample(s) of training "
+                     f"clients are in no split; --split-tail test gives them to the test split")
     return {
         "algo": cfg.algo, "adapter": "none" if cfg.algo == "zeroshot" else cfg.adapter,
         "hidden": cfg.hidden, "head": cfg.head, "loss": cfg.loss, "protocol": cfg.protocol,
+        "logit_scale": res.logit_scale, "logit_scale_source": res.logit_scale_source,
+        "split_tail": cfg.split_tail if cfg.split_source == "random" else None,
+        "split_dropped": int(sum(dropped.values())),
+        "notes": notes,
         "rounds": cfg.rounds if cfg.algo != "zeroshot" else 0,
         "experiments": exps,
         "mean": {"heldout_best": avg("heldout", "best"), "test_mean_best": avg("test_mean", "best"),
@@ -133,7 +146,9 @@ def write_run(out: Path, fc: FeatureCache, cfg: FederateConfig, res: LoopResult,
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "config.json", {"cache": str(Path(fc.path).resolve()), "seeds": seeds or [cfg.seed],
                                      "federate": cfg.to_dict(), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                                     "cache_model": fc.meta.get("model", {}).get("name")})
+                                     "cache_model": fc.meta.get("model", {}).get("name"),
+                                     "logit_scale_used": res.logit_scale,
+                                     "logit_scale_source": res.logit_scale_source})
     table = metrics_table(res)
     atomic_write(out / "metrics.parquet", lambda p: pq.write_table(table, p))
     atomic_write(out / "adapter.pt", lambda p: torch.save(res.final_params, p))
