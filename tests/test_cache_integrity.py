@@ -320,7 +320,7 @@ def _odd_dataset(root: Path) -> dict[str, str]:
         "art/cat/self.png": "skipped:symbolic link loop",
         "art/cat/alias.png": "embedded",
         "art/cat/folder.jpg/inside.png": "embedded",
-        "art/cat/up": "ignored:folder already scanned",
+        "art/cat/up": "ignored:linked folder inside a class folder, not followed",
         os.path.join("art/cat", non_utf8): "embedded",
         "art/cat/UPPER.PNG": "embedded",
         "art/cat/space name.png": "embedded",

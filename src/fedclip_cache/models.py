@@ -227,14 +227,14 @@ def load_model(spec: ModelSpec, device: str | torch.device = "cpu") -> LoadedMod
                    "files": {p.name: file_sha256(p) for p in ckpts}}
         # open_clip resolves relative local-dir paths against the CWD; make it absolute and unambiguous.
         name = "local-dir:" + str(folder.resolve())
+    elif open_clip.get_model_config(name) is None and not name.startswith("hf-hub:"):
+        raise ModelLoadError(f"unknown model {name!r}; use one of open_clip.list_models() or pass "
+                             f"--model-config FILE.json for a custom architecture")
     elif pretrained is None:
         weights = {"kind": "random-init", "seed": spec.seed}
     elif os.path.isfile(pretrained):
         weights = {"kind": "file", "file": os.path.basename(pretrained), "sha256": file_sha256(pretrained)}
     else:
-        if open_clip.get_model_config(name) is None:
-            raise ModelLoadError(f"unknown model {name!r}; use one of open_clip.list_models() or pass "
-                                 f"--model-config FILE.json for a custom architecture")
         weights = _check_weights_obtainable(name, pretrained)
 
     if spec.model_config:

@@ -99,14 +99,14 @@ def stat_image(path: str) -> tuple[os.stat_result | None, str]:
 
 
 def scan_folder(root: str | Path) -> ImageTable:
-    """Scan ``ROOT/<domain>/<class>/<image>`` (images may sit in sub-folders of a class folder; linked folders are
-    followed once, so a link loop cannot recurse)."""
+    """Scan ``ROOT/<domain>/<class>/<image>`` (images may sit in sub-folders of a class folder). Domain and class
+    folders may be symbolic links; linked folders below a class folder are listed as ignored, not followed, so a
+    link loop can neither recurse nor re-label images."""
     root = Path(root)
     if not root.is_dir():
         raise SourceError(f"{root}: not a folder; pass a DomainBed-style ROOT/<domain>/<class>/<image> folder "
                           f"or a manifest .csv/.parquet")
     rel, dom, cls, sizes, mtimes, ignored, problems = [], [], [], [], [], [], []
-    seen_dirs: set[tuple[int, int]] = set()
     for d in sorted(p for p in root.iterdir() if not p.name.startswith(".")):
         if not d.is_dir():
             ignored.append((d.name, "file at dataset root (expected ROOT/<domain>/<class>/<image>)"))
@@ -119,19 +119,14 @@ def scan_folder(root: str | Path) -> ImageTable:
             def unlistable(e: OSError):
                 problems.append((os.path.relpath(e.filename, root), f"cannot list folder: {e.strerror or e}"))
 
-            for dirpath, dirnames, filenames in os.walk(c, followlinks=True, onerror=unlistable):
-                try:
-                    st = os.stat(dirpath)
-                except OSError as e:
-                    problems.append((os.path.relpath(dirpath, root), f"cannot list folder: {e.strerror or e}"))
-                    dirnames[:] = []
-                    continue
-                if (st.st_dev, st.st_ino) in seen_dirs:
-                    ignored.append((os.path.relpath(dirpath, root), "folder already scanned (linked twice or a "
-                                                                    "symbolic link loop)"))
-                    dirnames[:] = []
-                    continue
-                seen_dirs.add((st.st_dev, st.st_ino))
+            for dirpath, dirnames, filenames in os.walk(c, onerror=unlistable):
+                # Linked sub-folders are not followed: inside a dataset they are aliases or loops (a link to ".."
+                # would re-label a whole domain). Link the class folder itself, or list files in a manifest.
+                for sub in [n for n in dirnames if os.path.islink(os.path.join(dirpath, n))]:
+                    dirnames.remove(sub)
+                    ignored.append((os.path.relpath(os.path.join(dirpath, sub), root),
+                                    "linked folder inside a class folder, not followed (link the class folder "
+                                    "itself, or list the files in a manifest)"))
                 dirnames.sort()
                 for f in sorted(filenames):
                     r = os.path.relpath(os.path.join(dirpath, f), root)

@@ -108,15 +108,26 @@ def summarise(res: LoopResult, cfg: FederateConfig, cache: FeatureCache) -> dict
         "communication": communication(cfg, n_clients, res.trainable_params,
                                        cfg.rounds if cfg.algo != "zeroshot" else 0, cache.model_params,
                                        len(cache.classes), cache.dim),
+        "cache": cache_record(cache),
         "seconds": round(res.seconds, 3),
     }
 
 
+def cache_record(cache: FeatureCache) -> dict:
+    """Which cache a run used, and whether it was complete (an unfinished one is only used on request)."""
+    rec = {"path": str(Path(cache.path).resolve()), "images": len(cache), "complete": cache.complete,
+           "allow_incomplete": not cache.complete}
+    if not cache.complete:
+        rec["incomplete_reason"] = cache.incomplete_reason
+    return rec
+
+
 def federate(cache: str | Path | FeatureCache, cfg: FederateConfig, out: Optional[str | Path] = None,
-             seeds: Optional[list[int]] = None, progress: bool = False) -> dict:
-    """Train on a cache and (optionally) write a run folder; returns the summary dict."""
+             seeds: Optional[list[int]] = None, progress: bool = False, allow_incomplete: bool = False) -> dict:
+    """Train on a cache and (optionally) write a run folder; returns the summary dict. An unfinished cache is
+    refused unless ``allow_incomplete`` (then the summary's ``cache`` record says so)."""
     cfg.validate()
-    fc = cache if isinstance(cache, FeatureCache) else open_cache(cache)
+    fc = cache if isinstance(cache, FeatureCache) else open_cache(cache, allow_incomplete=allow_incomplete)
     exps = build_experiments(fc, cfg, seeds)
     on_round, bar = None, None
     if progress:
