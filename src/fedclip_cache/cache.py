@@ -37,6 +37,7 @@ class FeatureCache:
     skipped: list[dict] = field(default_factory=list)
     complete: bool = True  # False only when opened with allow_incomplete on an unfinished cache
     incomplete_reason: str = ""
+    features_in: str = "memory"  # or "mmap": features served from a memory-mapped file (caches bigger than RAM)
     _features: Optional[np.ndarray] = field(default=None, repr=False)
     _sources: list = field(default_factory=list, repr=False)  # (shard path, source rows, destination rows)
 
@@ -56,17 +57,23 @@ class FeatureCache:
         if gone:
             raise store.CacheError(f"{gone[0]}: the cache changed since it was opened (an extract ran); open it "
                                    f"again")
+        if self.features_in == "mmap":
+            return _mapped_features(self)
         out = np.empty((len(self.labels), self.dim), np.float32)
+        self._fill(out)
+        return out
+
+    def _fill(self, out: np.ndarray) -> None:
+        """Write every served row's embedding into ``out`` (N, D), in reader order, one shard at a time."""
         for shard, src, dst, rows in self._sources:
             if not len(src):
                 continue
             if len(src) == rows and (np.diff(dst) == 1).all():  # the usual case: straight into place, no copy
                 store.read_shard_embedding_into(shard, out[dst[0]:dst[0] + rows])
                 continue
-            buf = np.empty((rows, self.dim), np.float32)
+            buf = np.empty((rows, self.dim), out.dtype)
             store.read_shard_embedding_into(shard, buf)
             out[dst] = buf[src]
-        return out
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -101,11 +108,18 @@ _COLUMNS = ("id", "path", "domain", "client", "class_name", "split")
 
 
 def open_cache(path: str | Path, allow_incomplete: bool = False, verify: bool = False,
-               load_features: bool = True) -> FeatureCache:
+               load_features: bool = True, features_in: str = "auto") -> FeatureCache:
     """Open a complete cache. ``allow_incomplete`` serves what an unfinished extract has committed so far (newest
     row per image); ``verify`` re-hashes every shard against the checksums of the commit; ``load_features=False``
     reads metadata only and defers the feature matrix to the first use of ``.features`` (an extract that changes
-    the cache in between makes that a CacheError: open it again)."""
+    the cache in between makes that a CacheError: open it again).
+
+    ``features_in``: ``memory`` reads the features into one float32 array; ``mmap`` serves them from
+    ``CACHE/features.npy`` (built from the shards on first use, in the stored dtype, and rebuilt when the cache
+    changes), so a cache bigger than RAM trains by gathering batches from the page cache; ``auto`` (default) maps
+    when the float32 matrix would take more than half of the memory available to this process."""
+    if features_in not in ("auto", "memory", "mmap"):
+        raise ValueError(f"features_in must be auto, memory or mmap (got {features_in!r})")
     path = Path(path)
     meta = store.read_meta(path)
     plan = integrity.plan_read(path, meta, allow_incomplete, verify)
@@ -158,6 +172,86 @@ def open_cache(path: str | Path, allow_incomplete: bool = False, verify: bool = 
         class_names=cls["class_name"], labels=labels, splits=cls["split"], classes=classes, templates=templates,
         text_embeddings=text.astype(np.float32), skipped=skipped, complete=plan.complete,
         incomplete_reason=plan.note, _sources=sources)
+    if features_in == "auto":
+        features_in = "mmap" if plan.complete and len(sel) * dim * 4 > available_memory() // 2 else "memory"
+    if features_in == "mmap" and not plan.complete:
+        raise store.CacheError(f"{path}: an unfinished cache cannot be memory-mapped; finish the extract first")
+    cache.features_in = features_in
     if load_features:
         cache.features  # noqa: B018 - read now, while the shards are the ones just checked
     return cache
+
+
+# ------------------------------------------------------------------------------------------ mapped features
+
+FEATURES_FILE = "features.npy"  # derived from the shards, reader order; deleted by the next extract's commit
+FEATURES_STAMP = "features.json"  # which commit features.npy was built from
+
+
+def _commit_stamp(cache: FeatureCache) -> dict:
+    import hashlib
+    import json
+
+    listing = json.dumps(cache.meta.get("shards", {}), sort_keys=True).encode()
+    return {"last_session": cache.meta.get("last_session"), "shards_sha256": hashlib.sha256(listing).hexdigest(),
+            "rows": len(cache.labels), "dim": cache.dim, "dtype": cache.meta.get("dtype", "float32")}
+
+
+def _mapped_features(cache: FeatureCache) -> np.ndarray:
+    """(N, D) read-only memory map of ``features.npy`` (float32, or float16 for float16 caches: consumers convert
+    per batch). Built once per commit, streaming one shard at a time, so building needs no more memory than one
+    shard either."""
+    import json
+
+    f, stamp_file = Path(cache.path) / FEATURES_FILE, Path(cache.path) / FEATURES_STAMP
+    stamp = _commit_stamp(cache)
+    try:
+        ok = f.is_file() and json.loads(stamp_file.read_text()) == stamp
+    except (OSError, ValueError):
+        ok = False
+    if not ok:
+        dtype = np.float16 if stamp["dtype"] == "float16" else np.float32
+
+        def build(tmp: Path) -> None:
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(stamp["rows"], stamp["dim"]))
+            cache._fill(out)
+            out.flush()
+            del out
+
+        try:
+            store.atomic_write(f, build)
+            store.write_json(stamp_file, stamp)
+        except OSError as e:
+            raise store.CacheError(f"{f}: cannot write the memory-mapped features ({e.strerror or e}); free disk "
+                                   f"space or use features_in='memory'") from None
+    return np.load(f, mmap_mode="r")
+
+
+def available_memory() -> int:
+    """Bytes this process can still allocate: MemAvailable, capped by RLIMIT_DATA / RLIMIT_AS when set."""
+    import resource
+
+    avail = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                avail = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    if avail is None:
+        import os
+
+        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    status = {}
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            k, _, v = line.partition(":")
+            if v.strip().endswith("kB"):
+                status[k] = int(v.split()[0]) * 1024
+    except OSError:
+        pass
+    for limit, used in ((resource.RLIMIT_DATA, status.get("VmData", 0)), (resource.RLIMIT_AS, status.get("VmSize", 0))):
+        soft, _ = resource.getrlimit(limit)
+        if soft != resource.RLIM_INFINITY:
+            avail = min(avail, max(0, soft - used))
+    return avail

@@ -73,6 +73,8 @@ def commit(out: Path, meta: dict, inv: Inventory, table: ImageTable, session: st
     store.write_json(out / store.META_FILE, meta)  # the commit point
     for name in obsolete:
         (shard_dir / name).unlink(missing_ok=True)
+    for derived in ("features.npy", "features.json"):  # memory-mapped copy of the old commit (rebuilt on demand)
+        (out / derived).unlink(missing_ok=True)
     return CommitResult(images, len(skipped), retired, superseded)
 
 
