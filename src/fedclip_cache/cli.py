@@ -193,7 +193,7 @@ def _federate_config(fed: dict, validate: bool = True) -> "FederateConfig":
         except ValueError:
             raise ConfigError(f"{FEDERATE_FLAGS['split']} {kw['split']!r}: expected three comma-separated "
                               f"fractions, e.g. 0.6,0.2,0.2") from None
-    if kw.get("heldout") is not None:
+    if kw.get("heldout") is not None and kw["heldout"].strip():  # "" = the default: every domain in turn
         kw["heldout"] = [h.strip() for h in kw["heldout"].split(",")]
         if not all(kw["heldout"]):
             raise ConfigError(f"{FEDERATE_FLAGS['heldout']} {fed['heldout']!r}: expected domain names separated "
