@@ -73,11 +73,18 @@ seeds = [0, 1]
 
 
 def test_dataset_layout_warnings(tmp_path, model_args):
-    warns = check(None, {"art_painting": 2048, "cartoon": 10, "photo": 1670}, set(DATASETS["PACS"]["classes"]))
+    warns = check("PACS", {"art_painting": 2048, "cartoon": 10, "photo": 1670}, set(DATASETS["PACS"]["classes"]))
     assert any("'cartoon' has 10 images, expected 2,344" in w for w in warns)
     assert any("'sketch' is missing" in w for w in warns)
     assert check(None, {"a": 1, "b": 2}, {"x"}) == []
+    # recognised by default only when the domain set matches exactly: photo + sketch is not "a broken PACS"
+    assert check(None, {"photo": 5, "sketch": 5}, {"dog"}) == []
+    full = dict(DATASETS["PACS"]["domains"], cartoon=10)
+    assert any("'cartoon' has 10 images" in w for w in check(None, full, set(DATASETS["PACS"]["classes"])))
     root = write_image_folder(tmp_path / "d", domains=("photo", "sketch", "cartoon"), classes=("dog", "cat"))
     r = runner.invoke(app, ["extract", str(root), str(tmp_path / "c"), *model_args, "--workers", "0", "-q"])
+    assert r.exit_code == 0 and "PACS" not in r.output
+    r = runner.invoke(app, ["extract", str(root), str(tmp_path / "c"), *model_args, "--workers", "0", "-q",
+                            "--dataset", "PACS"])
     assert r.exit_code == 0
     assert "PACS: domain 'art_painting' is missing" in r.output and "classes differ" in r.output

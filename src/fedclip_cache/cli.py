@@ -75,7 +75,8 @@ def extract(
              "activation its weights were trained with: pass --quick-gelu for OpenAI-trained weights loaded from a "
              "file. The activation built is recorded in the cache."),
     dataset: Optional[str] = typer.Option(None, help="Known dataset (PACS, VLCS, OfficeHome, DomainNet) to check "
-                                                     "counts against; default: recognised by its domain names."),
+                                                     "counts against; default: recognised only by its exact set "
+                                                     "of domain names."),
     exif_transpose: bool = typer.Option(False, help="Rotate images by their EXIF orientation tag before "
                                                     "preprocessing (the official code, like ImageFolder, does not)."),
     verify: bool = typer.Option(False, help="Re-hash every committed shard before resuming (default: size check); "
@@ -211,23 +212,45 @@ def with_federate_options(func):
     return wrapper
 
 
-def _federate_config(fed: dict) -> "FederateConfig":
-    from .federated.config import FederateConfig
+def _flag(name: str, opt) -> str:
+    decls = [d for d in getattr(opt, "param_decls", None) or () if d.startswith("--")]
+    return decls[0] if decls else "--" + name.replace("_", "-")
+
+
+# Config field -> the flag a user types (num_clients -> --clients), so that every error names the real flag.
+FEDERATE_FLAGS: dict[str, str] = {n: _flag(n, opt) for n, _, opt in FEDERATE_OPTIONS}
+
+
+def _federate_config(fed: dict, validate: bool = True) -> "FederateConfig":
+    from .federated.config import ConfigError, FederateConfig
 
     kw = dict(fed)
-    try:
-        kw["split"] = tuple(float(x) for x in kw["split"].split(","))
-    except ValueError:
-        raise typer.BadParameter("--split takes three fractions, e.g. 0.6,0.2,0.2") from None
-    kw["heldout"] = [h for h in (kw.get("heldout") or "").split(",") if h]
-    return FederateConfig(**kw).validate()
+    if isinstance(kw.get("split"), str):
+        try:
+            kw["split"] = tuple(float(x) for x in kw["split"].split(","))
+        except ValueError:
+            raise ConfigError(f"{FEDERATE_FLAGS['split']} {kw['split']!r}: expected three comma-separated "
+                              f"fractions, e.g. 0.6,0.2,0.2") from None
+    if kw.get("heldout") is not None and kw["heldout"].strip():  # "" = the default: every domain in turn
+        kw["heldout"] = [h.strip() for h in kw["heldout"].split(",")]
+        if not all(kw["heldout"]):
+            raise ConfigError(f"{FEDERATE_FLAGS['heldout']} {fed['heldout']!r}: expected domain names separated "
+                              f"by commas, e.g. photo,sketch")
+    else:
+        kw["heldout"] = []
+    cfg = FederateConfig(**kw)
+    return cfg.validate(FEDERATE_FLAGS) if validate else cfg
 
 
 def _seeds(text: str) -> list[int]:
+    from .federated.config import ConfigError
+    from .sweep import check_seeds
+
     try:
-        return [int(s) for s in text.split(",") if s.strip()]
+        seeds = [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
-        raise typer.BadParameter("--seeds takes comma-separated integers, e.g. 0,1,2") from None
+        raise ConfigError(f"--seeds {text!r}: expected comma-separated whole numbers, e.g. 0,1,2") from None
+    return check_seeds(seeds, "--seeds")
 
 
 @app.command()
@@ -245,7 +268,8 @@ def federate(
     from .report import render_run_summary
 
     cfg = _federate_config(fed_options)
-    summary = run_federate(cache, cfg, out, seeds=_seeds(seeds) if seeds else None, progress=not quiet and not as_json)
+    seed_list = _seeds(seeds) if seeds is not None else None
+    summary = run_federate(cache, cfg, out, seeds=seed_list, progress=not quiet and not as_json)
     if as_json:
         print(json.dumps(summary, indent=2))
         return
@@ -270,10 +294,12 @@ def sweep(
 ):
     """Run a grid of federate configurations x seeds on one cache; tables, Parquet results and plots."""
     from .report import render_sweep
-    from .sweep import parse_grid, sweep as run_sweep
+    from .sweep import grid_names, parse_grid, plan, sweep as run_sweep
 
-    base = _federate_config(fed_options)
-    g = parse_grid(grid)
+    base = _federate_config(fed_options, validate=False)  # validated per grid point: the grid may override it
+    g, names = parse_grid(grid), {**FEDERATE_FLAGS, **grid_names(grid)}
+    seed_list = _seeds(seeds)
+    plan(cache, base, g, seed_list, jobs, names)  # every point checked before the progress bar or any file
     progress = None
     if not quiet:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
@@ -283,7 +309,7 @@ def sweep(
         progress.start()
         task = progress.add_task("sweep", total=None)
     try:
-        res = run_sweep(cache, base, g, _seeds(seeds), out, jobs=jobs,
+        res = run_sweep(cache, base, g, seed_list, out, jobs=jobs, names=names,
                         on_done=(lambda d, t: progress.update(task, completed=d, total=t)) if progress else None)
     finally:
         if progress:

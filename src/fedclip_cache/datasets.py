@@ -25,22 +25,31 @@ DATASETS: dict[str, dict] = {
 
 
 def identify(domains: set[str]) -> Optional[str]:
-    """The known dataset whose domain names these are (most overlap, at least half), if any."""
-    best, score = None, 0.0
+    """The known dataset whose domain names are exactly these, if any.
+
+    Only an exact match counts: two or three domains that happen to share names with a known dataset (``photo``
+    and ``sketch`` are PACS's and DomainNet's) are just a folder, not a damaged copy of that dataset. Pass the
+    dataset explicitly (``--dataset``) to check a partial download against it."""
     for name, spec in DATASETS.items():
-        overlap = len(domains & set(spec["domains"])) / len(spec["domains"])
-        if overlap > score:
-            best, score = name, overlap
-    return best if score >= 0.5 else None
+        if set(domains) == set(spec["domains"]):
+            return name
+    return None
+
+
+def canonical(name: str) -> Optional[str]:
+    """The registry's spelling of a dataset name, case-insensitively (``pacs`` -> ``PACS``); None if unknown."""
+    return next((k for k in DATASETS if k.lower() == str(name).lower()), None)
 
 
 def check(dataset: Optional[str], counts: dict[str, int], classes: set[str]) -> list[str]:
-    """Warnings for a dataset on disk versus its expected layout; ``dataset=None`` identifies it by domain names."""
+    """Warnings for a dataset on disk versus its expected layout; ``dataset=None`` identifies it by its exact set of
+    domain names (see :func:`identify`), an explicit name is checked whatever the domains."""
     name = dataset or identify(set(counts))
     if name is None:
         return []
-    if name not in DATASETS:
+    if canonical(name) is None:
         return [f"unknown dataset {name!r}; known: {', '.join(DATASETS)}"]
+    name = canonical(name)
     spec = DATASETS[name]
     out = []
     for dom, n in spec["domains"].items():

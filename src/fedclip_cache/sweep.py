@@ -26,25 +26,36 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from .federated.config import ConfigError, FederateConfig
+from .federated.config import ConfigError, FederateConfig, _said
 from .store import atomic_write, write_json
 
 GRID_ALIASES = {"clients": "num_clients", "epochs": "local_epochs"}
+MAX_SEED = 2**63 - 1
 
 
-def _convert(name: str, raw: str) -> Any:
-    fields = {f.name: f for f in dataclasses.fields(FederateConfig)}
+def grid_field(key: str, where: str = "--grid") -> str:
+    """The FederateConfig field a grid key names (``clients`` -> ``num_clients``); an error naming the key if none."""
+    fields = {f.name for f in dataclasses.fields(FederateConfig)}
+    name = key.strip().replace("-", "_")
     name = GRID_ALIASES.get(name, name)
-    if name not in fields or name in ("seed",):
-        hint = " (use --seeds for seeds)" if name == "seed" else ""
-        raise ConfigError(f"--grid key {name!r} is not a federate option{hint}; known: "
+    if name not in fields or name == "seed":
+        hint = " (use --seeds for seeds)" if name in ("seed", "seeds") else ""
+        raise ConfigError(f"{where} key {key!r} is not a federate option{hint}; known: "
                           f"{', '.join(sorted(k for k in fields if k != 'seed'))}")
+    return name
+
+
+def _convert(name: str, raw: str, label: str) -> Any:
+    """One grid value from the command line, typed like the field it sets (ranges are checked by validate)."""
     default = getattr(FederateConfig(), name)
     if name == "heldout":
         return [h for h in raw.split("+") if h]
-    if name == "split":
-        return tuple(float(x) for x in raw.split("/"))
     try:
+        if name == "split":
+            vals = tuple(float(x) for x in raw.split("/"))
+            if len(vals) != 3:
+                raise ValueError
+            return vals
         if name == "hidden":
             return None if raw in ("none", "default") else int(raw)
         if name == "logit_scale":  # none/cache: the model's own, from the cache
@@ -56,32 +67,107 @@ def _convert(name: str, raw: str) -> Any:
         if isinstance(default, float):
             return float(raw)
     except ValueError:
-        kind = {"hidden": "int", "logit_scale": "float"}.get(name, type(default).__name__)
-        raise ConfigError(f"--grid {name}={raw!r}: not a valid {kind}") from None
+        kind = ("three fractions separated by '/', e.g. 0.6/0.2/0.2" if name == "split" else
+                "int" if name == "hidden" else "float" if name == "logit_scale" else type(default).__name__)
+        raise ConfigError(f"{label}{raw!r}: not a valid {kind}" if name != "split" else
+                          f"{label}{raw!r}: expected {kind}") from None
     return raw
 
 
-def parse_grid(specs: list[str]) -> dict[str, list]:
-    """``["hidden=32,64", "lr=1e-4,5e-5"]`` -> {"hidden": [32, 64], "lr": [1e-4, 5e-5]}."""
+def parse_grid(specs: list[str], where: str = "--grid") -> dict[str, list]:
+    """``["hidden=32,64", "lr=1e-4,5e-5"]`` -> {"hidden": [32, 64], "lr": [1e-4, 5e-5]}; see :func:`grid_names`."""
+    return _parse_grid(specs, where)[0]
+
+
+def grid_names(specs: list[str], where: str = "--grid") -> dict[str, str]:
+    """Field -> how the user wrote it (``{"num_clients": "--grid clients="}``), for error messages."""
+    return _parse_grid(specs, where)[1]
+
+
+def _parse_grid(specs: list[str], where: str) -> tuple[dict[str, list], dict[str, str]]:
     grid: dict[str, list] = {}
+    names: dict[str, str] = {}
     for spec in specs:
         for part in spec.split(";"):
             if not part.strip():
                 continue
             if "=" not in part:
-                raise ConfigError(f"--grid {part!r}: expected KEY=V1,V2,... e.g. hidden=32,64,128")
+                raise ConfigError(f"{where} {part!r}: expected KEY=V1,V2,... e.g. hidden=32,64,128")
             key, vals = part.split("=", 1)
-            key = GRID_ALIASES.get(key.strip().replace("-", "_"), key.strip().replace("-", "_"))
-            grid[key] = [_convert(key, v.strip()) for v in vals.split(",") if v.strip()]
-    return grid
+            key = key.strip()
+            name = grid_field(key, where)
+            if name in grid:
+                raise ConfigError(f"{where} {key}: given twice; list all its values once, e.g. {key}=1,2")
+            names[name] = f"{where} {key}="
+            grid[name] = check_grid_values(name, [_convert(name, v.strip(), names[name])
+                                                  for v in vals.split(",") if v.strip()], names[name])
+    return grid, names
 
 
-def expand(base: FederateConfig, grid: dict[str, list]) -> list[FederateConfig]:
+def check_grid_values(name: str, values: list, label: str) -> list:
+    """A grid key needs at least one value and no value twice (two equal points would be one point)."""
+    if not values:
+        raise ConfigError(f"{label}: no values; give at least one, e.g. {label.rstrip('= ')}=V1,V2")
+    seen = []
+    for v in values:
+        if v in seen:
+            raise ConfigError(f"{label}{v!r}: value given twice")
+        seen.append(v)
+    return values
+
+
+def check_seeds(seeds: list, label: str = "--seeds") -> list[int]:
+    """At least one seed, each a whole number in [0, 2**63), none twice."""
+    if not isinstance(seeds, (list, tuple)) or not seeds:
+        raise ConfigError(f"{label}: give at least one seed, e.g. 0,1,2")
+    for s in seeds:
+        if isinstance(s, bool) or not isinstance(s, int):
+            raise ConfigError(f"{label}: {s!r} is not a whole number; seeds are e.g. 0,1,2")
+        if not 0 <= s <= MAX_SEED:
+            raise ConfigError(f"{label}: seed {s} out of range (0 to 2**63 - 1)")
+    dup = next((s for i, s in enumerate(seeds) if s in seeds[:i]), None)
+    if dup is not None:
+        raise ConfigError(f"{label}: seed {dup} given twice")
+    return [int(s) for s in seeds]
+
+
+def expand(base: FederateConfig, grid: dict[str, list], names: Optional[dict[str, str]] = None) -> list[FederateConfig]:
+    """Every grid point as a validated config; ``names`` (field -> how the user wrote it) words the errors."""
     keys = list(grid)
     out = []
     for combo in itertools.product(*(grid[k] for k in keys)) if keys else [()]:
-        out.append(dataclasses.replace(base, **dict(zip(keys, combo))).validate())
+        out.append(dataclasses.replace(base, **dict(zip(keys, combo))).validate(names))
     return out
+
+
+def preflight(cache_path: str | Path, points: list[FederateConfig], names: Optional[dict[str, str]] = None) -> None:
+    """Check configurations against a cache's metadata (domains, templates, classes, device) before any work."""
+    from .store import read_meta
+
+    meta = read_meta(cache_path)
+    names = names or {}
+
+    def flag(n: str) -> str:
+        return names.get(n) or "--" + n.replace("_", "-")
+
+    domains, templates, classes = meta.get("domains"), meta.get("templates"), meta.get("classes")
+    for cfg in points:
+        missing = [h for h in cfg.heldout if domains is not None and h not in domains]
+        if missing:
+            raise ConfigError(f"{_said(flag('heldout'), missing[0])}: not a domain of this cache; domains: "
+                              f"{', '.join(domains)}")
+        if (cfg.head == "text" and cfg.template != "mean" and templates is not None
+                and int(cfg.template) >= len(templates)):
+            raise ConfigError(f"{_said(flag('template'), cfg.template)}: this cache has {len(templates)} "
+                              f"template(s): give an index below {len(templates)} or 'mean'")
+        if cfg.partition == "pathological" and classes is not None and cfg.classes_per_client > len(classes):
+            raise ConfigError(f"{_said(flag('classes_per_client'), cfg.classes_per_client)}: the cache has only "
+                              f"{len(classes)} classes")
+        if cfg.device.startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ConfigError(f"{_said(flag('device'), cfg.device)}: no CUDA GPU is visible; use cpu or auto")
 
 
 def point_id(cfg: FederateConfig) -> str:
@@ -109,11 +195,30 @@ def _run_point(cache, cfg_dict: dict, seeds: list[int], folder: str, threads: Op
     return folder
 
 
+def plan(cache_path: str | Path, base: FederateConfig, grid: dict[str, list], seeds: list[int], jobs: int = 1,
+         names: Optional[dict[str, str]] = None, seeds_label: str = "--seeds",
+         jobs_label: str = "--jobs") -> tuple[list[FederateConfig], list[int]]:
+    """Validate a whole sweep without doing any work: seeds, jobs, every grid point, and the points against the
+    cache. Returns (points, seeds)."""
+    seeds = check_seeds(seeds, seeds_label)
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ConfigError(f"{_said(jobs_label, jobs)}: must be a whole number >= 1")
+    for k, vs in grid.items():
+        check_grid_values(k, vs, (names or {}).get(k) or f"--grid {k}=")
+    points = expand(base, grid, names)
+    preflight(cache_path, points, names)
+    return points, seeds
+
+
 def sweep(cache_path: str | Path, base: FederateConfig, grid: dict[str, list], seeds: list[int],
-          out: str | Path, jobs: int = 1, on_done: Optional[Callable[[int, int], None]] = None) -> dict:
-    """Run every grid point not already in ``out``; return the aggregated results (see :func:`collect`)."""
+          out: str | Path, jobs: int = 1, on_done: Optional[Callable[[int, int], None]] = None,
+          names: Optional[dict[str, str]] = None, seeds_label: str = "--seeds", jobs_label: str = "--jobs") -> dict:
+    """Run every grid point not already in ``out``; return the aggregated results (see :func:`collect`).
+
+    Everything (seeds, every grid point, the points against the cache) is checked before anything is written;
+    ``names`` maps a config field to how the user wrote it, for the error messages."""
     out = Path(out)
-    points = expand(base, grid)
+    points, seeds = plan(cache_path, base, grid, seeds, jobs, names, seeds_label, jobs_label)
     # Point folders are named by (config hash, seeds), so other seeds are other work and never mixed in.
     write_json(out / "sweep.json", {"cache": str(Path(cache_path).resolve()), "base": base.to_dict(),
                             "grid": {k: [list(v) if isinstance(v, tuple) else v for v in vs] for k, vs in grid.items()},
