@@ -195,7 +195,7 @@ def test_killed_extract_is_refused_by_federate_then_finished(tmp_path, image_roo
                    "Re-run the same `fedclip-cache extract`")
     one_line_error(*run("sweep", out, "-o", tmp_path / "s", "--grid", "hidden=8", "--rounds", "1"),
                    "incomplete cache")
-    code, o, e = run("federate", out, "--rounds", "1", "--allow-incomplete", "--json", "--head", "prototype")
+    code, o, e = run("federate", out, "--rounds", "1", "--allow-incomplete", "--json", "--protocol", "personal")
     assert code == 0, o + e
     summary = json.loads(o)
     assert summary["cache"]["complete"] is False and summary["cache"]["allow_incomplete"] is True

@@ -253,6 +253,18 @@ def _seeds(text: str) -> list[int]:
     return check_seeds(seeds, "--seeds")
 
 
+ALLOW_INCOMPLETE_HELP = ("Use a cache whose extract was killed or is still running (refused by default); the run's "
+                         "summary records that the cache was incomplete.")
+FEATURES_HELP = ("Where the features live: memory | mmap (served from CACHE/features.npy, for caches bigger than "
+                 "RAM) | auto (mmap when the features would take more than half the available memory).")
+
+
+def _features_in(value: str) -> str:
+    if value not in ("auto", "memory", "mmap"):
+        raise typer.BadParameter(f"{value!r} unknown; choose auto, memory or mmap", param_hint="--features")
+    return value
+
+
 @app.command()
 @with_federate_options
 def federate(
@@ -260,6 +272,8 @@ def federate(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (config, metrics.parquet, summary.json)."),
     seeds: Optional[str] = typer.Option(None, help="Several seeds at once, e.g. 0,1,2 (trained together)."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    allow_incomplete: bool = typer.Option(False, help=ALLOW_INCOMPLETE_HELP),
+    features: str = typer.Option("auto", help=FEATURES_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
     fed_options: dict = None,
 ):
@@ -269,7 +283,10 @@ def federate(
 
     cfg = _federate_config(fed_options)
     seed_list = _seeds(seeds) if seeds is not None else None
-    summary = run_federate(cache, cfg, out, seeds=seed_list, progress=not quiet and not as_json)
+    from .cache import open_cache
+
+    fc = open_cache(cache, allow_incomplete=allow_incomplete, features_in=_features_in(features))
+    summary = run_federate(fc, cfg, out, seeds=seed_list, progress=not quiet and not as_json)
     if as_json:
         print(json.dumps(summary, indent=2))
         return
@@ -289,6 +306,8 @@ def sweep(
                                             "product is run, e.g. --grid hidden=32,64,128 --grid algo=fedclip,local"),
     seeds: str = typer.Option("0,1,2", help="Seeds, trained together per grid point."),
     jobs: int = typer.Option(1, min=1, help="Worker processes for grid points (torch threads are divided)."),
+    allow_incomplete: bool = typer.Option(False, help=ALLOW_INCOMPLETE_HELP),
+    features: str = typer.Option("auto", help=FEATURES_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
     fed_options: dict = None,
 ):
@@ -299,6 +318,9 @@ def sweep(
     base = _federate_config(fed_options, validate=False)  # validated per grid point: the grid may override it
     g, names = parse_grid(grid), {**FEDERATE_FLAGS, **grid_names(grid)}
     seed_list = _seeds(seeds)
+    from .cache import open_cache
+
+    open_cache(cache, allow_incomplete=allow_incomplete, load_features=False)  # an unfinished cache: refused first
     plan(cache, base, g, seed_list, jobs, names)  # every point checked before the progress bar or any file
     progress = None
     if not quiet:
@@ -309,7 +331,8 @@ def sweep(
         progress.start()
         task = progress.add_task("sweep", total=None)
     try:
-        res = run_sweep(cache, base, g, seed_list, out, jobs=jobs, names=names,
+        res = run_sweep(cache, base, g, seed_list, out, jobs=jobs, names=names, allow_incomplete=allow_incomplete,
+                        features_in=_features_in(features),
                         on_done=(lambda d, t: progress.update(task, completed=d, total=t)) if progress else None)
     finally:
         if progress:

@@ -320,6 +320,7 @@ def _extract_locked(cfg: ExtractConfig, table: ImageTable, lm: LoadedModel, fp: 
             meta["embedding_dim"] = int(text.shape[-1])
         # From here until the commit, readers refuse the cache: the fingerprint is on disk before the first shard.
         meta["state"] = "in-progress"
+        meta["classes"], meta["templates"] = classes, templates
         (out / store.SHARD_DIR).mkdir(parents=True, exist_ok=True)
         store.write_json(meta_file, meta)
         if stale_text:

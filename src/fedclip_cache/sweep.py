@@ -176,15 +176,19 @@ def point_id(cfg: FederateConfig) -> str:
     return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def _run_point(cache, cfg_dict: dict, seeds: list[int], folder: str, threads: Optional[int]) -> str:
+def _run_point(cache, cfg_dict: dict, seeds: list[int], folder: str, threads: Optional[int],
+               opener: Optional[dict] = None) -> str:
     """Train one point for all seeds together and commit its folder. ``cache``: an open FeatureCache (in-process)
-    or its path (worker processes open it themselves)."""
+    or its path (worker processes open it themselves, with ``opener``'s open_cache options)."""
     import torch
 
+    from .cache import open_cache
     from .federated.results import federate
 
     if threads:
         torch.set_num_threads(threads)
+    if not hasattr(cache, "features"):
+        cache = open_cache(cache, **(opener or {}))
     cfg = FederateConfig.from_dict(cfg_dict)
     federate(cache, cfg, out=Path(folder) / ".staging", seeds=seeds)
     staging = Path(folder) / ".staging"
@@ -212,13 +216,18 @@ def plan(cache_path: str | Path, base: FederateConfig, grid: dict[str, list], se
 
 def sweep(cache_path: str | Path, base: FederateConfig, grid: dict[str, list], seeds: list[int],
           out: str | Path, jobs: int = 1, on_done: Optional[Callable[[int, int], None]] = None,
-          names: Optional[dict[str, str]] = None, seeds_label: str = "--seeds", jobs_label: str = "--jobs") -> dict:
+          names: Optional[dict[str, str]] = None, seeds_label: str = "--seeds", jobs_label: str = "--jobs",
+          allow_incomplete: bool = False, features_in: str = "auto") -> dict:
     """Run every grid point not already in ``out``; return the aggregated results (see :func:`collect`).
 
-    Everything (seeds, every grid point, the points against the cache) is checked before anything is written;
-    ``names`` maps a config field to how the user wrote it, for the error messages."""
+    Everything (seeds, every grid point, the points against the cache, the cache's completeness) is checked before
+    anything is written; ``names`` maps a config field to how the user wrote it, for the error messages."""
+    from .cache import open_cache
+
     out = Path(out)
+    open_cache(cache_path, allow_incomplete=allow_incomplete, load_features=False)  # refuse an unfinished cache now
     points, seeds = plan(cache_path, base, grid, seeds, jobs, names, seeds_label, jobs_label)
+    opener = {"allow_incomplete": allow_incomplete, "features_in": features_in}
     # Point folders are named by (config hash, seeds), so other seeds are other work and never mixed in.
     write_json(out / "sweep.json", {"cache": str(Path(cache_path).resolve()), "base": base.to_dict(),
                             "grid": {k: [list(v) if isinstance(v, tuple) else v for v in vs] for k, vs in grid.items()},
@@ -233,9 +242,7 @@ def sweep(cache_path: str | Path, base: FederateConfig, grid: dict[str, list], s
     if on_done:
         on_done(done, len(points))
     if jobs <= 1:
-        from .cache import open_cache
-
-        cache = open_cache(cache_path) if todo else None  # read once for all points, not once per point
+        cache = open_cache(cache_path, **opener) if todo else None  # read once for all points, not once per point
         for cfg, folder in todo:
             _run_point(cache, cfg.to_dict(), seeds, str(folder), None)
             done += 1
@@ -244,7 +251,7 @@ def sweep(cache_path: str | Path, base: FederateConfig, grid: dict[str, list], s
     else:
         threads = max(1, (os.cpu_count() or 1) // jobs)
         with ProcessPoolExecutor(jobs) as ex:
-            futs = [ex.submit(_run_point, str(cache_path), cfg.to_dict(), seeds, str(folder), threads)
+            futs = [ex.submit(_run_point, str(cache_path), cfg.to_dict(), seeds, str(folder), threads, opener)
                     for cfg, folder in todo]
             for f in as_completed(futs):
                 f.result()
