@@ -68,8 +68,11 @@ seeds = [0, 1]
     assert [e["heldout"] for e in s["experiments"]] == ["art", "photo", "sketch"] and s["rounds"] == 2
     assert (tmp_path / "out" / "sweep" / "summary.md").read_text().count("±") == 2 * 4
     r = runner.invoke(app, args + ["--set", "federate.rounds=1", "--no-sweep"])
-    assert r.exit_code == 0 and "re-using cache" in r.output
+    assert r.exit_code == 0 and "extracted 0 images" in r.output  # --data given: incremental, nothing to do
     assert json.loads((tmp_path / "out" / "federate" / "summary.json").read_text())["rounds"] == 1
+    no_data = ["run", str(p), "--base-dir", str(tmp_path), "--no-sweep"]
+    r = runner.invoke(app, no_data)
+    assert r.exit_code == 0 and "re-using cache" in r.output
 
 
 def test_dataset_layout_warnings(tmp_path, model_args):

@@ -218,7 +218,7 @@ def load(path: str | Path, overrides: Optional[list[str]] = None) -> dict:
 
 def run(path: str | Path, data: Optional[str], overrides: Optional[list[str]] = None, base_dir: str | Path = ".",
         log: Callable[[str], None] = print, skip_sweep: bool = False) -> dict:
-    """Extract (skipped when the cache is already complete for this data), federate, sweep.
+    """Extract (incremental: only new or changed images are embedded; skipped without --data), federate, sweep.
 
     The whole pipeline is validated first (:func:`prepare`), and against the cache as soon as it exists, so a
     typo in the sweep fails before the federate stage trains anything."""
@@ -226,7 +226,6 @@ def run(path: str | Path, data: Optional[str], overrides: Optional[list[str]] = 
     from .extract import ExtractConfig, extract
     from .federated.results import federate
     from .models import ModelSpec
-    from .store import read_meta
     from .sweep import expand, preflight, sweep
 
     plan = prepare(path, overrides)
@@ -241,16 +240,13 @@ def run(path: str | Path, data: Optional[str], overrides: Optional[list[str]] = 
     sweeping = bool(cfg.get("sweep")) and not skip_sweep
     points = [plan.federate] + (expand(plan.federate, plan.grid, names) if sweeping else [])
 
-    complete = False
-    if (cache / "cache.json").is_file():
-        runs = read_meta(cache).get("runs", [])
-        complete = bool(runs) and (data is None or runs[-1]["source"] == str(Path(data).resolve()))
-    if complete:
+    if data is None:  # no dataset given: use the cache as it is (open_cache refuses an unfinished one)
+        if not (cache / "cache.json").is_file():
+            raise ConfigError(f"{cache} does not exist yet: pass --data PATH (the dataset folder or manifest)")
+        open_cache(cache, load_features=False)  # an unfinished or damaged cache is refused before any work
         preflight(cache, points, names)
         log(f"re-using cache {cache}")
-    else:
-        if data is None:
-            raise ConfigError(f"{cache} does not exist yet: pass --data PATH (the dataset folder or manifest)")
+    else:  # extract is incremental: a no-op for unchanged data, and it picks up added, changed and removed files
         spec = ModelSpec(**{k: ex.pop(k) for k in ("model", "pretrained", "model_config", "image_mean",
                                                      "image_std", "seed", "quick_gelu") if k in ex})
         if "templates" in ex:
