@@ -403,6 +403,7 @@ BAD_EXTRACT_OPTIONS = [
     (["--image-mean", "0.5,nan,0.5"], "--image-mean takes three finite numbers"),
     (["--image-std", "0.5,0,0.5"], "--image-std values must be > 0"),
     (["--model", "no-such-model", "--pretrained", "none"], "unknown model 'no-such-model'"),
+    (["--dataset", "Pacs2"], "--dataset 'Pacs2' unknown"),
 ]
 
 

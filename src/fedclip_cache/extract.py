@@ -241,6 +241,12 @@ def validate_config(cfg: ExtractConfig) -> None:
     if cfg.model.image_std is not None and min(cfg.model.image_std) <= 0:
         raise ExtractError(f"--image-std values must be > 0 (got {list(cfg.model.image_std)})")
     resolve_device(cfg.device)
+    if cfg.dataset is not None:
+        from .datasets import DATASETS, canonical
+
+        if canonical(cfg.dataset) is None:
+            raise ExtractError(f"--dataset {cfg.dataset!r} unknown; choose one of {', '.join(DATASETS)} or leave it "
+                               f"out")
 
 
 def extract(cfg: ExtractConfig) -> ExtractReport:
