@@ -472,3 +472,43 @@ def test_crash_around_the_commit_never_serves_retired_rows(tmp_path, image_root,
     c = open_cache(out)
     assert sorted(c.paths.tolist()) == on_disk
     assert shard_rows(out)["paths"] == on_disk  # the shard files too: no stale copy left behind
+
+
+MAPPED_PROBE = r"""
+import resource, sys, json
+import numpy as np
+from fedclip_cache import open_cache
+cache = sys.argv[1]
+open_cache(cache, load_features=False, features_in="memory")  # imports warm before the limit
+vm = {l.split(':')[0]: int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.rstrip().endswith('kB')}
+resource.setrlimit(resource.RLIMIT_DATA, (vm['VmData'] + int(sys.argv[2]), resource.RLIM_INFINITY))
+out = {}
+try:
+    open_cache(cache, features_in="memory")
+    out["memory"] = "ok"
+except MemoryError:
+    out["memory"] = "MemoryError"
+c = open_cache(cache)  # auto
+out["auto"] = c.features_in
+out["sums"] = [float(np.asarray(c.features[i:i + 2048], np.float64).sum()) for i in range(0, len(c), 2048)]
+print(json.dumps(out))
+"""
+
+
+def test_cache_bigger_than_a_memory_limit_is_served_memory_mapped(tmp_path):
+    from fedclip_cache.synthetic import write_synthetic_cache
+
+    n = 40_000
+    cache = write_synthetic_cache(tmp_path / "c", {"a": 24_000, "b": 16_000}, 5, dim=512, shard_rows=2048)
+    feature_bytes = n * 512 * 4  # 82 MB; the limit leaves 60 % of that for everything else
+    res = subprocess.run([sys.executable, "-c", MAPPED_PROBE, str(cache), str(feature_bytes * 6 // 10)],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["memory"] == "MemoryError"  # the limit really is below the features
+    assert out["auto"] == "mmap"
+    ref = open_cache(cache, features_in="memory").features
+    np.testing.assert_allclose(out["sums"], [ref[i:i + 2048].astype(np.float64).sum() for i in range(0, n, 2048)],
+                               rtol=1e-9)
+    mapped = open_cache(cache, features_in="mmap")
+    assert isinstance(mapped.features, np.memmap) and np.array_equal(np.asarray(mapped.features), ref)
