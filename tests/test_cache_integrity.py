@@ -512,3 +512,24 @@ def test_cache_bigger_than_a_memory_limit_is_served_memory_mapped(tmp_path):
                                rtol=1e-9)
     mapped = open_cache(cache, features_in="mmap")
     assert isinstance(mapped.features, np.memmap) and np.array_equal(np.asarray(mapped.features), ref)
+
+
+def test_info_reads_no_embeddings_and_imports_no_torch(tmp_path):
+    from fedclip_cache.synthetic import write_synthetic_cache
+
+    cache = write_synthetic_cache(tmp_path / "c", {"a": 30, "b": 20}, 3, dim=16, shard_rows=16)
+    probe = (
+        "import sys, json\n"
+        "from fedclip_cache import store\n"
+        "def boom(*a, **k): raise AssertionError('info read embeddings')\n"
+        "store.read_shard_embedding_into = boom\n"
+        "from fedclip_cache.cli import main\n"
+        f"sys.argv = ['fedclip-cache', 'info', {str(cache)!r}, '--json']\n"
+        "try:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+        "print(json.dumps({'torch': 'torch' in sys.modules}))\n")
+    res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.strip().splitlines()
+    assert json.loads(lines[-1]) == {"torch": False}
+    info = json.loads("\n".join(lines[:-1]))
+    assert info["images"] == 50 and info["counts"]["a"] and sum(info["counts"]["b"].values()) == 20

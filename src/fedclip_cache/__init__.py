@@ -1,7 +1,39 @@
-"""fedclip-cache: extract frozen CLIP features once, then train FedCLIP adapters and baselines on the cache."""
-from .cache import FeatureCache, open_cache
-from .extract import ExtractConfig, ExtractReport, extract
-from .models import ModelSpec, load_model
+"""fedclip-cache: extract frozen CLIP features once, then train FedCLIP adapters and baselines on the cache.
 
-__all__ = ["FeatureCache", "open_cache", "ExtractConfig", "ExtractReport", "extract", "ModelSpec", "load_model"]
+The public names are imported lazily (PEP 562), so ``fedclip-cache info`` and other metadata-only uses never pay
+for importing torch.
+"""
+import sys
+import types
+from importlib import import_module
+
+_PUBLIC = {
+    "FeatureCache": ".cache", "open_cache": ".cache", "cache_overview": ".cache",
+    "ExtractConfig": ".extract", "ExtractReport": ".extract", "extract": ".extract",
+    "ModelSpec": ".models", "load_model": ".models",
+    "CacheError": ".store", "FedclipCacheError": ".errors",
+}
+__all__ = list(_PUBLIC)
 __version__ = "0.1.0"
+
+
+class _Package(types.ModuleType):
+    def __getattr__(self, name: str):
+        if name in _PUBLIC:
+            value = getattr(import_module(_PUBLIC[name], __name__), name)
+            setattr(self, name, value)
+            return value
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+    def __setattr__(self, name: str, value) -> None:
+        # Importing the submodule ``fedclip_cache.extract`` binds it as the package attribute ``extract``; keep the
+        # public function of that name there instead (as an eager ``from .extract import extract`` would).
+        if isinstance(value, types.ModuleType) and _PUBLIC.get(name) == "." + name:
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+    def __dir__(self):
+        return sorted(set(super().__dir__()) | set(__all__))
+
+
+sys.modules[__name__].__class__ = _Package

@@ -182,6 +182,68 @@ def open_cache(path: str | Path, allow_incomplete: bool = False, verify: bool = 
     return cache
 
 
+@dataclass
+class CacheOverview:
+    """What ``info`` shows: metadata and counts, read without embeddings and without per-row Python objects."""
+
+    path: Path
+    meta: dict
+    counts_by: dict[tuple[str, str, str], int]  # (domain, client, class_name) -> rows
+    classes: list[str]
+    templates: list[str]
+    skipped: list[dict]
+    complete: bool
+    incomplete_reason: str
+
+    def __len__(self) -> int:
+        return sum(self.counts_by.values())
+
+    @property
+    def dim(self) -> int:
+        return int(self.meta["embedding_dim"])
+
+    @property
+    def domain_names(self) -> list[str]:
+        return sorted({d for d, _, _ in self.counts_by})
+
+    @property
+    def client_names(self) -> list[str]:
+        return sorted({c for _, c, _ in self.counts_by})
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        out = {d: {c: 0 for c in self.classes} for d in self.domain_names}
+        for (d, _, cl), n in self.counts_by.items():
+            out[d][cl] = out[d].get(cl, 0) + n
+        return out
+
+
+def cache_overview(path: str | Path, allow_incomplete: bool = False, verify: bool = False) -> CacheOverview:
+    """Metadata and per-(domain, client, class) counts of a cache; reads no embeddings. An unfinished cache (which
+    may repeat images until its extract commits) is counted through the full reader."""
+    path = Path(path)
+    meta = store.read_meta(path)
+    plan = integrity.plan_read(path, meta, allow_incomplete, verify)
+    skipped = [{"path": store.display_text(r["path"]), "reason": r["reason"], "kind": r.get("kind", "permanent")}
+               for r in meta.get("skipped", [])]
+    if plan.dedupe:
+        c = open_cache(path, allow_incomplete=True, load_features=False)
+        keys, n = np.unique(np.stack([c.domains.astype(str), c.clients.astype(str), c.class_names.astype(str)], 1),
+                            axis=0, return_counts=True)
+        counts = {tuple(k): int(v) for k, v in zip(keys.tolist(), n.tolist())}
+        classes, templates = c.classes, c.templates
+    else:
+        counts: dict = {}
+        for shard in plan.shards:
+            for key, n in store.count_rows(shard, ("domain", "client", "class_name")).items():
+                counts[key] = counts.get(key, 0) + n
+        classes, templates = list(meta.get("classes", [])), list(meta.get("templates", []))
+        unknown = sorted({cl for _, _, cl in counts} - set(classes))
+        if unknown:
+            raise store.CacheError(f"{path}: rows of class {unknown[0]!r} that the cache's class list lacks; re-run "
+                                   f"the same extract command to repair the cache")
+    return CacheOverview(path, meta, counts, classes, templates, skipped, plan.complete, plan.note)
+
+
 # ------------------------------------------------------------------------------------------ mapped features
 
 FEATURES_FILE = "features.npy"  # derived from the shards, reader order; deleted by the next extract's commit

@@ -10,6 +10,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from .errors import FedclipCacheError
+
 if TYPE_CHECKING:
     from .federated.config import FederateConfig
 
@@ -18,15 +20,6 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 console = Console()
 err = Console(stderr=True)
 
-def _user_errors() -> tuple[type[Exception], ...]:
-    """Errors whose message is already a complete one-line diagnosis: print it, exit 2, no traceback."""
-    from .extract import ExtractError
-    from .models import ModelLoadError
-    from .sources import SourceError
-    from .store import CacheError
-    from .federated.config import ConfigError
-
-    return (ExtractError, ModelLoadError, SourceError, CacheError, ConfigError)
 
 
 def _floats(text: Optional[str], name: str) -> Optional[list[float]]:
@@ -145,11 +138,10 @@ def info(cache: Path = typer.Argument(..., help="Cache folder."),
          allow_incomplete: bool = typer.Option(False, help="Describe an unfinished cache (killed or running extract) "
                                                            "instead of refusing it.")):
     """Summarise a cache: model, dimensions, domain x class counts, skipped and retired files. Reads no embeddings."""
-    from .cache import open_cache
+    from .cache import cache_overview
     from .report import cache_summary, render_cache_summary
 
-    summary = cache_summary(open_cache(cache, allow_incomplete=allow_incomplete, verify=verify,
-                                       load_features=False))
+    summary = cache_summary(cache_overview(cache, allow_incomplete=allow_incomplete, verify=verify))
     if as_json:
         print(json.dumps(summary, indent=2))
     else:
@@ -378,7 +370,7 @@ def run(
 def main() -> None:
     try:
         app()
-    except _user_errors() as e:
+    except FedclipCacheError as e:  # a complete one-line diagnosis: print it, exit 2, no traceback
         from rich.markup import escape
 
         err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)

@@ -23,12 +23,13 @@ from .integrity import CACHE_FORMAT_VERSION, CacheBusy, WriterLock
 from .imageio import ImageFiles
 from .models import LoadedModel, ModelSpec, load_model
 from .sources import ImageTable, scan
+from .errors import FedclipCacheError
 
 DEFAULT_TEMPLATES = ("a picture of a {}",)  # the official FedCLIP prompt: 'a picture of a' + ' ' + classname
 FORMAT_VERSION = CACHE_FORMAT_VERSION
 
 
-class ExtractError(RuntimeError):
+class ExtractError(FedclipCacheError, RuntimeError):
     """Extraction cannot go on; the message says why and how to fix it."""
 
 

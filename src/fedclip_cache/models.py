@@ -26,9 +26,10 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
+from .errors import FedclipCacheError
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(FedclipCacheError, RuntimeError):
     """A model or its weights could not be obtained; the message says how to fix it."""
 
 

@@ -6,25 +6,27 @@ from rich.table import Table
 
 from rich.markup import escape
 
-from .cache import FeatureCache
+from .cache import CacheOverview, FeatureCache
 from .store import display_text
 
 
-def cache_summary(c: FeatureCache) -> dict:
+def cache_summary(c: "FeatureCache | CacheOverview") -> dict:
     m = c.meta
+    model = m.get("model") or {}
     return {
         "path": str(c.path),
         "format": m["format"],
-        "model": m["model"]["name"],
-        "pretrained": m["model"]["pretrained"],
-        "weights": m["model"]["weights"],
-        "model_params": m["model"].get("num_params"),
-        "open_clip_version": m["model"].get("open_clip_version"),
-        "torch_version": m["model"].get("torch_version"),
-        "preprocess": m["preprocess"],
+        "model": model.get("name"),
+        "pretrained": model.get("pretrained"),
+        "weights": model.get("weights") or {},
+        "model_params": model.get("num_params"),
+        "activation": model.get("activation") or (m.get("fingerprint") or {}).get("activation"),
+        "open_clip_version": model.get("open_clip_version"),
+        "torch_version": model.get("torch_version"),
+        "preprocess": m.get("preprocess") or {},
         "precision": m.get("precision"),
-        "dtype": m["dtype"],
-        "normalised": m["normalised"],
+        "dtype": m.get("dtype"),
+        "normalised": m.get("normalised", False),
         "images": len(c),
         "dim": c.dim,
         "classes": c.classes,
@@ -50,7 +52,7 @@ def render_cache_summary(s: dict, console: Console) -> None:
     console.print(f"[bold]{escape(s['path'])}[/] ({s['format']}, {s['dtype']}, raw features, D={s['dim']}; {state}, "
                   f"{s['shards']} shard(s))")
     console.print(f"model {s['model']} / {s['pretrained'] or s['weights'].get('kind')} "
-                  f"({s['model_params']:,} params; open_clip {s['open_clip_version']}, torch {s['torch_version']})")
+                  f"({s['model_params'] or 0:,} params, {s['activation'] or 'activation unrecorded'}; open_clip {s['open_clip_version']}, torch {s['torch_version']})")
     console.print(f"preprocess size={p.get('size')} resize={p.get('resize_mode')} interp={p.get('interpolation')} "
                   f"mean={p.get('mean')} std={p.get('std')}; precision {s['precision']}")
     console.print(f"templates: {s['templates']}")

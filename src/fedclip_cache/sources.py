@@ -21,11 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from .errors import FedclipCacheError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
 
-class SourceError(ValueError):
+class SourceError(FedclipCacheError, ValueError):
     """The dataset folder or manifest is unusable; the message names the file and the fix."""
 
 

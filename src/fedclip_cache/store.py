@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+from .errors import FedclipCacheError
 
 META_FILE = "cache.json"
 SHARD_DIR = "shards"
@@ -34,7 +35,7 @@ INDEX_COLUMNS = ("id", "size", "mtime_ns")
 META_KEY = "fedclip_cache"
 
 
-class CacheError(ValueError):
+class CacheError(FedclipCacheError, ValueError):
     """The cache is missing, damaged or incompatible with the request; the message says what to do."""
 
 
@@ -231,6 +232,31 @@ def read_shard(path: Path, columns: tuple[str, ...], with_embedding: bool, dim: 
             return cols, emb
     except CacheError:
         raise
+    except Exception as e:
+        raise _damaged(path, e) from None
+
+
+def count_rows(path: Path, by: tuple[str, ...]) -> dict[tuple, int]:
+    """Row counts per distinct value combination of ``by`` (string columns), without building Python objects per
+    row: what ``info`` needs from a shard."""
+    try:
+        if path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            t = pq.read_table(path, columns=list(by), read_dictionary=list(by))
+            if not t.num_rows:
+                return {}
+            g = t.group_by(list(by)).aggregate([([], "count_all")])
+            cols = [g.column(c).to_pylist() for c in by]
+            return {key: int(n) for key, n in zip(zip(*cols), g.column("count_all").to_pylist())}
+        import h5py
+
+        with h5py.File(path, "r") as f:
+            arrays = [f[c].asstr()[:].astype(str) for c in by]
+        if not len(arrays[0]):
+            return {}
+        keys, counts = np.unique(np.stack(arrays, axis=1), axis=0, return_counts=True)
+        return {tuple(k): int(n) for k, n in zip(keys.tolist(), counts.tolist())}
     except Exception as e:
         raise _damaged(path, e) from None
 

@@ -12,9 +12,10 @@ import re
 from dataclasses import dataclass, field
 from numbers import Integral, Real
 from typing import Any, Mapping, Optional
+from ..errors import FedclipCacheError
 
 
-class ConfigError(ValueError):
+class ConfigError(FedclipCacheError, ValueError):
     """A bad option or an incompatible cache; the message names the option and the fix."""
 
 
