@@ -64,16 +64,16 @@ class FeatureCache:
         return out
 
     def _fill(self, out: np.ndarray) -> None:
-        """Write every served row's embedding into ``out`` (N, D), in reader order, one shard at a time."""
+        """Write every served row's embedding into ``out`` (N, D), in reader order, streaming one block at a time."""
         for shard, src, dst, rows in self._sources:
             if not len(src):
                 continue
-            if len(src) == rows and (np.diff(dst) == 1).all():  # the usual case: straight into place, no copy
+            if len(src) == rows and (np.diff(dst) == 1).all():  # the usual case: straight into place
                 store.read_shard_embedding_into(shard, out[dst[0]:dst[0] + rows])
                 continue
-            buf = np.empty((rows, self.dim), out.dtype)
-            store.read_shard_embedding_into(shard, buf)
-            out[dst] = buf[src]
+            dest = np.full(rows, -1, np.int64)
+            dest[src] = dst
+            store.read_shard_embedding_into(shard, out, dest)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -128,43 +128,50 @@ def open_cache(path: str | Path, allow_incomplete: bool = False, verify: bool = 
     if text.shape[-1] != dim:
         raise store.CacheError(f"{path}/text{store.FORMATS[meta['format']]}: width {text.shape[-1]}, the cache's is "
                                f"{dim}; re-run the same extract command to rebuild it")
-    parts, sizes = [], []
-    for shard in plan.shards:
-        cols, _ = store.read_shard(shard, _COLUMNS, False, dim)
-        parts.append(cols)
-        sizes.append(len(cols["id"]))
-    cols = {c: (np.concatenate([p[c] for p in parts]) if parts else np.zeros(0, object)) for c in _COLUMNS}
-    shard_of = np.repeat(np.arange(len(sizes)), sizes)
-    row_in_shard = np.concatenate([np.arange(n) for n in sizes]) if sizes else np.zeros(0, np.int64)
-    keep = np.arange(len(cols["id"]))
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    tables = [store.read_shard_arrow(shard) for shard in plan.shards]
+    sizes = [t.num_rows for t in tables]
+    table = pa.concat_tables(tables).unify_dictionaries() if tables else None
+    n = sum(sizes)
+    if not n:
+        raise store.CacheError(f"{path}: the cache holds no images; run extract to fill it")
+    keep = np.arange(n)
     if plan.dedupe:  # unfinished cache: uncommitted shards may repeat ids; the newest (last) row wins
-        _, first_from_end = np.unique(cols["id"][::-1], return_index=True)
-        keep = np.sort(len(keep) - 1 - first_from_end)
-    elif len(np.unique(cols["id"])) != len(keep):
+        ids = table.column("id").to_numpy()
+        _, first_from_end = np.unique(ids[::-1], return_index=True)
+        keep = np.sort(n - 1 - first_from_end)
+    elif pc.count_distinct(table.column("id")).as_py() != n:
         raise store.CacheError(f"{path}: the committed shards repeat an image; re-run the same extract command to "
                                f"repair the cache")
-    if not len(keep):
-        raise store.CacheError(f"{path}: the cache holds no images; run extract to fill it")
-    # Canonical order (by relative path) so that caches written by 1 or N processes, in any shard order, give
+    # Canonical order (by the path's bytes) so that caches written by 1 or N processes, in any shard order, give
     # the same arrays.
-    sel = keep[np.argsort(cols["path"][keep].astype(str), kind="stable")]
-    cls = {c: v[sel] for c, v in cols.items()}
+    kept = table.take(pa.array(keep)) if plan.dedupe else table
+    sel = keep[pc.sort_indices(kept, sort_keys=[("path_bytes", "ascending")]).to_numpy()]
+    rows = table.take(pa.array(sel)).combine_chunks()
+    del table, tables, kept
+    cls = {c: store.category_to_numpy(rows.column(c)) for c in store.CATEGORY_COLUMNS}
+    cls["id"] = rows.column("id").to_numpy(zero_copy_only=False)
+    cls["path"] = store.decode_paths(rows.column("path_bytes"))
     # Labels come from class names against the cache's current class list.
     lookup = {c: i for i, c in enumerate(classes)}
-    names, inv = np.unique(cls["class_name"].astype(str), return_inverse=True)
-    unknown = [n for n in names if n not in lookup]
+    names_col = rows.column("class_name").combine_chunks()
+    names = names_col.dictionary.to_pylist()
+    unknown = [c for c in names if c not in lookup]
     if unknown:
         raise store.CacheError(f"{path}: rows of class {unknown[0]!r} that the cache's class list lacks; re-run the "
                                f"same extract command to repair the cache")
-    labels = np.array([lookup[n] for n in names], np.int64)[inv]
+    labels = np.array([lookup[c] for c in names] + [-1], np.int64)[names_col.indices.to_numpy(zero_copy_only=False)]
+    del rows, names_col
     sources = []
-    dest_of_row = np.full(len(cols["id"]), -1, np.int64)
+    shard_of = np.repeat(np.arange(len(sizes)), sizes)
+    dest_of_row = np.full(n, -1, np.int64)
     dest_of_row[sel] = np.arange(len(sel))
     for s, shard in enumerate(plan.shards):
-        mask = shard_of == s
-        d = dest_of_row[mask]
+        d = dest_of_row[shard_of == s]
         src = np.flatnonzero(d >= 0)
-        sources.append((shard, src, d[src], int(mask.sum())))
+        sources.append((shard, src, d[src], sizes[s]))
     skipped = [{"path": store.display_text(r["path"]), "reason": r["reason"], "kind": r.get("kind", "permanent")}
                for r in meta.get("skipped", [])]
     cache = FeatureCache(

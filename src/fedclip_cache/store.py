@@ -177,7 +177,7 @@ def read_shard_meta(path: Path) -> dict:
     return meta
 
 
-def _decode_paths(arrow_binary) -> np.ndarray:
+def decode_paths(arrow_binary) -> np.ndarray:
     """File-system bytes -> str (surrogate escapes for undecodable bytes, exactly as ``os.fsdecode``)."""
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -200,7 +200,7 @@ def read_shard(path: Path, columns: tuple[str, ...], with_embedding: bool, dim: 
             cols = {}
             for c in columns:
                 if c == "path":
-                    cols[c] = _decode_paths(t.column("path_bytes"))
+                    cols[c] = decode_paths(t.column("path_bytes"))
                 else:
                     cols[c] = t.column(c).to_numpy(zero_copy_only=False)
             emb = None
@@ -236,6 +236,41 @@ def read_shard(path: Path, columns: tuple[str, ...], with_embedding: bool, dim: 
         raise _damaged(path, e) from None
 
 
+CATEGORY_COLUMNS = ("domain", "client", "class_name", "split")
+
+
+def read_shard_arrow(path: Path):
+    """The reader's columns of a shard as an Arrow table: ``id`` (string), ``path_bytes`` (binary) and the
+    dictionary-encoded ``domain``, ``client``, ``class_name`` and ``split`` (few distinct values: no per-row
+    strings until the reader wants them)."""
+    import pyarrow as pa
+
+    try:
+        if path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            return pq.read_table(path, columns=["id", "path_bytes", *CATEGORY_COLUMNS],
+                                 read_dictionary=list(CATEGORY_COLUMNS))
+        import h5py
+
+        with h5py.File(path, "r") as f:
+            arrays = {"id": pa.array(f["id"].asstr()[:].tolist(), pa.string()),
+                      "path_bytes": pa.array([bytes(b) for b in f["path_bytes"][:]], pa.binary())}
+            for c in CATEGORY_COLUMNS:
+                arrays[c] = pa.array(f[c].asstr()[:].tolist(), pa.string()).dictionary_encode()
+        return pa.table(arrays)
+    except Exception as e:
+        raise _damaged(path, e) from None
+
+
+def category_to_numpy(col) -> np.ndarray:
+    """A dictionary-encoded Arrow column -> numpy object array whose elements share one str per distinct value."""
+    arr = col.combine_chunks() if hasattr(col, "combine_chunks") else col
+    values = np.array(arr.dictionary.to_pylist() + [""], dtype=object)
+    idx = arr.indices.to_numpy(zero_copy_only=False)
+    return values[idx] if not arr.null_count else values[np.where(arr.is_null().to_numpy(False), -1, idx)]
+
+
 def count_rows(path: Path, by: tuple[str, ...]) -> dict[tuple, int]:
     """Row counts per distinct value combination of ``by`` (string columns), without building Python objects per
     row: what ``info`` needs from a shard."""
@@ -261,33 +296,47 @@ def count_rows(path: Path, by: tuple[str, ...]) -> dict[tuple, int]:
         raise _damaged(path, e) from None
 
 
-def read_shard_embedding_into(path: Path, out: np.ndarray) -> None:
-    """Fill ``out`` (rows, dim) with the shard's embedding, converting dtype once, without extra copies."""
+def iter_shard_embedding(path: Path, batch_rows: int = 16_384):
+    """Yield ``(first row, (rows, D) array)`` blocks of a shard's embedding in stored dtype, so that reading a shard
+    never holds more than one block besides its destination."""
     try:
         if path.suffix == ".parquet":
             import pyarrow.parquet as pq
 
-            col = pq.read_table(path, columns=["embedding"]).column("embedding")
             pos = 0
-            for chunk in col.chunks:
-                flat = chunk.flatten().to_numpy(zero_copy_only=False).reshape(len(chunk), -1)
-                out[pos:pos + len(chunk)] = flat
-                pos += len(chunk)
-            if pos != len(out):
-                raise ValueError(f"{pos} rows, expected {len(out)}")
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows, columns=["embedding"]):
+                col = batch.column(0)
+                block = col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), -1)
+                yield pos, block
+                pos += len(col)
         else:
             import h5py
 
             with h5py.File(path, "r") as f:
                 ds = f["embedding"]
-                if ds.shape != out.shape:
-                    raise ValueError(f"shape {ds.shape}, expected {out.shape}")
-                if ds.dtype == out.dtype:
-                    ds.read_direct(out)
-                else:
-                    out[:] = ds[:]
+                for pos in range(0, ds.shape[0], batch_rows):
+                    yield pos, ds[pos:pos + batch_rows]
+    except CacheError:
+        raise
     except Exception as e:
         raise _damaged(path, e) from None
+
+
+def read_shard_embedding_into(path: Path, out: np.ndarray, dest: np.ndarray | None = None) -> None:
+    """Write the shard's embedding rows into ``out``: row i goes to ``out[i]``, or to ``out[dest[i]]`` when ``dest``
+    is given (``dest[i] < 0``: row not wanted). Streams in blocks and converts the dtype on assignment."""
+    n = 0
+    for pos, block in iter_shard_embedding(path):
+        if dest is None:
+            out[pos:pos + len(block)] = block
+        else:
+            d = dest[pos:pos + len(block)]
+            keep = d >= 0
+            out[d[keep]] = block[keep] if not keep.all() else block
+        n = pos + len(block)
+    expected = len(out) if dest is None else len(dest)
+    if n != expected:
+        raise _damaged(path, ValueError(f"{n} embedding rows, expected {expected}"))
 
 
 # ----------------------------------------------------------------------------------------------- text
