@@ -265,6 +265,10 @@ def extract(cfg: ExtractConfig) -> ExtractReport:
     if out.exists() and not out.is_dir():
         raise ExtractError(f"{out}: exists and is not a folder; pass a folder for the cache")
     table = scan(cfg.source)
+    if cfg.strict and table.problems:
+        p, why = table.problems[0]
+        raise ExtractError(f"{os.path.join(table.root, store.display_text(p))}: {why} (--strict makes any skipped "
+                           f"file an error; fix or remove it, or drop --strict)")
     lm = load_model(cfg.model, device)
     fp = fingerprint(lm, cfg)
 
@@ -356,7 +360,7 @@ def _extract_locked(cfg: ExtractConfig, table: ImageTable, lm: LoadedModel, fp: 
         result = commit(out, meta, inv, table, session, fp, dim, cfg.format, cfg.dtype, run, t0)
         report.retired = result.retired
         report.total_images, report.total_skipped = result.images, result.skipped
-        report.skipped += [(p, r) for p, r in table.problems]
+        report.skipped += [(store.display_text(p), r) for p, r in table.problems]
     report.seconds = time.perf_counter() - t0
     return report
 

@@ -63,8 +63,12 @@ class WriterLock:
         self.fd: int | None = None
 
     def __enter__(self) -> "WriterLock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise CacheError(f"{self.path.parent}: cannot write here ({e.strerror or e}); extract needs a writable "
+                             f"cache folder") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
