@@ -70,10 +70,11 @@ class FeatureCache:
                 continue
             if len(src) == rows and (np.diff(dst) == 1).all():  # the usual case: straight into place
                 store.read_shard_embedding_into(shard, out[dst[0]:dst[0] + rows])
-                continue
-            dest = np.full(rows, -1, np.int64)
-            dest[src] = dst
-            store.read_shard_embedding_into(shard, out, dest)
+            else:
+                dest = np.full(rows, -1, np.int64)
+                dest[src] = dst
+                store.read_shard_embedding_into(shard, out, dest)
+            store.release_arrow_memory()  # one shard's buffers at a time, never the whole cache's
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -164,6 +165,7 @@ def open_cache(path: str | Path, allow_incomplete: bool = False, verify: bool = 
                                f"same extract command to repair the cache")
     labels = np.array([lookup[c] for c in names] + [-1], np.int64)[names_col.indices.to_numpy(zero_copy_only=False)]
     del rows, names_col
+    store.release_arrow_memory()
     sources = []
     shard_of = np.repeat(np.arange(len(sizes)), sizes)
     dest_of_row = np.full(n, -1, np.int64)

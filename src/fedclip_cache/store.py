@@ -271,6 +271,17 @@ def category_to_numpy(col) -> np.ndarray:
     return values[idx] if not arr.null_count else values[np.where(arr.is_null().to_numpy(False), -1, idx)]
 
 
+def release_arrow_memory() -> None:
+    """Hand pyarrow's freed buffers back to the OS: its allocator keeps them resident otherwise, which after reading
+    a large cache costs as much memory as the features themselves."""
+    try:
+        import pyarrow as pa
+
+        pa.default_memory_pool().release_unused()
+    except (ImportError, AttributeError):
+        pass
+
+
 def count_rows(path: Path, by: tuple[str, ...]) -> dict[tuple, int]:
     """Row counts per distinct value combination of ``by`` (string columns), without building Python objects per
     row: what ``info`` needs from a shard."""
