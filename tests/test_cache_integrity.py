@@ -533,3 +533,82 @@ def test_info_reads_no_embeddings_and_imports_no_torch(tmp_path):
     assert json.loads(lines[-1]) == {"torch": False}
     info = json.loads("\n".join(lines[:-1]))
     assert info["images"] == 50 and info["counts"]["a"] and sum(info["counts"]["b"].values()) == 20
+
+
+def test_manifest_relabel_is_served_without_re_embedding(tmp_path, image_root, model_args, run):
+    rows = sorted(p.relative_to(image_root) for p in image_root.rglob("*.png"))
+    header = "path,label,domain,split"
+
+    def write(changes):
+        lines = [header]
+        for r in rows:
+            label, dom, split = changes.get(str(r), (r.parts[1], r.parts[0], "train"))
+            lines.append(f"data/{r},{label},{dom},{split}")
+        (tmp_path / "m.csv").write_text("\n".join(lines) + "\n")
+
+    write({})
+    extract_ok(run, tmp_path / "m.csv", tmp_path / "c", model_args)
+    before = open_cache(tmp_path / "c")
+    a, b = str(rows[0]), str(rows[1])
+    write({a: ("dog", rows[0].parts[0], "test"), b: (rows[1].parts[1], "newdomain", "train")})
+    o = extract_ok(run, tmp_path / "m.csv", tmp_path / "c", model_args)
+    assert "+0 embedded" in o and "2 refreshed" in o
+    c = open_cache(tmp_path / "c")
+    i, j = list(c.paths).index(f"data/{a}"), list(c.paths).index(f"data/{b}")
+    assert c.class_names[i] == "dog" and c.labels[i] == c.classes.index("dog") and c.splits[i] == "test"
+    assert c.domains[j] == "newdomain" and "newdomain" in c.domain_names
+    np.testing.assert_array_equal(c.features, before.features)  # the pictures did not change
+    assert "newdomain" in json.loads(run("info", tmp_path / "c", "--json")[1])["domains"]
+
+
+def test_swapped_files_with_equal_size_and_mtime_are_re_embedded(tmp_path, model_args, run):
+    root = write_image_folder(tmp_path / "data", domains=("a", "b"), classes=("cat", "dog"), per_class=2, ext="bmp")
+    for p in root.rglob("*.bmp"):
+        os.utime(p, ns=(1_700_000_000_000_000_000, 1_700_000_000_000_000_000))  # as after untar / cp -p
+    extract_ok(run, root, tmp_path / "c", model_args)
+    x, y = root / "a/cat/a_cat_0000.bmp", root / "a/dog/a_dog_0000.bmp"
+    assert x.stat().st_size == y.stat().st_size
+    os.rename(x, tmp_path / "t.bmp")
+    os.rename(y, x)
+    os.rename(tmp_path / "t.bmp", y)
+    o = extract_ok(run, root, tmp_path / "c", model_args)
+    assert "+2 embedded" in o and "2 changed" in o
+    extract_ok(run, root, tmp_path / "ref", model_args)
+    c, ref = open_cache(tmp_path / "c"), open_cache(tmp_path / "ref")
+    np.testing.assert_allclose(c.features, ref.features, rtol=1e-5, atol=1e-6)
+    # a copy of the unchanged dataset elsewhere (new inodes, same bytes) re-embeds nothing: the bytes are checked
+    shutil.copytree(root, tmp_path / "copy", copy_function=shutil.copy2)
+    shutil.rmtree(root)
+    os.rename(tmp_path / "copy", root)
+    o = extract_ok(run, root, tmp_path / "c", model_args)
+    assert "+0 embedded" in o and "8 already cached" in o
+
+
+def test_sixteen_bit_images_always_scale_by_65535(tmp_path):
+    from fedclip_cache.imageio import open_rgb
+
+    for value, grey in ((65535, 255), (32768, 128), (300, 1), (200, 1), (100, 0)):
+        Image.fromarray(np.full((4, 4), value, np.uint16)).save(tmp_path / "x.png")
+        assert Image.open(tmp_path / "x.png").mode == "I;16"
+        assert np.asarray(open_rgb(str(tmp_path / "x.png")))[0, 0, 0] == grey, value
+
+
+def test_deleting_the_lock_file_does_not_let_a_second_writer_in(tmp_path):
+    from fedclip_cache.integrity import CacheBusy, WriterLock
+
+    with WriterLock(tmp_path / "c"):
+        (tmp_path / "c" / ".lock").unlink()
+        with pytest.raises(CacheBusy, match="another extract is writing"):
+            WriterLock(tmp_path / "c").__enter__()
+    with WriterLock(tmp_path / "c"):  # released on exit
+        pass
+
+
+def test_foreign_files_in_shards_are_left_alone(tmp_path, image_root, model_args, run):
+    out, ref, _ = _one_shard(tmp_path, image_root, model_args, run)
+    for name in ("part-xyz.parquet", "part-zzzz-r9-mine.parquet", "notes.txt"):
+        (out / "shards" / name).write_text("mine")
+    o = extract_ok(run, image_root, out, model_args)
+    assert "+0 embedded" in o and "not a shard of this tool" in o and "repaired" not in o
+    assert all((out / "shards" / n).read_text() == "mine" for n in ("part-xyz.parquet", "notes.txt"))
+    np.testing.assert_array_equal(open_cache(out).features, ref.features)

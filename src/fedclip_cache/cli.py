@@ -87,7 +87,8 @@ def extract(
     templates = list(template or [])
     if templates_file:
         if not templates_file.is_file():
-            raise typer.BadParameter(f"{templates_file}: not found", param_hint="--templates-file")
+            why = "not a regular file" if templates_file.exists() else "not found"
+            raise typer.BadParameter(f"{templates_file}: {why}", param_hint="--templates-file")
         from_file = [ln.strip() for ln in templates_file.read_text(errors="replace").splitlines() if ln.strip()]
         if not from_file:
             raise typer.BadParameter(f"{templates_file}: no templates in the file (one per line, with {{}})",
@@ -111,7 +112,7 @@ def extract(
 
     console.print(f"[bold green]cache[/] {escape(rep.cache)}: +{rep.embedded} embedded, {len(rep.skipped)} skipped, "
                   f"{rep.already_cached} already cached ({rep.changed} changed files re-extracted, {rep.retried} "
-                  f"retried), {len(rep.retired)} retired, in {rep.seconds:.1f}s ({rep.images_per_s:,.0f} img/s); "
+                  f"retried), {len(rep.retired)} retired, {rep.refreshed} refreshed (label, domain, split or file identity), in {rep.seconds:.1f}s ({rep.images_per_s:,.0f} img/s); "
                   f"total {rep.total_images} images", soft_wrap=True)
     for what, why in rep.repaired:
         console.print(f"[yellow]repaired:[/] {escape(what)}: {escape(why)}", soft_wrap=True)

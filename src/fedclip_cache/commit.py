@@ -28,29 +28,45 @@ class CommitResult:
     skipped: int
     retired: list[str]
     superseded: int
+    refreshed: int  # rows whose label, domain, client, split or inode/ctime the scan changed (features kept)
+
+
+_SCAN_OWNED = ("domain", "client", "class_name", "split", "ino", "ctime_ns")
 
 
 def commit(out: Path, meta: dict, inv: Inventory, table: ImageTable, session: str, fp: dict, dim: int, fmt: str,
            dtype: str, run: dict, t0: float) -> CommitResult:
     add_new_shards(out, meta, fp, dim, inv)
-    live = set(table.ids.tolist())
+    scan_row = {i: k for k, i in enumerate(table.ids.tolist())}
+    live = scan_row.keys()
     shard_dir = out / store.SHARD_DIR
+    label_of = {c: i for i, c in enumerate(meta["classes"])}
 
-    listing, obsolete, retired_paths, superseded, seq = {}, [], set(), 0, 0
+    listing, obsolete, retired_paths, superseded, refreshed, seq = {}, [], set(), 0, 0, 0
     for name, ids in inv.shard_rows.items():
         keep = np.array([inv.winners.get(i, ())[:3] == ("row", name, pos) and i in live
                          for pos, i in enumerate(ids.tolist())], bool)
         gone = ~np.array([i in live for i in ids.tolist()], bool)
         retired_paths.update(inv.shard_paths[name][gone].tolist())
         superseded += int((~keep & ~gone).sum())
-        if keep.all() and len(keep):
+        # The scan is the truth for what it says about a kept row: its label, domain, client and split (a manifest
+        # may change them without touching the file), and its inode/ctime (checked by content hash in the plan).
+        at = np.array([scan_row[i] for i in ids[keep].tolist()], np.int64)
+        current = {c: getattr(table, c)[at] for c in _SCAN_OWNED}
+        stored = inv.shard_cols[name]
+        stale = np.zeros(len(at), bool)
+        for c in _SCAN_OWNED:
+            stale |= np.asarray(stored[c][keep] != current[c], bool)
+        refreshed += int(stale.sum())
+        if keep.all() and len(keep) and not stale.any():
             listing[name] = inv.listed.get(name) or shard_record(shard_dir / name, len(ids))
             continue
         obsolete.append(name)
-        if keep.any():  # compact: the rows still served move to a new shard of this session
+        if keep.any():  # compact: the rows still served move to a new shard of this session, with fresh metadata
             new = f"part-{session}-r000-c{seq:05d}{store.FORMATS[fmt]}"
             seq += 1
-            _rewrite(shard_dir / name, shard_dir / new, np.flatnonzero(keep), fmt, dtype, fp, session, dim)
+            current["label"] = np.array([label_of[c] for c in current["class_name"]], np.int32)
+            _rewrite(shard_dir / name, shard_dir / new, np.flatnonzero(keep), current, fmt, dtype, fp, session, dim)
             listing[new] = shard_record(shard_dir / new, int(keep.sum()))
 
     skipped = []
@@ -65,7 +81,8 @@ def commit(out: Path, meta: dict, inv: Inventory, table: ImageTable, session: st
     skipped.sort(key=lambda r: r["path"])
     retired = sorted(retired_paths)
     images = sum(r["rows"] for r in listing.values())
-    run = {**run, "retired": len(retired), "superseded": superseded, "seconds": round(time.perf_counter() - t0, 3)}
+    run = {**run, "retired": len(retired), "superseded": superseded, "refreshed": refreshed,
+           "seconds": round(time.perf_counter() - t0, 3)}
     meta.update(state="complete", shards=dict(sorted(listing.items())), last_session=session, skipped=skipped,
                 retired={"count": len(retired), "paths": retired[:1000], "session": session},
                 counts={"images": images, "skipped": len(skipped)}, updated=run["time"])
@@ -75,11 +92,13 @@ def commit(out: Path, meta: dict, inv: Inventory, table: ImageTable, session: st
         (shard_dir / name).unlink(missing_ok=True)
     for derived in ("features.npy", "features.json"):  # memory-mapped copy of the old commit (rebuilt on demand)
         (out / derived).unlink(missing_ok=True)
-    return CommitResult(images, len(skipped), retired, superseded)
+    return CommitResult(images, len(skipped), retired, superseded, refreshed)
 
 
-def _rewrite(src: Path, dst: Path, keep: np.ndarray, fmt: str, dtype: str, fp: dict, session: str, dim: int) -> None:
+def _rewrite(src: Path, dst: Path, keep: np.ndarray, updates: dict, fmt: str, dtype: str, fp: dict, session: str,
+             dim: int) -> None:
     cols, emb = store.read_shard(src, store.STRING_COLUMNS + tuple(store.INT_COLUMNS), True, dim)
     cols = {c: v[keep] for c, v in cols.items()}  # "path" comes back lossless (from the stored bytes)
+    cols.update(updates)
     cols["path_bytes"] = np.array([os.fsencode(p) for p in cols["path"]], dtype=object)
     store.write_shard(dst, fmt, cols, emb[keep], dtype, {"fingerprint": fp, "session": session, "skipped": []})

@@ -68,6 +68,7 @@ class ExtractReport:
     warnings: list[str] = field(default_factory=list)
     loop_seconds: float = 0.0  # decode + encode + write only (no scan / model load): the steady-state rate
     retried: int = 0  # files skipped for a transient reason before, tried again now
+    refreshed: int = 0  # cached rows whose label, domain, client or split the dataset changed (features kept)
     retired: list[str] = field(default_factory=list)  # cached files no longer in the dataset: no longer served
     repaired: list[tuple[str, str]] = field(default_factory=list)  # (shard or file, what was wrong) fixed now
 
@@ -201,20 +202,44 @@ def _meta_record(lm: LoadedModel, cfg: ExtractConfig, fp: dict, dim: int) -> dic
 # --------------------------------------------------------------------------------------------- the run
 
 def _plan(table: ImageTable, known: dict) -> tuple[np.ndarray, int, int, int]:
-    """Rows of ``table`` still to extract: new ids, files whose size or mtime changed, and files whose last attempt
-    failed for a transient reason (permission denied, I/O error). Returns (todo, already, changed, retried)."""
-    todo, changed, retried = [], 0, 0
-    for i, (iid, sz, mt) in enumerate(zip(table.ids.tolist(), table.size.tolist(), table.mtime_ns.tolist())):
+    """Rows of ``table`` still to extract: new ids; files whose size or mtime changed; files whose inode or ctime
+    changed (a rename, a swap of two same-size files, a copy) and whose bytes no longer hash to what was embedded;
+    files whose last attempt failed for a transient reason (permission denied, I/O error). Returns (todo, already,
+    changed, retried)."""
+    todo, changed, retried, suspects = [], 0, 0, []
+    stats = zip(table.size.tolist(), table.mtime_ns.tolist(), table.ino.tolist(), table.ctime_ns.tolist())
+    for i, (iid, st) in enumerate(zip(table.ids.tolist(), stats)):
         prev = known.get(iid)
         if prev is None:
             todo.append(i)
-        elif (prev[0], prev[1]) != (sz, mt):
+            continue
+        (size, mtime, ino, ctime), kind, digest = prev
+        if (size, mtime) != st[:2]:
             todo.append(i)
             changed += 1
-        elif prev[2] == "transient":
+        elif kind == "transient":
             todo.append(i)
             retried += 1
-    return np.array(todo, np.int64), len(table) - len(todo), changed, retried
+        elif (ino, ctime) != st[2:]:
+            if kind == "row" and digest:
+                suspects.append((i, digest))  # same size and mtime, another inode or ctime: look at the bytes
+            else:
+                todo.append(i)
+                changed += 1
+    if suspects:
+        from concurrent.futures import ThreadPoolExecutor
+
+        from .imageio import hash_file
+
+        paths = [os.path.join(table.root, table.relpath[i]) for i, _ in suspects]
+        with ThreadPoolExecutor(8) as pool:
+            digests = list(pool.map(hash_file, paths, chunksize=64))
+        for (i, old), new in zip(suspects, digests):
+            if new != old:
+                todo.append(i)
+                changed += 1
+    todo = np.sort(np.array(todo, np.int64))
+    return todo, len(table) - len(todo), changed, retried
 
 
 def validate_config(cfg: ExtractConfig) -> None:
@@ -337,6 +362,8 @@ def _extract_locked(cfg: ExtractConfig, table: ImageTable, lm: LoadedModel, fp: 
         if stale_text:
             store.write_text(out, cfg.format, templates, classes, text)
         inv = integrity.take_inventory(out, meta, fp, int(meta["embedding_dim"]), verify=cfg.verify)
+        report.warnings += [f"{out / store.SHARD_DIR / f}: not a shard of this tool (by its name); left alone and "
+                            f"never read" for f in store.foreign_files(out)]
         report.repaired += inv.removed
         if removed_tmp:
             report.repaired.append(("temporary files", f"{removed_tmp} left by a killed run, removed"))
@@ -358,7 +385,7 @@ def _extract_locked(cfg: ExtractConfig, table: ImageTable, lm: LoadedModel, fp: 
         run = {"time": _now(), "source": str(Path(cfg.source).resolve()), "scanned": len(table),
                "todo": int(len(todo)), "world_size": world, "device": str(device)}
         result = commit(out, meta, inv, table, session, fp, dim, cfg.format, cfg.dtype, run, t0)
-        report.retired = result.retired
+        report.retired, report.refreshed = result.retired, result.refreshed
         report.total_images, report.total_skipped = result.images, result.skipped
         report.skipped += [(store.display_text(p), r) for p, r in table.problems]
     report.seconds = time.perf_counter() - t0
@@ -398,7 +425,7 @@ def _run_shards(cfg: ExtractConfig, lm: LoadedModel, rows: ImageTable, ids: np.n
     with progress as bar:
         task = bar.add_task("extract", total=len(rows) * world) if bar else None
         with torch.inference_mode(), autocast_for(device, cfg.precision):
-            for x, idx, ok, transient, reasons in loader:
+            for x, idx, ok, transient, reasons, digests in loader:
                 n, n_ok = len(idx), int(ok.sum())
                 if n_ok == n:
                     emb = model.encode_image(_to_device(x, device)).float().cpu().numpy()
@@ -412,7 +439,8 @@ def _run_shards(cfg: ExtractConfig, lm: LoadedModel, rows: ImageTable, ids: np.n
                         writer.skip(i, r, bool(transient[pos]))
                     emb = (model.encode_image(_to_device(x[ok], device)).float().cpu().numpy() if n_ok
                            else np.zeros((0, dim), np.float32))
-                writer.add(idx.numpy()[ok.numpy()], emb)
+                keep = ok.numpy()
+                writer.add(idx.numpy()[keep], emb, np.asarray(digests, dtype=object)[keep])
                 report.embedded += n_ok
                 if bar:
                     bar.update(task, advance=n * world)
@@ -427,13 +455,15 @@ class _ShardWriter:
         self.ids, self.rows, self.labels, self.path_bytes, self.slow = ids, rows, labels, path_bytes, slow
         self.idx: list[np.ndarray] = []
         self.emb: list[np.ndarray] = []
+        self.digests: list[np.ndarray] = []
         self.skipped: list[dict] = []
         self.embedded = 0
         self.seq = 0
 
-    def add(self, idx: np.ndarray, emb: np.ndarray) -> None:
+    def add(self, idx: np.ndarray, emb: np.ndarray, digests: np.ndarray) -> None:
         self.idx.append(idx)
         self.emb.append(emb)
+        self.digests.append(digests)
         self.embedded += len(idx)
         if self.embedded + len(self.skipped) >= self.cfg.shard_size:
             self.flush()
@@ -442,7 +472,7 @@ class _ShardWriter:
         r = self.rows
         self.skipped.append({"id": self.ids[i], "path": str(r.relpath[i]), "reason": reason,
                              "kind": "transient" if transient else "permanent", "size": int(r.size[i]),
-                             "mtime_ns": int(r.mtime_ns[i])})
+                             "mtime_ns": int(r.mtime_ns[i]), "ino": int(r.ino[i]), "ctime_ns": int(r.ctime_ns[i])})
 
     def flush(self) -> None:
         if not self.embedded and not self.skipped:
@@ -452,12 +482,14 @@ class _ShardWriter:
         emb = np.concatenate(self.emb) if self.emb else np.zeros((0, self.dim), np.float32)
         cols = {"id": self.ids[idx], "path": r.relpath[idx], "path_bytes": self.path_bytes[idx],
                 "domain": r.domain[idx], "client": r.client[idx], "class_name": r.class_name[idx],
-                "split": r.split[idx], "label": self.labels[idx], "size": r.size[idx], "mtime_ns": r.mtime_ns[idx]}
+                "split": r.split[idx], "label": self.labels[idx], "size": r.size[idx], "mtime_ns": r.mtime_ns[idx],
+                "ino": r.ino[idx], "ctime_ns": r.ctime_ns[idx],
+                "content_hash": np.concatenate(self.digests) if self.digests else np.zeros(0, object)}
         name = f"part-{self.session}-r{self.rank:03d}-{self.seq:05d}{store.FORMATS[self.cfg.format]}"
         store.write_shard(self.out / store.SHARD_DIR / name, self.cfg.format, cols, emb, self.cfg.dtype,
                           {"fingerprint": self.fp, "session": self.session, "skipped": self.skipped})
         self.seq += 1
-        self.idx, self.emb, self.skipped, self.embedded = [], [], [], 0
+        self.idx, self.emb, self.digests, self.skipped, self.embedded = [], [], [], [], 0
         if self.slow:
             time.sleep(self.slow)
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import io
 import os
 import stat
@@ -46,7 +47,21 @@ def _read_regular_file(path: str) -> bytes:
     return data
 
 
-def open_rgb(path: str, exif_transpose: bool = False) -> Image.Image:
+def content_hash(data: bytes) -> str:
+    """The hash of a file's bytes recorded with its embedding: decides whether a file whose stat changed (a
+    rename, a swap, a copy) still holds the picture that was embedded."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def hash_file(path: str) -> str:
+    """``content_hash`` of a file on disk, or "" when it cannot be read."""
+    try:
+        return content_hash(_read_regular_file(path))
+    except BadImage:
+        return ""
+
+
+def open_rgb(path: str, exif_transpose: bool = False, data: bytes | None = None) -> Image.Image:
     """Open and fully decode ``path`` as 8-bit RGB; raise :class:`BadImage` with a short reason otherwise.
 
     CMYK, palette, grey, alpha and 16-bit images are converted (16-bit by scaling, since PIL's own
@@ -54,7 +69,7 @@ def open_rgb(path: str, exif_transpose: bool = False) -> Image.Image:
     image would silently poison the cache. EXIF orientation is ignored unless ``exif_transpose`` (the official
     FedCLIP code, like torchvision's ImageFolder, ignores it).
     """
-    data = _read_regular_file(path)
+    data = _read_regular_file(path) if data is None else data
     try:
         img = Image.open(io.BytesIO(data))
         img.load()
@@ -68,8 +83,10 @@ def open_rgb(path: str, exif_transpose: bool = False) -> Image.Image:
         raise BadImage(f"corrupt image: {type(e).__name__}: {e}") from None
     if img.mode in _SIXTEEN_BIT:
         arr = np.asarray(img, dtype=np.float64)
-        peak = 65535.0 if arr.max() > 255 else 255.0
-        img = Image.fromarray((arr * (255.0 / peak)).clip(0, 255).astype(np.uint8), "L")
+        # 16-bit modes always span 0..65535 (a dark 16-bit image must stay dark); PIL's 32-bit "I" says nothing
+        # about its range: 8-bit data stored as int32 stays 0..255, anything larger is taken as 16-bit.
+        peak = 65535.0 if img.mode != "I" or arr.max() > 255 else 255.0
+        img = Image.fromarray(np.rint(arr * (255.0 / peak)).clip(0, 255).astype(np.uint8), "L")
     if img.mode != "RGB":
         img = img.convert("RGB")
     return img
@@ -89,13 +106,14 @@ class ImageFiles(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        """(image tensor, index, ok flag, transient flag, reason): the flags collate into tensors, so the main loop
-        checks a whole batch at once and only looks at reasons when something failed."""
+        """(image tensor, index, ok flag, transient flag, reason, content hash): the flags collate into tensors, so
+        the main loop checks a whole batch at once and only looks at reasons when something failed."""
         try:
-            x = self.preprocess(open_rgb(self.paths[i], self.exif_transpose))
-            return x, i, True, False, ""
+            data = _read_regular_file(self.paths[i])
+            x = self.preprocess(open_rgb(self.paths[i], self.exif_transpose, data))
+            return x, i, True, False, "", content_hash(data)
         except BadImage as e:
-            return torch.zeros(3, *self.input_size), i, False, e.transient, str(e)
+            return torch.zeros(3, *self.input_size), i, False, e.transient, str(e), ""
         except Exception as e:  # preprocessing of an odd image (e.g. 1x0 pixels)
             return torch.zeros(3, *self.input_size), i, False, False, \
-                f"preprocessing failed: {type(e).__name__}: {e}"
+                f"preprocessing failed: {type(e).__name__}: {e}", ""

@@ -29,7 +29,7 @@ from . import store
 from .store import CacheError
 
 LOCK_FILE = ".lock"
-CACHE_FORMAT_VERSION = 2
+CACHE_FORMAT_VERSION = 3
 
 
 class CacheBusy(CacheError):
@@ -56,33 +56,39 @@ def session_of(name: str) -> str:
 # ------------------------------------------------------------------------------------------------- the lock
 
 class WriterLock:
-    """Exclusive, non-blocking ``flock`` on ``CACHE/.lock`` for the lifetime of one extract."""
+    """Exclusive, non-blocking ``flock`` on the cache folder itself for the lifetime of one extract (a lock on a
+    file inside could be defeated by deleting that file); ``CACHE/.lock`` only tells who holds it."""
 
     def __init__(self, cache: Path):
-        self.path = Path(cache) / LOCK_FILE
+        self.cache = Path(cache)
+        self.path = self.cache / LOCK_FILE
         self.fd: int | None = None
 
     def __enter__(self) -> "WriterLock":
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            self.cache.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.cache, os.O_RDONLY | os.O_DIRECTORY)
         except OSError as e:
-            raise CacheError(f"{self.path.parent}: cannot write here ({e.strerror or e}); extract needs a writable "
+            raise CacheError(f"{self.cache}: cannot write here ({e.strerror or e}); extract needs a writable "
                              f"cache folder") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
             os.close(fd)
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise CacheBusy(f"{self.path.parent}: another extract is writing this cache "
+                raise CacheBusy(f"{self.cache}: another extract is writing this cache "
                                 f"({describe_holder(read_holder(self.path))}); wait for it to finish, or stop it "
                                 f"and re-run this command") from None
             raise
         holder = {"pid": os.getpid(), "host": socket.gethostname(),
                   "since": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                   "command": " ".join(sys.argv[:3])}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(holder).encode(), 0)
+        try:
+            store.atomic_write(self.path, lambda t: t.write_text(json.dumps(holder)))
+        except OSError as e:
+            os.close(fd)
+            raise CacheError(f"{self.cache}: cannot write here ({e.strerror or e}); extract needs a writable "
+                             f"cache folder") from None
         self.fd = fd
         return self
 
@@ -109,7 +115,7 @@ def writer_active(cache: Path) -> dict | None:
     """The holder of the writer lock if an extract is running on ``cache`` now, else None. Read-only safe."""
     p = Path(cache) / LOCK_FILE
     try:
-        fd = os.open(p, os.O_RDONLY)
+        fd = os.open(cache, os.O_RDONLY | os.O_DIRECTORY)
     except OSError:
         return None
     try:
@@ -182,26 +188,32 @@ class Inventory:
     removed: list[tuple[str, str]] = field(default_factory=list)  # (file, why) deleted as damaged or leftover
     shard_rows: dict[str, np.ndarray] = field(default_factory=dict)  # name -> ids in the shard, in order
     shard_paths: dict[str, np.ndarray] = field(default_factory=dict)  # name -> image paths, in order
+    shard_cols: dict[str, dict] = field(default_factory=dict)  # name -> INDEX_COLUMNS arrays
     winners: dict[str, tuple] = field(default_factory=dict)
 
     def add_shard(self, name: str, cols: dict, skipped: list[dict]) -> None:
         ids = cols["id"]
         self.shard_rows[name] = ids
         self.shard_paths[name] = cols["path"]
-        for pos, (i, s, m) in enumerate(zip(ids.tolist(), cols["size"].tolist(), cols["mtime_ns"].tolist())):
-            self.winners[i] = ("row", name, pos, s, m)
+        self.shard_cols[name] = cols
+        stat = zip(cols["size"].tolist(), cols["mtime_ns"].tolist(), cols["ino"].tolist(), cols["ctime_ns"].tolist(),
+                   cols["content_hash"].tolist())
+        for pos, (i, st) in enumerate(zip(ids.tolist(), stat)):
+            self.winners[i] = ("row", name, pos, st)
         for rec in skipped:
             self.winners[rec["id"]] = ("skip", rec)
 
-    def known(self) -> dict[str, tuple[int, int, str]]:
-        """id -> (size, mtime_ns, kind) where kind is "row", "permanent" or "transient"."""
+    def known(self) -> dict[str, tuple]:
+        """id -> ((size, mtime_ns, ino, ctime_ns), kind, content hash) where kind is "row", "permanent" or
+        "transient"."""
         out = {}
         for i, w in self.winners.items():
             if w[0] == "row":
-                out[i] = (w[3], w[4], "row")
+                out[i] = (tuple(w[3][:4]), "row", w[3][4])
             else:
                 r = w[1]
-                out[i] = (r["size"], r["mtime_ns"], r.get("kind", "permanent"))
+                out[i] = ((r["size"], r["mtime_ns"], r.get("ino", -1), r.get("ctime_ns", -1)),
+                          r.get("kind", "permanent"), "")
         return out
 
 
@@ -213,7 +225,7 @@ def _read_and_check(path: Path, fp: dict, dim: int) -> tuple[dict, dict]:
     if rows != meta.get("rows") or meta.get("dim") != dim or dim_on_disk != dim:
         raise CacheError(f"{path}: shard holds {rows} rows of width {dim_on_disk}, expected {meta.get('rows')} "
                          f"of width {dim}")
-    cols, _ = store.read_shard(path, store.INDEX_COLUMNS + ("path",), False, dim)
+    cols, _ = store.read_shard(path, store.INDEX_COLUMNS, False, dim)
     return meta, cols
 
 

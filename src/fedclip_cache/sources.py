@@ -43,6 +43,8 @@ class ImageTable:
     split: np.ndarray  # "" when the source does not say
     size: np.ndarray  # int64 bytes
     mtime_ns: np.ndarray  # int64
+    ino: np.ndarray  # int64 inode number and ctime: a rename, swap or copy changes them even when size and mtime
+    ctime_ns: np.ndarray  # are equal (then the content hash decides whether the file really changed)
     ignored: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): not images, never attempted
     problems: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): image names we cannot read
     #                                  (broken link, link loop, FIFO/device, unlistable folder): skipped, re-checked
@@ -64,7 +66,7 @@ class ImageTable:
                           problems=self.problems)
 
 
-COLUMNS = ("relpath", "domain", "client", "class_name", "split", "size", "mtime_ns")
+COLUMNS = ("relpath", "domain", "client", "class_name", "split", "size", "mtime_ns", "ino", "ctime_ns")
 
 
 def image_id(relpath: str) -> str:
@@ -99,6 +101,16 @@ def stat_image(path: str) -> tuple[os.stat_result | None, str]:
     return st, ""
 
 
+def _stat_row(st: os.stat_result) -> tuple[int, int, int, int]:
+    return st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns
+
+
+def _stat_columns(rows: list) -> list[np.ndarray]:
+    """size, mtime_ns, ino, ctime_ns as int64 arrays (inode numbers above 2**63 wrap, consistently)."""
+    a = np.array(rows, dtype=np.uint64).reshape(-1, 4).view(np.int64)
+    return [np.ascontiguousarray(a[:, k]) for k in range(4)]
+
+
 def scan_folder(root: str | Path) -> ImageTable:
     """Scan ``ROOT/<domain>/<class>/<image>`` (images may sit in sub-folders of a class folder). Domain and class
     folders may be symbolic links; linked folders below a class folder are listed as ignored, not followed, so a
@@ -107,7 +119,7 @@ def scan_folder(root: str | Path) -> ImageTable:
     if not root.is_dir():
         raise SourceError(f"{root}: not a folder; pass a DomainBed-style ROOT/<domain>/<class>/<image> folder "
                           f"or a manifest .csv/.parquet")
-    rel, dom, cls, sizes, mtimes, ignored, problems = [], [], [], [], [], [], []
+    rel, dom, cls, stats, ignored, problems = [], [], [], [], [], []
     for d in sorted(p for p in root.iterdir() if not p.name.startswith(".")):
         if not d.is_dir():
             ignored.append((d.name, "file at dataset root (expected ROOT/<domain>/<class>/<image>)"))
@@ -143,15 +155,13 @@ def scan_folder(root: str | Path) -> ImageTable:
                     rel.append(r)
                     dom.append(label_text(d.name))
                     cls.append(label_text(c.name))
-                    sizes.append(fst.st_size)
-                    mtimes.append(fst.st_mtime_ns)
+                    stats.append(_stat_row(fst))
     if not rel and not problems:
         raise SourceError(f"{root}: no images found; expected ROOT/<domain>/<class>/<image> with extensions "
                           f"{', '.join(sorted(IMAGE_EXTENSIONS))}")
     dom_a = np.array(dom, dtype=object)
     return ImageTable(root, np.array(rel, dtype=object), dom_a, dom_a.copy(), np.array(cls, dtype=object),
-                      np.full(len(rel), "", dtype=object), np.array(sizes, np.int64), np.array(mtimes, np.int64),
-                      ignored, problems)
+                      np.full(len(rel), "", dtype=object), *_stat_columns(stats), ignored, problems)
 
 
 def scan_manifest(path: str | Path) -> ImageTable:
@@ -200,7 +210,7 @@ def scan_manifest(path: str | Path) -> ImageTable:
     splits = col("split")
     splits = np.full(len(paths), "", dtype=object) if splits is None else splits
     root = path.parent.resolve()
-    keep, rel, sizes, mtimes, ignored, problems = [], [], [], [], [], []
+    keep, rel, stats, ignored, problems = [], [], [], [], []
     first_row: dict[str, int] = {}
     for i, p in enumerate(paths.tolist()):
         full = os.path.normpath(p if os.path.isabs(p) else os.path.join(root, p))
@@ -225,11 +235,10 @@ def scan_manifest(path: str | Path) -> ImageTable:
         first_row[key] = i
         keep.append(i)
         rel.append(full[len(str(root)) + 1:] if full.startswith(str(root) + os.sep) else full)
-        sizes.append(st.st_size)
-        mtimes.append(st.st_mtime_ns)
+        stats.append(_stat_row(st))
     k = np.array(keep, np.int64)
     return ImageTable(root, np.array(rel, dtype=object), domains[k], clients[k], labels[k], splits[k],
-                      np.array(sizes, np.int64), np.array(mtimes, np.int64), ignored, problems)
+                      *_stat_columns(stats), ignored, problems)
 
 
 def scan(source: str | Path) -> ImageTable:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -28,10 +29,12 @@ from .errors import FedclipCacheError
 META_FILE = "cache.json"
 SHARD_DIR = "shards"
 FORMATS = {"parquet": ".parquet", "hdf5": ".h5"}
-SHARD_FORMAT_VERSION = 2
-STRING_COLUMNS = ("id", "path", "domain", "client", "class_name", "split")
-INT_COLUMNS = {"label": np.int32, "size": np.int64, "mtime_ns": np.int64}
-INDEX_COLUMNS = ("id", "size", "mtime_ns")
+SHARD_FORMAT_VERSION = 3
+STRING_COLUMNS = ("id", "path", "domain", "client", "class_name", "split", "content_hash")
+INT_COLUMNS = {"label": np.int32, "size": np.int64, "mtime_ns": np.int64, "ino": np.int64, "ctime_ns": np.int64}
+# What the writer compares with a new scan: change detection and the metadata the scan may have changed.
+INDEX_COLUMNS = ("id", "path", "size", "mtime_ns", "ino", "ctime_ns", "content_hash", "domain", "client",
+                 "class_name", "split")
 META_KEY = "fedclip_cache"
 
 
@@ -138,10 +141,20 @@ def _hdf5_write(path: Path, cols: dict, emb: np.ndarray, dtype: str, meta: dict)
         f.attrs[META_KEY] = json.dumps(meta, ensure_ascii=True)
 
 
+SHARD_NAME = re.compile(r"part-\d{8}T\d{12}-r\d{3}-c?\d{5}\.(parquet|h5)")
+
+
 def shard_files(cache: Path, fmt: str) -> list[Path]:
-    """Every shard file on disk, committed or not, oldest session first (names sort chronologically)."""
+    """Every shard file this tool wrote, committed or not, oldest session first (names sort chronologically).
+    Files of other names in ``shards/`` are not ours: never read, never deleted (see :func:`foreign_files`)."""
     d = Path(cache) / SHARD_DIR
-    return sorted(d.glob(f"part-*{FORMATS[fmt]}")) if d.is_dir() else []
+    return sorted(p for p in d.glob(f"part-*{FORMATS[fmt]}") if SHARD_NAME.fullmatch(p.name)) if d.is_dir() else []
+
+
+def foreign_files(cache: Path) -> list[str]:
+    d = Path(cache) / SHARD_DIR
+    return sorted(p.name for p in d.iterdir() if not p.name.startswith(".") and not SHARD_NAME.fullmatch(p.name)) \
+        if d.is_dir() else []
 
 
 def _damaged(path: Path, e: BaseException) -> CacheError:

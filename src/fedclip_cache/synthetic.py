@@ -93,7 +93,8 @@ def write_synthetic_cache(out: str | Path, domain_sizes: dict[str, int], num_cla
             "path_bytes": np.array([os.fsencode(p) for p in paths], dtype=object), "domain": doms,
             "client": doms, "class_name": np.array([classes[y] for y in labels], dtype=object),
             "split": np.full(n, "", dtype=object), "label": labels,
-            "size": np.zeros(n, np.int64), "mtime_ns": np.zeros(n, np.int64)}
+            "size": np.zeros(n, np.int64), "mtime_ns": np.zeros(n, np.int64), "ino": np.zeros(n, np.int64),
+            "ctime_ns": np.zeros(n, np.int64), "content_hash": np.full(n, "", dtype=object)}
     fingerprint = {"model": "synthetic", "seed": seed}
     session = "00000000T000000000000"
     listing = {}
