@@ -182,7 +182,11 @@ FEDERATE_OPTIONS: list[tuple[str, type, object]] = [
     ("client_key", str, typer.Option("domain", help="domain | client: which cache column defines clients.")),
     ("seed", int, typer.Option(0, help="Seed (data split, shuffles, adapter init).")),
     ("eval_every", int, typer.Option(1, help="Evaluate every N rounds (official: every round).")),
-    ("device", str, typer.Option("cpu", help="cpu | cuda | auto.")),
+    ("device", str, typer.Option("cpu", help="cpu | cuda | auto (cuda: features stay on the GPU when they fit, "
+                                             "else are streamed per batch from host memory).")),
+    ("keep_denormals", bool, typer.Option(False, "--keep-denormals", help="Do not flush denormal floats to zero "
+                                          "(by default they are flushed on every CPU thread while training: "
+                                          "saturated softmax gradients otherwise slow steps down many times).")),
 ]
 
 

@@ -173,6 +173,8 @@ def preflight(cache_path: str | Path, points: list[FederateConfig], names: Optio
 def point_id(cfg: FederateConfig) -> str:
     d = cfg.to_dict()
     d.pop("seed")
+    if not d.get("keep_denormals"):  # the default: points made before the option existed keep their ids
+        d.pop("keep_denormals", None)
     return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 

@@ -120,6 +120,9 @@ class FederateConfig:
     seed: int = 0
     eval_every: int = 1
     device: str = "cpu"
+    # Denormal floats are flushed to zero on every computing thread while training (see federated/fpenv.py):
+    # saturating softmaxes otherwise make the step cost grow ~7x within a long round. True opts out.
+    keep_denormals: bool = False
 
     def validate(self, names: Optional[Mapping[str, str]] = None) -> "FederateConfig":
         """Check every field's type and range; raise :class:`ConfigError` naming the option as the user wrote it.

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import sys
+import warnings
 import zlib
 from dataclasses import dataclass
 
@@ -50,6 +51,52 @@ def keep_freed_memory() -> bool:
         return bool(libc.mallopt(M_MMAP_THRESHOLD, 32 << 20) and libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
     except (OSError, AttributeError):
         return False
+
+
+def host_tensor(a: np.ndarray) -> torch.Tensor:
+    """A CPU tensor sharing ``a``'s memory (no copy), also for a read-only array such as a ``np.memmap`` opened
+    with mode "r": torch warns that it cannot protect such memory from writes; we only ever read it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*not writable.*", category=UserWarning)
+        return torch.from_numpy(a)
+
+
+class Rows:
+    """The feature matrix as seen by training and evaluation: ``rows[idx]`` gathers rows onto ``device``.
+
+    Resident: the whole matrix lives on ``device`` (on CPU: the caller's array itself, never copied -- a memmap
+    stays a memmap). Streamed (``--device cuda`` when the features do not fit in GPU memory): the matrix stays in
+    host memory and each batch or evaluation chunk is gathered there and copied to the device. ``index_device`` is
+    where indices should live to avoid a device round trip per gather."""
+
+    def __init__(self, host: torch.Tensor, device: torch.device | str = "cpu", resident: bool | None = None):
+        device = torch.device(device)
+        if resident is None:
+            resident = device.type == "cpu" or fits_on_device(host, device)
+        self.host = host
+        self.device = device
+        self.resident = resident
+        self.data = (host if device.type == "cpu" else host.to(device)) if resident else None
+        self.index_device = device if resident else torch.device("cpu")
+        self.shape = host.shape
+        self.dtype = host.dtype
+
+    def __getitem__(self, idx: torch.Tensor) -> torch.Tensor:
+        if self.data is not None:
+            return self.data[idx.to(self.device, non_blocking=True)]
+        return self.host[idx.to("cpu")].to(self.device, non_blocking=True)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+
+def fits_on_device(t: torch.Tensor, device: torch.device, headroom: float = 0.5) -> bool:
+    """Whether ``t`` fits in the device's free memory with room to spare (``headroom`` of the free memory is left
+    for parameters, activations and the allocator). CPU: always."""
+    if device.type != "cuda":
+        return True
+    free, _ = torch.cuda.mem_get_info(device)
+    return t.numel() * t.element_size() <= free * (1 - headroom)
 
 
 def lane_key(*parts) -> int:
@@ -110,21 +157,23 @@ def local_update(kind: AdapterKind, params: Params, X: torch.Tensor, Y: torch.Te
     anchor = {k: v.detach().clone() for k, v in params.items()} if hp.mu > 0 else None
     m = {k: torch.zeros_like(v) for k, v in p.items()}
     v2 = {k: torch.zeros_like(v) for k, v in p.items()}
-    steps = [torch.zeros((), dtype=torch.float32, device=X.device) for _ in range(lanes)]
+    dev = params[names[0]].device  # where the parameters (and the computation) live
+    steps = [torch.zeros((), dtype=torch.float32, device=dev) for _ in range(lanes)]
     bsz = hp.batch_size
     # (steps, lanes, B) row indices, -1 = padding
     idx = np.full((int(nb[0]), lanes, bsz), -1, np.int64)
     for l, sched in enumerate(schedules):
         for t, b in enumerate(sched):
             idx[t, l, :len(b)] = b
-    idx_t = torch.from_numpy(idx).to(X.device)
+    # X: a tensor or a Rows (resident or streamed); gather indices live where X gathers, labels where Y lives
+    idx_x = torch.from_numpy(idx).clamp(min=0).to(getattr(X, "index_device", X.device))
+    idx_y = torch.from_numpy(idx).to(Y.device)
     for t in range(int(nb[0])):
         k = int((nb > t).sum())
-        it = idx_t[t, :k]
+        it = idx_y[t, :k]
         valid = it >= 0
-        it = it.clamp(min=0)
         leaves = {n: p[n][:k].detach().requires_grad_(True) for n in names}
-        loss = batch_loss(kind, leaves, X[it], Y[it], valid, heads[:k], hp, opts)
+        loss = batch_loss(kind, leaves, X[idx_x[t, :k]], Y[it.clamp(min=0)], valid, heads[:k], hp, opts)
         grads = torch.autograd.grad(loss, [leaves[n] for n in names])
         with torch.no_grad():
             if anchor is not None:
@@ -150,8 +199,8 @@ def reference_local_update(kind: AdapterKind, params: Params, X: torch.Tensor, Y
     opt = torch.optim.Adam(p.values(), lr=hp.lr, betas=(hp.beta1, hp.beta2), eps=hp.eps,
                            weight_decay=hp.weight_decay)
     for b in schedule:
-        bt = torch.from_numpy(b).to(X.device)
-        x, y = X[bt].unsqueeze(0), Y[bt].unsqueeze(0)
+        bt = torch.from_numpy(b)
+        x, y = X[bt.to(getattr(X, "index_device", X.device))].unsqueeze(0), Y[bt.to(Y.device)].unsqueeze(0)
         stacked = {k: v.unsqueeze(0) for k, v in p.items()}
         loss = batch_loss(kind, stacked, x, y, torch.ones_like(y, dtype=torch.bool), heads.unsqueeze(0), hp, opts)
         if hp.mu > 0:
@@ -191,13 +240,15 @@ def evaluate(kind: AdapterKind, params: Params, X: torch.Tensor, Y: torch.Tensor
     """Per-row correctness and cross-entropy for G groups at once. rows (G, M) indices (-1 = padding),
     params stacked (G, ...), heads (G, C, D); ``gathered`` = X[rows] cut into contiguous ``chunk``-row pieces,
     when the caller keeps it across rounds (slicing one big tensor would copy each piece every round).
+    ``X`` a tensor or a :class:`Rows` (each chunk is gathered from it, e.g. from host memory or a memmap).
     Returns (correct (G,M) bool, loss (G,M))."""
     opts = opts or {}
     correct, losses = [], []
+    rows_x = rows.to(getattr(X, "index_device", X.device))
     for s in range(0, rows.shape[1], chunk):
         r = rows[:, s:s + chunk].clamp(min=0)
-        logits = cosine_logits(kind, params, X[r] if gathered is None else gathered[s // chunk], heads, logit_scale,
-                               opts)
+        x = X[rows_x[:, s:s + chunk].clamp(min=0)] if gathered is None else gathered[s // chunk]
+        logits = cosine_logits(kind, params, x, heads, logit_scale, opts)
         y = Y[r]
         correct.append(logits.argmax(-1) == y)
         losses.append(F.cross_entropy(logits.transpose(1, 2), y, reduction="none"))
