@@ -612,3 +612,21 @@ def test_foreign_files_in_shards_are_left_alone(tmp_path, image_root, model_args
     assert "+0 embedded" in o and "not a shard of this tool" in o and "repaired" not in o
     assert all((out / "shards" / n).read_text() == "mine" for n in ("part-xyz.parquet", "notes.txt"))
     np.testing.assert_array_equal(open_cache(out).features, ref.features)
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "hdf5"])
+def test_float16_cache_trains_the_same_from_memory_and_from_the_map(tmp_path, image_root, model_args, run, fmt):
+    extract_ok(run, image_root, tmp_path / "c", model_args, "--dtype", "float16", "--format", fmt)
+    for head in ("text", "prototype"):
+        outs = {}
+        for mode in ("memory", "mmap"):
+            code, o, e = run("federate", tmp_path / "c", "--rounds", "2", "--features", mode, "--head", head,
+                             "--json")
+            assert code == 0 and "Traceback" not in o + e, o + e
+            outs[mode] = json.loads(o)
+        assert outs["memory"]["mean"] == outs["mmap"]["mean"]
+        assert outs["memory"]["experiments"] == outs["mmap"]["experiments"]
+    mapped = open_cache(tmp_path / "c", features_in="mmap")
+    assert mapped.features.dtype == np.float16  # stored precision on disk; converted per batch
+    np.testing.assert_array_equal(np.asarray(mapped.features, np.float32),
+                                  open_cache(tmp_path / "c", features_in="memory").features)

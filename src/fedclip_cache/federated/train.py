@@ -67,7 +67,8 @@ class Rows:
     Resident: the whole matrix lives on ``device`` (on CPU: the caller's array itself, never copied -- a memmap
     stays a memmap). Streamed (``--device cuda`` when the features do not fit in GPU memory): the matrix stays in
     host memory and each batch or evaluation chunk is gathered there and copied to the device. ``index_device`` is
-    where indices should live to avoid a device round trip per gather."""
+    where indices should live to avoid a device round trip per gather. Gathers are float32 whatever the storage
+    (a float16 cache stays float16 in memory, on disk or on the GPU, and is converted per batch)."""
 
     def __init__(self, host: torch.Tensor, device: torch.device | str = "cpu", resident: bool | None = None):
         device = torch.device(device)
@@ -79,12 +80,12 @@ class Rows:
         self.data = (host if device.type == "cpu" else host.to(device)) if resident else None
         self.index_device = device if resident else torch.device("cpu")
         self.shape = host.shape
-        self.dtype = host.dtype
+        self.dtype = torch.float32  # what a gather returns
 
     def __getitem__(self, idx: torch.Tensor) -> torch.Tensor:
         if self.data is not None:
-            return self.data[idx.to(self.device, non_blocking=True)]
-        return self.host[idx.to("cpu")].to(self.device, non_blocking=True)
+            return self.data[idx.to(self.device, non_blocking=True)].float()
+        return self.host[idx.to("cpu")].to(self.device, non_blocking=True).float()
 
     def __len__(self) -> int:
         return self.shape[0]
