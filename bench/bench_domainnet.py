@@ -37,7 +37,7 @@ def ensure_cache(name: str, div: int) -> Path:
     return out
 
 
-def child_federate(cache: str, heldout: str, rounds: int, keep_denormals: bool) -> None:
+def child_federate(cache: str, heldout: str, rounds: int, keep_denormals: bool, features_in: str = "auto") -> None:
     """Runs in the measured subprocess: one federate call, step timings, JSON on the last stdout line."""
     import numpy as np
 
@@ -55,7 +55,7 @@ def child_federate(cache: str, heldout: str, rounds: int, keep_denormals: bool) 
         return orig(*a, **k)
 
     train.batch_loss = timed_batch_loss
-    fc = open_cache(cache)
+    fc = open_cache(cache, features_in=features_in)
     t_open = time.perf_counter() - t0
     kw = {"keep_denormals": True} if keep_denormals else {}
     cfg = FederateConfig(rounds=rounds, heldout=[heldout], **kw)
@@ -72,6 +72,7 @@ def child_federate(cache: str, heldout: str, rounds: int, keep_denormals: bool) 
         "step_ms_first_tenth": round(float(np.median(steps[:tenth])), 2),
         "step_ms_last_tenth": round(float(np.median(steps[-tenth:])), 2),
         "train_seconds": round(float(np.sum(steps)) / 1e3, 2),
+        "features_in": fc.features_in,
         "heldout_acc": summary["mean"]["heldout_best"]}))
 
 
@@ -89,6 +90,38 @@ def timed_subprocess(cmd: list[str], env: dict) -> dict:
     return out
 
 
+CGROUP = Path("/sys/fs/cgroup/memory/fcbench")  # cgroup v1 memory controller (what this machine has)
+
+
+def mapped_runs(path: Path, rows: int, a, env: dict) -> dict:
+    """The full cache in a memory cgroup whose limit leaves the features only half their size: the process's own
+    footprint (torch + metadata, ~1 GiB measured) + feature bytes / 2. `auto` must map; `memory` cannot fit."""
+    try:
+        CGROUP.mkdir(exist_ok=True)
+        limit = 2**30 + rows * 512 * 4 // 2
+        (CGROUP / "memory.limit_in_bytes").write_text(str(limit))
+    except OSError as e:
+        return {"skipped": f"no writable memory cgroup ({e})"}
+    for f in ("features.npy", "features.json"):
+        (path / f).unlink(missing_ok=True)
+    out = {"cgroup_limit_mib": round(limit / 2**20, 1)}
+
+    def run(features_in: str) -> dict:
+        child = [sys.executable, __file__, "--child", str(path), a.heldout, str(a.rounds), "0", features_in]
+        cmd = ["sh", "-c", f'echo $$ > {CGROUP}/cgroup.procs && exec "$@"', "sh"] + child
+        oom = (CGROUP / "memory.oom_control").read_text()
+        try:
+            return timed_subprocess(cmd, env)
+        except SystemExit as e:
+            killed = (CGROUP / "memory.oom_control").read_text() != oom
+            return {"failed": "killed by the cgroup's OOM killer" if killed else str(e).splitlines()[-1][:300]}
+
+    out["auto, first (builds features.npy)"] = run("auto")
+    out["auto, warm"] = run("auto")
+    out["memory (forced)"] = run("memory")
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="tenth,full")
@@ -99,12 +132,14 @@ def main():
     ap.add_argument("--label", default=None, help="setup label (default: fix / keep-denormals)")
     ap.add_argument("--repeat", type=int, default=1, help="federate runs per size (median reported)")
     ap.add_argument("--skip-info", action="store_true")
-    ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    ap.add_argument("--mapped", action="store_true", help="also: the full cache under a data-memory limit of half its "
+                                                          "feature bytes (auto -> memory-mapped), built then warm")
+    ap.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     ap.add_argument("--out", default=str(HERE / "results"))
     a = ap.parse_args()
     if a.child:
-        cache, heldout, rounds, keep = a.child
-        child_federate(cache, heldout, int(rounds), keep == "1")
+        cache, heldout, rounds, keep, limit = a.child
+        child_federate(cache, heldout, int(rounds), keep == "1", limit)
         return
     import numpy as np
 
@@ -119,7 +154,7 @@ def main():
         if not a.skip_info:
             r["info"] = timed_subprocess([sys.executable, "-m", "fedclip_cache", "info", str(path)], env)
         runs = [timed_subprocess([sys.executable, __file__, "--child", str(path), a.heldout, str(a.rounds),
-                                  "1" if a.keep_denormals else "0"], env) for _ in range(a.repeat)]
+                                  "1" if a.keep_denormals else "0", "auto"], env) for _ in range(a.repeat)]
         fed = {k: (float(np.median([x[k] for x in runs])) if isinstance(runs[0][k], (int, float)) else runs[0][k])
                for k in runs[0]}
         fed["runs"] = runs if a.repeat > 1 else None
@@ -128,6 +163,8 @@ def main():
         fed["extrapolated_200_rounds_seconds"] = round(fed["open_seconds"] + 200 * per_round, 0)
         fed["peak_rss_over_feature_bytes"] = round(fed["peak_rss_mib"] / r["feature_mib"], 2)
         r["federate"] = fed
+        if a.mapped and size == "full":
+            r["mapped"] = mapped_runs(path, rows, a, env)
         res["sizes"][size] = r
         print(json.dumps({size: r}, indent=2), flush=True)
     out = Path(a.out)

@@ -630,3 +630,18 @@ def test_float16_cache_trains_the_same_from_memory_and_from_the_map(tmp_path, im
     assert mapped.features.dtype == np.float16  # stored precision on disk; converted per batch
     np.testing.assert_array_equal(np.asarray(mapped.features, np.float32),
                                   open_cache(tmp_path / "c", features_in="memory").features)
+
+
+def test_many_row_groups_read_the_same(tmp_path, monkeypatch):
+    """Shards of several Parquet row groups (each with its own string dictionaries) read and count correctly."""
+    from fedclip_cache import store
+    from fedclip_cache.cache import cache_overview
+    from fedclip_cache.synthetic import write_synthetic_cache
+
+    one = write_synthetic_cache(tmp_path / "one", {"a": 70, "b": 50}, 4, dim=8, shard_rows=1000)
+    monkeypatch.setattr(store, "ROW_GROUP_ROWS", 7)
+    many = write_synthetic_cache(tmp_path / "many", {"a": 70, "b": 50}, 4, dim=8, shard_rows=33)
+    a, b = open_cache(one), open_cache(many)
+    assert (a.paths == b.paths).all() and (a.labels == b.labels).all() and (a.domains == b.domains).all()
+    np.testing.assert_array_equal(a.features, b.features)
+    assert cache_overview(many).counts() == a.counts()

@@ -118,7 +118,8 @@ def open_cache(path: str | Path, allow_incomplete: bool = False, verify: bool = 
     ``features_in``: ``memory`` reads the features into one float32 array; ``mmap`` serves them from
     ``CACHE/features.npy`` (built from the shards on first use, in the stored dtype, and rebuilt when the cache
     changes), so a cache bigger than RAM trains by gathering batches from the page cache; ``auto`` (default) maps
-    when the float32 matrix would take more than half of the memory available to this process."""
+    when the float32 matrix would take more than half of the memory available to this process (MemAvailable, the
+    cgroup memory limit of a container or job, RLIMIT_DATA / RLIMIT_AS)."""
     if features_in not in ("auto", "memory", "mmap"):
         raise ValueError(f"features_in must be auto, memory or mmap (got {features_in!r})")
     path = Path(path)
@@ -325,4 +326,41 @@ def available_memory() -> int:
         soft, _ = resource.getrlimit(limit)
         if soft != resource.RLIM_INFINITY:
             avail = min(avail, max(0, soft - used))
-    return avail
+    room = cgroup_memory_room()
+    return avail if room is None else min(avail, room)
+
+
+def cgroup_memory_room() -> int | None:
+    """Bytes left under this process's cgroup memory limit (containers, Slurm, systemd), or None without one.
+    cgroup v2 ``memory.max - memory.current``, v1 ``memory.limit_in_bytes - memory.usage_in_bytes``; the page cache
+    is part of the usage but reclaimable, so it is not subtracted."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    candidates = []
+    for line in lines:
+        _, controllers, rel = line.split(":", 2)
+        rel = rel.lstrip("/")
+        if controllers == "":  # v2
+            for base in (Path("/sys/fs/cgroup") / rel, Path("/sys/fs/cgroup")):
+                candidates.append((base / "memory.max", base / "memory.current", base / "memory.stat", "file"))
+        elif "memory" in controllers.split(","):  # v1
+            for base in (Path("/sys/fs/cgroup/memory") / rel, Path("/sys/fs/cgroup/memory")):
+                candidates.append((base / "memory.limit_in_bytes", base / "memory.usage_in_bytes", base / "memory.stat",
+                                   "total_cache"))
+    for limit_f, usage_f, stat_f, cache_key in candidates:
+        try:
+            raw = limit_f.read_text().strip()
+            if raw == "max" or int(raw) >= 1 << 60:
+                continue
+            used = int(usage_f.read_text())
+            cached = 0
+            for ln in stat_f.read_text().splitlines():
+                k, _, v = ln.partition(" ")
+                if k == cache_key:
+                    cached = int(v)
+            return max(0, int(raw) - used + cached)
+        except (OSError, ValueError):
+            continue
+    return None

@@ -36,6 +36,7 @@ INT_COLUMNS = {"label": np.int32, "size": np.int64, "mtime_ns": np.int64, "ino":
 INDEX_COLUMNS = ("id", "path", "size", "mtime_ns", "ino", "ctime_ns", "content_hash", "domain", "client",
                  "class_name", "split")
 META_KEY = "fedclip_cache"
+ROW_GROUP_ROWS = 8192
 
 
 class CacheError(FedclipCacheError, ValueError):
@@ -123,7 +124,8 @@ def _parquet_write(path: Path, cols: dict, emb: np.ndarray, dtype: str, meta: di
     arrays["embedding"] = pa.FixedSizeListArray.from_arrays(
         pa.array(np.ascontiguousarray(emb, dtype=dtype).reshape(-1), pa_type), d)
     table = pa.table(arrays).replace_schema_metadata({META_KEY: json.dumps(meta, ensure_ascii=True)})
-    pq.write_table(table, path)
+    # Small row groups: a reader streaming the embedding decodes one group (16 MiB at 512-d) at a time.
+    pq.write_table(table, path, row_group_size=ROW_GROUP_ROWS)
 
 
 def _hdf5_write(path: Path, cols: dict, emb: np.ndarray, dtype: str, meta: dict) -> None:
@@ -157,7 +159,9 @@ def foreign_files(cache: Path) -> list[str]:
         if d.is_dir() else []
 
 
-def _damaged(path: Path, e: BaseException) -> CacheError:
+def _damaged(path: Path, e: BaseException) -> BaseException:
+    if isinstance(e, MemoryError):  # pyarrow's ArrowMemoryError is one: out of memory is not a damaged file
+        return MemoryError(f"{path}: not enough memory to read it ({e}); free memory, or use --features mmap")
     msg = str(e).splitlines()[0] if str(e) else type(e).__name__
     return CacheError(f"{path}: damaged shard ({type(e).__name__}: {msg[:160]}); re-run the same "
                       f"`fedclip-cache extract` command to re-embed its rows")
@@ -305,6 +309,7 @@ def count_rows(path: Path, by: tuple[str, ...]) -> dict[tuple, int]:
             t = pq.read_table(path, columns=list(by), read_dictionary=list(by))
             if not t.num_rows:
                 return {}
+            t = t.unify_dictionaries().combine_chunks()  # one dictionary per column across row groups
             g = t.group_by(list(by)).aggregate([([], "count_all")])
             cols = [g.column(c).to_pylist() for c in by]
             return {key: int(n) for key, n in zip(zip(*cols), g.column("count_all").to_pylist())}

@@ -244,13 +244,18 @@ def evaluate(kind: AdapterKind, params: Params, X: torch.Tensor, Y: torch.Tensor
     ``X`` a tensor or a :class:`Rows` (each chunk is gathered from it, e.g. from host memory or a memmap).
     Returns (correct (G,M) bool, loss (G,M))."""
     opts = opts or {}
-    correct, losses = [], []
+    # Outputs are allocated once and filled chunk by chunk: long-lived pieces interleaved with each chunk's
+    # transient logits would fragment the heap (which keeps freed memory, see keep_freed_memory) by ~0.4 GB at
+    # DomainNet scale.
+    correct = torch.empty(rows.shape, dtype=torch.bool, device=Y.device)
+    losses = torch.empty(rows.shape, dtype=torch.float32, device=Y.device)
     rows_x = rows.to(getattr(X, "index_device", X.device))
     for s in range(0, rows.shape[1], chunk):
         r = rows[:, s:s + chunk].clamp(min=0)
         x = X[rows_x[:, s:s + chunk].clamp(min=0)] if gathered is None else gathered[s // chunk]
         logits = cosine_logits(kind, params, x, heads, logit_scale, opts)
         y = Y[r]
-        correct.append(logits.argmax(-1) == y)
-        losses.append(F.cross_entropy(logits.transpose(1, 2), y, reduction="none"))
-    return torch.cat(correct, 1), torch.cat(losses, 1)
+        torch.eq(logits.argmax(-1), y, out=correct[:, s:s + chunk])
+        losses[:, s:s + chunk] = F.cross_entropy(logits.transpose(1, 2), y, reduction="none")
+        del logits, x
+    return correct, losses
