@@ -645,3 +645,27 @@ def test_many_row_groups_read_the_same(tmp_path, monkeypatch):
     assert (a.paths == b.paths).all() and (a.labels == b.labels).all() and (a.domains == b.domains).all()
     np.testing.assert_array_equal(a.features, b.features)
     assert cache_overview(many).counts() == a.counts()
+
+
+def test_cgroup_memory_limits_are_seen(tmp_path):
+    """auto placement must see a container's or job's memory limit (v1 and v2), not only the host's free memory."""
+    from fedclip_cache.cache import cgroup_memory_room
+
+    v2 = tmp_path / "v2"
+    (v2 / "job").mkdir(parents=True)
+    (tmp_path / "cg2").write_text("0::/job\n")
+    (v2 / "job" / "memory.max").write_text(str(4 << 30))
+    (v2 / "job" / "memory.current").write_text(str(3 << 30))
+    (v2 / "job" / "memory.stat").write_text(f"anon 123\nfile {1 << 30}\n")
+    assert cgroup_memory_room(str(tmp_path / "cg2"), str(v2)) == 2 << 30  # the page cache is reclaimable
+    (v2 / "job" / "memory.max").write_text("max\n")
+    assert cgroup_memory_room(str(tmp_path / "cg2"), str(v2)) is None
+    v1 = tmp_path / "v1" / "memory"
+    v1.mkdir(parents=True)  # a container sees its own cgroup at the mount root
+    (tmp_path / "cg1").write_text("4:memory:/docker/abc\n1:cpu:/\n")
+    (v1 / "memory.limit_in_bytes").write_text(str(1 << 30))
+    (v1 / "memory.usage_in_bytes").write_text(str(512 << 20))
+    (v1 / "memory.stat").write_text("cache 0\ntotal_cache 0\n")
+    assert cgroup_memory_room(str(tmp_path / "cg1"), str(tmp_path / "v1")) == 512 << 20
+    (v1 / "memory.limit_in_bytes").write_text("9223372036854771712")  # unlimited
+    assert cgroup_memory_room(str(tmp_path / "cg1"), str(tmp_path / "v1")) is None

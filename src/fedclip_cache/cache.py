@@ -330,12 +330,12 @@ def available_memory() -> int:
     return avail if room is None else min(avail, room)
 
 
-def cgroup_memory_room() -> int | None:
+def cgroup_memory_room(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> int | None:
     """Bytes left under this process's cgroup memory limit (containers, Slurm, systemd), or None without one.
     cgroup v2 ``memory.max - memory.current``, v1 ``memory.limit_in_bytes - memory.usage_in_bytes``; the page cache
     is part of the usage but reclaimable, so it is not subtracted."""
     try:
-        lines = Path("/proc/self/cgroup").read_text().splitlines()
+        lines = Path(proc_cgroup).read_text().splitlines()
     except OSError:
         return None
     candidates = []
@@ -343,10 +343,10 @@ def cgroup_memory_room() -> int | None:
         _, controllers, rel = line.split(":", 2)
         rel = rel.lstrip("/")
         if controllers == "":  # v2
-            for base in (Path("/sys/fs/cgroup") / rel, Path("/sys/fs/cgroup")):
+            for base in (Path(root) / rel, Path(root)):
                 candidates.append((base / "memory.max", base / "memory.current", base / "memory.stat", "file"))
         elif "memory" in controllers.split(","):  # v1
-            for base in (Path("/sys/fs/cgroup/memory") / rel, Path("/sys/fs/cgroup/memory")):
+            for base in (Path(root) / "memory" / rel, Path(root) / "memory"):
                 candidates.append((base / "memory.limit_in_bytes", base / "memory.usage_in_bytes", base / "memory.stat",
                                    "total_cache"))
     for limit_f, usage_f, stat_f, cache_key in candidates:
