@@ -56,7 +56,7 @@ def test_logit_scale_comes_from_the_cache_and_the_option_overrides(tmp_path):
     # training uses it too: a different scale trains a different adapter
     a = federate(c50, FederateConfig(rounds=2, lr=1e-2, heldout=["photo"]), out=tmp_path / "a")
     b = federate(c50, FederateConfig(rounds=2, lr=1e-2, heldout=["photo"], logit_scale=50.0), out=tmp_path / "b")
-    c = federate(c50, FederateConfig(rounds=2, lr=1e-2, heldout=["photo"], logit_scale=100.0), out=tmp_path / "c")
+    federate(c50, FederateConfig(rounds=2, lr=1e-2, heldout=["photo"], logit_scale=100.0), out=tmp_path / "c")
     pa, pb, pc = (torch.load(tmp_path / k / "adapter.pt") for k in "abc")
     assert all(torch.equal(pa[n], pb[n]) for n in pa) and a["experiments"] == b["experiments"]
     assert not torch.allclose(pa["w1"], pc["w1"])

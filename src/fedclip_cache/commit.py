@@ -43,17 +43,17 @@ def commit(out: Path, meta: dict, inv: Inventory, table: ImageTable, session: st
     label_of = {c: i for i, c in enumerate(meta["classes"])}
 
     listing, obsolete, retired_paths, superseded, refreshed, seq = {}, [], set(), 0, 0, 0
-    for name, ids in inv.shard_rows.items():
+    for name, stored in inv.shard_cols.items():
+        ids = stored["id"]
         keep = np.array([inv.winners.get(i, ())[:3] == ("row", name, pos) and i in live
                          for pos, i in enumerate(ids.tolist())], bool)
         gone = ~np.array([i in live for i in ids.tolist()], bool)
-        retired_paths.update(inv.shard_paths[name][gone].tolist())
+        retired_paths.update(stored["path"][gone].tolist())
         superseded += int((~keep & ~gone).sum())
         # The scan is the truth for what it says about a kept row: its label, domain, client and split (a manifest
         # may change them without touching the file), and its inode/ctime (checked by content hash in the plan).
         at = np.array([scan_row[i] for i in ids[keep].tolist()], np.int64)
         current = {c: getattr(table, c)[at] for c in _SCAN_OWNED}
-        stored = inv.shard_cols[name]
         stale = np.zeros(len(at), bool)
         for c in _SCAN_OWNED:
             stale |= np.asarray(stored[c][keep] != current[c], bool)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import datetime as _dt
 import errno
 import fcntl
-import hashlib
 import json
 import os
 import socket
@@ -23,10 +22,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from . import store
-from .store import CacheError
+from .store import CacheError, file_sha256
 
 LOCK_FILE = ".lock"
 CACHE_FORMAT_VERSION = 3
@@ -34,14 +31,6 @@ CACHE_FORMAT_VERSION = 3
 
 class CacheBusy(CacheError):
     """Another process is writing the cache."""
-
-
-def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def shard_record(path: Path, rows: int) -> dict:
@@ -178,23 +167,19 @@ def plan_read(cache: Path, meta: dict, allow_incomplete: bool = False, verify: b
 class Inventory:
     """Every shard on disk, sorted into what the cache holds, what a killed run left, and what is damaged.
 
-    ``winners`` maps image id -> the newest event for it: ("row", shard name, position, size, mtime_ns) or
-    ("skip", record). Committed content comes first; shards of runs that never committed come after, in session
+    ``winners`` maps image id -> the newest event for it: ("row", shard name, position, (size, mtime_ns, ino,
+    ctime_ns, content hash)) or ("skip", record). Committed content comes first; shards of runs that never committed come after, in session
     order; a later event for the same id supersedes an earlier one (a changed file, a retried skip).
     """
 
     listed: dict[str, dict] = field(default_factory=dict)  # committed shards still valid: name -> record
     adopted: list[str] = field(default_factory=list)  # uncommitted shards of killed runs, kept
     removed: list[tuple[str, str]] = field(default_factory=list)  # (file, why) deleted as damaged or leftover
-    shard_rows: dict[str, np.ndarray] = field(default_factory=dict)  # name -> ids in the shard, in order
-    shard_paths: dict[str, np.ndarray] = field(default_factory=dict)  # name -> image paths, in order
-    shard_cols: dict[str, dict] = field(default_factory=dict)  # name -> INDEX_COLUMNS arrays
+    shard_cols: dict[str, dict] = field(default_factory=dict)  # name -> INDEX_COLUMNS arrays, in row order
     winners: dict[str, tuple] = field(default_factory=dict)
 
     def add_shard(self, name: str, cols: dict, skipped: list[dict]) -> None:
         ids = cols["id"]
-        self.shard_rows[name] = ids
-        self.shard_paths[name] = cols["path"]
         self.shard_cols[name] = cols
         stat = zip(cols["size"].tolist(), cols["mtime_ns"].tolist(), cols["ino"].tolist(), cols["ctime_ns"].tolist(),
                    cols["content_hash"].tolist())
@@ -270,7 +255,7 @@ def add_new_shards(cache: Path, meta: dict, fp: dict, dim: int, inv: Inventory) 
     """Add the shards this run wrote (every shard file not yet in ``inv``) as the newest events."""
     new = []
     for p in store.shard_files(cache, meta["format"]):
-        if p.name not in inv.shard_rows:
+        if p.name not in inv.shard_cols:
             smeta, cols = _read_and_check(p, fp, dim)
             inv.add_shard(p.name, cols, smeta.get("skipped", []))
             new.append(p.name)

@@ -16,7 +16,6 @@ Everything that determines the feature values, the activation actually built inc
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
@@ -27,6 +26,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 from .errors import FedclipCacheError
+from .store import file_sha256
 
 
 class ModelLoadError(FedclipCacheError, RuntimeError):
@@ -140,14 +140,6 @@ def _unpickling_error(path: str, e: Exception) -> "ModelLoadError":
         f"{path}: refused to load: it holds pickled Python objects beyond tensors ({why}), and unpickling those can "
         f"run arbitrary code, so checkpoints are only read with torch.load(weights_only=True); if you trust the "
         f"file, re-save its state_dict (torch.save(model.state_dict(), PATH)) or convert it to .safetensors")
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def register_model_config(path: str | Path) -> str:

@@ -16,6 +16,7 @@ reads and writes files, and turns every unreadable file into a one-line :class:`
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -58,6 +59,14 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 def write_json(path: Path, obj: dict) -> None:
