@@ -669,3 +669,15 @@ def test_cgroup_memory_limits_are_seen(tmp_path):
     assert cgroup_memory_room(str(tmp_path / "cg1"), str(tmp_path / "v1")) == 512 << 20
     (v1 / "memory.limit_in_bytes").write_text("9223372036854771712")  # unlimited
     assert cgroup_memory_room(str(tmp_path / "cg1"), str(tmp_path / "v1")) is None
+
+
+@pytest.mark.parametrize("damage", ["delete", "garbage"])
+def test_missing_or_damaged_text_embeddings_are_refused_and_rebuilt(tmp_path, image_root, model_args, run, damage):
+    out, ref, _ = _one_shard(tmp_path, image_root, model_args, run)
+    text = out / "text.parquet"
+    text.unlink() if damage == "delete" else text.write_bytes(b"PAR1 not really")
+    one_line_error(*run("federate", out, "--rounds", "1"), "text", "re-run the same extract command")
+    if damage == "delete":
+        one_line_error(*run("info", out), "text embeddings missing")
+    extract_ok(run, image_root, out, model_args)
+    np.testing.assert_array_equal(open_cache(out).text_embeddings, ref.text_embeddings)

@@ -235,6 +235,9 @@ def cache_overview(path: str | Path, allow_incomplete: bool = False, verify: boo
     plan = integrity.plan_read(path, meta, allow_incomplete, verify)
     skipped = [{"path": store.display_text(r["path"]), "reason": r["reason"], "kind": r.get("kind", "permanent")}
                for r in meta.get("skipped", [])]
+    text = path / f"text{store.FORMATS[meta['format']]}"
+    if not text.is_file():  # cheap presence check; its content is checked by every reader of the embeddings
+        raise store.CacheError(f"{text}: text embeddings missing; re-run the same extract command to rebuild them")
     if plan.dedupe:
         c = open_cache(path, allow_incomplete=True, load_features=False)
         keys, n = np.unique(np.stack([c.domains.astype(str), c.clients.astype(str), c.class_names.astype(str)], 1),

@@ -350,7 +350,7 @@ def _extract_locked(cfg: ExtractConfig, table: ImageTable, lm: LoadedModel, fp: 
         removed_tmp = integrity.clean_temporaries(out)  # a killed run's half-written files (never visible)
         meta, _ = _open_or_create(cfg, lm, fp, out, report)
         stale_text = meta.get("classes") != classes or meta.get("templates") != templates or \
-            not (out / f"text{store.FORMATS[cfg.format]}").is_file()
+            not _text_matches(out, cfg.format, templates, classes, int(meta.get("embedding_dim") or 0))
         if stale_text:  # a resume with the same classes and templates re-encodes nothing
             text = encode_text(lm, templates, classes, device, cfg.precision)
             meta["embedding_dim"] = int(text.shape[-1])
@@ -390,6 +390,16 @@ def _extract_locked(cfg: ExtractConfig, table: ImageTable, lm: LoadedModel, fp: 
         report.skipped += [(store.display_text(p), r) for p, r in table.problems]
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _text_matches(out: Path, fmt: str, templates: list[str], classes: list[str], dim: int) -> bool:
+    """Whether the stored text embeddings are readable and are exactly these templates x classes (a missing or
+    damaged text file is re-encoded, not trusted)."""
+    try:
+        t, c, emb = store.read_text(out, fmt)
+    except store.CacheError:
+        return False
+    return t == templates and c == classes and emb.shape == (len(templates), len(classes), dim)
 
 
 def _layout_warnings(table: ImageTable, dataset: Optional[str]) -> list[str]:
