@@ -677,7 +677,47 @@ def test_missing_or_damaged_text_embeddings_are_refused_and_rebuilt(tmp_path, im
     text = out / "text.parquet"
     text.unlink() if damage == "delete" else text.write_bytes(b"PAR1 not really")
     one_line_error(*run("federate", out, "--rounds", "1"), "text", "re-run the same extract command")
-    if damage == "delete":
-        one_line_error(*run("info", out), "text embeddings missing")
+    one_line_error(*run("info", out), "text", "re-run the same extract command")
     extract_ok(run, image_root, out, model_args)
     np.testing.assert_array_equal(open_cache(out).text_embeddings, ref.text_embeddings)
+
+
+def test_sweep_never_reuses_points_of_another_cache_or_commit(tmp_path, model_args, run):
+    root = write_image_folder(tmp_path / "data", per_class=4)
+    extract_ok(run, root, tmp_path / "c", model_args)
+    args = ["--grid", "hidden=4,8", "--seeds", "0", "--rounds", "1", "--head", "prototype", "-q"]
+    assert run("sweep", tmp_path / "c", "-o", tmp_path / "s", *args)[0] == 0
+    code, o, e = run("sweep", tmp_path / "c", "-o", tmp_path / "s", *args)
+    assert code == 0 and "0 grid point(s) trained now" in o  # same cache, same commit: re-used
+    shutil.rmtree(root / "sketch" / "fish")
+    extract_ok(run, root, tmp_path / "c", model_args)  # a new commit: 4 images retired
+    code, o, e = run("sweep", tmp_path / "c", "-o", tmp_path / "s", *args)
+    assert code == 0 and "2 grid point(s) trained now (2 of them again because the cache changed" in o
+    for summary in (tmp_path / "s" / "points").glob("*/summary.json"):
+        assert json.loads(summary.read_text())["cache"]["images"] == 32
+    other = write_image_folder(tmp_path / "other", per_class=2)
+    extract_ok(run, other, tmp_path / "c2", model_args)
+    code, o, e = run("sweep", tmp_path / "c2", "-o", tmp_path / "s", *args)  # another cache, same folder
+    assert code == 0 and "2 of them again" in o
+    assert {json.loads(p.read_text())["cache"]["images"] for p in (tmp_path / "s" / "points").glob("*/summary.json")} \
+        == {18}
+
+
+@pytest.mark.parametrize("damage", ["truncate", "empty", "same-size"])
+def test_damaged_memory_map_is_rebuilt_never_served(tmp_path, damage):
+    from fedclip_cache.synthetic import write_synthetic_cache
+
+    cache = write_synthetic_cache(tmp_path / "c", {"a": 300, "b": 200}, 3, dim=16, shard_rows=128)
+    ref = open_cache(cache, features_in="memory").features
+    np.testing.assert_array_equal(np.asarray(open_cache(cache, features_in="mmap").features), ref)
+    f = cache / "features.npy"
+    if damage == "truncate":
+        os.truncate(f, 1000)
+    elif damage == "empty":
+        f.write_bytes(b"")
+    else:
+        with open(f, "r+b") as fh:
+            fh.seek(-10, 2)
+            fh.write(b"\x00\x7f" * 5)
+    opened = open_cache(cache, features_in="mmap", verify=damage == "same-size")
+    np.testing.assert_array_equal(np.asarray(opened.features), ref)

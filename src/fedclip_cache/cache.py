@@ -38,6 +38,7 @@ class FeatureCache:
     complete: bool = True  # False only when opened with allow_incomplete on an unfinished cache
     incomplete_reason: str = ""
     features_in: str = "memory"  # or "mmap": features served from a memory-mapped file (caches bigger than RAM)
+    verify: bool = False  # opened with verify: checksums of the shards and of a memory-mapped copy are checked
     _features: Optional[np.ndarray] = field(default=None, repr=False)
     _sources: list = field(default_factory=list, repr=False)  # (shard path, source rows, destination rows)
 
@@ -78,6 +79,10 @@ class FeatureCache:
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def identity(self) -> dict:
+        """Which cache, and which commit of it: results computed on another identity are not these results."""
+        return {"path": str(Path(self.path).resolve()), **_commit_stamp(self)}
 
     @property
     def dim(self) -> int:
@@ -181,11 +186,12 @@ def open_cache(path: str | Path, allow_incomplete: bool = False, verify: bool = 
         path=path, meta=meta, ids=cls["id"], paths=cls["path"], domains=cls["domain"], clients=cls["client"],
         class_names=cls["class_name"], labels=labels, splits=cls["split"], classes=classes, templates=templates,
         text_embeddings=text.astype(np.float32), skipped=skipped, complete=plan.complete,
-        incomplete_reason=plan.note, _sources=sources)
+        incomplete_reason=plan.note, verify=verify, _sources=sources)
     if features_in == "auto":
         features_in = "mmap" if plan.complete and len(sel) * dim * 4 > available_memory() // 2 else "memory"
     if features_in == "mmap" and not plan.complete:
-        raise store.CacheError(f"{path}: an unfinished cache cannot be memory-mapped; finish the extract first")
+        raise store.CacheError(f"{path}: an unfinished cache cannot be memory-mapped; finish the extract first, or "
+                               f"use --features memory")
     cache.features_in = features_in
     if load_features:
         cache.features  # noqa: B018 - read now, while the shards are the ones just checked
@@ -235,9 +241,7 @@ def cache_overview(path: str | Path, allow_incomplete: bool = False, verify: boo
     plan = integrity.plan_read(path, meta, allow_incomplete, verify)
     skipped = [{"path": store.display_text(r["path"]), "reason": r["reason"], "kind": r.get("kind", "permanent")}
                for r in meta.get("skipped", [])]
-    text = path / f"text{store.FORMATS[meta['format']]}"
-    if not text.is_file():  # cheap presence check; its content is checked by every reader of the embeddings
-        raise store.CacheError(f"{text}: text embeddings missing; re-run the same extract command to rebuild them")
+    store.read_text(path, meta["format"])  # small (templates x classes); a missing or damaged one is an error
     if plan.dedupe:
         c = open_cache(path, allow_incomplete=True, load_features=False)
         keys, n = np.unique(np.stack([c.domains.astype(str), c.clients.astype(str), c.class_names.astype(str)], 1),
@@ -275,18 +279,24 @@ def _commit_stamp(cache: FeatureCache) -> dict:
 def _mapped_features(cache: FeatureCache) -> np.ndarray:
     """(N, D) read-only memory map of ``features.npy`` (float32, or float16 for float16 caches: consumers convert
     per batch). Built once per commit, streaming one shard at a time, so building needs no more memory than one
-    shard either."""
+    shard either. A map that does not match the commit, its recorded size or shape (or, with ``verify``, its
+    recorded checksum) is rebuilt, never served."""
     import json
 
     f, stamp_file = Path(cache.path) / FEATURES_FILE, Path(cache.path) / FEATURES_STAMP
     stamp = _commit_stamp(cache)
+    dtype = np.float16 if stamp["dtype"] == "float16" else np.float32
     try:
-        ok = f.is_file() and json.loads(stamp_file.read_text()) == stamp
-    except (OSError, ValueError):
+        saved = json.loads(stamp_file.read_text())
+        ok = {k: saved.get(k) for k in stamp} == stamp and f.stat().st_size == saved.get("npy_bytes")
+        if ok:
+            arr = np.load(f, mmap_mode="r")
+            ok = arr.shape == (stamp["rows"], stamp["dim"]) and arr.dtype == dtype
+        if ok and cache.verify:
+            ok = store.file_sha256(f) == saved.get("npy_sha256")
+    except (OSError, ValueError, EOFError, AttributeError):
         ok = False
     if not ok:
-        dtype = np.float16 if stamp["dtype"] == "float16" else np.float32
-
         def build(tmp: Path) -> None:
             out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(stamp["rows"], stamp["dim"]))
             cache._fill(out)
@@ -295,10 +305,10 @@ def _mapped_features(cache: FeatureCache) -> np.ndarray:
 
         try:
             store.atomic_write(f, build)
-            store.write_json(stamp_file, stamp)
+            store.write_json(stamp_file, {**stamp, "npy_bytes": f.stat().st_size, "npy_sha256": store.file_sha256(f)})
         except OSError as e:
             raise store.CacheError(f"{f}: cannot write the memory-mapped features ({e.strerror or e}); free disk "
-                                   f"space or use features_in='memory'") from None
+                                   f"space or use --features memory") from None
     return np.load(f, mmap_mode="r")
 
 

@@ -258,7 +258,9 @@ FEATURES_HELP = ("Where the features live: memory | mmap (served from CACHE/feat
 
 def _features_in(value: str) -> str:
     if value not in ("auto", "memory", "mmap"):
-        raise typer.BadParameter(f"{value!r} unknown; choose auto, memory or mmap", param_hint="--features")
+        from .federated.config import ConfigError
+
+        raise ConfigError(f"--features {value!r} unknown; choose auto, memory or mmap")
     return value
 
 
@@ -334,7 +336,9 @@ def sweep(
     finally:
         if progress:
             progress.stop()
-    console.print(f"{res['ran']} grid point(s) trained now, {res['points'] - res['ran']} re-used from earlier runs")
+    again = f" ({res['stale']} of them again because the cache changed since they ran)" if res["stale"] else ""
+    console.print(f"{res['ran']} grid point(s) trained now{again}, {res['points'] - res['ran']} re-used from earlier "
+                  f"runs", soft_wrap=True)
     render_sweep(res, console)
     console.print(f"sweep folder: {out} (results.parquet, summary.md, summary.csv, plots/)")
 

@@ -253,7 +253,8 @@ def run(path: str | Path, data: Optional[str], overrides: Optional[list[str]] = 
             ex["templates"] = list(ex["templates"])
         rep = extract(ExtractConfig(source=str(data), out=str(cache), model=spec, dataset=p.get("dataset"),
                                     progress=True, **ex))
-        log(f"extracted {rep.embedded} images ({len(rep.skipped)} skipped) into {cache}")
+        log(f"extracted {rep.embedded} images ({len(rep.skipped)} skipped, {len(rep.retired)} retired, "
+            f"{rep.refreshed} refreshed) into {cache}")
         for w in rep.warnings:
             log(f"warning: {w}")
         preflight(cache, points, names)  # domains and templates are known only now

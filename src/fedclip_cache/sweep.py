@@ -178,6 +178,13 @@ def point_id(cfg: FederateConfig) -> str:
     return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def _point_identity(summary_file: Path) -> dict | None:
+    try:
+        return json.loads(summary_file.read_text()).get("cache", {}).get("identity")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def _run_point(cache, cfg_dict: dict, seeds: list[int], folder: str, threads: Optional[int],
                opener: Optional[dict] = None) -> str:
     """Train one point for all seeds together and commit its folder. ``cache``: an open FeatureCache (in-process)
@@ -227,17 +234,22 @@ def sweep(cache_path: str | Path, base: FederateConfig, grid: dict[str, list], s
     from .cache import open_cache
 
     out = Path(out)
-    open_cache(cache_path, allow_incomplete=allow_incomplete, load_features=False)  # refuse an unfinished cache now
+    # Refuses an unfinished cache now; its identity (path + commit) decides which finished points are still valid.
+    identity = open_cache(cache_path, allow_incomplete=allow_incomplete, load_features=False).identity()
     points, seeds = plan(cache_path, base, grid, seeds, jobs, names, seeds_label, jobs_label)
     opener = {"allow_incomplete": allow_incomplete, "features_in": features_in}
     # Point folders are named by (config hash, seeds), so other seeds are other work and never mixed in.
     write_json(out / "sweep.json", {"cache": str(Path(cache_path).resolve()), "base": base.to_dict(),
                             "grid": {k: [list(v) if isinstance(v, tuple) else v for v in vs] for k, vs in grid.items()},
                             "grid_keys": list(grid), "seeds": seeds})
-    todo = []
+    todo, stale = [], 0
     for cfg in points:
         folder = out / "points" / f"{point_id(cfg)}-s{'_'.join(map(str, seeds))}"
-        if not (folder / "summary.json").is_file():
+        done_file = folder / "summary.json"
+        if done_file.is_file() and _point_identity(done_file) != identity:
+            done_file.unlink()  # trained on another cache or an earlier commit of this one: not these results
+            stale += 1
+        if not done_file.is_file():
             folder.mkdir(parents=True, exist_ok=True)
             todo.append((cfg, folder))
     done = len(points) - len(todo)
@@ -261,7 +273,7 @@ def sweep(cache_path: str | Path, base: FederateConfig, grid: dict[str, list], s
                 if on_done:
                     on_done(done, len(points))
     results = collect(out, only=[point_id(c) for c in points], seeds=seeds)
-    results["ran"], results["points"] = len(todo), len(points)
+    results["ran"], results["points"], results["stale"] = len(todo), len(points), stale
     write_outputs(out, results)
     return results
 

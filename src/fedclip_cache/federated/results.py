@@ -116,7 +116,7 @@ def summarise(res: LoopResult, cfg: FederateConfig, cache: FeatureCache) -> dict
 def cache_record(cache: FeatureCache) -> dict:
     """Which cache a run used, and whether it was complete (an unfinished one is only used on request)."""
     rec = {"path": str(Path(cache.path).resolve()), "images": len(cache), "complete": cache.complete,
-           "allow_incomplete": not cache.complete}
+           "allow_incomplete": not cache.complete, "identity": cache.identity()}
     if not cache.complete:
         rec["incomplete_reason"] = cache.incomplete_reason
     return rec
