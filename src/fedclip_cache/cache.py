@@ -110,7 +110,10 @@ class FeatureCache:
         return out
 
 
-_COLUMNS = ("id", "path", "domain", "client", "class_name", "split")
+def _skipped(meta: dict) -> list[dict]:
+    """The committed skip records, as shown to users (undecodable name bytes as \\xNN)."""
+    return [{"path": store.display_text(r["path"]), "reason": r["reason"], "kind": r.get("kind", "permanent")}
+            for r in meta.get("skipped", [])]
 
 
 def open_cache(path: str | Path, allow_incomplete: bool = False, verify: bool = False,
@@ -173,15 +176,14 @@ def open_cache(path: str | Path, allow_incomplete: bool = False, verify: bool = 
     del rows, names_col
     store.release_arrow_memory()
     sources = []
-    shard_of = np.repeat(np.arange(len(sizes)), sizes)
     dest_of_row = np.full(n, -1, np.int64)
     dest_of_row[sel] = np.arange(len(sel))
+    starts = np.concatenate([[0], np.cumsum(sizes)])  # the shards' rows are concatenated in order
     for s, shard in enumerate(plan.shards):
-        d = dest_of_row[shard_of == s]
+        d = dest_of_row[starts[s]:starts[s + 1]]
         src = np.flatnonzero(d >= 0)
         sources.append((shard, src, d[src], sizes[s]))
-    skipped = [{"path": store.display_text(r["path"]), "reason": r["reason"], "kind": r.get("kind", "permanent")}
-               for r in meta.get("skipped", [])]
+    skipped = _skipped(meta)
     cache = FeatureCache(
         path=path, meta=meta, ids=cls["id"], paths=cls["path"], domains=cls["domain"], clients=cls["client"],
         class_names=cls["class_name"], labels=labels, splits=cls["split"], classes=classes, templates=templates,
@@ -239,8 +241,7 @@ def cache_overview(path: str | Path, allow_incomplete: bool = False, verify: boo
     path = Path(path)
     meta = store.read_meta(path)
     plan = integrity.plan_read(path, meta, allow_incomplete, verify)
-    skipped = [{"path": store.display_text(r["path"]), "reason": r["reason"], "kind": r.get("kind", "permanent")}
-               for r in meta.get("skipped", [])]
+    skipped = _skipped(meta)
     store.read_text(path, meta["format"])  # small (templates x classes); a missing or damaged one is an error
     if plan.dedupe:
         c = open_cache(path, allow_incomplete=True, load_features=False)

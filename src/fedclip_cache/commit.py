@@ -45,9 +45,9 @@ def commit(out: Path, meta: dict, inv: Inventory, table: ImageTable, session: st
     listing, obsolete, retired_paths, superseded, refreshed, seq = {}, [], set(), 0, 0, 0
     for name, stored in inv.shard_cols.items():
         ids = stored["id"]
-        keep = np.array([inv.winners.get(i, ())[:3] == ("row", name, pos) and i in live
-                         for pos, i in enumerate(ids.tolist())], bool)
         gone = ~np.array([i in live for i in ids.tolist()], bool)
+        keep = ~gone & np.array([inv.winners.get(i, ())[:3] == ("row", name, pos)
+                                 for pos, i in enumerate(ids.tolist())], bool)
         retired_paths.update(stored["path"][gone].tolist())
         superseded += int((~keep & ~gone).sum())
         # The scan is the truth for what it says about a kept row: its label, domain, client and split (a manifest

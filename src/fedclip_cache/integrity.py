@@ -173,7 +173,6 @@ class Inventory:
     """
 
     listed: dict[str, dict] = field(default_factory=dict)  # committed shards still valid: name -> record
-    adopted: list[str] = field(default_factory=list)  # uncommitted shards of killed runs, kept
     removed: list[tuple[str, str]] = field(default_factory=list)  # (file, why) deleted as damaged or leftover
     shard_cols: dict[str, dict] = field(default_factory=dict)  # name -> INDEX_COLUMNS arrays, in row order
     winners: dict[str, tuple] = field(default_factory=dict)
@@ -241,10 +240,8 @@ def take_inventory(cache: Path, meta: dict, fp: dict, dim: int, verify: bool = F
             inv.removed.append((name, f"damaged: {str(e).split(': ', 1)[-1]}"))
             continue
         inv.add_shard(name, cols, smeta.get("skipped", []))
-        if rec is not None:
+        if rec is not None:  # unlisted shards that pass are a killed run's: adopted as the newest events
             inv.listed[name] = rec
-        else:
-            inv.adopted.append(name)
     gone = {n for n, _ in inv.removed}
     inv.removed += [(n, "listed in cache.json but missing on disk") for n in listed if n not in inv.listed
                     and n not in gone]
