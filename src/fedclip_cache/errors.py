@@ -5,3 +5,7 @@ This module imports nothing, so catching the base costs nothing."""
 
 class FedclipCacheError(Exception):
     """A user-facing error: bad input, an unusable dataset, model or cache. The message names the fix."""
+
+
+class ConfigError(FedclipCacheError, ValueError):
+    """A bad option or an incompatible cache; the message names the option and the fix."""

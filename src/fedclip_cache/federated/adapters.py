@@ -16,6 +16,8 @@ from typing import Callable
 
 import torch
 
+from ..errors import ConfigError
+
 Params = dict[str, torch.Tensor]
 
 
@@ -112,11 +114,14 @@ ADAPTERS: dict[str, AdapterKind] = {
 
 
 def get_adapter(name: str) -> AdapterKind:
-    from .config import ConfigError
-
     if name not in ADAPTERS:
         raise ConfigError(f"--adapter {name!r} unknown; choose one of {', '.join(a for a in ADAPTERS if a != 'none')}")
     return ADAPTERS[name]
+
+
+def list_adapters() -> list[str]:
+    """Names of the adapters ``--adapter`` accepts."""
+    return [a for a in ADAPTERS if a != "none"]
 
 
 def num_params(kind: str, d: int, h: int) -> int:

@@ -9,30 +9,32 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import typing
 from dataclasses import dataclass, field
 from numbers import Integral, Real
 from typing import Any, Mapping, Optional
-from ..errors import FedclipCacheError
+from ..errors import ConfigError
+from .adapters import list_adapters
+from .algorithms import ALGORITHMS, get_algorithm
 
 
-class ConfigError(FedclipCacheError, ValueError):
-    """A bad option or an incompatible cache; the message names the option and the fix."""
-
-
-ALGOS = ("fedclip", "fedprox", "local", "central", "zeroshot")
 LOSSES = ("contrastive", "ce")
 HEADS = ("text", "prototype")
 PROTOCOLS = ("lodo", "personal")
 PARTITIONS = ("none", "iid", "dirichlet", "pathological")
 WEIGHTINGS = ("uniform", "samples")
+OPTIMIZERS = ("adam", "sgd")
 DEVICES = ("cpu", "cuda", "auto")  # and cuda:N
 
-# Field kinds for validation: the type every source (CLI, TOML, --set, --grid, a library caller) must give.
-_INTS = {"hidden", "batch_size", "local_epochs", "rounds", "num_clients", "classes_per_client", "seed", "eval_every"}
-_FLOATS = {"residual_alpha", "logit_scale", "lr", "beta1", "beta2", "eps", "weight_decay", "mu", "alpha"}
-_STRS = {"algo", "adapter", "head", "template", "loss", "weighting", "protocol", "partition", "partition_scope",
-         "split_source", "client_key", "device"}
-_OPTIONAL = {"hidden", "logit_scale"}  # None = the default (adapter width D; the cache's logit scale)
+
+def option(default: Any = dataclasses.MISSING, help: str = "", *, flag: Optional[str] = None,
+           choices: Optional[tuple[str, ...]] = None, grid: Optional[str] = None, factory: Any = None):
+    """A FederateConfig field with everything the CLI, pipelines and sweeps derive from it, written once: its
+    default, help, CLI flag (default ``--field-name``), allowed values, and a short grid key alias."""
+    meta = {"help": help, "flag": flag, "choices": choices, "grid": grid}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 def _said(flag: str, value: Any) -> str:
@@ -49,16 +51,37 @@ def _show(value: Any) -> str:
     return repr(value) if isinstance(value, str) else str(value)
 
 
+def field_kind(name: str) -> tuple[type, bool]:
+    """(int | float | str | bool | tuple | list, optional) of a FederateConfig field, from its annotation."""
+    return _KINDS[name]
+
+
+def _kinds() -> dict[str, tuple[type, bool]]:
+    hints = typing.get_type_hints(FederateConfig)
+    out = {}
+    for f in dataclasses.fields(FederateConfig):
+        t = hints[f.name]
+        args = [a for a in typing.get_args(t) if a is not type(None)]
+        optional = type(None) in typing.get_args(t)
+        base = args[0] if optional else (typing.get_origin(t) or t)
+        out[f.name] = (base, optional)
+    return out
+
+
 def _check_field(cfg: "FederateConfig", name: str, flag: str) -> None:
     """Type check (and light normalisation) of one field; ranges are checked by ``validate``."""
     v = getattr(cfg, name)
-    if name in _OPTIONAL and v is None:
+    kind, optional = field_kind(name)
+    if optional and v is None:
         return
-    if name in _INTS:
+    if kind is bool:
+        if not isinstance(v, bool):
+            raise ConfigError(f"{_said(flag, v)}: expected true or false")
+    elif kind is int:
         if isinstance(v, bool) or not isinstance(v, Integral):
             raise ConfigError(f"{_said(flag, v)}: expected a whole number")
         setattr(cfg, name, int(v))
-    elif name in _FLOATS:
+    elif kind is float:
         if isinstance(v, bool) or not isinstance(v, Real):
             raise ConfigError(f"{_said(flag, v)}: expected a number")
         if not math.isfinite(v):
@@ -78,51 +101,119 @@ def _check_field(cfg: "FederateConfig", name: str, flag: str) -> None:
         setattr(cfg, name, list(v))
     elif name == "template" and isinstance(v, Integral) and not isinstance(v, bool):
         setattr(cfg, name, str(v))  # TOML `template = 1`
-    elif name in _STRS and not isinstance(v, str):
+    elif kind is str and not isinstance(v, str):
         raise ConfigError(f"{_said(flag, v)}: expected a string")
+
+
+NONE_WORDS = ("none", "default", "cache")  # how a grid or --set value asks for an optional field's default
+
+
+def parse_text(name: str, raw: str, label: str, list_sep: str = ",") -> Any:
+    """One option value written as text (a CLI flag, a ``--grid`` value), typed like the field it sets; ranges are
+    checked by :meth:`FederateConfig.validate`. ``list_sep`` separates the parts of ``split``/``heldout`` (``,`` on
+    the command line; ``/`` and ``+`` inside a grid, where ``,`` separates values)."""
+    kind, optional = field_kind(name)
+    raw = raw.strip()
+    if name == "heldout":
+        parts = [h.strip() for h in raw.split(list_sep)] if raw else []
+        if not all(parts):
+            raise ConfigError(f"{label}{raw!r}: expected domain names separated by {list_sep!r}, e.g. "
+                              f"photo{list_sep}sketch")
+        return parts
+    if optional and raw.lower() in NONE_WORDS:
+        return None
+    try:
+        if name == "split":
+            vals = tuple(float(x) for x in raw.split(list_sep))
+            if len(vals) != 3:
+                raise ValueError
+            return vals
+        if kind is bool:
+            if raw.lower() not in ("1", "true", "yes", "0", "false", "no"):
+                raise ValueError
+            return raw.lower() in ("1", "true", "yes")
+        if kind is int:
+            return int(raw)
+        if kind is float:
+            return float(raw)
+    except ValueError:
+        if name == "split":
+            raise ConfigError(f"{label}{raw!r}: expected three fractions separated by {list_sep!r}, e.g. "
+                              f"{list_sep.join(['0.6', '0.2', '0.2'])}") from None
+        raise ConfigError(f"{label}{raw!r}: not a valid {'true/false' if kind is bool else kind.__name__}") from None
+    return raw
 
 
 @dataclass
 class FederateConfig:
-    algo: str = "fedclip"
-    adapter: str = "fedclip"
-    hidden: Optional[int] = None  # adapter width; None = the adapter's default (D for fedclip, the official value)
-    residual_alpha: float = 0.2
-    head: str = "text"
-    template: str = "0"  # index into the cache's templates, or "mean" (prompt ensemble)
-    loss: str = "contrastive"
+    """Every option of a federated run, each declared once (default, help, flag; see :func:`option`)."""
+
+    algo: str = option("fedclip", "Federated algorithm (see `fedclip-cache algorithms`).")
+    adapter: str = option("fedclip", "fedclip (official gate) | residual (CLIP-Adapter) | linear.")
+    hidden: Optional[int] = option(None, "Adapter width h (fedclip default h = D, the official setting).")
+    residual_alpha: float = option(0.2, "Mixing weight of the residual adapter.")
+    head: str = option("text", "text (class prompts from the cache) | prototype (class means).", choices=HEADS)
+    template: str = option("0", "Index of the cache's prompt template, or 'mean' for an ensemble.")
+    loss: str = option("contrastive", "contrastive (official in-batch CLIP loss) | ce.", choices=LOSSES)
     # Temperature of the cosine logits. None = the model's own logit_scale.exp() recorded in the cache (100 for
     # OpenAI's CLIP, the constant of the official code); 100 with a recorded note when the cache has none.
-    logit_scale: Optional[float] = None
-    lr: float = 5e-5
-    beta1: float = 0.9
-    beta2: float = 0.98
-    eps: float = 1e-6
-    weight_decay: float = 0.2
-    batch_size: int = 32
-    local_epochs: int = 1
-    rounds: int = 200
-    mu: float = 0.0
-    weighting: str = "uniform"
-    protocol: str = "lodo"
-    heldout: list[str] = field(default_factory=list)  # empty = every domain in turn
-    partition: str = "none"
-    alpha: float = 0.5
-    num_clients: int = 4
-    classes_per_client: int = 2
-    partition_scope: str = "domain"  # split each domain into clients, or the pooled training domains
-    split: tuple[float, float, float] = (0.6, 0.2, 0.2)
-    split_source: str = "random"  # or "cache": use the manifest's split column
+    logit_scale: Optional[float] = option(None, "Logit scale (temperature) of the cosine logits; default: the "
+                                                "model's own logit_scale.exp() from the cache (100 for OpenAI "
+                                                "CLIP, the official value).")
+    local_optimizer: str = option("adam", "Local optimiser: adam (official; coupled L2 weight decay, as "
+                                          "torch.optim.Adam) | sgd (plain SGD with the same coupled decay; "
+                                          "--lr is its step size).", choices=OPTIMIZERS)
+    lr: float = option(5e-5, "Local learning rate (official Adam 5e-5).")
+    beta1: float = option(0.9, "Adam beta1 (official 0.9).")
+    beta2: float = option(0.98, "Adam beta2 (official 0.98).")
+    eps: float = option(1e-6, "Adam eps (official 1e-6).")
+    weight_decay: float = option(0.2, "Local L2 weight decay, coupled (official 0.2).")
+    batch_size: int = option(32, "Local batch size (official 32).")
+    local_epochs: int = option(1, "Local epochs per round (official 1).", grid="epochs")
+    rounds: int = option(200, "Communication rounds (official README: 200).")
+    mu: float = option(0.0, "FedProx proximal weight.")
+    server_lr: Optional[float] = option(None, "Server learning rate of fedavgm/fedadam/fedyogi/fedadagrad/scaffold; "
+                                              "default: the algorithm's own (see the README).")
+    server_momentum: float = option(0.9, "Server momentum of fedavgm.")
+    server_beta1: float = option(0.9, "First-moment decay of fedadam/fedyogi (Flower's beta_1).")
+    server_beta2: float = option(0.99, "Second-moment decay of fedadam/fedyogi (Flower's beta_2).")
+    tau: Optional[float] = option(None, "Adaptivity of fedadam/fedyogi/fedadagrad (added to the root of the "
+                                        "second moment); default: the algorithm's own, as Flower.")
+    weighting: str = option("uniform", "uniform (official) | samples (FedAvg by sample count).", choices=WEIGHTINGS)
+    fraction_fit: float = option(1.0, "Fraction of each experiment's clients sampled to train per round (seeded; "
+                                      "Flower's fraction_fit). 1 = every client, the official setting.")
+    min_fit_clients: int = option(1, "At least this many clients train per round (Flower's min_fit_clients).")
+    finetune_steps: int = option(0, "Personalised evaluation: fine-tune the selected global adapter for K local "
+                                    "steps on each client's train split before scoring its test split, reported "
+                                    "beside the global-model numbers (0 = off).")
+    protocol: str = option("lodo", "lodo (leave-one-domain-out, official) | personal.", choices=PROTOCOLS)
+    heldout: list[str] = option(help="Held-out domain(s), comma-separated; default: each in turn.", factory=list)
+    partition: str = option("none", "none (clients = domains) | iid | dirichlet | pathological.", choices=PARTITIONS)
+    alpha: float = option(0.5, "Dirichlet concentration (smaller = more label skew).")
+    num_clients: int = option(4, "Clients per partition scope.", flag="--clients", grid="clients")
+    classes_per_client: int = option(2, "Classes per client for --partition pathological.")
+    partition_scope: str = option("domain", "domain (split each domain) | pooled.", choices=("domain", "pooled"))
+    split: tuple[float, float, float] = option((0.6, 0.2, 0.2), "Train/val/test fractions of each training client.")
+    split_source: str = option("random", "random (seeded) | cache (the manifest's split column).",
+                               choices=("random", "cache"))
     # Official boundaries: train = first int(.6n) of the shuffle, val = next int(.2n), test = next int(.2n); the 0-2
     # samples left over are dropped ("drop", counted in the summary) or given to test ("test": covers every sample).
-    split_tail: str = "drop"
-    client_key: str = "domain"  # or "client": the cache's client column defines the clients
-    seed: int = 0
-    eval_every: int = 1
-    device: str = "cpu"
+    split_tail: str = option("drop", "drop (official: train/val/test = int(.6n)/int(.2n)/int(.2n), the 0-2 left "
+                                     "over dropped and counted) | test (they go to test).", choices=("drop", "test"))
+    client_key: str = option("domain", "domain | client: which cache column defines clients.",
+                             choices=("domain", "client"))
+    seed: int = option(0, "Seed (data split, shuffles, adapter init).")
+    eval_every: int = option(1, "Evaluate every N rounds (official: every round).")
+    curves: bool = option(False, "Score test and held-out sets every evaluated round (full curves for plots). "
+                                 "Default: validation every round, test/held-out only when the best validation "
+                                 "improves and at the last round -- the selected and last numbers are the same.")
+    device: str = option("cpu", "cpu | cuda | auto (cuda: features stay on the GPU when they fit, else are "
+                                "streamed per batch from host memory).")
     # Denormal floats are flushed to zero on every computing thread while training (see federated/fpenv.py):
     # saturating softmaxes otherwise make the step cost grow ~7x within a long round. True opts out.
-    keep_denormals: bool = False
+    keep_denormals: bool = option(False, "Do not flush denormal floats to zero (by default they are flushed on "
+                                         "every CPU thread while training: saturated softmax gradients otherwise "
+                                         "slow steps down many times).")
 
     def validate(self, names: Optional[Mapping[str, str]] = None) -> "FederateConfig":
         """Check every field's type and range; raise :class:`ConfigError` naming the option as the user wrote it.
@@ -134,7 +225,7 @@ class FederateConfig:
         names = dict(names or {})
 
         def flag(name: str) -> str:
-            return names.get(name) or "--" + name.replace("_", "-")
+            return names.get(name) or option_flag(name)
 
         for f in dataclasses.fields(self):
             _check_field(self, f.name, flag(f.name))
@@ -147,19 +238,11 @@ class FederateConfig:
                 raise ConfigError(f"{_said(flag(name), getattr(self, name))} unknown; "
                                   f"choose one of {', '.join(options)}")
 
-        one_of("algo", ALGOS)
-        one_of("loss", LOSSES)
-        one_of("head", HEADS)
-        one_of("protocol", PROTOCOLS)
-        one_of("partition", PARTITIONS)
-        one_of("weighting", WEIGHTINGS)
-        one_of("partition_scope", ("domain", "pooled"))
-        one_of("split_source", ("random", "cache"))
-        one_of("split_tail", ("drop", "test"))
-        one_of("client_key", ("domain", "client"))
-        from .adapters import ADAPTERS
-
-        one_of("adapter", tuple(a for a in ADAPTERS if a != "none"))
+        get_algorithm(self.algo, flag("algo"))
+        one_of("adapter", tuple(list_adapters()))
+        for f in dataclasses.fields(self):
+            if f.metadata.get("choices"):
+                one_of(f.name, f.metadata["choices"])
         if not (self.device in DEVICES or re.fullmatch(r"cuda:\d+", self.device)):
             raise bad("device", f"unknown device; choose one of {'|'.join(DEVICES)}")
         if self.template != "mean" and not re.fullmatch(r"\d+", self.template):
@@ -169,7 +252,8 @@ class FederateConfig:
             if getattr(self, name) < low:
                 raise bad(name, f"must be at least {low}")
 
-        for name in ("batch_size", "local_epochs", "eval_every", "num_clients", "classes_per_client"):
+        for name in ("batch_size", "local_epochs", "eval_every", "num_clients", "classes_per_client",
+                     "min_fit_clients"):
             at_least(name, 1)
         at_least("seed", 0)
         if self.seed >= 2**63:
@@ -186,11 +270,18 @@ class FederateConfig:
                 raise bad(name, "must be > 0")
         if self.logit_scale is not None and self.logit_scale <= 0:
             raise bad("logit_scale", "must be > 0")
-        for name in ("weight_decay", "mu"):
+        for name in ("weight_decay", "mu", "finetune_steps"):
             at_least(name, 0)
+        for name in ("server_lr", "tau"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise bad(name, "must be > 0")
+        if not 0 < self.fraction_fit <= 1:
+            raise bad("fraction_fit", "must be in (0, 1]")
+        if not 0 <= self.server_momentum < 1:
+            raise bad("server_momentum", "must be in [0, 1)")
         if not 0 <= self.residual_alpha <= 1:
             raise bad("residual_alpha", "must be between 0 and 1")
-        for name in ("beta1", "beta2"):
+        for name in ("beta1", "beta2", "server_beta1", "server_beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise bad(name, "must be in [0, 1)")
         if min(self.split) < 0 or max(self.split) > 1 or abs(sum(self.split) - 1) > 1e-6:
@@ -209,6 +300,14 @@ class FederateConfig:
                 raise bad("heldout", f"domain {dup!r} is given twice")
         return self
 
+    def ignored_options(self) -> list[str]:
+        """Options set away from their default that this algorithm does not read (e.g. --mu for fedclip)."""
+        algo = get_algorithm(self.algo)
+        used = set(algo.uses)
+        owned = {n for a in ALGORITHMS.values() for n in a.uses}
+        default = FederateConfig()
+        return [n for n in sorted(owned - used) if getattr(self, n) != getattr(default, n)]
+
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["split"] = list(self.split)
@@ -226,3 +325,24 @@ class FederateConfig:
         if isinstance(d.get("heldout"), str):
             d["heldout"] = [h for h in d["heldout"].split(",") if h]
         return cls(**d)
+
+
+_KINDS = _kinds()
+
+
+def option_help(name: str) -> str:
+    """The help text of an option (``--algo``'s lists the registered algorithms)."""
+    if name == "algo":
+        from .algorithms import algorithms_help
+
+        return "Federated algorithm: " + algorithms_help() + "."
+    return FIELDS[name].metadata["help"]
+
+
+def option_flag(name: str) -> str:
+    """The flag a user types for a field (``num_clients`` -> ``--clients``)."""
+    return FIELDS[name].metadata.get("flag") or "--" + name.replace("_", "-")
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(FederateConfig)}
+GRID_ALIASES = {f.metadata["grid"]: f.name for f in FIELDS.values() if f.metadata.get("grid")}

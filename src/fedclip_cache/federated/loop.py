@@ -1,13 +1,19 @@
 """The in-process federated loop: every experiment (held-out domain x seed) and every client trains together.
 
-Per round: each lane (a client's adapter copy) runs its local update (vectorised), then FedAvg aggregates lanes
-per experiment and broadcasts the global adapter back; every ``eval_every`` rounds all validation/test/held-out
-sets are scored in one batched pass. Selection (official): the round with the best mean validation accuracy over
-training clients; the held-out domain never takes part in training or selection.
+A *lane* is one client's copy of the adapter; the lanes of every experiment are stacked on a leading axis so that
+one batched matmul trains them all. Per round: the sampled lanes run their local update (vectorised), and the
+algorithm (``algorithms/``) turns the result into the new state -- FedAvg, a server optimiser, SCAFFOLD, or
+nothing for local training. Then validation is scored, and test/held-out only when it is needed (see
+:class:`Evaluator`). Selection (official): the round with the best mean validation accuracy over training clients;
+the held-out domain never takes part in training or selection.
+
+Reading order: ``run_loop`` -> ``build_heads`` -> ``build_lanes`` -> ``Evaluator`` -> ``LaneRound`` (what an
+algorithm sees of a round) -> ``finetune``.
 """
 from __future__ import annotations
 
 import time
+import zlib
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -15,19 +21,21 @@ import numpy as np
 import torch
 
 from ..cache import FeatureCache
-from .adapters import ADAPTERS, Params, get_adapter, init_params, num_params
+from .adapters import ADAPTERS, AdapterKind, Params, get_adapter, init_params, num_params
+from .algorithms import Algorithm, TrainState, make_algorithm
 from .config import ConfigError, FederateConfig
 from .fpenv import flush_denormals
 from .protocols import Experiment
 from .train import (LocalHyper, Rows, aggregate, batch_schedule, client_weights, evaluate, host_tensor, lane_key,
                     local_update)
 
-FEDAVG_ALGOS = ("fedclip", "fedprox")
 EVAL_CHUNK = 1024  # rows per evaluation matmul: small enough to stay in cache (measured: -15 % vs one piece)
 # Evaluation rows are gathered once and kept across rounds only up to this size: gathering them again each round
 # costs one pass over them, which matters when rounds are short (PACS: ~40 MB, -15 % of the run) and is noise when
 # they are long (DomainNet, one held-out domain: 565 MB re-gathered in ~0.3 s against ~20 s of training).
 EVAL_GATHER_MAX_BYTES = 256 << 20
+FALLBACK_LOGIT_SCALE = 100.0  # the official FedCLIP constant (= OpenAI CLIP's learned scale)
+PROTOTYPE_CHUNK = 65_536  # rows normalised at a time for class sums (no normalised copy of the whole matrix)
 
 
 @dataclass
@@ -44,13 +52,17 @@ class LoopResult:
     experiments: list[Experiment]
     segments: list[dict]  # experiment, client, split, n
     rounds: list[int]
-    acc: np.ndarray  # (R, S)
+    acc: np.ndarray  # (R, S); NaN where a segment was not scored that round (lazy evaluation)
     loss: np.ndarray  # (R, S)
     trainable_params: int
     seconds: float
     final_params: dict = field(default_factory=dict)
     logit_scale: float = 100.0  # the value used for training and evaluation
     logit_scale_source: str = ""
+    val_mean: Optional[np.ndarray] = None  # (R, E) mean validation accuracy per experiment (the selection curve)
+    finetuned: Optional[dict] = None  # experiment -> client -> test accuracy after --finetune-steps
+    fit_clients: list[int] = field(default_factory=list)  # clients that trained per round, summed over experiments
+    notes: list[str] = field(default_factory=list)
 
 
 def _normalise(t: torch.Tensor) -> torch.Tensor:
@@ -67,9 +79,6 @@ def text_head(cache: FeatureCache, template: str) -> torch.Tensor:
     except (ValueError, IndexError):
         raise ConfigError(f"--template {template!r}: give an index below {T.shape[0]} or 'mean' "
                           f"(templates in this cache: {cache.templates})") from None
-
-
-FALLBACK_LOGIT_SCALE = 100.0  # the official FedCLIP constant (= OpenAI CLIP's learned scale)
 
 
 def resolve_logit_scale(cfg: FederateConfig, cache: FeatureCache) -> tuple[float, str]:
@@ -91,9 +100,6 @@ def resolve_logit_scale(cfg: FederateConfig, cache: FeatureCache) -> tuple[float
     return val, "cache (model.logit_scale)"
 
 
-PROTOTYPE_CHUNK = 65_536  # rows normalised at a time for class sums (no normalised copy of the whole matrix)
-
-
 def _class_sums(X: Rows, Y: torch.Tensor, rows: np.ndarray, c: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Sums of the L2-normalised features of ``rows`` per class, and class counts."""
     sums = torch.zeros(c, X.shape[1], device=Y.device)
@@ -104,6 +110,196 @@ def _class_sums(X: Rows, Y: torch.Tensor, rows: np.ndarray, c: int) -> tuple[tor
     return sums, torch.bincount(Y[r], minlength=c).float()
 
 
+# ------------------------------------------------------------------------------------------------ set-up
+
+def build_heads(cache: FeatureCache, cfg: FederateConfig, X: Rows, Y: torch.Tensor, experiments: list[Experiment],
+                device: torch.device) -> tuple[list[torch.Tensor], list[list[torch.Tensor]]]:
+    """The class embeddings logits are taken against: per experiment (global model) and per client (local
+    training). Text prompts from the cache, or class prototypes aggregated from per-client sums and counts (no
+    feature leaves a client)."""
+    d, c = X.shape[1], len(cache.classes)
+    if cfg.head == "text":
+        T = text_head(cache, cfg.template).to(device)
+        if T.shape[-1] != d:
+            raise ConfigError(f"{cache.path}: text embeddings have D={T.shape[-1]} but image features D={d}")
+        return [T for _ in experiments], [[T for _ in e.clients] for e in experiments]
+    exp_head, client_head = [], []
+    for e in experiments:
+        parts = [_class_sums(X, Y, cl.train, c) for cl in e.clients]
+        s = sum(p[0] for p in parts)
+        n = sum(p[1] for p in parts)
+        exp_head.append(_normalise(s / n.clamp(min=1).unsqueeze(1)))
+        client_head.append([_normalise(p[0] / p[1].clamp(min=1).unsqueeze(1)) for p in parts])
+    return exp_head, client_head
+
+
+def build_lanes(algo: Algorithm, experiments: list[Experiment]) -> list[Lane]:
+    """One lane per client (or one pooled lane per experiment for centralised training), largest first: the
+    lanes still busy at local step t are then always a prefix, so the vectorised update works on views."""
+    lanes: list[Lane] = []
+    if not algo.trains:
+        return lanes
+    for ei, e in enumerate(experiments):
+        if algo.pooled:
+            lanes.append(Lane(ei, -1, np.sort(np.concatenate([cl.train for cl in e.clients])), e.seed,
+                              lane_key(e.name, "central")))
+        else:
+            lanes += [Lane(ei, ci, cl.train, e.seed, lane_key(e.name, cl.name)) for ci, cl in enumerate(e.clients)]
+    lanes.sort(key=lambda ln: -len(ln.train))
+    return lanes
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+
+class EvalPlan:
+    """Rows of several evaluation groups (each scored with its own parameters and head), padded into one (G, M)
+    index matrix and scored in one batched pass. ``segment_rows[g]`` lists (segment id, row indices)."""
+
+    def __init__(self, segment_rows: list[list[tuple[int, np.ndarray]]], n_segments: int, X: Rows,
+                 heads: torch.Tensor, device: torch.device):
+        self.n_segments, self.X, self.heads = n_segments, X, heads
+        self.segments = sorted({s for g in segment_rows for s, _ in g})
+        m = max((sum(len(r) for _, r in g) for g in segment_rows), default=0)
+        self.empty = m == 0
+        rows = torch.full((len(segment_rows), m), -1, dtype=torch.long)
+        seg = torch.full((len(segment_rows), m), n_segments, dtype=torch.long)  # padding -> a dummy segment
+        for g, parts in enumerate(segment_rows):
+            if parts:
+                r = np.concatenate([p for _, p in parts])
+                s = np.concatenate([np.full(len(p), i) for i, p in parts])
+                rows[g, :len(r)] = torch.from_numpy(r)
+                seg[g, :len(s)] = torch.from_numpy(s)
+        self.rows, self.seg = rows.to(device), seg.to(device).flatten()
+        # Evaluation inputs never change: gather them once when that is small (see EVAL_GATHER_MAX_BYTES);
+        # otherwise each round gathers chunk by chunk, holding one chunk at a time.
+        small = self.rows.numel() * X.shape[1] * X.dtype.itemsize <= EVAL_GATHER_MAX_BYTES
+        self.gathered = [X[self.rows[:, s:s + EVAL_CHUNK].clamp(min=0)]
+                         for s in range(0, self.rows.shape[1], EVAL_CHUNK)] if small and not self.empty else None
+        self.seg_n = torch.bincount(self.seg, minlength=n_segments + 1).clamp(min=1).double()
+
+    def score(self, kind: AdapterKind, params: Params, Y: torch.Tensor, logit_scale: float, opts: dict,
+              groups: Optional[torch.Tensor] = None) -> tuple[np.ndarray, np.ndarray]:
+        """Accuracy and mean loss of every segment (NaN for segments not in this plan)."""
+        acc = np.full(self.n_segments, np.nan)
+        lo = np.full(self.n_segments, np.nan)
+        if self.empty:
+            return acc, lo
+        corr, loss = evaluate(kind, params, self.X, Y, self.heads, self.rows, logit_scale, opts,
+                              chunk=EVAL_CHUNK, gathered=self.gathered)
+        a = torch.bincount(self.seg, weights=corr.flatten().double(), minlength=self.n_segments + 1) / self.seg_n
+        lf = torch.bincount(self.seg, weights=loss.flatten().double(), minlength=self.n_segments + 1) / self.seg_n
+        acc[self.segments] = a[:-1].cpu().numpy()[self.segments]
+        lo[self.segments] = lf[:-1].cpu().numpy()[self.segments]
+        return acc, lo
+
+
+class Evaluator:
+    """Scores the groups of a run: one per experiment (its global model), or one per lane (personal algorithms,
+    each client with its own model, on its own splits and the held-out domain).
+
+    Lazy by default, same answers: validation every evaluated round (model selection needs it); test and held-out
+    only when some experiment's best validation improves (that round may be selected) and at the last round. The
+    selected and last-round numbers are therefore those of scoring everything every round; ``--curves`` does so
+    for the plots."""
+
+    def __init__(self, algo: Algorithm, experiments: list[Experiment], lanes: list[Lane], X: Rows,
+                 exp_head: list[torch.Tensor], lane_head: Optional[torch.Tensor], device: torch.device):
+        self.segments: list[dict] = []
+        val_groups, rest_groups, heads, source = [], [], [], []
+
+        def add(e: Experiment, client: str, split: str, idx: np.ndarray, into: list):
+            if len(idx) == 0:
+                return
+            self.segments.append({"experiment": e.name, "heldout": e.heldout_name, "seed": e.seed,
+                                  "client": client, "split": split, "n": int(len(idx))})
+            into.append((len(self.segments) - 1, idx))
+
+        def add_group(e: Experiment, clients, heldout_label: str, head: torch.Tensor, src: int):
+            val, rest = [], []
+            for cl in clients:
+                add(e, cl.name, "val", cl.val, val)
+                add(e, cl.name, "test", cl.test, rest)
+            if e.heldout is not None:
+                add(e, heldout_label, "heldout", e.heldout, rest)
+            val_groups.append(val), rest_groups.append(rest), heads.append(head), source.append(src)
+
+        if algo.personal:
+            for li, ln in enumerate(lanes):
+                e = experiments[ln.exp]
+                add_group(e, [e.clients[ln.client]], e.clients[ln.client].name, lane_head[li], li)
+        else:
+            for ei, e in enumerate(experiments):
+                add_group(e, e.clients, e.heldout_name, exp_head[ei], ei)
+        heads_t = torch.stack(heads)
+        n = len(self.segments)
+        self.val = EvalPlan(val_groups, n, X, heads_t, device)
+        self.rest = EvalPlan(rest_groups, n, X, heads_t, device)
+        self.source = torch.tensor(source, dtype=torch.long, device=device)
+        self.val_segments = [[i for i, s in enumerate(self.segments) if s["experiment"] == e.name
+                              and s["split"] == "val"] for e in experiments]
+
+
+# ------------------------------------------------------------------------------------------------ a round
+
+class LaneRound:
+    """What an algorithm sees of one round (:class:`algorithms.RoundContext`): the sampled lanes, and training,
+    broadcasting and averaging restricted to them."""
+
+    def __init__(self, loop: "_Loop", rnd: int, lanes: np.ndarray):
+        self.loop, self.rnd, self.lanes = loop, rnd, lanes
+        self.everyone = len(lanes) == len(loop.lanes)
+        self.lane_exp = loop.lane_exp
+        self.idx = torch.as_tensor(lanes, dtype=torch.long, device=loop.device)
+
+    def select(self, per_lane: Params) -> Params:
+        return per_lane if self.everyone else {n: v[self.idx] for n, v in per_lane.items()}
+
+    def scatter(self, per_lane: Params, rows: Params) -> Params:
+        if self.everyone:
+            return rows
+        out = {n: v.clone() for n, v in per_lane.items()}
+        for n, v in out.items():
+            v[self.idx] = rows[n]
+        return out
+
+    def broadcast(self, server: Params) -> Params:
+        exp = self.lane_exp if self.everyone else self.lane_exp[self.idx]
+        return {n: v[exp] for n, v in server.items()}  # the server sends each client its experiment's model
+
+    def train(self, start: Params, correction: Optional[Params] = None) -> tuple[Params, np.ndarray]:
+        lp = self.loop
+        schedules = [batch_schedule(lp.lanes[i].train, lp.lanes[i].seed, self.rnd, lp.lanes[i].key, lp.hp)
+                     for i in self.lanes]
+        heads = lp.lane_head if self.everyone else lp.lane_head[self.idx]
+        out = local_update(lp.kind, start, lp.X, lp.Y, heads, schedules, lp.hp, lp.opts, correction)
+        return out, np.array([len(s) for s in schedules])
+
+    def average(self, per_lane: Params) -> Params:
+        lp = self.loop
+        pos = {lane: k for k, lane in enumerate(self.lanes)}
+        members = [np.array([pos[i] for i in m if i in pos]) for m in lp.members]
+        weights = [client_weights(np.array([len(lp.lanes[i].train) for i in m if i in pos]), lp.cfg.weighting)
+                   for m in lp.members]
+        return aggregate(per_lane, members, weights)
+
+
+def sample_lanes(members: list[np.ndarray], experiments: list[Experiment], cfg: FederateConfig,
+                 rnd: int) -> np.ndarray:
+    """The lanes that train in round ``rnd``: every client (``--fraction-fit 1``, the official setting), or per
+    experiment max(int(n * fraction_fit), min_fit_clients) clients drawn without replacement (Flower's rule),
+    seeded by the experiment's seed, its name and the round."""
+    if cfg.fraction_fit >= 1:
+        return np.sort(np.concatenate(members)) if members else np.array([], dtype=np.int64)
+    picked = []
+    for m, e in zip(members, experiments):
+        k = min(len(m), max(int(len(m) * cfg.fraction_fit), cfg.min_fit_clients, 1))
+        rng = np.random.default_rng([e.seed, rnd, zlib.crc32(e.name.encode())])
+        picked.append(m[rng.choice(len(m), k, replace=False)])
+    return np.sort(np.concatenate(picked))
+
+
+# ------------------------------------------------------------------------------------------------ the loop
+
 def run_loop(cache: FeatureCache, cfg: FederateConfig, experiments: list[Experiment],
              on_round: Optional[Callable[[int, int], None]] = None,
              stream: Optional[bool] = None) -> LoopResult:
@@ -112,145 +308,149 @@ def run_loop(cache: FeatureCache, cfg: FederateConfig, experiments: list[Experim
     host memory and be gathered per batch (True) or to be copied to the device (False); default: copied when they
     fit in the device's free memory (always on CPU, where nothing is copied)."""
     with flush_denormals(not cfg.keep_denormals):
-        return _run_loop(cache, cfg, experiments, on_round, stream)
+        return _Loop(cache, cfg, experiments, stream).run(on_round)
 
 
-def _run_loop(cache: FeatureCache, cfg: FederateConfig, experiments: list[Experiment],
-              on_round: Optional[Callable[[int, int], None]], stream: Optional[bool]) -> LoopResult:
-    t0 = time.perf_counter()
-    device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")
-    # The features are never copied on CPU (a memmap stays a memmap); on a GPU they are copied when they fit, else
-    # streamed per batch / evaluation chunk from host memory.
-    X = Rows(host_tensor(cache.features), device, resident=None if stream is None else not stream)
-    Y = torch.from_numpy(cache.labels).to(device)
-    d, c = X.shape[1], len(cache.classes)
-    kind_name = "none" if cfg.algo == "zeroshot" else cfg.adapter
-    kind = get_adapter(kind_name) if kind_name != "none" else ADAPTERS["none"]
-    hidden = cfg.hidden or kind.default_hidden(d)
-    opts = {"residual_alpha": cfg.residual_alpha}
-    logit_scale, logit_scale_source = resolve_logit_scale(cfg, cache)
-    hp = LocalHyper(cfg.lr, cfg.beta1, cfg.beta2, cfg.eps, cfg.weight_decay, cfg.batch_size, cfg.local_epochs,
-                    cfg.mu if cfg.algo == "fedprox" else 0.0, cfg.loss, logit_scale)
+class _Loop:
+    def __init__(self, cache: FeatureCache, cfg: FederateConfig, experiments: list[Experiment],
+                 stream: Optional[bool]):
+        self.t0 = time.perf_counter()
+        self.cache, self.cfg, self.experiments = cache, cfg, experiments
+        self.device = device = torch.device(cfg.device if cfg.device != "auto" else
+                                            ("cuda" if torch.cuda.is_available() else "cpu"))
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")
+        self.algo = algo = make_algorithm(cfg)
+        # The features are never copied on CPU (a memmap stays a memmap); on a GPU they are copied when they fit,
+        # else streamed per batch / evaluation chunk from host memory.
+        self.X = Rows(host_tensor(cache.features), device, resident=None if stream is None else not stream)
+        self.Y = torch.from_numpy(cache.labels).to(device)
+        self.dim = d = self.X.shape[1]
+        self.kind_name = kind_name = "none" if not algo.trains else cfg.adapter
+        self.kind = get_adapter(kind_name) if kind_name != "none" else ADAPTERS["none"]
+        self.hidden = cfg.hidden or self.kind.default_hidden(d)
+        self.opts = {"residual_alpha": cfg.residual_alpha}
+        self.logit_scale, self.logit_scale_source = resolve_logit_scale(cfg, cache)
+        self.hp = LocalHyper.from_config(cfg, algo.proximal_mu(), self.logit_scale)
 
-    # ---- heads: text prompts, or class prototypes aggregated by sums and counts (no features leave a client)
-    if cfg.head == "text":
-        T = text_head(cache, cfg.template).to(device)
-        if T.shape[-1] != d:
-            raise ConfigError(f"{cache.path}: text embeddings have D={T.shape[-1]} but image features D={d}")
-        exp_head = [T for _ in experiments]
-        client_head = [[T for _ in e.clients] for e in experiments]
-    else:
-        exp_head, client_head = [], []
-        for e in experiments:
-            parts = [_class_sums(X, Y, cl.train, c) for cl in e.clients]
-            s = sum(p[0] for p in parts)
-            n = sum(p[1] for p in parts)
-            exp_head.append(_normalise(s / n.clamp(min=1).unsqueeze(1)))
-            client_head.append([_normalise(p[0] / p[1].clamp(min=1).unsqueeze(1)) for p in parts])
+        self.exp_head, client_head = build_heads(cache, cfg, self.X, self.Y, experiments, device)
+        self.lanes = lanes = build_lanes(algo, experiments)
+        self.lane_head = torch.stack([client_head[ln.exp][ln.client] if algo.personal else self.exp_head[ln.exp]
+                                      for ln in lanes]) if lanes else None
+        self.members = [np.array([i for i, ln in enumerate(lanes) if ln.exp == ei], dtype=np.int64)
+                        for ei in range(len(experiments))]
+        self.lane_exp = torch.tensor([ln.exp for ln in lanes], dtype=torch.long, device=device)
+        self.evaluator = Evaluator(algo, experiments, lanes, self.X, self.exp_head, self.lane_head, device)
 
-    # ---- lanes: one per client (or one pooled lane per experiment for central), largest first
-    lanes: list[Lane] = []
-    if cfg.algo in FEDAVG_ALGOS + ("local",):
-        for ei, e in enumerate(experiments):
-            for ci, cl in enumerate(e.clients):
-                lanes.append(Lane(ei, ci, cl.train, e.seed, lane_key(e.name, cl.name)))
-    elif cfg.algo == "central":
-        for ei, e in enumerate(experiments):
-            lanes.append(Lane(ei, -1, np.sort(np.concatenate([cl.train for cl in e.clients])), e.seed,
-                              lane_key(e.name, "central")))
-    lanes.sort(key=lambda ln: -len(ln.train))
-    lane_head = torch.stack([client_head[ln.exp][ln.client] if cfg.algo == "local" else exp_head[ln.exp]
-                             for ln in lanes]) if lanes else None
-    inits = {s: init_params(kind_name, d, hidden, s) for s in {e.seed for e in experiments}}
-    P: Params = {n: torch.stack([inits[ln.seed][n] for ln in lanes]).to(device) for n in kind.shapes(d, hidden)} \
-        if lanes else {}
-    members = [np.array([i for i, ln in enumerate(lanes) if ln.exp == ei]) for ei in range(len(experiments))]
-    weights = [client_weights(np.array([len(lanes[i].train) for i in m]), cfg.weighting) for m in members]
-    lane_exp = torch.tensor([ln.exp for ln in lanes], dtype=torch.long, device=device)
+        inits = {s: init_params(kind_name, d, self.hidden, s) for s in {e.seed for e in experiments}}
+        shapes = self.kind.shapes(d, self.hidden) if lanes else {}
+        server = {n: torch.stack([inits[e.seed][n] for e in experiments]).to(device) for n in shapes}
+        clients = {n: torch.stack([inits[ln.seed][n] for ln in lanes]).to(device) for n in shapes}
+        self.state: TrainState = algo.init_state(server, clients)
 
-    # ---- evaluation groups: one per experiment (global model), or one per lane for local training
-    segments: list[dict] = []
-    group_rows, group_segs, group_heads, group_source = [], [], [], []
+    # ---- evaluation of one round
 
-    def add_segment(rows, segs, e: Experiment, client: str, split: str, idx: np.ndarray):
-        if len(idx) == 0:
+    def _scored(self) -> Params:
+        """The parameters of each evaluation group."""
+        p = self.algo.scored_params(self.state)
+        return {n: v[self.evaluator.source] for n, v in p.items()} if self.algo.personal else p
+
+    def _score(self, full: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        ev, params = self.evaluator, self._scored()
+        args = (self.kind, params, self.Y, self.logit_scale, self.opts)
+        acc, loss = ev.val.score(*args)
+        val_mean = np.array([acc[v].mean() if v else 0.0 for v in ev.val_segments])
+        improved = val_mean > self.best_val
+        if full or improved.any():
+            a2, l2 = ev.rest.score(*args)
+            acc, loss = np.where(np.isnan(acc), a2, acc), np.where(np.isnan(loss), l2, loss)
+        if improved.any():
+            self.best_val = np.where(improved, val_mean, self.best_val)
+            self._keep_best(improved)
+        return acc, loss, val_mean
+
+    def _keep_best(self, improved: np.ndarray) -> None:
+        """The global model of each experiment at its best validation round (what --finetune-steps starts from)."""
+        if not self.cfg.finetune_steps or self.algo.personal or not self.state.server:
             return
-        segments.append({"experiment": e.name, "heldout": e.heldout_name, "seed": e.seed, "client": client,
-                         "split": split, "n": int(len(idx))})
-        rows.append(idx)
-        segs.append(np.full(len(idx), len(segments) - 1))
+        idx = torch.as_tensor(np.flatnonzero(improved), device=self.device)
+        for n, v in self.state.server.items():
+            self.best_server.setdefault(n, v.clone())[idx] = v[idx]
 
-    def add_group(e: Experiment, clients, heldout_label: str, head: torch.Tensor, source: int):
-        rows, segs = [], []
-        for cl in clients:
-            add_segment(rows, segs, e, cl.name, "val", cl.val)
-            add_segment(rows, segs, e, cl.name, "test", cl.test)
-        if e.heldout is not None:
-            add_segment(rows, segs, e, heldout_label, "heldout", e.heldout)
-        group_rows.append(rows), group_segs.append(segs), group_heads.append(head), group_source.append(source)
+    # ---- the rounds
 
-    if cfg.algo == "local":  # each lane is scored with its own adapter, on its own client and the held-out domain
-        for li, ln in enumerate(lanes):
-            e = experiments[ln.exp]
-            add_group(e, [e.clients[ln.client]], e.clients[ln.client].name, lane_head[li], li)
-    else:
-        for ei, e in enumerate(experiments):
-            add_group(e, e.clients, e.heldout_name, exp_head[ei], ei)
-    m = max(sum(len(r) for r in rows) for rows in group_rows)
-    E_rows = torch.full((len(group_rows), m), -1, dtype=torch.long)
-    E_seg = torch.full((len(group_rows), m), len(segments), dtype=torch.long)  # padding -> a dummy segment
-    for g, (rows, segs) in enumerate(zip(group_rows, group_segs)):
-        r, s = np.concatenate(rows), np.concatenate(segs)
-        E_rows[g, :len(r)] = torch.from_numpy(r)
-        E_seg[g, :len(s)] = torch.from_numpy(s)
-    E_rows, E_seg = E_rows.to(device), E_seg.to(device)
-    E_heads = torch.stack(group_heads)
-    src = torch.tensor(group_source, dtype=torch.long, device=device)
-    # Evaluation inputs never change: gather them once when that is small (see EVAL_GATHER_MAX_BYTES); otherwise
-    # each round gathers chunk by chunk, holding one chunk at a time.
-    E_X = [X[E_rows[:, s:s + EVAL_CHUNK].clamp(min=0)] for s in range(0, E_rows.shape[1], EVAL_CHUNK)] \
-        if E_rows.numel() * d * X.dtype.itemsize <= EVAL_GATHER_MAX_BYTES else None
-    seg_n = torch.bincount(E_seg.flatten(), minlength=len(segments) + 1).clamp(min=1).double()
+    def run(self, on_round) -> LoopResult:
+        cfg, algo = self.cfg, self.algo
+        self.best_val = np.full(len(self.experiments), -np.inf)
+        self.best_server: Params = {}
+        rounds, accs, losses, val_means, fit = [], [], [], [], []
+        total = cfg.rounds if algo.trains else 0
+        if total == 0:  # nothing to train: score the starting point once, as round 0
+            a, lo, v = self._score(full=True)
+            rounds.append(0), accs.append(a), losses.append(lo), val_means.append(v)
+        for r in range(1, total + 1):
+            sampled = sample_lanes(self.members, self.experiments, cfg, r)
+            self.state = algo.run_round(self.state, LaneRound(self, r, sampled))
+            fit.append(len(sampled))
+            if r % cfg.eval_every == 0 or r == total:
+                a, lo, v = self._score(full=cfg.curves or r == total)
+                rounds.append(r), accs.append(a), losses.append(lo), val_means.append(v)
+            if on_round:
+                on_round(r, total)
+        final = self.state.clients if algo.personal else self.state.server
+        res = LoopResult(self.experiments, self.evaluator.segments, rounds, np.array(accs), np.array(losses),
+                         num_params(self.kind_name, self.dim, self.hidden), 0.0,
+                         {n: v.cpu() for n, v in final.items()}, self.logit_scale, self.logit_scale_source,
+                         np.array(val_means), fit_clients=fit)
+        if cfg.finetune_steps and algo.trains and not algo.personal:
+            res.finetuned = finetune(self)
+        elif cfg.finetune_steps:
+            res.notes.append(f"--finetune-steps ignored: {cfg.algo} "
+                             f"{'keeps a model per client already' if algo.personal else 'trains nothing'}")
+        res.seconds = time.perf_counter() - self.t0
+        return res
 
-    def score(params_for_groups: Params):
-        corr, loss = evaluate(kind, params_for_groups, X, Y, E_heads, E_rows, logit_scale, opts,
-                              chunk=EVAL_CHUNK, gathered=E_X)
-        segf = E_seg.flatten()
-        acc = torch.bincount(segf, weights=corr.flatten().double(), minlength=len(segments) + 1) / seg_n
-        lo = torch.bincount(segf, weights=loss.flatten().double(), minlength=len(segments) + 1) / seg_n
-        return acc[:-1].cpu().numpy(), lo[:-1].cpu().numpy()
 
-    central_order = torch.tensor([next((i for i, ln in enumerate(lanes) if ln.exp == ei), 0)
-                                  for ei in range(len(experiments))], dtype=torch.long, device=device)
+# ------------------------------------------------------------------------------------------------ personalisation
 
-    def group_params(P: Params, G: Params) -> Params:
-        """The adapter each evaluation group is scored with."""
-        if cfg.algo in FEDAVG_ALGOS:
-            return G
-        if cfg.algo == "central":
-            return {n: v[central_order] for n, v in P.items()}
-        return {n: v[src] for n, v in P.items()}  # local: each lane its own; zeroshot: no parameters
+FINETUNE_ROUND = -1  # the batch-schedule seed of fine-tuning: distinct from every training round
 
-    G: Params = {n: torch.stack([inits[e.seed][n] for e in experiments]).to(device) for n in P}
-    rounds, accs, losses = [], [], []
-    total_rounds = 0 if cfg.algo == "zeroshot" else cfg.rounds
-    if total_rounds == 0:  # nothing to train: score the starting point once, as round 0
-        a, lo = score(group_params(P, G))
-        rounds.append(0), accs.append(a), losses.append(lo)
-    for r in range(1, total_rounds + 1):
-        schedules = [batch_schedule(ln.train, ln.seed, r, ln.key, hp) for ln in lanes]
-        P = local_update(kind, P, X, Y, lane_head, schedules, hp, opts)
-        if cfg.algo in FEDAVG_ALGOS:
-            G = aggregate(P, members, weights)
-            P = {n: v[lane_exp] for n, v in G.items()}  # the server sends the global adapter back to every client
-        if r % cfg.eval_every == 0 or r == total_rounds:
-            a, lo = score(group_params(P, G))
-            rounds.append(r), accs.append(a), losses.append(lo)
-        if on_round:
-            on_round(r, total_rounds)
-    final = G if cfg.algo in FEDAVG_ALGOS else P
-    return LoopResult(experiments, segments, rounds, np.array(accs), np.array(losses),
-                      num_params(kind_name, d, hidden), time.perf_counter() - t0,
-                      {n: v.cpu() for n, v in final.items()}, logit_scale, logit_scale_source)
+
+def finetune_schedule(train: np.ndarray, seed: int, key: int, steps: int, hp: LocalHyper) -> list[np.ndarray]:
+    """``steps`` batches over a client's train split: shuffled epochs (same batching rules as a round) repeated
+    until there are enough."""
+    out: list[np.ndarray] = []
+    epoch = 0
+    while len(out) < steps:
+        more = batch_schedule(train, seed, FINETUNE_ROUND - epoch, key, LocalHyper(batch_size=hp.batch_size))
+        if not more:
+            break  # fewer than two training samples: nothing to fine-tune on
+        out += more
+        epoch += 1
+    return out[:steps]
+
+
+def finetune(loop: _Loop) -> dict:
+    """Personalised evaluation: each client fine-tunes its experiment's selected global model for
+    ``--finetune-steps`` local steps (a fresh local optimiser, as a round) on its train split, and is scored on its
+    own test split. Returns experiment -> client -> test accuracy."""
+    cfg, exps = loop.cfg, loop.experiments
+    start_from = loop.best_server or loop.state.server
+    lanes = [Lane(ei, ci, cl.train, e.seed, lane_key(e.name, cl.name))
+             for ei, e in enumerate(exps) for ci, cl in enumerate(e.clients)]
+    lanes.sort(key=lambda ln: -len(ln.train))
+    lane_exp = torch.tensor([ln.exp for ln in lanes], dtype=torch.long, device=loop.device)
+    start = {n: v[lane_exp] for n, v in start_from.items()}
+    heads = torch.stack([loop.exp_head[ln.exp] for ln in lanes])
+    schedules = [finetune_schedule(ln.train, ln.seed, ln.key, cfg.finetune_steps, loop.hp) for ln in lanes]
+    hp = LocalHyper(**{**loop.hp.__dict__, "mu": 0.0})
+    tuned = local_update(loop.kind, start, loop.X, loop.Y, heads, schedules, hp, loop.opts)
+    groups = [[(li, exps[ln.exp].clients[ln.client].test)] if len(exps[ln.exp].clients[ln.client].test) else []
+              for li, ln in enumerate(lanes)]
+    plan = EvalPlan(groups, len(lanes), loop.X, heads, loop.device)
+    acc, _ = plan.score(loop.kind, tuned, loop.Y, loop.logit_scale, loop.opts)
+    out: dict = {e.name: {} for e in exps}
+    for li, ln in enumerate(lanes):
+        if not np.isnan(acc[li]):
+            out[exps[ln.exp].name][exps[ln.exp].clients[ln.client].name] = float(acc[li])
+    return out

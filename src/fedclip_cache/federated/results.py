@@ -9,6 +9,7 @@ import numpy as np
 
 from ..cache import FeatureCache, open_cache
 from ..store import atomic_write, write_json
+from .algorithms import get_algorithm
 from .config import FederateConfig
 from .loop import LoopResult, run_loop
 from .protocols import build_experiments
@@ -22,7 +23,7 @@ def metrics_table(res: LoopResult):
 
     r, s = len(res.rounds), len(res.segments)
     seg = res.segments
-    return pa.table({
+    table = pa.table({
         "round": np.repeat(np.array(res.rounds, np.int32), s),
         "experiment": [x["experiment"] for x in seg] * r,
         "heldout": [x["heldout"] for x in seg] * r,
@@ -33,18 +34,26 @@ def metrics_table(res: LoopResult):
         "accuracy": res.acc.reshape(-1),
         "loss": res.loss.reshape(-1),
     })
+    # Lazy evaluation scores test/held-out only at some rounds (see loop.Evaluator): unscored rows are left out.
+    scored = ~np.isnan(res.acc.reshape(-1))
+    return table if scored.all() else table.filter(pa.array(scored))
 
 
 def communication(cfg: FederateConfig, n_clients: int, trainable: int, rounds: int, model_params: Optional[int],
-                  num_classes: int, dim: int) -> dict:
+                  num_classes: int, dim: int, fit_clients: Optional[float] = None) -> dict:
+    """Bytes one experiment moves: each round every sampled client downloads and uploads ``upload_factor``
+    adapters' worth of float32 parameters (SCAFFOLD: the adapter and a control variate). ``fit_clients`` is the
+    mean number of clients sampled per round (default: all)."""
+    algo = get_algorithm(cfg.algo)
     per_client = trainable * BYTES_PER_PARAM
-    talks = cfg.algo in ("fedclip", "fedprox")
-    up = per_client * n_clients if talks else 0
+    fit = n_clients if fit_clients is None else fit_clients
+    up = int(round(per_client * algo.upload_factor * fit)) if algo.communicates else 0
     proto = (num_classes * dim + num_classes) * BYTES_PER_PARAM * n_clients if cfg.head == "prototype" and \
-        cfg.algo != "local" else 0  # class sums + counts, sent once
+        not algo.personal else 0  # class sums + counts, sent once
     out = {
         "trainable_params": trainable,
         "bytes_per_adapter": per_client,
+        "clients_per_round": fit if algo.communicates else 0,
         "bytes_up_per_round": up,
         "bytes_down_per_round": up,
         "bytes_total": (2 * up * rounds) + proto,
@@ -58,12 +67,13 @@ def communication(cfg: FederateConfig, n_clients: int, trainable: int, rounds: i
 def summarise(res: LoopResult, cfg: FederateConfig, cache: FeatureCache) -> dict:
     segs = res.segments
     exps = []
-    for e in res.experiments:
+    for ei, e in enumerate(res.experiments):
         ix = [i for i, s in enumerate(segs) if s["experiment"] == e.name]
         val = [i for i in ix if segs[i]["split"] == "val"]
         test = [i for i in ix if segs[i]["split"] == "test"]
         held = [i for i in ix if segs[i]["split"] == "heldout"]
-        val_curve = res.acc[:, val].mean(1) if val else np.zeros(len(res.rounds))
+        val_curve = res.val_mean[:, ei] if res.val_mean is not None else \
+            (res.acc[:, val].mean(1) if val else np.zeros(len(res.rounds)))
         best = int(np.argmax(val_curve))  # first best, as the official `if best < val` update
 
         def at(k, val=val, test=test, held=held, val_curve=val_curve):
@@ -74,12 +84,18 @@ def summarise(res: LoopResult, cfg: FederateConfig, cache: FeatureCache) -> dict
                 "test_mean": float(res.acc[k, test].mean()) if test else None,
                 "heldout": float(res.acc[k, held].mean()) if held else None,
             }
-        exps.append({"experiment": e.name, "heldout": e.heldout_name, "seed": e.seed,
-                     "clients": {cl.name: {"train": len(cl.train), "val": len(cl.val), "test": len(cl.test),
-                                           "dropped": cl.dropped} for cl in e.clients},
-                     "heldout_size": int(len(e.heldout)) if e.heldout is not None else 0,
-                     "best": at(best), "last": at(len(res.rounds) - 1)})
+        record = {"experiment": e.name, "heldout": e.heldout_name, "seed": e.seed,
+                  "clients": {cl.name: {"train": len(cl.train), "val": len(cl.val), "test": len(cl.test),
+                                        "dropped": cl.dropped} for cl in e.clients},
+                  "heldout_size": int(len(e.heldout)) if e.heldout is not None else 0,
+                  "best": at(best), "last": at(len(res.rounds) - 1)}
+        if res.finetuned is not None:  # personalised: the selected model fine-tuned on each client's train split
+            tuned = res.finetuned[e.name]
+            record["best"]["test_finetuned"] = tuned
+            record["best"]["test_mean_finetuned"] = float(np.mean(list(tuned.values()))) if tuned else None
+        exps.append(record)
     n_clients = max(len(e.clients) for e in res.experiments)
+    fit = float(np.mean(res.fit_clients)) / len(res.experiments) if res.fit_clients else None
 
     def avg(key, which):
         vals = [x[which][key] for x in exps if x[which][key] is not None]
@@ -88,7 +104,11 @@ def summarise(res: LoopResult, cfg: FederateConfig, cache: FeatureCache) -> dict
     # Samples in no split: the official split boundaries drop the 0-2 left over per training client (counted once
     # per client and seed: a domain is split the same way in every held-out run).
     dropped = {f"{e.seed}/{cl.name}": cl.dropped for e in res.experiments for cl in e.clients}
-    notes = []
+    notes = list(res.notes)
+    ignored = cfg.ignored_options()
+    if ignored:
+        notes.append(f"{cfg.algo} does not use {', '.join('--' + n.replace('_', '-') for n in ignored)} "
+                     f"(set, but ignored)")
     if res.logit_scale_source.startswith("fallback"):
         notes.append(f"logit scale {res.logit_scale_source}")
     if sum(dropped.values()):
@@ -104,10 +124,12 @@ def summarise(res: LoopResult, cfg: FederateConfig, cache: FeatureCache) -> dict
         "rounds": cfg.rounds if cfg.algo != "zeroshot" else 0,
         "experiments": exps,
         "mean": {"heldout_best": avg("heldout", "best"), "test_mean_best": avg("test_mean", "best"),
-                 "heldout_last": avg("heldout", "last"), "test_mean_last": avg("test_mean", "last")},
+                 "heldout_last": avg("heldout", "last"), "test_mean_last": avg("test_mean", "last"),
+                 **({"test_mean_finetuned": avg("test_mean_finetuned", "best")} if res.finetuned is not None
+                    else {})},
         "communication": communication(cfg, n_clients, res.trainable_params,
                                        cfg.rounds if cfg.algo != "zeroshot" else 0, cache.model_params,
-                                       len(cache.classes), cache.dim),
+                                       len(cache.classes), cache.dim, fit),
         "cache": cache_record(cache),
         "seconds": round(res.seconds, 3),
     }

@@ -20,22 +20,31 @@ import torch
 import torch.nn.functional as F
 
 from .adapters import AdapterKind, Params, cosine_logits
+from .config import FederateConfig
+
+_D = FederateConfig()  # defaults are written once, in FederateConfig
 
 
 @dataclass(frozen=True)
 class LocalHyper:
-    """Local-training hyper-parameters (official FedCLIP defaults)."""
+    """Local-training hyper-parameters of one client (defaults: FederateConfig's, the official FedCLIP ones)."""
 
-    lr: float = 5e-5
-    beta1: float = 0.9
-    beta2: float = 0.98
-    eps: float = 1e-6
-    weight_decay: float = 0.2  # coupled L2, as torch.optim.Adam (not AdamW)
-    batch_size: int = 32
-    epochs: int = 1
-    mu: float = 0.0  # FedProx proximal weight
-    loss: str = "contrastive"
-    logit_scale: float = 100.0
+    lr: float = _D.lr
+    beta1: float = _D.beta1
+    beta2: float = _D.beta2
+    eps: float = _D.eps
+    weight_decay: float = _D.weight_decay  # coupled L2, as torch.optim.Adam (not AdamW)
+    batch_size: int = _D.batch_size
+    epochs: int = _D.local_epochs
+    mu: float = 0.0  # proximal weight (FedProx), set by the algorithm
+    loss: str = _D.loss
+    logit_scale: float = 100.0  # the official constant; runs use the cache's (see loop.resolve_logit_scale)
+    optimizer: str = _D.local_optimizer
+
+    @classmethod
+    def from_config(cls, cfg: FederateConfig, mu: float, logit_scale: float) -> "LocalHyper":
+        return cls(cfg.lr, cfg.beta1, cfg.beta2, cfg.eps, cfg.weight_decay, cfg.batch_size, cfg.local_epochs, mu,
+                   cfg.loss, logit_scale, cfg.local_optimizer)
 
 
 @functools.cache
@@ -139,11 +148,13 @@ def batch_loss(kind: AdapterKind, params: Params, x: torch.Tensor, y: torch.Tens
 
 
 def local_update(kind: AdapterKind, params: Params, X: torch.Tensor, Y: torch.Tensor, heads: torch.Tensor,
-                 schedules: list[list[np.ndarray]], hp: LocalHyper, opts: dict | None = None) -> Params:
+                 schedules: list[list[np.ndarray]], hp: LocalHyper, opts: dict | None = None,
+                 correction: Params | None = None) -> Params:
     """One round of local training for every lane; returns new stacked parameters (inputs are not modified).
 
     ``schedules[l]`` is lane l's list of batches (row indices into X); lanes must be ordered by non-increasing
     number of batches. A fresh Adam per lane per round (the official code re-creates its optimiser every round).
+    ``correction`` (stacked like ``params``) is added to every gradient of its lane (SCAFFOLD's c - c_i).
     """
     opts = opts or {}
     keep_freed_memory()
@@ -180,6 +191,16 @@ def local_update(kind: AdapterKind, params: Params, X: torch.Tensor, Y: torch.Te
             if anchor is not None:
                 for n, g in zip(names, grads):
                     g.add_(p[n][:k] - anchor[n][:k], alpha=hp.mu)
+            if correction is not None:
+                for n, g in zip(names, grads):
+                    g.add_(correction[n][:k])
+            if hp.optimizer == "sgd":  # torch.optim.SGD: d = g + wd * w; w -= lr * d
+                for n, g in zip(names, grads):
+                    pl = p[n][:k]
+                    if hp.weight_decay:
+                        g.add_(pl, alpha=hp.weight_decay)
+                    pl.add_(g, alpha=-hp.lr)
+                continue
             torch._foreach_add_(steps[:k], 1.0)
             for n, g in zip(names, grads):
                 pl, gl, ml, vl = p[n][:k], g.contiguous(), m[n][:k], v2[n][:k]  # fused Adam needs dense
@@ -197,8 +218,9 @@ def reference_local_update(kind: AdapterKind, params: Params, X: torch.Tensor, Y
     opts = opts or {}
     p = {k: torch.nn.Parameter(v.detach().clone()) for k, v in params.items()}
     anchor = {k: v.detach().clone() for k, v in params.items()}
-    opt = torch.optim.Adam(p.values(), lr=hp.lr, betas=(hp.beta1, hp.beta2), eps=hp.eps,
-                           weight_decay=hp.weight_decay)
+    opt = (torch.optim.SGD(p.values(), lr=hp.lr, weight_decay=hp.weight_decay) if hp.optimizer == "sgd" else
+           torch.optim.Adam(p.values(), lr=hp.lr, betas=(hp.beta1, hp.beta2), eps=hp.eps,
+                            weight_decay=hp.weight_decay))
     for b in schedule:
         bt = torch.from_numpy(b)
         x, y = X[bt.to(getattr(X, "index_device", X.device))].unsqueeze(0), Y[bt.to(Y.device)].unsqueeze(0)
