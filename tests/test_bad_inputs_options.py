@@ -77,7 +77,7 @@ CASES = [
     (FED + ["--adapter", "residual", "--residual-alpha", "1.5"], 2, "--residual-alpha 1.5: must be between 0 and 1",
      False),
     (FED + ["--split", "nan,0.5,0.5"], 2, "--split nan,0.5,0.5: fractions must be finite", False),
-    (FED + ["--split", "0.5,0.5"], 2, "--split 0.5,0.5: expected three fractions", False),
+    (FED + ["--split", "0.5,0.5"], 2, "--split '0.5,0.5': expected three fractions", False),
     (FED + ["--split", "0.7,0.7,-0.4"], 2, "--split must be three fractions in [0, 1] summing to 1", False),
     (FED + ["--algo", "fedsgd"], 2, "--algo 'fedsgd' unknown; choose one of", False),
     (FED + ["--split", "a,b,c"], 2, "--split 'a,b,c'", False),
@@ -97,6 +97,15 @@ CASES = [
     (FED + ["--seed", "-1"], 2, "--seed -1: must be at least 0", False),
     (FED + ["--batch-size", "1"], 2, "--batch-size 1: must be >= 2", False),
     (FED + ["--rounds", "abc"], 2, "'--rounds'", True),
+    # participation, personalisation and server-optimiser options
+    (FED + ["--fraction-fit", "0"], 2, "--fraction-fit 0.0: must be in (0, 1]", False),
+    (FED + ["--fraction-fit", "1.5"], 2, "--fraction-fit 1.5: must be in (0, 1]", False),
+    (FED + ["--min-fit-clients", "0"], 2, "--min-fit-clients 0: must be at least 1", False),
+    (FED + ["--finetune-steps", "-1"], 2, "--finetune-steps -1: must be at least 0", False),
+    (FED + ["--server-lr", "0"], 2, "--server-lr 0.0: must be > 0", False),
+    (FED + ["--server-momentum", "1"], 2, "--server-momentum 1.0: must be in [0, 1)", False),
+    (FED + ["--tau", "nan"], 2, "--tau nan: must be a finite number", False),
+    (FED + ["--local-optimizer", "rmsprop"], 2, "--local-optimizer 'rmsprop' unknown; choose one of adam, sgd", False),
     # sweep: grid keys and values, seeds, jobs -- all before any file is written
     (SWEEP + ["--grid", "split=a/b/c"], 2, "--grid split='a/b/c'", False),
     (SWEEP[:-2] + ["--seeds", ""], 2, "--seeds: give at least one seed", False),
@@ -111,6 +120,8 @@ CASES = [
      False),
     (SWEEP + ["--device", "gpu"], 2, "--device 'gpu'", False),
     (SWEEP + ["--jobs", "0"], 2, "'--jobs'", True),
+    (SWEEP + ["--grid", "fraction_fit=0.5,2"], 2, "--grid fraction_fit=2.0: must be in (0, 1]", False),
+    (SWEEP + ["--grid", "curves=maybe"], 2, "--grid curves='maybe': not a valid true/false", False),
     # run: TOML keys and --set overrides, named as written
     (["run", "{root}/rounds_str.toml"], 2, "rounds_str.toml: federate.rounds = 'two': expected a whole number", False),
     (RUN + ["--set", "federate.rounds=abc"], 2, "--set federate.rounds='abc': expected a whole number", False),

@@ -9,19 +9,25 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters
 
 from fedclip_cache.federated.config import ConfigError, FederateConfig  # noqa: E402
 from fedclip_cache.federated.results import federate  # noqa: E402
-from fedclip_cache.flower import FedCLIPClient, _federate_config, initial_parameters  # noqa: E402
+from fedclip_cache.federated.algorithms import make_algorithm  # noqa: E402
+from fedclip_cache.flower import AlgorithmStrategy, FedCLIPClient, _federate_config, initial_parameters  # noqa: E402
 from fedclip_cache.synthetic import write_synthetic_cache  # noqa: E402
 
 
 # Two rounds for uniform weighting; one for sample weighting, where Flower's integer-weighted float32 sum rounds
 # differently from ours and Adam's normalised step magnifies last-bit differences in near-zero gradients.
-@pytest.mark.parametrize("weighting,rounds", [("uniform", 2), ("samples", 1)])
-def test_flower_round_equals_in_process_round(tmp_path, weighting, rounds):
+@pytest.mark.parametrize("weighting,rounds,algo", [("uniform", 2, "fedclip"), ("samples", 1, "fedclip"),
+                                                   ("uniform", 2, "fedprox")])
+def test_flower_round_equals_in_process_round(tmp_path, weighting, rounds, algo):
     cache = str(write_synthetic_cache(tmp_path / "c", {"a": 70, "b": 50, "c": 40}, 3, dim=16, seed=4))
-    run_config = {"cache": cache, "heldout": "a", "rounds": rounds, "lr": 1e-3, "hidden": 8, "weighting": weighting}
+    extra = {"algo": algo, "mu": 0.5} if algo == "fedprox" else {}
+    run_config = {"cache": cache, "heldout": "a", "rounds": rounds, "lr": 1e-3, "hidden": 8, "weighting": weighting,
+                  **extra}
     _, cfg = _federate_config(run_config)
     params = initial_parameters(cache, cfg)
-    strategy = flwr.server.strategy.FedAvg()
+    # the ServerApp's strategy: Flower's FedAvg, then the algorithm's server update
+    strategy = AlgorithmStrategy(make_algorithm(cfg), ["w1", "b1", "w2", "b2"],
+                                 initial_parameters=ndarrays_to_parameters(params))
     for rnd in range(1, rounds + 1):
         results = []
         for pid in range(2):
@@ -31,8 +37,8 @@ def test_flower_round_equals_in_process_round(tmp_path, weighting, rounds):
             results.append((None, res))
         agg, _ = strategy.aggregate_fit(rnd, results, [])
         params = parameters_to_ndarrays(agg)
-    federate(cache, FederateConfig(rounds=rounds, lr=1e-3, hidden=8, heldout=["a"], weighting=weighting),
-                    out=tmp_path / "run")
+    federate(cache, FederateConfig(rounds=rounds, lr=1e-3, hidden=8, heldout=["a"], weighting=weighting, **extra),
+             out=tmp_path / "run")
     final = torch.load(tmp_path / "run" / "adapter.pt")
     for name, p in zip(["w1", "b1", "w2", "b2"], params):
         np.testing.assert_allclose(p, final[name][0].numpy(), rtol=1e-5, atol=1e-7)
@@ -44,5 +50,7 @@ def test_flower_config_errors(tmp_path):
     cache = str(write_synthetic_cache(tmp_path / "c", {"a": 30, "b": 30}, 2, dim=8))
     with pytest.raises(ConfigError, match="text only"):
         _federate_config({"cache": cache, "head": "prototype"})
+    with pytest.raises(ConfigError, match="nothing to federate"):
+        _federate_config({"cache": cache, "algo": "local"})
     with pytest.raises(ConfigError, match="partition-id 5"):
         FedCLIPClient(cache, _federate_config({"cache": cache, "heldout": "a"})[1], 5)

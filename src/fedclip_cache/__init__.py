@@ -11,7 +11,11 @@ _PUBLIC = {
     "FeatureCache": ".cache", "open_cache": ".cache", "cache_overview": ".cache",
     "ExtractConfig": ".extract", "ExtractReport": ".extract", "extract": ".extract",
     "ModelSpec": ".models", "load_model": ".models",
-    "CacheError": ".store", "FedclipCacheError": ".errors",
+    "federate": ".federated.results", "FederateConfig": ".federated.config",
+    "sweep": ".sweep",
+    "list_algorithms": ".federated.algorithms", "register_algorithm": ".federated.algorithms",
+    "Algorithm": ".federated.algorithms", "list_adapters": ".federated.adapters",
+    "CacheError": ".store", "FedclipCacheError": ".errors", "ConfigError": ".errors",
 }
 __all__ = list(_PUBLIC)
 __version__ = "0.1.0"

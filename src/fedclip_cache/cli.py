@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .errors import FedclipCacheError
+from .specs import ExtractConfig, ModelSpec
 
 if TYPE_CHECKING:
     from .federated.config import FederateConfig
@@ -34,32 +35,35 @@ def _floats(text: Optional[str], name: str) -> Optional[list[float]]:
     return vals
 
 
+_EX, _MS = ExtractConfig(source="", out=""), ModelSpec()  # extract's defaults, declared once in specs.py
+
+
 @app.command()
 def extract(
     source: Path = typer.Argument(..., help="DomainBed folder ROOT/<domain>/<class>/<image>, or a manifest "
                                             ".csv/.parquet (path, label, domain[, client][, split])."),
     out: Path = typer.Argument(..., help="Cache folder to create or extend (resumable)."),
-    model: str = typer.Option("ViT-B-32", help="open_clip model name, NAME/TAG (e.g. ViT-B-32/openai), or "
+    model: str = typer.Option(_MS.model, help="open_clip model name, NAME/TAG (e.g. ViT-B-32/openai), or "
                                                "local-dir:DIR."),
-    pretrained: Optional[str] = typer.Option("openai", help="Pretrained tag, a local checkpoint file, or "
+    pretrained: Optional[str] = typer.Option(_MS.pretrained, help="Pretrained tag, a local checkpoint file, or "
                                                             "'none' for random init."),
     model_config: Optional[Path] = typer.Option(None, help="Custom architecture JSON (registered with "
                                                            "open_clip; its file stem becomes the model name)."),
     image_mean: Optional[str] = typer.Option(None, help="Override normalisation mean, e.g. 0.5,0.5,0.5."),
     image_std: Optional[str] = typer.Option(None, help="Override normalisation std, e.g. 0.5,0.5,0.5."),
-    format: str = typer.Option("parquet", help="parquet or hdf5."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    precision: str = typer.Option("auto", help="auto (fp16 autocast on CUDA, fp32 on CPU), fp32, fp16 or bf16."),
-    dtype: str = typer.Option("float32", help="Stored embedding dtype: float32 or float16."),
-    batch_size: int = typer.Option(64, min=1),
-    workers: Optional[int] = typer.Option(None, min=0, help="DataLoader worker processes (default: all CPUs up to 32 on "
+    format: str = typer.Option(_EX.format, help="parquet or hdf5."),
+    device: str = typer.Option(_EX.device, help="auto, cpu or cuda."),
+    precision: str = typer.Option(_EX.precision, help="auto (fp16 autocast on CUDA, fp32 on CPU), fp32, fp16 or bf16."),
+    dtype: str = typer.Option(_EX.dtype, help="Stored embedding dtype: float32 or float16."),
+    batch_size: int = typer.Option(_EX.batch_size, min=1),
+    workers: Optional[int] = typer.Option(_EX.workers, min=0, help="DataLoader worker processes (default: all CPUs up to 32 on "
                                                                      "CUDA, min(4, CPUs) on CPU)."),
-    shard_size: int = typer.Option(4096, min=1, help="Images per committed shard (the most a crash can lose)."),
+    shard_size: int = typer.Option(_EX.shard_size, min=1, help="Images per committed shard (the most a crash can lose)."),
     template: Optional[List[str]] = typer.Option(None, help="Prompt template with {} for the class; repeatable. "
                                                             "Default: the official 'a picture of a {}'."),
     templates_file: Optional[Path] = typer.Option(None, help="File with one template per line."),
-    strict: bool = typer.Option(False, help="Fail on the first unreadable image instead of skipping it."),
-    seed: int = typer.Option(0, help="Seed for random-init models (--pretrained none)."),
+    strict: bool = typer.Option(_EX.strict, help="Fail on the first unreadable image instead of skipping it."),
+    seed: int = typer.Option(_MS.seed, help="Seed for random-init models (--pretrained none)."),
     quick_gelu: Optional[bool] = typer.Option(
         None, "--quick-gelu/--no-quick-gelu",
         help="Transformer MLP activation. Default (auto): QuickGELU when the pretrained tag's config says so "
@@ -70,9 +74,9 @@ def extract(
     dataset: Optional[str] = typer.Option(None, help="Known dataset (PACS, VLCS, OfficeHome, DomainNet) to check "
                                                      "counts against; default: recognised only by its exact set "
                                                      "of domain names."),
-    exif_transpose: bool = typer.Option(False, help="Rotate images by their EXIF orientation tag before "
+    exif_transpose: bool = typer.Option(_EX.exif_transpose, help="Rotate images by their EXIF orientation tag before "
                                                     "preprocessing (the official code, like ImageFolder, does not)."),
-    verify: bool = typer.Option(False, help="Re-hash every committed shard before resuming (default: size check); "
+    verify: bool = typer.Option(_EX.verify, help="Re-hash every committed shard before resuming (default: size check); "
                                             "damaged shards are removed and their images re-embedded."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ):
@@ -81,8 +85,7 @@ def extract(
     Re-running the same command resumes a killed run, embeds only new or changed images, retries files that failed
     for a transient reason, retires images deleted or moved since, and repairs damaged shards or metadata. One
     extract at a time per cache: a second is refused while the first runs."""
-    from .extract import DEFAULT_TEMPLATES, ExtractConfig, extract as run_extract
-    from .models import ModelSpec
+    from .extract import DEFAULT_TEMPLATES, extract as run_extract
 
     templates = list(template or [])
     if templates_file:
@@ -149,45 +152,30 @@ def info(cache: Path = typer.Argument(..., help="Cache folder."),
         render_cache_summary(summary, console)
 
 
-# Federate options are declared once and shared by `federate` and `sweep` (which accepts any federate option).
-FEDERATE_OPTIONS: list[tuple[str, type, object]] = [
-    ("algo", str, typer.Option("fedclip", help="fedclip (FedAvg of the adapter) | fedprox | local | central | zeroshot.")),
-    ("adapter", str, typer.Option("fedclip", help="fedclip (official gate) | residual (CLIP-Adapter) | linear.")),
-    ("hidden", Optional[int], typer.Option(None, help="Adapter width h (fedclip default h = D, the official setting).")),
-    ("residual_alpha", float, typer.Option(0.2, help="Mixing weight of the residual adapter.")),
-    ("head", str, typer.Option("text", help="text (class prompts from the cache) | prototype (class means).")),
-    ("template", str, typer.Option("0", help="Index of the cache's prompt template, or 'mean' for an ensemble.")),
-    ("loss", str, typer.Option("contrastive", help="contrastive (official in-batch CLIP loss) | ce.")),
-    ("logit_scale", Optional[float], typer.Option(None, help="Logit scale (temperature) of the cosine logits; "
-                                                            "default: the model's own logit_scale.exp() from the "
-                                                            "cache (100 for OpenAI CLIP, the official value).")),
-    ("lr", float, typer.Option(5e-5, help="Adam learning rate (official 5e-5).")),
-    ("weight_decay", float, typer.Option(0.2, help="Adam L2 weight decay, coupled (official 0.2).")),
-    ("batch_size", int, typer.Option(32, help="Local batch size (official 32).")),
-    ("local_epochs", int, typer.Option(1, help="Local epochs per round (official 1).")),
-    ("rounds", int, typer.Option(200, help="Communication rounds (official README: 200).")),
-    ("mu", float, typer.Option(0.0, help="FedProx proximal weight.")),
-    ("weighting", str, typer.Option("uniform", help="uniform (official) | samples (FedAvg by sample count).")),
-    ("protocol", str, typer.Option("lodo", help="lodo (leave-one-domain-out, official) | personal.")),
-    ("heldout", Optional[str], typer.Option(None, help="Held-out domain(s), comma-separated; default: each in turn.")),
-    ("partition", str, typer.Option("none", help="none (clients = domains) | iid | dirichlet | pathological.")),
-    ("alpha", float, typer.Option(0.5, help="Dirichlet concentration (smaller = more label skew).")),
-    ("num_clients", int, typer.Option(4, "--clients", help="Clients per partition scope.")),
-    ("classes_per_client", int, typer.Option(2, help="Classes per client for --partition pathological.")),
-    ("partition_scope", str, typer.Option("domain", help="domain (split each domain) | pooled.")),
-    ("split", str, typer.Option("0.6,0.2,0.2", help="Train/val/test fractions of each training client.")),
-    ("split_tail", str, typer.Option("drop", help="drop (official: train/val/test = int(.6n)/int(.2n)/int(.2n), the "
-                                                  "0-2 left over dropped and counted) | test (they go to test).")),
-    ("split_source", str, typer.Option("random", help="random (seeded) | cache (the manifest's split column).")),
-    ("client_key", str, typer.Option("domain", help="domain | client: which cache column defines clients.")),
-    ("seed", int, typer.Option(0, help="Seed (data split, shuffles, adapter init).")),
-    ("eval_every", int, typer.Option(1, help="Evaluate every N rounds (official: every round).")),
-    ("device", str, typer.Option("cpu", help="cpu | cuda | auto (cuda: features stay on the GPU when they fit, "
-                                             "else are streamed per batch from host memory).")),
-    ("keep_denormals", bool, typer.Option(False, "--keep-denormals", help="Do not flush denormal floats to zero "
-                                          "(by default they are flushed on every CPU thread while training: "
-                                          "saturated softmax gradients otherwise slow steps down many times).")),
-]
+def _federate_options() -> list[tuple[str, type, object]]:
+    """Every FederateConfig field as a typer option: default, help and flag come from the field's declaration
+    (``federated/config.py``), so `federate` and `sweep` (which accepts any federate option) never restate them.
+    ``split`` and ``heldout`` are typed as text on the command line and parsed by ``config.parse_text``."""
+    import dataclasses
+
+    from .federated.config import FederateConfig, field_kind, option_flag, option_help
+
+    out = []
+    for f in dataclasses.fields(FederateConfig):
+        kind, optional = field_kind(f.name)
+        flag = option_flag(f.name)
+        if f.name == "split":
+            annotation, default = str, ",".join(f"{x:g}" for x in f.default)
+        elif f.name == "heldout":
+            annotation, default = Optional[str], None
+        else:
+            annotation, default = (Optional[kind] if optional else kind), f.default
+        decls = [flag] if kind is bool else ([flag] if flag != "--" + f.name.replace("_", "-") else [])
+        out.append((f.name, annotation, typer.Option(default, *decls, help=option_help(f.name))))
+    return out
+
+
+FEDERATE_OPTIONS = _federate_options()
 
 
 def with_federate_options(func):
@@ -209,32 +197,23 @@ def with_federate_options(func):
     return wrapper
 
 
-def _flag(name: str, opt) -> str:
-    decls = [d for d in getattr(opt, "param_decls", None) or () if d.startswith("--")]
-    return decls[0] if decls else "--" + name.replace("_", "-")
+def _federate_flags() -> dict[str, str]:
+    from .federated.config import FIELDS, option_flag
+
+    return {n: option_flag(n) for n in FIELDS}
 
 
 # Config field -> the flag a user types (num_clients -> --clients), so that every error names the real flag.
-FEDERATE_FLAGS: dict[str, str] = {n: _flag(n, opt) for n, _, opt in FEDERATE_OPTIONS}
+FEDERATE_FLAGS: dict[str, str] = _federate_flags()
 
 
 def _federate_config(fed: dict, validate: bool = True) -> "FederateConfig":
-    from .federated.config import ConfigError, FederateConfig
+    from .federated.config import FederateConfig, parse_text
 
     kw = dict(fed)
-    if isinstance(kw.get("split"), str):
-        try:
-            kw["split"] = tuple(float(x) for x in kw["split"].split(","))
-        except ValueError:
-            raise ConfigError(f"{FEDERATE_FLAGS['split']} {kw['split']!r}: expected three comma-separated "
-                              f"fractions, e.g. 0.6,0.2,0.2") from None
-    if kw.get("heldout") is not None and kw["heldout"].strip():  # "" = the default: every domain in turn
-        kw["heldout"] = [h.strip() for h in kw["heldout"].split(",")]
-        if not all(kw["heldout"]):
-            raise ConfigError(f"{FEDERATE_FLAGS['heldout']} {fed['heldout']!r}: expected domain names separated "
-                              f"by commas, e.g. photo,sketch")
-    else:
-        kw["heldout"] = []
+    kw["split"] = parse_text("split", kw["split"], f"{FEDERATE_FLAGS['split']} ")
+    # "" = the default: every domain in turn
+    kw["heldout"] = parse_text("heldout", kw["heldout"] or "", f"{FEDERATE_FLAGS['heldout']} ")
     cfg = FederateConfig(**kw)
     return cfg.validate(FEDERATE_FLAGS) if validate else cfg
 
@@ -341,6 +320,25 @@ def sweep(
                   f"runs", soft_wrap=True)
     render_sweep(res, console)
     console.print(f"sweep folder: {out} (results.parquet, summary.md, summary.csv, plots/)")
+
+
+@app.command()
+def algorithms(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")):
+    """List the federated algorithms --algo accepts: what each does, its reference and its own options."""
+    from .federated.algorithms import ALGORITHMS
+    from .federated.config import option_flag
+
+    rows = [{"name": n, "summary": c.summary, "reference": c.reference, "communicates": c.communicates,
+             "options": [option_flag(o) for o in c.uses]} for n, c in ALGORITHMS.items()]
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    t = Table(title="algorithms (--algo)")
+    for col in ("name", "what it does", "own options", "reference"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(r["name"], r["summary"], " ".join(r["options"]), r["reference"])
+    console.print(t)
 
 
 @app.command()

@@ -21,36 +21,16 @@ import torch
 from . import integrity, store
 from .integrity import CACHE_FORMAT_VERSION, CacheBusy, WriterLock
 from .imageio import ImageFiles
-from .models import LoadedModel, ModelSpec, load_model
+from .models import LoadedModel, load_model
+from .specs import DEFAULT_TEMPLATES, ExtractConfig, ModelSpec  # noqa: F401  (re-exported)
 from .sources import ImageTable, scan
 from .errors import FedclipCacheError
 
-DEFAULT_TEMPLATES = ("a picture of a {}",)  # the official FedCLIP prompt: 'a picture of a' + ' ' + classname
 FORMAT_VERSION = CACHE_FORMAT_VERSION
 
 
 class ExtractError(FedclipCacheError, RuntimeError):
     """Extraction cannot go on; the message says why and how to fix it."""
-
-
-@dataclass
-class ExtractConfig:
-    source: str
-    out: str
-    model: ModelSpec = field(default_factory=ModelSpec)
-    format: str = "parquet"
-    device: str = "auto"
-    precision: str = "auto"  # fp16 autocast on CUDA, fp32 on CPU
-    dtype: str = "float32"
-    batch_size: int = 64
-    workers: Optional[int] = None
-    shard_size: int = 4096
-    templates: Sequence[str] = DEFAULT_TEMPLATES
-    strict: bool = False
-    progress: bool = True
-    dataset: Optional[str] = None  # known dataset to check the layout against (None: identify by domain names)
-    exif_transpose: bool = False  # apply EXIF orientation (the official code does not)
-    verify: bool = False  # re-hash every committed shard before resuming (default: size check only)
 
 
 @dataclass

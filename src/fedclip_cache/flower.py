@@ -1,9 +1,10 @@
 """Flower apps for real federated clients, built on the same pure functions as the in-process loop.
 
 Each Flower client holds only its own rows of a cache (its domain's features and the class-prompt embeddings);
-``fit`` is :func:`fedclip_cache.federated.train.local_update` with one lane, the server is Flower's ``FedAvg``
-(clients report ``num_examples = 1`` for the official uniform average, or their training-set size with
-``weighting = "samples"``). Batches, splits and initialisation use the same seeds as ``fedclip-cache federate``, so
+``fit`` is :func:`fedclip_cache.federated.train.local_update` with one lane and the algorithm's local objective;
+the server is :class:`AlgorithmStrategy`, Flower's ``FedAvg`` averaging followed by the algorithm's own
+``server_update`` (the same pure function the in-process loop calls: FedAvg, FedAvgM, FedAdam, ...). Clients report
+``num_examples = 1`` for the official uniform average, or their training-set size with ``weighting = "samples"``. Batches, splits and initialisation use the same seeds as ``fedclip-cache federate``, so
 one round of Flower equals one round of the in-process loop (tested).
 
 Run config keys (``flwr run ... --run-config``): ``cache`` (path), ``heldout`` (the domain left out; "" for the
@@ -18,6 +19,7 @@ import torch
 
 from .cache import open_cache
 from .federated.adapters import get_adapter, init_params
+from .federated.algorithms import Algorithm, make_algorithm
 from .federated.config import ConfigError, FederateConfig
 from .federated.loop import resolve_logit_scale, text_head
 from .federated.protocols import build_experiments
@@ -25,7 +27,7 @@ from .federated.train import LocalHyper, batch_schedule, evaluate, lane_key, loc
 
 try:
     from flwr.client import ClientApp, NumPyClient
-    from flwr.common import Context, ndarrays_to_parameters
+    from flwr.common import Context, ndarrays_to_parameters, parameters_to_ndarrays
     from flwr.server import ServerApp, ServerAppComponents, ServerConfig
     from flwr.server.strategy import FedAvg
 except ImportError as e:  # pragma: no cover - exercised only without the extra
@@ -40,8 +42,13 @@ def _federate_config(run_config: dict) -> tuple[str, FederateConfig]:
                                     "protocol": "lodo" if heldout else "personal"}).validate()
     if cfg.head != "text":
         raise ConfigError("the Flower apps support --head text only")
-    if cfg.algo not in ("fedclip", "fedprox"):
-        raise ConfigError("the Flower apps run fedclip or fedprox (local/central/zeroshot need no federation)")
+    algo = make_algorithm(cfg)
+    if not algo.communicates:
+        raise ConfigError(f"--algo {cfg.algo}: nothing to federate (it trains without a server); use "
+                          f"`fedclip-cache federate`")
+    if type(algo).run_round is not Algorithm.run_round:  # its clients keep state between rounds (SCAFFOLD)
+        raise ConfigError(f"--algo {cfg.algo} is not supported by the Flower apps yet (its clients keep state "
+                          f"between rounds); use `fedclip-cache federate`")
     return cache, cfg
 
 
@@ -60,8 +67,7 @@ class FedCLIPClient(NumPyClient):
         self.names = list(self.kind.shapes(cache.dim, self.hidden))
         self.head = text_head(cache, cfg.template)
         self.logit_scale, _ = resolve_logit_scale(cfg, cache)  # the same value as `federate` on this cache
-        self.hp = LocalHyper(cfg.lr, cfg.beta1, cfg.beta2, cfg.eps, cfg.weight_decay, cfg.batch_size,
-                             cfg.local_epochs, cfg.mu if cfg.algo == "fedprox" else 0.0, cfg.loss, self.logit_scale)
+        self.hp = LocalHyper.from_config(cfg, make_algorithm(cfg).proximal_mu(), self.logit_scale)
         self.opts = {"residual_alpha": cfg.residual_alpha}
 
     def _stacked(self, parameters) -> dict[str, torch.Tensor]:
@@ -91,6 +97,26 @@ def initial_parameters(cache_path: str, cfg: FederateConfig) -> list[np.ndarray]
     return [p[n].numpy() for n in kind.shapes(cache.dim, hidden)]
 
 
+class AlgorithmStrategy(FedAvg):
+    """Flower's FedAvg (sampling, weighting by ``num_examples``, failure handling), then the algorithm's server
+    update on the average: the new global model and server state exactly as the in-process loop computes them."""
+
+    def __init__(self, algo: Algorithm, names: list[str], **kw):
+        super().__init__(**kw)
+        self.algo, self.names = algo, names
+        self.current = {n: torch.from_numpy(p).unsqueeze(0)
+                        for n, p in zip(names, parameters_to_ndarrays(kw["initial_parameters"]))}
+        self.extra: dict = {}
+
+    def aggregate_fit(self, server_round, results, failures):
+        averaged, metrics = super().aggregate_fit(server_round, results, failures)
+        if averaged is None:
+            return None, metrics
+        avg = {n: torch.from_numpy(p).unsqueeze(0) for n, p in zip(self.names, parameters_to_ndarrays(averaged))}
+        self.current, self.extra = self.algo.server_update(self.current, avg, self.extra, server_round)
+        return ndarrays_to_parameters([self.current[n][0].numpy() for n in self.names]), metrics
+
+
 def client_fn(context: Context):
     cache, cfg = _federate_config(context.run_config)
     return FedCLIPClient(cache, cfg, int(context.node_config["partition-id"])).to_client()
@@ -98,11 +124,14 @@ def client_fn(context: Context):
 
 def server_fn(context: Context):
     cache, cfg = _federate_config(context.run_config)
-    n_clients = len(build_experiments(open_cache(cache), cfg)[0].clients)
-    strategy = FedAvg(fraction_fit=1.0, fraction_evaluate=1.0, min_fit_clients=n_clients,
-                      min_available_clients=n_clients,
-                      initial_parameters=ndarrays_to_parameters(initial_parameters(cache, cfg)),
-                      on_fit_config_fn=lambda rnd: {"server_round": rnd})
+    fc = open_cache(cache)
+    n_clients = len(build_experiments(fc, cfg)[0].clients)
+    kind = get_adapter(cfg.adapter)
+    names = list(kind.shapes(fc.dim, cfg.hidden or kind.default_hidden(fc.dim)))
+    strategy = AlgorithmStrategy(make_algorithm(cfg), names, fraction_fit=1.0, fraction_evaluate=1.0,
+                                 min_fit_clients=n_clients, min_available_clients=n_clients,
+                                 initial_parameters=ndarrays_to_parameters(initial_parameters(cache, cfg)),
+                                 on_fit_config_fn=lambda rnd: {"server_round": rnd})
     return ServerAppComponents(strategy=strategy, config=ServerConfig(num_rounds=cfg.rounds))
 
 

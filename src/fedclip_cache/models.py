@@ -27,42 +27,11 @@ from typing import Callable, Optional, Sequence
 import torch
 from .errors import FedclipCacheError
 from .store import file_sha256
+from .specs import ModelSpec  # noqa: F401  (re-exported: the public API names it here)
 
 
 class ModelLoadError(FedclipCacheError, RuntimeError):
     """A model or its weights could not be obtained; the message says how to fix it."""
-
-
-@dataclass
-class ModelSpec:
-    """What the user asked for, before anything is loaded."""
-
-    model: str = "ViT-B-32"
-    pretrained: Optional[str] = "openai"
-    model_config: Optional[str] = None
-    image_mean: Optional[Sequence[float]] = None
-    image_std: Optional[Sequence[float]] = None
-    seed: int = 0  # only matters for random-init models (no weights)
-    # Activation of the transformer MLPs. None = auto: QuickGELU when the pretrained tag's config says so (OpenAI,
-    # LAION-400M, MetaCLIP ... weights were trained with it), else what the model config says (``-quickgelu`` names,
-    # ``quick_gelu`` in a custom or local-dir config). A checkpoint FILE cannot tell us its activation: pass True for
-    # OpenAI-trained weights loaded from a file.
-    quick_gelu: Optional[bool] = None
-
-    def normalised(self) -> "ModelSpec":
-        """Split ``name/tag`` and apply ``--model-config`` (its file stem is the model name)."""
-        model, pretrained = self.model, self.pretrained
-        if self.model_config:
-            model = Path(self.model_config).stem
-        elif "/" in model and not model.startswith(("local-dir:", "hf-hub:")):
-            model, _, tag = model.partition("/")
-            pretrained = tag or pretrained
-        if model.startswith("local-dir:"):
-            pretrained = None  # open_clip ignores it for local-dir
-        if pretrained in ("", "none", "None", "random"):
-            pretrained = None
-        return ModelSpec(model, pretrained, self.model_config, self.image_mean, self.image_std, self.seed,
-                         self.quick_gelu)
 
 
 @dataclass

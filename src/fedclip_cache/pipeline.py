@@ -12,7 +12,8 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from .federated.config import ConfigError, FederateConfig
+from .federated.config import ConfigError, FederateConfig, parse_text
+from .specs import ExtractConfig, ModelSpec
 
 try:
     import tomllib
@@ -20,8 +21,9 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
 PIPELINE_KEYS = {"name", "cache", "out", "dataset", "description"}
-EXTRACT_KEYS = {"model", "pretrained", "model_config", "image_mean", "image_std", "format", "device", "precision",
-                "dtype", "batch_size", "workers", "shard_size", "templates", "strict", "seed"}
+# [extract] keys: every ModelSpec and ExtractConfig field (specs.py) except what the pipeline itself provides.
+EXTRACT_KEYS = ({f.name for f in dataclasses.fields(ModelSpec)} | {f.name for f in dataclasses.fields(ExtractConfig)}) \
+    - {"source", "out", "progress", "dataset"}
 SWEEP_KEYS = {"grid", "seeds", "jobs"}
 SECTIONS = {"pipeline": PIPELINE_KEYS, "extract": EXTRACT_KEYS,
             "federate": {f.name for f in dataclasses.fields(FederateConfig)}, "sweep": SWEEP_KEYS}
@@ -131,7 +133,7 @@ def _check_extract(ex: dict, label: Callable[[str], str]) -> None:
             raise ConfigError(f"{where}: expected a whole number >= 1")
         if k in ("workers", "seed") and (not _is_int(v) or v < 0):
             raise ConfigError(f"{where}: expected a whole number >= 0")
-        if k == "strict" and not isinstance(v, bool):
+        if k in ("strict", "quick_gelu", "exif_transpose", "verify") and not isinstance(v, bool):
             raise ConfigError(f"{where}: expected true or false")
         if k in ("image_mean", "image_std") and (
                 not isinstance(v, list) or len(v) != 3
@@ -150,14 +152,9 @@ def _check_extract(ex: dict, label: Callable[[str], str]) -> None:
 def _federate_config(fed: dict, label: Callable[[str], str]) -> tuple[FederateConfig, dict[str, str]]:
     names = {f.name: label(f"federate.{f.name}") for f in dataclasses.fields(FederateConfig)}
     fed = dict(fed)
-    if isinstance(fed.get("split"), str):  # --set federate.split=0.6,0.2,0.2
-        try:
-            fed["split"] = [float(x) for x in fed["split"].split(",")]
-        except ValueError:
-            raise ConfigError(f"{_said(names['split'], fed['split'])}: expected three fractions, "
-                              f"e.g. [0.6, 0.2, 0.2]") from None
-    if isinstance(fed.get("heldout"), str):
-        fed["heldout"] = [h for h in fed["heldout"].split(",") if h]
+    for k in ("split", "heldout"):  # --set federate.split=0.6,0.2,0.2 / federate.heldout=photo,sketch
+        if isinstance(fed.get(k), str):
+            fed[k] = parse_text(k, fed[k], f"{names[k]} ")
     return FederateConfig.from_dict(fed).validate(names), names
 
 
@@ -247,8 +244,7 @@ def run(path: str | Path, data: Optional[str], overrides: Optional[list[str]] = 
         preflight(cache, points, names)
         log(f"re-using cache {cache}")
     else:  # extract is incremental: a no-op for unchanged data, and it picks up added, changed and removed files
-        spec = ModelSpec(**{k: ex.pop(k) for k in ("model", "pretrained", "model_config", "image_mean",
-                                                     "image_std", "seed", "quick_gelu") if k in ex})
+        spec = ModelSpec(**{f.name: ex.pop(f.name) for f in dataclasses.fields(ModelSpec) if f.name in ex})
         if "templates" in ex:
             ex["templates"] = list(ex["templates"])
         rep = extract(ExtractConfig(source=str(data), out=str(cache), model=spec, dataset=p.get("dataset"),

@@ -26,10 +26,9 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from .federated.config import ConfigError, FederateConfig, _said
+from .federated.config import GRID_ALIASES, ConfigError, FederateConfig, _said, parse_text
 from .store import atomic_write, write_json
 
-GRID_ALIASES = {"clients": "num_clients", "epochs": "local_epochs"}
 MAX_SEED = 2**63 - 1
 
 
@@ -46,32 +45,9 @@ def grid_field(key: str, where: str = "--grid") -> str:
 
 
 def _convert(name: str, raw: str, label: str) -> Any:
-    """One grid value from the command line, typed like the field it sets (ranges are checked by validate)."""
-    default = getattr(FederateConfig(), name)
-    if name == "heldout":
-        return [h for h in raw.split("+") if h]
-    try:
-        if name == "split":
-            vals = tuple(float(x) for x in raw.split("/"))
-            if len(vals) != 3:
-                raise ValueError
-            return vals
-        if name == "hidden":
-            return None if raw in ("none", "default") else int(raw)
-        if name == "logit_scale":  # none/cache: the model's own, from the cache
-            return None if raw in ("none", "cache", "default") else float(raw)
-        if isinstance(default, bool):
-            return raw.lower() in ("1", "true", "yes")
-        if isinstance(default, int):
-            return int(raw)
-        if isinstance(default, float):
-            return float(raw)
-    except ValueError:
-        kind = ("three fractions separated by '/', e.g. 0.6/0.2/0.2" if name == "split" else
-                "int" if name == "hidden" else "float" if name == "logit_scale" else type(default).__name__)
-        raise ConfigError(f"{label}{raw!r}: not a valid {kind}" if name != "split" else
-                          f"{label}{raw!r}: expected {kind}") from None
-    return raw
+    """One grid value from the command line, typed like the field it sets (ranges are checked by validate).
+    Inside a grid ``,`` separates values, so split fractions are joined by ``/`` and held-out domains by ``+``."""
+    return parse_text(name, raw, label, list_sep="/" if name == "split" else "+")
 
 
 def parse_grid(specs: list[str], where: str = "--grid") -> dict[str, list]:

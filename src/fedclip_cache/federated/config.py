@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from numbers import Integral, Real
 from typing import Any, Mapping, Optional
 from ..errors import ConfigError
-from .adapters import list_adapters
 from .algorithms import ALGORITHMS, get_algorithm
 
 
@@ -239,6 +238,8 @@ class FederateConfig:
                                   f"choose one of {', '.join(options)}")
 
         get_algorithm(self.algo, flag("algo"))
+        from .adapters import list_adapters  # here, not at the top: adapters need torch, --help and info do not
+
         one_of("adapter", tuple(list_adapters()))
         for f in dataclasses.fields(self):
             if f.metadata.get("choices"):

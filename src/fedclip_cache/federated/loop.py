@@ -413,7 +413,7 @@ class _Loop:
 
 # ------------------------------------------------------------------------------------------------ personalisation
 
-FINETUNE_ROUND = -1  # the batch-schedule seed of fine-tuning: distinct from every training round
+FINETUNE_ROUND = 2**40  # batch-schedule 'round' of fine-tuning pass k: FINETUNE_ROUND + k, after every real round
 
 
 def finetune_schedule(train: np.ndarray, seed: int, key: int, steps: int, hp: LocalHyper) -> list[np.ndarray]:
@@ -422,7 +422,7 @@ def finetune_schedule(train: np.ndarray, seed: int, key: int, steps: int, hp: Lo
     out: list[np.ndarray] = []
     epoch = 0
     while len(out) < steps:
-        more = batch_schedule(train, seed, FINETUNE_ROUND - epoch, key, LocalHyper(batch_size=hp.batch_size))
+        more = batch_schedule(train, seed, FINETUNE_ROUND + epoch, key, LocalHyper(batch_size=hp.batch_size))
         if not more:
             break  # fewer than two training samples: nothing to fine-tune on
         out += more

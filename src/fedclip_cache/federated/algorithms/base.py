@@ -20,14 +20,18 @@ algorithm sees that world only through a :class:`RoundContext`, so it never deal
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar, Optional, Protocol
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING, ClassVar, Optional, Protocol
 
 from ...errors import ConfigError
 
-Params = dict[str, torch.Tensor]
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+# The registry is imported by FederateConfig and the CLI (option help), which must not import torch (``info`` and
+# ``--help`` stay fast): algorithm modules do their arithmetic with tensor methods (``x.sqrt()``, ``x.new_zeros``)
+# on the tensors they are given, never ``import torch`` at module level.
+Params = "dict[str, torch.Tensor]"
 
 
 @dataclass
@@ -36,8 +40,8 @@ class TrainState:
     ``clients``: models the clients keep between rounds, stacked over lanes (L, ...) (personal algorithms);
     ``extra``: the algorithm's own state (server momentum, control variates, ...), tensors stacked the same way."""
 
-    server: Params
-    clients: Params
+    server: dict
+    clients: dict
     extra: dict = field(default_factory=dict)
 
 

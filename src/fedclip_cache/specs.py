@@ -1,0 +1,65 @@
+"""What a user asks ``extract`` for, before anything is loaded: the model and the run settings.
+
+Torch-free on purpose: the CLI takes its ``extract`` defaults and the pipeline its ``[extract]`` keys from these
+dataclasses, and neither ``--help`` nor ``info`` should pay for importing torch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+DEFAULT_TEMPLATES = ("a picture of a {}",)  # the official FedCLIP prompt: 'a picture of a' + ' ' + classname
+
+
+@dataclass
+class ModelSpec:
+    """What the user asked for, before anything is loaded."""
+
+    model: str = "ViT-B-32"
+    pretrained: Optional[str] = "openai"
+    model_config: Optional[str] = None
+    image_mean: Optional[Sequence[float]] = None
+    image_std: Optional[Sequence[float]] = None
+    seed: int = 0  # only matters for random-init models (no weights)
+    # Activation of the transformer MLPs. None = auto: QuickGELU when the pretrained tag's config says so (OpenAI,
+    # LAION-400M, MetaCLIP ... weights were trained with it), else what the model config says (``-quickgelu`` names,
+    # ``quick_gelu`` in a custom or local-dir config). A checkpoint FILE cannot tell us its activation: pass True for
+    # OpenAI-trained weights loaded from a file.
+    quick_gelu: Optional[bool] = None
+
+    def normalised(self) -> "ModelSpec":
+        """Split ``name/tag`` and apply ``--model-config`` (its file stem is the model name)."""
+        model, pretrained = self.model, self.pretrained
+        if self.model_config:
+            model = Path(self.model_config).stem
+        elif "/" in model and not model.startswith(("local-dir:", "hf-hub:")):
+            model, _, tag = model.partition("/")
+            pretrained = tag or pretrained
+        if model.startswith("local-dir:"):
+            pretrained = None  # open_clip ignores it for local-dir
+        if pretrained in ("", "none", "None", "random"):
+            pretrained = None
+        return ModelSpec(model, pretrained, self.model_config, self.image_mean, self.image_std, self.seed,
+                         self.quick_gelu)
+
+
+
+@dataclass
+class ExtractConfig:
+    source: str
+    out: str
+    model: ModelSpec = field(default_factory=ModelSpec)
+    format: str = "parquet"
+    device: str = "auto"
+    precision: str = "auto"  # fp16 autocast on CUDA, fp32 on CPU
+    dtype: str = "float32"
+    batch_size: int = 64
+    workers: Optional[int] = None
+    shard_size: int = 4096
+    templates: Sequence[str] = DEFAULT_TEMPLATES
+    strict: bool = False
+    progress: bool = True
+    dataset: Optional[str] = None  # known dataset to check the layout against (None: identify by domain names)
+    exif_transpose: bool = False  # apply EXIF orientation (the official code does not)
+    verify: bool = False  # re-hash every committed shard before resuming (default: size check only)
