@@ -161,7 +161,14 @@ FEDERATE_OPTIONS: list[tuple[str, type, object]] = [
     ("logit_scale", Optional[float], typer.Option(None, help="Logit scale (temperature) of the cosine logits; "
                                                             "default: the model's own logit_scale.exp() from the "
                                                             "cache (100 for OpenAI CLIP, the official value).")),
-    ("lr", float, typer.Option(5e-5, help="Adam learning rate (official 5e-5).")),
+    ("local_optimizer", str, typer.Option("adam", help="Local optimiser: adam (official; coupled L2 weight decay, "
+                                                       "as torch.optim.Adam) | sgd (plain SGD with the same coupled "
+                                                       "decay; --lr is its step size).")),
+    ("lr", float, typer.Option(5e-5, help="Local learning rate (official Adam 5e-5).")),
+    ("server_lr", Optional[float], typer.Option(None, help="Server learning rate of algorithms with a server "
+                                                             "step (default: the algorithm's own).")),
+    ("fraction_fit", float, typer.Option(1.0, help="Fraction of each experiment's clients sampled to train per "
+                                                   "round (seeded; Flower's fraction_fit). 1 = every client.")),
     ("weight_decay", float, typer.Option(0.2, help="Adam L2 weight decay, coupled (official 0.2).")),
     ("batch_size", int, typer.Option(32, help="Local batch size (official 32).")),
     ("local_epochs", int, typer.Option(1, help="Local epochs per round (official 1).")),
