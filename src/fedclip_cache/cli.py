@@ -151,7 +151,8 @@ def info(cache: Path = typer.Argument(..., help="Cache folder."),
 
 # Federate options are declared once and shared by `federate` and `sweep` (which accepts any federate option).
 FEDERATE_OPTIONS: list[tuple[str, type, object]] = [
-    ("algo", str, typer.Option("fedclip", help="fedclip (FedAvg of the adapter) | fedprox | local | central | zeroshot.")),
+    ("algo", str, typer.Option("fedclip", help="fedclip (FedAvg of the adapter) | fedprox | scaffold | local | "
+                                               "central | zeroshot.")),
     ("adapter", str, typer.Option("fedclip", help="fedclip (official gate) | residual (CLIP-Adapter) | linear.")),
     ("hidden", Optional[int], typer.Option(None, help="Adapter width h (fedclip default h = D, the official setting).")),
     ("residual_alpha", float, typer.Option(0.2, help="Mixing weight of the residual adapter.")),
