@@ -58,7 +58,8 @@ def test_every_existing_algorithm_gives_the_pre_registry_numbers(tmp_path, monke
 # ------------------------------------------------------------------------------------------------ registry
 
 def test_registry_lists_and_a_new_algorithm_is_one_class(tmp_path):
-    assert list_algorithms()[:5] == ["fedclip", "fedprox", "local", "central", "zeroshot"]
+    assert list_algorithms()[0] == "fedclip"
+    assert {"fedclip", "fedprox", "local", "central", "zeroshot", "scaffold"} <= set(list_algorithms())
     assert list_adapters() == ["fedclip", "residual", "linear"]
     cache = write_synthetic_cache(tmp_path / "c", {"a": 60, "b": 50, "c": 40}, 3, dim=16, seed=1)
 

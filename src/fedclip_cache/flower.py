@@ -46,7 +46,7 @@ def _federate_config(run_config: dict) -> tuple[str, FederateConfig]:
     if not algo.communicates:
         raise ConfigError(f"--algo {cfg.algo}: nothing to federate (it trains without a server); use "
                           f"`fedclip-cache federate`")
-    if type(algo).run_round is not Algorithm.run_round:  # its clients keep state between rounds (SCAFFOLD)
+    if algo.client_state or type(algo).run_round is not Algorithm.run_round:  # e.g. SCAFFOLD's c_i
         raise ConfigError(f"--algo {cfg.algo} is not supported by the Flower apps yet (its clients keep state "
                           f"between rounds); use `fedclip-cache federate`")
     return cache, cfg

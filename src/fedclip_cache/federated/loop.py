@@ -345,9 +345,9 @@ class _Loop:
         inits = {s: init_params(kind_name, d, self.hidden, s) for s in {e.seed for e in experiments}}
         shapes = self.kind.shapes(d, self.hidden) if lanes else {}
         server = {n: torch.stack([inits[e.seed][n] for e in experiments]).to(device) for n in shapes}
-        # Per-lane copies only for algorithms whose clients keep a model (100 clients x a 512-d adapter = 210 MB)
+        # Per-lane copies only for algorithms whose clients keep state (100 clients x a 512-d adapter = 210 MB)
         clients = {n: torch.stack([inits[ln.seed][n] for ln in lanes]).to(device) for n in shapes} \
-            if algo.personal else {}
+            if algo.personal or algo.client_state else {}
         self.state: TrainState = algo.init_state(server, clients)
 
     # ---- evaluation of one round
