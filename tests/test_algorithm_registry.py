@@ -296,3 +296,19 @@ def test_finetune_steps_start_from_the_selected_model_and_score_each_client(tmp_
     # fine-tuning is reported beside, never instead of, the global-model numbers
     plain = federate(fc, FederateConfig(**base))
     assert plain["experiments"][0]["best"]["test"] == e["best"]["test"]
+
+
+def test_label_shift_pipeline_runs_every_algorithm_of_its_grid(tmp_path):
+    """pipelines/cifar100-label-shift.toml on a small stand-in cache (the pipeline re-uses an existing cache)."""
+    repo = Path(__file__).resolve().parents[1]
+    write_synthetic_cache(tmp_path / "caches" / "cifar100-vitb32-openai", {"cifar100": 400}, 5, dim=16, seed=8)
+    res = CliRunner().invoke(app, ["run", str(repo / "pipelines" / "cifar100-label-shift.toml"), "--base-dir",
+                                   str(tmp_path), "--set", "federate.rounds=2", "--set", "federate.num_clients=8",
+                                   "--set", "sweep.seeds=[0]", "--set", "federate.finetune_steps=2"])
+    assert res.exit_code == 0, res.output
+    out = tmp_path / "runs" / "cifar100-label-shift"
+    s = json.loads((out / "federate" / "summary.json").read_text())
+    assert s["communication"]["clients_per_round"] == 1  # max(int(8 * 0.1), 1)
+    assert s["mean"]["test_mean_finetuned"] is not None
+    table = pq.read_table(out / "sweep" / "results.parquet").to_pandas()
+    assert set(table["algo"]) == {"fedclip", "fedprox", "fedavgm", "fedadam", "scaffold", "local"}

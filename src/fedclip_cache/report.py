@@ -96,17 +96,22 @@ def render_run_summary(s: dict, console: Console) -> None:
     console.print(f"trainable parameters {comm['trainable_params']:,}{ratio}; "
                   f"{comm['bytes_up_per_round']:,} B up + {comm['bytes_down_per_round']:,} B down per round, "
                   f"{comm['bytes_total']:,} B in total", soft_wrap=True)
+    tuned = "test_mean_finetuned" in s["mean"]  # --finetune-steps: personalised accuracy beside the global one
     t = Table(title="accuracy (%) at the selected round (best mean validation) / last round")
-    for col in ("experiment", "best round", "held-out", "clients' test (mean)", "held-out (last)",
-                "test (last)"):
+    for col in ("experiment", "best round", "held-out", "clients' test (mean)") + \
+            (("test, fine-tuned",) if tuned else ()) + ("held-out (last)", "test (last)"):
         t.add_column(col, justify="right" if col != "experiment" else "left")
     for e in s["experiments"]:
         t.add_row(e["experiment"], str(e["best"]["round"]), _pct(e["best"]["heldout"]), _pct(e["best"]["test_mean"]),
+                  *((_pct(e["best"].get("test_mean_finetuned")),) if tuned else ()),
                   _pct(e["last"]["heldout"]), _pct(e["last"]["test_mean"]))
     m = s["mean"]
-    t.add_row("[bold]mean", "", _pct(m["heldout_best"]), _pct(m["test_mean_best"]), _pct(m["heldout_last"]),
+    t.add_row("[bold]mean", "", _pct(m["heldout_best"]), _pct(m["test_mean_best"]),
+              *((_pct(m["test_mean_finetuned"]),) if tuned else ()), _pct(m["heldout_last"]),
               _pct(m["test_mean_last"]))
     console.print(t)
+    for note in s.get("notes", []):
+        console.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)
 
 
 def render_sweep(res: dict, console: Console) -> None:
