@@ -151,7 +151,8 @@ def info(cache: Path = typer.Argument(..., help="Cache folder."),
 
 # Federate options are declared once and shared by `federate` and `sweep` (which accepts any federate option).
 FEDERATE_OPTIONS: list[tuple[str, type, object]] = [
-    ("algo", str, typer.Option("fedclip", help="fedclip (FedAvg of the adapter) | fedprox | local | central | zeroshot.")),
+    ("algo", str, typer.Option("fedclip", help="fedclip (FedAvg of the adapter) | fedprox | fedavgm | fedadam | "
+                                               "fedyogi | fedadagrad | local | central | zeroshot.")),
     ("adapter", str, typer.Option("fedclip", help="fedclip (official gate) | residual (CLIP-Adapter) | linear.")),
     ("hidden", Optional[int], typer.Option(None, help="Adapter width h (fedclip default h = D, the official setting).")),
     ("residual_alpha", float, typer.Option(0.2, help="Mixing weight of the residual adapter.")),
@@ -167,6 +168,14 @@ FEDERATE_OPTIONS: list[tuple[str, type, object]] = [
     ("local_epochs", int, typer.Option(1, help="Local epochs per round (official 1).")),
     ("rounds", int, typer.Option(200, help="Communication rounds (official README: 200).")),
     ("mu", float, typer.Option(0.0, help="FedProx proximal weight.")),
+    ("server_lr", Optional[float], typer.Option(None, help="Server learning rate of fedavgm/fedadam/fedyogi/"
+                                                          "fedadagrad; default: the algorithm's own (fedavgm 1, "
+                                                          "fedadam 3e-3, fedyogi 1e-2, fedadagrad 3e-3).")),
+    ("server_momentum", float, typer.Option(0.9, help="Server momentum of fedavgm (Flower's default is 0: FedAvg).")),
+    ("server_beta1", float, typer.Option(0.9, help="First-moment decay of fedadam/fedyogi (Flower's beta_1).")),
+    ("server_beta2", float, typer.Option(0.99, help="Second-moment decay of fedadam/fedyogi (Flower's beta_2).")),
+    ("tau", Optional[float], typer.Option(None, help="Adaptivity of fedadam/fedyogi/fedadagrad (added to the root of "
+                                                    "the second moment); default: Flower's (1e-9, 1e-3, 1e-9).")),
     ("weighting", str, typer.Option("uniform", help="uniform (official) | samples (FedAvg by sample count).")),
     ("protocol", str, typer.Option("lodo", help="lodo (leave-one-domain-out, official) | personal.")),
     ("heldout", Optional[str], typer.Option(None, help="Held-out domain(s), comma-separated; default: each in turn.")),
