@@ -17,10 +17,11 @@ from fedclip_cache.synthetic import write_synthetic_cache  # noqa: E402
 # Two rounds for uniform weighting; one for sample weighting, where Flower's integer-weighted float32 sum rounds
 # differently from ours and Adam's normalised step magnifies last-bit differences in near-zero gradients.
 @pytest.mark.parametrize("weighting,rounds,algo", [("uniform", 2, "fedclip"), ("samples", 1, "fedclip"),
-                                                   ("uniform", 2, "fedprox")])
+                                                   ("uniform", 2, "fedprox"), ("uniform", 3, "fedadam"),
+                                                   ("samples", 2, "fedyogi")])
 def test_flower_round_equals_in_process_round(tmp_path, weighting, rounds, algo):
     cache = str(write_synthetic_cache(tmp_path / "c", {"a": 70, "b": 50, "c": 40}, 3, dim=16, seed=4))
-    extra = {"algo": algo, "mu": 0.5} if algo == "fedprox" else {}
+    extra = {"fedprox": {"algo": algo, "mu": 0.5}, "fedclip": {}}.get(algo, {"algo": algo})
     run_config = {"cache": cache, "heldout": "a", "rounds": rounds, "lr": 1e-3, "hidden": 8, "weighting": weighting,
                   **extra}
     _, cfg = _federate_config(run_config)
