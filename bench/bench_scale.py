@@ -64,7 +64,7 @@ def main():
     if not (CACHE / "cache.json").is_file():
         from fedclip_cache.synthetic import write_synthetic_cache
 
-        write_synthetic_cache(CACHE, {"cifar100": N}, C, dim=D, seed=0, class_sep=0.6)
+        write_synthetic_cache(CACHE, {"cifar100": N}, C, dim=D, seed=0, class_sep=0.08)
     bare = subprocess.run([sys.executable, "-c", "import torch\nfor l in open('/proc/self/status'):\n"
                            "    l.startswith('VmHWM:') and print(int(l.split()[1]) / 1024)"],
                           capture_output=True, text=True, check=True)
