@@ -255,12 +255,13 @@ class LaneRound:
         return per_lane if self.everyone else {n: v[self.idx] for n, v in per_lane.items()}
 
     def scatter(self, per_lane: Params, rows: Params) -> Params:
+        """Writes in place (and returns ``per_lane``): a copy of 100 clients' adapters per round would cost more
+        than the 10 that trained."""
         if self.everyone:
             return rows
-        out = {n: v.clone() for n, v in per_lane.items()}
-        for n, v in out.items():
+        for n, v in per_lane.items():
             v[self.idx] = rows[n]
-        return out
+        return per_lane
 
     def broadcast(self, server: Params) -> Params:
         exp = self.lane_exp if self.everyone else self.lane_exp[self.idx]
@@ -384,6 +385,7 @@ class _Loop:
     def run(self, on_round) -> LoopResult:
         cfg, algo = self.cfg, self.algo
         self.best_val = np.full(len(self.experiments), -np.inf)
+        self.notes: list[str] = []
         self.best_server: Params = {}
         rounds, accs, losses, val_means, fit = [], [], [], [], []
         total = cfg.rounds if algo.trains else 0
@@ -399,11 +401,16 @@ class _Loop:
                 rounds.append(r), accs.append(a), losses.append(lo), val_means.append(v)
             if on_round:
                 on_round(r, total)
+        short = next(((e, m) for e, m in zip(self.experiments, self.members) if 0 < len(m) < cfg.min_fit_clients),
+                     None)
+        if short and cfg.fraction_fit < 1:
+            self.notes.append(f"--min-fit-clients {cfg.min_fit_clients}: {short[0].name} has only {len(short[1])} "
+                              f"client(s); all of them trained every round")
         final = self.state.clients if algo.personal else self.state.server
         res = LoopResult(self.experiments, self.evaluator.segments, rounds, np.array(accs), np.array(losses),
                          num_params(self.kind_name, self.dim, self.hidden), 0.0,
                          {n: v.cpu() for n, v in final.items()}, self.logit_scale, self.logit_scale_source,
-                         np.array(val_means), fit_clients=fit)
+                         np.array(val_means), fit_clients=fit, notes=self.notes)
         if cfg.finetune_steps and algo.trains and not algo.personal:
             res.finetuned = finetune(self)
         elif cfg.finetune_steps:

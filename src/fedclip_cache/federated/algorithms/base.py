@@ -59,7 +59,7 @@ class RoundContext(Protocol):
         """Rows of an (L, ...) stack for the sampled lanes."""
 
     def scatter(self, per_lane: Params, rows: Params) -> Params:
-        """``per_lane`` with the sampled lanes' rows replaced by ``rows``."""
+        """``per_lane`` with the sampled lanes' rows replaced by ``rows`` (in place: not a copy of every lane)."""
 
     def train(self, start: Params, correction: Optional[Params] = None) -> tuple[Params, np.ndarray]:
         """Local training of the sampled lanes from ``start``; ``correction`` (stacked like ``start``) is added to
