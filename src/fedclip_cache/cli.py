@@ -62,6 +62,11 @@ def extract(
     template: Optional[List[str]] = typer.Option(None, help="Prompt template with {} for the class; repeatable. "
                                                             "Default: the official 'a picture of a {}'."),
     templates_file: Optional[Path] = typer.Option(None, help="File with one template per line."),
+    classes: Optional[Path] = typer.Option(None, "--classes", help="File with the full class list, one per line, "
+                                                                    "in label order (default: the classes found, "
+                                                                    "sorted). Every site of a federation passes "
+                                                                    "the same file, so labels and text prompts "
+                                                                    "agree even where a site lacks a class."),
     strict: bool = typer.Option(_EX.strict, help="Fail on the first unreadable image instead of skipping it."),
     seed: int = typer.Option(_MS.seed, help="Seed for random-init models (--pretrained none)."),
     quick_gelu: Optional[bool] = typer.Option(
@@ -97,8 +102,14 @@ def extract(
             raise typer.BadParameter(f"{templates_file}: no templates in the file (one per line, with {{}})",
                                      param_hint="--templates-file")
         templates += from_file
+    class_list = None
+    if classes is not None:
+        if not classes.is_file():
+            why = "not a regular file" if classes.exists() else "not found"
+            raise typer.BadParameter(f"{classes}: {why}", param_hint="--classes")
+        class_list = [ln.strip() for ln in classes.read_text(errors="replace").splitlines() if ln.strip()]
     cfg = ExtractConfig(
-        source=str(source), out=str(out),
+        source=str(source), out=str(out), classes=class_list,
         model=ModelSpec(model=model, pretrained=pretrained, model_config=str(model_config) if model_config else None,
                         image_mean=_floats(image_mean, "--image-mean"), image_std=_floats(image_std, "--image-std"),
                         seed=seed, quick_gelu=quick_gelu),

@@ -234,6 +234,13 @@ def validate_config(cfg: ExtractConfig) -> None:
     bad = [t for t in cfg.templates if "{}" not in t]
     if bad:
         raise ExtractError(f"template {bad[0]!r} has no '{{}}' placeholder for the class name")
+    if cfg.classes is not None:
+        if not cfg.classes or not all(isinstance(c, str) and c.strip() == c and c for c in cfg.classes):
+            raise ExtractError("--classes: the class list must name at least one class, one per line, without "
+                               "surrounding spaces")
+        dup = next((c for i, c in enumerate(cfg.classes) if c in cfg.classes[:i]), None)
+        if dup is not None:
+            raise ExtractError(f"--classes: class {dup!r} is listed twice; each class once, in label order")
     if len(set(cfg.templates)) != len(cfg.templates):
         raise ExtractError("the same --template is given twice; each template must be listed once")
     for name in ("batch_size", "shard_size"):
@@ -324,7 +331,7 @@ def _extract_locked(cfg: ExtractConfig, table: ImageTable, lm: LoadedModel, fp: 
     meta_file = out / store.META_FILE
     report = ExtractReport(str(out), len(table), 0, 0, 0, [], list(table.ignored), 0.0, 0, 0,
                            warnings=_layout_warnings(table, cfg.dataset))
-    classes, templates = table.classes, list(cfg.templates)
+    classes, templates = _class_list(cfg, table), list(cfg.templates)
     plan = None
     if rank == 0:
         removed_tmp = integrity.clean_temporaries(out)  # a killed run's half-written files (never visible)
@@ -370,6 +377,19 @@ def _extract_locked(cfg: ExtractConfig, table: ImageTable, lm: LoadedModel, fp: 
         report.skipped += [(store.display_text(p), r) for p, r in table.problems]
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _class_list(cfg: ExtractConfig, table: ImageTable) -> list[str]:
+    """The cache's classes in label order: ``--classes`` when given (every class in the data must be in it; classes
+    without images here are kept, so that every site of a federation indexes labels alike), else the data's own
+    classes, sorted."""
+    if cfg.classes is None:
+        return table.classes
+    unknown = sorted(set(table.classes) - set(cfg.classes))
+    if unknown:
+        raise ExtractError(f"{cfg.source}: class {unknown[0]!r} ({len(unknown)} class(es) in all) is not in the "
+                           f"--classes list; add it to the list every site uses, or remove those images")
+    return list(cfg.classes)
 
 
 def _text_matches(out: Path, fmt: str, templates: list[str], classes: list[str], dim: int) -> bool:

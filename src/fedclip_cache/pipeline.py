@@ -141,6 +141,8 @@ def _check_extract(ex: dict, label: Callable[[str], str]) -> None:
             raise ConfigError(f"{where}: expected three finite numbers, e.g. [0.5, 0.5, 0.5]")
         if k == "image_std" and any(x <= 0 for x in v):
             raise ConfigError(f"{where}: standard deviations must be > 0")
+        if k == "classes" and (not isinstance(v, list) or not v or not all(isinstance(c, str) and c for c in v)):
+            raise ConfigError(f"{where}: expected a non-empty list of class names, in label order")
         if k == "templates":
             if not isinstance(v, list) or not v or not all(isinstance(t, str) for t in v):
                 raise ConfigError(f"{where}: expected a non-empty list of strings, e.g. [\"a picture of a {{}}\"]")
@@ -245,8 +247,9 @@ def run(path: str | Path, data: Optional[str], overrides: Optional[list[str]] = 
         log(f"re-using cache {cache}")
     else:  # extract is incremental: a no-op for unchanged data, and it picks up added, changed and removed files
         spec = ModelSpec(**{f.name: ex.pop(f.name) for f in dataclasses.fields(ModelSpec) if f.name in ex})
-        if "templates" in ex:
-            ex["templates"] = list(ex["templates"])
+        for k in ("templates", "classes"):
+            if k in ex:
+                ex[k] = list(ex[k])
         rep = extract(ExtractConfig(source=str(data), out=str(cache), model=spec, dataset=p.get("dataset"),
                                     progress=True, **ex))
         log(f"extracted {rep.embedded} images ({len(rep.skipped)} skipped, {len(rep.retired)} retired, "

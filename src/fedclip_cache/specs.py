@@ -58,6 +58,9 @@ class ExtractConfig:
     workers: Optional[int] = None
     shard_size: int = 4096
     templates: Sequence[str] = DEFAULT_TEMPLATES
+    # The full class list in label order (``--classes FILE``). Default: the classes found in the data, sorted. Sites
+    # of one federation pass the same list so that labels and text prompts agree where a site lacks a class.
+    classes: Optional[Sequence[str]] = None
     strict: bool = False
     progress: bool = True
     dataset: Optional[str] = None  # known dataset to check the layout against (None: identify by domain names)
