@@ -55,3 +55,70 @@ def test_flower_config_errors(tmp_path):
         _federate_config({"cache": cache, "algo": "local"})
     with pytest.raises(ConfigError, match="partition-id 5"):
         FedCLIPClient(cache, _federate_config({"cache": cache, "heldout": "a"})[1], 5)
+
+
+class _NoClients:
+    """Enough of a ClientManager for configure_fit to run without a SuperLink."""
+
+    def num_available(self):
+        return 3
+
+    def sample(self, num_clients, min_num_clients=None, criterion=None):
+        return []
+
+
+def test_sites_with_their_own_caches_train_as_the_in_process_loop(tmp_path, model_args, monkeypatch, capsys):
+    """Each site extracts only its own images (same model, same --classes file); the server holds no cache and gets
+    the initial adapter from a site; the held-out site only evaluates. Two rounds equal `federate` on one cache of
+    all sites' images, and the sites' evaluation equals its last-round accuracies."""
+    import shutil
+
+    from fedclip_cache.synthetic import write_image_folder
+    from test_cache_integrity import cli
+
+    root = write_image_folder(tmp_path / "all", per_class=6)
+    names = tmp_path / "classes.txt"
+    names.write_text("cat\ndog\nfish\n")
+
+    def extract(src, out):
+        code, o, e = cli(monkeypatch, capsys, "extract", src, out, *model_args, "--workers", "0", "-q",
+                         "--classes", names)
+        assert code == 0, o + e
+
+    extract(root, tmp_path / "merged")
+    sites = {}
+    for d in ("art", "photo", "sketch"):
+        shutil.copytree(root / d, tmp_path / f"site-{d}" / d)
+        extract(tmp_path / f"site-{d}", tmp_path / f"cache-{d}")
+        sites[d] = str(tmp_path / f"cache-{d}")
+    run_config = {"heldout": "sketch", "rounds": 2, "lr": 1e-3, "hidden": 8, "batch_size": 4, "sites": 3}
+    _, cfg = _federate_config(run_config)
+    clients = {d: FedCLIPClient.for_site(p, cfg) for d, p in sites.items()}
+    assert clients["sketch"].heldout_site and not clients["art"].heldout_site
+    strategy = AlgorithmStrategy(make_algorithm(cfg), ["w1", "b1", "w2", "b2"])
+    params = ndarrays_to_parameters(clients["photo"].get_parameters({}))
+    strategy.configure_fit(1, params, _NoClients())
+    for rnd in (1, 2):
+        results = []
+        for d, c in clients.items():
+            new, n, _ = c.fit(parameters_to_ndarrays(params), {"server_round": rnd})
+            assert n == (0 if d == "sketch" else 1)
+            results.append((None, FitRes(Status(Code.OK, ""), ndarrays_to_parameters(new), n, {})))
+        params, _ = strategy.aggregate_fit(rnd, results, [])
+    s = federate(tmp_path / "merged", FederateConfig(rounds=2, lr=1e-3, hidden=8, batch_size=4, heldout=["sketch"]),
+                 out=tmp_path / "run")
+    final = torch.load(tmp_path / "run" / "adapter.pt")
+    for name, p in zip(["w1", "b1", "w2", "b2"], parameters_to_ndarrays(params)):
+        np.testing.assert_allclose(p, final[name][0].numpy(), rtol=1e-5, atol=1e-6)
+    last = s["experiments"][0]["last"]
+    for d, c in clients.items():
+        _, n, m = c.evaluate(parameters_to_ndarrays(params), {})
+        want = last["heldout"] if d == "sketch" else last["test"][d]
+        assert m["accuracy"] == pytest.approx(want, abs=1e-9) and m["heldout"] == (d == "sketch")
+
+
+def test_site_cache_with_several_domains_is_refused(tmp_path):
+    cache = str(write_synthetic_cache(tmp_path / "c", {"a": 30, "b": 30}, 2, dim=8))
+    _, cfg = _federate_config({"heldout": "a", "sites": 2})
+    with pytest.raises(ConfigError, match="a site cache holds one domain"):
+        FedCLIPClient.for_site(cache, cfg)

@@ -14,6 +14,8 @@ personal protocol) and any federate option (``rounds``, ``lr``, ``hidden`` ...).
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 import torch
 
@@ -22,7 +24,8 @@ from .federated.adapters import get_adapter, init_params
 from .federated.algorithms import Algorithm, make_algorithm
 from .federated.config import ConfigError, FederateConfig
 from .federated.loop import resolve_logit_scale, text_head
-from .federated.protocols import build_experiments
+from .cache import FeatureCache
+from .federated.protocols import Client, Experiment, build_experiments, split_indices
 from .federated.train import LocalHyper, batch_schedule, evaluate, lane_key, local_update
 
 try:
@@ -35,8 +38,10 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
 
 
 def _federate_config(run_config: dict) -> tuple[str, FederateConfig]:
+    """(the shared cache path, or "" for per-site caches; the run's FederateConfig) from Flower's run config."""
     rc = dict(run_config)
-    cache = rc.pop("cache")
+    cache = rc.pop("cache", "")
+    rc.pop("sites", None)
     heldout = rc.pop("heldout", "")
     cfg = FederateConfig.from_dict({**rc, "heldout": [heldout] if heldout else [],
                                     "protocol": "lodo" if heldout else "personal"}).validate()
@@ -52,28 +57,68 @@ def _federate_config(run_config: dict) -> tuple[str, FederateConfig]:
     return cache, cfg
 
 
-class FedCLIPClient(NumPyClient):
-    """One training client: its cached features never leave it; only the adapter travels."""
+def site_experiment(cache: FeatureCache, cfg: FederateConfig) -> tuple[Experiment, bool]:
+    """A site's view of the run from its own cache (one domain): the experiment as ``federate`` names it (batch
+    and split seeds derive from the names, so a site trains exactly as its lane of the in-process loop), and
+    whether this site is the held-out domain (it then only evaluates)."""
+    domains = cache.domain_names
+    if len(domains) != 1:
+        raise ConfigError(f"{cache.path}: a site cache holds one domain (this one: {', '.join(domains)}); extract "
+                          f"each site's own images into its own cache")
+    if cfg.partition != "none" or cfg.split_source != "random" or cfg.client_key != "domain":
+        raise ConfigError("per-site caches: a site is one client (use the default --partition none, "
+                          "--split-source random, --client-key domain)")
+    name, rows = domains[0], np.arange(len(cache))
+    heldout = cfg.heldout[0] if cfg.heldout else None
+    exp_name = f"heldout={heldout}/seed{cfg.seed}" if heldout else f"personal/seed{cfg.seed}"
+    if name == heldout:
+        return Experiment(exp_name, cfg.seed, [Client(name, rows[:0], rows[:0], rows)], heldout, rows), True
+    tr, va, te = split_indices(rows, cfg.split, cfg.seed, name, cfg.split_tail)
+    client = Client(name, tr, va, te, int(len(rows) - len(tr) - len(va) - len(te)))
+    return Experiment(exp_name, cfg.seed, [client], heldout), False
 
-    def __init__(self, cache_path: str, cfg: FederateConfig, partition_id: int):
+
+class FedCLIPClient(NumPyClient):
+    """One client: its cached features never leave it; only the adapter travels. Either one training client of a
+    shared cache (``partition_id``: its index among the run's training clients) or a site with its own cache
+    (:meth:`for_site`; the held-out site only evaluates)."""
+
+    def __init__(self, cache_path: str, cfg: FederateConfig, partition_id: Optional[int] = None):
         cache = open_cache(cache_path)
-        exp = build_experiments(cache, cfg)[0]
-        if not 0 <= partition_id < len(exp.clients):
-            raise ConfigError(f"partition-id {partition_id} out of range: {len(exp.clients)} training clients")
+        self.heldout_site = False
+        if partition_id is None:
+            exp, self.heldout_site = site_experiment(cache, cfg)
+            partition_id = 0
+        else:
+            exp = build_experiments(cache, cfg)[0]
+            if not 0 <= partition_id < len(exp.clients):
+                raise ConfigError(f"partition-id {partition_id} out of range: {len(exp.clients)} training clients")
         self.cfg, self.exp, self.client = cfg, exp, exp.clients[partition_id]
         self.X, self.Y = torch.from_numpy(cache.features), torch.from_numpy(cache.labels)
         self.kind = get_adapter(cfg.adapter)
         self.hidden = cfg.hidden or self.kind.default_hidden(cache.dim)
         self.names = list(self.kind.shapes(cache.dim, self.hidden))
+        self.dim = cache.dim
         self.head = text_head(cache, cfg.template)
         self.logit_scale, _ = resolve_logit_scale(cfg, cache)  # the same value as `federate` on this cache
         self.hp = LocalHyper.from_config(cfg, make_algorithm(cfg).proximal_mu(), self.logit_scale)
         self.opts = {"residual_alpha": cfg.residual_alpha}
 
+    @classmethod
+    def for_site(cls, cache_path: str, cfg: FederateConfig) -> "FedCLIPClient":
+        return cls(cache_path, cfg, None)
+
+    def get_parameters(self, config):
+        """The initial adapter (the same seeded init as ``federate``): lets a server without any cache start."""
+        p = init_params(self.cfg.adapter, self.dim, self.hidden, self.cfg.seed)
+        return [p[n].numpy() for n in self.names]
+
     def _stacked(self, parameters) -> dict[str, torch.Tensor]:
         return {n: torch.from_numpy(np.asarray(p)).unsqueeze(0) for n, p in zip(self.names, parameters)}
 
     def fit(self, parameters, config):
+        if self.heldout_site:  # never trains; weight 0 keeps it out of the average
+            return [np.asarray(p) for p in parameters], 0, {"heldout": True}
         rnd = int(config.get("server_round", 1))
         sched = batch_schedule(self.client.train, self.exp.seed, rnd, lane_key(self.exp.name, self.client.name),
                                self.hp)
@@ -86,7 +131,8 @@ class FedCLIPClient(NumPyClient):
         rows = torch.from_numpy(self.client.test).unsqueeze(0)
         correct, loss = evaluate(self.kind, self._stacked(parameters), self.X, self.Y, self.head.unsqueeze(0), rows,
                                  self.logit_scale, self.opts)
-        return float(loss.mean()), len(self.client.test), {"accuracy": float(correct.float().mean())}
+        return float(loss.mean()), len(self.client.test), {"accuracy": float(correct.float().mean()),
+                                                           "heldout": self.heldout_site}
 
 
 def initial_parameters(cache_path: str, cfg: FederateConfig) -> list[np.ndarray]:
@@ -104,34 +150,54 @@ class AlgorithmStrategy(FedAvg):
     def __init__(self, algo: Algorithm, names: list[str], **kw):
         super().__init__(**kw)
         self.algo, self.names = algo, names
-        self.current = {n: torch.from_numpy(p).unsqueeze(0)
-                        for n, p in zip(names, parameters_to_ndarrays(kw["initial_parameters"]))}
+        init = kw.get("initial_parameters")
+        self.current = self._stack(parameters_to_ndarrays(init)) if init is not None else None
         self.extra: dict = {}
+
+    def _stack(self, arrays) -> dict:
+        return {n: torch.from_numpy(np.asarray(p)).unsqueeze(0) for n, p in zip(self.names, arrays)}
+
+    def configure_fit(self, server_round, parameters, client_manager):
+        if self.current is None:  # initial parameters came from a client (per-site caches)
+            self.current = self._stack(parameters_to_ndarrays(parameters))
+        return super().configure_fit(server_round, parameters, client_manager)
 
     def aggregate_fit(self, server_round, results, failures):
         averaged, metrics = super().aggregate_fit(server_round, results, failures)
         if averaged is None:
             return None, metrics
-        avg = {n: torch.from_numpy(p).unsqueeze(0) for n, p in zip(self.names, parameters_to_ndarrays(averaged))}
+        avg = self._stack(parameters_to_ndarrays(averaged))
         self.current, self.extra = self.algo.server_update(self.current, avg, self.extra, server_round)
         return ndarrays_to_parameters([self.current[n][0].numpy() for n in self.names]), metrics
 
 
 def client_fn(context: Context):
     cache, cfg = _federate_config(context.run_config)
-    return FedCLIPClient(cache, cfg, int(context.node_config["partition-id"])).to_client()
+    node = context.node_config
+    if "cache" in node:  # a site with its own cache (its own images only)
+        return FedCLIPClient.for_site(str(node["cache"]), cfg).to_client()
+    return FedCLIPClient(cache, cfg, int(node["partition-id"])).to_client()
 
 
 def server_fn(context: Context):
     cache, cfg = _federate_config(context.run_config)
-    fc = open_cache(cache)
-    n_clients = len(build_experiments(fc, cfg)[0].clients)
-    kind = get_adapter(cfg.adapter)
-    names = list(kind.shapes(fc.dim, cfg.hidden or kind.default_hidden(fc.dim)))
-    strategy = AlgorithmStrategy(make_algorithm(cfg), names, fraction_fit=1.0, fraction_evaluate=1.0,
+    algo = make_algorithm(cfg)
+    if cache:  # one shared cache: the server knows the clients and the adapter's shape
+        fc = open_cache(cache)
+        n_clients = len(build_experiments(fc, cfg)[0].clients)
+        kind = get_adapter(cfg.adapter)
+        names = list(kind.shapes(fc.dim, cfg.hidden or kind.default_hidden(fc.dim)))
+        initial = ndarrays_to_parameters(initial_parameters(cache, cfg))
+    else:  # per-site caches: the server holds no data; a site sends the (seeded, identical) initial adapter
+        n_clients = int(context.run_config.get("sites", 0))
+        if n_clients < 1:
+            raise ConfigError("per-site caches: set the run config's `sites` to the number of SuperNodes")
+        kind = get_adapter(cfg.adapter)
+        names = list(kind.shapes(1, 1))  # parameter order only (shapes come with the parameters)
+        initial = None
+    strategy = AlgorithmStrategy(algo, names, fraction_fit=1.0, fraction_evaluate=1.0,
                                  min_fit_clients=n_clients, min_available_clients=n_clients,
-                                 initial_parameters=ndarrays_to_parameters(initial_parameters(cache, cfg)),
-                                 on_fit_config_fn=lambda rnd: {"server_round": rnd})
+                                 initial_parameters=initial, on_fit_config_fn=lambda rnd: {"server_round": rnd})
     return ServerAppComponents(strategy=strategy, config=ServerConfig(num_rounds=cfg.rounds))
 
 
