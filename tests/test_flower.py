@@ -1,5 +1,8 @@
 """The Flower apps share the pure functions of the in-process loop: one Flower round == one loop round."""
+import json
+
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -95,26 +98,57 @@ def test_sites_with_their_own_caches_train_as_the_in_process_loop(tmp_path, mode
     _, cfg = _federate_config(run_config)
     clients = {d: FedCLIPClient.for_site(p, cfg) for d, p in sites.items()}
     assert clients["sketch"].heldout_site and not clients["art"].heldout_site
-    strategy = AlgorithmStrategy(make_algorithm(cfg), ["w1", "b1", "w2", "b2"])
+    from flwr.common import EvaluateRes
+
+    from fedclip_cache.federated.recorder import RunRecorder
+
+    strategy = AlgorithmStrategy(make_algorithm(cfg), ["w1", "b1", "w2", "b2"], RunRecorder(cfg, tmp_path / "dep"))
     params = ndarrays_to_parameters(clients["photo"].get_parameters({}))
     strategy.configure_fit(1, params, _NoClients())
-    for rnd in (1, 2):
+    for rnd in (1, 2):  # what the ServerApp does each round: fit, then federated evaluation
         results = []
         for d, c in clients.items():
             new, n, _ = c.fit(parameters_to_ndarrays(params), {"server_round": rnd})
             assert n == (0 if d == "sketch" else 1)
             results.append((None, FitRes(Status(Code.OK, ""), ndarrays_to_parameters(new), n, {})))
         params, _ = strategy.aggregate_fit(rnd, results, [])
-    s = federate(tmp_path / "merged", FederateConfig(rounds=2, lr=1e-3, hidden=8, batch_size=4, heldout=["sketch"]),
-                 out=tmp_path / "run")
+        evals = []
+        for d in ("sketch", "photo", "art"):  # any order
+            loss, n, m = clients[d].evaluate(parameters_to_ndarrays(params), {})
+            evals.append((None, EvaluateRes(Status(Code.OK, ""), loss, n, m)))
+        strategy.aggregate_evaluate(rnd, evals, [])
+    s = federate(tmp_path / "merged", FederateConfig(rounds=2, lr=1e-3, hidden=8, batch_size=4, heldout=["sketch"],
+                                                     curves=True), out=tmp_path / "run")
     final = torch.load(tmp_path / "run" / "adapter.pt")
     for name, p in zip(["w1", "b1", "w2", "b2"], parameters_to_ndarrays(params)):
         np.testing.assert_allclose(p, final[name][0].numpy(), rtol=1e-5, atol=1e-6)
-    last = s["experiments"][0]["last"]
-    for d, c in clients.items():
-        _, n, m = c.evaluate(parameters_to_ndarrays(params), {})
-        want = last["heldout"] if d == "sketch" else last["test"][d]
-        assert m["accuracy"] == pytest.approx(want, abs=1e-9) and m["heldout"] == (d == "sketch")
+    # the deployment's run folder: the same selection and accuracies as federate's
+    dep = json.loads((tmp_path / "dep" / "summary.json").read_text())
+    assert dep == strategy.summary
+    for which in ("best", "last"):
+        a, b = dep["experiments"][0][which], s["experiments"][0][which]
+        assert a["round"] == b["round"] and a["test"] == pytest.approx(b["test"], abs=1e-12)
+        assert a["heldout"] == pytest.approx(b["heldout"], abs=1e-12)
+        assert a["val_mean"] == pytest.approx(b["val_mean"], abs=1e-12)
+    assert dep["mean"] == pytest.approx(s["mean"], abs=1e-12)
+    assert dep["experiments"][0]["clients"] == s["experiments"][0]["clients"]
+    assert dep["communication"] == s["communication"]
+    assert [r["fit_results"] for r in dep["deployment"]["rounds"]] == [3, 3]
+    assert set(dep["cache"]["sites"]) == {"art", "photo", "sketch"}
+    m_dep = pq.read_table(tmp_path / "dep" / "metrics.parquet").to_pandas()
+    m_run = pq.read_table(tmp_path / "run" / "metrics.parquet").to_pandas()
+    assert list(m_dep[["round", "client", "split", "n"]].itertuples(index=False)) == \
+        list(m_run[["round", "client", "split", "n"]].itertuples(index=False))
+    np.testing.assert_allclose(m_dep["accuracy"], m_run["accuracy"], atol=1e-12)
+    np.testing.assert_allclose(m_dep["loss"], m_run["loss"], rtol=1e-5)
+    assert torch.load(tmp_path / "dep" / "adapter.pt")["w1"].shape == final["w1"].shape
+    from typer.testing import CliRunner
+
+    from fedclip_cache.cli import app
+
+    rep = CliRunner().invoke(app, ["report", str(tmp_path / "dep")])
+    assert rep.exit_code == 0 and "heldout=sketch/seed0" in rep.output, rep.output
+    assert (tmp_path / "dep" / "plots" / "accuracy_vs_round.png").is_file()
 
 
 def test_site_cache_with_several_domains_is_refused(tmp_path):

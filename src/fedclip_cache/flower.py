@@ -14,6 +14,8 @@ personal protocol) and any federate option (``rounds``, ``lr``, ``hidden`` ...).
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -25,6 +27,7 @@ from .federated.algorithms import Algorithm, make_algorithm
 from .federated.config import ConfigError, FederateConfig
 from .federated.loop import resolve_logit_scale, text_head
 from .cache import FeatureCache
+from .federated.recorder import RunRecorder
 from .federated.protocols import Client, Experiment, build_experiments, split_indices
 from .federated.train import LocalHyper, batch_schedule, evaluate, lane_key, local_update
 
@@ -42,6 +45,7 @@ def _federate_config(run_config: dict) -> tuple[str, FederateConfig]:
     rc = dict(run_config)
     cache = rc.pop("cache", "")
     rc.pop("sites", None)
+    rc.pop("out", None)
     heldout = rc.pop("heldout", "")
     cfg = FederateConfig.from_dict({**rc, "heldout": [heldout] if heldout else [],
                                     "protocol": "lodo" if heldout else "personal"}).validate()
@@ -100,7 +104,8 @@ class FedCLIPClient(NumPyClient):
         self.names = list(self.kind.shapes(cache.dim, self.hidden))
         self.dim = cache.dim
         self.head = text_head(cache, cfg.template)
-        self.logit_scale, _ = resolve_logit_scale(cfg, cache)  # the same value as `federate` on this cache
+        self.cache = cache
+        self.logit_scale, self.logit_scale_source = resolve_logit_scale(cfg, cache)  # as `federate` on it
         self.hp = LocalHyper.from_config(cfg, make_algorithm(cfg).proximal_mu(), self.logit_scale)
         self.opts = {"residual_alpha": cfg.residual_alpha}
 
@@ -127,12 +132,32 @@ class FedCLIPClient(NumPyClient):
         n = 1 if self.cfg.weighting == "uniform" else len(self.client.train)
         return [new[k][0].numpy() for k in self.names], n, {}
 
+    def _score(self, parameters, rows: np.ndarray) -> tuple[float, float]:
+        """Accuracy and mean loss on ``rows``, summed in float64 as the in-process loop does (equal numbers)."""
+        if not len(rows):
+            return float("nan"), float("nan")
+        correct, loss = evaluate(self.kind, self._stacked(parameters), self.X, self.Y, self.head.unsqueeze(0),
+                                 torch.from_numpy(rows).unsqueeze(0), self.logit_scale, self.opts)
+        return int(correct.sum()) / len(rows), float(loss.double().sum()) / len(rows)
+
     def evaluate(self, parameters, config):
-        rows = torch.from_numpy(self.client.test).unsqueeze(0)
-        correct, loss = evaluate(self.kind, self._stacked(parameters), self.X, self.Y, self.head.unsqueeze(0), rows,
-                                 self.logit_scale, self.opts)
-        return float(loss.mean()), len(self.client.test), {"accuracy": float(correct.float().mean()),
-                                                           "heldout": self.heldout_site}
+        """The global adapter on this site's own splits, with the facts the server's run folder needs (the
+        server holds no cache): sizes, model size, classes, logit scale, this cache's identity."""
+        facts = {"client": self.client.name, "heldout": self.heldout_site, "dim": self.dim,
+                 "num_classes": int(self.head.shape[0]), "model_params": int(self.cache.model_params or 0),
+                 "cache": str(Path(self.cache.path).resolve()), "images": len(self.cache),
+                 "complete": bool(self.cache.complete), "identity": json.dumps(self.cache.identity()),
+                 "logit_scale": self.logit_scale, "logit_scale_source": self.logit_scale_source}
+        if self.heldout_site:
+            acc, loss = self._score(parameters, self.client.test)
+            return loss, len(self.client.test), {"accuracy": acc, "heldout_accuracy": acc, "heldout_loss": loss,
+                                                 "n": len(self.client.test), **facts}
+        va, vl = self._score(parameters, self.client.val)
+        ta, tl = self._score(parameters, self.client.test)
+        c = self.client
+        return tl, len(c.test), {"accuracy": ta, "test_accuracy": ta, "test_loss": tl, "test_n": len(c.test),
+                                 "val_accuracy": va, "val_loss": vl, "val_n": len(c.val),
+                                 "train_n": len(c.train), "dropped": c.dropped, **facts}
 
 
 def initial_parameters(cache_path: str, cfg: FederateConfig) -> list[np.ndarray]:
@@ -147,9 +172,9 @@ class AlgorithmStrategy(FedAvg):
     """Flower's FedAvg (sampling, weighting by ``num_examples``, failure handling), then the algorithm's server
     update on the average: the new global model and server state exactly as the in-process loop computes them."""
 
-    def __init__(self, algo: Algorithm, names: list[str], **kw):
+    def __init__(self, algo: Algorithm, names: list[str], recorder: Optional[RunRecorder] = None, **kw):
         super().__init__(**kw)
-        self.algo, self.names = algo, names
+        self.algo, self.names, self.recorder = algo, names, recorder
         init = kw.get("initial_parameters")
         self.current = self._stack(parameters_to_ndarrays(init)) if init is not None else None
         self.extra: dict = {}
@@ -163,12 +188,23 @@ class AlgorithmStrategy(FedAvg):
         return super().configure_fit(server_round, parameters, client_manager)
 
     def aggregate_fit(self, server_round, results, failures):
+        if self.recorder:
+            self.recorder.fit_round(server_round, len(results), len(failures))
         averaged, metrics = super().aggregate_fit(server_round, results, failures)
         if averaged is None:
             return None, metrics
         avg = self._stack(parameters_to_ndarrays(averaged))
         self.current, self.extra = self.algo.server_update(self.current, avg, self.extra, server_round)
         return ndarrays_to_parameters([self.current[n][0].numpy() for n in self.names]), metrics
+
+    def aggregate_evaluate(self, server_round, results, failures):
+        loss, metrics = super().aggregate_evaluate(server_round, results, failures)
+        if self.recorder and results:
+            self.recorder.evaluate_round(server_round, [dict(res.metrics) for _, res in results], len(failures))
+            if server_round == self.recorder.cfg.rounds:  # the last round: write the run folder
+                trainable = sum(v[0].numel() for v in self.current.values())
+                self.summary = self.recorder.write({n: v.clone() for n, v in self.current.items()}, trainable)
+        return loss, metrics
 
 
 def client_fn(context: Context):
@@ -195,9 +231,11 @@ def server_fn(context: Context):
         kind = get_adapter(cfg.adapter)
         names = list(kind.shapes(1, 1))  # parameter order only (shapes come with the parameters)
         initial = None
-    strategy = AlgorithmStrategy(algo, names, fraction_fit=1.0, fraction_evaluate=1.0,
-                                 min_fit_clients=n_clients, min_available_clients=n_clients,
-                                 initial_parameters=initial, on_fit_config_fn=lambda rnd: {"server_round": rnd})
+    out = context.run_config.get("out")
+    recorder = RunRecorder(cfg, Path(str(out))) if out else None
+    strategy = AlgorithmStrategy(algo, names, recorder, fraction_fit=1.0, fraction_evaluate=1.0,
+                                 min_fit_clients=n_clients, min_evaluate_clients=n_clients,
+                                 min_available_clients=n_clients, initial_parameters=initial, on_fit_config_fn=lambda rnd: {"server_round": rnd})
     return ServerAppComponents(strategy=strategy, config=ServerConfig(num_rounds=cfg.rounds))
 
 

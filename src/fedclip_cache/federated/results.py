@@ -130,7 +130,7 @@ def summarise(res: LoopResult, cfg: FederateConfig, cache: FeatureCache) -> dict
         "communication": communication(cfg, n_clients, res.trainable_params,
                                        cfg.rounds if cfg.algo != "zeroshot" else 0, cache.model_params,
                                        len(cache.classes), cache.dim, fit),
-        "cache": cache_record(cache),
+        "cache": cache.record() if hasattr(cache, "record") else cache_record(cache),  # a deployment: its sites
         "seconds": round(res.seconds, 3),
     }
 

@@ -1,0 +1,133 @@
+"""The run folder of a federated *deployment*: the same ``summary.json``, ``metrics.parquet``, ``config.json`` and
+``adapter.pt`` as ``federate``, built on the server from what the sites report.
+
+The server of a deployment holds no data. Each round every site evaluates the global adapter on its own splits and
+reports, as Flower metrics, its accuracies and losses with their sizes (a training site: validation and test; the
+held-out site: its whole domain), and once the facts ``federate`` reads from a cache (dimension, classes, model
+size, logit scale, cache identity). :class:`RunRecorder` turns those reports into the loop's result type and
+reuses ``results.summarise`` and ``results.write_run``'s layout, so selection (best mean validation, first best),
+the summary and the metrics table are computed by the same code as in-process.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from .config import FederateConfig
+from .protocols import Client, Experiment
+
+
+@dataclass
+class SiteCaches:
+    """What ``summarise`` reads from a cache, as reported by the sites (the server has no cache)."""
+
+    dim: int
+    classes: list
+    model_params: Optional[int]
+    sites: dict = field(default_factory=dict)  # site -> its cache record (path, images, complete, identity)
+
+    def record(self) -> dict:
+        return {"sites": self.sites, "complete": all(s.get("complete", False) for s in self.sites.values())}
+
+
+@dataclass
+class RunRecorder:
+    cfg: FederateConfig
+    out: Optional[Path]
+    t0: float = field(default_factory=time.perf_counter)
+    rounds: list = field(default_factory=list)  # round numbers evaluated
+    reports: list = field(default_factory=list)  # per round: {site: metrics}
+    health: list = field(default_factory=list)  # per round: results / failures of fit and evaluate
+    info: Optional[SiteCaches] = None
+
+    def fit_round(self, rnd: int, results: int, failures: int) -> None:
+        self.health.append({"round": rnd, "fit_results": results, "fit_failures": failures})
+
+    def evaluate_round(self, rnd: int, site_metrics: list[dict], failures: int) -> None:
+        by_site = {m["client"]: m for m in site_metrics}
+        self.rounds.append(rnd)
+        self.reports.append(by_site)
+        h = next((x for x in self.health if x["round"] == rnd), None)
+        if h is None:
+            h = {"round": rnd}
+            self.health.append(h)
+        h.update(evaluate_results=len(site_metrics), evaluate_failures=failures)
+        for m in site_metrics:
+            info = self.info or SiteCaches(int(m["dim"]), [None] * int(m["num_classes"]),
+                                           int(m["model_params"]) or None)
+            info.sites[m["client"]] = {"path": m["cache"], "images": int(m["images"]),
+                                       "complete": bool(m["complete"]), "identity": m["identity"]}
+            self.info = info
+
+    # ------------------------------------------------------------------------------------------ the result
+
+    def result(self, final_params: dict, trainable: int):
+        """A ``loop.LoopResult`` built from the reports: the clients every report agrees on, their segments in the
+        in-process order (per client val, test; then the held-out domain), NaN where a site did not report."""
+        from .loop import LoopResult
+
+        last = self.reports[-1]
+        train_sites = sorted(s for s, m in last.items() if not m["heldout"])
+        held = [s for s, m in last.items() if m["heldout"]]
+        heldout = held[0] if held else None
+        cfg = self.cfg
+        name = f"heldout={heldout}/seed{cfg.seed}" if cfg.heldout else f"personal/seed{cfg.seed}"
+
+        def rows(n: int) -> np.ndarray:
+            return np.zeros(int(n), np.int64)  # summaries count rows; they never index them
+
+        clients = [Client(s, rows(last[s]["train_n"]), rows(last[s]["val_n"]), rows(last[s]["test_n"]),
+                          int(last[s]["dropped"])) for s in train_sites]
+        exp = Experiment(name, cfg.seed, clients, heldout, rows(last[heldout]["n"]) if heldout else None)
+        segments, keys = [], []
+        for s in train_sites:
+            for split in ("val", "test"):
+                if last[s][f"{split}_n"]:
+                    segments.append({"experiment": name, "heldout": heldout, "seed": cfg.seed, "client": s,
+                                     "split": split, "n": int(last[s][f"{split}_n"])})
+                    keys.append((s, split))
+        if heldout:
+            segments.append({"experiment": name, "heldout": heldout, "seed": cfg.seed, "client": heldout,
+                             "split": "heldout", "n": int(last[heldout]["n"])})
+            keys.append((heldout, "heldout"))
+        acc = np.full((len(self.rounds), len(keys)), np.nan)
+        loss = np.full_like(acc, np.nan)
+        for r, rep in enumerate(self.reports):
+            for k, (s, split) in enumerate(keys):
+                if s in rep:
+                    acc[r, k], loss[r, k] = rep[s][f"{split}_accuracy"], rep[s][f"{split}_loss"]
+        val = [k for k, (_, split) in enumerate(keys) if split == "val"]
+        val_mean = np.array([[acc[r, val].mean() if val else 0.0] for r in range(len(self.rounds))])
+        first = last[train_sites[0]] if train_sites else next(iter(last.values()))
+        return LoopResult([exp], segments, list(self.rounds), acc, loss, trainable, time.perf_counter() - self.t0,
+                          final_params, float(first["logit_scale"]), str(first["logit_scale_source"]), val_mean,
+                          fit_clients=[len(train_sites)] * len(self.rounds))
+
+    def write(self, final_params: dict, trainable: int) -> dict:
+        """The summary (and, with ``out``, the run folder) of the deployment."""
+        from ..store import atomic_write, write_json
+        from .results import metrics_table, summarise
+
+        res = self.result(final_params, trainable)
+        summary = summarise(res, self.cfg, self.info)
+        summary["deployment"] = {"rounds": self.health}
+        if self.out is not None:
+            import pyarrow.parquet as pq
+            import torch
+
+            out = Path(self.out)
+            out.mkdir(parents=True, exist_ok=True)
+            write_json(out / "config.json", {"deployment": True, "sites": self.info.sites, "seeds": [self.cfg.seed],
+                                             "federate": self.cfg.to_dict(),
+                                             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                             "logit_scale_used": res.logit_scale,
+                                             "logit_scale_source": res.logit_scale_source})
+            table = metrics_table(res)
+            atomic_write(out / "metrics.parquet", lambda p: pq.write_table(table, p))
+            atomic_write(out / "adapter.pt", lambda p: torch.save(final_params, p))
+            write_json(out / "summary.json", summary)
+        return summary
