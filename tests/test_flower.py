@@ -146,7 +146,7 @@ def test_sites_with_their_own_caches_train_as_the_in_process_loop(tmp_path, mode
 
     from fedclip_cache.cli import app
 
-    rep = CliRunner().invoke(app, ["report", str(tmp_path / "dep")])
+    rep = CliRunner().invoke(app, ["report", str(tmp_path / "dep")], env={"COLUMNS": "200"})
     assert rep.exit_code == 0 and "heldout=sketch/seed0" in rep.output, rep.output
     assert (tmp_path / "dep" / "plots" / "accuracy_vs_round.png").is_file()
 
