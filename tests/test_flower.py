@@ -108,9 +108,9 @@ def test_sites_with_their_own_caches_train_as_the_in_process_loop(tmp_path, mode
     for rnd in (1, 2):  # what the ServerApp does each round: fit, then federated evaluation
         results = []
         for d, c in clients.items():
-            new, n, _ = c.fit(parameters_to_ndarrays(params), {"server_round": rnd})
+            new, n, fm = c.fit(parameters_to_ndarrays(params), {"server_round": rnd})
             assert n == (0 if d == "sketch" else 1)
-            results.append((None, FitRes(Status(Code.OK, ""), ndarrays_to_parameters(new), n, {})))
+            results.append((None, FitRes(Status(Code.OK, ""), ndarrays_to_parameters(new), n, fm)))
         params, _ = strategy.aggregate_fit(rnd, results, [])
         evals = []
         for d in ("sketch", "photo", "art"):  # any order
@@ -133,7 +133,7 @@ def test_sites_with_their_own_caches_train_as_the_in_process_loop(tmp_path, mode
     assert dep["mean"] == pytest.approx(s["mean"], abs=1e-12)
     assert dep["experiments"][0]["clients"] == s["experiments"][0]["clients"]
     assert dep["communication"] == s["communication"]
-    assert [r["fit_results"] for r in dep["deployment"]["rounds"]] == [3, 3]
+    assert [(r["fit_results"], r["fit_failures"]) for r in dep["deployment"]["rounds"]] == [(2, 0), (2, 0)]
     assert set(dep["cache"]["sites"]) == {"art", "photo", "sketch"}
     m_dep = pq.read_table(tmp_path / "dep" / "metrics.parquet").to_pandas()
     m_run = pq.read_table(tmp_path / "run" / "metrics.parquet").to_pandas()
@@ -156,3 +156,27 @@ def test_site_cache_with_several_domains_is_refused(tmp_path):
     _, cfg = _federate_config({"heldout": "a", "sites": 2})
     with pytest.raises(ConfigError, match="a site cache holds one domain"):
         FedCLIPClient.for_site(cache, cfg)
+
+
+def test_a_lost_client_is_averaged_out_and_too_few_results_keep_the_model(tmp_path):
+    """Fault tolerance of the ServerApp's strategy: a round with a failed client averages the others (uniform: each
+    remaining client 1/k) and records the failure; below min_results the global adapter stays as it was."""
+    from fedclip_cache.federated.recorder import RunRecorder
+
+    cfg = FederateConfig(rounds=3, hidden=2)
+    init = [np.zeros((4, 2), np.float32), np.zeros(2, np.float32), np.zeros((2, 4), np.float32),
+            np.zeros(4, np.float32)]
+    rec = RunRecorder(cfg, None)
+    strategy = AlgorithmStrategy(make_algorithm(cfg), ["w1", "b1", "w2", "b2"], rec, min_results=2,
+                                 initial_parameters=ndarrays_to_parameters(init))
+
+    def result(value):
+        arrays = [np.full_like(a, value) for a in init]
+        return (None, FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), 1, {"heldout": False}))
+
+    params, _ = strategy.aggregate_fit(1, [result(1.0), result(3.0)], [RuntimeError("node 3 died")])
+    assert parameters_to_ndarrays(params)[0][0, 0] == 2.0  # the mean of the two that answered
+    params, _ = strategy.aggregate_fit(2, [result(7.0)], [RuntimeError("x"), RuntimeError("y")])
+    assert parameters_to_ndarrays(params)[0][0, 0] == 2.0  # one result < min_results=2: unchanged
+    assert rec.health == [{"round": 1, "fit_results": 2, "fit_failures": 1},
+                          {"round": 2, "fit_results": 1, "fit_failures": 2}]

@@ -15,6 +15,7 @@ personal protocol) and any federate option (``rounds``, ``lr``, ``hidden`` ...).
 from __future__ import annotations
 
 import json
+from logging import WARNING
 from pathlib import Path
 from typing import Optional
 
@@ -34,18 +35,29 @@ from .federated.train import LocalHyper, batch_schedule, evaluate, lane_key, loc
 try:
     from flwr.client import ClientApp, NumPyClient
     from flwr.common import Context, ndarrays_to_parameters, parameters_to_ndarrays
+    from flwr.common.logger import log
     from flwr.server import ServerApp, ServerAppComponents, ServerConfig
     from flwr.server.strategy import FedAvg
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError("fedclip_cache.flower needs Flower: pip install 'fedclip-cache[flower]'") from e
 
 
+# Run-config keys of a deployment besides the federate options: per-site caches' count, the run folder, and fault
+# tolerance -- a round waits at most round_timeout seconds for replies; fewer than min_results training results
+# leave the global model as it was; after round 1 a node that is gone is simply not sampled (nothing waits for it)
+# and one that comes back is sampled again.
+DEPLOYMENT_KEYS = ("sites", "out", "round_timeout", "min_results", "startup_timeout")
+DEFAULT_ROUND_TIMEOUT = 600.0
+DEFAULT_MIN_RESULTS = 1
+DEFAULT_STARTUP_TIMEOUT = 300.0
+
+
 def _federate_config(run_config: dict) -> tuple[str, FederateConfig]:
     """(the shared cache path, or "" for per-site caches; the run's FederateConfig) from Flower's run config."""
     rc = dict(run_config)
     cache = rc.pop("cache", "")
-    rc.pop("sites", None)
-    rc.pop("out", None)
+    for key in DEPLOYMENT_KEYS:  # the deployment's own settings, not federate options
+        rc.pop(key, None)
     heldout = rc.pop("heldout", "")
     cfg = FederateConfig.from_dict({**rc, "heldout": [heldout] if heldout else [],
                                     "protocol": "lodo" if heldout else "personal"}).validate()
@@ -172,9 +184,12 @@ class AlgorithmStrategy(FedAvg):
     """Flower's FedAvg (sampling, weighting by ``num_examples``, failure handling), then the algorithm's server
     update on the average: the new global model and server state exactly as the in-process loop computes them."""
 
-    def __init__(self, algo: Algorithm, names: list[str], recorder: Optional[RunRecorder] = None, **kw):
+    def __init__(self, algo: Algorithm, names: list[str], recorder: Optional[RunRecorder] = None,
+                 min_results: int = DEFAULT_MIN_RESULTS, wait_for_nodes: int = 0,
+                 startup_timeout: float = DEFAULT_STARTUP_TIMEOUT, **kw):
         super().__init__(**kw)
-        self.algo, self.names, self.recorder = algo, names, recorder
+        self.algo, self.names, self.recorder, self.min_results = algo, names, recorder, min_results
+        self.wait_for_nodes, self.startup_timeout = wait_for_nodes, startup_timeout
         init = kw.get("initial_parameters")
         self.current = self._stack(parameters_to_ndarrays(init)) if init is not None else None
         self.extra: dict = {}
@@ -183,13 +198,25 @@ class AlgorithmStrategy(FedAvg):
         return {n: torch.from_numpy(np.asarray(p)).unsqueeze(0) for n, p in zip(self.names, arrays)}
 
     def configure_fit(self, server_round, parameters, client_manager):
+        if self.wait_for_nodes:  # once, before round 1: every node; later rounds sample whoever is connected
+            if not client_manager.wait_for(self.wait_for_nodes, timeout=int(self.startup_timeout)):
+                log(WARNING, "only %s of %s nodes connected within %ss; starting without the others",
+                    client_manager.num_available(), self.wait_for_nodes, self.startup_timeout)
+            self.wait_for_nodes = 0
         if self.current is None:  # initial parameters came from a client (per-site caches)
             self.current = self._stack(parameters_to_ndarrays(parameters))
         return super().configure_fit(server_round, parameters, client_manager)
 
     def aggregate_fit(self, server_round, results, failures):
+        trained = [r for r in results if not r[1].metrics.get("heldout", False)]  # the held-out site never trains
         if self.recorder:
-            self.recorder.fit_round(server_round, len(results), len(failures))
+            self.recorder.fit_round(server_round, len(trained), len(failures))
+        if len(trained) < self.min_results or not trained:  # too few answers: the global model stays as it was
+            log(WARNING, "round %s: %s training result(s), fewer than min_results=%s; the global adapter is "
+                "unchanged", server_round, len(trained), self.min_results)
+            if self.current is None:
+                return None, {}
+            return ndarrays_to_parameters([self.current[n][0].numpy() for n in self.names]), {}
         averaged, metrics = super().aggregate_fit(server_round, results, failures)
         if averaged is None:
             return None, metrics
@@ -231,12 +258,19 @@ def server_fn(context: Context):
         kind = get_adapter(cfg.adapter)
         names = list(kind.shapes(1, 1))  # parameter order only (shapes come with the parameters)
         initial = None
-    out = context.run_config.get("out")
+    rc = context.run_config
+    out = rc.get("out")
     recorder = RunRecorder(cfg, Path(str(out))) if out else None
-    strategy = AlgorithmStrategy(algo, names, recorder, fraction_fit=1.0, fraction_evaluate=1.0,
-                                 min_fit_clients=n_clients, min_evaluate_clients=n_clients,
-                                 min_available_clients=n_clients, initial_parameters=initial, on_fit_config_fn=lambda rnd: {"server_round": rnd})
-    return ServerAppComponents(strategy=strategy, config=ServerConfig(num_rounds=cfg.rounds))
+    min_results = int(rc.get("min_results", DEFAULT_MIN_RESULTS))
+    if not 1 <= min_results <= n_clients:
+        raise ConfigError(f"min_results {min_results}: must be between 1 and the number of nodes ({n_clients})")
+    strategy = AlgorithmStrategy(algo, names, recorder, min_results, wait_for_nodes=n_clients,
+                                 startup_timeout=float(rc.get("startup_timeout", DEFAULT_STARTUP_TIMEOUT)),
+                                 fraction_fit=1.0, fraction_evaluate=1.0, min_fit_clients=1, min_evaluate_clients=1,
+                                 min_available_clients=1, initial_parameters=initial,
+                                 on_fit_config_fn=lambda rnd: {"server_round": rnd})
+    timeout = float(rc.get("round_timeout", DEFAULT_ROUND_TIMEOUT))
+    return ServerAppComponents(strategy=strategy, config=ServerConfig(num_rounds=cfg.rounds, round_timeout=timeout))
 
 
 client_app = ClientApp(client_fn=client_fn)
