@@ -128,8 +128,11 @@ def server_fn(context: Context):
     n_clients = len(build_experiments(fc, cfg)[0].clients)
     kind = get_adapter(cfg.adapter)
     names = list(kind.shapes(fc.dim, cfg.hidden or kind.default_hidden(fc.dim)))
-    strategy = AlgorithmStrategy(make_algorithm(cfg), names, fraction_fit=1.0, fraction_evaluate=1.0,
-                                 min_fit_clients=n_clients, min_available_clients=n_clients,
+    # participation as in `federate`: max(int(n * fraction_fit), min_fit_clients) clients per round (Flower's rule;
+    # Flower draws which ones), min_fit_clients capped at the clients there are (Flower would wait for more)
+    strategy = AlgorithmStrategy(make_algorithm(cfg), names, fraction_fit=cfg.fraction_fit, fraction_evaluate=1.0,
+                                 min_fit_clients=min(cfg.min_fit_clients, n_clients),
+                                 min_available_clients=n_clients,
                                  initial_parameters=ndarrays_to_parameters(initial_parameters(cache, cfg)),
                                  on_fit_config_fn=lambda rnd: {"server_round": rnd})
     return ServerAppComponents(strategy=strategy, config=ServerConfig(num_rounds=cfg.rounds))
