@@ -266,7 +266,10 @@ def server_fn(context: Context):
         raise ConfigError(f"min_results {min_results}: must be between 1 and the number of nodes ({n_clients})")
     strategy = AlgorithmStrategy(algo, names, recorder, min_results, wait_for_nodes=n_clients,
                                  startup_timeout=float(rc.get("startup_timeout", DEFAULT_STARTUP_TIMEOUT)),
-                                 fraction_fit=1.0, fraction_evaluate=1.0, min_fit_clients=1, min_evaluate_clients=1,
+                                 # participation as in `federate`: max(int(n * fraction_fit), min_fit_clients)
+                                 # clients per round (Flower's rule; Flower draws which ones)
+                                 fraction_fit=cfg.fraction_fit, min_fit_clients=min(cfg.min_fit_clients, n_clients),
+                                 fraction_evaluate=1.0, min_evaluate_clients=1,
                                  min_available_clients=1, initial_parameters=initial,
                                  on_fit_config_fn=lambda rnd: {"server_round": rnd})
     timeout = float(rc.get("round_timeout", DEFAULT_ROUND_TIMEOUT))

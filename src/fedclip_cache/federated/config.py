@@ -237,7 +237,7 @@ class FederateConfig:
                 raise ConfigError(f"{_said(flag(name), getattr(self, name))} unknown; "
                                   f"choose one of {', '.join(options)}")
 
-        get_algorithm(self.algo, flag("algo"))
+        one_of("algo", tuple(ALGORITHMS))  # `federate.algo = 'x'` / `--grid algo='x'`, as every other choice
         from .adapters import list_adapters  # here, not at the top: adapters need torch, --help and info do not
 
         one_of("adapter", tuple(list_adapters()))

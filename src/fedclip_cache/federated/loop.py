@@ -388,6 +388,7 @@ class _Loop:
         self.notes: list[str] = []
         self.best_server: Params = {}
         rounds, accs, losses, val_means, fit = [], [], [], [], []
+        diverged = None  # first evaluated round at which some scored adapter held NaN/inf
         total = cfg.rounds if algo.trains else 0
         if total == 0:  # nothing to train: score the starting point once, as round 0
             a, lo, v = self._score(full=True)
@@ -399,6 +400,9 @@ class _Loop:
             if r % cfg.eval_every == 0 or r == total:
                 a, lo, v = self._score(full=cfg.curves or r == total)
                 rounds.append(r), accs.append(a), losses.append(lo), val_means.append(v)
+                if diverged is None and not all(bool(torch.isfinite(p).all())
+                                                for p in algo.scored_params(self.state).values()):
+                    diverged = r
             if on_round:
                 on_round(r, total)
         short = next(((e, m) for e, m in zip(self.experiments, self.members) if 0 < len(m) < cfg.min_fit_clients),
@@ -406,6 +410,9 @@ class _Loop:
         if short and cfg.fraction_fit < 1:
             self.notes.append(f"--min-fit-clients {cfg.min_fit_clients}: {short[0].name} has only {len(short[1])} "
                               f"client(s); all of them trained every round")
+        if diverged is not None:  # a NaN model still gets an accuracy (argmax of NaN logits): say so
+            self.notes.append(f"the adapter diverged: non-finite (NaN/inf) weights by round {diverged}; accuracies "
+                              f"from then on are meaningless (lower --server-lr or --lr)")
         final = self.state.clients if algo.personal else self.state.server
         res = LoopResult(self.experiments, self.evaluator.segments, rounds, np.array(accs), np.array(losses),
                          num_params(self.kind_name, self.dim, self.hidden), 0.0,
