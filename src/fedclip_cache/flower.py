@@ -42,6 +42,7 @@ def _federate_config(run_config: dict) -> tuple[str, FederateConfig]:
     rc = dict(run_config)
     cache = rc.pop("cache", "")
     rc.pop("sites", None)
+    rc.pop("out", None)  # the ServerApp's run folder, not a federate option
     heldout = rc.pop("heldout", "")
     cfg = FederateConfig.from_dict({**rc, "heldout": [heldout] if heldout else [],
                                     "protocol": "lodo" if heldout else "personal"}).validate()
