@@ -334,6 +334,33 @@ def sweep(
 
 
 @app.command()
+@with_federate_options
+def deploy(
+    site_caches: list[Path] = typer.Argument(..., help="One cache per site (each `extract`ed from that site's own "
+                                                       "images, same model and --classes file)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Run folder (the ServerApp's outputs; logs/ for every "
+                                                      "process's log)."),
+    timeout: float = typer.Option(0, help="Fail (and stop everything) when the run takes longer, in seconds; 0: "
+                                          "no limit."),
+    isolation: str = typer.Option("subprocess", help="subprocess: each SuperNode launches its ClientApps | "
+                                                     "process: a separate flower-superexec per SuperNode."),
+    fed_options: dict = None,
+):
+    """A real Flower deployment on localhost: a SuperLink and one SuperNode per site cache as separate processes;
+    --heldout names the site that only evaluates. Stops everything it started; exits non-zero when the run failed."""
+    from .deploy import deploy as run_deploy
+
+    cfg = _federate_config(fed_options)
+    res = run_deploy([str(c) for c in site_caches], out, cfg, timeout=timeout or None, isolation=isolation,
+                     log=lambda m: console.print(m, highlight=False))
+    console.print(f"run folder: {out} (logs/: superlink, site-*, flwr-run, deploy.json)")
+    if res["summary"] is not None:
+        from .report import render_run_summary
+
+        render_run_summary(res["summary"], console)
+
+
+@app.command()
 def algorithms(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")):
     """List the federated algorithms --algo accepts: what each does, its reference and its own options."""
     from .federated.algorithms import ALGORITHMS

@@ -1,0 +1,320 @@
+"""A real local Flower deployment: one SuperLink and one SuperNode per site cache, as separate processes.
+
+``fedclip-cache deploy SITE_CACHE ... -o RUN`` writes a throw-away Flower app folder and ``FLWR_HOME`` (with the
+connection config), starts ``flower-superlink --insecure`` on a free localhost port, one ``flower-supernode
+--insecure --node-config 'cache="SITE_CACHE"'`` per site (each with its own Runtime API port), runs the app with
+``flwr run APP local --stream`` (run config: the federate options, ``sites = N``, ``heldout``, ``out = RUN``),
+keeps every log under ``RUN/logs/``, and judges the run by its status in the SuperLink (``flwr ls --run-id``:
+``finished:completed``), never by ``flwr run``'s exit code (0 even for a failed run in flwr 1.42). Whatever it
+started is stopped on success, failure and Ctrl-C (each process is the leader of its own process group; the group
+is terminated, then killed).
+
+Verified recipe (flwr 1.42): the SuperLink serves its Fleet, Control and Runtime APIs on ONE HTTP port
+(``--port``; the old ``--fleet-api-address``/``--control-api-address`` are deprecated); a SuperNode's ``--port``
+is its own Runtime API (the old ClientAppIo port), so SuperNodes on one machine need distinct ports. The connection
+lives in ``$FLWR_HOME/config.toml`` (``[superlink.NAME] address = "host:port"``, ``insecure = true``). Each
+message is executed by a fresh ``flwr-clientapp`` process (it pulls one task with a one-time token and exits), so
+every fit/evaluate re-imports torch and re-opens the site cache: that, not training, is the per-round cost.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+from .errors import ConfigError, FedclipCacheError
+
+BINARIES = ("flower-superlink", "flower-supernode", "flwr")
+
+
+class DeployError(FedclipCacheError):
+    """The local deployment could not start or the Flower run did not complete; the message names the log."""
+
+
+def flower_bin_dir() -> Optional[str]:
+    """The folder holding Flower's CLIs: next to this Python (a venv's bin, not necessarily on PATH), else PATH."""
+    here = Path(sys.executable).parent
+    if all((here / b).exists() for b in BINARIES):
+        return str(here)
+    found = [shutil.which(b) for b in BINARIES]
+    if all(found):
+        return str(Path(found[0]).parent)
+    return None
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(0.2)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def run_config(cfg, n_sites: int, out: Path) -> dict:
+    """The Flower run config of a deployment: the federate options that differ from the defaults (Flower's run
+    config holds scalars only), ``sites``, ``heldout`` and ``out``."""
+    from .federated.config import FederateConfig
+
+    if tuple(cfg.split) != tuple(FederateConfig().split):
+        raise ConfigError("deploy: --split is not passed to the Flower apps yet; use the default split")
+    default = FederateConfig().to_dict()
+    rc = {k: v for k, v in cfg.to_dict().items()
+          if k not in ("heldout", "protocol", "split") and v is not None and v != default[k]}
+    rc.update(sites=n_sites, heldout=cfg.heldout[0] if cfg.heldout else "", out=str(out))
+    return rc
+
+
+def app_pyproject(config: dict) -> str:
+    import tomli_w
+
+    return tomli_w.dumps({
+        "project": {"name": "fedclip-deploy", "version": "0.1.0", "description": "fedclip-cache on Flower",
+                    "license": "MIT", "dependencies": []},
+        "tool": {"flwr": {"app": {"publisher": "fedclip-cache",
+                                  "components": {"serverapp": "fedclip_cache.flower:server_app",
+                                                 "clientapp": "fedclip_cache.flower:client_app"},
+                                  "config": config}}}})
+
+
+def connection_config(port: int) -> str:
+    return (f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "127.0.0.1:{port}"\n'
+            f'insecure = true\n')
+
+
+@dataclass
+class Deployment:
+    """The processes of one local deployment; :meth:`stop` ends them all (idempotent)."""
+
+    env: dict
+    logs: Path
+    procs: list = field(default_factory=list)  # (name, Popen, log file)
+
+    def start(self, name: str, cmd: list[str]) -> subprocess.Popen:
+        log = open(self.logs / f"{name}.log", "ab")
+        log.write(("$ " + " ".join(cmd) + "\n").encode())
+        log.flush()
+        p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env,
+                             start_new_session=True)  # its own process group: stop() reaches its children too
+        self.procs.append((name, p, log))
+        return p
+
+    def dead(self) -> list[str]:
+        return [f"{n} (exit {p.returncode})" for n, p, _ in self.procs if p.poll() is not None]
+
+    def stop(self, grace: float = 10.0) -> None:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            alive = []
+            for _, p, _ in reversed(self.procs):
+                try:
+                    os.killpg(p.pid, sig)  # the group: flower-superexec, flwr-clientapp/-serverapp under it
+                    alive.append(p)
+                except ProcessLookupError:
+                    pass
+            deadline = time.monotonic() + grace
+            for p in alive:
+                try:
+                    p.wait(timeout=max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    pass
+            if all(p.poll() is not None for p in alive) and not any(_group_alive(p.pid) for p in alive):
+                break
+        deadline = time.monotonic() + grace  # orphaned group members (killed above) are reaped by init
+        while any(_group_alive(p.pid) for _, p, _ in self.procs) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for _, p, log in self.procs:
+            p.poll()
+            log.close()
+
+    def pids(self) -> list[int]:
+        return [p.pid for _, p, _ in self.procs]
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
+
+
+def check_sites(site_caches: list, cfg) -> list[str]:
+    """Each site's domain, or a one-line error before anything starts."""
+    from .cache import open_cache
+
+    if len(site_caches) < 2:
+        raise ConfigError(f"deploy: {len(site_caches)} site cache(s); a federation needs at least 2")
+    domains = []
+    for c in site_caches:
+        if not Path(c).is_dir():
+            raise ConfigError(f"deploy: site cache {c} does not exist (extract each site's images into its own "
+                              f"cache first)")
+        names = open_cache(c).domain_names
+        if len(names) != 1:
+            raise ConfigError(f"deploy: {c}: a site cache holds one domain (this one: {', '.join(names)}); extract "
+                              f"each site's own images into its own cache")
+        domains.append(names[0])
+    if len(set(domains)) != len(domains):
+        raise ConfigError(f"deploy: two site caches hold the same domain ({', '.join(domains)})")
+    if len(cfg.heldout) > 1:
+        raise ConfigError("deploy: --heldout takes one site's domain (one federation per deployment)")
+    if cfg.heldout and cfg.heldout[0] not in domains:
+        raise ConfigError(f"deploy: --heldout {cfg.heldout[0]!r} is none of the sites' domains "
+                          f"({', '.join(domains)})")
+    if cfg.heldout and len(domains) < 3:
+        raise ConfigError("deploy: with --heldout, at least 2 other sites must train (give 3 or more site caches)")
+    return domains
+
+
+def deploy(site_caches: list, out, cfg, *, timeout: Optional[float] = None, log: Callable[[str], None] = print,
+           isolation: str = "subprocess") -> dict:
+    """Run ``cfg`` (a validated FederateConfig) as a real Flower deployment on localhost, one SuperNode per site
+    cache; return ``{"run_id", "status", "timings", "summary" (RUN/summary.json when the ServerApp wrote one)}``.
+    ``isolation="process"``: each SuperNode runs with ``--isolation process`` and this function starts its
+    ``flower-superexec`` (which still launches one ``flwr-clientapp`` per message in flwr 1.42)."""
+    t0 = time.monotonic()
+    if isolation not in ("subprocess", "process"):
+        raise ConfigError(f"deploy: isolation {isolation!r} unknown; choose subprocess or process")
+    bindir = flower_bin_dir()
+    if bindir is None:
+        raise DeployError("deploy needs Flower's command-line tools (flower-superlink, flower-supernode, flwr): "
+                          "pip install 'fedclip-cache[flower]'")
+    from .flower import _federate_config  # noqa: F401  (imports flwr: fails early with the install hint)
+
+    site_caches = [Path(c).resolve() for c in site_caches]
+    domains = check_sites(site_caches, cfg)
+    out = Path(out).resolve()
+    rc = run_config(cfg, len(site_caches), out)
+    _federate_config({k: v for k, v in rc.items()})  # the ServerApp's own check, before anything starts
+    logs = out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+
+    tmp = Path(tempfile.mkdtemp(prefix="fedclip-deploy-"))
+    (tmp / "app").mkdir()
+    (tmp / "home").mkdir()
+    (tmp / "app" / "pyproject.toml").write_text(app_pyproject(rc))
+    port = free_port()
+    (tmp / "home" / "config.toml").write_text(connection_config(port))
+    src = str(Path(__file__).resolve().parent.parent)  # so flwr-serverapp/-clientapp import this fedclip_cache
+    env = {**os.environ, "FLWR_HOME": str(tmp / "home"), "PATH": bindir + os.pathsep + os.environ.get("PATH", ""),
+           "PYTHONPATH": os.pathsep.join([src] + [p for p in [os.environ.get("PYTHONPATH")] if p]),
+           "PYTHONUNBUFFERED": "1", "FLWR_TELEMETRY_ENABLED": "0"}
+    dep = Deployment(env, logs)
+    timings: dict = {}
+    old_term = None
+    if threading.current_thread() is threading.main_thread():  # SIGTERM ends us through the finally below
+        old_term = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        log(f"SuperLink on 127.0.0.1:{port} (logs: {logs})")
+        dep.start("superlink", [f"{bindir}/flower-superlink", "--insecure", "--port", str(port),
+                                "--disable-runtime-dependency-installation"])
+        _wait(lambda: _port_open(port), dep, 60, "the SuperLink did not open its port")
+        for cache, dom in zip(site_caches, domains):
+            nport = free_port()
+            cmd = [f"{bindir}/flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{port}",
+                   "--node-config", f"cache={json.dumps(str(cache))}", "--port", str(nport)]
+            if isolation == "process":
+                cmd += ["--isolation", "process"]
+            dep.start(f"site-{dom}", cmd)
+            if isolation == "process":
+                _wait(lambda: _port_open(nport), dep, 60, f"SuperNode {dom} did not open its port")
+                dep.start(f"site-{dom}-superexec", [f"{bindir}/flower-superexec", "--insecure",
+                                                    "--runtime-api-address", f"127.0.0.1:{nport}"])
+            log(f"SuperNode {dom}{' (held out: evaluates only)' if cfg.heldout and dom == cfg.heldout[0] else ''}"
+                f": {cache}")
+        timings["startup_s"] = round(time.monotonic() - t0, 2)
+        t1 = time.monotonic()
+        run = dep.start("flwr-run", [f"{bindir}/flwr", "run", str(tmp / "app"), "local", "--stream"])
+        run_id = _follow(run, logs / "flwr-run.log", dep, log, timeout, t1)
+        status, details = _final_status(bindir, env, run_id, dep)
+        timings["run_s"] = round(time.monotonic() - t1, 2)
+        if status != "finished:completed":
+            raise DeployError(f"the Flower run {run_id} ended {status}: {details} (logs: {logs})")
+        timings["total_s"] = round(time.monotonic() - t0, 2)
+        log(f"run {run_id} completed in {timings['run_s']:.1f} s (start-up {timings['startup_s']:.1f} s)")
+        summary_path = out / "summary.json"
+        summary = json.loads(summary_path.read_text()) if summary_path.exists() else None
+        res = {"run_id": run_id, "status": status, "sites": dict(zip(domains, map(str, site_caches))),
+               "run_config": rc, "isolation": isolation, "timings": timings, "pids": dep.pids()}
+        (logs / "deploy.json").write_text(json.dumps(res, indent=2))
+        return {**res, "summary": summary}
+    finally:
+        dep.stop()
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _interrupt(*_):
+    raise KeyboardInterrupt
+
+
+def _wait(ready: Callable[[], bool], dep: Deployment, limit: float, what: str) -> None:
+    deadline = time.monotonic() + limit
+    while not ready():
+        if dep.dead():
+            raise DeployError(f"{what}: {', '.join(dep.dead())} exited (logs: {dep.logs})")
+        if time.monotonic() > deadline:
+            raise DeployError(f"{what} within {limit:.0f} s (logs: {dep.logs})")
+        time.sleep(0.2)
+
+
+def _follow(run: subprocess.Popen, path: Path, dep: Deployment, log, timeout, t1) -> str:
+    """Wait for ``flwr run --stream`` to end, echoing its rounds; fail fast when a SuperNode or the SuperLink dies
+    or the timeout passes. Returns the run id."""
+    seen, run_id = 0, None
+    while True:
+        done = run.poll() is not None
+        text = path.read_text(errors="replace")
+        for line in text[seen:].splitlines(keepends=True):
+            if not line.endswith("\n") and not done:
+                break
+            seen += len(line)
+            m = re.search(r"Successfully started run (\d+)", line)
+            if m:
+                run_id = m.group(1)
+                log(f"run {run_id} started")
+            m = re.search(r"\[(ROUND \d+|SUMMARY)\]", line)
+            if m:
+                log(f"{m.group(1).lower()} ({time.monotonic() - t1:.1f} s)")
+        if done:
+            break
+        others = [d for d in dep.dead() if not d.startswith("flwr-run")]
+        if others:
+            raise DeployError(f"{', '.join(others)} exited during the run (logs: {dep.logs})")
+        if timeout and time.monotonic() - t1 > timeout:
+            raise DeployError(f"the run did not finish within {timeout:.0f} s (logs: {dep.logs})")
+        time.sleep(0.2)
+    if run_id is None:
+        raise DeployError(f"`flwr run` did not start a run (exit {run.returncode}; see {path})")
+    return run_id
+
+
+def _final_status(bindir: str, env: dict, run_id: str, dep: Deployment, limit: float = 30) -> tuple[str, str]:
+    """The run's status as the SuperLink records it (``flwr run --stream`` exits 0 for failed runs too)."""
+    deadline = time.monotonic() + limit
+    while True:
+        p = subprocess.run([f"{bindir}/flwr", "ls", "local", "--run-id", run_id, "--format", "json"], env=env,
+                           capture_output=True, text=True, timeout=60)
+        try:
+            runs = json.loads(p.stdout).get("runs") or []
+            status, details = runs[0]["status"], runs[0].get("status-details", "")
+        except (ValueError, IndexError, KeyError):
+            status, details = "unknown", (p.stdout + p.stderr).strip()[-300:]
+        if status.startswith("finished") or time.monotonic() > deadline:
+            return status, details
+        time.sleep(0.5)

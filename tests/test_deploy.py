@@ -1,0 +1,84 @@
+"""`fedclip-cache deploy`: a real local Flower deployment (SuperLink + one SuperNode per site cache, as separate
+processes). Slow by nature in flwr 1.42: every fit/evaluate message runs in a fresh `flwr-clientapp` process that
+re-imports torch (~25 s per round with 3 sites on 2 busy cores), so the end-to-end test is marked `slow`."""
+import json
+import os
+
+import pytest
+
+pytest.importorskip("flwr")
+
+from fedclip_cache import deploy as dep  # noqa: E402
+from fedclip_cache.errors import ConfigError, FedclipCacheError  # noqa: E402
+from fedclip_cache.federated.config import FederateConfig  # noqa: E402
+from fedclip_cache.synthetic import write_synthetic_cache  # noqa: E402
+
+DOMAINS = ("art", "photo", "sketch")
+
+
+def _sites(tmp_path, domains=DOMAINS):
+    # one domain per site, the same classes and (as with one model) the same prompt embeddings
+    return [str(write_synthetic_cache(tmp_path / f"site-{d}", {d: 60}, 3, dim=16, seed=1)) for d in domains]
+
+
+def _group_gone(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+@pytest.mark.slow
+def test_local_deployment_runs_and_stops_everything(tmp_path):
+    if dep.flower_bin_dir() is None:
+        pytest.skip("Flower's CLIs (flower-superlink, flower-supernode, flwr) are not installed")
+    sites = _sites(tmp_path)
+    cfg = FederateConfig(rounds=2, hidden=8, heldout=["sketch"]).validate()
+    messages = []
+    res = dep.deploy(sites, tmp_path / "run", cfg, timeout=240, log=messages.append)
+    assert res["status"] == "finished:completed"
+    assert res["run_config"] == {"rounds": 2, "hidden": 8, "sites": 3, "heldout": "sketch",
+                                 "out": str((tmp_path / "run").resolve())}
+    assert any(m.startswith("round 2") for m in messages)
+    logs = tmp_path / "run" / "logs"
+    for name in ("superlink", "site-art", "site-photo", "site-sketch", "flwr-run"):
+        assert (logs / f"{name}.log").stat().st_size > 0
+    assert "[ROUND 2]" in (logs / "flwr-run.log").read_text()
+    assert json.loads((logs / "deploy.json").read_text())["status"] == "finished:completed"
+    # every process it started (and their children: superexec, clientapps, serverapp) is gone
+    assert len(res["pids"]) == 5 and all(_group_gone(p) for p in res["pids"])
+    summary = tmp_path / "run" / "summary.json"
+    if summary.exists():  # written by the ServerApp once it saves run folders (`out` in the run config)
+        assert res["summary"] == json.loads(summary.read_text())
+
+
+def test_deploy_refuses_bad_input_before_starting_anything(tmp_path, monkeypatch):
+    sites = _sites(tmp_path, ("art", "photo"))
+    cfg = FederateConfig(rounds=1).validate()
+    with pytest.raises(ConfigError, match="at least 2"):
+        dep.deploy(sites[:1], tmp_path / "run", cfg)
+    with pytest.raises(ConfigError, match="does not exist"):
+        dep.deploy([sites[0], str(tmp_path / "nope")], tmp_path / "run", cfg)
+    with pytest.raises(ConfigError, match="none of the sites"):
+        dep.deploy(sites, tmp_path / "run", FederateConfig(heldout=["mars"]).validate())
+    with pytest.raises(ConfigError, match="--split"):
+        dep.deploy(sites, tmp_path / "run", FederateConfig(split=(0.5, 0.3, 0.2)).validate())
+    with pytest.raises(ConfigError, match="text only"):
+        dep.deploy(sites, tmp_path / "run", FederateConfig(head="prototype").validate())
+    merged = str(write_synthetic_cache(tmp_path / "merged", {"a": 20, "b": 20}, 3, dim=8))
+    with pytest.raises(ConfigError, match="one domain"):
+        dep.deploy([merged, sites[0]], tmp_path / "run", cfg)
+    monkeypatch.setattr(dep, "flower_bin_dir", lambda: None)
+    with pytest.raises(FedclipCacheError, match=r"pip install 'fedclip-cache\[flower\]'"):
+        dep.deploy(sites, tmp_path / "run", cfg)
+    assert not (tmp_path / "run").exists()  # nothing written, nothing started
+
+
+def test_cli_deploy_one_line_error(tmp_path, monkeypatch, capsys):
+    from test_cache_integrity import cli, one_line_error
+
+    sites = _sites(tmp_path, ("art",))
+    one_line_error(*cli(monkeypatch, capsys, "deploy", sites[0], "-o", tmp_path / "run"), "at least 2")
+    one_line_error(*cli(monkeypatch, capsys, "deploy", sites[0], tmp_path / "nope", "-o", tmp_path / "run",
+                        "--rounds", "2"), "does not exist")
