@@ -48,9 +48,34 @@ def test_local_deployment_runs_and_stops_everything(tmp_path):
     assert json.loads((logs / "deploy.json").read_text())["status"] == "finished:completed"
     # every process it started (and their children: superexec, clientapps, serverapp) is gone
     assert len(res["pids"]) == 5 and all(_group_gone(p) for p in res["pids"])
-    summary = tmp_path / "run" / "summary.json"
-    if summary.exists():  # written by the ServerApp once it saves run folders (`out` in the run config)
-        assert res["summary"] == json.loads(summary.read_text())
+    # the ServerApp wrote the run folder `federate` writes
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert res["summary"] == summary
+    assert [(r["fit_results"], r["fit_failures"]) for r in summary["deployment"]["rounds"]] == [(2, 0), (2, 0)]
+    assert set(summary["cache"]["sites"]) == {"art", "photo", "sketch"}
+    e = summary["experiments"][0]
+    assert e["heldout"] == "sketch" and set(e["clients"]) == {"art", "photo"} and e["heldout_size"] == 60
+    # ... with the adapter the same clients and strategy give when called in-process (tests/test_flower.py shows
+    # that equals `federate` on one cache of all sites)
+    import numpy as np
+    import torch
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+
+    from fedclip_cache.federated.algorithms import make_algorithm
+    from fedclip_cache.flower import AlgorithmStrategy, FedCLIPClient
+
+    clients = [FedCLIPClient.for_site(p, cfg) for p in sites]
+    strategy = AlgorithmStrategy(make_algorithm(cfg), ["w1", "b1", "w2", "b2"],
+                                 initial_parameters=ndarrays_to_parameters(clients[0].get_parameters({})))
+    params = clients[0].get_parameters({})
+    for rnd in (1, 2):
+        fits = [c.fit(params, {"server_round": rnd}) for c in clients]
+        agg, _ = strategy.aggregate_fit(rnd, [(None, FitRes(Status(Code.OK, ""), ndarrays_to_parameters(p), n, m))
+                                              for p, n, m in fits], [])
+        params = parameters_to_ndarrays(agg)
+    deployed = torch.load(tmp_path / "run" / "adapter.pt")
+    for name, p in zip(["w1", "b1", "w2", "b2"], params):
+        np.testing.assert_allclose(deployed[name][0].numpy(), p, rtol=1e-6, atol=1e-7)
 
 
 def test_deploy_refuses_bad_input_before_starting_anything(tmp_path, monkeypatch):
