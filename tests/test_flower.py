@@ -180,3 +180,34 @@ def test_a_lost_client_is_averaged_out_and_too_few_results_keep_the_model(tmp_pa
     assert parameters_to_ndarrays(params)[0][0, 0] == 2.0  # one result < min_results=2: unchanged
     assert rec.health == [{"round": 1, "fit_results": 2, "fit_failures": 1},
                           {"round": 2, "fit_results": 1, "fit_failures": 2}]
+
+
+def test_a_site_missing_from_some_rounds_is_left_out_not_imputed(tmp_path):
+    """The run folder of a deployment in which a site stopped reporting: its earlier rounds are kept, the rounds
+    it missed hold no number for it, selection and means use the sites that reported."""
+    from fedclip_cache.federated.recorder import RunRecorder
+
+    cfg = FederateConfig(rounds=3, heldout=["c"])
+
+    def report(site, val, test, held=False):
+        facts = {"client": site, "heldout": held, "dim": 4, "num_classes": 2, "model_params": 0, "cache": site,
+                 "images": 10, "complete": True, "identity": "{}", "logit_scale": 100.0,
+                 "logit_scale_source": "cache"}
+        if held:
+            return {**facts, "heldout_accuracy": test, "heldout_loss": 1.0, "n": 10}
+        return {**facts, "val_accuracy": val, "val_loss": 1.0, "val_n": 2, "test_accuracy": test, "test_loss": 1.0,
+                "test_n": 2, "train_n": 6, "dropped": 0}
+
+    rec = RunRecorder(cfg, tmp_path / "run")
+    rec.evaluate_round(1, [report("a", 0.5, 0.5), report("b", 0.5, 0.0), report("c", 0, 0.1, True)], 0)
+    rec.evaluate_round(2, [report("a", 1.0, 1.0), report("c", 0, 0.2, True)], 1)  # b lost
+    rec.evaluate_round(3, [report("a", 0.5, 0.5), report("c", 0, 0.3, True)], 1)
+    s = rec.write({"w": torch.zeros(1, 2)}, 2)
+    e = s["experiments"][0]
+    assert set(e["clients"]) == {"a", "b"}
+    assert e["best"]["round"] == 2 and e["best"]["val_mean"] == 1.0  # over the sites that reported
+    assert e["best"]["test"] == {"a": 1.0} and e["best"]["test_mean"] == 1.0 and e["best"]["heldout"] == 0.2
+    assert json.loads((tmp_path / "run" / "summary.json").read_text()) == s  # valid JSON: no NaN
+    m = pq.read_table(tmp_path / "run" / "metrics.parquet").to_pandas()
+    assert len(m[(m["client"] == "b")]) == 2  # round 1 val and test only
+    assert [h["evaluate_failures"] for h in s["deployment"]["rounds"]] == [0, 1, 1]

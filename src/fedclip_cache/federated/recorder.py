@@ -70,7 +70,10 @@ class RunRecorder:
         in-process order (per client val, test; then the held-out domain), NaN where a site did not report."""
         from .loop import LoopResult
 
-        last = self.reports[-1]
+        # every site that ever reported, with its latest report (a site lost mid-run keeps its earlier rounds)
+        last = {}
+        for rep in self.reports:
+            last.update(rep)
         train_sites = sorted(s for s, m in last.items() if not m["heldout"])
         held = [s for s, m in last.items() if m["heldout"]]
         heldout = held[0] if held else None
@@ -101,7 +104,12 @@ class RunRecorder:
                 if s in rep:
                     acc[r, k], loss[r, k] = rep[s][f"{split}_accuracy"], rep[s][f"{split}_loss"]
         val = [k for k, (_, split) in enumerate(keys) if split == "val"]
-        val_mean = np.array([[acc[r, val].mean() if val else 0.0] for r in range(len(self.rounds))])
+        def val_mean_at(r: int) -> float:  # over the sites that reported this round; NaN if none did
+            v = acc[r, val]
+            v = v[~np.isnan(v)]
+            return float(v.mean()) if len(v) else (float("nan") if val else 0.0)
+
+        val_mean = np.array([[val_mean_at(r)] for r in range(len(self.rounds))])
         first = last[train_sites[0]] if train_sites else next(iter(last.values()))
         return LoopResult([exp], segments, list(self.rounds), acc, loss, trainable, time.perf_counter() - self.t0,
                           final_params, float(first["logit_scale"]), str(first["logit_scale_source"]), val_mean,

@@ -64,6 +64,16 @@ def communication(cfg: FederateConfig, n_clients: int, trainable: int, rounds: i
     return out
 
 
+def _mean(values: np.ndarray) -> Optional[float]:
+    """Mean of the values that were scored (NaN = not scored: lazy evaluation, or a site that did not report)."""
+    values = values[~np.isnan(values)]
+    return float(values.mean()) if len(values) else None
+
+
+def _finite(x) -> Optional[float]:
+    return None if np.isnan(x) else float(x)
+
+
 def summarise(res: LoopResult, cfg: FederateConfig, cache: FeatureCache) -> dict:
     segs = res.segments
     exps = []
@@ -74,15 +84,17 @@ def summarise(res: LoopResult, cfg: FederateConfig, cache: FeatureCache) -> dict
         held = [i for i in ix if segs[i]["split"] == "heldout"]
         val_curve = res.val_mean[:, ei] if res.val_mean is not None else \
             (res.acc[:, val].mean(1) if val else np.zeros(len(res.rounds)))
-        best = int(np.argmax(val_curve))  # first best, as the official `if best < val` update
+        # first best, as the official `if best < val` update; a round nobody reported (a deployment) never wins
+        best = int(np.argmax(np.nan_to_num(val_curve, nan=-np.inf)))
 
         def at(k, val=val, test=test, held=held, val_curve=val_curve):
             return {
                 "round": int(res.rounds[k]),
-                "val_mean": float(val_curve[k]) if val else None,
-                "test": {segs[i]["client"]: float(res.acc[k, i]) for i in test},
-                "test_mean": float(res.acc[k, test].mean()) if test else None,
-                "heldout": float(res.acc[k, held].mean()) if held else None,
+                "val_mean": _finite(val_curve[k]) if val else None,
+                # a client missing from a round (a deployment's lost site) is left out, never imputed
+                "test": {segs[i]["client"]: float(res.acc[k, i]) for i in test if not np.isnan(res.acc[k, i])},
+                "test_mean": _mean(res.acc[k, test]) if test else None,
+                "heldout": _mean(res.acc[k, held]) if held else None,
             }
         record = {"experiment": e.name, "heldout": e.heldout_name, "seed": e.seed,
                   "clients": {cl.name: {"train": len(cl.train), "val": len(cl.val), "test": len(cl.test),
