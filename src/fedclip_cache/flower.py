@@ -1,16 +1,19 @@
 """Flower apps for real federated clients, built on the same pure functions as the in-process loop.
 
-Each Flower client holds only its own rows of a cache (its domain's features and the class-prompt embeddings);
+Each Flower client holds only its own rows (a training client of a shared cache, or a site with its own cache);
 ``fit`` is :func:`fedclip_cache.federated.train.local_update` with one lane and the algorithm's local objective;
 the server is :class:`AlgorithmStrategy`, Flower's ``FedAvg`` averaging followed by the algorithm's own
 ``server_update`` (the same pure function the in-process loop calls: FedAvg, FedAvgM, FedAdam, ...). Clients report
-``num_examples = 1`` for the official uniform average, or their training-set size with ``weighting = "samples"``. Batches, splits and initialisation use the same seeds as ``fedclip-cache federate``, so
-one round of Flower equals one round of the in-process loop (tested).
+``num_examples = 1`` for the official uniform average, or their training-set size with ``weighting = "samples"``.
+Batches, splits and initialisation use the same seeds as ``fedclip-cache federate``, so one round of Flower equals
+one round of the in-process loop (tested).
 
-Run config keys (``flwr run ... --run-config``): ``cache`` (path), ``heldout`` (the domain left out; "" for the
-personal protocol) and any federate option (``rounds``, ``lr``, ``hidden`` ...). Node config: ``partition-id``
-(index of the training client). Requires ``pip install 'fedclip-cache[flower]'``; only the text head is supported
-(prototype heads need a federated sum of class statistics first).
+Run config: ``cache`` (a shared cache; leave it out for per-site caches and give ``sites = N``), ``heldout`` (the
+domain left out; "" for the personal protocol), ``out`` (the run folder the ServerApp writes, as ``federate``),
+fault tolerance (``round_timeout``, ``min_results``, ``startup_timeout``) and any federate option (``rounds``,
+``lr``, ``algo`` ...). Node config: ``cache=PATH`` (a site's own cache) or ``partition-id=K`` (index of the
+training client in a shared cache). Requires ``pip install 'fedclip-cache[flower]'``; text head only (prototype
+heads need a federated sum of class statistics first).
 """
 from __future__ import annotations
 
@@ -22,14 +25,13 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .cache import open_cache
+from .cache import FeatureCache, open_cache
 from .federated.adapters import get_adapter, init_params
 from .federated.algorithms import Algorithm, make_algorithm
 from .federated.config import ConfigError, FederateConfig
 from .federated.loop import resolve_logit_scale, text_head
-from .cache import FeatureCache
-from .federated.recorder import RunRecorder
 from .federated.protocols import Client, Experiment, build_experiments, split_indices
+from .federated.recorder import RunRecorder
 from .federated.train import LocalHyper, batch_schedule, evaluate, lane_key, local_update
 
 try:
