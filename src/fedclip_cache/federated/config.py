@@ -185,6 +185,20 @@ class FederateConfig:
     finetune_steps: int = option(0, "Personalised evaluation: fine-tune the selected global adapter for K local "
                                     "steps on each client's train split before scoring its test split, reported "
                                     "beside the global-model numbers (0 = off).")
+    n_ctx: int = option(16, "Prompt learning (promptfl, promptlocal): number of learned context vectors (CoOp and "
+                            "PromptFL: 16); ignored with --ctx-init, whose token count sets it.")
+    ctx_init: Optional[str] = option(None, "Prompt learning: start the context from this phrase's token embeddings "
+                                           "(e.g. 'a photo of a'); default: random N(0, 0.02^2), as CoOp.")
+    prompt_lr: float = option(0.001, "Prompt learning: SGD learning rate of the context vectors (PromptFL: 0.001).")
+    text_model_config: Optional[str] = option(None, "Prompt learning: architecture JSON of the cache's model when "
+                                                    "it was extracted with --model-config (the cache records only "
+                                                    "its hash).")
+    text_pretrained: Optional[str] = option(None, "Prompt learning: weights of the cache's model (a tag or a file) "
+                                                  "when the recorded one is not where the cache says; the "
+                                                  "fingerprint must still match the cache's.")
+    prompt_full_context: bool = option(False, "Prompt learning: run the text transformer over the full context "
+                                              "(77 tokens) instead of truncating after the longest prompt (same "
+                                              "results; slower; for timing).")
     protocol: str = option("lodo", "lodo (leave-one-domain-out, official) | personal.", choices=PROTOCOLS)
     heldout: list[str] = option(help="Held-out domain(s), comma-separated; default: each in turn.", factory=list)
     partition: str = option("none", "none (clients = domains) | iid | dirichlet | pathological.", choices=PARTITIONS)
@@ -254,7 +268,7 @@ class FederateConfig:
                 raise bad(name, f"must be at least {low}")
 
         for name in ("batch_size", "local_epochs", "eval_every", "num_clients", "classes_per_client",
-                     "min_fit_clients"):
+                     "min_fit_clients", "n_ctx"):
             at_least(name, 1)
         at_least("seed", 0)
         if self.seed >= 2**63:
@@ -266,7 +280,7 @@ class FederateConfig:
             if self.eval_every > self.rounds:
                 raise bad("eval_every", f"must not exceed {_said(flag('rounds'), self.rounds)} (only the last round "
                                         f"would be evaluated)")
-        for name in ("lr", "eps", "alpha"):
+        for name in ("lr", "eps", "alpha", "prompt_lr"):
             if getattr(self, name) <= 0:
                 raise bad(name, "must be > 0")
         if self.logit_scale is not None and self.logit_scale <= 0:
