@@ -175,3 +175,39 @@ def test_prompt_learning_refuses_a_model_it_cannot_load_or_that_is_not_the_cache
     # another model's weights (same architecture, other seed): the fingerprint differs
     msg = one_line_error("--text-model-config", other_cfg, "--text-pretrained", other_ckpt)
     assert "not the cache's model" in msg and "weights" in msg
+
+
+def test_promptfl_round_is_fedavg_of_client_prompts_and_is_scored_with_them(cache_dir, tiny_model):
+    """One round by hand: every client trains the initial context on its own batches (PromptLearner.train, checked
+    against CoOp above), the server takes their uniform mean; validation accuracy is that context's."""
+    from fedclip_cache import open_cache
+    from fedclip_cache.federated.config import FederateConfig
+    from fedclip_cache.federated.loop import run_loop
+    from fedclip_cache.federated.protocols import build_experiments
+    from fedclip_cache.federated.train import LocalHyper, batch_schedule, lane_key
+
+    cfg_file, _ = tiny_model
+    cache = open_cache(cache_dir)
+    cfg = FederateConfig(algo="promptfl", rounds=1, n_ctx=2, prompt_lr=0.05, heldout=["art"], batch_size=4,
+                         text_model_config=str(cfg_file)).validate()
+    exps = build_experiments(cache, cfg)
+    res = run_loop(cache, cfg, exps)
+    lm = load_model(ModelSpec(model_config=str(cfg_file), pretrained=cache.meta["model"]["pretrained"]))
+    pl = PromptLearner(lm.model, lm.tokenizer, cache.classes, n_ctx=2)
+    X, Y = torch.from_numpy(np.asarray(cache.features)), torch.from_numpy(cache.labels)
+    e = exps[0]
+    hp = LocalHyper(batch_size=4)
+    trained = [pl.train(pl.init_ctx(e.seed).unsqueeze(0),
+                        [batch_schedule(cl.train, e.seed, 1, lane_key(e.name, cl.name), hp)], X, Y, 0.05,
+                        res.logit_scale)[0] for cl in e.clients]
+    want = torch.stack(trained).mean(0)
+    torch.testing.assert_close(res.final_params["ctx"][0], want, atol=1e-6, rtol=1e-5)
+    assert (want - pl.init_ctx(e.seed)).abs().max() > 1e-4
+    # the loop scores each client's validation split against the averaged context's class embeddings
+    T = pl.class_embeddings(want).detach()
+    assert len(e.clients) == 2 and sum(seg["split"] == "val" for seg in res.segments) == 2
+    for si, seg in enumerate(res.segments):
+        if seg["split"] == "val":
+            cl = next(c for c in e.clients if c.name == seg["client"])
+            acc = float((F.normalize(X[cl.val], dim=-1) @ T.t()).argmax(-1).eq(Y[cl.val]).float().mean())
+            assert res.acc[-1, si] == pytest.approx(acc)
