@@ -211,3 +211,26 @@ def test_promptfl_round_is_fedavg_of_client_prompts_and_is_scored_with_them(cach
             cl = next(c for c in e.clients if c.name == seg["client"])
             acc = float((F.normalize(X[cl.val], dim=-1) @ T.t()).argmax(-1).eq(Y[cl.val]).float().mean())
             assert res.acc[-1, si] == pytest.approx(acc)
+
+
+def test_training_beats_misaligned_zero_shot_prompts(lm):
+    """Image features lie at the class embeddings of the phrase 'a photo of a'; the learner starts from random
+    context (zero-shot prompts misaligned with them) and recovers with the default step size (PromptFL's 0.001)."""
+    classes = ["cat", "dog", "fish", "bird", "horse"]
+    pl = PromptLearner(lm.model, lm.tokenizer, classes, n_ctx=4)
+    target = PromptLearner(lm.model, lm.tokenizer, classes, ctx_init="a photo of a").init_ctx(0)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        T = pl.class_embeddings(target)
+    Y = torch.randint(0, len(classes), (200,), generator=g)
+    X = T[Y] + 0.01 * torch.randn(200, T.shape[1], generator=g)
+    start = pl.init_ctx(0)
+
+    def acc(ctx):
+        with torch.no_grad():
+            return float(pl.logits(ctx, X, 100.0).argmax(-1).eq(Y).float().mean())
+
+    rng = np.random.default_rng(0)
+    trained = pl.train(start.unsqueeze(0), [[rng.permutation(200)[:32] for _ in range(30)]], X, Y, 0.001, 100.0)[0]
+    zero, after = acc(start), acc(trained)
+    assert zero < 0.6 and after > zero + 0.3, (zero, after)
