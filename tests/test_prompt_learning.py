@@ -143,10 +143,13 @@ def cache_dir(tiny_model, tmp_path_factory):
 def test_federate_prompt_learning_writes_summary(algo, cache_dir, tiny_model, tmp_path, monkeypatch, capsys):
     cfg, _ = tiny_model
     out = tmp_path / "run"
-    code, o, e = cli(monkeypatch, capsys, "federate", cache_dir, "--algo", algo, "--rounds", "2", "--n-ctx", "4",
+    ctx = ["--n-ctx", "4"] if algo == "promptfl" else ["--ctx-init", "a photo of a"]  # 4 tokens
+    code, o, e = cli(monkeypatch, capsys, "federate", cache_dir, "--algo", algo, "--rounds", "2", *ctx,
                      "--heldout", "art", "--text-model-config", cfg, "--out", out)
     assert code == 0, o + e
     s = json.loads((out / "summary.json").read_text())
+    assert s["adapter"] == "none" and s["loss"] == "ce" and s["prompt"]["n_ctx"] == 4 and s["prompt"]["width"] == 64
+    assert s["mean"]["heldout_best"] is not None and s["mean"]["test_mean_best"] is not None
     comm = s["communication"]
     assert comm["trainable_params"] == 4 * 64 and comm["bytes_per_adapter"] == 4 * 64 * 4
     if algo == "promptfl":  # 2 training clients, each downloads and uploads the context every round
