@@ -237,3 +237,14 @@ def test_training_beats_misaligned_zero_shot_prompts(lm):
     trained = pl.train(start.unsqueeze(0), [[rng.permutation(200)[:32] for _ in range(30)]], X, Y, 0.001, 100.0)[0]
     zero, after = acc(start), acc(trained)
     assert zero < 0.6 and after > zero + 0.3, (zero, after)
+
+
+def test_shipped_prompt_pipeline_loads():
+    from pathlib import Path
+
+    from fedclip_cache.pipeline import load
+
+    cfg = load(Path(__file__).resolve().parents[1] / "pipelines" / "pacs-promptfl.toml")
+    f = cfg["federate"]
+    assert (f["algo"], f["n_ctx"], f["prompt_lr"], f["batch_size"]) == ("promptfl", 16, 0.001, 32)
+    assert cfg["sweep"]["grid"]["algo"] == ["promptfl", "promptlocal"]
