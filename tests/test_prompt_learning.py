@@ -248,3 +248,12 @@ def test_shipped_prompt_pipeline_loads():
     f = cfg["federate"]
     assert (f["algo"], f["n_ctx"], f["prompt_lr"], f["batch_size"]) == ("promptfl", 16, 0.001, 32)
     assert cfg["sweep"]["grid"]["algo"] == ["promptfl", "promptlocal"]
+
+
+def test_adapter_options_are_reported_as_ignored_by_prompt_learning():
+    from fedclip_cache.federated.config import FederateConfig
+
+    assert FederateConfig(algo="promptfl", lr=0.1, adapter="residual", n_ctx=4).ignored_options() == \
+        ["adapter", "lr"]
+    assert FederateConfig(algo="fedclip", lr=0.1, n_ctx=4).ignored_options() == ["n_ctx"]
+    assert FederateConfig(algo="promptlocal", prompt_lr=0.01).ignored_options() == []

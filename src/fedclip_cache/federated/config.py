@@ -24,6 +24,9 @@ PARTITIONS = ("none", "iid", "dirichlet", "pathological")
 WEIGHTINGS = ("uniform", "samples")
 OPTIMIZERS = ("adam", "sgd")
 DEVICES = ("cpu", "cuda", "auto")  # and cuda:N
+# Options of the adapter's local training, which prompt learning (promptfl, promptlocal) does not read
+ADAPTER_OPTIONS = ("adapter", "hidden", "residual_alpha", "head", "template", "loss", "local_optimizer", "lr",
+                   "beta1", "beta2", "eps", "weight_decay", "finetune_steps")
 
 
 def option(default: Any = dataclasses.MISSING, help: str = "", *, flag: Optional[str] = None,
@@ -320,6 +323,8 @@ class FederateConfig:
         algo = get_algorithm(self.algo)
         used = set(algo.uses)
         owned = {n for a in ALGORITHMS.values() for n in a.uses}
+        if getattr(algo, "prompts", False):  # prompt learning trains no adapter, with its own loss and optimiser
+            owned |= set(ADAPTER_OPTIONS)
         default = FederateConfig()
         return [n for n in sorted(owned - used) if getattr(self, n) != getattr(default, n)]
 
