@@ -180,9 +180,10 @@ def test_prompt_learning_refuses_a_model_it_cannot_load_or_that_is_not_the_cache
     assert "not the cache's model" in msg and "weights" in msg
 
 
-def test_promptfl_round_is_fedavg_of_client_prompts_and_is_scored_with_them(cache_dir, tiny_model):
-    """One round by hand: every client trains the initial context on its own batches (PromptLearner.train, checked
-    against CoOp above), the server takes their uniform mean; validation accuracy is that context's."""
+def test_promptfl_rounds_are_fedavg_of_client_prompts_and_are_scored_with_them(cache_dir, tiny_model):
+    """Two rounds by hand: every client trains the global context on its own batches (PromptLearner.train, checked
+    against CoOp above) with the round's step size (cosine: lr, then lr / 2), the server takes their uniform mean;
+    validation accuracy is that context's."""
     from fedclip_cache import open_cache
     from fedclip_cache.federated.config import FederateConfig
     from fedclip_cache.federated.loop import run_loop
@@ -191,8 +192,8 @@ def test_promptfl_round_is_fedavg_of_client_prompts_and_is_scored_with_them(cach
 
     cfg_file, _ = tiny_model
     cache = open_cache(cache_dir)
-    cfg = FederateConfig(algo="promptfl", rounds=1, n_ctx=2, prompt_lr=0.05, heldout=["art"], batch_size=4,
-                         text_model_config=str(cfg_file)).validate()
+    cfg = FederateConfig(algo="promptfl", rounds=2, n_ctx=2, prompt_lr=0.05, heldout=["art"], batch_size=4,
+                         prompt_schedule="cosine", text_model_config=str(cfg_file)).validate()
     exps = build_experiments(cache, cfg)
     res = run_loop(cache, cfg, exps)
     lm = load_model(ModelSpec(model_config=str(cfg_file), pretrained=cache.meta["model"]["pretrained"]))
@@ -200,10 +201,11 @@ def test_promptfl_round_is_fedavg_of_client_prompts_and_is_scored_with_them(cach
     X, Y = torch.from_numpy(np.asarray(cache.features)), torch.from_numpy(cache.labels)
     e = exps[0]
     hp = LocalHyper(batch_size=4)
-    trained = [pl.train(pl.init_ctx(e.seed).unsqueeze(0),
-                        [batch_schedule(cl.train, e.seed, 1, lane_key(e.name, cl.name), hp)], X, Y, 0.05,
-                        res.logit_scale)[0] for cl in e.clients]
-    want = torch.stack(trained).mean(0)
+    want = pl.init_ctx(e.seed)
+    for rnd, lr in ((1, 0.05), (2, 0.025)):
+        trained = [pl.train(want.unsqueeze(0), [batch_schedule(cl.train, e.seed, rnd, lane_key(e.name, cl.name), hp)],
+                            X, Y, lr, res.logit_scale)[0] for cl in e.clients]
+        want = torch.stack(trained).mean(0)
     torch.testing.assert_close(res.final_params["ctx"][0], want, atol=1e-6, rtol=1e-5)
     assert (want - pl.init_ctx(e.seed)).abs().max() > 1e-4
     # the loop scores each client's validation split against the averaged context's class embeddings
@@ -257,3 +259,10 @@ def test_adapter_options_are_reported_as_ignored_by_prompt_learning():
         ["adapter", "lr"]
     assert FederateConfig(algo="fedclip", lr=0.1, n_ctx=4).ignored_options() == ["n_ctx"]
     assert FederateConfig(algo="promptlocal", prompt_lr=0.01).ignored_options() == []
+
+
+def test_round_lr():
+    from fedclip_cache.federated.prompts import round_lr
+
+    assert [round_lr(0.1, r, 4) for r in (1, 4)] == [0.1, 0.1]
+    assert [round_lr(0.1, r, 4, "cosine") for r in (1, 3)] == pytest.approx([0.1, 0.05])

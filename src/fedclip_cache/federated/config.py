@@ -193,6 +193,9 @@ class FederateConfig:
     ctx_init: Optional[str] = option(None, "Prompt learning: start the context from this phrase's token embeddings "
                                            "(e.g. 'a photo of a'); default: random N(0, 0.02^2), as CoOp.")
     prompt_lr: float = option(0.001, "Prompt learning: SGD learning rate of the context vectors (PromptFL: 0.001).")
+    prompt_schedule: str = option("constant", "Prompt learning: step size over rounds: constant | cosine "
+                                              "(round r of R uses lr * (1 + cos(pi (r-1) / R)) / 2, a cosine "
+                                              "schedule stepped once per round).", choices=("constant", "cosine"))
     text_model_config: Optional[str] = option(None, "Prompt learning: architecture JSON of the cache's model when "
                                                     "it was extracted with --model-config (the cache records only "
                                                     "its hash).")

@@ -272,7 +272,10 @@ class LaneRound:
         schedules = [batch_schedule(lp.lanes[i].train, lp.lanes[i].seed, self.rnd, lp.lanes[i].key, lp.hp)
                      for i in self.lanes]
         if lp.prompts is not None:  # prompt learning: the clients train context vectors (federated/prompts.py)
-            ctx = lp.prompts.train(start["ctx"], schedules, lp.X, lp.Y, lp.cfg.prompt_lr, lp.logit_scale)
+            from .prompts import round_lr
+
+            lr = round_lr(lp.cfg.prompt_lr, self.rnd, lp.cfg.rounds, lp.cfg.prompt_schedule)
+            ctx = lp.prompts.train(start["ctx"], schedules, lp.X, lp.Y, lr, lp.logit_scale)
             return {"ctx": ctx}, np.array([len(s) for s in schedules])
         heads = lp.lane_head if self.everyone else lp.lane_head[self.idx]
         out = local_update(lp.kind, start, lp.X, lp.Y, heads, schedules, lp.hp, lp.opts, correction)

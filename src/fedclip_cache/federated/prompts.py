@@ -15,6 +15,7 @@ This module imports torch; the algorithm registry (``algorithms/prompt.py``) imp
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import numpy as np
@@ -133,6 +134,14 @@ class PromptLearner:
     def heads(self, ctxs: torch.Tensor) -> torch.Tensor:
         """Class embeddings of several contexts (G, n_ctx, width) -> (G, C, D), for evaluation."""
         return torch.stack([self.class_embeddings(c) for c in ctxs])
+
+
+def round_lr(lr: float, rnd: int, rounds: int, schedule: str = "constant") -> float:
+    """The prompt step size of round ``rnd`` (1-based) of ``rounds``: constant, or cosine annealing to zero stepped
+    once per round (round 1 uses ``lr``)."""
+    if schedule == "cosine" and rounds > 0:
+        return 0.5 * lr * (1 + math.cos(math.pi * (rnd - 1) / rounds))
+    return lr
 
 
 # ------------------------------------------------------------------------------------------------ loading

@@ -122,7 +122,7 @@ def summarise(res: LoopResult, cfg: FederateConfig, cache: FeatureCache) -> dict
         "loss": "ce" if prompts else cfg.loss, "protocol": cfg.protocol,
         **({"prompt": {"n_ctx": int(ctx.shape[-2]) if ctx is not None else cfg.n_ctx,
                        "width": int(ctx.shape[-1]) if ctx is not None else None, "ctx_init": cfg.ctx_init,
-                       "lr": cfg.prompt_lr, "optimizer": "sgd",
+                       "lr": cfg.prompt_lr, "schedule": cfg.prompt_schedule, "optimizer": "sgd",
                        "truncated": not cfg.prompt_full_context}} if prompts else {}),
         "logit_scale": res.logit_scale, "logit_scale_source": res.logit_scale_source,
         "split_tail": cfg.split_tail if cfg.split_source == "random" else None,

@@ -16,7 +16,8 @@ from .base import Algorithm, TrainState, register_algorithm
 
 # Registry rule: no ``import torch`` here (the CLI imports algorithms for --help).
 
-PROMPT_OPTIONS = ("n_ctx", "ctx_init", "prompt_lr", "text_model_config", "text_pretrained", "prompt_full_context")
+PROMPT_OPTIONS = ("n_ctx", "ctx_init", "prompt_lr", "prompt_schedule", "text_model_config", "text_pretrained",
+                  "prompt_full_context")
 
 
 @register_algorithm
