@@ -98,7 +98,7 @@ class PromptLearner:
         x = torch.cat([self.prefix, ctx.unsqueeze(0).expand(c, -1, -1), self.suffix], dim=1)[:, :n]
         cast = t.transformer.get_cast_dtype() if hasattr(t.transformer, "get_cast_dtype") else x.dtype
         x = x.to(cast) + t.positional_embedding[:n].to(cast)
-        mask = self.attn_mask[:n, :n] if self.attn_mask is not None else None
+        mask = self.attn_mask[:n, :n].contiguous() if self.attn_mask is not None else None
         x = t.transformer(x, attn_mask=mask)
         x = t.ln_final(x)
         x = x[self.rows, self.eot]
