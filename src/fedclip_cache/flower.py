@@ -69,6 +69,9 @@ def _federate_config(run_config: dict) -> tuple[str, FederateConfig]:
     if not algo.communicates:
         raise ConfigError(f"--algo {cfg.algo}: nothing to federate (it trains without a server); use "
                           f"`fedclip-cache federate`")
+    if getattr(algo, "prompts", False):
+        raise ConfigError(f"--algo {cfg.algo} (prompt learning) is not supported by the Flower apps yet; use "
+                          f"`fedclip-cache federate`")
     if algo.client_state or type(algo).run_round is not Algorithm.run_round:  # e.g. SCAFFOLD's c_i
         raise ConfigError(f"--algo {cfg.algo} is not supported by the Flower apps yet (its clients keep state "
                           f"between rounds); use `fedclip-cache federate`")

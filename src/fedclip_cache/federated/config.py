@@ -24,6 +24,9 @@ PARTITIONS = ("none", "iid", "dirichlet", "pathological")
 WEIGHTINGS = ("uniform", "samples")
 OPTIMIZERS = ("adam", "sgd")
 DEVICES = ("cpu", "cuda", "auto")  # and cuda:N
+# Options of the adapter's local training, which prompt learning (promptfl, promptlocal) does not read
+ADAPTER_OPTIONS = ("adapter", "hidden", "residual_alpha", "head", "template", "loss", "local_optimizer", "lr",
+                   "beta1", "beta2", "eps", "weight_decay", "finetune_steps")
 
 
 def option(default: Any = dataclasses.MISSING, help: str = "", *, flag: Optional[str] = None,
@@ -185,6 +188,23 @@ class FederateConfig:
     finetune_steps: int = option(0, "Personalised evaluation: fine-tune the selected global adapter for K local "
                                     "steps on each client's train split before scoring its test split, reported "
                                     "beside the global-model numbers (0 = off).")
+    n_ctx: int = option(16, "Prompt learning (promptfl, promptlocal): number of learned context vectors (CoOp and "
+                            "PromptFL: 16); ignored with --ctx-init, whose token count sets it.")
+    ctx_init: Optional[str] = option(None, "Prompt learning: start the context from this phrase's token embeddings "
+                                           "(e.g. 'a photo of a'); default: random N(0, 0.02^2), as CoOp.")
+    prompt_lr: float = option(0.001, "Prompt learning: SGD learning rate of the context vectors (PromptFL: 0.001).")
+    prompt_schedule: str = option("constant", "Prompt learning: step size over rounds: constant | cosine "
+                                              "(round r of R uses lr * (1 + cos(pi (r-1) / R)) / 2, a cosine "
+                                              "schedule stepped once per round).", choices=("constant", "cosine"))
+    text_model_config: Optional[str] = option(None, "Prompt learning: architecture JSON of the cache's model when "
+                                                    "it was extracted with --model-config (the cache records only "
+                                                    "its hash).")
+    text_pretrained: Optional[str] = option(None, "Prompt learning: weights of the cache's model (a tag or a file) "
+                                                  "when the recorded one is not where the cache says; the "
+                                                  "fingerprint must still match the cache's.")
+    prompt_full_context: bool = option(False, "Prompt learning: run the text transformer over the full context "
+                                              "(77 tokens) instead of truncating after the longest prompt (same "
+                                              "results; slower; for timing).")
     protocol: str = option("lodo", "lodo (leave-one-domain-out, official) | personal.", choices=PROTOCOLS)
     heldout: list[str] = option(help="Held-out domain(s), comma-separated; default: each in turn.", factory=list)
     partition: str = option("none", "none (clients = domains) | iid | dirichlet | pathological.", choices=PARTITIONS)
@@ -254,7 +274,7 @@ class FederateConfig:
                 raise bad(name, f"must be at least {low}")
 
         for name in ("batch_size", "local_epochs", "eval_every", "num_clients", "classes_per_client",
-                     "min_fit_clients"):
+                     "min_fit_clients", "n_ctx"):
             at_least(name, 1)
         at_least("seed", 0)
         if self.seed >= 2**63:
@@ -266,7 +286,7 @@ class FederateConfig:
             if self.eval_every > self.rounds:
                 raise bad("eval_every", f"must not exceed {_said(flag('rounds'), self.rounds)} (only the last round "
                                         f"would be evaluated)")
-        for name in ("lr", "eps", "alpha"):
+        for name in ("lr", "eps", "alpha", "prompt_lr"):
             if getattr(self, name) <= 0:
                 raise bad(name, "must be > 0")
         if self.logit_scale is not None and self.logit_scale <= 0:
@@ -306,6 +326,8 @@ class FederateConfig:
         algo = get_algorithm(self.algo)
         used = set(algo.uses)
         owned = {n for a in ALGORITHMS.values() for n in a.uses}
+        if getattr(algo, "prompts", False):  # prompt learning trains no adapter, with its own loss and optimiser
+            owned |= set(ADAPTER_OPTIONS)
         default = FederateConfig()
         return [n for n in sorted(owned - used) if getattr(self, n) != getattr(default, n)]
 

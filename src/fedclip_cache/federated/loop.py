@@ -271,6 +271,12 @@ class LaneRound:
         lp = self.loop
         schedules = [batch_schedule(lp.lanes[i].train, lp.lanes[i].seed, self.rnd, lp.lanes[i].key, lp.hp)
                      for i in self.lanes]
+        if lp.prompts is not None:  # prompt learning: the clients train context vectors (federated/prompts.py)
+            from .prompts import round_lr
+
+            lr = round_lr(lp.cfg.prompt_lr, self.rnd, lp.cfg.rounds, lp.cfg.prompt_schedule)
+            ctx = lp.prompts.train(start["ctx"], schedules, lp.X, lp.Y, lr, lp.logit_scale)
+            return {"ctx": ctx}, np.array([len(s) for s in schedules])
         heads = lp.lane_head if self.everyone else lp.lane_head[self.idx]
         out = local_update(lp.kind, start, lp.X, lp.Y, heads, schedules, lp.hp, lp.opts, correction)
         return out, np.array([len(s) for s in schedules])
@@ -327,7 +333,8 @@ class _Loop:
         self.X = Rows(host_tensor(cache.features), device, resident=None if stream is None else not stream)
         self.Y = torch.from_numpy(cache.labels).to(device)
         self.dim = d = self.X.shape[1]
-        self.kind_name = kind_name = "none" if not algo.trains else cfg.adapter
+        # prompt learning uses no adapter: image features go straight to normalise + logits
+        self.kind_name = kind_name = "none" if not algo.trains or getattr(algo, "prompts", False) else cfg.adapter
         self.kind = get_adapter(kind_name) if kind_name != "none" else ADAPTERS["none"]
         self.hidden = cfg.hidden or self.kind.default_hidden(d)
         self.opts = {"residual_alpha": cfg.residual_alpha}
@@ -343,8 +350,19 @@ class _Loop:
         self.lane_exp = torch.tensor([ln.exp for ln in lanes], dtype=torch.long, device=device)
         self.evaluator = Evaluator(algo, experiments, lanes, self.X, self.exp_head, self.lane_head, device)
 
-        inits = {s: init_params(kind_name, d, self.hidden, s) for s in {e.seed for e in experiments}}
-        shapes = self.kind.shapes(d, self.hidden) if lanes else {}
+        # Prompt learning (promptfl, promptlocal): no adapter; the parameters are the context vectors
+        self.prompts = None
+        if getattr(algo, "prompts", False):
+            from .prompts import PromptLearner, load_text_model
+
+            lm = load_text_model(cache.meta, device, cfg.text_model_config, cfg.text_pretrained)
+            self.prompts = PromptLearner(lm.model, lm.tokenizer, cache.classes, cfg.n_ctx, cfg.ctx_init,
+                                         truncate=not cfg.prompt_full_context, device=device)
+            inits = {s: {"ctx": self.prompts.init_ctx(s)} for s in {e.seed for e in experiments}}
+            shapes = {"ctx": (self.prompts.n_ctx, self.prompts.width)} if lanes else {}
+        else:
+            inits = {s: init_params(kind_name, d, self.hidden, s) for s in {e.seed for e in experiments}}
+            shapes = self.kind.shapes(d, self.hidden) if lanes else {}
         server = {n: torch.stack([inits[e.seed][n] for e in experiments]).to(device) for n in shapes}
         # Per-lane copies only for algorithms whose clients keep state (100 clients x a 512-d adapter = 210 MB)
         clients = {n: torch.stack([inits[ln.seed][n] for ln in lanes]).to(device) for n in shapes} \
@@ -360,6 +378,9 @@ class _Loop:
 
     def _score(self, full: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         ev, params = self.evaluator, self._scored()
+        if self.prompts is not None:  # each group's class embeddings come from its own context vectors
+            ev.val.heads = ev.rest.heads = self.prompts.heads(params["ctx"])
+            params = {}
         args = (self.kind, params, self.Y, self.logit_scale, self.opts)
         acc, loss = ev.val.score(*args)
         val_mean = np.array([acc[v].mean() if v else 0.0 for v in ev.val_segments])
@@ -418,7 +439,11 @@ class _Loop:
                          num_params(self.kind_name, self.dim, self.hidden), 0.0,
                          {n: v.cpu() for n, v in final.items()}, self.logit_scale, self.logit_scale_source,
                          np.array(val_means), fit_clients=fit, notes=self.notes)
-        if cfg.finetune_steps and algo.trains and not algo.personal:
+        if self.prompts is not None:
+            res.trainable_params = self.prompts.num_params
+        if cfg.finetune_steps and self.prompts is not None:
+            res.notes.append(f"--finetune-steps ignored: not implemented for {cfg.algo}")
+        elif cfg.finetune_steps and algo.trains and not algo.personal:
             res.finetuned = finetune(self)
         elif cfg.finetune_steps:
             res.notes.append(f"--finetune-steps ignored: {cfg.algo} "

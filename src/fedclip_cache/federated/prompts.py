@@ -1,0 +1,200 @@
+"""CoOp prompt learning on cached image features (Zhou et al., "Learning to Prompt for Vision-Language Models",
+IJCV 2022), the local learner of PromptFL (Guo et al., 2023).
+
+Each class prompt is ``[SOS] X_1 ... X_n {classname}. [EOT]``: the n learned context vectors X (shared by all
+classes: CSC off) replace the token embeddings of n placeholder words, the rest of the prompt is the frozen token
+embedding. The text tower (transformer, ln_final, text_projection) is frozen; only the context vectors get
+gradients. Image features come from the cache (the image encoder is frozen too), so a training step is one text
+forward over the C class prompts and a (B, C) matmul.
+
+Exact speed-up: the text transformer is causal, so the features at the EOT token never depend on the tokens after
+it. The prompts are therefore run truncated to the longest one (max EOT position + 1) instead of the full context
+length (77): the same logits (to float rounding) for a fraction of the work.
+
+This module imports torch; the algorithm registry (``algorithms/prompt.py``) imports it lazily.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import ConfigError
+
+CTX_INIT_STD = 0.02  # CoOp: nn.init.normal_(ctx_vectors, std=0.02)
+PLACEHOLDER = "X"  # CoOp's prompt_prefix = " ".join(["X"] * n_ctx)
+
+
+def text_tower(model: torch.nn.Module):
+    """The module holding token_embedding, positional_embedding, transformer, ln_final, text_projection, attn_mask
+    (open_clip's CLIP itself, or CustomTextCLIP's ``.text``); ConfigError when prompts cannot be learned on it."""
+    tower = model if hasattr(model, "token_embedding") else getattr(model, "text", None)
+    need = ("token_embedding", "positional_embedding", "transformer", "ln_final", "text_projection")
+    if tower is None or not all(hasattr(tower, n) for n in need):
+        raise ConfigError(f"{type(model).__name__}: prompt learning needs an open_clip text transformer "
+                          f"(token_embedding ... text_projection); this model's text tower has none")
+    pool = getattr(tower, "text_pool_type", "argmax")
+    if pool != "argmax" or getattr(tower, "cls_emb", None) is not None:
+        raise ConfigError(f"prompt learning supports text towers pooled at the EOT token (argmax, OpenAI "
+                          f"tokenizer); this one pools with {pool!r}")
+    return tower
+
+
+class PromptLearner:
+    """The frozen text tower with class prompts ``X*n_ctx classname.``; :meth:`class_embeddings` maps context
+    vectors (n_ctx, width) to L2-normalised class embeddings (C, D), differentiable in the context only."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer, classnames: Sequence[str], n_ctx: int = 16,
+                 ctx_init: Optional[str] = None, truncate: bool = True, device: torch.device | str = "cpu"):
+        self.tower = tower = text_tower(model)
+        self.device = torch.device(device)
+        self.ctx_init_vectors: Optional[torch.Tensor] = None
+        if ctx_init:
+            ctx_init = ctx_init.replace("_", " ").strip()
+            n_ctx = int((tokenizer([ctx_init])[0] > 0).sum()) - 2  # minus SOS and EOT
+            if n_ctx < 1:
+                raise ConfigError(f"--ctx-init {ctx_init!r}: no words to start the context from")
+        if n_ctx < 1:
+            raise ConfigError(f"--n-ctx {n_ctx}: must be at least 1")
+        self.n_ctx = n_ctx
+        prefix = ctx_init if ctx_init else " ".join([PLACEHOLDER] * n_ctx)
+        prompts = [f"{prefix} {name.replace('_', ' ')}." for name in classnames]
+        tokens = tokenizer(prompts).to(self.device)  # (C, context_length)
+        self.tokens = tokens
+        self.eot = tokens.argmax(-1)  # the EOT token has the highest id (OpenAI tokenizer)
+        if int(self.eot.max()) >= tokens.shape[1] or int(self.eot.min()) < n_ctx + 1:
+            raise ConfigError("class prompts do not fit the text tower's context length")
+        self.full_length = tokens.shape[1]
+        self.length = int(self.eot.max()) + 1 if truncate else self.full_length
+        with torch.no_grad():
+            emb = tower.token_embedding(tokens).float()  # (C, L, width)
+        self.width = emb.shape[-1]
+        if ctx_init:
+            self.ctx_init_vectors = emb[0, 1:1 + n_ctx].clone()
+        self.prefix = emb[:, :1]  # SOS
+        self.suffix = emb[:, 1 + n_ctx:]  # class name, '.', EOT, padding
+        self.attn_mask = tower.attn_mask
+        self.rows = torch.arange(len(classnames), device=self.device)
+
+    @property
+    def num_params(self) -> int:
+        return self.n_ctx * self.width
+
+    def init_ctx(self, seed: int) -> torch.Tensor:
+        """Starting context (n_ctx, width): the phrase's token embeddings, or N(0, 0.02^2) seeded."""
+        if self.ctx_init_vectors is not None:
+            return self.ctx_init_vectors.clone().cpu()
+        g = torch.Generator().manual_seed(int(seed))
+        return torch.randn(self.n_ctx, self.width, generator=g) * CTX_INIT_STD
+
+    def class_embeddings(self, ctx: torch.Tensor, length: Optional[int] = None) -> torch.Tensor:
+        """L2-normalised class embeddings (C, D) for context vectors ``ctx`` (n_ctx, width)."""
+        t = self.tower
+        n = self.length if length is None else length
+        c = self.prefix.shape[0]
+        x = torch.cat([self.prefix, ctx.unsqueeze(0).expand(c, -1, -1), self.suffix], dim=1)[:, :n]
+        cast = t.transformer.get_cast_dtype() if hasattr(t.transformer, "get_cast_dtype") else x.dtype
+        x = x.to(cast) + t.positional_embedding[:n].to(cast)
+        mask = self.attn_mask[:n, :n].contiguous() if self.attn_mask is not None else None
+        x = t.transformer(x, attn_mask=mask)
+        x = t.ln_final(x)
+        x = x[self.rows, self.eot]
+        proj = t.text_projection
+        if proj is not None:
+            x = proj(x) if isinstance(proj, torch.nn.Module) else x @ proj
+        return F.normalize(x.float(), dim=-1)
+
+    def logits(self, ctx: torch.Tensor, x: torch.Tensor, scale: float) -> torch.Tensor:
+        """(B, C) logits of raw image features x (B, D): scale * normalise(x) @ class_embeddings^T."""
+        return scale * F.normalize(x, dim=-1) @ self.class_embeddings(ctx).t()
+
+    def train(self, start: torch.Tensor, schedules: list[list[np.ndarray]], X, Y: torch.Tensor, lr: float,
+              scale: float) -> torch.Tensor:
+        """Local training of several clients, one after the other: client s starts from ``start[s]`` (n_ctx,
+        width) and takes one plain SGD step (``w -= lr * grad``, as torch.optim.SGD without momentum or decay) per
+        batch of ``schedules[s]`` on the cross-entropy of its class logits. Returns the trained contexts."""
+        out = start.detach().clone()
+        for s, sched in enumerate(schedules):
+            ctx = out[s].clone()
+            for b in sched:
+                bt = torch.from_numpy(b)
+                x = X[bt.to(getattr(X, "index_device", getattr(X, "device", "cpu")))].float()
+                y = Y[bt.to(Y.device)]
+                leaf = ctx.detach().requires_grad_(True)
+                loss = F.cross_entropy(self.logits(leaf, x, scale), y)
+                (g,) = torch.autograd.grad(loss, [leaf])
+                ctx = leaf.detach() - lr * g
+            out[s] = ctx
+        return out
+
+    @torch.no_grad()
+    def heads(self, ctxs: torch.Tensor) -> torch.Tensor:
+        """Class embeddings of several contexts (G, n_ctx, width) -> (G, C, D), for evaluation."""
+        return torch.stack([self.class_embeddings(c) for c in ctxs])
+
+
+def round_lr(lr: float, rnd: int, rounds: int, schedule: str = "constant") -> float:
+    """The prompt step size of round ``rnd`` (1-based) of ``rounds``: constant, or cosine annealing to zero stepped
+    once per round (round 1 uses ``lr``)."""
+    if schedule == "cosine" and rounds > 0:
+        return 0.5 * lr * (1 + math.cos(math.pi * (rnd - 1) / rounds))
+    return lr
+
+
+# ------------------------------------------------------------------------------------------------ loading
+
+def _spec_from_meta(meta: dict, model_config: Optional[str], pretrained: Optional[str]):
+    """The ModelSpec that reproduces the cache's model, from its provenance (cache.json ``model``)."""
+    from ..specs import ModelSpec
+
+    m = meta.get("model") or {}
+    name = m.get("name")
+    if not name:
+        raise ConfigError("the cache records no model (cache.json model.name); it cannot say which text tower "
+                          "to learn prompts with")
+    if (m.get("weights") or {}).get("arch_config_sha256") and not model_config:
+        raise ConfigError(f"the cache's model {name!r} was built from a custom architecture JSON (extract "
+                          f"--model-config), which the cache records only by hash; pass it with --text-model-config "
+                          f"FILE")
+    src = m.get("activation_source", "")
+    quick = True if src == "--quick-gelu" else False if src == "--no-quick-gelu" else None
+    pre = meta.get("preprocess") or {}
+    return ModelSpec(model=name, pretrained=pretrained if pretrained is not None else m.get("pretrained"),
+                     model_config=model_config, image_mean=pre.get("mean"), image_std=pre.get("std"),
+                     seed=int((m.get("weights") or {}).get("seed", 0) or 0), quick_gelu=quick)
+
+
+def load_text_model(meta: dict, device: torch.device | str = "cpu", model_config: Optional[str] = None,
+                    pretrained: Optional[str] = None):
+    """Load the cache's own model (same paths as ``extract``: tag, checkpoint file, ``--model-config``,
+    ``local-dir:``) and check that its fingerprint is the one the cache records. ``model_config`` / ``pretrained``
+    say where the architecture JSON and weights file are when the cache's recorded paths do not (a custom
+    architecture's JSON is not recorded at all). One-line ConfigError when it cannot be loaded or differs."""
+    import json
+
+    from ..errors import FedclipCacheError
+    from ..models import load_model
+
+    spec = _spec_from_meta(meta, model_config, pretrained)
+    try:
+        lm = load_model(spec, device)
+    except FedclipCacheError as e:
+        raise ConfigError(f"cannot load the cache's model for prompt learning: {' '.join(str(e).split())} "
+                          f"(point at it with --text-model-config / --text-pretrained)") from None
+    except Exception as e:  # noqa: BLE001  (open_clip raises many kinds; the user gets one line)
+        raise ConfigError(f"cannot load the cache's model {spec.model!r} (pretrained={spec.pretrained!r}) for "
+                          f"prompt learning: {type(e).__name__}: {' '.join(str(e).split())[:300]} "
+                          f"(point at it with --text-model-config / --text-pretrained)") from None
+    # the model's part of the recorded fingerprint (extract adds its own settings: precision, dtype, ...)
+    got = json.loads(json.dumps(lm.fingerprint()))
+    want = meta.get("fingerprint")
+    if want is not None:
+        want = {k: want.get(k) for k in got}
+    if want is not None and got != want:
+        diff = sorted(k for k in got if got[k] != want[k])
+        raise ConfigError(f"the model loaded for prompt learning ({spec.model}, pretrained={spec.pretrained}) is "
+                          f"not the cache's model: fingerprint differs in {', '.join(diff)}")
+    return lm

@@ -1,0 +1,268 @@
+"""Prompt learning on the cache (PromptFL / CoOp, issue 11 section 2) on a tiny random open_clip model."""
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fedclip_cache.federated.prompts import PromptLearner
+from fedclip_cache.models import load_model
+from fedclip_cache.specs import ModelSpec
+
+CLASSES = ["cat", "dog", "fish", "golden_retriever", "sea lion"]
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_model):
+    cfg, ckpt = tiny_model
+    return load_model(ModelSpec(model_config=str(cfg), pretrained=str(ckpt)))
+
+
+def tower_state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+class CoOpReference(torch.nn.Module):
+    """A plain CoOp implementation (Zhou et al.'s PromptLearner + TextEncoder): full 77-token context,
+    nn.Parameter context vectors, the model's own text path."""
+
+    def __init__(self, model, tokenizer, classnames, ctx):
+        super().__init__()
+        self.model = model
+        n_ctx = ctx.shape[0]
+        prompts = [" ".join(["X"] * n_ctx) + " " + c.replace("_", " ") + "." for c in classnames]
+        self.tokens = tokenizer(prompts)
+        with torch.no_grad():
+            emb = model.token_embedding(self.tokens)
+        self.register_buffer("prefix", emb[:, :1])
+        self.register_buffer("suffix", emb[:, 1 + n_ctx:])
+        self.ctx = torch.nn.Parameter(ctx.clone())
+
+    def forward(self, image_features, scale):
+        m = self.model
+        c = self.prefix.shape[0]
+        x = torch.cat([self.prefix, self.ctx.unsqueeze(0).expand(c, -1, -1), self.suffix], dim=1)
+        x = x + m.positional_embedding
+        x = m.transformer(x, attn_mask=m.attn_mask)
+        x = m.ln_final(x)
+        x = x[torch.arange(c), self.tokens.argmax(-1)] @ m.text_projection
+        t = x / x.norm(dim=-1, keepdim=True)
+        f = image_features / image_features.norm(dim=-1, keepdim=True)
+        return scale * f @ t.t()
+
+
+def test_truncated_equals_full_context_and_open_clip(lm):
+    full = PromptLearner(lm.model, lm.tokenizer, CLASSES, n_ctx=4, truncate=False)
+    short = PromptLearner(lm.model, lm.tokenizer, CLASSES, n_ctx=4)
+    assert full.length == 77 and short.length == int(short.eot.max()) + 1 < 20
+    ctx = short.init_ctx(3)
+    torch.testing.assert_close(short.class_embeddings(ctx), full.class_embeddings(ctx), atol=1e-5, rtol=0)
+    x = torch.randn(7, short.class_embeddings(ctx).shape[1])
+    torch.testing.assert_close(short.logits(ctx, x, 100.0), full.logits(ctx, x, 100.0), atol=1e-5 * 100, rtol=0)
+    # with the placeholder words' own embeddings as context it is exactly open_clip's encode_text of the prompts
+    words = full.tokens[0, 1:5]
+    with torch.no_grad():
+        placeholder = lm.model.token_embedding(words)
+        want = F.normalize(lm.model.encode_text(full.tokens), dim=-1)
+    torch.testing.assert_close(short.class_embeddings(placeholder), want, atol=1e-5, rtol=0)
+
+
+def test_ctx_init_from_a_phrase(lm):
+    pl = PromptLearner(lm.model, lm.tokenizer, CLASSES, n_ctx=16, ctx_init="a photo of a")
+    assert pl.n_ctx == 4 and pl.num_params == 4 * 64
+    with torch.no_grad():
+        want = F.normalize(lm.model.encode_text(lm.tokenizer([f"a photo of a {c.replace('_', ' ')}." for c in CLASSES])),
+                           dim=-1)
+    torch.testing.assert_close(pl.class_embeddings(pl.init_ctx(0)), want, atol=1e-5, rtol=0)
+    rand = PromptLearner(lm.model, lm.tokenizer, CLASSES, n_ctx=16).init_ctx(0)
+    assert rand.shape == (16, 64) and 0.015 < float(rand.std()) < 0.025
+
+
+def test_steps_equal_coop_reference_and_only_the_context_changes(lm):
+    torch.manual_seed(0)
+    n, d = 40, lm.model.text_projection.shape[1]
+    X, Y = torch.randn(n, d), torch.randint(0, len(CLASSES), (n,))
+    rng = np.random.default_rng(0)
+    sched = [rng.permutation(n)[:8] for _ in range(4)]
+    pl = PromptLearner(lm.model, lm.tokenizer, CLASSES, n_ctx=4)
+    start = pl.init_ctx(1)
+    before = tower_state(lm.model)
+    lr, scale = 0.5, 50.0  # large steps, so that a wrong gradient shows
+    ref = CoOpReference(lm.model, lm.tokenizer, CLASSES, start)
+    opt = torch.optim.SGD([ref.ctx], lr=lr)
+    ours = start
+    for b in sched:
+        ours = pl.train(ours.unsqueeze(0), [[b]], X, Y, lr, scale)[0]
+        bt = torch.from_numpy(b)
+        opt.zero_grad()
+        F.cross_entropy(ref(X[bt], scale), Y[bt]).backward()
+        opt.step()
+        torch.testing.assert_close(ours, ref.ctx.detach(), atol=1e-5, rtol=1e-5)
+    assert (ours - start).abs().max() > 1e-3  # it moved
+    after = tower_state(lm.model)
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the text tower is frozen
+    assert not any(p.requires_grad for p in lm.model.parameters())
+    # several clients in one call: each trains from its own start, independently
+    two = pl.train(torch.stack([start, start * 2]), [sched[:2], sched[2:]], X, Y, lr, scale)
+    torch.testing.assert_close(two[0], pl.train(start.unsqueeze(0), [sched[:2]], X, Y, lr, scale)[0])
+    torch.testing.assert_close(two[1], pl.train((start * 2).unsqueeze(0), [sched[2:]], X, Y, lr, scale)[0])
+
+
+# ------------------------------------------------------------------------------------------- the CLI on a cache
+
+def cli(monkeypatch, capsys, *args):
+    from fedclip_cache.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["fedclip-cache", *map(str, args)])
+    code = 0
+    try:
+        main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tiny_model, tmp_path_factory):
+    """A real cache of a tiny image folder, extracted with the tiny model (once for this module)."""
+    from fedclip_cache.extract import ExtractConfig, extract
+    from fedclip_cache.synthetic import write_image_folder
+
+    root = tmp_path_factory.mktemp("prompt")
+    src = write_image_folder(root / "data", per_class=3)
+    cfg, ckpt = tiny_model
+    extract(ExtractConfig(str(src), str(root / "cache"), ModelSpec(model_config=str(cfg), pretrained=str(ckpt)),
+                          workers=0, progress=False, device="cpu"))
+    return root / "cache"
+
+
+@pytest.mark.parametrize("algo", ["promptfl", "promptlocal"])
+def test_federate_prompt_learning_writes_summary(algo, cache_dir, tiny_model, tmp_path, monkeypatch, capsys):
+    cfg, _ = tiny_model
+    out = tmp_path / "run"
+    ctx = ["--n-ctx", "4"] if algo == "promptfl" else ["--ctx-init", "a photo of a"]  # 4 tokens
+    code, o, e = cli(monkeypatch, capsys, "federate", cache_dir, "--algo", algo, "--rounds", "2", *ctx,
+                     "--heldout", "art", "--text-model-config", cfg, "--out", out)
+    assert code == 0, o + e
+    s = json.loads((out / "summary.json").read_text())
+    assert s["adapter"] == "none" and s["loss"] == "ce" and s["prompt"]["n_ctx"] == 4 and s["prompt"]["width"] == 64
+    assert s["mean"]["heldout_best"] is not None and s["mean"]["test_mean_best"] is not None
+    comm = s["communication"]
+    assert comm["trainable_params"] == 4 * 64 and comm["bytes_per_adapter"] == 4 * 64 * 4
+    if algo == "promptfl":  # 2 training clients, each downloads and uploads the context every round
+        assert comm["bytes_up_per_round"] == 2 * 4 * 64 * 4 and comm["bytes_total"] == 2 * 2 * 2 * 4 * 64 * 4
+    else:
+        assert comm["bytes_total"] == 0
+
+
+def test_prompt_learning_refuses_a_model_it_cannot_load_or_that_is_not_the_caches(cache_dir, tmp_path, monkeypatch,
+                                                                                    capsys):
+    from fedclip_cache.synthetic import write_tiny_model
+
+    def one_line_error(*args):
+        code, o, e = cli(monkeypatch, capsys, "federate", cache_dir, "--algo", "promptfl", "--rounds", "1",
+                         "--heldout", "art", *args)
+        msg = e.strip()
+        assert code == 2 and "Traceback" not in o + e and msg.startswith("error:") and "\n" not in msg, (code, o, e)
+        return msg
+
+    # the custom architecture is recorded by hash only
+    assert "--text-model-config" in one_line_error()
+    # weights that cannot be loaded
+    other_cfg, other_ckpt = write_tiny_model(tmp_path / "other", seed=1)
+    msg = one_line_error("--text-model-config", other_cfg, "--text-pretrained", tmp_path / "missing.pt")
+    assert "cannot load" in msg
+    # another model's weights (same architecture, other seed): the fingerprint differs
+    msg = one_line_error("--text-model-config", other_cfg, "--text-pretrained", other_ckpt)
+    assert "not the cache's model" in msg and "weights" in msg
+
+
+def test_promptfl_rounds_are_fedavg_of_client_prompts_and_are_scored_with_them(cache_dir, tiny_model):
+    """Two rounds by hand: every client trains the global context on its own batches (PromptLearner.train, checked
+    against CoOp above) with the round's step size (cosine: lr, then lr / 2), the server takes their uniform mean;
+    validation accuracy is that context's."""
+    from fedclip_cache import open_cache
+    from fedclip_cache.federated.config import FederateConfig
+    from fedclip_cache.federated.loop import run_loop
+    from fedclip_cache.federated.protocols import build_experiments
+    from fedclip_cache.federated.train import LocalHyper, batch_schedule, lane_key
+
+    cfg_file, _ = tiny_model
+    cache = open_cache(cache_dir)
+    cfg = FederateConfig(algo="promptfl", rounds=2, n_ctx=2, prompt_lr=0.05, heldout=["art"], batch_size=4,
+                         prompt_schedule="cosine", text_model_config=str(cfg_file)).validate()
+    exps = build_experiments(cache, cfg)
+    res = run_loop(cache, cfg, exps)
+    lm = load_model(ModelSpec(model_config=str(cfg_file), pretrained=cache.meta["model"]["pretrained"]))
+    pl = PromptLearner(lm.model, lm.tokenizer, cache.classes, n_ctx=2)
+    X, Y = torch.from_numpy(np.asarray(cache.features)), torch.from_numpy(cache.labels)
+    e = exps[0]
+    hp = LocalHyper(batch_size=4)
+    want = pl.init_ctx(e.seed)
+    for rnd, lr in ((1, 0.05), (2, 0.025)):
+        trained = [pl.train(want.unsqueeze(0), [batch_schedule(cl.train, e.seed, rnd, lane_key(e.name, cl.name), hp)],
+                            X, Y, lr, res.logit_scale)[0] for cl in e.clients]
+        want = torch.stack(trained).mean(0)
+    torch.testing.assert_close(res.final_params["ctx"][0], want, atol=1e-6, rtol=1e-5)
+    assert (want - pl.init_ctx(e.seed)).abs().max() > 1e-4
+    # the loop scores each client's validation split against the averaged context's class embeddings
+    T = pl.class_embeddings(want).detach()
+    assert len(e.clients) == 2 and sum(seg["split"] == "val" for seg in res.segments) == 2
+    for si, seg in enumerate(res.segments):
+        if seg["split"] == "val":
+            cl = next(c for c in e.clients if c.name == seg["client"])
+            acc = float((F.normalize(X[cl.val], dim=-1) @ T.t()).argmax(-1).eq(Y[cl.val]).float().mean())
+            assert res.acc[-1, si] == pytest.approx(acc)
+
+
+def test_training_beats_misaligned_zero_shot_prompts(lm):
+    """Image features lie at the class embeddings of the phrase 'a photo of a'; the learner starts from random
+    context (zero-shot prompts misaligned with them) and recovers with the default step size (PromptFL's 0.001)."""
+    classes = ["cat", "dog", "fish", "bird", "horse"]
+    pl = PromptLearner(lm.model, lm.tokenizer, classes, n_ctx=4)
+    target = PromptLearner(lm.model, lm.tokenizer, classes, ctx_init="a photo of a").init_ctx(0)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        T = pl.class_embeddings(target)
+    Y = torch.randint(0, len(classes), (200,), generator=g)
+    X = T[Y] + 0.01 * torch.randn(200, T.shape[1], generator=g)
+    start = pl.init_ctx(0)
+
+    def acc(ctx):
+        with torch.no_grad():
+            return float(pl.logits(ctx, X, 100.0).argmax(-1).eq(Y).float().mean())
+
+    rng = np.random.default_rng(0)
+    trained = pl.train(start.unsqueeze(0), [[rng.permutation(200)[:32] for _ in range(30)]], X, Y, 0.001, 100.0)[0]
+    zero, after = acc(start), acc(trained)
+    assert zero < 0.6 and after > zero + 0.3, (zero, after)
+
+
+def test_shipped_prompt_pipeline_loads():
+    from pathlib import Path
+
+    from fedclip_cache.pipeline import load
+
+    cfg = load(Path(__file__).resolve().parents[1] / "pipelines" / "pacs-promptfl.toml")
+    f = cfg["federate"]
+    assert (f["algo"], f["n_ctx"], f["prompt_lr"], f["batch_size"]) == ("promptfl", 16, 0.001, 32)
+    assert cfg["sweep"]["grid"]["algo"] == ["promptfl", "promptlocal"]
+
+
+def test_adapter_options_are_reported_as_ignored_by_prompt_learning():
+    from fedclip_cache.federated.config import FederateConfig
+
+    assert FederateConfig(algo="promptfl", lr=0.1, adapter="residual", n_ctx=4).ignored_options() == \
+        ["adapter", "lr"]
+    assert FederateConfig(algo="fedclip", lr=0.1, n_ctx=4).ignored_options() == ["n_ctx"]
+    assert FederateConfig(algo="promptlocal", prompt_lr=0.01).ignored_options() == []
+
+
+def test_round_lr():
+    from fedclip_cache.federated.prompts import round_lr
+
+    assert [round_lr(0.1, r, 4) for r in (1, 4)] == [0.1, 0.1]
+    assert [round_lr(0.1, r, 4, "cosine") for r in (1, 3)] == pytest.approx([0.1, 0.05])
