@@ -107,3 +107,36 @@ def test_cli_deploy_one_line_error(tmp_path, monkeypatch, capsys):
     one_line_error(*cli(monkeypatch, capsys, "deploy", sites[0], "-o", tmp_path / "run"), "at least 2")
     one_line_error(*cli(monkeypatch, capsys, "deploy", sites[0], tmp_path / "nope", "-o", tmp_path / "run",
                         "--rounds", "2"), "does not exist")
+
+
+@pytest.mark.slow
+def test_a_supernode_killed_mid_run_does_not_stop_the_run(tmp_path):
+    """Kill one training site's SuperNode when round 2 starts: with --keep-going the run finishes, the lost site's
+    failures are recorded per round, and the rounds after it average the site that is left."""
+    import signal
+    import subprocess
+
+    if dep.flower_bin_dir() is None:
+        pytest.skip("Flower's CLIs (flower-superlink, flower-supernode, flwr) are not installed")
+    sites = _sites(tmp_path)
+    cfg = FederateConfig(rounds=3, hidden=8, heldout=["sketch"]).validate()
+    killed = []
+
+    def log(message):
+        if message.startswith("round 2") and not killed:
+            pids = subprocess.run(["pgrep", "-f", "flower-supernode.*site-photo"], capture_output=True,
+                                  text=True).stdout.split()
+            for pid in pids:
+                os.killpg(int(pid), signal.SIGKILL)
+            killed.extend(pids)
+
+    res = dep.deploy(sites, tmp_path / "run", cfg, timeout=300, log=log, keep_going=True, round_timeout=20)
+    assert killed, "the photo SuperNode was never found to kill"
+    assert res["status"] == "finished:completed"
+    rounds = res["summary"]["deployment"]["rounds"]
+    assert rounds[0]["fit_results"] == 2 and rounds[0].get("fit_failures", 0) == 0
+    # after the kill the photo site is missing: a failure, or simply not sampled any more
+    later = rounds[1:]
+    assert all(r["fit_results"] <= 2 for r in later)
+    assert any(r["fit_results"] == 1 or r.get("fit_failures", 0) or r.get("evaluate_failures", 0) for r in later)
+    assert all(_group_gone(p) for p in res["pids"])

@@ -344,6 +344,12 @@ def deploy(
                                           "no limit."),
     isolation: str = typer.Option("subprocess", help="subprocess: each SuperNode launches its ClientApps | "
                                                      "process: a separate flower-superexec per SuperNode."),
+    keep_going: bool = typer.Option(False, "--keep-going", help="A SuperNode that dies is reported and the run goes "
+                                                               "on without it (default: the deployment fails)."),
+    round_timeout: Optional[float] = typer.Option(None, help="Seconds a round waits for replies (ServerApp "
+                                                             "default 600)."),
+    min_results: Optional[int] = typer.Option(None, help="Fewer training results in a round keep the global "
+                                                         "adapter as it was (ServerApp default 1)."),
     fed_options: dict = None,
 ):
     """A real Flower deployment on localhost: a SuperLink and one SuperNode per site cache as separate processes;
@@ -352,6 +358,7 @@ def deploy(
 
     cfg = _federate_config(fed_options)
     res = run_deploy([str(c) for c in site_caches], out, cfg, timeout=timeout or None, isolation=isolation,
+                     keep_going=keep_going, round_timeout=round_timeout, min_results=min_results,
                      log=lambda m: console.print(m, highlight=False))
     console.print(f"run folder: {out} (logs/: superlink, site-*, flwr-run, deploy.json)")
     if res["summary"] is not None:

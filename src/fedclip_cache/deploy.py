@@ -181,11 +181,15 @@ def check_sites(site_caches: list, cfg) -> list[str]:
 
 
 def deploy(site_caches: list, out, cfg, *, timeout: Optional[float] = None, log: Callable[[str], None] = print,
-           isolation: str = "subprocess") -> dict:
+           isolation: str = "subprocess", keep_going: bool = False, round_timeout: Optional[float] = None,
+           min_results: Optional[int] = None) -> dict:
     """Run ``cfg`` (a validated FederateConfig) as a real Flower deployment on localhost, one SuperNode per site
     cache; return ``{"run_id", "status", "timings", "summary" (RUN/summary.json when the ServerApp wrote one)}``.
     ``isolation="process"``: each SuperNode runs with ``--isolation process`` and this function starts its
-    ``flower-superexec`` (which still launches one ``flwr-clientapp`` per message in flwr 1.42)."""
+    ``flower-superexec`` (which still launches one ``flwr-clientapp`` per message in flwr 1.42). ``keep_going``: a
+    SuperNode that dies is reported and the run goes on without it (the ServerApp's fault tolerance:
+    ``round_timeout`` seconds per round, ``min_results`` training results per round; see flower.py); by default
+    any dead process fails the deployment at once."""
     t0 = time.monotonic()
     if isolation not in ("subprocess", "process"):
         raise ConfigError(f"deploy: isolation {isolation!r} unknown; choose subprocess or process")
@@ -199,6 +203,10 @@ def deploy(site_caches: list, out, cfg, *, timeout: Optional[float] = None, log:
     domains = check_sites(site_caches, cfg)
     out = Path(out).resolve()
     rc = run_config(cfg, len(site_caches), out)
+    if round_timeout is not None:
+        rc["round_timeout"] = float(round_timeout)
+    if min_results is not None:
+        rc["min_results"] = int(min_results)
     _federate_config({k: v for k, v in rc.items()})  # the ServerApp's own check, before anything starts
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -239,7 +247,7 @@ def deploy(site_caches: list, out, cfg, *, timeout: Optional[float] = None, log:
         timings["startup_s"] = round(time.monotonic() - t0, 2)
         t1 = time.monotonic()
         run = dep.start("flwr-run", [f"{bindir}/flwr", "run", str(tmp / "app"), "local", "--stream"])
-        run_id = _follow(run, logs / "flwr-run.log", dep, log, timeout, t1)
+        run_id = _follow(run, logs / "flwr-run.log", dep, log, timeout, t1, keep_going)
         status, details = _final_status(bindir, env, run_id, dep)
         timings["run_s"] = round(time.monotonic() - t1, 2)
         if status != "finished:completed":
@@ -273,10 +281,11 @@ def _wait(ready: Callable[[], bool], dep: Deployment, limit: float, what: str) -
         time.sleep(0.2)
 
 
-def _follow(run: subprocess.Popen, path: Path, dep: Deployment, log, timeout, t1) -> str:
-    """Wait for ``flwr run --stream`` to end, echoing its rounds; fail fast when a SuperNode or the SuperLink dies
-    or the timeout passes. Returns the run id."""
-    seen, run_id = 0, None
+def _follow(run: subprocess.Popen, path: Path, dep: Deployment, log, timeout, t1, keep_going: bool = False) -> str:
+    """Wait for ``flwr run --stream`` to end, echoing its rounds; fail fast when the SuperLink dies, a SuperNode
+    dies (unless ``keep_going``: then it is reported once and the run goes on) or the timeout passes. Returns the
+    run id."""
+    seen, run_id, lost = 0, None, set()
     while True:
         done = run.poll() is not None
         text = path.read_text(errors="replace")
@@ -294,6 +303,12 @@ def _follow(run: subprocess.Popen, path: Path, dep: Deployment, log, timeout, t1
         if done:
             break
         others = [d for d in dep.dead() if not d.startswith("flwr-run")]
+        if keep_going:
+            for d in others:
+                if d.startswith("site-") and d not in lost:
+                    lost.add(d)
+                    log(f"{d} exited during the run: going on without it (logs: {dep.logs})")
+            others = [d for d in others if not d.startswith("site-")]
         if others:
             raise DeployError(f"{', '.join(others)} exited during the run (logs: {dep.logs})")
         if timeout and time.monotonic() - t1 > timeout:
