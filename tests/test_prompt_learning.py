@@ -1,6 +1,5 @@
 """Prompt learning on the cache (PromptFL / CoOp, issue 11 section 2) on a tiny random open_clip model."""
 import json
-import sys
 
 import numpy as np
 import pytest
@@ -112,17 +111,7 @@ def test_steps_equal_coop_reference_and_only_the_context_changes(lm):
 
 # ------------------------------------------------------------------------------------------- the CLI on a cache
 
-def cli(monkeypatch, capsys, *args):
-    from fedclip_cache.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["fedclip-cache", *map(str, args)])
-    code = 0
-    try:
-        main()
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
+from test_cache_integrity import cli  # noqa: E402  (the real entry point, in-process)
 
 
 @pytest.fixture(scope="module")

@@ -69,7 +69,7 @@ def _federate_config(run_config: dict) -> tuple[str, FederateConfig]:
     if not algo.communicates:
         raise ConfigError(f"--algo {cfg.algo}: nothing to federate (it trains without a server); use "
                           f"`fedclip-cache federate`")
-    if getattr(algo, "prompts", False):
+    if algo.prompts:
         raise ConfigError(f"--algo {cfg.algo} (prompt learning) is not supported by the Flower apps yet; use "
                           f"`fedclip-cache federate`")
     if algo.client_state or type(algo).run_round is not Algorithm.run_round:  # e.g. SCAFFOLD's c_i

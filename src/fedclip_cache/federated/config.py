@@ -326,7 +326,7 @@ class FederateConfig:
         algo = get_algorithm(self.algo)
         used = set(algo.uses)
         owned = {n for a in ALGORITHMS.values() for n in a.uses}
-        if getattr(algo, "prompts", False):  # prompt learning trains no adapter, with its own loss and optimiser
+        if algo.prompts:  # prompt learning trains no adapter, with its own loss and optimiser
             owned |= set(ADAPTER_OPTIONS)
         default = FederateConfig()
         return [n for n in sorted(owned - used) if getattr(self, n) != getattr(default, n)]

@@ -334,7 +334,7 @@ class _Loop:
         self.Y = torch.from_numpy(cache.labels).to(device)
         self.dim = d = self.X.shape[1]
         # prompt learning uses no adapter: image features go straight to normalise + logits
-        self.kind_name = kind_name = "none" if not algo.trains or getattr(algo, "prompts", False) else cfg.adapter
+        self.kind_name = kind_name = "none" if not algo.trains or algo.prompts else cfg.adapter
         self.kind = get_adapter(kind_name) if kind_name != "none" else ADAPTERS["none"]
         self.hidden = cfg.hidden or self.kind.default_hidden(d)
         self.opts = {"residual_alpha": cfg.residual_alpha}
@@ -352,7 +352,7 @@ class _Loop:
 
         # Prompt learning (promptfl, promptlocal): no adapter; the parameters are the context vectors
         self.prompts = None
-        if getattr(algo, "prompts", False):
+        if algo.prompts:
             from .prompts import PromptLearner, load_text_model
 
             lm = load_text_model(cache.meta, device, cfg.text_model_config, cfg.text_pretrained)

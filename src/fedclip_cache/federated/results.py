@@ -49,7 +49,7 @@ def communication(cfg: FederateConfig, n_clients: int, trainable: int, rounds: i
     fit = n_clients if fit_clients is None else fit_clients
     up = int(round(per_client * algo.upload_factor * fit)) if algo.communicates else 0
     proto = (num_classes * dim + num_classes) * BYTES_PER_PARAM * n_clients if cfg.head == "prototype" and \
-        not algo.personal and not getattr(algo, "prompts", False) else 0  # class sums + counts, sent once
+        not algo.personal and not algo.prompts else 0  # class sums + counts, sent once
     out = {
         "trainable_params": trainable,
         "bytes_per_adapter": per_client,
@@ -126,7 +126,7 @@ def summarise(res: LoopResult, cfg: FederateConfig, cache: FeatureCache) -> dict
     if sum(dropped.values()):
         notes.append(f"--split-tail drop (official boundaries): {sum(dropped.values())} sample(s) of training "
                      f"clients are in no split; --split-tail test gives them to the test split")
-    prompts = getattr(get_algorithm(cfg.algo), "prompts", False)  # prompt learning: no adapter, no head, CE
+    prompts = get_algorithm(cfg.algo).prompts  # prompt learning: no adapter, no head, CE
     ctx = res.final_params.get("ctx") if prompts else None
     return {
         "algo": cfg.algo, "adapter": "none" if cfg.algo == "zeroshot" or prompts else cfg.adapter,

@@ -80,6 +80,7 @@ class Algorithm:
     personal: ClassVar[bool] = False
     communicates: ClassVar[bool] = True
     client_state: ClassVar[bool] = False  # clients keep state between rounds: init_state gets per-lane copies
+    prompts: ClassVar[bool] = False  # trains CoOp context vectors instead of an adapter (the loop loads the text tower)
     upload_factor: ClassVar[int] = 1  # adapters' worth of parameters a client sends (and receives) per round
     uses: ClassVar[tuple[str, ...]] = ()  # FederateConfig fields only some algorithms read
 
@@ -100,7 +101,11 @@ class Algorithm:
 
     def run_round(self, state: TrainState, ctx: RoundContext) -> TrainState:
         """One round: the sampled clients train from the global model, the server turns their average into the
-        new global model (:meth:`server_update`)."""
+        new global model (:meth:`server_update`); personal algorithms train each client's own model, no server."""
+        if self.personal:
+            trained, _ = ctx.train(ctx.select(state.clients))
+            state.clients = ctx.scatter(state.clients, trained)
+            return state
         trained, _ = ctx.train(ctx.broadcast(state.server))
         state.server, state.extra = self.server_update(state.server, ctx.average(trained), state.extra, ctx.rnd)
         return state

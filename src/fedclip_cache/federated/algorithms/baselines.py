@@ -1,7 +1,7 @@
 """Non-federated reference points: each client alone, all data pooled, and no training at all."""
 from __future__ import annotations
 
-from .base import Algorithm, TrainState, register_algorithm
+from .base import Algorithm, register_algorithm
 
 
 @register_algorithm
@@ -10,11 +10,6 @@ class Local(Algorithm):
     summary = "each client trains its own adapter, nothing is shared"
     personal = True
     communicates = False
-
-    def run_round(self, state: TrainState, ctx) -> TrainState:
-        trained, _ = ctx.train(ctx.select(state.clients))
-        state.clients = ctx.scatter(state.clients, trained)
-        return state
 
 
 @register_algorithm

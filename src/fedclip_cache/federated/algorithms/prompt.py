@@ -12,7 +12,7 @@ evaluation scores each group against the class embeddings of its own context.
 """
 from __future__ import annotations
 
-from .base import Algorithm, TrainState, register_algorithm
+from .base import Algorithm, register_algorithm
 
 # Registry rule: no ``import torch`` here (the CLI imports algorithms for --help).
 
@@ -39,8 +39,3 @@ class PromptLocal(Algorithm):
     personal = True
     communicates = False
     uses = PROMPT_OPTIONS
-
-    def run_round(self, state: TrainState, ctx) -> TrainState:
-        trained, _ = ctx.train(ctx.select(state.clients))
-        state.clients = ctx.scatter(state.clients, trained)
-        return state
