@@ -5,11 +5,12 @@
 
 Random weights (same compute as the real ones; nothing is downloaded). A promptfl round is one SGD step per batch
 of 32 on every training client, each step a forward and backward of the text tower over the 7 class prompts, so a
-round's time is (steps per round) x (seconds per step); this measures seconds per step with the prompts truncated
+round's time is (steps per round) x (seconds per step) when clients train one at a time; this measures seconds per step with the prompts truncated
 after the longest EOT (the default) and over the full 77-token context, and extrapolates to a round and to 200
 rounds of PACS leave-one-domain-out (held-out sketch: 3 training clients, 60 % of 2048 + 2344 + 1670 images for
 training = 115 steps per round). Evaluation (one text forward per experiment per round, no backward) is left out.
-FedCLIP's round on the same split (a synthetic PACS-shaped cache, adapter only) is timed for the ratio.
+The 3 clients side by side (the default: one text pass over all their prompts per step) are timed against one at
+a time. FedCLIP's round on the same split (a synthetic PACS-shaped cache, adapter only) is timed for the ratio.
 Writes bench/results/prompt-pacs-shaped-ViT-B-32-text-<threads>threads.json.
 """
 from __future__ import annotations
@@ -68,6 +69,24 @@ def main() -> None:
                               "seconds_per_round": s * steps_per_round,
                               "hours_for_rounds": s * steps_per_round * a.rounds / 3600}
     out["speedup_truncated"] = out["modes"]["full"]["seconds_per_step"] / out["modes"]["truncated"]["seconds_per_step"]
+
+    # the round's 3 training clients side by side (one text pass over 3 x 7 prompts per step, the default) vs one
+    # client at a time (max_prompts = 7 forces it), truncated prompts, PromptFL's SGD (momentum 0.9, wd 5e-4)
+    pl, k = pls["truncated"], 3
+    ctx3 = pl.init_ctx(0).unsqueeze(0).repeat(k, 1, 1)
+    sched3 = [[np.arange(32)] * a.steps] * k
+    side: dict = {"together": [], "one_at_a_time": []}
+    with flush_denormals(True):
+        for rep in range(a.reps + 1):
+            for mode, cap in (("together", 4096), ("one_at_a_time", len(CLASSES))):
+                t = time.perf_counter()
+                pl.train(ctx3, sched3, X, Y, 1e-3, 100.0, 0.9, 5e-4, max_prompts=cap)
+                if rep:
+                    side[mode].append((time.perf_counter() - t) / a.steps)
+    out["clients_side_by_side"] = {
+        "clients": k, **{f"seconds_per_step_of_all_{mode}": min(v) for mode, v in side.items()},
+        "speedup": min(side["one_at_a_time"]) / min(side["together"]),
+        "seconds_per_round_together": min(side["together"]) * steps_per_round / k}
 
     from fedclip_cache.federated.config import FederateConfig
     from fedclip_cache.federated.results import federate

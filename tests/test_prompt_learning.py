@@ -79,34 +79,73 @@ def test_ctx_init_from_a_phrase(lm):
     assert rand.shape == (16, 64) and 0.015 < float(rand.std()) < 0.025
 
 
-def test_steps_equal_coop_reference_and_only_the_context_changes(lm):
+@pytest.mark.parametrize("momentum,decay,lr", [(0.0, 0.0, 0.5), (0.9, 5e-4, 0.05)])
+def test_steps_equal_coop_reference_and_only_the_context_changes(lm, momentum, decay, lr):
     torch.manual_seed(0)
     n, d = 40, lm.model.text_projection.shape[1]
     X, Y = torch.randn(n, d), torch.randint(0, len(CLASSES), (n,))
     rng = np.random.default_rng(0)
-    sched = [rng.permutation(n)[:8] for _ in range(4)]
+    sched = [rng.permutation(n)[:8] for _ in range(4)] + [rng.permutation(n)[:3]]  # a short last batch
     pl = PromptLearner(lm.model, lm.tokenizer, CLASSES, n_ctx=4)
     start = pl.init_ctx(1)
     before = tower_state(lm.model)
-    lr, scale = 0.5, 50.0  # large steps, so that a wrong gradient shows
+    scale = 50.0  # with large steps (lr * 1 / (1 - momentum) = 0.5), so that a wrong gradient shows
     ref = CoOpReference(lm.model, lm.tokenizer, CLASSES, start)
-    opt = torch.optim.SGD([ref.ctx], lr=lr)
-    ours = start
-    for b in sched:
-        ours = pl.train(ours.unsqueeze(0), [[b]], X, Y, lr, scale)[0]
+    # PromptFL's optimiser: Dassl's SGD (momentum 0.9, weight decay 5e-4) over the prompt learner only
+    opt = torch.optim.SGD([ref.ctx], lr=lr, momentum=momentum, weight_decay=decay)
+    for k, b in enumerate(sched):
         bt = torch.from_numpy(b)
         opt.zero_grad()
         F.cross_entropy(ref(X[bt], scale), Y[bt]).backward()
         opt.step()
+        # one call over the first k+1 batches = the reference after k+1 steps (momentum is per call)
+        ours = pl.train(start.unsqueeze(0), [sched[:k + 1]], X, Y, lr, scale, momentum, decay)[0]
         torch.testing.assert_close(ours, ref.ctx.detach(), atol=1e-5, rtol=1e-5)
     assert (ours - start).abs().max() > 1e-3  # it moved
     after = tower_state(lm.model)
     assert all(torch.equal(before[k], after[k]) for k in before)  # the text tower is frozen
     assert not any(p.requires_grad for p in lm.model.parameters())
     # several clients in one call: each trains from its own start, independently
-    two = pl.train(torch.stack([start, start * 2]), [sched[:2], sched[2:]], X, Y, lr, scale)
-    torch.testing.assert_close(two[0], pl.train(start.unsqueeze(0), [sched[:2]], X, Y, lr, scale)[0])
-    torch.testing.assert_close(two[1], pl.train((start * 2).unsqueeze(0), [sched[2:]], X, Y, lr, scale)[0])
+    # several clients in one call (side by side, schedules of different lengths): each trains from its own start,
+    # independently, exactly as if alone; also when they are cut into passes of at most max_prompts prompts
+    starts, parts = torch.stack([start, start * 2, -start]), [sched[:2], sched[2:], sched[1:4]]
+    alone = [pl.train(s0.unsqueeze(0), [p], X, Y, lr, scale, momentum, decay)[0] for s0, p in zip(starts, parts)]
+    for cap in (4096, len(CLASSES)):
+        together = pl.train(starts, parts, X, Y, lr, scale, momentum, decay, max_prompts=cap)
+        for k in range(3):
+            torch.testing.assert_close(together[k], alone[k], atol=1e-5, rtol=1e-5)
+
+
+def test_class_specific_context_equals_coop_csc_reference(lm):
+    """CSC: every class has its own n_ctx vectors; steps equal CoOp with an (C, n_ctx, width) nn.Parameter."""
+    torch.manual_seed(1)
+    n, d = 30, lm.model.text_projection.shape[1]
+    X, Y = torch.randn(n, d), torch.randint(0, len(CLASSES), (n,))
+    pl = PromptLearner(lm.model, lm.tokenizer, CLASSES, n_ctx=3, csc=True)
+    start = pl.init_ctx(2)
+    assert start.shape == (len(CLASSES), 3, 64) and pl.num_params == len(CLASSES) * 3 * 64
+    assert not torch.equal(start[0], start[1])
+    ref = CoOpReference(lm.model, lm.tokenizer, CLASSES, start[0])
+    ref.ctx = torch.nn.Parameter(start.clone())
+
+    def forward(image_features, scale):  # the reference with per-class contexts (CoOp's CSC branch)
+        m, c = ref.model, ref.prefix.shape[0]
+        x = torch.cat([ref.prefix, ref.ctx, ref.suffix], dim=1) + m.positional_embedding
+        x = m.ln_final(m.transformer(x, attn_mask=m.attn_mask))
+        t = F.normalize(x[torch.arange(c), ref.tokens.argmax(-1)] @ m.text_projection, dim=-1)
+        return scale * F.normalize(image_features, dim=-1) @ t.t()
+
+    opt = torch.optim.SGD([ref.ctx], lr=0.05, momentum=0.9, weight_decay=5e-4)
+    sched = [np.arange(k, k + 10) % n for k in range(0, 30, 10)]
+    for b in sched:
+        opt.zero_grad()
+        F.cross_entropy(forward(X[torch.from_numpy(b)], 50.0), Y[torch.from_numpy(b)]).backward()
+        opt.step()
+    ours = pl.train(start.unsqueeze(0), [sched], X, Y, 0.05, 50.0, 0.9, 5e-4)[0]
+    torch.testing.assert_close(ours, ref.ctx.detach(), atol=1e-5, rtol=1e-5)
+    # with a phrase every class starts from it
+    ph = PromptLearner(lm.model, lm.tokenizer, CLASSES, ctx_init="a photo of a", csc=True).init_ctx(0)
+    assert ph.shape == (len(CLASSES), 4, 64) and all(torch.equal(ph[0], ph[k]) for k in range(len(CLASSES)))
 
 
 # ------------------------------------------------------------------------------------------- the CLI on a cache
@@ -128,21 +167,25 @@ def cache_dir(tiny_model, tmp_path_factory):
     return root / "cache"
 
 
-@pytest.mark.parametrize("algo", ["promptfl", "promptlocal"])
-def test_federate_prompt_learning_writes_summary(algo, cache_dir, tiny_model, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("algo,csc", [("promptfl", False), ("promptlocal", False), ("promptfl", True)])
+def test_federate_prompt_learning_writes_summary(algo, csc, cache_dir, tiny_model, tmp_path, monkeypatch, capsys):
     cfg, _ = tiny_model
     out = tmp_path / "run"
     ctx = ["--n-ctx", "4"] if algo == "promptfl" else ["--ctx-init", "a photo of a"]  # 4 tokens
     code, o, e = cli(monkeypatch, capsys, "federate", cache_dir, "--algo", algo, "--rounds", "2", *ctx,
-                     "--heldout", "art", "--text-model-config", cfg, "--out", out)
+                     "--heldout", "art", "--text-model-config", cfg, "--out", out, *(["--prompt-csc"] * csc))
     assert code == 0, o + e
     s = json.loads((out / "summary.json").read_text())
     assert s["adapter"] == "none" and s["loss"] == "ce" and s["prompt"]["n_ctx"] == 4 and s["prompt"]["width"] == 64
     assert s["mean"]["heldout_best"] is not None and s["mean"]["test_mean_best"] is not None
+    cfg_json = json.loads((out / "config.json").read_text())
+    assert s["prompt"]["class_specific"] is csc and s["prompt"]["momentum"] == 0.9
+    assert cfg_json["federate"]["prompt_momentum"] == 0.9 and cfg_json["federate"]["prompt_weight_decay"] == 5e-4
+    n = 4 * 64 * (3 if csc else 1)  # the cache has 3 classes: CSC learns a context per class
     comm = s["communication"]
-    assert comm["trainable_params"] == 4 * 64 and comm["bytes_per_adapter"] == 4 * 64 * 4
+    assert comm["trainable_params"] == n and comm["bytes_per_adapter"] == n * 4
     if algo == "promptfl":  # 2 training clients, each downloads and uploads the context every round
-        assert comm["bytes_up_per_round"] == 2 * 4 * 64 * 4 and comm["bytes_total"] == 2 * 2 * 2 * 4 * 64 * 4
+        assert comm["bytes_up_per_round"] == 2 * n * 4 and comm["bytes_total"] == 2 * 2 * 2 * n * 4
     else:
         assert comm["bytes_total"] == 0
 
@@ -193,7 +236,8 @@ def test_promptfl_rounds_are_fedavg_of_client_prompts_and_are_scored_with_them(c
     want = pl.init_ctx(e.seed)
     for rnd, lr in ((1, 0.05), (2, 0.025)):
         trained = [pl.train(want.unsqueeze(0), [batch_schedule(cl.train, e.seed, rnd, lane_key(e.name, cl.name), hp)],
-                            X, Y, lr, res.logit_scale)[0] for cl in e.clients]
+                            X, Y, lr, res.logit_scale, cfg.prompt_momentum, cfg.prompt_weight_decay)[0]
+                   for cl in e.clients]
         want = torch.stack(trained).mean(0)
     torch.testing.assert_close(res.final_params["ctx"][0], want, atol=1e-6, rtol=1e-5)
     assert (want - pl.init_ctx(e.seed)).abs().max() > 1e-4
@@ -239,6 +283,12 @@ def test_shipped_prompt_pipeline_loads():
     f = cfg["federate"]
     assert (f["algo"], f["n_ctx"], f["prompt_lr"], f["batch_size"]) == ("promptfl", 16, 0.001, 32)
     assert cfg["sweep"]["grid"]["algo"] == ["promptfl", "promptlocal"]
+    assert (f["prompt_momentum"], f["prompt_weight_decay"]) == (0.9, 5e-4)  # PromptFL's (Dassl's) SGD
+    from fedclip_cache.federated.config import FederateConfig
+    from fedclip_cache.sweep import expand
+
+    points = expand(FederateConfig(algo="promptfl"), cfg["sweep"]["grid"])
+    assert len(points) == 8 and sum(p.prompt_csc for p in points) == 4
 
 
 def test_adapter_options_are_reported_as_ignored_by_prompt_learning():

@@ -193,6 +193,12 @@ class FederateConfig:
     ctx_init: Optional[str] = option(None, "Prompt learning: start the context from this phrase's token embeddings "
                                            "(e.g. 'a photo of a'); default: random N(0, 0.02^2), as CoOp.")
     prompt_lr: float = option(0.001, "Prompt learning: SGD learning rate of the context vectors (PromptFL: 0.001).")
+    prompt_momentum: float = option(0.9, "Prompt learning: SGD momentum of the context vectors (PromptFL/Dassl: "
+                                         "0.9); a fresh buffer per client and round.")
+    prompt_weight_decay: float = option(5e-4, "Prompt learning: SGD weight decay (L2, coupled as torch.optim.SGD) of "
+                                              "the context vectors (PromptFL/Dassl: 5e-4).")
+    prompt_csc: bool = option(False, "Prompt learning: class-specific context (CoOp's CSC): one set of --n-ctx "
+                                     "vectors per class (C x n_ctx x width parameters) instead of one shared set.")
     prompt_schedule: str = option("constant", "Prompt learning: step size over rounds: constant | cosine "
                                               "(round r of R uses lr * (1 + cos(pi (r-1) / R)) / 2, a cosine "
                                               "schedule stepped once per round).", choices=("constant", "cosine"))
@@ -291,15 +297,16 @@ class FederateConfig:
                 raise bad(name, "must be > 0")
         if self.logit_scale is not None and self.logit_scale <= 0:
             raise bad("logit_scale", "must be > 0")
-        for name in ("weight_decay", "mu", "finetune_steps"):
+        for name in ("weight_decay", "mu", "finetune_steps", "prompt_weight_decay"):
             at_least(name, 0)
         for name in ("server_lr", "tau"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise bad(name, "must be > 0")
         if not 0 < self.fraction_fit <= 1:
             raise bad("fraction_fit", "must be in (0, 1]")
-        if not 0 <= self.server_momentum < 1:
-            raise bad("server_momentum", "must be in [0, 1)")
+        for name in ("server_momentum", "prompt_momentum"):
+            if not 0 <= getattr(self, name) < 1:
+                raise bad(name, "must be in [0, 1)")
         if not 0 <= self.residual_alpha <= 1:
             raise bad("residual_alpha", "must be between 0 and 1")
         for name in ("beta1", "beta2", "server_beta1", "server_beta2"):

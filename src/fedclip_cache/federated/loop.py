@@ -275,7 +275,8 @@ class LaneRound:
             from .prompts import round_lr
 
             lr = round_lr(lp.cfg.prompt_lr, self.rnd, lp.cfg.rounds, lp.cfg.prompt_schedule)
-            ctx = lp.prompts.train(start["ctx"], schedules, lp.X, lp.Y, lr, lp.logit_scale)
+            ctx = lp.prompts.train(start["ctx"], schedules, lp.X, lp.Y, lr, lp.logit_scale,
+                                   lp.cfg.prompt_momentum, lp.cfg.prompt_weight_decay)
             return {"ctx": ctx}, np.array([len(s) for s in schedules])
         heads = lp.lane_head if self.everyone else lp.lane_head[self.idx]
         out = local_update(lp.kind, start, lp.X, lp.Y, heads, schedules, lp.hp, lp.opts, correction)
@@ -357,9 +358,9 @@ class _Loop:
 
             lm = load_text_model(cache.meta, device, cfg.text_model_config, cfg.text_pretrained)
             self.prompts = PromptLearner(lm.model, lm.tokenizer, cache.classes, cfg.n_ctx, cfg.ctx_init,
-                                         truncate=not cfg.prompt_full_context, device=device)
+                                         truncate=not cfg.prompt_full_context, device=device, csc=cfg.prompt_csc)
             inits = {s: {"ctx": self.prompts.init_ctx(s)} for s in {e.seed for e in experiments}}
-            shapes = {"ctx": (self.prompts.n_ctx, self.prompts.width)} if lanes else {}
+            shapes = {"ctx": self.prompts.ctx_shape} if lanes else {}
         else:
             inits = {s: init_params(kind_name, d, self.hidden, s) for s in {e.seed for e in experiments}}
             shapes = self.kind.shapes(d, self.hidden) if lanes else {}

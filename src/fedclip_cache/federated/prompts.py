@@ -48,7 +48,8 @@ class PromptLearner:
     vectors (n_ctx, width) to L2-normalised class embeddings (C, D), differentiable in the context only."""
 
     def __init__(self, model: torch.nn.Module, tokenizer, classnames: Sequence[str], n_ctx: int = 16,
-                 ctx_init: Optional[str] = None, truncate: bool = True, device: torch.device | str = "cpu"):
+                 ctx_init: Optional[str] = None, truncate: bool = True, device: torch.device | str = "cpu",
+                 csc: bool = False):
         self.tower = tower = text_tower(model)
         self.device = torch.device(device)
         self.ctx_init_vectors: Optional[torch.Tensor] = None
@@ -60,6 +61,8 @@ class PromptLearner:
         if n_ctx < 1:
             raise ConfigError(f"--n-ctx {n_ctx}: must be at least 1")
         self.n_ctx = n_ctx
+        self.csc = bool(csc)
+        self.n_cls = len(classnames)
         prefix = ctx_init if ctx_init else " ".join([PLACEHOLDER] * n_ctx)
         prompts = [f"{prefix} {name.replace('_', ' ')}." for name in classnames]
         tokens = tokenizer(prompts).to(self.device)  # (C, context_length)
@@ -80,60 +83,106 @@ class PromptLearner:
         self.rows = torch.arange(len(classnames), device=self.device)
 
     @property
+    def ctx_shape(self) -> tuple[int, ...]:
+        """(n_ctx, width), or (C, n_ctx, width) with class-specific contexts (CSC)."""
+        return (self.n_cls, self.n_ctx, self.width) if self.csc else (self.n_ctx, self.width)
+
+    @property
     def num_params(self) -> int:
-        return self.n_ctx * self.width
+        return int(np.prod(self.ctx_shape))
 
     def init_ctx(self, seed: int) -> torch.Tensor:
-        """Starting context (n_ctx, width): the phrase's token embeddings, or N(0, 0.02^2) seeded."""
+        """Starting context (:attr:`ctx_shape`): the phrase's token embeddings (every class's, with CSC), or
+        N(0, 0.02^2) seeded."""
         if self.ctx_init_vectors is not None:
-            return self.ctx_init_vectors.clone().cpu()
+            v = self.ctx_init_vectors.clone().cpu()
+            return v.unsqueeze(0).repeat(self.n_cls, 1, 1) if self.csc else v
         g = torch.Generator().manual_seed(int(seed))
-        return torch.randn(self.n_ctx, self.width, generator=g) * CTX_INIT_STD
+        return torch.randn(*self.ctx_shape, generator=g) * CTX_INIT_STD
 
     def class_embeddings(self, ctx: torch.Tensor, length: Optional[int] = None) -> torch.Tensor:
-        """L2-normalised class embeddings (C, D) for context vectors ``ctx`` (n_ctx, width)."""
+        """L2-normalised class embeddings (C, D) for context vectors ``ctx`` (:attr:`ctx_shape`)."""
+        return self.class_embeddings_many(ctx.unsqueeze(0), length)[0]
+
+    def class_embeddings_many(self, ctx: torch.Tensor, length: Optional[int] = None) -> torch.Tensor:
+        """Class embeddings (A, C, D) of A contexts (A, *ctx_shape) in one text-tower pass over A x C prompts."""
         t = self.tower
         n = self.length if length is None else length
-        c = self.prefix.shape[0]
-        x = torch.cat([self.prefix, ctx.unsqueeze(0).expand(c, -1, -1), self.suffix], dim=1)[:, :n]
+        a, c = ctx.shape[0], self.n_cls
+        ctx = ctx if self.csc else ctx.unsqueeze(1).expand(-1, c, -1, -1)  # (A, C, n_ctx, width)
+        prefix = self.prefix.unsqueeze(0).expand(a, -1, -1, -1)
+        suffix = self.suffix[:, :max(n - 1 - self.n_ctx, 0)].unsqueeze(0).expand(a, -1, -1, -1)
+        x = torch.cat([prefix, ctx, suffix], dim=2)[:, :, :n].reshape(a * c, n, self.width)
         cast = t.transformer.get_cast_dtype() if hasattr(t.transformer, "get_cast_dtype") else x.dtype
         x = x.to(cast) + t.positional_embedding[:n].to(cast)
         mask = self.attn_mask[:n, :n].contiguous() if self.attn_mask is not None else None
         x = t.transformer(x, attn_mask=mask)
         x = t.ln_final(x)
-        x = x[self.rows, self.eot]
+        x = x[torch.arange(a * c, device=x.device), self.eot.repeat(a)]
         proj = t.text_projection
         if proj is not None:
             x = proj(x) if isinstance(proj, torch.nn.Module) else x @ proj
-        return F.normalize(x.float(), dim=-1)
+        return F.normalize(x.float(), dim=-1).reshape(a, c, -1)
 
     def logits(self, ctx: torch.Tensor, x: torch.Tensor, scale: float) -> torch.Tensor:
         """(B, C) logits of raw image features x (B, D): scale * normalise(x) @ class_embeddings^T."""
         return scale * F.normalize(x, dim=-1) @ self.class_embeddings(ctx).t()
 
     def train(self, start: torch.Tensor, schedules: list[list[np.ndarray]], X, Y: torch.Tensor, lr: float,
-              scale: float) -> torch.Tensor:
-        """Local training of several clients, one after the other: client s starts from ``start[s]`` (n_ctx,
-        width) and takes one plain SGD step (``w -= lr * grad``, as torch.optim.SGD without momentum or decay) per
-        batch of ``schedules[s]`` on the cross-entropy of its class logits. Returns the trained contexts."""
+              scale: float, momentum: float = 0.0, weight_decay: float = 0.0,
+              max_prompts: int = 4096) -> torch.Tensor:
+        """Local training of several clients: client s starts from ``start[s]`` (:attr:`ctx_shape`) and takes one
+        SGD step per batch of ``schedules[s]`` on the cross-entropy of its class logits, with torch.optim.SGD's
+        semantics (``g += weight_decay * w; buf = momentum * buf + g; w -= lr * buf``; a fresh momentum buffer per
+        call, i.e. per client and round). Returns the trained contexts.
+
+        Clients are trained side by side: step t runs one text-tower pass over the prompts of every client that
+        still has a t-th batch (at most ``max_prompts`` prompts per pass, so memory stays bounded); each client's
+        loss depends on its own context only, so the summed loss gives every client its own gradient."""
         out = start.detach().clone()
-        for s, sched in enumerate(schedules):
-            ctx = out[s].clone()
-            for b in sched:
-                bt = torch.from_numpy(b)
-                x = X[bt.to(getattr(X, "index_device", getattr(X, "device", "cpu")))].float()
-                y = Y[bt.to(Y.device)]
-                leaf = ctx.detach().requires_grad_(True)
-                loss = F.cross_entropy(self.logits(leaf, x, scale), y)
-                (g,) = torch.autograd.grad(loss, [leaf])
-                ctx = leaf.detach() - lr * g
-            out[s] = ctx
+        per = max(1, max_prompts // max(self.n_cls, 1))
+        for lo in range(0, len(schedules), per):
+            hi = min(len(schedules), lo + per)
+            out[lo:hi] = self._train_side_by_side(out[lo:hi], schedules[lo:hi], X, Y, lr, scale, momentum,
+                                                  weight_decay)
         return out
+
+    def _train_side_by_side(self, ctx, schedules, X, Y, lr, scale, momentum, weight_decay) -> torch.Tensor:
+        ctx = ctx.clone()
+        buf = torch.zeros_like(ctx) if momentum else None
+        index_device = getattr(X, "index_device", getattr(X, "device", "cpu"))
+        for t in range(max((len(s) for s in schedules), default=0)):
+            active = [k for k, s in enumerate(schedules) if t < len(s)]
+            batches = [torch.from_numpy(np.asarray(schedules[k][t])) for k in active]
+            sizes = torch.tensor([len(b) for b in batches], device=ctx.device, dtype=torch.float32)
+            width = int(sizes.max())
+            xs = torch.zeros(len(active), width, X.shape[1], device=ctx.device)
+            ys = torch.zeros(len(active), width, dtype=torch.long, device=ctx.device)
+            valid = torch.zeros(len(active), width, device=ctx.device)
+            for k, b in enumerate(batches):
+                xs[k, :len(b)] = X[b.to(index_device)].float().to(ctx.device)
+                ys[k, :len(b)] = Y[b.to(Y.device)]
+                valid[k, :len(b)] = 1
+            a = torch.tensor(active, device=ctx.device)
+            w = ctx[a]
+            leaf = w.detach().requires_grad_(True)
+            T = self.class_embeddings_many(leaf)  # (A, C, D)
+            logits = scale * torch.bmm(F.normalize(xs, dim=-1), T.transpose(1, 2))
+            ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ys.reshape(-1), reduction="none")
+            loss = ((ce.reshape(valid.shape) * valid).sum(1) / sizes).sum()  # each client's mean, summed
+            (g,) = torch.autograd.grad(loss, [leaf])
+            if weight_decay:
+                g = g + weight_decay * w
+            if buf is not None:
+                g = buf[a] = momentum * buf[a] + g
+            ctx[a] = w - lr * g
+        return ctx
 
     @torch.no_grad()
     def heads(self, ctxs: torch.Tensor) -> torch.Tensor:
-        """Class embeddings of several contexts (G, n_ctx, width) -> (G, C, D), for evaluation."""
-        return torch.stack([self.class_embeddings(c) for c in ctxs])
+        """Class embeddings of several contexts (G, *ctx_shape) -> (G, C, D), for evaluation."""
+        per = max(1, 4096 // max(self.n_cls, 1))
+        return torch.cat([self.class_embeddings_many(ctxs[i:i + per]) for i in range(0, len(ctxs), per)])
 
 
 def round_lr(lr: float, rnd: int, rounds: int, schedule: str = "constant") -> float:

@@ -135,6 +135,8 @@ def summarise(res: LoopResult, cfg: FederateConfig, cache: FeatureCache) -> dict
         **({"prompt": {"n_ctx": int(ctx.shape[-2]) if ctx is not None else cfg.n_ctx,
                        "width": int(ctx.shape[-1]) if ctx is not None else None, "ctx_init": cfg.ctx_init,
                        "lr": cfg.prompt_lr, "schedule": cfg.prompt_schedule, "optimizer": "sgd",
+                       "momentum": cfg.prompt_momentum, "weight_decay": cfg.prompt_weight_decay,
+                       "class_specific": cfg.prompt_csc,
                        "truncated": not cfg.prompt_full_context}} if prompts else {}),
         "logit_scale": res.logit_scale, "logit_scale_source": res.logit_scale_source,
         "split_tail": cfg.split_tail if cfg.split_source == "random" else None,

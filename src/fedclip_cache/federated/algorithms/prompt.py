@@ -2,13 +2,14 @@
 
 PromptFL (Guo et al., "PromptFL: Let Federated Participants Cooperatively Learn Prompts Instead of Models", IEEE
 TMC 2023): every client trains CoOp's context vectors (Zhou et al., IJCV 2022) with the CLIP model frozen, and the
-server averages them (FedAvg); a round moves n_ctx x width parameters each way (8,192 for 16 x 512). No adapter:
+server averages them (FedAvg); a round moves n_ctx x width parameters (C x n_ctx x width with CSC) each way (8,192 for 16 x 512). No adapter:
 image features go straight to L2-normalisation and the cosine logits against the prompted class embeddings.
 
 The loop (``loop.py``) builds the frozen text tower from the cache's provenance (``prompts.load_text_model``) when
-an algorithm sets ``prompts = True``: local training (``ctx.train``) is then prompt training (plain SGD,
-``--prompt-lr``, batches of ``--batch-size``, ``--local-epochs``, cross-entropy with the model's logit scale) and
-evaluation scores each group against the class embeddings of its own context.
+an algorithm sets ``prompts = True``: local training (``ctx.train``) is then prompt training (SGD with
+``--prompt-lr``, ``--prompt-momentum``, ``--prompt-weight-decay``, batches of ``--batch-size``, ``--local-epochs``,
+cross-entropy with the model's logit scale) and evaluation scores each group against the class embeddings of its
+own context. With ``--prompt-csc`` each class has its own context (C x n_ctx x width parameters).
 """
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ from .base import Algorithm, register_algorithm
 
 # Registry rule: no ``import torch`` here (the CLI imports algorithms for --help).
 
-PROMPT_OPTIONS = ("n_ctx", "ctx_init", "prompt_lr", "prompt_schedule", "text_model_config", "text_pretrained",
-                  "prompt_full_context")
+PROMPT_OPTIONS = ("n_ctx", "ctx_init", "prompt_lr", "prompt_momentum", "prompt_weight_decay", "prompt_csc",
+                  "prompt_schedule", "text_model_config", "text_pretrained", "prompt_full_context")
 
 
 @register_algorithm
