@@ -305,3 +305,40 @@ def test_round_lr():
 
     assert [round_lr(0.1, r, 4) for r in (1, 4)] == [0.1, 0.1]
     assert [round_lr(0.1, r, 4, "cosine") for r in (1, 3)] == pytest.approx([0.1, 0.05])
+
+
+def test_finetune_steps_fine_tune_the_selected_prompt_per_client(cache_dir, tiny_model):
+    """--finetune-steps with promptfl: each client fine-tunes the selected global context for K steps with the prompt
+    optimiser (PromptLearner.train, checked against CoOp above) on its own train batches; its test split is scored
+    against its own context's class embeddings."""
+    from fedclip_cache import open_cache
+    from fedclip_cache.federated.config import FederateConfig
+    from fedclip_cache.federated.loop import finetune_schedule, run_loop
+    from fedclip_cache.federated.protocols import build_experiments
+    from fedclip_cache.federated.results import federate
+    from fedclip_cache.federated.train import LocalHyper, lane_key
+
+    cfg_file, _ = tiny_model
+    cache = open_cache(cache_dir)
+    base = dict(algo="promptfl", rounds=3, n_ctx=2, prompt_lr=0.05, heldout=["art"], batch_size=4,
+                text_model_config=str(cfg_file))
+    s = federate(cache, FederateConfig(**base, finetune_steps=3).validate())
+    e = s["experiments"][0]
+    assert not any("finetune" in n for n in s["notes"])
+    best = e["best"]["round"]
+    upto = run_loop(cache, FederateConfig(**{**base, "rounds": best}).validate(),
+                    build_experiments(cache, FederateConfig(**base).validate()))
+    g = upto.final_params["ctx"][0]
+    lm = load_model(ModelSpec(model_config=str(cfg_file), pretrained=cache.meta["model"]["pretrained"]))
+    pl = PromptLearner(lm.model, lm.tokenizer, cache.classes, n_ctx=2)
+    X, Y = torch.from_numpy(np.asarray(cache.features)), torch.from_numpy(cache.labels)
+    exp = build_experiments(cache, FederateConfig(**base).validate())[0]
+    moved = 0.0
+    for cl in exp.clients:
+        sched = finetune_schedule(cl.train, exp.seed, lane_key(exp.name, cl.name), 3, LocalHyper(batch_size=4))
+        ctx = pl.train(g.unsqueeze(0), [sched], X, Y, 0.05, upto.logit_scale, 0.9, 5e-4)[0]
+        moved = max(moved, float((ctx - g).abs().max()))
+        t = torch.from_numpy(cl.test)
+        acc = float(pl.logits(ctx, X[t], 1.0).argmax(-1).eq(Y[t]).float().mean())
+        assert e["best"]["test_finetuned"][cl.name] == pytest.approx(acc, abs=1e-6), cl.name
+    assert moved > 1e-4

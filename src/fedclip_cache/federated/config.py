@@ -26,7 +26,7 @@ OPTIMIZERS = ("adam", "sgd")
 DEVICES = ("cpu", "cuda", "auto")  # and cuda:N
 # Options of the adapter's local training, which prompt learning (promptfl, promptlocal) does not read
 ADAPTER_OPTIONS = ("adapter", "hidden", "residual_alpha", "head", "template", "loss", "local_optimizer", "lr",
-                   "beta1", "beta2", "eps", "weight_decay", "finetune_steps")
+                   "beta1", "beta2", "eps", "weight_decay")
 
 
 def option(default: Any = dataclasses.MISSING, help: str = "", *, flag: Optional[str] = None,
@@ -185,9 +185,9 @@ class FederateConfig:
     fraction_fit: float = option(1.0, "Fraction of each experiment's clients sampled to train per round (seeded; "
                                       "Flower's fraction_fit). 1 = every client, the official setting.")
     min_fit_clients: int = option(1, "At least this many clients train per round (Flower's min_fit_clients).")
-    finetune_steps: int = option(0, "Personalised evaluation: fine-tune the selected global adapter for K local "
-                                    "steps on each client's train split before scoring its test split, reported "
-                                    "beside the global-model numbers (0 = off).")
+    finetune_steps: int = option(0, "Personalised evaluation: fine-tune the selected global adapter (or prompt) "
+                                    "for K local steps on each client's train split before scoring its test split, "
+                                    "reported beside the global-model numbers (0 = off).")
     n_ctx: int = option(16, "Prompt learning (promptfl, promptlocal): number of learned context vectors (CoOp and "
                             "PromptFL: 16); ignored with --ctx-init, whose token count sets it.")
     ctx_init: Optional[str] = option(None, "Prompt learning: start the context from this phrase's token embeddings "

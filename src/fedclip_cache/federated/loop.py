@@ -442,9 +442,7 @@ class _Loop:
                          np.array(val_means), fit_clients=fit, notes=self.notes)
         if self.prompts is not None:
             res.trainable_params = self.prompts.num_params
-        if cfg.finetune_steps and self.prompts is not None:
-            res.notes.append(f"--finetune-steps ignored: not implemented for {cfg.algo}")
-        elif cfg.finetune_steps and algo.trains and not algo.personal:
+        if cfg.finetune_steps and algo.trains and not algo.personal:
             res.finetuned = finetune(self)
         elif cfg.finetune_steps:
             res.notes.append(f"--finetune-steps ignored: {cfg.algo} "
@@ -483,10 +481,15 @@ def finetune(loop: _Loop) -> dict:
     lanes.sort(key=lambda ln: -len(ln.train))
     lane_exp = torch.tensor([ln.exp for ln in lanes], dtype=torch.long, device=loop.device)
     start = {n: v[lane_exp] for n, v in start_from.items()}
-    heads = torch.stack([loop.exp_head[ln.exp] for ln in lanes])
     schedules = [finetune_schedule(ln.train, ln.seed, ln.key, cfg.finetune_steps, loop.hp) for ln in lanes]
-    hp = LocalHyper(**{**loop.hp.__dict__, "mu": 0.0})
-    tuned = local_update(loop.kind, start, loop.X, loop.Y, heads, schedules, hp, loop.opts)
+    if loop.prompts is not None:  # prompt learning: fine-tune the context with the prompt optimiser at --prompt-lr
+        ctx = loop.prompts.train(start["ctx"], schedules, loop.X, loop.Y, cfg.prompt_lr, loop.logit_scale,
+                                 cfg.prompt_momentum, cfg.prompt_weight_decay)
+        tuned, heads = {}, loop.prompts.heads(ctx)  # each client scored against its own context's class embeddings
+    else:
+        heads = torch.stack([loop.exp_head[ln.exp] for ln in lanes])
+        hp = LocalHyper(**{**loop.hp.__dict__, "mu": 0.0})
+        tuned = local_update(loop.kind, start, loop.X, loop.Y, heads, schedules, hp, loop.opts)
     groups = [[(li, exps[ln.exp].clients[ln.client].test)] if len(exps[ln.exp].clients[ln.client].test) else []
               for li, ln in enumerate(lanes)]
     plan = EvalPlan(groups, len(lanes), loop.X, heads, loop.device)
