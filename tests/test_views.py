@@ -257,3 +257,19 @@ def test_sweep_preflight_and_point_ids(tmp_path):
     # runs made before --train-views existed keep their point ids
     assert point_id(FederateConfig()) == point_id(FederateConfig(train_views="1"))
     assert point_id(FederateConfig()) != point_id(FederateConfig(train_views="all"))
+
+
+def test_shipped_views_pipeline_and_help(run):
+    from pathlib import Path
+
+    from fedclip_cache.pipeline import prepare
+
+    plan = prepare(Path(__file__).resolve().parents[1] / "pipelines" / "pacs-views.toml", None)
+    assert plan.cfg["extract"]["views"] == 8 and plan.federate.train_views == "all"
+    assert plan.grid == {"train_views": [1, "all"]}
+    with pytest.raises(ConfigError, match="extract.views=0: expected a whole number >= 1"):
+        prepare(Path(__file__).resolve().parents[1] / "pipelines" / "pacs-views.toml", ["extract.views=0"])
+    code, out, _ = run("extract", "--help")
+    assert code == 0 and "--views" in out and "--augment" in out and "--augment-seed" in out
+    code, out, _ = run("federate", "--help")
+    assert code == 0 and "--train-views" in out
