@@ -41,6 +41,7 @@ class FeatureCache:
     verify: bool = False  # opened with verify: checksums of the shards and of a memory-mapped copy are checked
     _features: Optional[np.ndarray] = field(default=None, repr=False)
     _sources: list = field(default_factory=list, repr=False)  # (shard path, source rows, destination rows)
+    _views: Optional[np.ndarray] = field(default=None, repr=False)  # (k, N, D) once views(k) was read
 
     @property
     def features(self) -> np.ndarray:
@@ -79,6 +80,58 @@ class FeatureCache:
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    @property
+    def num_views(self) -> int:
+        """Views per image (``extract --views K``): view 0 is ``features``, views 1..K-1 are augmented."""
+        return int((self.meta.get("views") or {}).get("count", 1))
+
+    def views(self, k: Optional[int] = None) -> np.ndarray:
+        """(k, N, D) float32, view-major: ``[0]`` is ``features`` (shared memory, not a copy, when the features
+        are read here), ``[v]`` the augmented view v of every row, aligned with the other arrays. ``k`` defaults to
+        every view of the cache. Reads the shards' view columns (nothing is read for k = 1); a few vectorised
+        copies per shard, never per row."""
+        k = self.num_views if k is None else int(k)
+        if not 1 <= k <= self.num_views:
+            raise store.CacheError(f"{self.path}: {k} views asked for, the cache holds {self.num_views} per image; "
+                                   f"re-extract with --views {k}")
+        if k == 1:
+            return self.features[None]
+        if self._views is not None and self._views.shape[0] >= k:
+            return self._views[:k]  # view-major: the first k views are a contiguous block
+        if not self.complete:
+            raise store.CacheError(f"{self.path}: an unfinished cache serves no augmented views (some images may "
+                                   f"lack them); finish the extract first")
+        listed = self.meta.get("shards") or {}
+        short = [s for s, *_ in self._sources if listed.get(Path(s).name, {}).get("views", 1) < self.num_views]
+        if short:
+            raise store.CacheError(f"{short[0]}: shard holds fewer views than the cache's {self.num_views}; re-run "
+                                   f"the same extract command to repair the cache")
+        gone = [str(s) for s, *_ in self._sources if not Path(s).is_file()]
+        if gone:
+            raise store.CacheError(f"{gone[0]}: the cache changed since it was opened (an extract ran); open it "
+                                   f"again")
+        out = np.empty((k, len(self.labels), self.dim), np.float32)
+        if self._features is not None:
+            out[0] = self._features
+        else:
+            self._fill(out[0])
+        for shard, src, dst, rows in self._sources:
+            if not len(src):
+                continue
+            dest = np.full(rows, -1, np.int64)
+            dest[src] = dst
+            for pos, block in store.iter_shard_embedding(shard, column="views"):
+                block = block.reshape(len(block), -1, self.dim)
+                d = dest[pos:pos + len(block)]
+                keep = d >= 0
+                for v in range(1, k):  # one vectorised scatter per view
+                    out[v, d[keep]] = block[keep, v - 1]
+            store.release_arrow_memory()
+        if self.features_in == "memory":
+            self._features = out[0]  # one copy of view 0 in memory, not two
+        self._views = out
+        return out
 
     def identity(self) -> dict:
         """Which cache, and which commit of it: results computed on another identity are not these results."""

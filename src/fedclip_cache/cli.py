@@ -83,6 +83,22 @@ def extract(
                                                     "preprocessing (the official code, like ImageFolder, does not)."),
     verify: bool = typer.Option(_EX.verify, help="Re-hash every committed shard before resuming (default: size check); "
                                             "damaged shards are removed and their images re-embedded."),
+    views: Optional[int] = typer.Option(
+        _EX.views, help="Views per image, K >= 1 (default: the cache's own, 1 for a new cache). View 0 is the "
+                        "deterministic evaluation view (exactly the feature a plain extract stores); views 1..K-1 "
+                        "are seeded augmented views (--augment) for training with `federate --train-views`. "
+                        "Costs K x the extraction time and K x the storage; raising K on an existing cache "
+                        "computes only the new views."),
+    augment: Optional[str] = typer.Option(
+        _EX.augment, help="Recipe of the augmented views (only with --views >= 2): comma-separated rrc=LO-HI "
+                          "(RandomResizedCrop to the model's input size and interpolation, area scale), ratio=LO-HI "
+                          "(crop aspect ratio, default 3/4-4/3), flip[=P] (horizontal flip, P=0.5), jitter=S "
+                          "(brightness/contrast/saturation). Default 'rrc=0.5-1,flip' (PromptFL/CoOp training "
+                          "augmentation). Fixed for a cache once it holds views."),
+    augment_seed: Optional[int] = typer.Option(
+        _EX.augment_seed, help="Seed of the augmented views (default 0): view k of an image depends only on this "
+                               "seed, the image's path in the dataset and k. Fixed for a cache once it holds "
+                               "views."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ):
     """Run frozen open_clip once over every image and store raw embeddings + class-prompt text embeddings.
@@ -115,7 +131,8 @@ def extract(
                         seed=seed, quick_gelu=quick_gelu),
         format=format, device=device, precision=precision, dtype=dtype, batch_size=batch_size, workers=workers,
         shard_size=shard_size, templates=templates or list(DEFAULT_TEMPLATES), strict=strict, progress=not quiet,
-        dataset=dataset, exif_transpose=exif_transpose, verify=verify)
+        dataset=dataset, exif_transpose=exif_transpose, verify=verify, views=views, augment=augment,
+        augment_seed=augment_seed)
     rep = run_extract(cfg)
     import os
     if int(os.environ.get("RANK", "0")) != 0:
@@ -128,6 +145,9 @@ def extract(
                   f"{rep.already_cached} already cached ({rep.changed} changed files re-extracted, {rep.retried} "
                   f"retried), {len(rep.retired)} retired, {rep.refreshed} refreshed (label, domain, split or file identity), in {rep.seconds:.1f}s ({rep.images_per_s:,.0f} img/s); "
                   f"total {rep.total_images} images", soft_wrap=True)
+    if rep.views > 1:
+        console.print(f"views: {rep.views} per image ({rep.extended} cached image(s) given their missing views)",
+                      soft_wrap=True)
     for what, why in rep.repaired:
         console.print(f"[yellow]repaired:[/] {escape(what)}: {escape(why)}", soft_wrap=True)
     if rep.retired:

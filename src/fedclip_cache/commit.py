@@ -59,15 +59,17 @@ def commit(out: Path, meta: dict, inv: Inventory, table: ImageTable, session: st
             stale |= np.asarray(stored[c][keep] != current[c], bool)
         refreshed += int(stale.sum())
         if keep.all() and len(keep) and not stale.any():
-            listing[name] = inv.listed.get(name) or shard_record(shard_dir / name, len(ids))
+            listing[name] = inv.listed.get(name) or shard_record(shard_dir / name, len(ids), inv.shard_views[name])
             continue
         obsolete.append(name)
         if keep.any():  # compact: the rows still served move to a new shard of this session, with fresh metadata
             new = f"part-{session}-r000-c{seq:05d}{store.FORMATS[fmt]}"
             seq += 1
             current["label"] = np.array([label_of[c] for c in current["class_name"]], np.int32)
-            _rewrite(shard_dir / name, shard_dir / new, np.flatnonzero(keep), current, fmt, dtype, fp, session, dim)
-            listing[new] = shard_record(shard_dir / new, int(keep.sum()))
+            k = inv.shard_views[name]
+            _rewrite(shard_dir / name, shard_dir / new, np.flatnonzero(keep), current, fmt, dtype, fp, session, dim,
+                     meta.get("views") if k > 1 else None)
+            listing[new] = shard_record(shard_dir / new, int(keep.sum()), k)
 
     skipped = []
     for i, w in inv.winners.items():
@@ -81,6 +83,11 @@ def commit(out: Path, meta: dict, inv: Inventory, table: ImageTable, session: st
     skipped.sort(key=lambda r: r["path"])
     retired = sorted(retired_paths)
     images = sum(r["rows"] for r in listing.values())
+    want = int((meta.get("views") or {}).get("count", 1))
+    short = [n for n, r in listing.items() if r.get("views", 1) < want and r["rows"]]
+    if short:  # the plan extends every row to the cache's views: a shard without them is a bug, never served
+        raise RuntimeError(f"internal error: shard {short[0]} holds fewer than {want} views at commit; re-run the "
+                           f"same extract command")
     run = {**run, "retired": len(retired), "superseded": superseded, "refreshed": refreshed,
            "seconds": round(time.perf_counter() - t0, 3)}
     meta.update(state="complete", shards=dict(sorted(listing.items())), last_session=session, skipped=skipped,
@@ -96,9 +103,14 @@ def commit(out: Path, meta: dict, inv: Inventory, table: ImageTable, session: st
 
 
 def _rewrite(src: Path, dst: Path, keep: np.ndarray, updates: dict, fmt: str, dtype: str, fp: dict, session: str,
-             dim: int) -> None:
+             dim: int, views: dict | None = None) -> None:
     cols, emb = store.read_shard(src, store.STRING_COLUMNS + tuple(store.INT_COLUMNS), True, dim)
     cols = {c: v[keep] for c, v in cols.items()}  # "path" comes back lossless (from the stored bytes)
     cols.update(updates)
     cols["path_bytes"] = np.array([os.fsencode(p) for p in cols["path"]], dtype=object)
-    store.write_shard(dst, fmt, cols, emb[keep], dtype, {"fingerprint": fp, "session": session, "skipped": []})
+    smeta = {"fingerprint": fp, "session": session, "skipped": []}
+    extra = None
+    if views is not None:  # the augmented views move with their rows
+        extra = store.read_shard_views(src, dim)[keep]
+        smeta.update(augment=views["augment"], augment_seed=views["seed"])
+    store.write_shard(dst, fmt, cols, emb[keep], dtype, smeta, extra)

@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from . import integrity, store
+from . import integrity, store, views as _views
 from .integrity import CACHE_FORMAT_VERSION, CacheBusy, WriterLock
 from .imageio import ImageFiles
 from .models import LoadedModel, load_model
@@ -51,6 +51,8 @@ class ExtractReport:
     refreshed: int = 0  # cached rows whose label, domain, client or split the dataset changed (features kept)
     retired: list[str] = field(default_factory=list)  # cached files no longer in the dataset: no longer served
     repaired: list[tuple[str, str]] = field(default_factory=list)  # (shard or file, what was wrong) fixed now
+    views: int = 1  # views per image in the cache (extract --views)
+    extended: int = 0  # cached images given new augmented views only (their view 0 and older views kept)
 
     @property
     def images_per_s(self) -> float:
@@ -181,11 +183,12 @@ def _meta_record(lm: LoadedModel, cfg: ExtractConfig, fp: dict, dim: int) -> dic
 
 # --------------------------------------------------------------------------------------------- the run
 
-def _plan(table: ImageTable, known: dict) -> tuple[np.ndarray, int, int, int]:
+def _plan(table: ImageTable, known: dict, views: int = 1) -> tuple[np.ndarray, int, int, int, np.ndarray]:
     """Rows of ``table`` still to extract: new ids; files whose size or mtime changed; files whose inode or ctime
     changed (a rename, a swap of two same-size files, a copy) and whose bytes no longer hash to what was embedded;
     files whose last attempt failed for a transient reason (permission denied, I/O error). Returns (todo, already,
-    changed, retried)."""
+    changed, retried, extend): ``extend`` are the cached rows, not to re-extract, that hold fewer than ``views``
+    views (only their missing views are computed)."""
     todo, changed, retried, suspects = [], 0, 0, []
     stats = zip(table.size.tolist(), table.mtime_ns.tolist(), table.ino.tolist(), table.ctime_ns.tolist())
     for i, (iid, st) in enumerate(zip(table.ids.tolist(), stats)):
@@ -193,7 +196,7 @@ def _plan(table: ImageTable, known: dict) -> tuple[np.ndarray, int, int, int]:
         if prev is None:
             todo.append(i)
             continue
-        (size, mtime, ino, ctime), kind, digest = prev
+        (size, mtime, ino, ctime), kind, digest, _ = prev
         if (size, mtime) != st[:2]:
             todo.append(i)
             changed += 1
@@ -219,7 +222,12 @@ def _plan(table: ImageTable, known: dict) -> tuple[np.ndarray, int, int, int]:
                 todo.append(i)
                 changed += 1
     todo = np.sort(np.array(todo, np.int64))
-    return todo, len(table) - len(todo), changed, retried
+    extend = np.zeros(0, np.int64)
+    if views > 1:
+        redo = set(todo.tolist())
+        extend = np.array([i for i, iid in enumerate(table.ids.tolist()) if i not in redo
+                           and known[iid][1] == "row" and known[iid][3] < views], np.int64)
+    return todo, len(table) - len(todo), changed, retried, extend
 
 
 def validate_config(cfg: ExtractConfig) -> None:
@@ -254,6 +262,7 @@ def validate_config(cfg: ExtractConfig) -> None:
     if cfg.model.image_std is not None and min(cfg.model.image_std) <= 0:
         raise ExtractError(f"--image-std values must be > 0 (got {list(cfg.model.image_std)})")
     resolve_device(cfg.device)
+    _views.check_views(cfg.views, cfg.augment, cfg.augment_seed)
     if cfg.dataset is not None:
         from .datasets import DATASETS, canonical
 
@@ -307,17 +316,27 @@ def _open_or_create(cfg: ExtractConfig, lm: LoadedModel, fp: dict, out: Path, re
             check_compatible(out, meta, fp, cfg.format)
             return meta, False
         except store.CacheError as e:
-            foreign = []
+            foreign, found_views = [], {}
             for p in store.shard_files(out, cfg.format):
                 try:
-                    if store.read_shard_meta(p).get("fingerprint") != fp:
+                    smeta = store.read_shard_meta(p)
+                    if smeta.get("fingerprint") != fp:
                         foreign.append(p.name)
+                    elif smeta.get("views", 1) > 1:  # the views' settings are recovered from the shards too
+                        found_views = {"count": max(smeta["views"], found_views.get("count", 1)),
+                                       "augment": smeta.get("augment"), "seed": smeta.get("augment_seed")}
                 except store.CacheError:
                     pass  # damaged shards are removed by the inventory
             if foreign:
                 raise ExtractError(f"{meta_file}: damaged, and shard {foreign[0]} was made with another model or "
                                    f"preprocessing; extract into a new output folder") from None
             report.repaired.append((store.META_FILE, f"damaged ({str(e).split(': ', 2)[1]}); rebuilt"))
+            meta = _meta_record(lm, cfg, fp, 0)
+            meta.update(state="in-progress", shards={}, last_session="", skipped=[], classes=[], templates=[],
+                        counts={"images": 0, "skipped": 0})
+            if found_views:
+                meta["views"] = found_views
+            return meta, True
     meta = _meta_record(lm, cfg, fp, 0)
     meta.update(state="in-progress", shards={}, last_session="", skipped=[], classes=[], templates=[],
                 counts={"images": 0, "skipped": 0})
@@ -336,6 +355,13 @@ def _extract_locked(cfg: ExtractConfig, table: ImageTable, lm: LoadedModel, fp: 
     if rank == 0:
         removed_tmp = integrity.clean_temporaries(out)  # a killed run's half-written files (never visible)
         meta, _ = _open_or_create(cfg, lm, fp, out, report)
+        vcfg = _views.resolve(meta.get("views"), cfg.views, cfg.augment, cfg.augment_seed, str(out))
+        if vcfg["count"] > 1:
+            _views.AugmentedView(lm.preprocess, lm.preprocess_cfg, vcfg["augment"], vcfg["seed"])  # fails early
+            vcfg["size"], vcfg["interpolation"] = list(_input_size(lm)), lm.preprocess_cfg.get("interpolation")
+            meta["views"] = vcfg  # the target, on disk before any shard: a resume goes on with the same views
+        else:
+            meta.pop("views", None)
         stale_text = meta.get("classes") != classes or meta.get("templates") != templates or \
             not _text_matches(out, cfg.format, templates, classes, int(meta.get("embedding_dim") or 0))
         if stale_text:  # a resume with the same classes and templates re-encodes nothing
@@ -354,15 +380,24 @@ def _extract_locked(cfg: ExtractConfig, table: ImageTable, lm: LoadedModel, fp: 
         report.repaired += inv.removed
         if removed_tmp:
             report.repaired.append(("temporary files", f"{removed_tmp} left by a killed run, removed"))
-        todo, report.already_cached, report.changed, report.retried = _plan(table, inv.known())
-        plan = (todo, int(meta["embedding_dim"]))
+        known = inv.known()
+        todo, report.already_cached, report.changed, report.retried, ext = _plan(table, known, vcfg["count"])
+        # where each row to extend lives now: (shard, position, views it holds, content hash)
+        src = [inv.winners[i] for i in table.ids[ext].tolist()]
+        ext_src = (np.array([w[1] for w in src], dtype=object), np.array([w[2] for w in src], np.int64),
+                   np.array([known[i][3] for i in table.ids[ext].tolist()], np.int64),
+                   np.array([w[3][4] for w in src], dtype=object))
+        plan = (todo, int(meta["embedding_dim"]), vcfg, ext, ext_src)
     session = _broadcast(_dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S%f"), world)
-    todo, dim = _broadcast(plan, world)
-    mine = todo[rank::world]
-    if len(mine):
+    todo, dim, vcfg, ext, ext_src = _broadcast(plan, world)
+    report.views = vcfg["count"]
+    mine, mine_ext = todo[rank::world], ext[rank::world]
+    if len(mine) or len(mine_ext):
         t_loop = time.perf_counter()
-        _run_shards(cfg, lm, table.take(mine), table.ids[mine], classes, dim, fp, device, out, session, rank,
-                    report, world)
+        rows = np.concatenate([mine, mine_ext])
+        sources = tuple(a[rank::world] for a in ext_src)
+        _run_shards(cfg, lm, table.take(rows), table.ids[rows], classes, dim, fp, device, out, session, rank,
+                    report, world, vcfg, len(mine), sources)
         report.loop_seconds = time.perf_counter() - t_loop
     _barrier(world)
     if rank == 0:
@@ -371,6 +406,8 @@ def _extract_locked(cfg: ExtractConfig, table: ImageTable, lm: LoadedModel, fp: 
         meta["ignored"] = sorted([p, r] for p, r in table.ignored)
         run = {"time": _now(), "source": str(Path(cfg.source).resolve()), "scanned": len(table),
                "todo": int(len(todo)), "world_size": world, "device": str(device)}
+        if vcfg["count"] > 1:
+            run.update(views=vcfg["count"], extended=int(len(ext)))
         result = commit(out, meta, inv, table, session, fp, dim, cfg.format, cfg.dtype, run, t0)
         report.retired, report.refreshed = result.retired, result.refreshed
         report.total_images, report.total_skipped = result.images, result.skipped
@@ -411,17 +448,25 @@ def _layout_warnings(table: ImageTable, dataset: Optional[str]) -> list[str]:
 
 def _run_shards(cfg: ExtractConfig, lm: LoadedModel, rows: ImageTable, ids: np.ndarray, classes: list[str], dim: int,
                 fp: dict, device: torch.device, out: Path, session: str, rank: int, report: ExtractReport,
-                world: int) -> None:
+                world: int, vcfg: Optional[dict] = None, n_full: Optional[int] = None,
+                sources: Optional[tuple] = None) -> None:
+    """Embed ``rows`` and commit them in shards. With views (``vcfg["count"]`` = K > 1), the first ``n_full`` rows
+    are embedded whole (view 0 exactly as without views, plus K-1 augmented views) and the others only get the
+    views they lack (``sources``: where their cached row lives, its view count and content hash)."""
     from torch.utils.data import DataLoader
 
     # CPU: workers share the cores with the forward, a few suffice; GPU: decoding is the bottleneck, use them all.
     cpus = os.cpu_count() or 1
     workers = cfg.workers if cfg.workers is not None else (min(cpus, 32) if device.type == "cuda" else min(4, cpus))
     paths = [os.path.join(rows.root, r) for r in rows.relpath]
-    loader = DataLoader(
-        ImageFiles(paths, lm.preprocess, _input_size(lm), cfg.exif_transpose), batch_size=cfg.batch_size,
-        shuffle=False, num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=False,
-        prefetch_factor=4 if workers > 0 else None)
+    k_views = (vcfg or {}).get("count", 1)
+    n_full = len(rows) if n_full is None else n_full
+
+    def loader(dataset):
+        return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False, num_workers=workers,
+                          pin_memory=device.type == "cuda", persistent_workers=False,
+                          prefetch_factor=4 if workers > 0 else None)
+
     model = lm.model
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
@@ -429,54 +474,167 @@ def _run_shards(cfg: ExtractConfig, lm: LoadedModel, rows: ImageTable, ids: np.n
     labels = np.array([label_of[c] for c in rows.class_name], np.int32)
     path_bytes = np.array([os.fsencode(r) for r in rows.relpath], dtype=object)
     slow = float(os.environ.get("FEDCLIP_CACHE_SHARD_DELAY", "0"))  # test hook: widen the crash window
-    writer = _ShardWriter(cfg, out, session, rank, fp, dim, ids, rows, labels, path_bytes, slow)
+    writer = _ShardWriter(cfg, out, session, rank, fp, dim, ids, rows, labels, path_bytes, slow, vcfg, n_full,
+                          sources)
+
+    def failed(ok, idx, transient, reasons):
+        for pos in (~ok).nonzero().flatten().tolist():  # only the failed images of this batch
+            i, r = int(idx[pos]), reasons[pos]
+            if cfg.strict:
+                raise ExtractError(f"{paths[i]}: {r} (--strict makes any skipped image an error; "
+                                   f"fix or remove the file, or drop --strict)")
+            report.skipped.append((store.display_text(str(rows.relpath[i])), r))
+            writer.skip(i, r, bool(transient[pos]))
+
+    def encode_views(xa: torch.Tensor) -> np.ndarray:
+        """(n, V, 3, H, W) -> (n, V, D), in forward passes of at most batch_size images."""
+        n, v = xa.shape[:2]
+        flat = xa.reshape(n * v, *xa.shape[2:])
+        parts = [model.encode_image(_to_device(flat[s:s + cfg.batch_size].contiguous(), device)).float().cpu()
+                 for s in range(0, len(flat), cfg.batch_size)]
+        return (torch.cat(parts).numpy() if parts else np.zeros((0, dim), np.float32)).reshape(n, v, dim)
 
     progress = _progress(cfg.progress and rank == 0, len(rows) * world)
     with progress as bar:
         task = bar.add_task("extract", total=len(rows) * world) if bar else None
         with torch.inference_mode(), autocast_for(device, cfg.precision):
-            for x, idx, ok, transient, reasons, digests in loader:
-                n, n_ok = len(idx), int(ok.sum())
-                if n_ok == n:
-                    emb = model.encode_image(_to_device(x, device)).float().cpu().numpy()
-                else:
-                    for pos in (~ok).nonzero().flatten().tolist():  # only the failed images of this batch
-                        i, r = int(idx[pos]), reasons[pos]
-                        if cfg.strict:
-                            raise ExtractError(f"{paths[i]}: {r} (--strict makes any skipped image an error; "
-                                               f"fix or remove the file, or drop --strict)")
-                        report.skipped.append((store.display_text(str(rows.relpath[i])), r))
-                        writer.skip(i, r, bool(transient[pos]))
-                    emb = (model.encode_image(_to_device(x[ok], device)).float().cpu().numpy() if n_ok
-                           else np.zeros((0, dim), np.float32))
-                keep = ok.numpy()
-                writer.add(idx.numpy()[keep], emb, np.asarray(digests, dtype=object)[keep])
-                report.embedded += n_ok
-                if bar:
-                    bar.update(task, advance=n * world)
+            if k_views == 1:  # the plain path, exactly as it always was
+                full = loader(ImageFiles(paths, lm.preprocess, _input_size(lm), cfg.exif_transpose))
+                for x, idx, ok, transient, reasons, digests in full:
+                    n, n_ok = len(idx), int(ok.sum())
+                    if n_ok == n:
+                        emb = model.encode_image(_to_device(x, device)).float().cpu().numpy()
+                    else:
+                        failed(ok, idx, transient, reasons)
+                        emb = (model.encode_image(_to_device(x[ok], device)).float().cpu().numpy() if n_ok
+                               else np.zeros((0, dim), np.float32))
+                    keep = ok.numpy()
+                    writer.add(idx.numpy()[keep], emb, np.asarray(digests, dtype=object)[keep])
+                    report.embedded += n_ok
+                    if bar:
+                        bar.update(task, advance=n * world)
+            else:
+                aug = _views.AugmentedView(lm.preprocess, lm.preprocess_cfg, vcfg["augment"], vcfg["seed"])
+                # one pass over the new/changed images (every view), then one per view count already held
+                passes = [(np.arange(n_full), 0)]
+                held = sources[2] if sources is not None else np.zeros(0, np.int64)
+                passes += [(n_full + np.flatnonzero(held == h), int(h)) for h in np.unique(held)]
+                for order, first in passes:
+                    if not len(order):
+                        continue
+                    ds = ViewFiles(paths, lm.preprocess, _input_size(lm), cfg.exif_transpose, order, ids, aug,
+                                   max(first, 1), k_views, with_view0=first == 0)
+                    for x, xa, idx, ok, transient, reasons, digests in loader(ds):
+                        n, n_ok = len(idx), int(ok.sum())
+                        if n_ok < n:
+                            failed(ok, idx, transient, reasons)
+                        keep = ok.numpy()
+                        new = encode_views(xa[ok] if n_ok < n else xa)
+                        if first == 0:  # view 0 exactly as the plain path computes it
+                            emb = (model.encode_image(_to_device(x if n_ok == n else x[ok], device)).float().cpu()
+                                   .numpy() if n_ok else np.zeros((0, dim), np.float32))
+                            writer.add(idx.numpy()[keep], emb, np.asarray(digests, dtype=object)[keep], new)
+                            report.embedded += n_ok
+                        else:
+                            report.extended += writer.extend(idx.numpy()[keep], new,
+                                                             np.asarray(digests, dtype=object)[keep])
+                        if bar:
+                            bar.update(task, advance=n * world)
         writer.flush()
 
 
-class _ShardWriter:
-    """Buffers embedded rows and skip records; commits a shard every ``shard_size`` attempted images."""
+class ViewFiles(ImageFiles):
+    """Decode each image once and produce view 0 (the model's preprocessing; only when ``with_view0``) and the
+    augmented views ``first..count-1``. Items: (x, views (V, 3, H, W), index, ok, transient, reason, hash)."""
 
-    def __init__(self, cfg, out, session, rank, fp, dim, ids, rows, labels, path_bytes, slow):
+    def __init__(self, paths, preprocess, input_size, exif_transpose, order, ids, augment, first: int, count: int,
+                 with_view0: bool):
+        super().__init__(paths, preprocess, input_size, exif_transpose)
+        self.order, self.ids, self.augment = order, ids, augment
+        self.first, self.count, self.with_view0 = first, count, with_view0
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __getitem__(self, j: int):
+        from .imageio import BadImage, _read_regular_file, content_hash, open_rgb
+
+        i = int(self.order[j])
+        v = self.count - self.first
+        blank = torch.zeros(3, *self.input_size) if self.with_view0 else torch.zeros(0)
+        try:
+            data = _read_regular_file(self.paths[i])
+            img = open_rgb(self.paths[i], self.exif_transpose, data)
+            x = self.preprocess(img) if self.with_view0 else blank
+            xa = torch.stack([self.augment(img, str(self.ids[i]), k) for k in range(self.first, self.count)])
+            return x, xa, i, True, False, "", content_hash(data)
+        except BadImage as e:
+            return blank, torch.zeros(v, 3, *self.input_size), i, False, e.transient, str(e), ""
+        except Exception as e:  # preprocessing of an odd image (e.g. 1x0 pixels)
+            return blank, torch.zeros(v, 3, *self.input_size), i, False, False, \
+                f"preprocessing failed: {type(e).__name__}: {e}", ""
+
+
+class _ShardWriter:
+    """Buffers embedded rows and skip records; commits a shard every ``shard_size`` attempted images. With views,
+    each row carries its K-1 augmented views; rows being extended copy their view 0 and older views from the shard
+    that holds them."""
+
+    def __init__(self, cfg, out, session, rank, fp, dim, ids, rows, labels, path_bytes, slow, vcfg=None, n_full=0,
+                 sources=None):
         self.cfg, self.out, self.session, self.rank, self.fp, self.dim = cfg, out, session, rank, fp, dim
         self.ids, self.rows, self.labels, self.path_bytes, self.slow = ids, rows, labels, path_bytes, slow
+        self.vcfg = vcfg if vcfg and vcfg.get("count", 1) > 1 else None
+        self.n_full, self.sources = n_full, sources
+        self._old: dict[str, tuple] = {}  # the last shards read for extensions: name -> (embedding, views)
         self.idx: list[np.ndarray] = []
         self.emb: list[np.ndarray] = []
+        self.views: list[np.ndarray] = []
         self.digests: list[np.ndarray] = []
         self.skipped: list[dict] = []
         self.embedded = 0
         self.seq = 0
 
-    def add(self, idx: np.ndarray, emb: np.ndarray, digests: np.ndarray) -> None:
+    def add(self, idx: np.ndarray, emb: np.ndarray, digests: np.ndarray, views: np.ndarray | None = None) -> None:
         self.idx.append(idx)
         self.emb.append(emb)
         self.digests.append(digests)
+        if self.vcfg is not None:
+            self.views.append(views)
         self.embedded += len(idx)
         if self.embedded + len(self.skipped) >= self.cfg.shard_size:
             self.flush()
+
+    def _old_rows(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        if name not in self._old:
+            if len(self._old) >= 2:  # rows to extend come in path order, as the shards hold them: keep two
+                self._old.pop(next(iter(self._old)))
+            path = self.out / store.SHARD_DIR / name
+            _, emb = store.read_shard(path, (), True, self.dim)
+            self._old[name] = (emb, store.read_shard_views(path, self.dim))
+        return self._old[name]
+
+    def extend(self, idx: np.ndarray, new: np.ndarray, digests: np.ndarray) -> int:
+        """Rows already cached with fewer views: keep their view 0 and views, append ``new``. A file whose bytes
+        no longer match what was embedded is skipped as transient (the next run re-embeds it whole)."""
+        names, pos, held, old_digest = (a[idx - self.n_full] for a in self.sources)
+        same = np.array([not o or d == o for d, o in zip(digests.tolist(), old_digest.tolist())], bool)
+        for i in idx[~same].tolist():
+            self.skip(i, "the file changed while its views were added; re-run to re-embed it", True)
+        idx, new, names, pos, held, digests = idx[same], new[same], names[same], pos[same], held[same], digests[same]
+        if not len(idx):
+            return 0
+        emb = np.empty((len(idx), self.dim), np.float32)
+        views = np.empty((len(idx), self.vcfg["count"] - 1, self.dim), np.float32)
+        for name in dict.fromkeys(names.tolist()):
+            at = np.flatnonzero(names == name)
+            old_emb, old_views = self._old_rows(name)
+            emb[at] = old_emb[pos[at]]
+            h = int(held[at[0]])
+            views[at, :h - 1] = old_views[pos[at], :h - 1]
+            views[at, h - 1:] = new[at]
+        self.add(idx, emb, digests, views)
+        return len(idx)
 
     def skip(self, i: int, reason: str, transient: bool) -> None:
         r = self.rows
@@ -496,10 +654,15 @@ class _ShardWriter:
                 "ino": r.ino[idx], "ctime_ns": r.ctime_ns[idx],
                 "content_hash": np.concatenate(self.digests) if self.digests else np.zeros(0, object)}
         name = f"part-{self.session}-r{self.rank:03d}-{self.seq:05d}{store.FORMATS[self.cfg.format]}"
-        store.write_shard(self.out / store.SHARD_DIR / name, self.cfg.format, cols, emb, self.cfg.dtype,
-                          {"fingerprint": self.fp, "session": self.session, "skipped": self.skipped})
+        smeta = {"fingerprint": self.fp, "session": self.session, "skipped": self.skipped}
+        views = None
+        if self.vcfg is not None:
+            k = self.vcfg["count"]
+            views = np.concatenate(self.views) if self.views else np.zeros((0, k - 1, self.dim), np.float32)
+            smeta.update(augment=self.vcfg["augment"], augment_seed=self.vcfg["seed"])
+        store.write_shard(self.out / store.SHARD_DIR / name, self.cfg.format, cols, emb, self.cfg.dtype, smeta, views)
         self.seq += 1
-        self.idx, self.emb, self.digests, self.skipped, self.embedded = [], [], [], [], 0
+        self.idx, self.emb, self.views, self.digests, self.skipped, self.embedded = [], [], [], [], [], 0
         if self.slow:
             time.sleep(self.slow)
 

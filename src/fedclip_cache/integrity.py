@@ -33,8 +33,11 @@ class CacheBusy(CacheError):
     """Another process is writing the cache."""
 
 
-def shard_record(path: Path, rows: int) -> dict:
-    return {"rows": int(rows), "bytes": path.stat().st_size, "sha256": file_sha256(path)}
+def shard_record(path: Path, rows: int, views: int = 1) -> dict:
+    rec = {"rows": int(rows), "bytes": path.stat().st_size, "sha256": file_sha256(path)}
+    if views > 1:  # single-view shards keep the record they always had
+        rec["views"] = int(views)
+    return rec
 
 
 def session_of(name: str) -> str:
@@ -176,10 +179,12 @@ class Inventory:
     removed: list[tuple[str, str]] = field(default_factory=list)  # (file, why) deleted as damaged or leftover
     shard_cols: dict[str, dict] = field(default_factory=dict)  # name -> INDEX_COLUMNS arrays, in row order
     winners: dict[str, tuple] = field(default_factory=dict)
+    shard_views: dict[str, int] = field(default_factory=dict)  # name -> views per row (1: view 0 only)
 
-    def add_shard(self, name: str, cols: dict, skipped: list[dict]) -> None:
+    def add_shard(self, name: str, cols: dict, skipped: list[dict], views: int = 1) -> None:
         ids = cols["id"]
         self.shard_cols[name] = cols
+        self.shard_views[name] = int(views)
         stat = zip(cols["size"].tolist(), cols["mtime_ns"].tolist(), cols["ino"].tolist(), cols["ctime_ns"].tolist(),
                    cols["content_hash"].tolist())
         for pos, (i, st) in enumerate(zip(ids.tolist(), stat)):
@@ -188,23 +193,30 @@ class Inventory:
             self.winners[rec["id"]] = ("skip", rec)
 
     def known(self) -> dict[str, tuple]:
-        """id -> ((size, mtime_ns, ino, ctime_ns), kind, content hash) where kind is "row", "permanent" or
-        "transient"."""
+        """id -> ((size, mtime_ns, ino, ctime_ns), kind, content hash, views) where kind is "row", "permanent" or
+        "transient" and views the number of views the row holds (0 for skip records)."""
         out = {}
         for i, w in self.winners.items():
             if w[0] == "row":
-                out[i] = (tuple(w[3][:4]), "row", w[3][4])
+                out[i] = (tuple(w[3][:4]), "row", w[3][4], self.shard_views.get(w[1], 1))
             else:
                 r = w[1]
                 out[i] = ((r["size"], r["mtime_ns"], r.get("ino", -1), r.get("ctime_ns", -1)),
-                          r.get("kind", "permanent"), "")
+                          r.get("kind", "permanent"), "", 0)
         return out
 
 
-def _read_and_check(path: Path, fp: dict, dim: int) -> tuple[dict, dict]:
+def _read_and_check(path: Path, fp: dict, dim: int, views: dict | None = None) -> tuple[dict, dict]:
     meta = store.read_shard_meta(path)
     if meta.get("fingerprint") != fp:
         raise CacheError(f"{path}: shard written with another model/preprocessing")
+    k = int(meta.get("views", 1))
+    if meta.get("_views_width", 0) != (k - 1) * dim:
+        raise CacheError(f"{path}: shard says {k} views per row but stores {meta.get('_views_width')} view values "
+                         f"per row")
+    if k > 1 and (meta.get("augment") != (views or {}).get("augment")
+                  or meta.get("augment_seed") != (views or {}).get("seed")):
+        raise CacheError(f"{path}: shard's views were made with another augmentation recipe or seed")
     rows, dim_on_disk = meta["_rows_on_disk"], meta.get("_dim_on_disk", meta.get("dim"))
     if rows != meta.get("rows") or meta.get("dim") != dim or dim_on_disk != dim:
         raise CacheError(f"{path}: shard holds {rows} rows of width {dim_on_disk}, expected {meta.get('rows')} "
@@ -214,6 +226,7 @@ def _read_and_check(path: Path, fp: dict, dim: int) -> tuple[dict, dict]:
 
 
 def take_inventory(cache: Path, meta: dict, fp: dict, dim: int, verify: bool = False) -> Inventory:
+    views = meta.get("views")
     """Sort the shards on disk before a run plans; damaged and leftover ones are deleted (their rows are then
     simply not cached, so the run re-embeds them). Only ever called by the one writer, under the lock."""
     cache = Path(cache)
@@ -234,12 +247,12 @@ def take_inventory(cache: Path, meta: dict, fp: dict, dim: int, verify: bool = F
             if rec is not None and (p.stat().st_size != rec.get("bytes") or
                                     (verify and file_sha256(p) != rec.get("sha256"))):
                 raise CacheError(f"{p}: size or checksum differs from the committed one")
-            smeta, cols = _read_and_check(p, fp, dim)
+            smeta, cols = _read_and_check(p, fp, dim, views)
         except CacheError as e:
             p.unlink()
             inv.removed.append((name, f"damaged: {str(e).split(': ', 1)[-1]}"))
             continue
-        inv.add_shard(name, cols, smeta.get("skipped", []))
+        inv.add_shard(name, cols, smeta.get("skipped", []), int(smeta.get("views", 1)))
         if rec is not None:  # unlisted shards that pass are a killed run's: adopted as the newest events
             inv.listed[name] = rec
     gone = {n for n, _ in inv.removed}
@@ -253,8 +266,8 @@ def add_new_shards(cache: Path, meta: dict, fp: dict, dim: int, inv: Inventory) 
     new = []
     for p in store.shard_files(cache, meta["format"]):
         if p.name not in inv.shard_cols:
-            smeta, cols = _read_and_check(p, fp, dim)
-            inv.add_shard(p.name, cols, smeta.get("skipped", []))
+            smeta, cols = _read_and_check(p, fp, dim, meta.get("views"))
+            inv.add_shard(p.name, cols, smeta.get("skipped", []), int(smeta.get("views", 1)))
             new.append(p.name)
     return new
 

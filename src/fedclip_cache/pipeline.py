@@ -131,8 +131,17 @@ def _check_extract(ex: dict, label: Callable[[str], str]) -> None:
             raise ConfigError(f"{where}: unknown; choose one of {', '.join(EXTRACT_CHOICES[k])}")
         if k in ("batch_size", "shard_size") and (not _is_int(v) or v < 1):
             raise ConfigError(f"{where}: expected a whole number >= 1")
-        if k in ("workers", "seed") and (not _is_int(v) or v < 0):
+        if k in ("workers", "seed", "augment_seed") and (not _is_int(v) or v < 0):
             raise ConfigError(f"{where}: expected a whole number >= 0")
+        if k == "views" and (not _is_int(v) or v < 1):
+            raise ConfigError(f"{where}: expected a whole number >= 1 (1 = only the evaluation view)")
+        if k == "augment":
+            from .views import AugmentError, parse_augment
+
+            try:
+                parse_augment(v)
+            except AugmentError as e:
+                raise ConfigError(f"{where}: {str(e).split(': ', 1)[-1]}") from None
         if k in ("strict", "quick_gelu", "exif_transpose", "verify") and not isinstance(v, bool):
             raise ConfigError(f"{where}: expected true or false")
         if k in ("image_mean", "image_std") and (

@@ -27,6 +27,8 @@ def cache_summary(c: "FeatureCache | CacheOverview") -> dict:
         "precision": m.get("precision"),
         "dtype": m.get("dtype"),
         "normalised": m.get("normalised", False),
+        "views": int((m.get("views") or {}).get("count", 1)),
+        "augment": _views_text(m.get("views")),
         "images": len(c),
         "dim": c.dim,
         "classes": c.classes,
@@ -46,6 +48,16 @@ def cache_summary(c: "FeatureCache | CacheOverview") -> dict:
     }
 
 
+def _views_text(v: dict | None) -> dict | None:
+    """The views' provenance as ``info`` shows it (None for a single-view cache)."""
+    if not v or int(v.get("count", 1)) < 2:
+        return None
+    from .views import recipe_text
+
+    return {"recipe": recipe_text(v["augment"]), "seed": v.get("seed"), "size": v.get("size"),
+            "interpolation": v.get("interpolation"), "steps": v["augment"]}
+
+
 def render_cache_summary(s: dict, console: Console) -> None:
     p = s["preprocess"]
     state = "complete" if s["complete"] else f"[bold red]INCOMPLETE[/] ({escape(s['incomplete_reason'])})"
@@ -55,6 +67,12 @@ def render_cache_summary(s: dict, console: Console) -> None:
                   f"({s['model_params'] or 0:,} params, {s['activation'] or 'activation unrecorded'}; open_clip {s['open_clip_version']}, torch {s['torch_version']})")
     console.print(f"preprocess size={p.get('size')} resize={p.get('resize_mode')} interp={p.get('interpolation')} "
                   f"mean={p.get('mean')} std={p.get('std')}; precision {s['precision']}")
+    if s.get("augment"):
+        a = s["augment"]
+        console.print(f"views: {s['views']} per image (view 0 = the preprocessing above; views 1..{s['views'] - 1} "
+                      f"augmented: {a['recipe']}, seed {a['seed']}, size {a['size']}, {a['interpolation']})")
+    else:
+        console.print("views: 1 per image (the deterministic preprocessing above)")
     console.print(f"templates: {s['templates']}")
     t = Table(title=f"{s['images']:,} images · {len(s['domains'])} domains × {len(s['classes'])} classes")
     t.add_column("class")

@@ -66,3 +66,8 @@ class ExtractConfig:
     dataset: Optional[str] = None  # known dataset to check the layout against (None: identify by domain names)
     exif_transpose: bool = False  # apply EXIF orientation (the official code does not)
     verify: bool = False  # re-hash every committed shard before resuming (default: size check only)
+    # Cached augmented views (views.py): K views per image, view 0 the deterministic one. None = the cache's own
+    # settings (1 view, the default recipe and seed 0 for a new cache).
+    views: Optional[int] = None
+    augment: Optional[str] = None
+    augment_seed: Optional[int] = None

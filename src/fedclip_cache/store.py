@@ -110,18 +110,23 @@ def _has_surrogates(s: str) -> bool:
 
 # ----------------------------------------------------------------------------------------------- shards
 
-def write_shard(path: Path, fmt: str, cols: dict, emb: np.ndarray, dtype: str, meta: dict) -> None:
-    """Write embedded rows (``cols``: STRING_COLUMNS + INT_COLUMNS + ``path_bytes``) and ``meta`` atomically."""
+def write_shard(path: Path, fmt: str, cols: dict, emb: np.ndarray, dtype: str, meta: dict,
+                views: np.ndarray | None = None) -> None:
+    """Write embedded rows (``cols``: STRING_COLUMNS + INT_COLUMNS + ``path_bytes``) and ``meta`` atomically.
+    ``views`` (rows, K-1, D): the augmented views of each row (``extract --views K``), stored beside view 0 in the
+    same row, so an image and its views are committed, superseded and retired together."""
     meta = {**meta, "format_version": SHARD_FORMAT_VERSION, "rows": int(len(emb)), "dim": int(emb.shape[1])}
+    if views is not None:
+        meta["views"] = int(views.shape[1]) + 1
     writer = _parquet_write if fmt == "parquet" else _hdf5_write
-    atomic_write(path, lambda t: writer(t, cols, emb, dtype, meta))
+    atomic_write(path, lambda t: writer(t, cols, emb, dtype, meta, views))
 
 
 def _text_column(values) -> list[str]:
     return [display_text(v) for v in values]
 
 
-def _parquet_write(path: Path, cols: dict, emb: np.ndarray, dtype: str, meta: dict) -> None:
+def _parquet_write(path: Path, cols: dict, emb: np.ndarray, dtype: str, meta: dict, views=None) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -132,12 +137,15 @@ def _parquet_write(path: Path, cols: dict, emb: np.ndarray, dtype: str, meta: di
     pa_type = pa.float16() if dtype == "float16" else pa.float32()
     arrays["embedding"] = pa.FixedSizeListArray.from_arrays(
         pa.array(np.ascontiguousarray(emb, dtype=dtype).reshape(-1), pa_type), d)
+    if views is not None:  # one fixed-size list of (K-1) * D values per row: views 1..K-1, view-major
+        arrays["views"] = pa.FixedSizeListArray.from_arrays(
+            pa.array(np.ascontiguousarray(views, dtype=dtype).reshape(-1), pa_type), views.shape[1] * d)
     table = pa.table(arrays).replace_schema_metadata({META_KEY: json.dumps(meta, ensure_ascii=True)})
     # Small row groups: a reader streaming the embedding decodes one group (16 MiB at 512-d) at a time.
     pq.write_table(table, path, row_group_size=ROW_GROUP_ROWS)
 
 
-def _hdf5_write(path: Path, cols: dict, emb: np.ndarray, dtype: str, meta: dict) -> None:
+def _hdf5_write(path: Path, cols: dict, emb: np.ndarray, dtype: str, meta: dict, views=None) -> None:
     import h5py
 
     with h5py.File(path, "w") as f:
@@ -149,6 +157,8 @@ def _hdf5_write(path: Path, cols: dict, emb: np.ndarray, dtype: str, meta: dict)
         for c, t in INT_COLUMNS.items():
             f.create_dataset(c, data=np.asarray(cols[c], t))
         f.create_dataset("embedding", data=np.ascontiguousarray(emb, dtype=dtype))
+        if views is not None:
+            f.create_dataset("views", data=np.ascontiguousarray(views, dtype=dtype))  # (rows, K-1, D)
         f.attrs[META_KEY] = json.dumps(meta, ensure_ascii=True)
 
 
@@ -186,6 +196,8 @@ def read_shard_meta(path: Path) -> dict:
             raw = md.get(META_KEY.encode())
             meta = json.loads(raw) if raw else {}
             meta["_rows_on_disk"] = pq.ParquetFile(path).metadata.num_rows
+            schema = pq.read_schema(path)
+            meta["_views_width"] = schema.field("views").type.list_size if "views" in schema.names else 0
         else:
             import h5py
 
@@ -194,6 +206,9 @@ def read_shard_meta(path: Path) -> dict:
                 meta = json.loads(raw) if raw else {}
                 meta["_rows_on_disk"] = int(f["embedding"].shape[0]) if "embedding" in f else -1
                 meta["_dim_on_disk"] = int(f["embedding"].shape[1]) if "embedding" in f else -1
+                v = f["views"].shape if "views" in f else None
+                meta["_views_width"] = int(v[1] * v[2]) if v is not None and v[0] == meta["_rows_on_disk"] else \
+                    (0 if v is None else -1)
     except Exception as e:  # pyarrow / h5py raise assorted errors on truncated or garbage files
         raise _damaged(path, e) from None
     if meta.get("format_version") != SHARD_FORMAT_VERSION:
@@ -334,15 +349,16 @@ def count_rows(path: Path, by: tuple[str, ...]) -> dict[tuple, int]:
         raise _damaged(path, e) from None
 
 
-def iter_shard_embedding(path: Path, batch_rows: int = 16_384):
+def iter_shard_embedding(path: Path, batch_rows: int = 16_384, column: str = "embedding"):
     """Yield ``(first row, (rows, D) array)`` blocks of a shard's embedding in stored dtype, so that reading a shard
-    never holds more than one block besides its destination."""
+    never holds more than one block besides its destination. ``column="views"``: blocks of the augmented views,
+    (rows, (K-1) * D)."""
     try:
         if path.suffix == ".parquet":
             import pyarrow.parquet as pq
 
             pos = 0
-            for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows, columns=["embedding"]):
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows, columns=[column]):
                 col = batch.column(0)
                 block = col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), -1)
                 yield pos, block
@@ -351,20 +367,25 @@ def iter_shard_embedding(path: Path, batch_rows: int = 16_384):
             import h5py
 
             with h5py.File(path, "r") as f:
-                ds = f["embedding"]
+                ds = f[column]
                 for pos in range(0, ds.shape[0], batch_rows):
-                    yield pos, ds[pos:pos + batch_rows]
+                    block = ds[pos:pos + batch_rows]
+                    yield pos, block.reshape(len(block), -1)
     except CacheError:
         raise
     except Exception as e:
         raise _damaged(path, e) from None
 
 
-def read_shard_embedding_into(path: Path, out: np.ndarray, dest: np.ndarray | None = None) -> None:
+def read_shard_embedding_into(path: Path, out: np.ndarray, dest: np.ndarray | None = None,
+                              column: str = "embedding") -> None:
     """Write the shard's embedding rows into ``out``: row i goes to ``out[i]``, or to ``out[dest[i]]`` when ``dest``
-    is given (``dest[i] < 0``: row not wanted). Streams in blocks and converts the dtype on assignment."""
+    is given (``dest[i] < 0``: row not wanted). Streams in blocks and converts the dtype on assignment.
+    ``column="views"`` with ``out`` (N, V, D): the first V augmented views of each row."""
     n = 0
-    for pos, block in iter_shard_embedding(path):
+    for pos, block in iter_shard_embedding(path, column=column):
+        if out.ndim == 3:  # views: (rows, (K-1) * D) -> (rows, K-1, D), the first V of them
+            block = block.reshape(len(block), -1, out.shape[2])[:, :out.shape[1]]
         if dest is None:
             out[pos:pos + len(block)] = block
         else:
@@ -374,7 +395,16 @@ def read_shard_embedding_into(path: Path, out: np.ndarray, dest: np.ndarray | No
         n = pos + len(block)
     expected = len(out) if dest is None else len(dest)
     if n != expected:
-        raise _damaged(path, ValueError(f"{n} embedding rows, expected {expected}"))
+        raise _damaged(path, ValueError(f"{n} {column} rows, expected {expected}"))
+
+
+def read_shard_views(path: Path, dim: int) -> np.ndarray:
+    """(rows, K-1, D) augmented views of a shard, in stored dtype ((rows, 0, D) for a shard without views)."""
+    meta = read_shard_meta(path)
+    if int(meta.get("views", 1)) == 1:
+        return np.zeros((meta["_rows_on_disk"], 0, dim), np.float32)
+    blocks = [block.reshape(len(block), -1, dim) for _, block in iter_shard_embedding(path, column="views")]
+    return np.concatenate(blocks) if blocks else np.zeros((0, int(meta["views"]) - 1, dim), np.float32)
 
 
 # ----------------------------------------------------------------------------------------------- text

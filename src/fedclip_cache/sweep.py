@@ -139,6 +139,10 @@ def preflight(cache_path: str | Path, points: list[FederateConfig], names: Optio
         if cfg.partition == "pathological" and classes is not None and cfg.classes_per_client > len(classes):
             raise ConfigError(f"{_said(flag('classes_per_client'), cfg.classes_per_client)}: the cache has only "
                               f"{len(classes)} classes")
+        have = int((meta.get("views") or {}).get("count", 1))
+        if cfg.train_views != "all" and int(cfg.train_views) > have:
+            raise ConfigError(f"{_said(flag('train_views'), cfg.train_views)}: the cache holds {have} view(s) per "
+                              f"image; use {have} or all, or re-extract with --views {cfg.train_views}")
         if cfg.device.startswith("cuda"):
             import torch
 
@@ -151,6 +155,8 @@ def point_id(cfg: FederateConfig) -> str:
     d.pop("seed")
     if not d.get("keep_denormals"):  # the default: points made before the option existed keep their ids
         d.pop("keep_denormals", None)
+    if d.get("train_views") == "1":  # likewise
+        d.pop("train_views", None)
     return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 

@@ -101,8 +101,8 @@ def _check_field(cfg: "FederateConfig", name: str, flag: str) -> None:
             raise ConfigError(f"{_said(flag, v)}: expected domain names, e.g. [\"photo\", \"sketch\"] or "
                               f"\"photo,sketch\"")
         setattr(cfg, name, list(v))
-    elif name == "template" and isinstance(v, Integral) and not isinstance(v, bool):
-        setattr(cfg, name, str(v))  # TOML `template = 1`
+    elif name in ("template", "train_views") and isinstance(v, Integral) and not isinstance(v, bool):
+        setattr(cfg, name, str(v))  # TOML `template = 1`, `train_views = 4`
     elif kind is str and not isinstance(v, str):
         raise ConfigError(f"{_said(flag, v)}: expected a string")
 
@@ -211,6 +211,10 @@ class FederateConfig:
     prompt_full_context: bool = option(False, "Prompt learning: run the text transformer over the full context "
                                               "(77 tokens) instead of truncating after the longest prompt (same "
                                               "results; slower; for timing).")
+    train_views: str = option("1", "Views of each training image to train on (a cache extracted with --views K): "
+                                   "1 (official: the deterministic view only) | N <= K | all. Each local epoch "
+                                   "every training sample uses one of its first N views, drawn with a seeded RNG "
+                                   "(seed, round, client, epoch); validation, test and held-out always use view 0.")
     protocol: str = option("lodo", "lodo (leave-one-domain-out, official) | personal.", choices=PROTOCOLS)
     heldout: list[str] = option(help="Held-out domain(s), comma-separated; default: each in turn.", factory=list)
     partition: str = option("none", "none (clients = domains) | iid | dirichlet | pathological.", choices=PARTITIONS)
@@ -274,6 +278,9 @@ class FederateConfig:
             raise bad("device", f"unknown device; choose one of {'|'.join(DEVICES)}")
         if self.template != "mean" and not re.fullmatch(r"\d+", self.template):
             raise bad("template", "give a template index (0, 1, ...) or 'mean'")
+
+        if self.train_views != "all" and not (re.fullmatch(r"\d+", self.train_views) and int(self.train_views) >= 1):
+            raise bad("train_views", "give a number of views >= 1 or 'all' (views of a cache extracted with --views)")
 
         def at_least(name, low):
             if getattr(self, name) < low:

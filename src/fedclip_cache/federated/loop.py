@@ -63,6 +63,7 @@ class LoopResult:
     finetuned: Optional[dict] = None  # experiment -> client -> test accuracy after --finetune-steps
     fit_clients: list[int] = field(default_factory=list)  # clients that trained per round, summed over experiments
     notes: list[str] = field(default_factory=list)
+    train_views: int = 1  # --train-views resolved against the cache
 
 
 def _normalise(t: torch.Tensor) -> torch.Tensor:
@@ -98,6 +99,20 @@ def resolve_logit_scale(cfg: FederateConfig, cache: FeatureCache) -> tuple[float
         raise ConfigError(f"{cache.path}: cache.json records model.logit_scale = {raw!r}, not a finite number > 0; "
                           f"pass --logit-scale to choose one")
     return val, "cache (model.logit_scale)"
+
+
+def resolve_train_views(cfg: FederateConfig, cache: FeatureCache) -> int:
+    """``--train-views`` as a number of views, checked against the views the cache holds."""
+    from .config import option_flag
+
+    have = cache.num_views
+    if cfg.train_views == "all":
+        return have
+    k = int(cfg.train_views)
+    if k > have:
+        raise ConfigError(f"{option_flag('train_views')} {k}: the cache {cache.path} holds {have} view(s) per image; "
+                          f"use --train-views {have} or all, or re-extract with --views {k}")
+    return k
 
 
 def _class_sums(X: Rows, Y: torch.Tensor, rows: np.ndarray, c: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -269,17 +284,17 @@ class LaneRound:
 
     def train(self, start: Params, correction: Optional[Params] = None) -> tuple[Params, np.ndarray]:
         lp = self.loop
-        schedules = [batch_schedule(lp.lanes[i].train, lp.lanes[i].seed, self.rnd, lp.lanes[i].key, lp.hp)
-                     for i in self.lanes]
+        schedules = [batch_schedule(lp.lanes[i].train, lp.lanes[i].seed, self.rnd, lp.lanes[i].key, lp.hp,
+                                    lp.train_views, len(lp.Y)) for i in self.lanes]
         if lp.prompts is not None:  # prompt learning: the clients train context vectors (federated/prompts.py)
             from .prompts import round_lr
 
             lr = round_lr(lp.cfg.prompt_lr, self.rnd, lp.cfg.rounds, lp.cfg.prompt_schedule)
-            ctx = lp.prompts.train(start["ctx"], schedules, lp.X, lp.Y, lr, lp.logit_scale,
+            ctx = lp.prompts.train(start["ctx"], schedules, lp.Xtrain, lp.Ytrain, lr, lp.logit_scale,
                                    lp.cfg.prompt_momentum, lp.cfg.prompt_weight_decay)
             return {"ctx": ctx}, np.array([len(s) for s in schedules])
         heads = lp.lane_head if self.everyone else lp.lane_head[self.idx]
-        out = local_update(lp.kind, start, lp.X, lp.Y, heads, schedules, lp.hp, lp.opts, correction)
+        out = local_update(lp.kind, start, lp.Xtrain, lp.Ytrain, heads, schedules, lp.hp, lp.opts, correction)
         return out, np.array([len(s) for s in schedules])
 
     def average(self, per_lane: Params) -> Params:
@@ -331,8 +346,18 @@ class _Loop:
         self.algo = algo = make_algorithm(cfg)
         # The features are never copied on CPU (a memmap stays a memmap); on a GPU they are copied when they fit,
         # else streamed per batch / evaluation chunk from host memory.
-        self.X = Rows(host_tensor(cache.features), device, resident=None if stream is None else not stream)
+        resident = None if stream is None else not stream
+        self.train_views = k = resolve_train_views(cfg, cache)
+        if k > 1:  # training gathers from every view (view-major rows); evaluation from view 0 only
+            views = cache.views(k)
+            n = views.shape[1]
+            self.Xtrain = Rows(host_tensor(views.reshape(k * n, -1)), device, resident=resident)
+        self.X = Rows(host_tensor(cache.features), device, resident=resident)
         self.Y = torch.from_numpy(cache.labels).to(device)
+        if k == 1:
+            self.Xtrain, self.Ytrain = self.X, self.Y
+        else:
+            self.Ytrain = self.Y.repeat(k)
         self.dim = d = self.X.shape[1]
         # prompt learning uses no adapter: image features go straight to normalise + logits
         self.kind_name = kind_name = "none" if not algo.trains or algo.prompts else cfg.adapter
@@ -439,9 +464,12 @@ class _Loop:
         res = LoopResult(self.experiments, self.evaluator.segments, rounds, np.array(accs), np.array(losses),
                          num_params(self.kind_name, self.dim, self.hidden), 0.0,
                          {n: v.cpu() for n, v in final.items()}, self.logit_scale, self.logit_scale_source,
-                         np.array(val_means), fit_clients=fit, notes=self.notes)
+                         np.array(val_means), fit_clients=fit, notes=self.notes, train_views=self.train_views)
         if self.prompts is not None:
             res.trainable_params = self.prompts.num_params
+        if cfg.finetune_steps and self.train_views > 1 and algo.trains and not algo.personal:
+            res.notes.append(f"--finetune-steps fine-tunes on view 0 only (--train-views {cfg.train_views} applies "
+                             f"to the rounds)")
         if cfg.finetune_steps and algo.trains and not algo.personal:
             res.finetuned = finetune(self)
         elif cfg.finetune_steps:

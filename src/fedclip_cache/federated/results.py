@@ -132,6 +132,7 @@ def summarise(res: LoopResult, cfg: FederateConfig, cache: FeatureCache) -> dict
         "algo": cfg.algo, "adapter": "none" if cfg.algo == "zeroshot" or prompts else cfg.adapter,
         "hidden": None if prompts else cfg.hidden, "head": "prompt" if prompts else cfg.head,
         "loss": "ce" if prompts else cfg.loss, "protocol": cfg.protocol,
+        "train_views": res.train_views,  # views per training image sampled from (1: the official single view)
         **({"prompt": {"n_ctx": int(ctx.shape[-2]) if ctx is not None else cfg.n_ctx,
                        "width": int(ctx.shape[-1]) if ctx is not None else None, "ctx_init": cfg.ctx_init,
                        "lr": cfg.prompt_lr, "schedule": cfg.prompt_schedule, "optimizer": "sgd",

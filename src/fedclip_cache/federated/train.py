@@ -113,12 +113,23 @@ def lane_key(*parts) -> int:
     return zlib.crc32("/".join(map(str, parts)).encode())
 
 
-def batch_schedule(train: np.ndarray, seed: int, rnd: int, key: int, hp: LocalHyper) -> list[np.ndarray]:
+VIEW_STREAM = 0x7669657773  # "views": the RNG stream of the view choice, apart from the shuffle's
+
+
+def batch_schedule(train: np.ndarray, seed: int, rnd: int, key: int, hp: LocalHyper, views: int = 1,
+                   n_rows: int = 0) -> list[np.ndarray]:
     """The batches one client trains on in one round: a fresh shuffle per epoch, batches of ``batch_size``;
-    a final batch of one sample is skipped, as the official code does (``if len(text) > 1``)."""
+    a final batch of one sample is skipped, as the official code does (``if len(text) > 1``).
+
+    ``views`` > 1 (``--train-views``): each epoch every sample uses one of its first ``views`` views, drawn from
+    its own seeded stream (seed, round, epoch, client); view v of row r is row ``v * n_rows + r`` of the view-major
+    (views * n_rows, D) matrix. The shuffle is the same as with one view."""
     out = []
     for epoch in range(hp.epochs):
         perm = train[np.random.default_rng([seed, rnd, epoch, key]).permutation(len(train))]
+        if views > 1:
+            pick = np.random.default_rng([seed, rnd, epoch, key, VIEW_STREAM]).integers(0, views, len(perm))
+            perm = perm + n_rows * pick
         for s in range(0, len(perm), hp.batch_size):
             b = perm[s:s + hp.batch_size]
             if len(b) > 1:
