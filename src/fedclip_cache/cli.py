@@ -368,6 +368,33 @@ def deploy(
 
 
 @app.command()
+def site(
+    cache: Path = typer.Argument(..., help="This site's own cache (one domain, `extract`ed from its own images)."),
+    superlink: str = typer.Option(..., help="The SuperLink's Fleet API, HOST:PORT."),
+    port: int = typer.Option(9094, help="This site's SuperNode Runtime API port on 127.0.0.1 (one per SuperNode on "
+                                        "a machine)."),
+    insecure: bool = typer.Option(False, "--insecure", help="Connect to the SuperLink without TLS (localhost "
+                                                           "tests only)."),
+    root_certificates: Optional[Path] = typer.Option(None, help="CA certificate (PEM) of the SuperLink's TLS."),
+    poll_interval: float = typer.Option(0.1, help="Seconds between the SuperNode's requests for messages and the "
+                                                  "worker's requests for tasks (flwr 1.42's own: 3 s and 1 s)."),
+):
+    """One site of a real Flower deployment: Flower's SuperNode (--isolation process, node config cache=CACHE) and
+    ONE long-lived ClientApp process that imports torch and opens the cache once, instead of a fresh process per
+    message. Runs until stopped (SIGTERM/Ctrl-C) or until the SuperNode exits. Needs fedclip-cache[flower]."""
+    from .federated.config import ConfigError
+    from .flower_site import run_site
+
+    if not insecure and root_certificates is None:
+        raise ConfigError("site: give --root-certificates (the SuperLink's CA) or --insecure (no TLS)")
+    if not 0 < poll_interval <= 60:
+        raise ConfigError(f"--poll-interval {poll_interval}: must be in (0, 60] seconds")
+    raise SystemExit(run_site(str(cache), superlink, port=port, insecure=insecure,
+                              root_certificates=str(root_certificates) if root_certificates else None,
+                              poll_interval=poll_interval, log=lambda m: console.print(m, highlight=False, markup=False)))
+
+
+@app.command()
 def algorithms(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")):
     """List the federated algorithms --algo accepts: what each does, its reference and its own options."""
     from .federated.algorithms import ALGORITHMS
