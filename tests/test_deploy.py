@@ -39,7 +39,7 @@ def test_local_deployment_runs_and_stops_everything(tmp_path):
     res = dep.deploy(sites, tmp_path / "run", cfg, timeout=240, log=messages.append)
     assert res["status"] == "finished:completed"
     assert res["run_config"] == {"rounds": 2, "hidden": 8, "sites": 3, "heldout": "sketch",
-                                 "out": str((tmp_path / "run").resolve())}
+                                 "out": str((tmp_path / "run").resolve()), "poll_interval": 0.1}
     assert any(m.startswith("round 2") for m in messages)
     logs = tmp_path / "run" / "logs"
     for name in ("superlink", "site-art", "site-photo", "site-sketch", "flwr-run"):

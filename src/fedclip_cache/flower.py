@@ -344,6 +344,18 @@ def _send_and_receive(grid: Grid, interval: float):
     return send_and_receive
 
 
+def quick_object_pulls(module, backoff: float) -> None:
+    """Make ``module``'s ``pull_objects`` retry a missing object after ``backoff`` seconds (flwr 1.42: 1 s, then 2 s,
+    4 s, ...). A message becomes visible before all its objects have been pushed, so a reader that polls fast
+    regularly finds an object missing and, with flwr's backoff, waits a whole second for it."""
+    import functools
+
+    from flwr.supercore.inflatable import inflatable_utils
+
+    module.pull_objects = functools.partial(inflatable_utils.pull_objects, initial_backoff=backoff,
+                                            backoff_cap=max(backoff, 1.0))
+
+
 class FedCLIPServerApp(ServerApp):
     """Flower's ServerApp over :func:`server_fn`, polling the SuperLink for replies every ``poll_interval`` seconds
     (run config; Flower's 3 s by default)."""
@@ -354,6 +366,9 @@ class FedCLIPServerApp(ServerApp):
             raise ConfigError(f"poll_interval {interval}: must be in (0, 60] seconds")
         if interval != DEFAULT_POLL_INTERVAL:
             grid.send_and_receive = _send_and_receive(grid, interval)  # this grid object only
+            import flwr.superlink.grid.http_grid as http_grid  # this process runs this ServerApp only
+
+            quick_object_pulls(http_grid, interval)
         super().__call__(grid, context)
 
 

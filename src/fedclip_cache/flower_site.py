@@ -61,7 +61,10 @@ def run_supernode(argv: list[str], poll_interval: float, parent_pid: Optional[in
     from flwr.supercore.app_utils import start_parent_process_monitor
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
+    from .flower import quick_object_pulls
+
     sci.time = _CappedSleep(poll_interval)  # the module's `time.sleep(3)` / `time.sleep(0.5)` polls
+    quick_object_pulls(sci, poll_interval)  # the message's objects, fetched from the SuperLink
     if parent_pid is not None:
         start_parent_process_monitor(parent_pid)
     sys.argv = ["flower-supernode", *argv]
