@@ -287,8 +287,12 @@ def deploy(site_caches: list, out, cfg, *, timeout: Optional[float] = None, log:
         (logs / "deploy.json").write_text(json.dumps(res, indent=2))
         return {**res, "summary": summary}
     finally:
+        if old_term is not None:  # a second Ctrl-C/SIGTERM must not cut the clean-up short
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
         dep.stop()
         if old_term is not None:
+            signal.signal(signal.SIGINT, old_int)
             signal.signal(signal.SIGTERM, old_term)
         shutil.rmtree(tmp, ignore_errors=True)
 

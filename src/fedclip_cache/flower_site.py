@@ -154,7 +154,7 @@ class SiteWorker:
         t0 = t1 = t2 = time.perf_counter()
         # transport errors are retried for a while; an HTTP error status (e.g. the token lapsed) is not, and never
         # signals this process (flwr's own invoker sends SIGINT, which would end a long-lived worker)
-        retry = RetryInvoker(lambda: exponential(max_delay=2), (httpx.TransportError,), max_tries=None, max_time=30)
+        retry = RetryInvoker(lambda: exponential(max_delay=2), (httpx.TransportError,), max_tries=None, max_time=10)
         client = RuntimeHttpClient.from_server_address(
             server_address=self.address, insecure=True, root_certificates=None,
             interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
