@@ -362,8 +362,12 @@ def deploy(
                                                       "process's log)."),
     timeout: float = typer.Option(0, help="Fail (and stop everything) when the run takes longer, in seconds; 0: "
                                           "no limit."),
-    isolation: str = typer.Option("subprocess", help="subprocess: each SuperNode launches its ClientApps | "
-                                                     "process: a separate flower-superexec per SuperNode."),
+    isolation: str = typer.Option("worker", help="worker: each site is `fedclip-cache site` (a SuperNode and ONE "
+                                                 "long-lived ClientApp process) | subprocess / process: Flower's "
+                                                 "stock runners, a fresh flwr-clientapp process per message "
+                                                 "(~25 s per round; for comparison)."),
+    poll_interval: float = typer.Option(0.1, help="Seconds between polls of the ServerApp, SuperNodes and "
+                                                  "SuperExecs (flwr 1.42's own: 3 s / 3 s / 1 s)."),
     keep_going: bool = typer.Option(False, "--keep-going", help="A SuperNode that dies is reported and the run goes "
                                                                "on without it (default: the deployment fails)."),
     round_timeout: Optional[float] = typer.Option(None, help="Seconds a round waits for replies (ServerApp "
@@ -372,19 +376,48 @@ def deploy(
                                                          "adapter as it was (ServerApp default 1)."),
     fed_options: dict = None,
 ):
-    """A real Flower deployment on localhost: a SuperLink and one SuperNode per site cache as separate processes;
-    --heldout names the site that only evaluates. Stops everything it started; exits non-zero when the run failed."""
+    """A real Flower deployment on localhost: a SuperLink and one site (`fedclip-cache site`: a SuperNode and its
+    long-lived ClientApp process) per site cache, as separate processes; --heldout names the site that only
+    evaluates. Stops everything it started; exits non-zero when the run failed."""
     from .deploy import deploy as run_deploy
 
     cfg = _federate_config(fed_options)
     res = run_deploy([str(c) for c in site_caches], out, cfg, timeout=timeout or None, isolation=isolation,
                      keep_going=keep_going, round_timeout=round_timeout, min_results=min_results,
+                     poll_interval=poll_interval,
                      log=lambda m: console.print(m, highlight=False))
     console.print(f"run folder: {out} (logs/: superlink, site-*, flwr-run, deploy.json)")
     if res["summary"] is not None:
         from .report import render_run_summary
 
         render_run_summary(res["summary"], console)
+
+
+@app.command()
+def site(
+    cache: Path = typer.Argument(..., help="This site's own cache (one domain, `extract`ed from its own images)."),
+    superlink: str = typer.Option(..., help="The SuperLink's Fleet API, HOST:PORT."),
+    port: int = typer.Option(9094, help="This site's SuperNode Runtime API port on 127.0.0.1 (one per SuperNode on "
+                                        "a machine)."),
+    insecure: bool = typer.Option(False, "--insecure", help="Connect to the SuperLink without TLS (localhost "
+                                                           "tests only)."),
+    root_certificates: Optional[Path] = typer.Option(None, help="CA certificate (PEM) of the SuperLink's TLS."),
+    poll_interval: float = typer.Option(0.1, help="Seconds between the SuperNode's requests for messages and the "
+                                                  "worker's requests for tasks (flwr 1.42's own: 3 s and 1 s)."),
+):
+    """One site of a real Flower deployment: Flower's SuperNode (--isolation process, node config cache=CACHE) and
+    ONE long-lived ClientApp process that imports torch and opens the cache once, instead of a fresh process per
+    message. Runs until stopped (SIGTERM/Ctrl-C) or until the SuperNode exits. Needs fedclip-cache\\[flower]."""
+    from .federated.config import ConfigError
+    from .flower_site import run_site
+
+    if not insecure and root_certificates is None:
+        raise ConfigError("site: give --root-certificates (the SuperLink's CA) or --insecure (no TLS)")
+    if not 0 < poll_interval <= 60:
+        raise ConfigError(f"--poll-interval {poll_interval}: must be in (0, 60] seconds")
+    raise SystemExit(run_site(str(cache), superlink, port=port, insecure=insecure,
+                              root_certificates=str(root_certificates) if root_certificates else None,
+                              poll_interval=poll_interval, log=lambda m: console.print(m, highlight=False, markup=False)))
 
 
 @app.command()

@@ -12,9 +12,16 @@ is terminated, then killed).
 Verified recipe (flwr 1.42): the SuperLink serves its Fleet, Control and Runtime APIs on ONE HTTP port
 (``--port``; the old ``--fleet-api-address``/``--control-api-address`` are deprecated); a SuperNode's ``--port``
 is its own Runtime API (the old ClientAppIo port), so SuperNodes on one machine need distinct ports. The connection
-lives in ``$FLWR_HOME/config.toml`` (``[superlink.NAME] address = "host:port"``, ``insecure = true``). Each
-message is executed by a fresh ``flwr-clientapp`` process (it pulls one task with a one-time token and exits), so
-every fit/evaluate re-imports torch and re-opens the site cache: that, not training, is the per-round cost.
+lives in ``$FLWR_HOME/config.toml`` (``[superlink.NAME] address = "host:port"``, ``insecure = true``).
+
+Sites (``isolation``): ``worker`` (the default) runs each site as ``fedclip-cache site`` (flower_site.py): Flower's
+SuperNode with ``--isolation process`` and one long-lived ClientApp process that imports torch and opens the cache
+once. ``subprocess``/``process`` are Flower's stock runners: a fresh ``flwr-clientapp`` process per message (it
+pulls one task with a one-time token and exits), so every fit/evaluate re-imports torch and re-opens the site cache
+(~25 s per round with 3 sites on 2 cores; kept for comparison). ``poll_interval`` (default 0.1 s) replaces flwr
+1.42's fixed waits between polls -- the ServerApp asking the SuperLink for replies (3 s), an idle SuperNode asking
+the SuperLink for messages (3 s; ``worker`` sites only), a SuperExec asking for tasks (1 s) -- which otherwise cost
+~6 s per round however fast the clients are.
 """
 from __future__ import annotations
 
@@ -36,6 +43,8 @@ from typing import Callable, Optional
 from .errors import ConfigError, FedclipCacheError
 
 BINARIES = ("flower-superlink", "flower-supernode", "flwr")
+ISOLATIONS = ("worker", "subprocess", "process")
+DEFAULT_POLL_INTERVAL = 0.1
 
 
 class DeployError(FedclipCacheError):
@@ -104,12 +113,12 @@ class Deployment:
     logs: Path
     procs: list = field(default_factory=list)  # (name, Popen, log file)
 
-    def start(self, name: str, cmd: list[str]) -> subprocess.Popen:
+    def start(self, name: str, cmd: list[str], env: Optional[dict] = None) -> subprocess.Popen:
         log = open(self.logs / f"{name}.log", "ab")
         log.write(("$ " + " ".join(cmd) + "\n").encode())
         log.flush()
-        p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env,
-                             start_new_session=True)  # its own process group: stop() reaches its children too
+        p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                             env={**self.env, **(env or {})}, start_new_session=True)  # its own process group: stop() reaches its children too
         self.procs.append((name, p, log))
         return p
 
@@ -181,18 +190,22 @@ def check_sites(site_caches: list, cfg) -> list[str]:
 
 
 def deploy(site_caches: list, out, cfg, *, timeout: Optional[float] = None, log: Callable[[str], None] = print,
-           isolation: str = "subprocess", keep_going: bool = False, round_timeout: Optional[float] = None,
-           min_results: Optional[int] = None) -> dict:
+           isolation: str = "worker", keep_going: bool = False, round_timeout: Optional[float] = None,
+           min_results: Optional[int] = None, poll_interval: float = DEFAULT_POLL_INTERVAL) -> dict:
     """Run ``cfg`` (a validated FederateConfig) as a real Flower deployment on localhost, one SuperNode per site
     cache; return ``{"run_id", "status", "timings", "summary" (RUN/summary.json when the ServerApp wrote one)}``.
+    ``isolation="worker"`` (default): each site is ``fedclip-cache site`` (a SuperNode and one long-lived ClientApp
+    process); ``"subprocess"``: Flower's SuperNode launches a ``flwr-clientapp`` per message;
     ``isolation="process"``: each SuperNode runs with ``--isolation process`` and this function starts its
     ``flower-superexec`` (which still launches one ``flwr-clientapp`` per message in flwr 1.42). ``keep_going``: a
     SuperNode that dies is reported and the run goes on without it (the ServerApp's fault tolerance:
     ``round_timeout`` seconds per round, ``min_results`` training results per round; see flower.py); by default
     any dead process fails the deployment at once."""
     t0 = time.monotonic()
-    if isolation not in ("subprocess", "process"):
-        raise ConfigError(f"deploy: isolation {isolation!r} unknown; choose subprocess or process")
+    if isolation not in ISOLATIONS:
+        raise ConfigError(f"deploy: isolation {isolation!r} unknown; choose {', '.join(ISOLATIONS)}")
+    if not 0 < poll_interval <= 60:
+        raise ConfigError(f"deploy: poll interval {poll_interval}: must be in (0, 60] seconds")
     bindir = flower_bin_dir()
     if bindir is None:
         raise DeployError("deploy needs Flower's command-line tools (flower-superlink, flower-supernode, flwr): "
@@ -207,6 +220,7 @@ def deploy(site_caches: list, out, cfg, *, timeout: Optional[float] = None, log:
         rc["round_timeout"] = float(round_timeout)
     if min_results is not None:
         rc["min_results"] = int(min_results)
+    rc["poll_interval"] = float(poll_interval)
     _federate_config({k: v for k, v in rc.items()})  # the ServerApp's own check, before anything starts
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -220,7 +234,8 @@ def deploy(site_caches: list, out, cfg, *, timeout: Optional[float] = None, log:
     src = str(Path(__file__).resolve().parent.parent)  # so flwr-serverapp/-clientapp import this fedclip_cache
     env = {**os.environ, "FLWR_HOME": str(tmp / "home"), "PATH": bindir + os.pathsep + os.environ.get("PATH", ""),
            "PYTHONPATH": os.pathsep.join([src] + [p for p in [os.environ.get("PYTHONPATH")] if p]),
-           "PYTHONUNBUFFERED": "1", "FLWR_TELEMETRY_ENABLED": "0"}
+           "PYTHONUNBUFFERED": "1", "FLWR_TELEMETRY_ENABLED": "0",
+           "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": str(max(poll_interval, 0.01))}  # flower-superexec's (default 1 s)
     dep = Deployment(env, logs)
     timings: dict = {}
     old_term = None
@@ -231,8 +246,19 @@ def deploy(site_caches: list, out, cfg, *, timeout: Optional[float] = None, log:
         dep.start("superlink", [f"{bindir}/flower-superlink", "--insecure", "--port", str(port),
                                 "--disable-runtime-dependency-installation"])
         _wait(lambda: _port_open(port), dep, 60, "the SuperLink did not open its port")
+        # the sites share this machine's cores: torch threads per site so that together they use them all once
+        # (each would take every core, and 3 x 2 threads on 2 cores spin against each other: ~10x slower training)
+        site_env = {} if "OMP_NUM_THREADS" in os.environ else {
+            "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // len(site_caches)))}
         for cache, dom in zip(site_caches, domains):
             nport = free_port()
+            if isolation == "worker":  # our site: a SuperNode and its long-lived ClientApp process
+                dep.start(f"site-{dom}", [sys.executable, "-m", "fedclip_cache", "site", str(cache), "--superlink",
+                                          f"127.0.0.1:{port}", "--port", str(nport), "--insecure",
+                                          "--poll-interval", str(poll_interval)], env=site_env)
+                log(f"SuperNode {dom}{' (held out: evaluates only)' if cfg.heldout and dom == cfg.heldout[0] else ''}"
+                    f": {cache}")
+                continue
             cmd = [f"{bindir}/flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{port}",
                    "--node-config", f"cache={json.dumps(str(cache))}", "--port", str(nport)]
             if isolation == "process":
@@ -261,8 +287,12 @@ def deploy(site_caches: list, out, cfg, *, timeout: Optional[float] = None, log:
         (logs / "deploy.json").write_text(json.dumps(res, indent=2))
         return {**res, "summary": summary}
     finally:
+        if old_term is not None:  # a second Ctrl-C/SIGTERM must not cut the clean-up short
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
         dep.stop()
         if old_term is not None:
+            signal.signal(signal.SIGINT, old_int)
             signal.signal(signal.SIGTERM, old_term)
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -18,6 +18,9 @@ heads need a federated sum of class statistics first).
 from __future__ import annotations
 
 import json
+import threading
+import time
+from collections import OrderedDict
 from logging import WARNING
 from pathlib import Path
 from typing import Optional
@@ -40,6 +43,7 @@ try:
     from flwr.common.logger import log
     from flwr.server import ServerApp, ServerAppComponents, ServerConfig
     from flwr.server.strategy import FedAvg
+    from flwr.serverapp import Grid
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError("fedclip_cache.flower needs Flower: pip install 'fedclip-cache[flower]'") from e
 
@@ -48,10 +52,13 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
 # tolerance -- a round waits at most round_timeout seconds for replies; fewer than min_results training results
 # leave the global model as it was; after round 1 a node that is gone is simply not sampled (nothing waits for it)
 # and one that comes back is sampled again.
-DEPLOYMENT_KEYS = ("sites", "out", "round_timeout", "min_results", "startup_timeout")
+# ``poll_interval``: how often the ServerApp asks the SuperLink for replies (Flower's legacy server asks every 3 s, so
+# every fit and every evaluate of a round costs at least 3 s however fast the clients answer).
+DEPLOYMENT_KEYS = ("sites", "out", "round_timeout", "min_results", "startup_timeout", "poll_interval")
 DEFAULT_ROUND_TIMEOUT = 600.0
 DEFAULT_MIN_RESULTS = 1
 DEFAULT_STARTUP_TIMEOUT = 300.0
+DEFAULT_POLL_INTERVAL = 3.0  # Flower's own (flwr 1.42 http_grid.send_and_receive)
 
 
 def _federate_config(run_config: dict) -> tuple[str, FederateConfig]:
@@ -204,7 +211,7 @@ class AlgorithmStrategy(FedAvg):
 
     def configure_fit(self, server_round, parameters, client_manager):
         if self.wait_for_nodes:  # once, before round 1: every node; later rounds sample whoever is connected
-            if not client_manager.wait_for(self.wait_for_nodes, timeout=int(self.startup_timeout)):
+            if not _wait_for_nodes(client_manager, self.wait_for_nodes, self.startup_timeout):
                 log(WARNING, "only %s of %s nodes connected within %ss; starting without the others",
                     client_manager.num_available(), self.wait_for_nodes, self.startup_timeout)
             self.wait_for_nodes = 0
@@ -239,12 +246,48 @@ class AlgorithmStrategy(FedAvg):
         return loss, metrics
 
 
+def _wait_for_nodes(client_manager, n: int, timeout: float, interval: float = 0.1) -> bool:
+    """Wait until ``n`` nodes are connected. Asks every ``interval`` s: ``num_available`` refreshes the node list
+    from the SuperLink, whereas ``ClientManager.wait_for`` only sees the refresh Flower's compat layer does every
+    5 s."""
+    deadline = time.monotonic() + timeout
+    while client_manager.num_available() < n:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(interval)
+    return True
+
+
+# The clients of the runs this process has served, newest last: a long-lived ClientApp process (fedclip-cache site)
+# opens a site's cache and builds its splits once per run, not once per message. Keyed by the run id and the whole
+# node and run config, so two runs (or two configs) never share a client; FedCLIPClient keeps no state between
+# messages (fit and evaluate are pure functions of the parameters and the round), so reusing it changes no result.
+_CLIENTS: "OrderedDict[tuple, FedCLIPClient]" = OrderedDict()
+_CLIENTS_MAX = 4
+_CLIENTS_LOCK = threading.Lock()
+
+
+def _client_key(context: Context) -> tuple:
+    freeze = lambda d: tuple(sorted((str(k), repr(v)) for k, v in dict(d).items()))  # noqa: E731
+    return int(context.run_id), freeze(context.node_config), freeze(context.run_config)
+
+
 def client_fn(context: Context):
-    cache, cfg = _federate_config(context.run_config)
-    node = context.node_config
-    if "cache" in node:  # a site with its own cache (its own images only)
-        return FedCLIPClient.for_site(str(node["cache"]), cfg).to_client()
-    return FedCLIPClient(cache, cfg, int(node["partition-id"])).to_client()
+    key = _client_key(context)
+    with _CLIENTS_LOCK:
+        client = _CLIENTS.get(key)
+        if client is None:
+            cache, cfg = _federate_config(context.run_config)
+            node = context.node_config
+            if "cache" in node:  # a site with its own cache (its own images only)
+                client = FedCLIPClient.for_site(str(node["cache"]), cfg)
+            else:
+                client = FedCLIPClient(cache, cfg, int(node["partition-id"]))
+            _CLIENTS[key] = client
+            while len(_CLIENTS) > _CLIENTS_MAX:  # runs long finished: let their caches go
+                _CLIENTS.popitem(last=False)
+        _CLIENTS.move_to_end(key)
+    return client.to_client()
 
 
 def server_fn(context: Context):
@@ -281,5 +324,53 @@ def server_fn(context: Context):
     return ServerAppComponents(strategy=strategy, config=ServerConfig(num_rounds=cfg.rounds, round_timeout=timeout))
 
 
+def _send_and_receive(grid: Grid, interval: float):
+    """Flower's ``send_and_receive`` (flwr 1.42 ``HttpGrid``) asking for the replies every ``interval`` s instead of
+    every 3 s: the same messages, the same timeout, the replies as soon as they are there."""
+
+    def send_and_receive(messages, *, timeout=None):
+        msg_ids = set(grid.push_messages(messages))
+        end_time = time.time() + (timeout if timeout is not None else 0.0)
+        ret = []
+        while timeout is None or time.time() < end_time:
+            res_msgs = grid.pull_messages(msg_ids)
+            ret.extend(res_msgs)
+            msg_ids.difference_update({msg.metadata.reply_to_message_id for msg in res_msgs})
+            if not msg_ids:
+                break
+            time.sleep(interval)
+        return ret
+
+    return send_and_receive
+
+
+def quick_object_pulls(module, backoff: float) -> None:
+    """Make ``module``'s ``pull_objects`` retry a missing object after ``backoff`` seconds (flwr 1.42: 1 s, then 2 s,
+    4 s, ...). A message becomes visible before all its objects have been pushed, so a reader that polls fast
+    regularly finds an object missing and, with flwr's backoff, waits a whole second for it."""
+    import functools
+
+    from flwr.supercore.inflatable import inflatable_utils
+
+    module.pull_objects = functools.partial(inflatable_utils.pull_objects, initial_backoff=backoff,
+                                            backoff_cap=max(backoff, 1.0))
+
+
+class FedCLIPServerApp(ServerApp):
+    """Flower's ServerApp over :func:`server_fn`, polling the SuperLink for replies every ``poll_interval`` seconds
+    (run config; Flower's 3 s by default)."""
+
+    def __call__(self, grid: Grid, context: Context) -> None:
+        interval = float(context.run_config.get("poll_interval", DEFAULT_POLL_INTERVAL))
+        if not 0 < interval <= 60:
+            raise ConfigError(f"poll_interval {interval}: must be in (0, 60] seconds")
+        if interval != DEFAULT_POLL_INTERVAL:
+            grid.send_and_receive = _send_and_receive(grid, interval)  # this grid object only
+            import flwr.superlink.grid.http_grid as http_grid  # this process runs this ServerApp only
+
+            quick_object_pulls(http_grid, interval)
+        super().__call__(grid, context)
+
+
 client_app = ClientApp(client_fn=client_fn)
-server_app = ServerApp(server_fn=server_fn)
+server_app = FedCLIPServerApp(server_fn=server_fn)
