@@ -22,6 +22,19 @@ from fedclip_cache.synthetic import write_image_folder
 runner = CliRunner()
 
 
+
+def kill_after_shards(cmd: list, out, shards: int = 3, delay: float = 0.3) -> int:
+    """Run an extract command with a per-shard delay, SIGKILL it once ``shards`` shards are committed; returns how
+    many shards were committed when it died."""
+    proc = subprocess.Popen(cmd, env={**os.environ, "FEDCLIP_CACHE_SHARD_DELAY": str(delay)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list((out / "shards").glob("*.parquet"))) < shards:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return len(list((out / "shards").glob("*.parquet")))
+
 def run_cli(*args):
     res = runner.invoke(app, [str(a) for a in args])
     if res.exception and not isinstance(res.exception, SystemExit):
@@ -100,14 +113,7 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path, tiny_model, mod
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "fedclip_cache", "extract", str(root), str(out), *model_args,
            "--workers", "0", "-q", "--batch-size", "4", "--shard-size", "4"]
-    env = {**os.environ, "FEDCLIP_CACHE_SHARD_DELAY": "0.3"}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    while time.time() < deadline and len(list((out / "shards").glob("*.parquet"))) < 3:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    committed = len(list((out / "shards").glob("*.parquet")))
+    committed = kill_after_shards(cmd, out)
     assert 3 <= committed < 18, "the kill must land mid-run"
     with pytest.raises(CacheError, match="incomplete cache: the extract that was writing it stopped"):
         open_cache(out)  # never used silently

@@ -19,6 +19,7 @@ from fedclip_cache.synthetic import write_image_folder
 from fedclip_cache.views import AugmentError, AugmentedView, parse_augment, recipe_text
 
 from test_cache_integrity import cli, extract_ok, one_line_error
+from test_extract import kill_after_shards
 
 
 @pytest.fixture
@@ -137,14 +138,7 @@ def test_resume_after_sigkill_with_views(tmp_path, model_args):
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "fedclip_cache", "extract", str(root), str(out), *model_args, "--workers", "0",
            "-q", "--batch-size", "3", "--shard-size", "3", "--views", "3"]
-    proc = subprocess.Popen(cmd, env={**os.environ, "FEDCLIP_CACHE_SHARD_DELAY": "0.3"}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    while time.time() < deadline and len(list((out / "shards").glob("*.parquet"))) < 3:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    committed = len(list((out / "shards").glob("*.parquet")))
+    committed = kill_after_shards(cmd, out)
     assert 3 <= committed < 18, "the kill must land mid-run"
     with pytest.raises(CacheError, match="incomplete cache"):
         open_cache(out)
