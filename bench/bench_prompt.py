@@ -2,6 +2,7 @@
 
     python bench/bench_prompt.py                 # best of 3 x 2 timed steps per mode, 2 threads
     python bench/bench_prompt.py --threads 1 --reps 5
+    python bench/bench_prompt.py --device cuda     # on a GPU machine (file named ...-cuda.json)
 
 Random weights (same compute as the real ones; nothing is downloaded). A promptfl round is one SGD step per batch
 of 32 on every training client, each step a forward and backward of the text tower over the 7 class prompts, so a
@@ -35,7 +36,15 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=200)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (CUDA timings are synchronised)")
     a = ap.parse_args()
+    dev = torch.device(a.device)
+
+    def clock() -> float:  # CUDA kernels run asynchronously: wait for them before reading the clock
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        return time.perf_counter()
+
     torch.set_num_threads(a.threads)
     import open_clip
 
@@ -43,26 +52,27 @@ def main() -> None:
     from fedclip_cache.federated.prompts import PromptLearner
 
     torch.manual_seed(0)
-    model = open_clip.create_model("ViT-B-32", pretrained=None).eval().requires_grad_(False)
+    model = open_clip.create_model("ViT-B-32", pretrained=None).eval().requires_grad_(False).to(dev)
     tok = open_clip.get_tokenizer("ViT-B-32")
     # batches of 32 of each training client's train split (60 %), a last partial batch included (batch_schedule)
     steps_per_round = sum(-(-int(n * 0.6) // 32) for d, n in PACS.items() if d != "sketch")
-    X, Y = torch.randn(32, 512), torch.randint(0, len(CLASSES), (32,))
+    X, Y = torch.randn(32, 512, device=dev), torch.randint(0, len(CLASSES), (32,), device=dev)
     out: dict = {"setup": "pacs-shaped LODO (held-out sketch), ViT-B-32 text tower, random weights, n_ctx 16",
-                 "cpu": platform.processor() or platform.machine(), "threads": a.threads,
+                 "cpu": platform.processor() or platform.machine(), "threads": a.threads, "device": str(dev),
+                 "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
                  "torch": torch.__version__, "steps_per_round": steps_per_round, "modes": {}}
     # the two modes interleaved, best of --reps (the cores are shared: the minimum is the least disturbed run)
-    pls = {mode: PromptLearner(model, tok, CLASSES, n_ctx=16, truncate=trunc)
+    pls = {mode: PromptLearner(model, tok, CLASSES, n_ctx=16, truncate=trunc, device=dev)
            for mode, trunc in (("truncated", True), ("full", False))}
     times: dict = {mode: [] for mode in pls}
     with flush_denormals(True):  # as federate runs (see federated/fpenv.py): denormals slow steps ~5x here
         for rep in range(a.reps + 1):
             for mode, pl in pls.items():
-                ctx = pl.init_ctx(0).unsqueeze(0)
-                t = time.perf_counter()
+                ctx = pl.init_ctx(0).unsqueeze(0).to(dev)
+                t = clock()
                 pl.train(ctx, [[np.arange(32)] * a.steps], X, Y, 1e-3, 100.0)
                 if rep:  # the first pass is a warm-up
-                    times[mode].append((time.perf_counter() - t) / a.steps)
+                    times[mode].append((clock() - t) / a.steps)
     for mode, pl in pls.items():
         s = min(times[mode])
         out["modes"][mode] = {"tokens": pl.length, "seconds_per_step": s, "seconds_per_step_all": times[mode],
@@ -73,16 +83,16 @@ def main() -> None:
     # the round's 3 training clients side by side (one text pass over 3 x 7 prompts per step, the default) vs one
     # client at a time (max_prompts = 7 forces it), truncated prompts, PromptFL's SGD (momentum 0.9, wd 5e-4)
     pl, k = pls["truncated"], 3
-    ctx3 = pl.init_ctx(0).unsqueeze(0).repeat(k, 1, 1)
+    ctx3 = pl.init_ctx(0).unsqueeze(0).repeat(k, 1, 1).to(dev)
     sched3 = [[np.arange(32)] * a.steps] * k
     side: dict = {"together": [], "one_at_a_time": []}
     with flush_denormals(True):
         for rep in range(a.reps + 1):
             for mode, cap in (("together", 4096), ("one_at_a_time", len(CLASSES))):
-                t = time.perf_counter()
+                t = clock()
                 pl.train(ctx3, sched3, X, Y, 1e-3, 100.0, 0.9, 5e-4, max_prompts=cap)
                 if rep:
-                    side[mode].append((time.perf_counter() - t) / a.steps)
+                    side[mode].append((clock() - t) / a.steps)
     out["clients_side_by_side"] = {
         "clients": k, **{f"seconds_per_step_of_all_{mode}": min(v) for mode, v in side.items()},
         "speedup": min(side["one_at_a_time"]) / min(side["together"]),
@@ -94,14 +104,15 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as d:
         cache = write_synthetic_cache(Path(d) / "c", PACS, len(CLASSES))
-        t = time.perf_counter()
-        federate(cache, FederateConfig(algo="fedclip", rounds=3, heldout=["sketch"]).validate())
-        fed = (time.perf_counter() - t) / 3
+        t = clock()
+        federate(cache, FederateConfig(algo="fedclip", rounds=3, heldout=["sketch"], device=dev.type).validate())
+        fed = (clock() - t) / 3
     out["fedclip_seconds_per_round"] = fed
     out["promptfl_over_fedclip"] = out["modes"]["truncated"]["seconds_per_round"] / fed
     out["loadavg_1min_at_end"] = float(Path("/proc/loadavg").read_text().split()[0]) \
         if Path("/proc/loadavg").exists() else None  # the 2 cores are shared: > 2 means contended timings
-    dest = Path(__file__).parent / "results" / f"prompt-pacs-shaped-ViT-B-32-text-{a.threads}threads.json"
+    dest = Path(__file__).parent / "results" / f"prompt-pacs-shaped-ViT-B-32-text-{a.threads}threads.json" if dev.type == "cpu" \
+        else Path(__file__).parent / "results" / f"prompt-pacs-shaped-ViT-B-32-text-{dev.type}.json"
     dest.write_text(json.dumps(out, indent=2) + "\n")
     print(json.dumps(out, indent=2))
 
