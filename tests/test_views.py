@@ -73,6 +73,22 @@ def test_views_depend_only_on_seed_image_and_k(tmp_path, image_root, model_args,
     assert view(img, "abc", 1).shape == (3, 32, 32)
 
 
+def test_two_process_torchrun_views_equal_one_process(tmp_path, image_root, model_args, run):
+    """Under torchrun every rank augments its share of the images; views depend only on (seed, image, k), so the
+    cache equals a one-process extract view for view."""
+    extract_ok(run, image_root, tmp_path / "one", model_args, "--views", "3")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29547",
+           "-m", "fedclip_cache", "extract", str(image_root), str(tmp_path / "two"), *model_args,
+           "--workers", "0", "-q", "--batch-size", "5", "--device", "cpu", "--views", "3"]
+    env = {**os.environ, "FEDCLIP_DIST_BACKEND": "gloo", "OMP_NUM_THREADS": "1"}
+    subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=300)
+    one, two = open_cache(tmp_path / "one"), open_cache(tmp_path / "two")
+    assert two.meta["runs"][-1]["world_size"] == 2 and two.num_views == 3
+    assert (one.paths == two.paths).all()
+    np.testing.assert_allclose(one.views(), two.views(), rtol=1e-5, atol=1e-6)
+    assert two.meta["views"] == one.meta["views"]
+
+
 def test_more_views_extend_and_the_cache_holds_per_view(tmp_path, image_root, model_args, run):
     out = tmp_path / "c"
     extract_ok(run, image_root, out, model_args)
