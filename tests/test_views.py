@@ -55,6 +55,25 @@ def test_view0_is_a_plain_extract_and_views_differ(tmp_path, image_root, model_a
     assert json.loads(out)["views"] == 1 and json.loads(out)["augment"] is None
 
 
+def test_loader_batches_hold_about_batch_size_images_and_view0_keeps_its_batches(tmp_path, image_root, model_args,
+                                                                                   run):
+    """With K views a loader batch carries ~batch_size/K images (not batch_size x K images' tensors); view 0 is
+    still encoded in the plain path's batches, so it stays bit-identical, bad images included."""
+    from fedclip_cache.extract import view_batches
+
+    parts, ends = view_batches(1000, 256, 8)
+    assert sum(parts, []) == list(range(1000)) and max(map(len, parts)) <= 32
+    chunk_ends = [p[-1] + 1 for p, e in zip(parts, ends) if e]
+    assert chunk_ends == [256, 512, 768, 1000]  # the plain path's batch boundaries
+    assert view_batches(36, 256, 3) == ([list(range(36))], [True])  # small enough: one part
+    (image_root / "photo" / "dog" / "broken.jpg").write_bytes(b"not a jpeg")
+    extract_ok(run, image_root, tmp_path / "plain", model_args, "--batch-size", "5")
+    extract_ok(run, image_root, tmp_path / "v4", model_args, "--batch-size", "5", "--views", "4")
+    plain, c = open_cache(tmp_path / "plain"), open_cache(tmp_path / "v4")
+    assert (c.paths == plain.paths).all() and np.array_equal(c.features, plain.features)
+    assert [s["path"] for s in c.meta["skipped"]] == [s["path"] for s in plain.meta["skipped"]] != []
+
+
 def test_views_depend_only_on_seed_image_and_k(tmp_path, image_root, model_args, run):
     extract_ok(run, image_root, tmp_path / "a", model_args, "--views", "3", "--batch-size", "64")
     extract_ok(run, image_root, tmp_path / "b", model_args, "--views", "3", "--batch-size", "5", "--shard-size", "7")

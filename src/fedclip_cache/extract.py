@@ -462,10 +462,10 @@ def _run_shards(cfg: ExtractConfig, lm: LoadedModel, rows: ImageTable, ids: np.n
     k_views = (vcfg or {}).get("count", 1)
     n_full = len(rows) if n_full is None else n_full
 
-    def loader(dataset):
-        return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False, num_workers=workers,
-                          pin_memory=device.type == "cuda", persistent_workers=False,
-                          prefetch_factor=4 if workers > 0 else None)
+    def loader(dataset, batches=None):
+        sizes = {"batch_size": cfg.batch_size, "shuffle": False} if batches is None else {"batch_sampler": batches}
+        return DataLoader(dataset, **sizes, num_workers=workers, pin_memory=device.type == "cuda",
+                          persistent_workers=False, prefetch_factor=4 if workers > 0 else None)
 
     model = lm.model
     if device.type == "cuda":
@@ -524,23 +524,47 @@ def _run_shards(cfg: ExtractConfig, lm: LoadedModel, rows: ImageTable, ids: np.n
                         continue
                     ds = ViewFiles(paths, lm.preprocess, _input_size(lm), cfg.exif_transpose, order, ids, aug,
                                    max(first, 1), k_views, with_view0=first == 0)
-                    for x, xa, idx, ok, transient, reasons, digests in loader(ds):
+                    parts, ends = view_batches(len(order), cfg.batch_size, k_views - max(first, 1) + (first == 0))
+                    held_back: list = []  # the parts of a batch_size chunk whose view 0 is not encoded yet
+                    for (x, xa, idx, ok, transient, reasons, digests), end in zip(loader(ds, parts), ends):
                         n, n_ok = len(idx), int(ok.sum())
                         if n_ok < n:
                             failed(ok, idx, transient, reasons)
                         keep = ok.numpy()
                         new = encode_views(xa[ok] if n_ok < n else xa)
-                        if first == 0:  # view 0 exactly as the plain path computes it
-                            emb = (model.encode_image(_to_device(x if n_ok == n else x[ok], device)).float().cpu()
-                                   .numpy() if n_ok else np.zeros((0, dim), np.float32))
-                            writer.add(idx.numpy()[keep], emb, np.asarray(digests, dtype=object)[keep], new)
-                            report.embedded += n_ok
+                        if first == 0:  # view 0 exactly as the plain path computes it: one pass per chunk
+                            held_back.append((x if n_ok == n else x[ok], idx.numpy()[keep],
+                                              np.asarray(digests, dtype=object)[keep], new))
+                            if end:
+                                x0 = torch.cat([h[0] for h in held_back])
+                                emb = (model.encode_image(_to_device(x0, device)).float().cpu().numpy() if len(x0)
+                                       else np.zeros((0, dim), np.float32))
+                                idx0, dig0, views0 = (np.concatenate([h[j] for h in held_back]) for j in (1, 2, 3))
+                                writer.add(idx0, emb, dig0, views0)
+                                report.embedded += len(x0)
+                                held_back = []
                         else:
                             report.extended += writer.extend(idx.numpy()[keep], new,
                                                              np.asarray(digests, dtype=object)[keep])
                         if bar:
                             bar.update(task, advance=n * world)
         writer.flush()
+
+
+def view_batches(n: int, batch_size: int, per_image: int) -> tuple[list[list[int]], list[bool]]:
+    """Loader batches for an extraction with views: each ``batch_size`` chunk of the images (the plain path's
+    batches, so view 0 is still encoded in exactly those batches) split into parts of about ``batch_size //
+    per_image`` images, so that a loader batch holds about ``batch_size`` images' tensors whatever the number of
+    views (``batch_size`` images x K views would hold K times the memory, times the prefetched batches). Returns
+    the parts and, for each, whether it ends its chunk."""
+    parts, ends = [], []
+    for start in range(0, n, batch_size):
+        chunk = np.arange(start, min(start + batch_size, n))
+        count = min(len(chunk), max(1, -(-len(chunk) * per_image // batch_size)))  # ~batch_size images' tensors
+        pieces = [p for p in np.array_split(chunk, count) if len(p)]
+        parts += [p.tolist() for p in pieces]
+        ends += [False] * (len(pieces) - 1) + [True]
+    return parts, ends
 
 
 class ViewFiles(ImageFiles):
