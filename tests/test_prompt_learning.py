@@ -180,6 +180,10 @@ def test_federate_prompt_learning_writes_summary(algo, csc, cache_dir, tiny_mode
     assert s["mean"]["heldout_best"] is not None and s["mean"]["test_mean_best"] is not None
     cfg_json = json.loads((out / "config.json").read_text())
     assert s["prompt"]["class_specific"] is csc and s["prompt"]["momentum"] == 0.9
+    # --ctx-init decides n_ctx (CoOp); the default --n-ctx 16 it overrides is said, not silently dropped
+    overridden = [n for n in s["notes"] if "--n-ctx 16 is not used" in n]
+    assert overridden == (["--ctx-init 'a photo of a' sets n_ctx = 4, its token count (as CoOp); --n-ctx 16 is not "
+                           "used"] if algo == "promptlocal" else [])
     assert cfg_json["federate"]["prompt_momentum"] == 0.9 and cfg_json["federate"]["prompt_weight_decay"] == 5e-4
     n = 4 * 64 * (3 if csc else 1)  # the cache has 3 classes: CSC learns a context per class
     comm = s["communication"]
@@ -191,7 +195,7 @@ def test_federate_prompt_learning_writes_summary(algo, csc, cache_dir, tiny_mode
 
 
 def test_prompt_learning_refuses_a_model_it_cannot_load_or_that_is_not_the_caches(cache_dir, tmp_path, monkeypatch,
-                                                                                    capsys):
+                                                                                    capsys, tiny_model):
     from fedclip_cache.synthetic import write_tiny_model
 
     def one_line_error(*args):
@@ -210,6 +214,9 @@ def test_prompt_learning_refuses_a_model_it_cannot_load_or_that_is_not_the_cache
     # another model's weights (same architecture, other seed): the fingerprint differs
     msg = one_line_error("--text-model-config", other_cfg, "--text-pretrained", other_ckpt)
     assert "not the cache's model" in msg and "weights" in msg
+    # more context vectors than the text tower's 77 tokens hold beside a class name
+    msg = one_line_error("--text-model-config", tiny_model[0], "--n-ctx", "80")
+    assert msg.startswith("error: --n-ctx 80: 80 context vectors and the class name") and "77 tokens" in msg
 
 
 def test_promptfl_rounds_are_fedavg_of_client_prompts_and_are_scored_with_them(cache_dir, tiny_model):

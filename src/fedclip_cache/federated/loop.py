@@ -433,6 +433,9 @@ class _Loop:
         cfg, algo = self.cfg, self.algo
         self.best_val = np.full(len(self.experiments), -np.inf)
         self.notes: list[str] = []
+        if self.prompts is not None and cfg.ctx_init and self.prompts.n_ctx != cfg.n_ctx:
+            self.notes.append(f"--ctx-init {cfg.ctx_init!r} sets n_ctx = {self.prompts.n_ctx}, its token count (as "
+                              f"CoOp); --n-ctx {cfg.n_ctx} is not used")
         self.best_server: Params = {}
         rounds, accs, losses, val_means, fit = [], [], [], [], []
         diverged = None  # first evaluated round at which some scored adapter held NaN/inf

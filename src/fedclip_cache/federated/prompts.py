@@ -69,7 +69,9 @@ class PromptLearner:
         self.tokens = tokens
         self.eot = tokens.argmax(-1)  # the EOT token has the highest id (OpenAI tokenizer)
         if int(self.eot.max()) >= tokens.shape[1] or int(self.eot.min()) < n_ctx + 1:
-            raise ConfigError("class prompts do not fit the text tower's context length")
+            longest = max((str(c) for c in classnames), key=len)
+            raise ConfigError(f"--n-ctx {n_ctx}: {n_ctx} context vectors and the class name {longest!r} do not fit "
+                              f"the text tower's {tokens.shape[1]} tokens; use a smaller --n-ctx")
         self.full_length = tokens.shape[1]
         self.length = int(self.eot.max()) + 1 if truncate else self.full_length
         with torch.no_grad():
