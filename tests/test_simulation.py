@@ -27,7 +27,8 @@ def _needs_ray():
 def _same_run(sim: Path, fed: Path, summary_sim: dict, summary_fed: dict) -> None:
     """A simulated run folder equals `federate`'s: selection, accuracies, clients, metrics table, adapter."""
     a_exp, b_exp = summary_sim["experiments"][0], summary_fed["experiments"][0]
-    assert a_exp["name"] == b_exp["name"] and a_exp["clients"] == b_exp["clients"]
+    for key in ("experiment", "heldout", "seed", "clients", "heldout_size"):
+        assert a_exp[key] == b_exp[key], key
     for which in ("best", "last"):
         a, b = a_exp[which], b_exp[which]
         assert a["round"] == b["round"]
@@ -102,7 +103,7 @@ def test_simulation_of_per_site_caches_equals_federate_on_all_their_images(tmp_p
     code, out, err = cli(monkeypatch, capsys, "simulate", *sites, "-o", tmp_path / "sim", "--rounds", "2", "--lr",
                          "1e-2", "--hidden", "8", "--batch-size", "8", "--heldout", "photo", "--num-cpus", "2")
     assert code == 0, out + err
-    assert "heldout=photo/seed0" in out
+    assert "node photo: held out" in out and "run folder:" in out
     summary = json.loads((tmp_path / "sim" / "summary.json").read_text())
     _same_run(tmp_path / "sim", tmp_path / "fed", summary, fed)
     assert set(summary["cache"]["sites"]) == set(DOMAINS)
