@@ -421,10 +421,20 @@ def simulate(
     from .flower_sim import parse_backend_config, simulate as run_simulate
 
     cfg = _federate_config(fed_options)
-    res = run_simulate([str(c) for c in caches], out, cfg, num_cpus=num_cpus, client_cpus=client_cpus,
-                       backend=parse_backend_config(backend_config), poll_interval=poll_interval,
-                       round_timeout=round_timeout, min_results=min_results, verbose=verbose,
-                       log=lambda m: console.print(m, highlight=False, markup=False))
+    try:
+        res = run_simulate([str(c) for c in caches], out, cfg, num_cpus=num_cpus, client_cpus=client_cpus,
+                           backend=parse_backend_config(backend_config), poll_interval=poll_interval,
+                           round_timeout=round_timeout, min_results=min_results, verbose=verbose,
+                           log=lambda m: console.print(m, highlight=False, markup=False))
+    except KeyboardInterrupt:
+        # Ray is shut down by now; Flower's engine threads may still wait on it: exit without waiting for them
+        import os
+
+        err.print("[bold red]error:[/] simulate: interrupted; Ray was shut down, the run folder is incomplete",
+                  highlight=False, soft_wrap=True)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
     from .plots import run_plots
     from .report import render_run_summary
 

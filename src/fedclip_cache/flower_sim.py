@@ -19,8 +19,9 @@ deployment:
 Offline and contained: Ray is started as a new local instance (``address="local"``, never a cluster named by
 ``RAY_ADDRESS``), without its dashboard, with usage statistics off (``RAY_USAGE_STATS_ENABLED=0``); Flower's
 telemetry is off too. Ray's session folder (its logs, sockets, object spill) lives in a temporary folder outside
-the run folder -- removed after a successful run, kept (and named) after a failed one -- and Ray is shut down on
-success, failure and Ctrl-C. What a simulation does NOT exercise: real processes per site, the network, TLS, a
+the run folder (``$TMPDIR/fedclip-sim-*/ray``) -- removed after the run, kept only when the run failed in Ray or
+Flower (the error names it) -- and Ray is shut down on success, failure and Ctrl-C (the CLI then exits at once,
+without waiting for Flower's engine threads that may still wait on Ray). What a simulation does NOT exercise: real processes per site, the network, TLS, a
 SuperNode that dies or comes back (``fedclip-cache deploy`` does).
 
 Requires ``pip install 'fedclip-cache[simulation]'`` (``flwr[simulation]``: Ray).
@@ -292,7 +293,7 @@ def simulate(caches: list, out, cfg, *, num_cpus: Optional[int] = None, client_c
     t0 = time.monotonic()
     out = Path(out).resolve()
     tmp = Path(tempfile.mkdtemp(prefix="fedclip-sim-"))  # short: Ray's socket paths must stay < 108 characters
-    ok = False
+    keep_ray_logs = False
     env_before = {k: os.environ.get(k) for k in ("RAY_USAGE_STATS_ENABLED", "PYTHONPATH", "FLWR_TELEMETRY_ENABLED")}
     stop = threading.Event()
     server = None
@@ -360,9 +361,11 @@ def simulate(caches: list, out, cfg, *, num_cpus: Optional[int] = None, client_c
         timings = {"total_s": round(time.monotonic() - t0, 2), "run_s": round(run_s, 2)}
         res = {"run_config": rc, "nodes": nodes, "roles": roles, "backend_config": bcfg, "timings": timings}
         (out / "simulation.json").write_text(json.dumps(res, indent=2))
-        ok = True
         log(f"simulation finished in {timings['total_s']:.1f} s (run folder: {out})")
         return {**res, "summary": summary, "ray_dir": None}
+    except SimulationError:  # its message names Ray's session folder: keep that one
+        keep_ray_logs = True
+        raise
     finally:
         stop.set()  # a ServerApp thread still waiting for replies (Ctrl-C, a failure) ends at its next poll
         try:
@@ -379,9 +382,7 @@ def simulate(caches: list, out, cfg, *, num_cpus: Optional[int] = None, client_c
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-        if ok:
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
+        if keep_ray_logs and (tmp / "ray").exists():
             shutil.rmtree(tmp / "heldout", ignore_errors=True)
-            if not (tmp / "ray").exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+        else:  # success, bad input, Ctrl-C: nothing of the simulation's is left behind
+            shutil.rmtree(tmp, ignore_errors=True)
