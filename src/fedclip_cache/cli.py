@@ -394,6 +394,57 @@ def deploy(
 
 
 @app.command()
+@with_federate_options
+def simulate(
+    caches: list[Path] = typer.Argument(..., help="ONE shared cache (one virtual SuperNode per training client, "
+                                                  "plus one for the --heldout domain), or one cache per site "
+                                                  "(each one domain; node K gets cache=SITE_K)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Run folder (the ServerApp's outputs, as `federate`'s)."),
+    num_cpus: Optional[int] = typer.Option(None, help="CPUs Ray may use in all (default: this machine's)."),
+    client_cpus: float = typer.Option(1.0, help="CPUs per ClientApp actor: Ray runs num-cpus / client-cpus "
+                                                "actors (processes) side by side."),
+    backend_config: Optional[str] = typer.Option(None, help="Flower's backend config as JSON (or @FILE): "
+                                                            "init_args (ray.init), client_resources, actor; merged "
+                                                            "over --num-cpus/--client-cpus."),
+    poll_interval: float = typer.Option(0.05, help="Seconds between the ServerApp's polls for replies (Flower's "
+                                                   "own: 3 s)."),
+    round_timeout: Optional[float] = typer.Option(None, help="Seconds a round waits for replies (ServerApp "
+                                                             "default 600)."),
+    min_results: Optional[int] = typer.Option(None, help="Fewer training results in a round keep the global "
+                                                         "adapter as it was (ServerApp default 1)."),
+    verbose: bool = typer.Option(False, help="Flower's DEBUG log."),
+    fed_options: dict = None,
+):
+    """The Flower ServerApp/ClientApp of `deploy`, run in Flower's simulation engine (Ray, on this machine): no
+    SuperLink or SuperNode processes, no network. One federation per run: --heldout DOMAIN or --protocol personal.
+    Needs fedclip-cache\\[simulation]."""
+    from .flower_sim import parse_backend_config, simulate as run_simulate
+
+    cfg = _federate_config(fed_options)
+    try:
+        res = run_simulate([str(c) for c in caches], out, cfg, num_cpus=num_cpus, client_cpus=client_cpus,
+                           backend=parse_backend_config(backend_config), poll_interval=poll_interval,
+                           round_timeout=round_timeout, min_results=min_results, verbose=verbose,
+                           log=lambda m: console.print(m, highlight=False, markup=False))
+    except KeyboardInterrupt:
+        # Ray is shut down by now; Flower's engine threads may still wait on it: exit without waiting for them
+        import os
+
+        err.print("[bold red]error:[/] simulate: interrupted; Ray was shut down, the run folder is incomplete",
+                  highlight=False, soft_wrap=True)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
+    from .plots import run_plots
+    from .report import render_run_summary
+
+    render_run_summary(res["summary"], console)
+    run_plots(out)
+    console.print(f"run folder: {out} (config.json, metrics.parquet, summary.json, adapter.pt, plots/, "
+                  f"simulation.json)")
+
+
+@app.command()
 def site(
     cache: Path = typer.Argument(..., help="This site's own cache (one domain, `extract`ed from its own images)."),
     superlink: str = typer.Option(..., help="The SuperLink's Fleet API, HOST:PORT."),
