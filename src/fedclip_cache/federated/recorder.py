@@ -43,9 +43,11 @@ class RunRecorder:
     reports: list = field(default_factory=list)  # per round: {site: metrics}
     health: list = field(default_factory=list)  # per round: results / failures of fit and evaluate
     info: Optional[SiteCaches] = None
+    sampled: list = field(default_factory=list)  # per round: sites sampled to train (the loop's fit_clients)
 
-    def fit_round(self, rnd: int, results: int, failures: int) -> None:
+    def fit_round(self, rnd: int, results: int, failures: int, sampled: Optional[int] = None) -> None:
         self.health.append({"round": rnd, "fit_results": results, "fit_failures": failures})
+        self.sampled.append(results + failures if sampled is None else sampled)
 
     def evaluate_round(self, rnd: int, site_metrics: list[dict], failures: int) -> None:
         by_site = {m["client"]: m for m in site_metrics}
@@ -110,10 +112,17 @@ class RunRecorder:
             return float(v.mean()) if len(v) else (float("nan") if val else 0.0)
 
         val_mean = np.array([[val_mean_at(r)] for r in range(len(self.rounds))])
+        if not cfg.curves:  # as the loop's lazy Evaluator: test/held-out kept where validation improved, and last
+            best, rest = -np.inf, [k for k in range(len(keys)) if k not in val]
+            for r in range(len(self.rounds)):
+                improved = bool(val_mean[r, 0] > best)
+                best = val_mean[r, 0] if improved else best
+                if not improved and r != len(self.rounds) - 1:
+                    acc[r, rest] = loss[r, rest] = np.nan
         first = last[train_sites[0]] if train_sites else next(iter(last.values()))
         return LoopResult([exp], segments, list(self.rounds), acc, loss, trainable, time.perf_counter() - self.t0,
                           final_params, float(first["logit_scale"]), str(first["logit_scale_source"]), val_mean,
-                          fit_clients=[len(train_sites)] * len(self.rounds))
+                          fit_clients=list(self.sampled) or [len(train_sites)] * len(self.rounds))
 
     def write(self, final_params: dict, trainable: int) -> dict:
         """The summary (and, with ``out``, the run folder) of the deployment."""
