@@ -44,7 +44,7 @@ from .errors import ConfigError, FedclipCacheError
 
 BINARIES = ("flower-superlink", "flower-supernode", "flwr")
 ISOLATIONS = ("worker", "subprocess", "process")
-DEFAULT_POLL_INTERVAL = 0.1
+DEFAULT_POLL_INTERVAL = 0.2
 
 
 class DeployError(FedclipCacheError):
@@ -79,11 +79,14 @@ def run_config(cfg, n_sites: int, out: Path) -> dict:
     config holds scalars only), ``sites``, ``heldout`` and ``out``."""
     from .federated.config import FederateConfig
 
-    if tuple(cfg.split) != tuple(FederateConfig().split):
-        raise ConfigError("deploy: --split is not passed to the Flower apps yet; use the default split")
+    if cfg.protocol == "lodo" and not cfg.heldout:
+        raise ConfigError("deploy: --protocol lodo needs --heldout SITE_DOMAIN (one federation per deployment; "
+                          "`federate` holds each domain out in turn), or use --protocol personal")
     default = FederateConfig().to_dict()
     rc = {k: v for k, v in cfg.to_dict().items()
-          if k not in ("heldout", "protocol", "split") and v is not None and v != default[k]}
+          if k not in ("heldout", "protocol") and v is not None and v != default[k]}
+    if "split" in rc:  # Flower's run config holds scalars
+        rc["split"] = ",".join(repr(float(x)) for x in cfg.split)
     rc.update(sites=n_sites, heldout=cfg.heldout[0] if cfg.heldout else "", out=str(out))
     return rc
 
@@ -245,20 +248,20 @@ def deploy(site_caches: list, out, cfg, *, timeout: Optional[float] = None, log:
         log(f"SuperLink on 127.0.0.1:{port} (logs: {logs})")
         dep.start("superlink", [f"{bindir}/flower-superlink", "--insecure", "--port", str(port),
                                 "--disable-runtime-dependency-installation"])
-        _wait(lambda: _port_open(port), dep, 60, "the SuperLink did not open its port")
         # the sites share this machine's cores: torch threads per site so that together they use them all once
         # (each would take every core, and 3 x 2 threads on 2 cores spin against each other: ~10x slower training)
         site_env = {} if "OMP_NUM_THREADS" in os.environ else {
             "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // len(site_caches)))}
-        for cache, dom in zip(site_caches, domains):
-            nport = free_port()
-            if isolation == "worker":  # our site: a SuperNode and its long-lived ClientApp process
+        if isolation == "worker":  # started at once: they import torch while the SuperLink starts (and retry it)
+            for cache, dom in zip(site_caches, domains):
                 dep.start(f"site-{dom}", [sys.executable, "-m", "fedclip_cache", "site", str(cache), "--superlink",
-                                          f"127.0.0.1:{port}", "--port", str(nport), "--insecure",
+                                          f"127.0.0.1:{port}", "--port", str(free_port()), "--insecure",
                                           "--poll-interval", str(poll_interval)], env=site_env)
-                log(f"SuperNode {dom}{' (held out: evaluates only)' if cfg.heldout and dom == cfg.heldout[0] else ''}"
+                log(f"site {dom}{' (held out: evaluates only)' if cfg.heldout and dom == cfg.heldout[0] else ''}"
                     f": {cache}")
-                continue
+        _wait(lambda: _port_open(port), dep, 60, "the SuperLink did not open its port")
+        for cache, dom in zip(site_caches, domains) if isolation != "worker" else ():
+            nport = free_port()
             cmd = [f"{bindir}/flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{port}",
                    "--node-config", f"cache={json.dumps(str(cache))}", "--port", str(nport)]
             if isolation == "process":
@@ -270,16 +273,15 @@ def deploy(site_caches: list, out, cfg, *, timeout: Optional[float] = None, log:
                                                     "--runtime-api-address", f"127.0.0.1:{nport}"])
             log(f"SuperNode {dom}{' (held out: evaluates only)' if cfg.heldout and dom == cfg.heldout[0] else ''}"
                 f": {cache}")
-        timings["startup_s"] = round(time.monotonic() - t0, 2)
         t1 = time.monotonic()
         run = dep.start("flwr-run", [f"{bindir}/flwr", "run", str(tmp / "app"), "local", "--stream"])
-        run_id = _follow(run, logs / "flwr-run.log", dep, log, timeout, t1, keep_going)
+        run_id = _follow(run, logs / "flwr-run.log", dep, log, timeout, t1, keep_going, timings, t0)
         status, details = _final_status(bindir, env, run_id, dep)
-        timings["run_s"] = round(time.monotonic() - t1, 2)
+        timings["run_s"] = round(time.monotonic() - t0 - timings.get("startup_s", 0.0), 2)
         if status != "finished:completed":
             raise DeployError(f"the Flower run {run_id} ended {status}: {details} (logs: {logs})")
         timings["total_s"] = round(time.monotonic() - t0, 2)
-        log(f"run {run_id} completed in {timings['run_s']:.1f} s (start-up {timings['startup_s']:.1f} s)")
+        log(f"run {run_id} completed in {timings['run_s']:.1f} s (start-up {timings.get('startup_s', 0):.1f} s)")
         summary_path = out / "summary.json"
         summary = json.loads(summary_path.read_text()) if summary_path.exists() else None
         res = {"run_id": run_id, "status": status, "sites": dict(zip(domains, map(str, site_caches))),
@@ -311,10 +313,11 @@ def _wait(ready: Callable[[], bool], dep: Deployment, limit: float, what: str) -
         time.sleep(0.2)
 
 
-def _follow(run: subprocess.Popen, path: Path, dep: Deployment, log, timeout, t1, keep_going: bool = False) -> str:
+def _follow(run: subprocess.Popen, path: Path, dep: Deployment, log, timeout, t1, keep_going: bool = False,
+            timings: Optional[dict] = None, t0: Optional[float] = None) -> str:
     """Wait for ``flwr run --stream`` to end, echoing its rounds; fail fast when the SuperLink dies, a SuperNode
     dies (unless ``keep_going``: then it is reported once and the run goes on) or the timeout passes. Returns the
-    run id."""
+    run id; ``timings["startup_s"]``: seconds from ``t0`` until every site answered the set-up message."""
     seen, run_id, lost = 0, None, set()
     while True:
         done = run.poll() is not None
@@ -327,6 +330,9 @@ def _follow(run: subprocess.Popen, path: Path, dep: Deployment, log, timeout, t1
             if m:
                 run_id = m.group(1)
                 log(f"run {run_id} started")
+            if "[SETUP]" in line and timings is not None:
+                timings["startup_s"] = round(time.monotonic() - (t0 if t0 is not None else t1), 2)
+                log(f"set-up done ({timings['startup_s']:.1f} s): {line.split('[SETUP]')[-1].strip()}")
             m = re.search(r"\[(ROUND \d+|SUMMARY)\]", line)
             if m:
                 log(f"{m.group(1).lower()} ({time.monotonic() - t1:.1f} s)")

@@ -239,8 +239,11 @@ def main(grid: Grid, context: Context) -> None:
     co.setup(ex(nodes, "query.setup", {"phase": "setup"}, {}, "setup", timeout))
     log(INFO, "[SETUP] %s site(s): %s", len(co.sites), ", ".join(sorted(co.sites)))
     for rnd in range(1, cfg.rounds + 2):
+        t = time.perf_counter()
         rec, params = co.message(rnd)
         replies = ex(ex.live_nodes(), "train.round", rec, params, str(rnd), timeout)
+        t2 = time.perf_counter()
         co.receive(rnd, replies)
-        log(INFO, "[ROUND %s]" % rnd if rnd <= cfg.rounds else "[SUMMARY]")
+        log(INFO, "%s %s replies in %.3f s, aggregated in %.3f s", "[ROUND %s]" % rnd if rnd <= cfg.rounds
+            else "[SUMMARY]", len(replies), t2 - t, time.perf_counter() - t2)
     co.finish()
