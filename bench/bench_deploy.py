@@ -43,7 +43,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--stock-rounds", type=int, default=0, help="also time Flower's stock runner (isolation "
                                                                 "subprocess) on this many rounds")
-    ap.add_argument("--poll-interval", type=float, default=0.1)
+    ap.add_argument("--poll-interval", type=float, default=0.2)
     ap.add_argument("--dim", type=int, default=512)
     args = ap.parse_args()
 

@@ -17,8 +17,8 @@ sampled again by its name.
 """
 from __future__ import annotations
 
+import os
 import time
-import zlib  # noqa: F401  (the sampling rule's seed, via loop.sample_lanes)
 from logging import INFO, WARNING
 from pathlib import Path
 from typing import Optional
@@ -238,7 +238,9 @@ def main(grid: Grid, context: Context) -> None:
     nodes = wait_for_nodes(grid, n_sites, float(rc.get("startup_timeout", DEFAULT_STARTUP_TIMEOUT)), interval)
     co.setup(ex(nodes, "query.setup", {"phase": "setup"}, {}, "setup", timeout))
     log(INFO, "[SETUP] %s site(s): %s", len(co.sites), ", ".join(sorted(co.sites)))
+    pause = float(os.environ.get("FEDCLIP_FLOWER_ROUND_DELAY", 0))  # test hook (DEVELOPERS.md): slower rounds
     for rnd in range(1, cfg.rounds + 2):
+        time.sleep(pause)
         t = time.perf_counter()
         rec, params = co.message(rnd)
         replies = ex(ex.live_nodes(), "train.round", rec, params, str(rnd), timeout)
