@@ -49,8 +49,8 @@ def test_local_deployment_runs_and_stops_everything(tmp_path):
         assert (logs / f"{name}.log").stat().st_size > 0
     assert "[ROUND 2]" in (logs / "flwr-run.log").read_text()
     assert json.loads((logs / "deploy.json").read_text())["status"] == "finished:completed"
-    # every process it started (and their children: the serverapp) is gone
-    assert len(res["pids"]) == 5 and all(_group_gone(p) for p in res["pids"])
+    # every process it started (SuperLink, ServerApp, 3 sites, flwr run) is gone
+    assert len(res["pids"]) == 6 and all(_group_gone(p) for p in res["pids"])
     # the ServerApp wrote the run folder `federate` writes
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert res["summary"] == summary

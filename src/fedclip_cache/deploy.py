@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -45,6 +46,21 @@ from .errors import ConfigError, FedclipCacheError
 BINARIES = ("flower-superlink", "flower-supernode", "flwr")
 ISOLATIONS = ("worker", "subprocess", "process")
 DEFAULT_POLL_INTERVAL = 0.2
+# `flwr run ARGS` (flwr 1.42's CLI entry point, flwr.cli.app:app) started before the SuperLink is up: it imports the
+# CLI first, then waits for the SuperLink's port (argv[1]).
+FLWR_RUN_WHEN_READY = """
+import socket, sys, time
+from flwr.cli.app import app
+port = int(sys.argv[1])
+for _ in range(1200):
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        if s.connect_ex(("127.0.0.1", port)) == 0:
+            break
+    time.sleep(0.05)
+sys.argv = ["flwr", "run", *sys.argv[2:]]
+app()
+"""
 
 
 class DeployError(FedclipCacheError):
@@ -246,8 +262,17 @@ def deploy(site_caches: list, out, cfg, *, timeout: Optional[float] = None, log:
         old_term = signal.signal(signal.SIGTERM, _interrupt)
     try:
         log(f"SuperLink on 127.0.0.1:{port} (logs: {logs})")
-        dep.start("superlink", [f"{bindir}/flower-superlink", "--insecure", "--port", str(port),
-                                "--disable-runtime-dependency-installation"])
+        superlink = [f"{bindir}/flower-superlink", "--insecure", "--port", str(port),
+                     "--disable-runtime-dependency-installation"]
+        if isolation == "worker":  # the ServerApp process is ours, started now (flower_serverworker.py)
+            secret_file = tmp / "superexec-secret"  # under the 0700 temporary folder
+            fd = os.open(secret_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            os.write(fd, secrets.token_bytes(32))
+            os.close(fd)
+            superlink += ["--isolation", "process", "--superexec-auth-secret-file", str(secret_file)]
+            dep.start("serverapp", [sys.executable, "-m", "fedclip_cache.flower_serverworker", f"127.0.0.1:{port}",
+                                    str(secret_file)])
+        dep.start("superlink", superlink)
         # the sites share this machine's cores: torch threads per site so that together they use them all once
         # (each would take every core, and 3 x 2 threads on 2 cores spin against each other: ~10x slower training)
         site_env = {} if "OMP_NUM_THREADS" in os.environ else {
@@ -259,6 +284,10 @@ def deploy(site_caches: list, out, cfg, *, timeout: Optional[float] = None, log:
                                           "--poll-interval", str(poll_interval)], env=site_env)
                 log(f"site {dom}{' (held out: evaluates only)' if cfg.heldout and dom == cfg.heldout[0] else ''}"
                     f": {cache}")
+        t1 = time.monotonic()
+        # `flwr run` at once too: it imports Flower's CLI while the SuperLink starts, then waits for its port
+        run = dep.start("flwr-run", [sys.executable, "-c", FLWR_RUN_WHEN_READY, str(port),
+                                     str(tmp / "app"), "local", "--stream"])
         _wait(lambda: _port_open(port), dep, 60, "the SuperLink did not open its port")
         for cache, dom in zip(site_caches, domains) if isolation != "worker" else ():
             nport = free_port()
@@ -273,10 +302,8 @@ def deploy(site_caches: list, out, cfg, *, timeout: Optional[float] = None, log:
                                                     "--runtime-api-address", f"127.0.0.1:{nport}"])
             log(f"SuperNode {dom}{' (held out: evaluates only)' if cfg.heldout and dom == cfg.heldout[0] else ''}"
                 f": {cache}")
-        t1 = time.monotonic()
-        run = dep.start("flwr-run", [f"{bindir}/flwr", "run", str(tmp / "app"), "local", "--stream"])
         run_id = _follow(run, logs / "flwr-run.log", dep, log, timeout, t1, keep_going, timings, t0)
-        status, details = _final_status(bindir, env, run_id, dep)
+        status, details = _final_status(bindir, env, run_id, dep, port)
         timings["run_s"] = round(time.monotonic() - t0 - timings.get("startup_s", 0.0), 2)
         if status != "finished:completed":
             raise DeployError(f"the Flower run {run_id} ended {status}: {details} (logs: {logs})")
@@ -330,6 +357,9 @@ def _follow(run: subprocess.Popen, path: Path, dep: Deployment, log, timeout, t1
             if m:
                 run_id = m.group(1)
                 log(f"run {run_id} started")
+            for tag, key in (("[START]", "serverapp_s"), ("[NODES]", "nodes_s")):
+                if tag in line and timings is not None:  # when the line reached us (flwr streams logs in batches)
+                    timings[key] = round(time.monotonic() - (t0 if t0 is not None else t1), 2)
             if "[SETUP]" in line and timings is not None:
                 timings["startup_s"] = round(time.monotonic() - (t0 if t0 is not None else t1), 2)
                 log(f"set-up done ({timings['startup_s']:.1f} s): {line.split('[SETUP]')[-1].strip()}")
@@ -338,7 +368,8 @@ def _follow(run: subprocess.Popen, path: Path, dep: Deployment, log, timeout, t1
                 log(f"{m.group(1).lower()} ({time.monotonic() - t1:.1f} s)")
         if done:
             break
-        others = [d for d in dep.dead() if not d.startswith("flwr-run")]
+        # the ServerApp process ends with its run: exit 0 is no failure (the run's status says how it went)
+        others = [d for d in dep.dead() if not d.startswith("flwr-run") and d != "serverapp (exit 0)"]
         if keep_going:
             for d in others:
                 if d.startswith("site-") and d not in lost:
@@ -355,17 +386,46 @@ def _follow(run: subprocess.Popen, path: Path, dep: Deployment, log, timeout, t1
     return run_id
 
 
-def _final_status(bindir: str, env: dict, run_id: str, dep: Deployment, limit: float = 30) -> tuple[str, str]:
-    """The run's status as the SuperLink records it (``flwr run --stream`` exits 0 for failed runs too)."""
+def _run_status(port: int, run_id: str) -> tuple[str, str]:
+    """The run's status from the SuperLink's Control API, asked from this process (flwr 1.42 ``flwr ls``'s own
+    request; spawning ``flwr ls`` costs a Flower import, seconds on a busy machine)."""
+    from flwr.cli.typing import SuperLinkConnection
+    from flwr.cli.utils import init_http_client_from_connection
+    from flwr.common.serde import run_from_proto
+    from flwr.proto.control_pb2 import ListRunsRequest
+
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints "Using SuperLink: ..."
+        client = init_http_client_from_connection(SuperLinkConnection(name="local", address=f"127.0.0.1:{port}",
+                                                                      insecure=True))
+    try:
+        res = client.ListRuns(ListRunsRequest(run_id=int(run_id)))
+    finally:
+        client.close()
+    run = run_from_proto(next(iter(res.run_dict.values())))
+    return f"{run.status.status}:{run.status.sub_status}", run.status.details
+
+
+def _final_status(bindir: str, env: dict, run_id: str, dep: Deployment, port: Optional[int] = None,
+                  limit: float = 30) -> tuple[str, str]:
+    """The run's status as the SuperLink records it (``flwr run --stream`` exits 0 for failed runs too): asked in
+    this process, or with ``flwr ls`` when that fails."""
     deadline = time.monotonic() + limit
     while True:
-        p = subprocess.run([f"{bindir}/flwr", "ls", "local", "--run-id", run_id, "--format", "json"], env=env,
-                           capture_output=True, text=True, timeout=60)
         try:
-            runs = json.loads(p.stdout).get("runs") or []
-            status, details = runs[0]["status"], runs[0].get("status-details", "")
-        except (ValueError, IndexError, KeyError):
-            status, details = "unknown", (p.stdout + p.stderr).strip()[-300:]
+            if port is None:
+                raise RuntimeError("no port")
+            status, details = _run_status(port, run_id)
+        except Exception:  # noqa: BLE001  (flwr's CLI then)
+            p = subprocess.run([f"{bindir}/flwr", "ls", "local", "--run-id", run_id, "--format", "json"], env=env,
+                               capture_output=True, text=True, timeout=60)
+            try:
+                runs = json.loads(p.stdout).get("runs") or []
+                status, details = runs[0]["status"], runs[0].get("status-details", "")
+            except (ValueError, IndexError, KeyError):
+                status, details = "unknown", (p.stdout + p.stderr).strip()[-300:]
         if status.startswith("finished") or time.monotonic() > deadline:
             return status, details
-        time.sleep(0.5)
+        time.sleep(0.2)

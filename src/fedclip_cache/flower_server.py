@@ -217,6 +217,7 @@ server_app = ServerApp()
 
 @server_app.main()
 def main(grid: Grid, context: Context) -> None:
+    t0 = time.monotonic()
     rc = context.run_config
     _, cfg = _federate_config(rc)
     n_sites = int(rc.get("sites", 0))
@@ -235,7 +236,9 @@ def main(grid: Grid, context: Context) -> None:
     co = Coordinator(cfg, RunRecorder(cfg, Path(str(out))) if out else None, min_results)
     timeout = float(rc.get("round_timeout", DEFAULT_ROUND_TIMEOUT))
     ex = Exchange(grid, interval)
+    log(INFO, "[START] waiting for %s node(s)", n_sites)
     nodes = wait_for_nodes(grid, n_sites, float(rc.get("startup_timeout", DEFAULT_STARTUP_TIMEOUT)), interval)
+    log(INFO, "[NODES] %s connected after %.2f s", len(nodes), time.monotonic() - t0)
     co.setup(ex(nodes, "query.setup", {"phase": "setup"}, {}, "setup", timeout))
     log(INFO, "[SETUP] %s site(s): %s", len(co.sites), ", ".join(sorted(co.sites)))
     pause = float(os.environ.get("FEDCLIP_FLOWER_ROUND_DELAY", 0))  # test hook (DEVELOPERS.md): slower rounds
