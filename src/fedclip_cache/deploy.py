@@ -1,33 +1,30 @@
-"""A real local Flower deployment: one SuperLink and one SuperNode per site cache, as separate processes.
+"""A real local Flower deployment: one SuperLink, its ServerApp process and one site per site cache, as separate
+processes.
 
 ``fedclip-cache deploy SITE_CACHE ... -o RUN`` writes a throw-away Flower app folder and ``FLWR_HOME`` (with the
-connection config), starts ``flower-superlink --insecure`` on a free localhost port, one ``flower-supernode
---insecure --node-config 'cache="SITE_CACHE"'`` per site (each with its own Runtime API port), runs the app with
-``flwr run APP local --stream`` (run config: the federate options, ``sites = N``, ``heldout``, ``out = RUN``),
-keeps every log under ``RUN/logs/``, and judges the run by its status in the SuperLink (``flwr ls --run-id``:
-``finished:completed``), never by ``flwr run``'s exit code (0 even for a failed run in flwr 1.42). Whatever it
-started is stopped on success, failure and Ctrl-C (each process is the leader of its own process group; the group
-is terminated, then killed).
+connection config) and starts, all at once: ``flower-superlink --insecure --isolation process`` on a free localhost
+port, the ServerApp process (flower_serverworker.py: imports torch and the apps while everything else starts, then
+runs the run's ServerApp task), one ``fedclip-cache site`` per site cache (flower_site.py: Flower's SuperNode and
+the ClientApp worker in one process, node config ``cache="SITE_CACHE"``, its own Runtime API port), and ``flwr run
+APP local --stream`` (run config: the federate options, ``sites = N``, ``heldout``, ``out = RUN``; it imports
+Flower's CLI, then waits for the SuperLink's port). Every log goes under ``RUN/logs/``; the run is judged by its
+status in the SuperLink (``finished:completed``, asked over the Control API as ``flwr ls`` does), never by ``flwr
+run``'s exit code (0 even for a failed run in flwr 1.42). Whatever it started is stopped on success, failure and
+Ctrl-C (each process is the leader of its own process group; the group is terminated, then killed).
 
 Verified recipe (flwr 1.42): the SuperLink serves its Fleet, Control and Runtime APIs on ONE HTTP port
 (``--port``; the old ``--fleet-api-address``/``--control-api-address`` are deprecated); a SuperNode's ``--port``
 is its own Runtime API (the old ClientAppIo port), so SuperNodes on one machine need distinct ports. The connection
 lives in ``$FLWR_HOME/config.toml`` (``[superlink.NAME] address = "host:port"``, ``insecure = true``).
 
-Sites (``isolation``): ``worker`` (the default) runs each site as ``fedclip-cache site`` (flower_site.py): Flower's
-SuperNode with ``--isolation process`` and one long-lived ClientApp process that imports torch and opens the cache
-once. ``subprocess``/``process`` are Flower's stock runners: a fresh ``flwr-clientapp`` process per message (it
-pulls one task with a one-time token and exits), so every fit/evaluate re-imports torch and re-opens the site cache
-(~25 s per round with 3 sites on 2 cores; kept for comparison). ``poll_interval`` (default 0.1 s) replaces flwr
-1.42's fixed waits between polls -- the ServerApp asking the SuperLink for replies (3 s), an idle SuperNode asking
-the SuperLink for messages (3 s; ``worker`` sites only), a SuperExec asking for tasks (1 s) -- which otherwise cost
-~6 s per round however fast the clients are.
+``isolation="subprocess"``/``"process"`` keep Flower's stock runners for comparison: a fresh ``flwr-clientapp``
+process per message (~25 s per round with 3 sites on 2 cores). ``poll_interval`` (default 0.2 s) caps the adaptive
+waits of the ServerApp and the SuperNodes (flwr 1.42's own: fixed 3 s) and sets ``flower-superexec``'s task poll.
 """
 from __future__ import annotations
 
 import json
 import os
-import re
 import secrets
 import shutil
 import signal
@@ -41,30 +38,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from .errors import ConfigError, FedclipCacheError
+from .deploy_flwr import FLWR_RUN_WHEN_READY, DeployError, app_pyproject, connection_config, final_status, follow_run
+from .errors import ConfigError
 
 BINARIES = ("flower-superlink", "flower-supernode", "flwr")
 ISOLATIONS = ("worker", "subprocess", "process")
 DEFAULT_POLL_INTERVAL = 0.2
-# `flwr run ARGS` (flwr 1.42's CLI entry point, flwr.cli.app:app) started before the SuperLink is up: it imports the
-# CLI first, then waits for the SuperLink's port (argv[1]).
-FLWR_RUN_WHEN_READY = """
-import socket, sys, time
-from flwr.cli.app import app
-port = int(sys.argv[1])
-for _ in range(1200):
-    with socket.socket() as s:
-        s.settimeout(0.2)
-        if s.connect_ex(("127.0.0.1", port)) == 0:
-            break
-    time.sleep(0.05)
-sys.argv = ["flwr", "run", *sys.argv[2:]]
-app()
-"""
-
-
-class DeployError(FedclipCacheError):
-    """The local deployment could not start or the Flower run did not complete; the message names the log."""
 
 
 def flower_bin_dir() -> Optional[str]:
@@ -105,23 +84,6 @@ def run_config(cfg, n_sites: int, out: Path) -> dict:
         rc["split"] = ",".join(repr(float(x)) for x in cfg.split)
     rc.update(sites=n_sites, heldout=cfg.heldout[0] if cfg.heldout else "", out=str(out))
     return rc
-
-
-def app_pyproject(config: dict) -> str:
-    import tomli_w
-
-    return tomli_w.dumps({
-        "project": {"name": "fedclip-deploy", "version": "0.1.0", "description": "fedclip-cache on Flower",
-                    "license": "MIT", "dependencies": []},
-        "tool": {"flwr": {"app": {"publisher": "fedclip-cache",
-                                  "components": {"serverapp": "fedclip_cache.flower:server_app",
-                                                 "clientapp": "fedclip_cache.flower:client_app"},
-                                  "config": config}}}})
-
-
-def connection_config(port: int) -> str:
-    return (f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "127.0.0.1:{port}"\n'
-            f'insecure = true\n')
 
 
 @dataclass
@@ -302,8 +264,8 @@ def deploy(site_caches: list, out, cfg, *, timeout: Optional[float] = None, log:
                                                     "--runtime-api-address", f"127.0.0.1:{nport}"])
             log(f"SuperNode {dom}{' (held out: evaluates only)' if cfg.heldout and dom == cfg.heldout[0] else ''}"
                 f": {cache}")
-        run_id = _follow(run, logs / "flwr-run.log", dep, log, timeout, t1, keep_going, timings, t0)
-        status, details = _final_status(bindir, env, run_id, dep, port)
+        run_id = follow_run(run, logs / "flwr-run.log", dep, log, timeout, t1, keep_going, timings, t0)
+        status, details = final_status(bindir, env, run_id, dep, port)
         timings["run_s"] = round(time.monotonic() - t0 - timings.get("startup_s", 0.0), 2)
         if status != "finished:completed":
             raise DeployError(f"the Flower run {run_id} ended {status}: {details} (logs: {logs})")
@@ -337,95 +299,4 @@ def _wait(ready: Callable[[], bool], dep: Deployment, limit: float, what: str) -
             raise DeployError(f"{what}: {', '.join(dep.dead())} exited (logs: {dep.logs})")
         if time.monotonic() > deadline:
             raise DeployError(f"{what} within {limit:.0f} s (logs: {dep.logs})")
-        time.sleep(0.2)
-
-
-def _follow(run: subprocess.Popen, path: Path, dep: Deployment, log, timeout, t1, keep_going: bool = False,
-            timings: Optional[dict] = None, t0: Optional[float] = None) -> str:
-    """Wait for ``flwr run --stream`` to end, echoing its rounds; fail fast when the SuperLink dies, a SuperNode
-    dies (unless ``keep_going``: then it is reported once and the run goes on) or the timeout passes. Returns the
-    run id; ``timings["startup_s"]``: seconds from ``t0`` until every site answered the set-up message."""
-    seen, run_id, lost = 0, None, set()
-    while True:
-        done = run.poll() is not None
-        text = path.read_text(errors="replace")
-        for line in text[seen:].splitlines(keepends=True):
-            if not line.endswith("\n") and not done:
-                break
-            seen += len(line)
-            m = re.search(r"Successfully started run (\d+)", line)
-            if m:
-                run_id = m.group(1)
-                log(f"run {run_id} started")
-            for tag, key in (("[START]", "serverapp_s"), ("[NODES]", "nodes_s")):
-                if tag in line and timings is not None:  # when the line reached us (flwr streams logs in batches)
-                    timings[key] = round(time.monotonic() - (t0 if t0 is not None else t1), 2)
-            if "[SETUP]" in line and timings is not None:
-                timings["startup_s"] = round(time.monotonic() - (t0 if t0 is not None else t1), 2)
-                log(f"set-up done ({timings['startup_s']:.1f} s): {line.split('[SETUP]')[-1].strip()}")
-            m = re.search(r"\[(ROUND \d+|SUMMARY)\]", line)
-            if m:
-                log(f"{m.group(1).lower()} ({time.monotonic() - t1:.1f} s)")
-        if done:
-            break
-        # the ServerApp process ends with its run: exit 0 is no failure (the run's status says how it went)
-        others = [d for d in dep.dead() if not d.startswith("flwr-run") and d != "serverapp (exit 0)"]
-        if keep_going:
-            for d in others:
-                if d.startswith("site-") and d not in lost:
-                    lost.add(d)
-                    log(f"{d} exited during the run: going on without it (logs: {dep.logs})")
-            others = [d for d in others if not d.startswith("site-")]
-        if others:
-            raise DeployError(f"{', '.join(others)} exited during the run (logs: {dep.logs})")
-        if timeout and time.monotonic() - t1 > timeout:
-            raise DeployError(f"the run did not finish within {timeout:.0f} s (logs: {dep.logs})")
-        time.sleep(0.2)
-    if run_id is None:
-        raise DeployError(f"`flwr run` did not start a run (exit {run.returncode}; see {path})")
-    return run_id
-
-
-def _run_status(port: int, run_id: str) -> tuple[str, str]:
-    """The run's status from the SuperLink's Control API, asked from this process (flwr 1.42 ``flwr ls``'s own
-    request; spawning ``flwr ls`` costs a Flower import, seconds on a busy machine)."""
-    from flwr.cli.typing import SuperLinkConnection
-    from flwr.cli.utils import init_http_client_from_connection
-    from flwr.common.serde import run_from_proto
-    from flwr.proto.control_pb2 import ListRunsRequest
-
-    import contextlib
-    import io
-
-    with contextlib.redirect_stdout(io.StringIO()):  # it prints "Using SuperLink: ..."
-        client = init_http_client_from_connection(SuperLinkConnection(name="local", address=f"127.0.0.1:{port}",
-                                                                      insecure=True))
-    try:
-        res = client.ListRuns(ListRunsRequest(run_id=int(run_id)))
-    finally:
-        client.close()
-    run = run_from_proto(next(iter(res.run_dict.values())))
-    return f"{run.status.status}:{run.status.sub_status}", run.status.details
-
-
-def _final_status(bindir: str, env: dict, run_id: str, dep: Deployment, port: Optional[int] = None,
-                  limit: float = 30) -> tuple[str, str]:
-    """The run's status as the SuperLink records it (``flwr run --stream`` exits 0 for failed runs too): asked in
-    this process, or with ``flwr ls`` when that fails."""
-    deadline = time.monotonic() + limit
-    while True:
-        try:
-            if port is None:
-                raise RuntimeError("no port")
-            status, details = _run_status(port, run_id)
-        except Exception:  # noqa: BLE001  (flwr's CLI then)
-            p = subprocess.run([f"{bindir}/flwr", "ls", "local", "--run-id", run_id, "--format", "json"], env=env,
-                               capture_output=True, text=True, timeout=60)
-            try:
-                runs = json.loads(p.stdout).get("runs") or []
-                status, details = runs[0]["status"], runs[0].get("status-details", "")
-            except (ValueError, IndexError, KeyError):
-                status, details = "unknown", (p.stdout + p.stderr).strip()[-300:]
-        if status.startswith("finished") or time.monotonic() > deadline:
-            return status, details
         time.sleep(0.2)

@@ -147,8 +147,10 @@ class SiteWorker:
                 if clock is not None:
                     clock.reply.set()
                 continue  # straight on: the next message may be waiting already
-            if clock is not None:
-                clock.task.wait(self.poll_interval)
+            if clock is not None:  # woken when the SuperNode has stored a message and ALL its objects (flwr 1.42
+                # creates the task before it pulls the objects: a worker polling on its own may claim the task
+                # first and then wait for them); the timeout is only a safety net
+                clock.task.wait(max(1.0, self.poll_interval))
             else:
                 stop.wait(self.poll_interval)
 
@@ -201,7 +203,7 @@ class SiteWorker:
         message = context = reply = None
         sub_status, details, kind = SubStatus.FAILED, "ClientApp task failed due to unknown reason", "?"
         try:
-            message, context, run, fab = _pull_task_input(client, self.poll_interval)
+            message, context, run, fab = _pull_task_input(client, min(self.poll_interval, 0.02))
             kind = message.metadata.message_type
             t1 = time.perf_counter()
             reply = self._client_app(fab)(message=message, context=context)
