@@ -49,8 +49,8 @@ def test_local_deployment_runs_and_stops_everything(tmp_path):
         assert (logs / f"{name}.log").stat().st_size > 0
     assert "[ROUND 2]" in (logs / "flwr-run.log").read_text()
     assert json.loads((logs / "deploy.json").read_text())["status"] == "finished:completed"
-    # every process it started (SuperLink, ServerApp, 3 sites, flwr run) is gone
-    assert len(res["pids"]) == 6 and all(_group_gone(p) for p in res["pids"])
+    # every process it started (SuperLink, the zygote and what it forked: ServerApp, 3 sites; flwr run) is gone
+    assert len(res["pids"]) == 7 and all(_group_gone(p) for p in res["pids"])
     # the ServerApp wrote the run folder `federate` writes
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert res["summary"] == summary
@@ -134,9 +134,11 @@ def test_a_site_killed_mid_run_is_recorded_and_rejoins(tmp_path, monkeypatch):
         m = re.search(r"SuperLink on (127\.0\.0\.1:\d+)", message)
         if m:
             state["superlink"] = m.group(1)
+        m = re.search(r"site photo \(pid (\d+)\)", message)
+        if m:
+            state["photo"] = m.group(1)
         if message.startswith("round 2") and "restarted" not in state:
-            pids = subprocess.run(["pgrep", "-f", f"fedclip_cache site {Path(sites[1]).resolve()}"],
-                                  capture_output=True, text=True).stdout.split()
+            pids = [state["photo"]]  # the photo site: SuperNode and worker, one process
             for pid in pids:
                 try:
                     os.kill(int(pid), signal.SIGKILL)

@@ -128,10 +128,73 @@ class Deployment:
             time.sleep(0.1)
         for _, p, log in self.procs:
             p.poll()
-            log.close()
+            if log is not None:
+                log.close()
 
     def pids(self) -> list[int]:
         return [p.pid for _, p, _ in self.procs]
+
+
+class ZygoteChild:
+    """A site or the ServerApp process, forked by the zygote (deploy_zygote.py): as much of ``subprocess.Popen``
+    as :class:`Deployment` uses; its exit code comes from the zygote's report."""
+
+    def __init__(self, zygote: "Zygote", name: str):
+        self.zygote, self.name = zygote, name
+
+    @property
+    def pid(self) -> int:
+        return self.zygote.pids[self.name]
+
+    @property
+    def returncode(self) -> Optional[int]:
+        if self.name in self.zygote.exits:
+            return self.zygote.exits[self.name]
+        if self.zygote.proc.poll() is not None and self.zygote.done.is_set():  # no report will come
+            try:
+                os.kill(self.pid, 0)
+            except ProcessLookupError:
+                return -1
+        return None
+
+    def poll(self) -> Optional[int]:
+        return self.returncode
+
+    def wait(self, timeout: Optional[float] = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(self.name, timeout)
+            time.sleep(0.02)
+        return self.returncode
+
+
+class Zygote:
+    """``python -m fedclip_cache.deploy_zygote`` with ``specs``: reads its pid and exit reports."""
+
+    def __init__(self, dep: "Deployment", specs: list[dict]):
+        log = open(dep.logs / "zygote.log", "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "fedclip_cache.deploy_zygote"], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=log, env=dep.env, start_new_session=True)
+        self.proc.stdin.write(json.dumps(specs).encode())
+        self.proc.stdin.close()
+        self.pids: dict = {}
+        self.exits: dict = {}
+        self.done = threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()
+        dep.procs.append(("zygote", self.proc, log))
+        self.children = [ZygoteChild(self, s["name"]) for s in specs]
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            msg = json.loads(line)
+            (self.exits if "exit" in msg else self.pids)[msg["name"]] = msg.get("exit", msg.get("pid"))
+        self.done.set()
+
+    def started(self, dep: "Deployment", limit: float = 120) -> None:
+        """Wait until every child is forked (the zygote imports torch first), then let ``dep`` manage them."""
+        _wait(lambda: len(self.pids) == len(self.children), dep, limit, "the zygote did not fork the sites")
+        dep.procs.extend((c.name, c, None) for c in self.children)
 
 
 def _group_alive(pgid: int) -> bool:
@@ -232,24 +295,30 @@ def deploy(site_caches: list, out, cfg, *, timeout: Optional[float] = None, log:
             os.write(fd, secrets.token_bytes(32))
             os.close(fd)
             superlink += ["--isolation", "process", "--superexec-auth-secret-file", str(secret_file)]
-            dep.start("serverapp", [sys.executable, "-m", "fedclip_cache.flower_serverworker", f"127.0.0.1:{port}",
-                                    str(secret_file)])
         dep.start("superlink", superlink)
         # the sites share this machine's cores: torch threads per site so that together they use them all once
         # (each would take every core, and 3 x 2 threads on 2 cores spin against each other: ~10x slower training)
         site_env = {} if "OMP_NUM_THREADS" in os.environ else {
             "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // len(site_caches)))}
-        if isolation == "worker":  # started at once: they import torch while the SuperLink starts (and retry it)
-            for cache, dom in zip(site_caches, domains):
-                dep.start(f"site-{dom}", [sys.executable, "-m", "fedclip_cache", "site", str(cache), "--superlink",
-                                          f"127.0.0.1:{port}", "--port", str(free_port()), "--insecure",
-                                          "--poll-interval", str(poll_interval)], env=site_env)
-                log(f"site {dom}{' (held out: evaluates only)' if cfg.heldout and dom == cfg.heldout[0] else ''}"
-                    f": {cache}")
+        zygote = None
+        if isolation == "worker":  # the ServerApp process and the sites: forked by one fresh process that imports
+            # torch, flwr and the apps once (deploy_zygote.py); each site is what `fedclip-cache site CACHE` runs
+            threads = int(site_env.get("OMP_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
+            specs = [{"name": "serverapp", "kind": "serverapp", "log": str(logs / "serverapp.log"),
+                      "address": f"127.0.0.1:{port}", "secret_file": str(secret_file)}]
+            specs += [{"name": f"site-{dom}", "kind": "site", "log": str(logs / f"site-{dom}.log"), "env": site_env,
+                       "cache": str(cache), "superlink": f"127.0.0.1:{port}", "port": free_port(),
+                       "poll_interval": poll_interval, "threads": threads} for cache, dom in zip(site_caches, domains)]
+            zygote = Zygote(dep, specs)
         t1 = time.monotonic()
         # `flwr run` at once too: it imports Flower's CLI while the SuperLink starts, then waits for its port
         run = dep.start("flwr-run", [sys.executable, "-c", FLWR_RUN_WHEN_READY, str(port),
                                      str(tmp / "app"), "local", "--stream"])
+        if zygote is not None:
+            zygote.started(dep)
+            for cache, dom, child in zip(site_caches, domains, zygote.children[1:]):
+                log(f"site {dom}{' (held out: evaluates only)' if cfg.heldout and dom == cfg.heldout[0] else ''}"
+                    f" (pid {child.pid}): {cache}")
         _wait(lambda: _port_open(port), dep, 60, "the SuperLink did not open its port")
         for cache, dom in zip(site_caches, domains) if isolation != "worker" else ():
             nport = free_port()

@@ -79,7 +79,8 @@ def follow_run(run: subprocess.Popen, path: Path, dep, log, timeout, t1, keep_go
         if done:
             break
         # the ServerApp process ends with its run: exit 0 is no failure (the run's status says how it went)
-        others = [d for d in dep.dead() if not d.startswith("flwr-run") and d != "serverapp (exit 0)"]
+        others = [d for d in dep.dead() if not d.startswith("flwr-run") and d not in ("serverapp (exit 0)",
+                                                                                       "zygote (exit 0)")]
         if keep_going:
             for d in others:
                 if d.startswith("site-") and d not in lost:
