@@ -38,7 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from .deploy_flwr import FLWR_RUN_WHEN_READY, DeployError, app_pyproject, connection_config, final_status, follow_run
+from .deploy_flwr import (FLWR_RUN_WHEN_READY, DeployError, app_pyproject, connection_config, final_status, follow_run,
+                          run_status)
 from .errors import ConfigError
 
 BINARIES = ("flower-superlink", "flower-supernode", "flwr")
@@ -280,6 +281,7 @@ def deploy(site_caches: list, out, cfg, *, timeout: Optional[float] = None, log:
            "PYTHONPATH": os.pathsep.join([src] + [p for p in [os.environ.get("PYTHONPATH")] if p]),
            "PYTHONUNBUFFERED": "1", "FLWR_TELEMETRY_ENABLED": "0",
            "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": str(max(poll_interval, 0.01))}  # flower-superexec's (default 1 s)
+    grace = 10.0  # seconds each process gets to end after SIGTERM (failure, Ctrl-C)
     dep = Deployment(env, logs)
     timings: dict = {}
     old_term = None
@@ -333,7 +335,8 @@ def deploy(site_caches: list, out, cfg, *, timeout: Optional[float] = None, log:
                                                     "--runtime-api-address", f"127.0.0.1:{nport}"])
             log(f"SuperNode {dom}{' (held out: evaluates only)' if cfg.heldout and dom == cfg.heldout[0] else ''}"
                 f": {cache}")
-        run_id = follow_run(run, logs / "flwr-run.log", dep, log, timeout, t1, keep_going, timings, t0)
+        run_id = follow_run(run, logs / "flwr-run.log", dep, log, timeout, t1, keep_going, timings, t0,
+                            status=lambda rid: run_status(port, rid)[0])
         status, details = final_status(bindir, env, run_id, dep, port)
         timings["run_s"] = round(time.monotonic() - t0 - timings.get("startup_s", 0.0), 2)
         if status != "finished:completed":
@@ -345,12 +348,13 @@ def deploy(site_caches: list, out, cfg, *, timeout: Optional[float] = None, log:
         res = {"run_id": run_id, "status": status, "sites": dict(zip(domains, map(str, site_caches))),
                "run_config": rc, "isolation": isolation, "timings": timings, "pids": dep.pids()}
         (logs / "deploy.json").write_text(json.dumps(res, indent=2))
+        grace = 0.5  # the run completed and its folder is written: nothing left to wait for (SIGKILL after 0.5 s)
         return {**res, "summary": summary}
     finally:
         if old_term is not None:  # a second Ctrl-C/SIGTERM must not cut the clean-up short
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
             old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
-        dep.stop()
+        dep.stop(grace)
         if old_term is not None:
             signal.signal(signal.SIGINT, old_int)
             signal.signal(signal.SIGTERM, old_term)

@@ -51,13 +51,23 @@ def connection_config(port: int) -> str:
 
 
 def follow_run(run: subprocess.Popen, path: Path, dep, log, timeout, t1, keep_going: bool = False,
-            timings: Optional[dict] = None, t0: Optional[float] = None) -> str:
+            timings: Optional[dict] = None, t0: Optional[float] = None, status=None) -> str:
     """Wait for ``flwr run --stream`` to end, echoing its rounds; fail fast when the SuperLink dies, a SuperNode
     dies (unless ``keep_going``: then it is reported once and the run goes on) or the timeout passes. Returns the
-    run id; ``timings["startup_s"]``: seconds from ``t0`` until every site answered the set-up message."""
-    seen, run_id, lost = 0, None, set()
+    run id; ``timings["startup_s"]``: seconds from ``t0`` until every site answered the set-up message. With
+    ``status`` (run id -> the SuperLink's status), the wait ends as soon as the run is finished -- once the
+    ServerApp process has exited or logged its summary -- instead of when ``flwr run --stream`` notices (its log
+    stream lags by a second or two)."""
+    seen, run_id, lost, ended = 0, None, set(), False
     while True:
         done = run.poll() is not None
+        if status is not None and run_id is not None and (ended or any(d.startswith("serverapp (exit")
+                                                                       for d in dep.dead())):
+            try:
+                if status(run_id).startswith("finished"):
+                    break
+            except Exception:  # noqa: BLE001  (asked again next time; `flwr run` ends anyway)
+                pass
         text = path.read_text(errors="replace")
         for line in text[seen:].splitlines(keepends=True):
             if not line.endswith("\n") and not done:
@@ -74,6 +84,7 @@ def follow_run(run: subprocess.Popen, path: Path, dep, log, timeout, t1, keep_go
                 timings["startup_s"] = round(time.monotonic() - (t0 if t0 is not None else t1), 2)
                 log(f"set-up done ({timings['startup_s']:.1f} s): {line.split('[SETUP]')[-1].strip()}")
             m = re.search(r"\[(ROUND \d+|SUMMARY)\]", line)
+            ended = ended or "[SUMMARY]" in line
             if m:
                 log(f"{m.group(1).lower()} ({time.monotonic() - t1:.1f} s)")
         if done:
@@ -91,13 +102,13 @@ def follow_run(run: subprocess.Popen, path: Path, dep, log, timeout, t1, keep_go
             raise DeployError(f"{', '.join(others)} exited during the run (logs: {dep.logs})")
         if timeout and time.monotonic() - t1 > timeout:
             raise DeployError(f"the run did not finish within {timeout:.0f} s (logs: {dep.logs})")
-        time.sleep(0.2)
+        time.sleep(0.1)
     if run_id is None:
         raise DeployError(f"`flwr run` did not start a run (exit {run.returncode}; see {path})")
     return run_id
 
 
-def _run_status(port: int, run_id: str) -> tuple[str, str]:
+def run_status(port: int, run_id: str) -> tuple[str, str]:
     """The run's status from the SuperLink's Control API, asked from this process (flwr 1.42 ``flwr ls``'s own
     request; spawning ``flwr ls`` costs a Flower import, seconds on a busy machine)."""
     from flwr.cli.typing import SuperLinkConnection
@@ -128,7 +139,7 @@ def final_status(bindir: str, env: dict, run_id: str, dep, port: Optional[int] =
         try:
             if port is None:
                 raise RuntimeError("no port")
-            status, details = _run_status(port, run_id)
+            status, details = run_status(port, run_id)
         except Exception:  # noqa: BLE001  (flwr's CLI then)
             p = subprocess.run([f"{bindir}/flwr", "ls", "local", "--run-id", run_id, "--format", "json"], env=env,
                                capture_output=True, text=True, timeout=60)
