@@ -124,7 +124,7 @@ class Deployment:
                     pass
             if all(p.poll() is not None for p in alive) and not any(_group_alive(p.pid) for p in alive):
                 break
-        deadline = time.monotonic() + grace  # orphaned group members (killed above) are reaped by init
+        deadline = time.monotonic() + max(grace, 5.0)  # killed group members are reaped by their parents or init
         while any(_group_alive(p.pid) for _, p, _ in self.procs) and time.monotonic() < deadline:
             time.sleep(0.1)
         for _, p, log in self.procs:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 
 
@@ -48,6 +49,9 @@ def main() -> None:
 
     from . import flower, flower_serverworker, flower_site  # noqa: F401
 
+    # SIGTERM (deploy stopping everything) is for the children: the zygote reaps them, reports, and ends with the
+    # last one, so that no child is left a zombie for init to find
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     pids = {}
     for spec in specs:
         sys.stdout.flush()
@@ -55,6 +59,7 @@ def main() -> None:
         if pid == 0:
             code = 1
             try:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 code = _child(spec) or 0
             except SystemExit as ex:
                 code = ex.code if isinstance(ex.code, int) else (0 if ex.code is None else 1)
