@@ -3,10 +3,11 @@ processes.
 
 ``fedclip-cache deploy SITE_CACHE ... -o RUN`` writes a throw-away Flower app folder and ``FLWR_HOME`` (with the
 connection config) and starts, all at once: ``flower-superlink --insecure --isolation process`` on a free localhost
-port, the ServerApp process (flower_serverworker.py: imports torch and the apps while everything else starts, then
-runs the run's ServerApp task), one ``fedclip-cache site`` per site cache (flower_site.py: Flower's SuperNode and
-the ClientApp worker in one process, node config ``cache="SITE_CACHE"``, its own Runtime API port), and ``flwr run
-APP local --stream`` (run config: the federate options, ``sites = N``, ``heldout``, ``out = RUN``; it imports
+port; one fresh "zygote" process (deploy_zygote.py) that imports torch, flwr and the apps once and forks the
+ServerApp process (flower_serverworker.py: takes the run's ServerApp task and runs it with flwr's own
+``run_serverapp``) and one site per site cache (what ``fedclip-cache site`` runs, flower_site.py: Flower's SuperNode
+and the ClientApp worker in one process, node config ``cache="SITE_CACHE"``, its own Runtime API port); and ``flwr
+run APP local --stream`` (run config: the federate options, ``sites = N``, ``heldout``, ``out = RUN``; it imports
 Flower's CLI, then waits for the SuperLink's port). Every log goes under ``RUN/logs/``; the run is judged by its
 status in the SuperLink (``finished:completed``, asked over the Control API as ``flwr ls`` does), never by ``flwr
 run``'s exit code (0 even for a failed run in flwr 1.42). Whatever it started is stopped on success, failure and
