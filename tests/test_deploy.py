@@ -86,6 +86,10 @@ def test_deploy_refuses_bad_input_before_starting_anything(tmp_path, monkeypatch
         dep.deploy(sites, tmp_path / "run", FederateConfig(heldout=["mars"]).validate())
     with pytest.raises(ConfigError, match="--protocol lodo needs --heldout"):
         dep.deploy(sites, tmp_path / "run", cfg)
+    with pytest.raises(ConfigError, match="--train-views 2: the cache .* holds 1 view"):  # a site's own check
+        dep.deploy(sites, tmp_path / "run", FederateConfig(protocol="personal", train_views="2").validate())
+    with pytest.raises(ConfigError, match="--template '7': give an index below 1"):
+        dep.deploy(sites, tmp_path / "run", FederateConfig(protocol="personal", template="7").validate())
     with pytest.raises(ConfigError, match="--finetune-steps 3: not supported by the Flower apps"):
         dep.deploy(sites, tmp_path / "run", FederateConfig(protocol="personal", finetune_steps=3).validate())
     assert dep.run_config(FederateConfig(split=(0.5, 0.3, 0.2), heldout=["art"]).validate(), 2,

@@ -235,6 +235,20 @@ def check_sites(site_caches: list, cfg) -> list[str]:
     return domains
 
 
+def _check_site_options(site_caches: list, cfg) -> None:
+    """What each site checks against its own cache (views for --train-views, --template, the logit scale), here
+    before anything starts: a one-line error instead of a run that fails at its set-up message."""
+    from .cache import open_cache
+    from .federated.loop import resolve_logit_scale, resolve_train_views, text_head
+
+    for c in site_caches:
+        cache = open_cache(c)
+        resolve_train_views(cfg, cache)
+        resolve_logit_scale(cfg, cache)
+        if cfg.head == "text":
+            text_head(cache, cfg.template)
+
+
 def deploy(site_caches: list, out, cfg, *, timeout: Optional[float] = None, log: Callable[[str], None] = print,
            isolation: str = "worker", keep_going: bool = False, round_timeout: Optional[float] = None,
            min_results: Optional[int] = None, poll_interval: float = DEFAULT_POLL_INTERVAL) -> dict:
@@ -267,7 +281,8 @@ def deploy(site_caches: list, out, cfg, *, timeout: Optional[float] = None, log:
     if min_results is not None:
         rc["min_results"] = int(min_results)
     rc["poll_interval"] = float(poll_interval)
-    _federate_config({k: v for k, v in rc.items()})  # the ServerApp's own check, before anything starts
+    _, site_cfg = _federate_config({k: v for k, v in rc.items()})  # the ServerApp's own check, before anything starts
+    _check_site_options(site_caches, site_cfg)
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
 

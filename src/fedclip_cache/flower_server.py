@@ -160,6 +160,7 @@ class Exchange:
     def __init__(self, grid: Grid, cap: float):
         self.grid, self.cap = grid, cap
         self.lost: dict[str, int] = {}  # message id of a node's unanswered message -> node id
+        self.errors: list = []  # (node id, reason) of every error reply
 
     def live_nodes(self) -> list[int]:
         return sorted(set(self.grid.get_node_ids()) - set(self.lost.values()))
@@ -177,13 +178,15 @@ class Exchange:
             for m in self.grid.pull_messages(ask):
                 mid = m.metadata.reply_to_message_id
                 if mid in self.lost:  # a node that missed a deadline answered after all: send to it again
-                    log(INFO, "node %s answered late; it is sent messages again", self.lost.pop(mid))
+                    if not m.has_error():  # (an error reply: the SuperLink gave up on it; it stays excluded)
+                        log(INFO, "node %s answered late; it is sent messages again", self.lost.pop(mid))
                     continue
                 node = pending.pop(mid, None)
                 if node is None:
                     continue
                 if m.has_error():
                     log(WARNING, "node %s: %s", node, m.error.reason)
+                    self.errors.append((node, m.error.reason))
                     continue
                 replies.append(read(m.content))
             left = end - time.monotonic()
@@ -239,7 +242,10 @@ def main(grid: Grid, context: Context) -> None:
     log(INFO, "[START] waiting for %s node(s)", n_sites)
     nodes = wait_for_nodes(grid, n_sites, float(rc.get("startup_timeout", DEFAULT_STARTUP_TIMEOUT)), interval)
     log(INFO, "[NODES] %s connected after %.2f s", len(nodes), time.monotonic() - t0)
-    co.setup(ex(nodes, "query.setup", {"phase": "setup"}, {}, "setup", timeout))
+    replies = ex(nodes, "query.setup", {"phase": "setup"}, {}, "setup", timeout)
+    if ex.errors:  # a site that cannot even start (a bad cache, an option its cache cannot honour): stop here
+        raise RuntimeError(f"node {ex.errors[0][0]} failed the set-up message: {ex.errors[0][1]}")
+    co.setup(replies)
     log(INFO, "[SETUP] %s site(s): %s", len(co.sites), ", ".join(sorted(co.sites)))
     pause = float(os.environ.get("FEDCLIP_FLOWER_ROUND_DELAY", 0))  # test hook (DEVELOPERS.md): slower rounds
     for rnd in range(1, cfg.rounds + 2):
