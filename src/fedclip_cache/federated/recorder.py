@@ -1,12 +1,14 @@
 """The run folder of a federated *deployment*: the same ``summary.json``, ``metrics.parquet``, ``config.json`` and
 ``adapter.pt`` as ``federate``, built on the server from what the sites report.
 
-The server of a deployment holds no data. Each round every site evaluates the global adapter on its own splits and
-reports, as Flower metrics, its accuracies and losses with their sizes (a training site: validation and test; the
-held-out site: its whole domain), and once the facts ``federate`` reads from a cache (dimension, classes, model
-size, logit scale, cache identity). :class:`RunRecorder` turns those reports into the loop's result type and
-reuses ``results.summarise`` and ``results.write_run``'s layout, so selection (best mean validation, first best),
-the summary and the metrics table are computed by the same code as in-process.
+The server of a deployment holds no data. Each evaluated round every site scores the global adapter on its own
+splits and reports (in its reply's config record) its accuracies and losses with their sizes (a training site:
+validation and test; the held-out site: its whole domain) and the facts ``federate`` reads from a cache (dimension,
+classes, model size, logit scale, cache identity). :class:`RunRecorder` turns those reports into the loop's result
+type and reuses ``results.summarise`` and ``results.write_run``'s layout, so selection (best mean validation, first
+best), the summary and the metrics table are computed by the same code as in-process; without ``--curves`` it keeps
+test and held-out numbers only where the loop's lazy evaluation scores them (validation improved, or the last
+round), so ``metrics.parquet`` has the same rows.
 """
 from __future__ import annotations
 
