@@ -43,7 +43,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--stock-rounds", type=int, default=0, help="also time Flower's stock runner (isolation "
                                                                 "subprocess) on this many rounds")
-    ap.add_argument("--poll-interval", type=float, default=0.1)
+    ap.add_argument("--poll-interval", type=float, default=0.2)
     ap.add_argument("--dim", type=int, default=512)
     args = ap.parse_args()
 
@@ -57,18 +57,24 @@ def main() -> None:
         merged = str(write_synthetic_cache(tmp / "merged", SITES, 7, dim=args.dim, seed=1))
         common = ["--heldout", HELDOUT, "--rounds", str(args.rounds)]
         res: dict = {"rounds": args.rounds, "sites": SITES, "heldout": HELDOUT, "dim": args.dim,
-                     "poll_interval": args.poll_interval, "federate_s": [], "deploy_s": [], "deploy_timings": []}
+                     "poll_interval": args.poll_interval, "federate_s": [], "federate_1thread_s": [], "deploy_s": [],
+                     "deploy_timings": [], "load_avg_before": os.getloadavg()}
+        one = {**env, "OMP_NUM_THREADS": "1"}  # federate on one torch thread: immune to a busy machine's spinning
         for k in range(args.repeats):  # interleaved, so that both see the same machine load
             res["federate_s"].append(round(timed(cli + ["federate", merged, "-o", str(tmp / f"fed{k}"), "-q",
                                                         *common], env), 2))
+            res["federate_1thread_s"].append(round(timed(cli + ["federate", merged, "-o", str(tmp / f"fed1t{k}"),
+                                                                "-q", *common], one), 2))
             out = tmp / f"dep{k}"
             res["deploy_s"].append(round(timed(cli + ["deploy", *sites, "-o", str(out), *common, "--poll-interval",
                                                       str(args.poll_interval)], env), 2))
             res["deploy_timings"].append(json.loads((out / "logs" / "deploy.json").read_text())["timings"])
-            print(f"repeat {k + 1}: federate {res['federate_s'][-1]:.1f} s, deploy {res['deploy_s'][-1]:.1f} s "
+            print(f"repeat {k + 1}: federate {res['federate_s'][-1]:.1f} s (1 thread {res['federate_1thread_s'][-1]:.1f} s), deploy {res['deploy_s'][-1]:.1f} s "
                   f"({res['deploy_timings'][-1]})", flush=True)
         fed, dep = statistics.median(res["federate_s"]), statistics.median(res["deploy_s"])
-        res.update(federate_median_s=fed, deploy_median_s=dep, ratio=round(dep / fed, 2))
+        fed1 = statistics.median(res["federate_1thread_s"])
+        res.update(federate_median_s=fed, federate_1thread_median_s=fed1, deploy_median_s=dep,
+                   ratio=round(dep / fed, 2), ratio_vs_1thread=round(dep / fed1, 2))
         if args.stock_rounds:
             out = tmp / "stock"
             t = timed(cli + ["deploy", *sites, "-o", str(out), "--heldout", HELDOUT, "--rounds",
@@ -80,7 +86,8 @@ def main() -> None:
         print(json.dumps({k: v for k, v in res.items() if k != "deploy_timings"}, indent=1))
         name = f"deploy-3sites-{args.rounds}r-d{args.dim}.json"
         Path(__file__).parent.joinpath("results", name).write_text(json.dumps(res, indent=2))
-        print(f"ratio deploy / federate (medians of {args.repeats}): {res['ratio']}  -> bench/results/{name}")
+        print(f"ratio deploy / federate (medians of {args.repeats}): {res['ratio']} (vs federate on 1 thread: "
+              f"{res['ratio_vs_1thread']})  -> bench/results/{name}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -32,23 +32,25 @@ def _group_gone(pgid: int) -> bool:
 
 @pytest.mark.slow
 def test_local_deployment_runs_and_stops_everything(tmp_path):
+    """A real deployment (--head prototype: class sums and counts from the training sites first) writes the run
+    folder of the same rounds run in-process, and stops every process it started."""
     if dep.flower_bin_dir() is None:
         pytest.skip("Flower's CLIs (flower-superlink, flower-supernode, flwr) are not installed")
     sites = _sites(tmp_path)
-    cfg = FederateConfig(rounds=2, hidden=8, heldout=["sketch"]).validate()
+    cfg = FederateConfig(rounds=2, hidden=8, heldout=["sketch"], head="prototype").validate()
     messages = []
     res = dep.deploy(sites, tmp_path / "run", cfg, timeout=240, log=messages.append)
     assert res["status"] == "finished:completed"
-    assert res["run_config"] == {"rounds": 2, "hidden": 8, "sites": 3, "heldout": "sketch",
-                                 "out": str((tmp_path / "run").resolve()), "poll_interval": 0.1}
+    assert res["run_config"] == {"rounds": 2, "hidden": 8, "head": "prototype", "sites": 3, "heldout": "sketch",
+                                 "out": str((tmp_path / "run").resolve()), "poll_interval": 0.2}
     assert any(m.startswith("round 2") for m in messages)
     logs = tmp_path / "run" / "logs"
     for name in ("superlink", "site-art", "site-photo", "site-sketch", "flwr-run"):
         assert (logs / f"{name}.log").stat().st_size > 0
     assert "[ROUND 2]" in (logs / "flwr-run.log").read_text()
     assert json.loads((logs / "deploy.json").read_text())["status"] == "finished:completed"
-    # every process it started (and their children: superexec, clientapps, serverapp) is gone
-    assert len(res["pids"]) == 5 and all(_group_gone(p) for p in res["pids"])
+    # every process it started (SuperLink, the zygote and what it forked: ServerApp, 3 sites; flwr run) is gone
+    assert len(res["pids"]) == 7 and all(_group_gone(p) for p in res["pids"])
     # the ServerApp wrote the run folder `federate` writes
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert res["summary"] == summary
@@ -56,27 +58,21 @@ def test_local_deployment_runs_and_stops_everything(tmp_path):
     assert set(summary["cache"]["sites"]) == {"art", "photo", "sketch"}
     e = summary["experiments"][0]
     assert e["heldout"] == "sketch" and set(e["clients"]) == {"art", "photo"} and e["heldout_size"] == 60
-    # ... with the adapter the same clients and strategy give when called in-process (tests/test_flower.py shows
-    # that equals `federate` on one cache of all sites)
+    # ... with the adapter and numbers of the same rounds in-process (tests/test_flower.py shows that equals
+    # `federate` on one cache of all sites)
     import numpy as np
     import torch
-    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 
-    from fedclip_cache.federated.algorithms import make_algorithm
-    from fedclip_cache.flower import AlgorithmStrategy, FedCLIPClient
+    from fedclip_cache.federated.recorder import RunRecorder
+    from fedclip_cache.flower import SiteClient
+    from test_flower import run_sites
 
-    clients = [FedCLIPClient.for_site(p, cfg) for p in sites]
-    strategy = AlgorithmStrategy(make_algorithm(cfg), ["w1", "b1", "w2", "b2"],
-                                 initial_parameters=ndarrays_to_parameters(clients[0].get_parameters({})))
-    params = clients[0].get_parameters({})
-    for rnd in (1, 2):
-        fits = [c.fit(params, {"server_round": rnd}) for c in clients]
-        agg, _ = strategy.aggregate_fit(rnd, [(None, FitRes(Status(Code.OK, ""), ndarrays_to_parameters(p), n, m))
-                                              for p, n, m in fits], [])
-        params = parameters_to_ndarrays(agg)
+    co = run_sites([SiteClient(p, cfg) for p in sites], cfg, RunRecorder(cfg, None))
+    here = co.finish()
     deployed = torch.load(tmp_path / "run" / "adapter.pt")
-    for name, p in zip(["w1", "b1", "w2", "b2"], params):
-        np.testing.assert_allclose(deployed[name][0].numpy(), p, rtol=1e-6, atol=1e-7)
+    for name, p in co.current.items():
+        np.testing.assert_allclose(deployed[name].numpy(), p.numpy(), rtol=1e-6, atol=1e-7)
+    assert here["experiments"] == summary["experiments"] and here["mean"] == summary["mean"]
 
 
 def test_deploy_refuses_bad_input_before_starting_anything(tmp_path, monkeypatch):
@@ -88,10 +84,16 @@ def test_deploy_refuses_bad_input_before_starting_anything(tmp_path, monkeypatch
         dep.deploy([sites[0], str(tmp_path / "nope")], tmp_path / "run", cfg)
     with pytest.raises(ConfigError, match="none of the sites"):
         dep.deploy(sites, tmp_path / "run", FederateConfig(heldout=["mars"]).validate())
-    with pytest.raises(ConfigError, match="--split"):
-        dep.deploy(sites, tmp_path / "run", FederateConfig(split=(0.5, 0.3, 0.2)).validate())
-    with pytest.raises(ConfigError, match="text only"):
-        dep.deploy(sites, tmp_path / "run", FederateConfig(head="prototype").validate())
+    with pytest.raises(ConfigError, match="--protocol lodo needs --heldout"):
+        dep.deploy(sites, tmp_path / "run", cfg)
+    with pytest.raises(ConfigError, match="--train-views 2: the cache .* holds 1 view"):  # a site's own check
+        dep.deploy(sites, tmp_path / "run", FederateConfig(protocol="personal", train_views="2").validate())
+    with pytest.raises(ConfigError, match="--template '7': give an index below 1"):
+        dep.deploy(sites, tmp_path / "run", FederateConfig(protocol="personal", template="7").validate())
+    with pytest.raises(ConfigError, match="--finetune-steps 3: not supported by the Flower apps"):
+        dep.deploy(sites, tmp_path / "run", FederateConfig(protocol="personal", finetune_steps=3).validate())
+    assert dep.run_config(FederateConfig(split=(0.5, 0.3, 0.2), heldout=["art"]).validate(), 2,
+                          tmp_path)["split"] == "0.5,0.3,0.2"  # passed on (Flower's run config holds scalars)
     merged = str(write_synthetic_cache(tmp_path / "merged", {"a": 20, "b": 20}, 3, dim=8))
     with pytest.raises(ConfigError, match="one domain"):
         dep.deploy([merged, sites[0]], tmp_path / "run", cfg)
@@ -108,40 +110,67 @@ def test_cli_deploy_one_line_error(tmp_path, monkeypatch, capsys):
     one_line_error(*cli(monkeypatch, capsys, "deploy", sites[0], "-o", tmp_path / "run"), "at least 2")
     one_line_error(*cli(monkeypatch, capsys, "deploy", sites[0], tmp_path / "nope", "-o", tmp_path / "run",
                         "--rounds", "2"), "does not exist")
+    sites = _sites(tmp_path, ("art", "photo"))
+    one_line_error(*cli(monkeypatch, capsys, "deploy", *sites, "-o", tmp_path / "run", "--protocol", "personal",
+                        "--finetune-steps", "2"), "--finetune-steps 2: not supported", "federate")
+    one_line_error(*cli(monkeypatch, capsys, "deploy", *sites, "-o", tmp_path / "run", "--protocol", "personal",
+                        "--device", "cuda"), "--device cuda: not supported")
 
 
 @pytest.mark.slow
-def test_a_supernode_killed_mid_run_does_not_stop_the_run(tmp_path):
-    """Kill one training site's SuperNode when round 2 starts: with --keep-going the run finishes, the lost site's
-    failures are recorded per round, and the rounds after it average the site that is left."""
+def test_a_site_killed_mid_run_is_recorded_and_rejoins(tmp_path, monkeypatch):
+    """Kill one training site (SuperNode and worker: one process) after round 2, and start it again on the same
+    cache: the run finishes, the rounds it missed record one adapter fewer and a failure, and once back (a new
+    node) it is sampled, trains and evaluates again."""
+    import re
     import signal
     import subprocess
+    import sys
 
     if dep.flower_bin_dir() is None:
         pytest.skip("Flower's CLIs (flower-superlink, flower-supernode, flwr) are not installed")
+    monkeypatch.setenv("FEDCLIP_FLOWER_ROUND_DELAY", "1")  # rounds left for the restarted site to come back
     sites = _sites(tmp_path)
-    cfg = FederateConfig(rounds=4, hidden=8, heldout=["sketch"]).validate()
-    killed = []
+    cfg = FederateConfig(rounds=10, hidden=8, heldout=["sketch"]).validate()
+    state: dict = {}
 
     def log(message):
-        if message.startswith("round 2") and not killed:
-            # the photo site: `fedclip-cache site` (its process group holds its SuperNode too)
-            pids = subprocess.run(["pgrep", "-f", f"fedclip_cache site {Path(sites[1]).resolve()}"], capture_output=True,
-                                  text=True).stdout.split()
+        m = re.search(r"SuperLink on (127\.0\.0\.1:\d+)", message)
+        if m:
+            state["superlink"] = m.group(1)
+        m = re.search(r"site photo \(pid (\d+)\)", message)
+        if m:
+            state["photo"] = m.group(1)
+        if message.startswith("round 2") and "restarted" not in state:
+            pids = [state["photo"]]  # the photo site: SuperNode and worker, one process
             for pid in pids:
                 try:
-                    os.killpg(os.getpgid(int(pid)), signal.SIGKILL)
+                    os.kill(int(pid), signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-            killed.extend(pids)
+            state["killed"] = pids
+            state["restarted"] = subprocess.Popen(
+                [sys.executable, "-m", "fedclip_cache", "site", sites[1], "--superlink", state["superlink"],
+                 "--port", str(dep.free_port()), "--insecure"], stdout=open(tmp_path / "rejoin.log", "wb"),
+                stderr=subprocess.STDOUT, start_new_session=True)
 
-    res = dep.deploy(sites, tmp_path / "run", cfg, timeout=300, log=log, keep_going=True, round_timeout=5)
-    assert killed, "the photo SuperNode was never found to kill"
+    try:
+        res = dep.deploy(sites, tmp_path / "run", cfg, timeout=300, log=log, keep_going=True, round_timeout=8)
+    finally:
+        if "restarted" in state:
+            os.killpg(state["restarted"].pid, signal.SIGKILL)
+            state["restarted"].wait()
+    assert state.get("killed"), "the photo site was never found to kill"
     assert res["status"] == "finished:completed"
     rounds = res["summary"]["deployment"]["rounds"]
-    assert rounds[0]["fit_results"] == 2 and rounds[0].get("fit_failures", 0) == 0
-    # after the kill the photo site is missing: a failure, or simply not sampled any more
-    later = rounds[1:]
-    assert all(r["fit_results"] <= 2 for r in later)
-    assert any(r["fit_results"] == 1 or r.get("fit_failures", 0) or r.get("evaluate_failures", 0) for r in later)
+    fits = [r["fit_results"] for r in rounds]
+    assert fits[:2] == [2, 2]
+    missed = [i for i, r in enumerate(rounds) if r["fit_results"] == 1 and r["fit_failures"] == 1]
+    assert missed, rounds  # the round(s) while it was gone
+    assert fits[-1] == 2 and any(i < len(fits) - 1 for i in missed), rounds  # trained again after coming back
+    import pyarrow.parquet as pq
+
+    m = pq.read_table(tmp_path / "run" / "metrics.parquet").to_pandas()
+    assert 10 in set(m[(m["client"] == "photo") & (m["split"] == "val")]["round"])  # evaluates again
+    assert "train.round" in (tmp_path / "rejoin.log").read_text()
     assert all(_group_gone(p) for p in res["pids"])

@@ -1,4 +1,7 @@
-"""The Flower apps share the pure functions of the in-process loop: one Flower round == one loop round."""
+"""The Flower apps share the pure functions of the in-process loop: a deployment's rounds equal `federate`'s.
+
+The ServerApp's logic (flower_server.Coordinator) is driven here by in-process sites, every message going through
+the wire format (flower.content / flower.read) as it would through Flower."""
 import json
 
 import numpy as np
@@ -8,72 +11,76 @@ import torch
 
 flwr = pytest.importorskip("flwr")
 
-from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays  # noqa: E402
-
 from fedclip_cache.federated.config import ConfigError, FederateConfig  # noqa: E402
+from fedclip_cache.federated.recorder import RunRecorder  # noqa: E402
 from fedclip_cache.federated.results import federate  # noqa: E402
-from fedclip_cache.federated.algorithms import make_algorithm  # noqa: E402
-from fedclip_cache.flower import AlgorithmStrategy, FedCLIPClient, _federate_config, initial_parameters  # noqa: E402
+from fedclip_cache.flower import SiteClient, _federate_config, content, read  # noqa: E402
+from fedclip_cache.flower_server import Coordinator  # noqa: E402
 from fedclip_cache.synthetic import write_synthetic_cache  # noqa: E402
 
 
-# Two rounds for uniform weighting; one for sample weighting, where Flower's integer-weighted float32 sum rounds
-# differently from ours and Adam's normalised step magnifies last-bit differences in near-zero gradients.
-@pytest.mark.parametrize("weighting,rounds,algo", [("uniform", 2, "fedclip"), ("samples", 1, "fedclip"),
-                                                   ("uniform", 2, "fedprox"), ("uniform", 3, "fedadam"),
-                                                   ("samples", 2, "fedyogi")])
-def test_flower_round_equals_in_process_round(tmp_path, weighting, rounds, algo):
+def wire(rec, params):
+    return read(content(rec, params))
+
+
+def run_sites(sites, cfg, recorder=None, min_results=1, drop=lambda rnd, site: False):
+    """What the ServerApp does with the grid, with in-process sites: the set-up message, then R+1 round messages
+    (``drop(rnd, site)``: that site does not answer that message)."""
+    co = Coordinator(cfg, recorder, min_results)
+    co.setup([wire(*s.handle(*wire({"phase": "setup"}, {}))) for s in sites])
+    for rnd in range(1, cfg.rounds + 2):
+        rec, params = co.message(rnd)
+        co.receive(rnd, [wire(*s.handle(*wire(rec, params))) for s in sites if not drop(rnd, s)])
+    return co
+
+
+# Every variant equals `federate` exactly (the same pure functions, the same order of summation).
+@pytest.mark.parametrize("extra", [{"rounds": 2}, {"rounds": 1, "weighting": "samples"},
+                                   {"rounds": 2, "algo": "fedprox", "mu": 0.5}, {"rounds": 3, "algo": "fedadam"},
+                                   {"rounds": 2, "algo": "fedyogi", "weighting": "samples"},
+                                   {"rounds": 4, "fraction_fit": 0.5}, {"rounds": 2, "head": "prototype"},
+                                   {"rounds": 4, "eval_every": 2}])
+def test_deployment_rounds_equal_in_process_rounds(tmp_path, extra):
     cache = str(write_synthetic_cache(tmp_path / "c", {"a": 70, "b": 50, "c": 40}, 3, dim=16, seed=4))
-    extra = {"fedprox": {"algo": algo, "mu": 0.5}, "fedclip": {}}.get(algo, {"algo": algo})
-    run_config = {"cache": cache, "heldout": "a", "rounds": rounds, "lr": 1e-3, "hidden": 8, "weighting": weighting,
-                  **extra}
-    _, cfg = _federate_config(run_config)
-    params = initial_parameters(cache, cfg)
-    # the ServerApp's strategy: Flower's FedAvg, then the algorithm's server update
-    strategy = AlgorithmStrategy(make_algorithm(cfg), ["w1", "b1", "w2", "b2"],
-                                 initial_parameters=ndarrays_to_parameters(params))
-    for rnd in range(1, rounds + 1):
-        results = []
-        for pid in range(2):
-            client = FedCLIPClient(cache, cfg, pid)
-            new, n, _ = client.fit(params, {"server_round": rnd})
-            res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(new), n, {})
-            results.append((None, res))
-        agg, _ = strategy.aggregate_fit(rnd, results, [])
-        params = parameters_to_ndarrays(agg)
-    federate(cache, FederateConfig(rounds=rounds, lr=1e-3, hidden=8, heldout=["a"], weighting=weighting, **extra),
-             out=tmp_path / "run")
+    _, cfg = _federate_config({"cache": cache, "heldout": "a", "lr": 1e-3, "hidden": 8, **extra})
+    co = run_sites([SiteClient(cache, cfg, pid) for pid in range(2)], cfg, RunRecorder(cfg, None))
+    federate(cache, FederateConfig(lr=1e-3, hidden=8, heldout=["a"], **extra), out=tmp_path / "run")
     final = torch.load(tmp_path / "run" / "adapter.pt")
-    for name, p in zip(["w1", "b1", "w2", "b2"], params):
-        np.testing.assert_allclose(p, final[name][0].numpy(), rtol=1e-5, atol=1e-7)
-    loss, n, metrics = FedCLIPClient(cache, cfg, 0).evaluate(params, {})
-    assert n > 0 and 0 <= metrics["accuracy"] <= 1 and np.isfinite(loss)
+    for name, p in co.current.items():
+        np.testing.assert_allclose(p.numpy(), final[name].numpy(), rtol=1e-5, atol=1e-7)
+    # the loop's sampling rule: max(int(2 * 0.5), 1) = 1 of the two sites trains each round
+    fits = [h["fit_results"] for h in co.recorder.health if "fit_results" in h]
+    assert fits == [1 if extra.get("fraction_fit") else 2] * extra["rounds"]
+    assert co.recorder.rounds == [r for r in range(1, extra["rounds"] + 1)  # --eval-every: the rounds evaluated
+                                  if r % extra.get("eval_every", 1) == 0 or r == extra["rounds"]]
 
 
 def test_flower_config_errors(tmp_path):
+    """Options the Flower apps cannot honour are refused in one line, naming the option and what to do."""
     cache = str(write_synthetic_cache(tmp_path / "c", {"a": 30, "b": 30}, 2, dim=8))
-    with pytest.raises(ConfigError, match="text only"):
-        _federate_config({"cache": cache, "head": "prototype"})
-    with pytest.raises(ConfigError, match="nothing to federate"):
-        _federate_config({"cache": cache, "algo": "local"})
+    cases = [({"algo": "local"}, "nothing to federate"), ({"algo": "scaffold"}, "keep state"),
+             ({"algo": "promptfl"}, "prompt learning"),
+             ({"finetune_steps": 5}, "--finetune-steps 5: not supported by the Flower apps"),
+             ({"device": "cuda"}, "--device cuda: not supported"),
+             ({"partition": "iid", "sites": 2}, "--partition iid: per-site caches"),
+             ({"split_source": "cache", "sites": 2}, "--split-source cache: per-site caches"),
+             ({"split": "0.5,x,0.2"}, "--split")]
+    for rc, msg in cases:
+        with pytest.raises(ConfigError, match=msg) as e:
+            _federate_config(rc)
+        assert "\n" not in str(e.value)
+    assert _federate_config({"split": "0.5,0.3,0.2"})[1].split == (0.5, 0.3, 0.2)
     with pytest.raises(ConfigError, match="partition-id 5"):
-        FedCLIPClient(cache, _federate_config({"cache": cache, "heldout": "a"})[1], 5)
+        SiteClient(cache, _federate_config({"cache": cache, "heldout": "a"})[1], 5)
 
 
-class _NoClients:
-    """Enough of a ClientManager for configure_fit to run without a SuperLink."""
-
-    def num_available(self):
-        return 3
-
-    def sample(self, num_clients, min_num_clients=None, criterion=None):
-        return []
-
-
-def test_sites_with_their_own_caches_train_as_the_in_process_loop(tmp_path, model_args, monkeypatch, capsys):
-    """Each site extracts only its own images (same model, same --classes file); the server holds no cache and gets
-    the initial adapter from a site; the held-out site only evaluates. Two rounds equal `federate` on one cache of
-    all sites' images, and the sites' evaluation equals its last-round accuracies."""
+@pytest.mark.parametrize("head,curves,views", [("text", True, 1), ("prototype", False, 2)])
+def test_sites_with_their_own_caches_train_as_the_in_process_loop(tmp_path, model_args, monkeypatch, capsys, head,
+                                                                  curves, views):
+    """Each site extracts only its own images (same model, same --classes file); the server holds no cache and
+    seeds the initial adapter itself; the held-out site only evaluates. The run folder equals `federate`'s on one
+    cache of all sites' images: text or prototype head (class sums and counts from the sites), full curves or the
+    lazy default, one view or --train-views 2."""
     import shutil
 
     from fedclip_cache.synthetic import write_image_folder
@@ -82,10 +89,11 @@ def test_sites_with_their_own_caches_train_as_the_in_process_loop(tmp_path, mode
     root = write_image_folder(tmp_path / "all", per_class=6)
     names = tmp_path / "classes.txt"
     names.write_text("cat\ndog\nfish\n")
+    more = ("--views", str(views)) if views > 1 else ()
 
     def extract(src, out):
         code, o, e = cli(monkeypatch, capsys, "extract", src, out, *model_args, "--workers", "0", "-q",
-                         "--classes", names)
+                         "--classes", names, *more)
         assert code == 0, o + e
 
     extract(root, tmp_path / "merged")
@@ -94,37 +102,19 @@ def test_sites_with_their_own_caches_train_as_the_in_process_loop(tmp_path, mode
         shutil.copytree(root / d, tmp_path / f"site-{d}" / d)
         extract(tmp_path / f"site-{d}", tmp_path / f"cache-{d}")
         sites[d] = str(tmp_path / f"cache-{d}")
-    run_config = {"heldout": "sketch", "rounds": 2, "lr": 1e-3, "hidden": 8, "batch_size": 4, "sites": 3}
-    _, cfg = _federate_config(run_config)
-    clients = {d: FedCLIPClient.for_site(p, cfg) for d, p in sites.items()}
+    opts = {"rounds": 2, "lr": 1e-3, "hidden": 8, "batch_size": 4, "head": head, "curves": curves,
+            "train_views": str(views)}
+    _, cfg = _federate_config({**opts, "heldout": "sketch", "sites": 3})
+    clients = {d: SiteClient(p, cfg) for d, p in sites.items()}
     assert clients["sketch"].heldout_site and not clients["art"].heldout_site
-    from flwr.common import EvaluateRes
-
-    from fedclip_cache.federated.recorder import RunRecorder
-
-    strategy = AlgorithmStrategy(make_algorithm(cfg), ["w1", "b1", "w2", "b2"], RunRecorder(cfg, tmp_path / "dep"))
-    params = ndarrays_to_parameters(clients["photo"].get_parameters({}))
-    strategy.configure_fit(1, params, _NoClients())
-    for rnd in (1, 2):  # what the ServerApp does each round: fit, then federated evaluation
-        results = []
-        for d, c in clients.items():
-            new, n, fm = c.fit(parameters_to_ndarrays(params), {"server_round": rnd})
-            assert n == (0 if d == "sketch" else 1)
-            results.append((None, FitRes(Status(Code.OK, ""), ndarrays_to_parameters(new), n, fm)))
-        params, _ = strategy.aggregate_fit(rnd, results, [])
-        evals = []
-        for d in ("sketch", "photo", "art"):  # any order
-            loss, n, m = clients[d].evaluate(parameters_to_ndarrays(params), {})
-            evals.append((None, EvaluateRes(Status(Code.OK, ""), loss, n, m)))
-        strategy.aggregate_evaluate(rnd, evals, [])
-    s = federate(tmp_path / "merged", FederateConfig(rounds=2, lr=1e-3, hidden=8, batch_size=4, heldout=["sketch"],
-                                                     curves=True), out=tmp_path / "run")
+    rec = RunRecorder(cfg, tmp_path / "dep")
+    co = run_sites([clients[d] for d in ("sketch", "photo", "art")], cfg, rec)  # any order
+    dep = co.finish()
+    s = federate(tmp_path / "merged", FederateConfig(**opts, heldout=["sketch"]), out=tmp_path / "run")
     final = torch.load(tmp_path / "run" / "adapter.pt")
-    for name, p in zip(["w1", "b1", "w2", "b2"], parameters_to_ndarrays(params)):
-        np.testing.assert_allclose(p, final[name][0].numpy(), rtol=1e-5, atol=1e-6)
-    # the deployment's run folder: the same selection and accuracies as federate's
-    dep = json.loads((tmp_path / "dep" / "summary.json").read_text())
-    assert dep == strategy.summary
+    for name, p in co.current.items():
+        np.testing.assert_allclose(p.numpy(), final[name].numpy(), rtol=1e-5, atol=1e-6)
+    assert json.loads((tmp_path / "dep" / "summary.json").read_text()) == dep
     for which in ("best", "last"):
         a, b = dep["experiments"][0][which], s["experiments"][0][which]
         assert a["round"] == b["round"] and a["test"] == pytest.approx(b["test"], abs=1e-12)
@@ -141,7 +131,6 @@ def test_sites_with_their_own_caches_train_as_the_in_process_loop(tmp_path, mode
         list(m_run[["round", "client", "split", "n"]].itertuples(index=False))
     np.testing.assert_allclose(m_dep["accuracy"], m_run["accuracy"], atol=1e-12)
     np.testing.assert_allclose(m_dep["loss"], m_run["loss"], rtol=1e-5)
-    assert torch.load(tmp_path / "dep" / "adapter.pt")["w1"].shape == final["w1"].shape
     from typer.testing import CliRunner
 
     from fedclip_cache.cli import app
@@ -155,31 +144,35 @@ def test_site_cache_with_several_domains_is_refused(tmp_path):
     cache = str(write_synthetic_cache(tmp_path / "c", {"a": 30, "b": 30}, 2, dim=8))
     _, cfg = _federate_config({"heldout": "a", "sites": 2})
     with pytest.raises(ConfigError, match="a site cache holds one domain"):
-        FedCLIPClient.for_site(cache, cfg)
+        SiteClient(cache, cfg)
 
 
-def test_a_lost_client_is_averaged_out_and_too_few_results_keep_the_model(tmp_path):
-    """Fault tolerance of the ServerApp's strategy: a round with a failed client averages the others (uniform: each
-    remaining client 1/k) and records the failure; below min_results the global adapter stays as it was."""
-    from fedclip_cache.federated.recorder import RunRecorder
+def test_a_lost_site_is_averaged_out_and_too_few_results_keep_the_model(tmp_path):
+    """Fault tolerance of the ServerApp: a round in which a sampled site does not answer averages the others
+    (uniform: each remaining site 1/k) and records the failure; below min_results the global adapter (and the
+    server optimiser's state) stays as it was; a site that answers again trains again."""
+    cfg = FederateConfig(rounds=3, hidden=2, heldout=["c"])
+    co = Coordinator(cfg, RunRecorder(cfg, None), min_results=2)
+    facts = {"dim": 4, "heldout": False}
+    co.setup([({**facts, "client": "a", "train_n": 5}, {}), ({**facts, "client": "b", "train_n": 5}, {}),
+              ({**facts, "client": "c", "train_n": 0, "heldout": True}, {})])
+    assert co.training_sites() == ["a", "b"]
 
-    cfg = FederateConfig(rounds=3, hidden=2)
-    init = [np.zeros((4, 2), np.float32), np.zeros(2, np.float32), np.zeros((2, 4), np.float32),
-            np.zeros(4, np.float32)]
-    rec = RunRecorder(cfg, None)
-    strategy = AlgorithmStrategy(make_algorithm(cfg), ["w1", "b1", "w2", "b2"], rec, min_results=2,
-                                 initial_parameters=ndarrays_to_parameters(init))
+    def trained(site, value):
+        return ({"client": site, "trained": True, "weight": 1.0},
+                {n: torch.full_like(v[0], value) for n, v in co.current.items()})
 
-    def result(value):
-        arrays = [np.full_like(a, value) for a in init]
-        return (None, FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), 1, {"heldout": False}))
-
-    params, _ = strategy.aggregate_fit(1, [result(1.0), result(3.0)], [RuntimeError("node 3 died")])
-    assert parameters_to_ndarrays(params)[0][0, 0] == 2.0  # the mean of the two that answered
-    params, _ = strategy.aggregate_fit(2, [result(7.0)], [RuntimeError("x"), RuntimeError("y")])
-    assert parameters_to_ndarrays(params)[0][0, 0] == 2.0  # one result < min_results=2: unchanged
-    assert rec.health == [{"round": 1, "fit_results": 2, "fit_failures": 1},
-                          {"round": 2, "fit_results": 1, "fit_failures": 2}]
+    co.message(1)
+    co.receive(1, [trained("a", 1.0), trained("b", 3.0)])
+    assert float(co.current["w1"][0, 0, 0]) == 2.0  # the mean of the two
+    co.message(2)
+    co.receive(2, [trained("a", 7.0)])  # b lost: one result < min_results=2: unchanged
+    assert float(co.current["w1"][0, 0, 0]) == 2.0
+    co.min_results = 1
+    co.message(3)
+    co.receive(3, [trained("b", 5.0)])  # b back, a lost: b alone
+    assert float(co.current["w1"][0, 0, 0]) == 5.0
+    assert [(h["fit_results"], h["fit_failures"]) for h in co.recorder.health] == [(2, 0), (1, 1), (1, 1)]
 
 
 def test_a_site_missing_from_some_rounds_is_left_out_not_imputed(tmp_path):

@@ -44,13 +44,17 @@ def test_unknown_algo_message_spacing(spelling, said):
 
 def test_flower_server_honours_fraction_fit(cache):
     """The ServerApp hard-coded fraction_fit=1 and min_fit_clients=all: `fraction-fit` in the run config was
-    accepted and silently ignored."""
+    accepted and silently ignored. Now the server samples with the in-process rule."""
     pytest.importorskip("flwr")
-    from fedclip_cache.flower import server_fn
+    from fedclip_cache.flower import _federate_config
+    from fedclip_cache.flower_server import Coordinator
 
-    ctx = types.SimpleNamespace(run_config={"cache": cache, "heldout": "a", "rounds": 2, "fraction_fit": 0.5,
-                                            "min_fit_clients": 1}, node_config={})
-    strategy = server_fn(ctx).strategy
-    assert strategy.fraction_fit == 0.5 and strategy.min_fit_clients == 1
-    ctx.run_config = {**ctx.run_config, "min_fit_clients": 50}
-    assert server_fn(ctx).strategy.min_fit_clients == 2  # capped at the clients there are (Flower would wait)
+    def sampled(**rc):
+        _, cfg = _federate_config({"cache": cache, "heldout": "a", "rounds": 2, **rc})
+        co = Coordinator(cfg)
+        for name, n in (("b", 36), ("c", 30)):
+            co.learn({"client": name, "dim": 16, "heldout": False, "train_n": n})
+        return [co.sampled(r) for r in (1, 2)]
+
+    assert all(len(s) == 1 for s in sampled(fraction_fit=0.5, min_fit_clients=1))
+    assert all(sorted(s) == ["b", "c"] for s in sampled(fraction_fit=0.5, min_fit_clients=50))  # capped

@@ -366,8 +366,9 @@ def deploy(
                                                  "long-lived ClientApp process) | subprocess / process: Flower's "
                                                  "stock runners, a fresh flwr-clientapp process per message "
                                                  "(~25 s per round; for comparison)."),
-    poll_interval: float = typer.Option(0.1, help="Seconds between polls of the ServerApp, SuperNodes and "
-                                                  "SuperExecs (flwr 1.42's own: 3 s / 3 s / 1 s)."),
+    poll_interval: float = typer.Option(0.2, help="Longest wait between two polls of the ServerApp and the "
+                                                  "SuperNodes (adaptive: 0.01 s right after a message, 1.5x longer "
+                                                  "each time while idle; flwr 1.42's own: 3 s fixed)."),
     keep_going: bool = typer.Option(False, "--keep-going", help="A SuperNode that dies is reported and the run goes "
                                                                "on without it (default: the deployment fails)."),
     round_timeout: Optional[float] = typer.Option(None, help="Seconds a round waits for replies (ServerApp "
@@ -376,8 +377,8 @@ def deploy(
                                                          "adapter as it was (ServerApp default 1)."),
     fed_options: dict = None,
 ):
-    """A real Flower deployment on localhost: a SuperLink and one site (`fedclip-cache site`: a SuperNode and its
-    long-lived ClientApp process) per site cache, as separate processes; --heldout names the site that only
+    """A real Flower deployment on localhost: a SuperLink, its ServerApp process and one site (`fedclip-cache site`:
+    a SuperNode and its long-lived ClientApp worker) per site cache, as separate processes; --heldout names the site that only
     evaluates. Stops everything it started; exits non-zero when the run failed."""
     from .deploy import deploy as run_deploy
 
@@ -453,12 +454,13 @@ def site(
     insecure: bool = typer.Option(False, "--insecure", help="Connect to the SuperLink without TLS (localhost "
                                                            "tests only)."),
     root_certificates: Optional[Path] = typer.Option(None, help="CA certificate (PEM) of the SuperLink's TLS."),
-    poll_interval: float = typer.Option(0.1, help="Seconds between the SuperNode's requests for messages and the "
-                                                  "worker's requests for tasks (flwr 1.42's own: 3 s and 1 s)."),
+    poll_interval: float = typer.Option(0.2, help="Longest wait between the SuperNode's requests for messages "
+                                                  "(adaptive: 0.01 s right after a message, 1.5x longer each time "
+                                                  "while idle; flwr 1.42's own: 3 s fixed)."),
 ):
-    """One site of a real Flower deployment: Flower's SuperNode (--isolation process, node config cache=CACHE) and
-    ONE long-lived ClientApp process that imports torch and opens the cache once, instead of a fresh process per
-    message. Runs until stopped (SIGTERM/Ctrl-C) or until the SuperNode exits. Needs fedclip-cache\\[flower]."""
+    """One site of a real Flower deployment, in ONE process: Flower's SuperNode (--isolation process, node config
+    cache=CACHE) and a ClientApp worker thread that imports torch and opens the cache once, instead of a fresh
+    process per message. Started again on the same cache, a site rejoins a running federation. Runs until stopped (SIGTERM/Ctrl-C) or until the SuperNode exits. Needs fedclip-cache\\[flower]."""
     from .federated.config import ConfigError
     from .flower_site import run_site
 
@@ -468,7 +470,7 @@ def site(
         raise ConfigError(f"--poll-interval {poll_interval}: must be in (0, 60] seconds")
     raise SystemExit(run_site(str(cache), superlink, port=port, insecure=insecure,
                               root_certificates=str(root_certificates) if root_certificates else None,
-                              poll_interval=poll_interval, log=lambda m: console.print(m, highlight=False, markup=False)))
+                              poll_interval=poll_interval, log=lambda m: print(f"[site] {m}", flush=True)))
 
 
 @app.command()

@@ -1,33 +1,32 @@
-"""A real local Flower deployment: one SuperLink and one SuperNode per site cache, as separate processes.
+"""A real local Flower deployment: one SuperLink, its ServerApp process and one site per site cache, as separate
+processes.
 
 ``fedclip-cache deploy SITE_CACHE ... -o RUN`` writes a throw-away Flower app folder and ``FLWR_HOME`` (with the
-connection config), starts ``flower-superlink --insecure`` on a free localhost port, one ``flower-supernode
---insecure --node-config 'cache="SITE_CACHE"'`` per site (each with its own Runtime API port), runs the app with
-``flwr run APP local --stream`` (run config: the federate options, ``sites = N``, ``heldout``, ``out = RUN``),
-keeps every log under ``RUN/logs/``, and judges the run by its status in the SuperLink (``flwr ls --run-id``:
-``finished:completed``), never by ``flwr run``'s exit code (0 even for a failed run in flwr 1.42). Whatever it
-started is stopped on success, failure and Ctrl-C (each process is the leader of its own process group; the group
-is terminated, then killed).
+connection config) and starts, all at once: ``flower-superlink --insecure --isolation process`` on a free localhost
+port; one fresh "zygote" process (deploy_zygote.py) that imports torch, flwr and the apps once and forks the
+ServerApp process (flower_serverworker.py: takes the run's ServerApp task and runs it with flwr's own
+``run_serverapp``) and one site per site cache (what ``fedclip-cache site`` runs, flower_site.py: Flower's SuperNode
+and the ClientApp worker in one process, node config ``cache="SITE_CACHE"``, its own Runtime API port); and ``flwr
+run APP local --stream`` (run config: the federate options, ``sites = N``, ``heldout``, ``out = RUN``; it imports
+Flower's CLI, then waits for the SuperLink's port). Every log goes under ``RUN/logs/``; the run is judged by its
+status in the SuperLink (``finished:completed``, asked over the Control API as ``flwr ls`` does), never by ``flwr
+run``'s exit code (0 even for a failed run in flwr 1.42). Whatever it started is stopped on success, failure and
+Ctrl-C (each process is the leader of its own process group; the group is terminated, then killed).
 
 Verified recipe (flwr 1.42): the SuperLink serves its Fleet, Control and Runtime APIs on ONE HTTP port
 (``--port``; the old ``--fleet-api-address``/``--control-api-address`` are deprecated); a SuperNode's ``--port``
 is its own Runtime API (the old ClientAppIo port), so SuperNodes on one machine need distinct ports. The connection
 lives in ``$FLWR_HOME/config.toml`` (``[superlink.NAME] address = "host:port"``, ``insecure = true``).
 
-Sites (``isolation``): ``worker`` (the default) runs each site as ``fedclip-cache site`` (flower_site.py): Flower's
-SuperNode with ``--isolation process`` and one long-lived ClientApp process that imports torch and opens the cache
-once. ``subprocess``/``process`` are Flower's stock runners: a fresh ``flwr-clientapp`` process per message (it
-pulls one task with a one-time token and exits), so every fit/evaluate re-imports torch and re-opens the site cache
-(~25 s per round with 3 sites on 2 cores; kept for comparison). ``poll_interval`` (default 0.1 s) replaces flwr
-1.42's fixed waits between polls -- the ServerApp asking the SuperLink for replies (3 s), an idle SuperNode asking
-the SuperLink for messages (3 s; ``worker`` sites only), a SuperExec asking for tasks (1 s) -- which otherwise cost
-~6 s per round however fast the clients are.
+``isolation="subprocess"``/``"process"`` keep Flower's stock runners for comparison: a fresh ``flwr-clientapp``
+process per message (~25 s per round with 3 sites on 2 cores). ``poll_interval`` (default 0.2 s) caps the adaptive
+waits of the ServerApp and the SuperNodes (flwr 1.42's own: fixed 3 s) and sets ``flower-superexec``'s task poll.
 """
 from __future__ import annotations
 
 import json
 import os
-import re
+import secrets
 import shutil
 import signal
 import socket
@@ -40,15 +39,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from .errors import ConfigError, FedclipCacheError
+from .deploy_flwr import (FLWR_RUN_WHEN_READY, DeployError, app_pyproject, connection_config, final_status, follow_run,
+                          run_status)
+from .errors import ConfigError
 
 BINARIES = ("flower-superlink", "flower-supernode", "flwr")
 ISOLATIONS = ("worker", "subprocess", "process")
-DEFAULT_POLL_INTERVAL = 0.1
-
-
-class DeployError(FedclipCacheError):
-    """The local deployment could not start or the Flower run did not complete; the message names the log."""
+DEFAULT_POLL_INTERVAL = 0.2
 
 
 def flower_bin_dir() -> Optional[str]:
@@ -79,30 +76,16 @@ def run_config(cfg, n_sites: int, out: Path) -> dict:
     config holds scalars only), ``sites``, ``heldout`` and ``out``."""
     from .federated.config import FederateConfig
 
-    if tuple(cfg.split) != tuple(FederateConfig().split):
-        raise ConfigError("deploy: --split is not passed to the Flower apps yet; use the default split")
+    if cfg.protocol == "lodo" and not cfg.heldout:
+        raise ConfigError("deploy: --protocol lodo needs --heldout SITE_DOMAIN (one federation per deployment; "
+                          "`federate` holds each domain out in turn), or use --protocol personal")
     default = FederateConfig().to_dict()
     rc = {k: v for k, v in cfg.to_dict().items()
-          if k not in ("heldout", "protocol", "split") and v is not None and v != default[k]}
+          if k not in ("heldout", "protocol") and v is not None and v != default[k]}
+    if "split" in rc:  # Flower's run config holds scalars
+        rc["split"] = ",".join(repr(float(x)) for x in cfg.split)
     rc.update(sites=n_sites, heldout=cfg.heldout[0] if cfg.heldout else "", out=str(out))
     return rc
-
-
-def app_pyproject(config: dict) -> str:
-    import tomli_w
-
-    return tomli_w.dumps({
-        "project": {"name": "fedclip-deploy", "version": "0.1.0", "description": "fedclip-cache on Flower",
-                    "license": "MIT", "dependencies": []},
-        "tool": {"flwr": {"app": {"publisher": "fedclip-cache",
-                                  "components": {"serverapp": "fedclip_cache.flower:server_app",
-                                                 "clientapp": "fedclip_cache.flower:client_app"},
-                                  "config": config}}}})
-
-
-def connection_config(port: int) -> str:
-    return (f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "127.0.0.1:{port}"\n'
-            f'insecure = true\n')
 
 
 @dataclass
@@ -142,15 +125,78 @@ class Deployment:
                     pass
             if all(p.poll() is not None for p in alive) and not any(_group_alive(p.pid) for p in alive):
                 break
-        deadline = time.monotonic() + grace  # orphaned group members (killed above) are reaped by init
+        deadline = time.monotonic() + max(grace, 5.0)  # killed group members are reaped by their parents or init
         while any(_group_alive(p.pid) for _, p, _ in self.procs) and time.monotonic() < deadline:
             time.sleep(0.1)
         for _, p, log in self.procs:
             p.poll()
-            log.close()
+            if log is not None:
+                log.close()
 
     def pids(self) -> list[int]:
         return [p.pid for _, p, _ in self.procs]
+
+
+class ZygoteChild:
+    """A site or the ServerApp process, forked by the zygote (deploy_zygote.py): as much of ``subprocess.Popen``
+    as :class:`Deployment` uses; its exit code comes from the zygote's report."""
+
+    def __init__(self, zygote: "Zygote", name: str):
+        self.zygote, self.name = zygote, name
+
+    @property
+    def pid(self) -> int:
+        return self.zygote.pids[self.name]
+
+    @property
+    def returncode(self) -> Optional[int]:
+        if self.name in self.zygote.exits:
+            return self.zygote.exits[self.name]
+        if self.zygote.proc.poll() is not None and self.zygote.done.is_set():  # no report will come
+            try:
+                os.kill(self.pid, 0)
+            except ProcessLookupError:
+                return -1
+        return None
+
+    def poll(self) -> Optional[int]:
+        return self.returncode
+
+    def wait(self, timeout: Optional[float] = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(self.name, timeout)
+            time.sleep(0.02)
+        return self.returncode
+
+
+class Zygote:
+    """``python -m fedclip_cache.deploy_zygote`` with ``specs``: reads its pid and exit reports."""
+
+    def __init__(self, dep: "Deployment", specs: list[dict]):
+        log = open(dep.logs / "zygote.log", "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "fedclip_cache.deploy_zygote"], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=log, env=dep.env, start_new_session=True)
+        self.proc.stdin.write(json.dumps(specs).encode())
+        self.proc.stdin.close()
+        self.pids: dict = {}
+        self.exits: dict = {}
+        self.done = threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()
+        dep.procs.append(("zygote", self.proc, log))
+        self.children = [ZygoteChild(self, s["name"]) for s in specs]
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            msg = json.loads(line)
+            (self.exits if "exit" in msg else self.pids)[msg["name"]] = msg.get("exit", msg.get("pid"))
+        self.done.set()
+
+    def started(self, dep: "Deployment", limit: float = 120) -> None:
+        """Wait until every child is forked (the zygote imports torch first), then let ``dep`` manage them."""
+        _wait(lambda: len(self.pids) == len(self.children), dep, limit, "the zygote did not fork the sites")
+        dep.procs.extend((c.name, c, None) for c in self.children)
 
 
 def _group_alive(pgid: int) -> bool:
@@ -189,6 +235,20 @@ def check_sites(site_caches: list, cfg) -> list[str]:
     return domains
 
 
+def _check_site_options(site_caches: list, cfg) -> None:
+    """What each site checks against its own cache (views for --train-views, --template, the logit scale), here
+    before anything starts: a one-line error instead of a run that fails at its set-up message."""
+    from .cache import open_cache
+    from .federated.loop import resolve_logit_scale, resolve_train_views, text_head
+
+    for c in site_caches:
+        cache = open_cache(c)
+        resolve_train_views(cfg, cache)
+        resolve_logit_scale(cfg, cache)
+        if cfg.head == "text":
+            text_head(cache, cfg.template)
+
+
 def deploy(site_caches: list, out, cfg, *, timeout: Optional[float] = None, log: Callable[[str], None] = print,
            isolation: str = "worker", keep_going: bool = False, round_timeout: Optional[float] = None,
            min_results: Optional[int] = None, poll_interval: float = DEFAULT_POLL_INTERVAL) -> dict:
@@ -221,7 +281,8 @@ def deploy(site_caches: list, out, cfg, *, timeout: Optional[float] = None, log:
     if min_results is not None:
         rc["min_results"] = int(min_results)
     rc["poll_interval"] = float(poll_interval)
-    _federate_config({k: v for k, v in rc.items()})  # the ServerApp's own check, before anything starts
+    _, site_cfg = _federate_config({k: v for k, v in rc.items()})  # the ServerApp's own check, before anything starts
+    _check_site_options(site_caches, site_cfg)
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
 
@@ -236,6 +297,7 @@ def deploy(site_caches: list, out, cfg, *, timeout: Optional[float] = None, log:
            "PYTHONPATH": os.pathsep.join([src] + [p for p in [os.environ.get("PYTHONPATH")] if p]),
            "PYTHONUNBUFFERED": "1", "FLWR_TELEMETRY_ENABLED": "0",
            "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": str(max(poll_interval, 0.01))}  # flower-superexec's (default 1 s)
+    grace = 10.0  # seconds each process gets to end after SIGTERM (failure, Ctrl-C)
     dep = Deployment(env, logs)
     timings: dict = {}
     old_term = None
@@ -243,22 +305,41 @@ def deploy(site_caches: list, out, cfg, *, timeout: Optional[float] = None, log:
         old_term = signal.signal(signal.SIGTERM, _interrupt)
     try:
         log(f"SuperLink on 127.0.0.1:{port} (logs: {logs})")
-        dep.start("superlink", [f"{bindir}/flower-superlink", "--insecure", "--port", str(port),
-                                "--disable-runtime-dependency-installation"])
-        _wait(lambda: _port_open(port), dep, 60, "the SuperLink did not open its port")
+        superlink = [f"{bindir}/flower-superlink", "--insecure", "--port", str(port),
+                     "--disable-runtime-dependency-installation"]
+        if isolation == "worker":  # the ServerApp process is ours, started now (flower_serverworker.py)
+            secret_file = tmp / "superexec-secret"  # under the 0700 temporary folder
+            fd = os.open(secret_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            os.write(fd, secrets.token_bytes(32))
+            os.close(fd)
+            superlink += ["--isolation", "process", "--superexec-auth-secret-file", str(secret_file)]
+        dep.start("superlink", superlink)
         # the sites share this machine's cores: torch threads per site so that together they use them all once
         # (each would take every core, and 3 x 2 threads on 2 cores spin against each other: ~10x slower training)
         site_env = {} if "OMP_NUM_THREADS" in os.environ else {
             "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // len(site_caches)))}
-        for cache, dom in zip(site_caches, domains):
+        zygote = None
+        if isolation == "worker":  # the ServerApp process and the sites: forked by one fresh process that imports
+            # torch, flwr and the apps once (deploy_zygote.py); each site is what `fedclip-cache site CACHE` runs
+            threads = int(site_env.get("OMP_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
+            specs = [{"name": "serverapp", "kind": "serverapp", "log": str(logs / "serverapp.log"),
+                      "address": f"127.0.0.1:{port}", "secret_file": str(secret_file)}]
+            specs += [{"name": f"site-{dom}", "kind": "site", "log": str(logs / f"site-{dom}.log"), "env": site_env,
+                       "cache": str(cache), "superlink": f"127.0.0.1:{port}", "port": free_port(),
+                       "poll_interval": poll_interval, "threads": threads} for cache, dom in zip(site_caches, domains)]
+            zygote = Zygote(dep, specs)
+        t1 = time.monotonic()
+        # `flwr run` at once too: it imports Flower's CLI while the SuperLink starts, then waits for its port
+        run = dep.start("flwr-run", [sys.executable, "-c", FLWR_RUN_WHEN_READY, str(port),
+                                     str(tmp / "app"), "local", "--stream"])
+        if zygote is not None:
+            zygote.started(dep)
+            for cache, dom, child in zip(site_caches, domains, zygote.children[1:]):
+                log(f"site {dom}{' (held out: evaluates only)' if cfg.heldout and dom == cfg.heldout[0] else ''}"
+                    f" (pid {child.pid}): {cache}")
+        _wait(lambda: _port_open(port), dep, 60, "the SuperLink did not open its port")
+        for cache, dom in zip(site_caches, domains) if isolation != "worker" else ():
             nport = free_port()
-            if isolation == "worker":  # our site: a SuperNode and its long-lived ClientApp process
-                dep.start(f"site-{dom}", [sys.executable, "-m", "fedclip_cache", "site", str(cache), "--superlink",
-                                          f"127.0.0.1:{port}", "--port", str(nport), "--insecure",
-                                          "--poll-interval", str(poll_interval)], env=site_env)
-                log(f"SuperNode {dom}{' (held out: evaluates only)' if cfg.heldout and dom == cfg.heldout[0] else ''}"
-                    f": {cache}")
-                continue
             cmd = [f"{bindir}/flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{port}",
                    "--node-config", f"cache={json.dumps(str(cache))}", "--port", str(nport)]
             if isolation == "process":
@@ -270,27 +351,26 @@ def deploy(site_caches: list, out, cfg, *, timeout: Optional[float] = None, log:
                                                     "--runtime-api-address", f"127.0.0.1:{nport}"])
             log(f"SuperNode {dom}{' (held out: evaluates only)' if cfg.heldout and dom == cfg.heldout[0] else ''}"
                 f": {cache}")
-        timings["startup_s"] = round(time.monotonic() - t0, 2)
-        t1 = time.monotonic()
-        run = dep.start("flwr-run", [f"{bindir}/flwr", "run", str(tmp / "app"), "local", "--stream"])
-        run_id = _follow(run, logs / "flwr-run.log", dep, log, timeout, t1, keep_going)
-        status, details = _final_status(bindir, env, run_id, dep)
-        timings["run_s"] = round(time.monotonic() - t1, 2)
+        run_id = follow_run(run, logs / "flwr-run.log", dep, log, timeout, t1, keep_going, timings, t0,
+                            status=lambda rid: run_status(port, rid)[0])
+        status, details = final_status(bindir, env, run_id, dep, port)
+        timings["run_s"] = round(time.monotonic() - t0 - timings.get("startup_s", 0.0), 2)
         if status != "finished:completed":
             raise DeployError(f"the Flower run {run_id} ended {status}: {details} (logs: {logs})")
         timings["total_s"] = round(time.monotonic() - t0, 2)
-        log(f"run {run_id} completed in {timings['run_s']:.1f} s (start-up {timings['startup_s']:.1f} s)")
+        log(f"run {run_id} completed in {timings['run_s']:.1f} s (start-up {timings.get('startup_s', 0):.1f} s)")
         summary_path = out / "summary.json"
         summary = json.loads(summary_path.read_text()) if summary_path.exists() else None
         res = {"run_id": run_id, "status": status, "sites": dict(zip(domains, map(str, site_caches))),
                "run_config": rc, "isolation": isolation, "timings": timings, "pids": dep.pids()}
         (logs / "deploy.json").write_text(json.dumps(res, indent=2))
+        grace = 0.5  # the run completed and its folder is written: nothing left to wait for (SIGKILL after 0.5 s)
         return {**res, "summary": summary}
     finally:
         if old_term is not None:  # a second Ctrl-C/SIGTERM must not cut the clean-up short
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
             old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
-        dep.stop()
+        dep.stop(grace)
         if old_term is not None:
             signal.signal(signal.SIGINT, old_int)
             signal.signal(signal.SIGTERM, old_term)
@@ -309,57 +389,3 @@ def _wait(ready: Callable[[], bool], dep: Deployment, limit: float, what: str) -
         if time.monotonic() > deadline:
             raise DeployError(f"{what} within {limit:.0f} s (logs: {dep.logs})")
         time.sleep(0.2)
-
-
-def _follow(run: subprocess.Popen, path: Path, dep: Deployment, log, timeout, t1, keep_going: bool = False) -> str:
-    """Wait for ``flwr run --stream`` to end, echoing its rounds; fail fast when the SuperLink dies, a SuperNode
-    dies (unless ``keep_going``: then it is reported once and the run goes on) or the timeout passes. Returns the
-    run id."""
-    seen, run_id, lost = 0, None, set()
-    while True:
-        done = run.poll() is not None
-        text = path.read_text(errors="replace")
-        for line in text[seen:].splitlines(keepends=True):
-            if not line.endswith("\n") and not done:
-                break
-            seen += len(line)
-            m = re.search(r"Successfully started run (\d+)", line)
-            if m:
-                run_id = m.group(1)
-                log(f"run {run_id} started")
-            m = re.search(r"\[(ROUND \d+|SUMMARY)\]", line)
-            if m:
-                log(f"{m.group(1).lower()} ({time.monotonic() - t1:.1f} s)")
-        if done:
-            break
-        others = [d for d in dep.dead() if not d.startswith("flwr-run")]
-        if keep_going:
-            for d in others:
-                if d.startswith("site-") and d not in lost:
-                    lost.add(d)
-                    log(f"{d} exited during the run: going on without it (logs: {dep.logs})")
-            others = [d for d in others if not d.startswith("site-")]
-        if others:
-            raise DeployError(f"{', '.join(others)} exited during the run (logs: {dep.logs})")
-        if timeout and time.monotonic() - t1 > timeout:
-            raise DeployError(f"the run did not finish within {timeout:.0f} s (logs: {dep.logs})")
-        time.sleep(0.2)
-    if run_id is None:
-        raise DeployError(f"`flwr run` did not start a run (exit {run.returncode}; see {path})")
-    return run_id
-
-
-def _final_status(bindir: str, env: dict, run_id: str, dep: Deployment, limit: float = 30) -> tuple[str, str]:
-    """The run's status as the SuperLink records it (``flwr run --stream`` exits 0 for failed runs too)."""
-    deadline = time.monotonic() + limit
-    while True:
-        p = subprocess.run([f"{bindir}/flwr", "ls", "local", "--run-id", run_id, "--format", "json"], env=env,
-                           capture_output=True, text=True, timeout=60)
-        try:
-            runs = json.loads(p.stdout).get("runs") or []
-            status, details = runs[0]["status"], runs[0].get("status-details", "")
-        except (ValueError, IndexError, KeyError):
-            status, details = "unknown", (p.stdout + p.stderr).strip()[-300:]
-        if status.startswith("finished") or time.monotonic() > deadline:
-            return status, details
-        time.sleep(0.5)

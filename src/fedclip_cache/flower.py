@@ -1,27 +1,31 @@
-"""Flower apps for real federated clients, built on the same pure functions as the in-process loop.
+"""Flower apps for real federated sites, built on the same pure functions as the in-process loop (flwr 1.42's
+Message API: the ServerApp drives the grid itself, see :mod:`fedclip_cache.flower_server`).
 
-Each Flower client holds only its own rows (a training client of a shared cache, or a site with its own cache);
-``fit`` is :func:`fedclip_cache.federated.train.local_update` with one lane and the algorithm's local objective;
-the server is :class:`AlgorithmStrategy`, Flower's ``FedAvg`` averaging followed by the algorithm's own
-``server_update`` (the same pure function the in-process loop calls: FedAvg, FedAvgM, FedAdam, ...). Clients report
-``num_examples = 1`` for the official uniform average, or their training-set size with ``weighting = "samples"``.
-Batches, splits and initialisation use the same seeds as ``fedclip-cache federate``, so one round of Flower equals
-one round of the in-process loop (tested).
+Protocol (one message per node per round; each message is ONE config record: settings or metrics, and the
+adapter packed into one float32 byte string, see :func:`content`):
 
-Run config: ``cache`` (a shared cache; leave it out for per-site caches and give ``sites = N``), ``heldout`` (the
-domain left out; "" for the personal protocol), ``out`` (the run folder the ServerApp writes, as ``federate``),
-fault tolerance (``round_timeout``, ``min_results``, ``startup_timeout``) and any federate option (``rounds``,
-``lr``, ``algo`` ...). Node config: ``cache=PATH`` (a site's own cache) or ``partition-id=K`` (index of the
-training client in a shared cache). Requires ``pip install 'fedclip-cache[flower]'``; text head only (prototype
-heads need a federated sum of class statistics first).
+* ``query.setup`` (once): each site answers with its facts (name, held out or not, dimension, classes, split
+  sizes, cache identity) and, for ``--head prototype``, a training site adds its per-class sums of normalised
+  features and class counts; the server sums them into the global class prototypes (``loop.build_heads``'s rule).
+* ``train.round`` r = 1..R+1: carries the global adapter after round r-1 (and the prototype head), whether to
+  evaluate it (it is the model whose metrics are round r-1's row; rounds as ``--eval-every`` picks them) and the
+  names of the sites sampled to train in round r. Every site evaluates; a sampled site then trains from that same
+  adapter (:func:`fedclip_cache.federated.train.local_update`, one lane, the algorithm's local objective) and
+  returns it with its weight. Message R+1 only evaluates. The held-out site never trains.
+
+Batches, splits, views (``--train-views``) and initialisation use the same seeds as ``fedclip-cache federate``, so
+a deployment's rounds equal the in-process loop's (tested). Run config: ``cache`` (a shared cache whose training
+clients are picked by node config ``partition-id=K``; leave it out for per-site caches, node config
+``cache=PATH``), ``sites`` (nodes to wait for), ``heldout`` ("" for the personal protocol), ``out`` (the run folder
+the ServerApp writes), fault tolerance (``round_timeout``, ``min_results``, ``startup_timeout``), ``poll_interval``
+and any federate option. Options the apps cannot honour are refused in one line (:func:`_federate_config`).
+Requires ``pip install 'fedclip-cache[flower]'``.
 """
 from __future__ import annotations
 
 import json
 import threading
-import time
 from collections import OrderedDict
-from logging import WARNING
 from pathlib import Path
 from typing import Optional
 
@@ -29,49 +33,53 @@ import numpy as np
 import torch
 
 from .cache import FeatureCache, open_cache
-from .federated.adapters import get_adapter, init_params
+from .federated.adapters import get_adapter
 from .federated.algorithms import Algorithm, make_algorithm
-from .federated.config import ConfigError, FederateConfig
-from .federated.loop import resolve_logit_scale, text_head
+from .federated.config import ConfigError, FederateConfig, option_flag
+from .federated.fpenv import flush_denormals
+from .federated.loop import _class_sums, resolve_logit_scale, resolve_train_views, text_head
 from .federated.protocols import Client, Experiment, build_experiments, split_indices
-from .federated.recorder import RunRecorder
-from .federated.train import LocalHyper, batch_schedule, evaluate, lane_key, local_update
+from .federated.train import LocalHyper, batch_schedule, evaluate, host_tensor, lane_key, local_update
 
 try:
-    from flwr.client import ClientApp, NumPyClient
-    from flwr.common import Context, ndarrays_to_parameters, parameters_to_ndarrays
-    from flwr.common.logger import log
-    from flwr.server import ServerApp, ServerAppComponents, ServerConfig
-    from flwr.server.strategy import FedAvg
-    from flwr.serverapp import Grid
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+    from flwr.clientapp import ClientApp
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError("fedclip_cache.flower needs Flower: pip install 'fedclip-cache[flower]'") from e
 
 
-# Run-config keys of a deployment besides the federate options: per-site caches' count, the run folder, and fault
-# tolerance -- a round waits at most round_timeout seconds for replies; fewer than min_results training results
-# leave the global model as it was; after round 1 a node that is gone is simply not sampled (nothing waits for it)
-# and one that comes back is sampled again.
-# ``poll_interval``: how often the ServerApp asks the SuperLink for replies (Flower's legacy server asks every 3 s, so
-# every fit and every evaluate of a round costs at least 3 s however fast the clients answer).
+# Run-config keys of a deployment besides the federate options (see flower_server.py).
 DEPLOYMENT_KEYS = ("sites", "out", "round_timeout", "min_results", "startup_timeout", "poll_interval")
-DEFAULT_ROUND_TIMEOUT = 600.0
-DEFAULT_MIN_RESULTS = 1
-DEFAULT_STARTUP_TIMEOUT = 300.0
-DEFAULT_POLL_INTERVAL = 3.0  # Flower's own (flwr 1.42 http_grid.send_and_receive)
+HEAD = "__head__"  # the prototype head's entry in a packed array
+
+# Federate options the Flower apps do not honour, each with what to do instead (a silently ignored option would
+# give a run folder that looks like federate's but is not). Checked against the defaults.
+UNSUPPORTED = {
+    "finetune_steps": "fine-tuning the selected adapter at each site is not implemented for deployments; use "
+                      "`fedclip-cache federate` (or leave it at 0)",
+    "device": "the sites train on their CPU; leave --device at cpu",
+}
 
 
 def _federate_config(run_config: dict) -> tuple[str, FederateConfig]:
-    """(the shared cache path, or "" for per-site caches; the run's FederateConfig) from Flower's run config."""
+    """(the shared cache path, or "" for per-site caches; the run's FederateConfig) from Flower's run config, or a
+    one-line ConfigError naming an option the apps cannot honour."""
     rc = dict(run_config)
     cache = rc.pop("cache", "")
     for key in DEPLOYMENT_KEYS:  # the deployment's own settings, not federate options
         rc.pop(key, None)
     heldout = rc.pop("heldout", "")
+    if isinstance(rc.get("split"), str):  # Flower's run config holds scalars: "0.6,0.2,0.2"
+        try:
+            rc["split"] = tuple(float(x) for x in rc["split"].split(","))
+        except ValueError:
+            raise ConfigError(f"--split {rc['split']!r}: expected three fractions, e.g. 0.6,0.2,0.2") from None
     cfg = FederateConfig.from_dict({**rc, "heldout": [heldout] if heldout else [],
                                     "protocol": "lodo" if heldout else "personal"}).validate()
-    if cfg.head != "text":
-        raise ConfigError("the Flower apps support --head text only")
+    default = FederateConfig()
+    for name, why in UNSUPPORTED.items():
+        if getattr(cfg, name) != getattr(default, name):
+            raise ConfigError(f"{option_flag(name)} {getattr(cfg, name)}: not supported by the Flower apps: {why}")
     algo = make_algorithm(cfg)
     if not algo.communicates:
         raise ConfigError(f"--algo {cfg.algo}: nothing to federate (it trains without a server); use "
@@ -82,8 +90,53 @@ def _federate_config(run_config: dict) -> tuple[str, FederateConfig]:
     if algo.client_state or type(algo).run_round is not Algorithm.run_round:  # e.g. SCAFFOLD's c_i
         raise ConfigError(f"--algo {cfg.algo} is not supported by the Flower apps yet (its clients keep state "
                           f"between rounds); use `fedclip-cache federate`")
+    if not cache and (cfg.partition != "none" or cfg.split_source != "random" or cfg.client_key != "domain"):
+        bad = next(n for n in ("partition", "split_source", "client_key") if getattr(cfg, n) != getattr(default, n))
+        raise ConfigError(f"{option_flag(bad)} {getattr(cfg, bad)}: per-site caches: a site is one client (use the "
+                          f"default --partition none, --split-source random, --client-key domain)")
     return cache, cfg
 
+
+# ------------------------------------------------------------------------------------------------ the wire format
+
+def pack(params: dict) -> tuple[np.ndarray, str]:
+    """Named tensors -> one flat float32 array and its layout (JSON: [[name, shape], ...]): one Array (one object
+    per hop) whatever the adapter's parameter count."""
+    arrays = [np.asarray(v.detach().cpu().numpy() if torch.is_tensor(v) else v, np.float32) for v in params.values()]
+    layout = json.dumps([[n, list(a.shape)] for n, a in zip(params, arrays)])
+    flat = np.concatenate([a.reshape(-1) for a in arrays]) if arrays else np.zeros(0, np.float32)
+    return flat, layout
+
+
+def unpack(flat: np.ndarray, layout: str) -> dict[str, torch.Tensor]:
+    out, at = {}, 0
+    for name, shape in json.loads(layout):
+        n = int(np.prod(shape)) if shape else 1
+        out[name] = torch.from_numpy(np.array(flat[at:at + n], np.float32).reshape(shape))
+        at += n
+    return out
+
+
+def content(config: dict, params: Optional[dict] = None) -> RecordDict:
+    """A message's content: ONE config record holding the settings or metrics and, when there are tensors, their
+    packed float32 bytes and layout -- three objects per message on each hop (message, record dict, record), where
+    an ArrayRecord per tensor would add an ArrayRecord, an Array and an ArrayChunk per parameter."""
+    rec = dict(config)
+    if params:
+        flat, rec["layout"] = pack(params)
+        rec["packed"] = flat.tobytes()
+    return RecordDict({"fc": ConfigRecord(rec)})
+
+
+def read(msg_content: RecordDict) -> tuple[dict, dict]:
+    """(config record as a dict, unpacked tensors) of a message's content."""
+    rec = dict(msg_content["fc"])
+    packed = rec.pop("packed", None)
+    params = unpack(np.frombuffer(packed, np.float32), rec.pop("layout")) if packed is not None else {}
+    return rec, params
+
+
+# ------------------------------------------------------------------------------------------------ a site
 
 def site_experiment(cache: FeatureCache, cfg: FederateConfig) -> tuple[Experiment, bool]:
     """A site's view of the run from its own cache (one domain): the experiment as ``federate`` names it (batch
@@ -93,9 +146,6 @@ def site_experiment(cache: FeatureCache, cfg: FederateConfig) -> tuple[Experimen
     if len(domains) != 1:
         raise ConfigError(f"{cache.path}: a site cache holds one domain (this one: {', '.join(domains)}); extract "
                           f"each site's own images into its own cache")
-    if cfg.partition != "none" or cfg.split_source != "random" or cfg.client_key != "domain":
-        raise ConfigError("per-site caches: a site is one client (use the default --partition none, "
-                          "--split-source random, --client-key domain)")
     name, rows = domains[0], np.arange(len(cache))
     heldout = cfg.heldout[0] if cfg.heldout else None
     exp_name = f"heldout={heldout}/seed{cfg.seed}" if heldout else f"personal/seed{cfg.seed}"
@@ -106,10 +156,10 @@ def site_experiment(cache: FeatureCache, cfg: FederateConfig) -> tuple[Experimen
     return Experiment(exp_name, cfg.seed, [client], heldout), False
 
 
-class FedCLIPClient(NumPyClient):
-    """One client: its cached features never leave it; only the adapter travels. Either one training client of a
-    shared cache (``partition_id``: its index among the run's training clients) or a site with its own cache
-    (:meth:`for_site`; the held-out site only evaluates)."""
+class SiteClient:
+    """One site: its cached features never leave it; only the adapter (and, once, class sums) travels. Either one
+    training client of a shared cache (``partition_id``: its index among the run's training clients) or a site
+    with its own cache (``partition_id=None``; the held-out site only evaluates). Stateless between messages."""
 
     def __init__(self, cache_path: str, cfg: FederateConfig, partition_id: Optional[int] = None):
         cache = open_cache(cache_path)
@@ -121,148 +171,100 @@ class FedCLIPClient(NumPyClient):
             exp = build_experiments(cache, cfg)[0]
             if not 0 <= partition_id < len(exp.clients):
                 raise ConfigError(f"partition-id {partition_id} out of range: {len(exp.clients)} training clients")
-        self.cfg, self.exp, self.client = cfg, exp, exp.clients[partition_id]
-        self.X, self.Y = torch.from_numpy(cache.features), torch.from_numpy(cache.labels)
+        self.cfg, self.exp, self.client, self.cache = cfg, exp, exp.clients[partition_id], cache
+        self.X, self.Y = host_tensor(cache.features), torch.from_numpy(cache.labels)
+        self.views = resolve_train_views(cfg, cache)  # --train-views: training gathers from the first k views
+        if self.views > 1 and not self.heldout_site:
+            v = cache.views(self.views)
+            self.Xtrain, self.Ytrain = host_tensor(v.reshape(self.views * v.shape[1], -1)), self.Y.repeat(self.views)
+        else:
+            self.Xtrain, self.Ytrain = self.X, self.Y
         self.kind = get_adapter(cfg.adapter)
-        self.hidden = cfg.hidden or self.kind.default_hidden(cache.dim)
-        self.names = list(self.kind.shapes(cache.dim, self.hidden))
         self.dim = cache.dim
-        self.head = text_head(cache, cfg.template)
-        self.cache = cache
+        self.hidden = cfg.hidden or self.kind.default_hidden(cache.dim)
+        self.text = text_head(cache, cfg.template) if cfg.head == "text" else None
         self.logit_scale, self.logit_scale_source = resolve_logit_scale(cfg, cache)  # as `federate` on it
         self.hp = LocalHyper.from_config(cfg, make_algorithm(cfg).proximal_mu(), self.logit_scale)
         self.opts = {"residual_alpha": cfg.residual_alpha}
 
-    @classmethod
-    def for_site(cls, cache_path: str, cfg: FederateConfig) -> "FedCLIPClient":
-        return cls(cache_path, cfg, None)
+    @property
+    def name(self) -> str:
+        return self.client.name
 
-    def get_parameters(self, config):
-        """The initial adapter (the same seeded init as ``federate``): lets a server without any cache start."""
-        p = init_params(self.cfg.adapter, self.dim, self.hidden, self.cfg.seed)
-        return [p[n].numpy() for n in self.names]
+    def facts(self) -> dict:
+        """What the server's run folder needs from this site (the server holds no cache)."""
+        c = self.client
+        return {"client": c.name, "heldout": self.heldout_site, "dim": self.dim,
+                "num_classes": len(self.cache.classes), "model_params": int(self.cache.model_params or 0),
+                "cache": str(Path(self.cache.path).resolve()), "images": len(self.cache),
+                "complete": bool(self.cache.complete), "identity": json.dumps(self.cache.identity()),
+                "logit_scale": self.logit_scale, "logit_scale_source": self.logit_scale_source,
+                "train_n": len(c.train), "val_n": len(c.val), "test_n": len(c.test), "dropped": c.dropped}
 
-    def _stacked(self, parameters) -> dict[str, torch.Tensor]:
-        return {n: torch.from_numpy(np.asarray(p)).unsqueeze(0) for n, p in zip(self.names, parameters)}
+    def class_stats(self) -> dict:
+        """Per-class sums of this site's normalised training features and class counts (``--head prototype``)."""
+        sums, counts = _class_sums(self.X, self.Y, self.client.train, len(self.cache.classes))
+        return {"sums": sums, "counts": counts}
 
-    def fit(self, parameters, config):
-        if self.heldout_site:  # never trains; weight 0 keeps it out of the average
-            return [np.asarray(p) for p in parameters], 0, {"heldout": True}
-        rnd = int(config.get("server_round", 1))
+    def _head(self, head: Optional[torch.Tensor]) -> torch.Tensor:
+        if self.text is not None:
+            return self.text
+        if head is None:
+            raise ConfigError("--head prototype: the server sent no class prototypes")
+        return head
+
+    def fit(self, params: dict, rnd: int, head: Optional[torch.Tensor] = None) -> tuple[dict, int]:
+        """This site's local update of round ``rnd`` from ``params`` (unstacked), and its weight."""
         sched = batch_schedule(self.client.train, self.exp.seed, rnd, lane_key(self.exp.name, self.client.name),
-                               self.hp)
-        new = local_update(self.kind, self._stacked(parameters), self.X, self.Y, self.head.unsqueeze(0), [sched],
-                           self.hp, self.opts)
+                               self.hp, self.views, len(self.Y))
+        with flush_denormals(not self.cfg.keep_denormals):  # as run_loop
+            new = local_update(self.kind, {n: v.unsqueeze(0) for n, v in params.items()}, self.Xtrain, self.Ytrain,
+                               self._head(head).unsqueeze(0), [sched], self.hp, self.opts)
         n = 1 if self.cfg.weighting == "uniform" else len(self.client.train)
-        return [new[k][0].numpy() for k in self.names], n, {}
+        return {k: v[0] for k, v in new.items()}, n
 
-    def _score(self, parameters, rows: np.ndarray) -> tuple[float, float]:
+    def _score(self, params: dict, rows: np.ndarray, head) -> tuple[float, float]:
         """Accuracy and mean loss on ``rows``, summed in float64 as the in-process loop does (equal numbers)."""
         if not len(rows):
             return float("nan"), float("nan")
-        correct, loss = evaluate(self.kind, self._stacked(parameters), self.X, self.Y, self.head.unsqueeze(0),
-                                 torch.from_numpy(rows).unsqueeze(0), self.logit_scale, self.opts)
+        correct, loss = evaluate(self.kind, {n: v.unsqueeze(0) for n, v in params.items()}, self.X, self.Y,
+                                 self._head(head).unsqueeze(0), torch.from_numpy(rows).unsqueeze(0),
+                                 self.logit_scale, self.opts)
         return int(correct.sum()) / len(rows), float(loss.double().sum()) / len(rows)
 
-    def evaluate(self, parameters, config):
-        """The global adapter on this site's own splits, with the facts the server's run folder needs (the
-        server holds no cache): sizes, model size, classes, logit scale, this cache's identity."""
-        facts = {"client": self.client.name, "heldout": self.heldout_site, "dim": self.dim,
-                 "num_classes": int(self.head.shape[0]), "model_params": int(self.cache.model_params or 0),
-                 "cache": str(Path(self.cache.path).resolve()), "images": len(self.cache),
-                 "complete": bool(self.cache.complete), "identity": json.dumps(self.cache.identity()),
-                 "logit_scale": self.logit_scale, "logit_scale_source": self.logit_scale_source}
-        if self.heldout_site:
-            acc, loss = self._score(parameters, self.client.test)
-            return loss, len(self.client.test), {"accuracy": acc, "heldout_accuracy": acc, "heldout_loss": loss,
-                                                 "n": len(self.client.test), **facts}
-        va, vl = self._score(parameters, self.client.val)
-        ta, tl = self._score(parameters, self.client.test)
+    def evaluate(self, params: dict, head: Optional[torch.Tensor] = None) -> dict:
+        """The global adapter on this site's own splits, with the facts (the recorder's report of this site)."""
         c = self.client
-        return tl, len(c.test), {"accuracy": ta, "test_accuracy": ta, "test_loss": tl, "test_n": len(c.test),
-                                 "val_accuracy": va, "val_loss": vl, "val_n": len(c.val),
-                                 "train_n": len(c.train), "dropped": c.dropped, **facts}
+        if self.heldout_site:
+            acc, loss = self._score(params, c.test, head)
+            return {**self.facts(), "heldout_accuracy": acc, "heldout_loss": loss, "n": len(c.test)}
+        va, vl = self._score(params, c.val, head)
+        ta, tl = self._score(params, c.test, head)
+        return {**self.facts(), "test_accuracy": ta, "test_loss": tl, "val_accuracy": va, "val_loss": vl}
+
+    def handle(self, rec: dict, params: dict) -> tuple[dict, dict]:
+        """One message (config record, unpacked tensors) -> the reply's (config record, tensors to pack)."""
+        if rec.get("phase") == "setup":
+            stats = self.class_stats() if self.cfg.head == "prototype" and not self.heldout_site else {}
+            return self.facts(), stats
+        head = params.pop(HEAD, None)
+        out: dict = {"client": self.name, "heldout": self.heldout_site}
+        if rec.get("evaluate"):
+            out.update(self.evaluate(params, head), evaluated=True)
+        if self.name in list(rec.get("train", [])) and not self.heldout_site:
+            new, out["weight"] = self.fit(params, int(rec["round"]), head)
+            out["trained"] = True
+            return out, new
+        return out, {}
 
 
-def initial_parameters(cache_path: str, cfg: FederateConfig) -> list[np.ndarray]:
-    cache = open_cache(cache_path)
-    kind = get_adapter(cfg.adapter)
-    hidden = cfg.hidden or kind.default_hidden(cache.dim)
-    p = init_params(cfg.adapter, cache.dim, hidden, cfg.seed)
-    return [p[n].numpy() for n in kind.shapes(cache.dim, hidden)]
-
-
-class AlgorithmStrategy(FedAvg):
-    """Flower's FedAvg (sampling, weighting by ``num_examples``, failure handling), then the algorithm's server
-    update on the average: the new global model and server state exactly as the in-process loop computes them."""
-
-    def __init__(self, algo: Algorithm, names: list[str], recorder: Optional[RunRecorder] = None,
-                 min_results: int = DEFAULT_MIN_RESULTS, wait_for_nodes: int = 0,
-                 startup_timeout: float = DEFAULT_STARTUP_TIMEOUT, **kw):
-        super().__init__(**kw)
-        self.algo, self.names, self.recorder, self.min_results = algo, names, recorder, min_results
-        self.wait_for_nodes, self.startup_timeout = wait_for_nodes, startup_timeout
-        init = kw.get("initial_parameters")
-        self.current = self._stack(parameters_to_ndarrays(init)) if init is not None else None
-        self.extra: dict = {}
-
-    def _stack(self, arrays) -> dict:
-        return {n: torch.from_numpy(np.asarray(p)).unsqueeze(0) for n, p in zip(self.names, arrays)}
-
-    def configure_fit(self, server_round, parameters, client_manager):
-        if self.wait_for_nodes:  # once, before round 1: every node; later rounds sample whoever is connected
-            if not _wait_for_nodes(client_manager, self.wait_for_nodes, self.startup_timeout):
-                log(WARNING, "only %s of %s nodes connected within %ss; starting without the others",
-                    client_manager.num_available(), self.wait_for_nodes, self.startup_timeout)
-            self.wait_for_nodes = 0
-        if self.current is None:  # initial parameters came from a client (per-site caches)
-            self.current = self._stack(parameters_to_ndarrays(parameters))
-        return super().configure_fit(server_round, parameters, client_manager)
-
-    def aggregate_fit(self, server_round, results, failures):
-        trained = [r for r in results if not r[1].metrics.get("heldout", False)]  # the held-out site never trains
-        if self.recorder:
-            self.recorder.fit_round(server_round, len(trained), len(failures))
-        if len(trained) < self.min_results or not trained:  # too few answers: the global model stays as it was
-            log(WARNING, "round %s: %s training result(s), fewer than min_results=%s; the global adapter is "
-                "unchanged", server_round, len(trained), self.min_results)
-            if self.current is None:
-                return None, {}
-            return ndarrays_to_parameters([self.current[n][0].numpy() for n in self.names]), {}
-        averaged, metrics = super().aggregate_fit(server_round, results, failures)
-        if averaged is None:
-            return None, metrics
-        avg = self._stack(parameters_to_ndarrays(averaged))
-        self.current, self.extra = self.algo.server_update(self.current, avg, self.extra, server_round)
-        return ndarrays_to_parameters([self.current[n][0].numpy() for n in self.names]), metrics
-
-    def aggregate_evaluate(self, server_round, results, failures):
-        loss, metrics = super().aggregate_evaluate(server_round, results, failures)
-        if self.recorder and results:
-            self.recorder.evaluate_round(server_round, [dict(res.metrics) for _, res in results], len(failures))
-            if server_round == self.recorder.cfg.rounds:  # the last round: write the run folder
-                trainable = sum(v[0].numel() for v in self.current.values())
-                self.summary = self.recorder.write({n: v.clone() for n, v in self.current.items()}, trainable)
-        return loss, metrics
-
-
-def _wait_for_nodes(client_manager, n: int, timeout: float, interval: float = 0.1) -> bool:
-    """Wait until ``n`` nodes are connected. Asks every ``interval`` s: ``num_available`` refreshes the node list
-    from the SuperLink, whereas ``ClientManager.wait_for`` only sees the refresh Flower's compat layer does every
-    5 s."""
-    deadline = time.monotonic() + timeout
-    while client_manager.num_available() < n:
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(interval)
-    return True
-
+# ------------------------------------------------------------------------------------------------ the ClientApp
 
 # The clients of the runs this process has served, newest last: a long-lived ClientApp process (fedclip-cache site)
 # opens a site's cache and builds its splits once per run, not once per message. Keyed by the run id and the whole
-# node and run config, so two runs (or two configs) never share a client; FedCLIPClient keeps no state between
-# messages (fit and evaluate are pure functions of the parameters and the round), so reusing it changes no result.
-_CLIENTS: "OrderedDict[tuple, FedCLIPClient]" = OrderedDict()
+# node and run config, so two runs (or two configs) never share a client; SiteClient keeps no state between
+# messages, so reusing it changes no result.
+_CLIENTS: "OrderedDict[tuple, SiteClient]" = OrderedDict()
 _CLIENTS_MAX = 4
 _CLIENTS_LOCK = threading.Lock()
 
@@ -272,7 +274,7 @@ def _client_key(context: Context) -> tuple:
     return int(context.run_id), freeze(context.node_config), freeze(context.run_config)
 
 
-def client_fn(context: Context):
+def site_client(context: Context) -> SiteClient:
     key = _client_key(context)
     with _CLIENTS_LOCK:
         client = _CLIENTS.get(key)
@@ -280,68 +282,31 @@ def client_fn(context: Context):
             cache, cfg = _federate_config(context.run_config)
             node = context.node_config
             if "cache" in node:  # a site with its own cache (its own images only)
-                client = FedCLIPClient.for_site(str(node["cache"]), cfg)
+                client = SiteClient(str(node["cache"]), cfg)
             else:
-                client = FedCLIPClient(cache, cfg, int(node["partition-id"]))
+                client = SiteClient(cache, cfg, int(node["partition-id"]))
             _CLIENTS[key] = client
             while len(_CLIENTS) > _CLIENTS_MAX:  # runs long finished: let their caches go
                 _CLIENTS.popitem(last=False)
         _CLIENTS.move_to_end(key)
-    return client.to_client()
+    return client
 
 
-def server_fn(context: Context):
-    cache, cfg = _federate_config(context.run_config)
-    algo = make_algorithm(cfg)
-    if cache:  # one shared cache: the server knows the clients and the adapter's shape
-        fc = open_cache(cache)
-        n_clients = len(build_experiments(fc, cfg)[0].clients)
-        kind = get_adapter(cfg.adapter)
-        names = list(kind.shapes(fc.dim, cfg.hidden or kind.default_hidden(fc.dim)))
-        initial = ndarrays_to_parameters(initial_parameters(cache, cfg))
-    else:  # per-site caches: the server holds no data; a site sends the (seeded, identical) initial adapter
-        n_clients = int(context.run_config.get("sites", 0))
-        if n_clients < 1:
-            raise ConfigError("per-site caches: set the run config's `sites` to the number of SuperNodes")
-        kind = get_adapter(cfg.adapter)
-        names = list(kind.shapes(1, 1))  # parameter order only (shapes come with the parameters)
-        initial = None
-    rc = context.run_config
-    out = rc.get("out")
-    recorder = RunRecorder(cfg, Path(str(out))) if out else None
-    min_results = int(rc.get("min_results", DEFAULT_MIN_RESULTS))
-    if not 1 <= min_results <= n_clients:
-        raise ConfigError(f"min_results {min_results}: must be between 1 and the number of nodes ({n_clients})")
-    strategy = AlgorithmStrategy(algo, names, recorder, min_results, wait_for_nodes=n_clients,
-                                 startup_timeout=float(rc.get("startup_timeout", DEFAULT_STARTUP_TIMEOUT)),
-                                 # participation as in `federate`: max(int(n * fraction_fit), min_fit_clients)
-                                 # clients per round (Flower's rule; Flower draws which ones)
-                                 fraction_fit=cfg.fraction_fit, min_fit_clients=min(cfg.min_fit_clients, n_clients),
-                                 fraction_evaluate=1.0, min_evaluate_clients=1,
-                                 min_available_clients=1, initial_parameters=initial,
-                                 on_fit_config_fn=lambda rnd: {"server_round": rnd})
-    timeout = float(rc.get("round_timeout", DEFAULT_ROUND_TIMEOUT))
-    return ServerAppComponents(strategy=strategy, config=ServerConfig(num_rounds=cfg.rounds, round_timeout=timeout))
+client_app = ClientApp()
 
 
-def _send_and_receive(grid: Grid, interval: float):
-    """Flower's ``send_and_receive`` (flwr 1.42 ``HttpGrid``) asking for the replies every ``interval`` s instead of
-    every 3 s: the same messages, the same timeout, the replies as soon as they are there."""
+@client_app.query("setup")
+def _setup(message: Message, context: Context) -> Message:
+    rec, params = read(message.content)
+    out, arrays = site_client(context).handle(rec, params)
+    return Message(content(out, arrays), reply_to=message)
 
-    def send_and_receive(messages, *, timeout=None):
-        msg_ids = set(grid.push_messages(messages))
-        end_time = time.time() + (timeout if timeout is not None else 0.0)
-        ret = []
-        while timeout is None or time.time() < end_time:
-            res_msgs = grid.pull_messages(msg_ids)
-            ret.extend(res_msgs)
-            msg_ids.difference_update({msg.metadata.reply_to_message_id for msg in res_msgs})
-            if not msg_ids:
-                break
-            time.sleep(interval)
-        return ret
 
-    return send_and_receive
+@client_app.train("round")
+def _round(message: Message, context: Context) -> Message:
+    rec, params = read(message.content)
+    out, arrays = site_client(context).handle(rec, params)
+    return Message(content(out, arrays), reply_to=message)
 
 
 def quick_object_pulls(module, backoff: float) -> None:
@@ -356,21 +321,6 @@ def quick_object_pulls(module, backoff: float) -> None:
                                             backoff_cap=max(backoff, 1.0))
 
 
-class FedCLIPServerApp(ServerApp):
-    """Flower's ServerApp over :func:`server_fn`, polling the SuperLink for replies every ``poll_interval`` seconds
-    (run config; Flower's 3 s by default)."""
+from . import flower_server as _server  # noqa: E402  (the ServerApp lives there; its module imports this one)
 
-    def __call__(self, grid: Grid, context: Context) -> None:
-        interval = float(context.run_config.get("poll_interval", DEFAULT_POLL_INTERVAL))
-        if not 0 < interval <= 60:
-            raise ConfigError(f"poll_interval {interval}: must be in (0, 60] seconds")
-        if interval != DEFAULT_POLL_INTERVAL:
-            grid.send_and_receive = _send_and_receive(grid, interval)  # this grid object only
-            import flwr.superlink.grid.http_grid as http_grid  # this process runs this ServerApp only
-
-            quick_object_pulls(http_grid, interval)
-        super().__call__(grid, context)
-
-
-client_app = ClientApp(client_fn=client_fn)
-server_app = FedCLIPServerApp(server_fn=server_fn)
+server_app = _server.server_app  # named in the app's pyproject.toml (flwr checks for an assignment here)

@@ -1,27 +1,29 @@
-"""What runs at a site of a real Flower deployment: Flower's SuperNode and ONE long-lived ClientApp process.
+"""What runs at a site of a real Flower deployment: Flower's SuperNode and its ClientApp worker, in ONE process.
 
-``fedclip-cache site SITE_CACHE --superlink HOST:PORT`` starts Flower's own SuperNode (``flower-supernode
---isolation process``, node config ``cache=SITE_CACHE``, its Runtime API on ``127.0.0.1:--port``) as a child
-process, and serves that SuperNode's ClientApp tasks itself, one after the other, for as long as it runs. Flower's
-stock runners (``flower-superexec``) start a fresh ``flwr-clientapp`` process for every message (re-importing torch
-and re-opening the cache each time: ~7 s per message on 2 cores); this process imports torch once at start-up, and
-:func:`fedclip_cache.flower.client_fn` keeps each run's client (the opened cache, the splits) for the next messages
-of the same run.
+``fedclip-cache site SITE_CACHE --superlink HOST:PORT`` runs Flower's own SuperNode (flwr 1.42
+``flower-supernode --isolation process``, node config ``cache=SITE_CACHE``, its Runtime API on
+``127.0.0.1:--port``) in the main thread, and serves that SuperNode's ClientApp tasks in a worker thread, one
+after the other, for as long as it runs. Flower's stock runners (``flower-superexec``) start a fresh
+``flwr-clientapp`` process for every message (re-importing torch and re-opening the cache each time: ~7 s per
+message on 2 cores); here torch is imported once (while the SuperNode connects), and
+:func:`fedclip_cache.flower.site_client` keeps each run's client (the opened cache, the splits) for the next
+messages of the same run.
 
 A task is executed exactly as ``flwr-clientapp`` executes it (flwr 1.42 ``run_clientapp``): acquire a task and its
 one-time token from the Runtime API, pull the message, context, run and FAB, send task heartbeats meanwhile, call
 ``fedclip_cache.flower:client_app`` (the only ClientApp this worker serves: the FAB must name it), push the reply
-(an ``Error`` reply when the ClientApp raised) and the task's final status. The differences are the process's
-lifetime and how often it asks: the SuperNode is started with its idle poll (3 s in flwr 1.42, between two
-"anything for me?" requests to the SuperLink, and 0.5 s while it waits for a reply) capped at ``--poll-interval``,
-and the worker asks the SuperNode for a task every ``--poll-interval`` seconds (``flower-superexec``: 1 s).
+(an ``Error`` reply when the ClientApp raised) and the task's final status. The differences are the lifetime and
+how often things are asked (:func:`patch_supernode`): the SuperNode's idle poll of the SuperLink (flwr 1.42: every
+3 s) backs off from 0.01 s to ``--poll-interval`` and restarts fast after each message; a stored message wakes the
+worker at once and a pushed reply wakes the SuperNode at once (flwr: ``flower-superexec`` asks for tasks every 1 s,
+the SuperNode checks for a reply every 0.5 s).
 
-Failures: a ClientApp exception is an ``Error`` reply (a failed fit/evaluate for the ServerApp); a worker killed
-mid-task leaves the task without heartbeats, and the SuperNode answers "ClientApp stopped responding" when its claim
-lapses (flwr 1.42: at most 60 s; ``--round-timeout`` bounds the wait on the server side); when the SuperNode child
-exits, the site command exits (non-zero), and when the site command dies its SuperNode follows (parent monitor).
-The ``AcquireTask`` call of the Runtime API is protected with Flower's SuperExec shared secret (a fresh random
-secret per site command, in a 0600 file under a 0700 folder): another local user can not take the site's tasks.
+Failures: a ClientApp exception is an ``Error`` reply (a failed round for that site on the ServerApp); a worker
+that cannot start stops the site; when the process dies, SuperNode and worker die together (``--round-timeout``
+bounds the server's wait; see flower_server.py). A site started again on the same cache registers as a new node and
+rejoins the run from the next round. The ``AcquireTask`` call of the Runtime API is protected with Flower's
+SuperExec shared secret (a fresh random secret per site command, in a 0600 file under a 0700 folder): another
+local user can not take the site's tasks.
 """
 from __future__ import annotations
 
@@ -29,7 +31,6 @@ import os
 import secrets
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -38,37 +39,59 @@ from pathlib import Path
 from typing import Callable, Optional
 
 CLIENT_APP_REF = "fedclip_cache.flower:client_app"
-DEFAULT_POLL_INTERVAL = 0.1
+DEFAULT_POLL_INTERVAL = 0.2
+FIRST_POLL = 0.01  # the first idle wait after a message; each next one 1.5x longer, up to --poll-interval
 
 
-class _CappedSleep:
-    """Stands in for the ``time`` module inside one flwr module: ``sleep`` waits at most ``cap`` seconds."""
+class SiteClock:
+    """Stands in for the ``time`` module inside flwr 1.42's ``flwr.supernode.start_client_internal`` (the
+    SuperNode's main loop), which polls with two fixed sleeps: ``time.sleep(3)`` between two "anything for me?"
+    requests to the SuperLink, and ``time.sleep(0.5)`` while it waits for the ClientApp's reply. Here the first
+    backs off from ``FIRST_POLL`` to ``cap`` seconds and restarts fast whenever a message came in (the next one of
+    the run follows soon); the second waits on :attr:`reply`, which the worker sets when it has pushed a reply.
+    :attr:`task` is set when the SuperNode has stored a message: the worker acquires the task at once."""
 
     def __init__(self, cap: float):
-        self._cap = cap
+        self.cap, self.delay = cap, FIRST_POLL
+        self.task, self.reply = threading.Event(), threading.Event()
 
     def sleep(self, seconds: float) -> None:
-        time.sleep(min(seconds, self._cap))
+        if seconds >= 1:  # idle: nothing pulled from the SuperLink
+            time.sleep(self.delay)
+            self.delay = min(self.delay * 1.5, self.cap)
+        else:  # a reply (or an object of it) is not there yet
+            self.reply.wait(min(seconds, 0.05))
+            self.reply.clear()
+
+    def message_stored(self) -> None:
+        self.delay = FIRST_POLL
+        self.task.set()
 
     def __getattr__(self, name):
         return getattr(time, name)
 
 
-def run_supernode(argv: list[str], poll_interval: float, parent_pid: Optional[int] = None) -> None:
-    """Flower's ``flower-supernode`` with ``argv``, its polling sleeps capped at ``poll_interval`` seconds (the
-    protocol is unchanged: it asks the SuperLink more often). Ends itself when ``parent_pid`` exits."""
+def patch_supernode(poll_interval: float) -> SiteClock:
+    """Patch flwr 1.42's SuperNode loop module (``flwr.supernode.start_client_internal``): its ``time`` (see
+    :class:`SiteClock`), its ``_pull_and_store_message`` (wrapped: a stored message wakes the worker) and its
+    ``pull_objects`` backoff (:func:`fedclip_cache.flower.quick_object_pulls`). The protocol is unchanged."""
     import flwr.supernode.start_client_internal as sci
-    from flwr.supercore.app_utils import start_parent_process_monitor
-    from flwr.supernode.cli.flower_supernode import flower_supernode
 
     from .flower import quick_object_pulls
 
-    sci.time = _CappedSleep(poll_interval)  # the module's `time.sleep(3)` / `time.sleep(0.5)` polls
-    quick_object_pulls(sci, poll_interval)  # the message's objects, fetched from the SuperLink
-    if parent_pid is not None:
-        start_parent_process_monitor(parent_pid)
-    sys.argv = ["flower-supernode", *argv]
-    flower_supernode()
+    clock = SiteClock(poll_interval)
+    sci.time = clock
+    pull = sci._pull_and_store_message
+
+    def pull_and_store(*args, **kw):
+        run_id = pull(*args, **kw)
+        if run_id is not None:
+            clock.message_stored()
+        return run_id
+
+    sci._pull_and_store_message = pull_and_store
+    quick_object_pulls(sci, min(poll_interval, 0.05))
+    return clock
 
 
 def _say(msg: str) -> None:
@@ -112,16 +135,24 @@ class SiteWorker:
             return res.task, res.token
         return None
 
-    def serve(self, stop: threading.Event, ready: Optional[Callable[[], bool]] = None) -> None:
-        """Execute tasks until ``stop`` is set (or ``ready()`` turns false: the SuperNode is gone)."""
+    def serve(self, stop: threading.Event, clock: Optional[SiteClock] = None) -> None:
+        """Execute tasks until ``stop`` is set. With the SuperNode's ``clock`` (same process), a stored message
+        wakes this loop at once and a pushed reply wakes the SuperNode; ``poll_interval`` bounds every wait."""
         while not stop.is_set():
+            if clock is not None:
+                clock.task.clear()
             got = self.acquire()
             if got is not None:
                 self.run_task(*got)
+                if clock is not None:
+                    clock.reply.set()
                 continue  # straight on: the next message may be waiting already
-            if ready is not None and not ready():
-                return
-            stop.wait(self.poll_interval)
+            if clock is not None:  # woken when the SuperNode has stored a message and ALL its objects (flwr 1.42
+                # creates the task before it pulls the objects: a worker polling on its own may claim the task
+                # first and then wait for them); the timeout is only a safety net
+                clock.task.wait(max(1.0, self.poll_interval))
+            else:
+                stop.wait(self.poll_interval)
 
     def _client_app(self, fab):
         """The ClientApp the run's FAB names; this worker serves fedclip-cache's only."""
@@ -172,7 +203,7 @@ class SiteWorker:
         message = context = reply = None
         sub_status, details, kind = SubStatus.FAILED, "ClientApp task failed due to unknown reason", "?"
         try:
-            message, context, run, fab = _pull_task_input(client, self.poll_interval)
+            message, context, run, fab = _pull_task_input(client, min(self.poll_interval, 0.02))
             kind = message.metadata.message_type
             t1 = time.perf_counter()
             reply = self._client_app(fab)(message=message, context=context)
@@ -244,22 +275,22 @@ def _port_open(port: int, host: str = "127.0.0.1") -> bool:
         return s.connect_ex((host, port)) == 0
 
 
-def supernode_command(cache: str, superlink: str, port: int, *, insecure: bool, root_certificates: Optional[str],
-                      secret_file: str, poll_interval: float, extra: tuple = ()) -> list[str]:
+def supernode_args(cache: str, superlink: str, port: int, *, insecure: bool, root_certificates: Optional[str],
+                   secret_file: str, extra: tuple = ()) -> list[str]:
     import json
 
     args = ["--superlink", superlink, "--isolation", "process", "--port", str(port),
             "--node-config", f"cache={json.dumps(str(cache))}", "--superexec-auth-secret-file", secret_file]
     args += ["--insecure"] if insecure else (["--root-certificates", root_certificates] if root_certificates else [])
-    return [sys.executable, "-m", "fedclip_cache.flower_site", "supernode", "--poll-interval", str(poll_interval),
-            "--parent-pid", str(os.getpid()), "--", *args, *extra]
+    return [*args, *extra]
 
 
 def run_site(cache: str, superlink: str, *, port: int = 9094, insecure: bool = False,
              root_certificates: Optional[str] = None, poll_interval: float = DEFAULT_POLL_INTERVAL,
              extra: tuple = (), log: Callable[[str], None] = _say) -> int:
-    """A site: its SuperNode (a child process) and its ClientApp worker (this process) until either ends; returns
-    the exit status (0 after SIGTERM/SIGINT, the SuperNode's status when it exited by itself)."""
+    """A site in ONE process: Flower's SuperNode (flwr 1.42 ``flower-supernode``, patched as
+    :func:`patch_supernode` says) in the main thread, and the ClientApp worker in a thread beside it; returns the
+    SuperNode's exit status (0 after SIGTERM/SIGINT)."""
     from .cache import open_cache
 
     cache = str(Path(cache).resolve())
@@ -275,47 +306,30 @@ def run_site(cache: str, superlink: str, *, port: int = 9094, insecure: bool = F
     os.write(fd, secret)
     os.close(fd)
     stop = threading.Event()
+    clock = patch_supernode(poll_interval)
 
-    def _stop(*_):
-        stop.set()
+    def work() -> None:
+        try:
+            worker = SiteWorker(f"127.0.0.1:{port}", auth_secret=secret, poll_interval=poll_interval, log=log)
+            log(f"worker ready (pid {os.getpid()}): serving the ClientApp tasks of this SuperNode (Runtime API "
+                f"127.0.0.1:{port}, cache {cache})")
+            worker.serve(stop, clock)
+        except BaseException as ex:  # noqa: BLE001  (a worker that cannot start ends the site)
+            log(f"the worker failed: {type(ex).__name__}: {ex}; stopping the site")
+            os.kill(os.getpid(), signal.SIGTERM)
 
-    old = {s: signal.signal(s, _stop) for s in (signal.SIGTERM, signal.SIGINT)}
-    node = subprocess.Popen(supernode_command(cache, superlink, port, insecure=insecure,
-                                              root_certificates=root_certificates, secret_file=str(secret_file),
-                                              poll_interval=poll_interval, extra=extra), stdin=subprocess.DEVNULL)
+    thread = threading.Thread(target=work, name="clientapp-worker", daemon=True)
+    thread.start()  # imports torch while the SuperNode connects
+    from flwr.supernode.cli.flower_supernode import flower_supernode
+
+    sys.argv = ["flower-supernode", *supernode_args(cache, superlink, port, insecure=insecure,
+                                                    root_certificates=root_certificates,
+                                                    secret_file=str(secret_file), extra=extra)]
     try:
-        worker = SiteWorker(f"127.0.0.1:{port}", auth_secret=secret,
-                            poll_interval=poll_interval, log=log)
-        log(f"worker ready (pid {os.getpid()}): serving the ClientApp tasks of SuperNode pid {node.pid} "
-            f"(Runtime API 127.0.0.1:{port}, cache {cache})")
-        worker.serve(stop, ready=lambda: node.poll() is None)
-        if node.poll() is not None and not stop.is_set():
-            log(f"the SuperNode exited ({node.returncode}) after {worker.tasks} task(s): stopping")
-            return node.returncode or 1
+        flower_supernode()
         return 0
+    except SystemExit as ex:
+        return ex.code if isinstance(ex.code, int) else (0 if ex.code is None else 1)
     finally:
-        if node.poll() is None:
-            node.terminate()
-            try:
-                node.wait(10)
-            except subprocess.TimeoutExpired:
-                node.kill()
-                node.wait()
-        for s, h in old.items():
-            signal.signal(s, h)
+        stop.set()
         shutil.rmtree(private, ignore_errors=True)
-
-
-def _main(argv: list[str]) -> None:
-    """``python -m fedclip_cache.flower_site supernode --poll-interval S [--parent-pid P] -- FLOWER_SUPERNODE_ARGS``"""
-    if not argv or argv[0] != "supernode":
-        raise SystemExit("usage: python -m fedclip_cache.flower_site supernode --poll-interval S [--parent-pid P] "
-                         "-- FLOWER_SUPERNODE_ARGS...")
-    own, rest = (argv[1:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv[1:], [])
-    opts = dict(zip(own[::2], own[1::2]))
-    run_supernode(rest, float(opts.get("--poll-interval", DEFAULT_POLL_INTERVAL)),
-                  int(opts["--parent-pid"]) if "--parent-pid" in opts else None)
-
-
-if __name__ == "__main__":
-    _main(sys.argv[1:])

@@ -1,12 +1,14 @@
 """The run folder of a federated *deployment*: the same ``summary.json``, ``metrics.parquet``, ``config.json`` and
 ``adapter.pt`` as ``federate``, built on the server from what the sites report.
 
-The server of a deployment holds no data. Each round every site evaluates the global adapter on its own splits and
-reports, as Flower metrics, its accuracies and losses with their sizes (a training site: validation and test; the
-held-out site: its whole domain), and once the facts ``federate`` reads from a cache (dimension, classes, model
-size, logit scale, cache identity). :class:`RunRecorder` turns those reports into the loop's result type and
-reuses ``results.summarise`` and ``results.write_run``'s layout, so selection (best mean validation, first best),
-the summary and the metrics table are computed by the same code as in-process.
+The server of a deployment holds no data. Each evaluated round every site scores the global adapter on its own
+splits and reports (in its reply's config record) its accuracies and losses with their sizes (a training site:
+validation and test; the held-out site: its whole domain) and the facts ``federate`` reads from a cache (dimension,
+classes, model size, logit scale, cache identity). :class:`RunRecorder` turns those reports into the loop's result
+type and reuses ``results.summarise`` and ``results.write_run``'s layout, so selection (best mean validation, first
+best), the summary and the metrics table are computed by the same code as in-process; without ``--curves`` it keeps
+test and held-out numbers only where the loop's lazy evaluation scores them (validation improved, or the last
+round), so ``metrics.parquet`` has the same rows.
 """
 from __future__ import annotations
 
@@ -43,9 +45,11 @@ class RunRecorder:
     reports: list = field(default_factory=list)  # per round: {site: metrics}
     health: list = field(default_factory=list)  # per round: results / failures of fit and evaluate
     info: Optional[SiteCaches] = None
+    sampled: list = field(default_factory=list)  # per round: sites sampled to train (the loop's fit_clients)
 
-    def fit_round(self, rnd: int, results: int, failures: int) -> None:
+    def fit_round(self, rnd: int, results: int, failures: int, sampled: Optional[int] = None) -> None:
         self.health.append({"round": rnd, "fit_results": results, "fit_failures": failures})
+        self.sampled.append(results + failures if sampled is None else sampled)
 
     def evaluate_round(self, rnd: int, site_metrics: list[dict], failures: int) -> None:
         by_site = {m["client"]: m for m in site_metrics}
@@ -110,10 +114,17 @@ class RunRecorder:
             return float(v.mean()) if len(v) else (float("nan") if val else 0.0)
 
         val_mean = np.array([[val_mean_at(r)] for r in range(len(self.rounds))])
+        if not cfg.curves:  # as the loop's lazy Evaluator: test/held-out kept where validation improved, and last
+            best, rest = -np.inf, [k for k in range(len(keys)) if k not in val]
+            for r in range(len(self.rounds)):
+                improved = bool(val_mean[r, 0] > best)
+                best = val_mean[r, 0] if improved else best
+                if not improved and r != len(self.rounds) - 1:
+                    acc[r, rest] = loss[r, rest] = np.nan
         first = last[train_sites[0]] if train_sites else next(iter(last.values()))
         return LoopResult([exp], segments, list(self.rounds), acc, loss, trainable, time.perf_counter() - self.t0,
                           final_params, float(first["logit_scale"]), str(first["logit_scale_source"]), val_mean,
-                          fit_clients=[len(train_sites)] * len(self.rounds))
+                          fit_clients=list(self.sampled) or [len(train_sites)] * len(self.rounds))
 
     def write(self, final_params: dict, trainable: int) -> dict:
         """The summary (and, with ``out``, the run folder) of the deployment."""

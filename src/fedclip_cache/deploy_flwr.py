@@ -1,0 +1,153 @@
+"""How ``deploy`` talks to Flower 1.42 (its CLI, its Control API and its logs): the app's ``pyproject.toml`` and
+connection config, ``flwr run`` started before the SuperLink is up, following the run's streamed logs, and the
+run's final status."""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import time
+from pathlib import Path
+from typing import Optional
+
+from .errors import FedclipCacheError
+
+
+class DeployError(FedclipCacheError):
+    """The local deployment could not start or the Flower run did not complete; the message names the log."""
+
+# `flwr run ARGS` (flwr 1.42's CLI entry point, flwr.cli.app:app) started before the SuperLink is up: it imports the
+# CLI first, then waits for the SuperLink's port (argv[1]).
+FLWR_RUN_WHEN_READY = """
+import socket, sys, time
+from flwr.cli.app import app
+port = int(sys.argv[1])
+for _ in range(1200):
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        if s.connect_ex(("127.0.0.1", port)) == 0:
+            break
+    time.sleep(0.05)
+sys.argv = ["flwr", "run", *sys.argv[2:]]
+app()
+"""
+
+
+def app_pyproject(config: dict) -> str:
+    import tomli_w
+
+    return tomli_w.dumps({
+        "project": {"name": "fedclip-deploy", "version": "0.1.0", "description": "fedclip-cache on Flower",
+                    "license": "MIT", "dependencies": []},
+        "tool": {"flwr": {"app": {"publisher": "fedclip-cache",
+                                  "components": {"serverapp": "fedclip_cache.flower:server_app",
+                                                 "clientapp": "fedclip_cache.flower:client_app"},
+                                  "config": config}}}})
+
+
+def connection_config(port: int) -> str:
+    return (f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "127.0.0.1:{port}"\n'
+            f'insecure = true\n')
+
+
+def follow_run(run: subprocess.Popen, path: Path, dep, log, timeout, t1, keep_going: bool = False,
+            timings: Optional[dict] = None, t0: Optional[float] = None, status=None) -> str:
+    """Wait for ``flwr run --stream`` to end, echoing its rounds; fail fast when the SuperLink dies, a SuperNode
+    dies (unless ``keep_going``: then it is reported once and the run goes on) or the timeout passes. Returns the
+    run id; ``timings["startup_s"]``: seconds from ``t0`` until every site answered the set-up message. With
+    ``status`` (run id -> the SuperLink's status), the wait ends as soon as the run is finished -- once the
+    ServerApp process has exited or logged its summary -- instead of when ``flwr run --stream`` notices (its log
+    stream lags by a second or two)."""
+    seen, run_id, lost, ended = 0, None, set(), False
+    while True:
+        done = run.poll() is not None
+        if status is not None and run_id is not None and (ended or any(d.startswith("serverapp (exit")
+                                                                       for d in dep.dead())):
+            try:
+                if status(run_id).startswith("finished"):
+                    break
+            except Exception:  # noqa: BLE001  (asked again next time; `flwr run` ends anyway)
+                pass
+        text = path.read_text(errors="replace")
+        for line in text[seen:].splitlines(keepends=True):
+            if not line.endswith("\n") and not done:
+                break
+            seen += len(line)
+            m = re.search(r"Successfully started run (\d+)", line)
+            if m:
+                run_id = m.group(1)
+                log(f"run {run_id} started")
+            for tag, key in (("[START]", "serverapp_s"), ("[NODES]", "nodes_s")):
+                if tag in line and timings is not None:  # when the line reached us (flwr streams logs in batches)
+                    timings[key] = round(time.monotonic() - (t0 if t0 is not None else t1), 2)
+            if "[SETUP]" in line and timings is not None:
+                timings["startup_s"] = round(time.monotonic() - (t0 if t0 is not None else t1), 2)
+                log(f"set-up done ({timings['startup_s']:.1f} s): {line.split('[SETUP]')[-1].strip()}")
+            m = re.search(r"\[(ROUND \d+|SUMMARY)\]", line)
+            ended = ended or "[SUMMARY]" in line
+            if m:
+                log(f"{m.group(1).lower()} ({time.monotonic() - t1:.1f} s)")
+        if done:
+            break
+        # the ServerApp process ends with its run: exit 0 is no failure (the run's status says how it went)
+        others = [d for d in dep.dead() if not d.startswith("flwr-run") and d not in ("serverapp (exit 0)",
+                                                                                       "zygote (exit 0)")]
+        if keep_going:
+            for d in others:
+                if d.startswith("site-") and d not in lost:
+                    lost.add(d)
+                    log(f"{d} exited during the run: going on without it (logs: {dep.logs})")
+            others = [d for d in others if not d.startswith("site-")]
+        if others:
+            raise DeployError(f"{', '.join(others)} exited during the run (logs: {dep.logs})")
+        if timeout and time.monotonic() - t1 > timeout:
+            raise DeployError(f"the run did not finish within {timeout:.0f} s (logs: {dep.logs})")
+        time.sleep(0.1)
+    if run_id is None:
+        raise DeployError(f"`flwr run` did not start a run (exit {run.returncode}; see {path})")
+    return run_id
+
+
+def run_status(port: int, run_id: str) -> tuple[str, str]:
+    """The run's status from the SuperLink's Control API, asked from this process (flwr 1.42 ``flwr ls``'s own
+    request; spawning ``flwr ls`` costs a Flower import, seconds on a busy machine)."""
+    from flwr.cli.typing import SuperLinkConnection
+    from flwr.cli.utils import init_http_client_from_connection
+    from flwr.common.serde import run_from_proto
+    from flwr.proto.control_pb2 import ListRunsRequest
+
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints "Using SuperLink: ..."
+        client = init_http_client_from_connection(SuperLinkConnection(name="local", address=f"127.0.0.1:{port}",
+                                                                      insecure=True))
+    try:
+        res = client.ListRuns(ListRunsRequest(run_id=int(run_id)))
+    finally:
+        client.close()
+    run = run_from_proto(next(iter(res.run_dict.values())))
+    return f"{run.status.status}:{run.status.sub_status}", run.status.details
+
+
+def final_status(bindir: str, env: dict, run_id: str, dep, port: Optional[int] = None,
+                  limit: float = 30) -> tuple[str, str]:
+    """The run's status as the SuperLink records it (``flwr run --stream`` exits 0 for failed runs too): asked in
+    this process, or with ``flwr ls`` when that fails."""
+    deadline = time.monotonic() + limit
+    while True:
+        try:
+            if port is None:
+                raise RuntimeError("no port")
+            status, details = run_status(port, run_id)
+        except Exception:  # noqa: BLE001  (flwr's CLI then)
+            p = subprocess.run([f"{bindir}/flwr", "ls", "local", "--run-id", run_id, "--format", "json"], env=env,
+                               capture_output=True, text=True, timeout=60)
+            try:
+                runs = json.loads(p.stdout).get("runs") or []
+                status, details = runs[0]["status"], runs[0].get("status-details", "")
+            except (ValueError, IndexError, KeyError):
+                status, details = "unknown", (p.stdout + p.stderr).strip()[-300:]
+        if status.startswith("finished") or time.monotonic() > deadline:
+            return status, details
+        time.sleep(0.2)

@@ -1,0 +1,71 @@
+"""A ServerApp process started BEFORE the run exists: ``python -m fedclip_cache.flower_serverworker HOST:PORT
+SECRET_FILE``.
+
+With ``flower-superlink --isolation subprocess`` (flwr 1.42's default) the SuperLink starts its SuperExec only once a
+run is submitted, and that SuperExec then starts a fresh ``flwr-serverapp`` process, which imports flwr, torch and
+this package: two Python start-ups on the critical path of every deployment (~10 s on 2 busy cores). ``deploy``
+instead starts the SuperLink with ``--isolation process`` and this process next to it (forked from its zygote, with
+everything imported already, while the SuperLink, the sites and ``flwr run`` start); it asks the SuperLink's Runtime API for the run's
+ServerApp task (the ``AcquireTask`` request of flwr 1.42's SuperExec, guarded by the SuperExec shared secret from
+``SECRET_FILE``) and runs it with flwr 1.42's own ``run_serverapp`` -- exactly what ``flwr-serverapp --token``
+does: heartbeats, task input, FAB, the ServerApp, logs streamed to ``flwr run``, final status -- and exits.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+FIRST_POLL, MAX_POLL = 0.01, 0.2
+
+
+def acquire_serverapp_task(address: str, secret: bytes, timeout: float = 600.0) -> str:
+    """The token of the first ServerApp task the SuperLink hands out (waits for the SuperLink and the run)."""
+    import httpx
+    from flwr.proto.runtime_pb2 import AcquireTaskRequest
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
+    from flwr.supercore.interceptors.http.superexec_auth import SuperExecAuthHttpInterceptor
+    from flwr.supercore.runtime import RuntimeHttpClient
+
+    interceptors = [RuntimeVersionHttpInterceptor(component_name="SuperExec"),
+                    SuperExecAuthHttpInterceptor(master_secret=secret,
+                                                 protected_methods=("/flwr.proto.Runtime/AcquireTask",))]
+    client = RuntimeHttpClient.from_server_address(server_address=address, insecure=True, root_certificates=None,
+                                                   interceptors=interceptors, retry_invoker=None)
+    deadline, delay = time.monotonic() + timeout, FIRST_POLL
+    try:
+        while time.monotonic() < deadline:
+            try:
+                res = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.SERVER_APP]))
+                if res.HasField("task") and res.token:
+                    return res.token
+            except httpx.TransportError:  # the SuperLink is not up yet
+                pass
+            time.sleep(delay)
+            delay = min(delay * 1.5, MAX_POLL)
+    finally:
+        client.close()
+    raise SystemExit(f"no ServerApp task from the SuperLink at {address} within {timeout:.0f} s")
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) != 2:
+        raise SystemExit("usage: python -m fedclip_cache.flower_serverworker HOST:PORT SECRET_FILE")
+    address, secret = argv[0], Path(argv[1]).read_bytes()
+    from queue import Queue
+
+    from flwr.superlink.runtime.run_serverapp import run_serverapp
+    from flwr.supercore.logger import mirror_output_to_queue
+
+    from . import flower  # noqa: F401  (torch, flwr and the apps: imported before the run exists)
+
+    token = acquire_serverapp_task(address, secret)
+    log_queue: Queue = Queue()
+    mirror_output_to_queue(log_queue)  # as flwr-serverapp: what the ServerApp logs streams to `flwr run`
+    run_serverapp(runtime_api_address=address, log_queue=log_queue, token=token, insecure=True,
+                  runtime_dependency_install=False)  # ends the process (flwr_exit) with the run's exit code
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
