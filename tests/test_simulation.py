@@ -66,7 +66,8 @@ def test_simulation_of_a_shared_cache_equals_federate(tmp_path):
     from fedclip_cache.flower_sim import simulate
 
     cache = write_synthetic_cache(tmp_path / "c", DOMAINS, 4, **HARD)
-    cfg = FederateConfig(rounds=3, lr=1e-2, hidden=8, batch_size=8, heldout=["sketch"], seed=1).validate()
+    cfg = FederateConfig(rounds=3, lr=1e-2, hidden=8, batch_size=8, heldout=["sketch"], seed=1,
+                         split=(0.5, 0.3, 0.2)).validate()  # a non-default split travels in the run config too
     fed = federate(str(cache), cfg, out=tmp_path / "fed")
     messages = []
     res = simulate([str(cache)], tmp_path / "sim", cfg, num_cpus=2, log=messages.append)
@@ -121,7 +122,7 @@ def test_bad_simulation_input_is_refused_before_ray_starts(tmp_path):
     cases = [
         ([cache], FederateConfig(rounds=1).validate(), {}, "--heldout DOMAIN"),
         ([cache], FederateConfig(rounds=1, heldout=["mars"]).validate(), {}, "not a domain"),
-        ([cache], FederateConfig(rounds=1, heldout=["art"], head="prototype").validate(), {}, "text only"),
+        ([cache], FederateConfig(rounds=1, heldout=["art"], finetune_steps=2).validate(), {}, "--finetune-steps"),
         ([cache], FederateConfig(rounds=1, heldout=["art"], algo="local").validate(), {}, "nothing to federate"),
         ([cache], ok, {"client_cpus": 4, "num_cpus": 2}, "--client-cpus"),
         ([cache], ok, {"backend": {"init_args": {"address": "10.0.0.1:6379"}}}, "own local Ray"),
@@ -158,4 +159,4 @@ def test_cli_simulate_one_line_errors(tmp_path, monkeypatch, capsys):
     one_line_error(*cli(monkeypatch, capsys, "simulate", cache, "-o", tmp_path / "run", "--heldout", "art",
                         "--backend-config", "{nope"), "--backend-config")
     one_line_error(*cli(monkeypatch, capsys, "simulate", cache, "-o", tmp_path / "run", "--heldout", "art",
-                        "--split", "0.5,0.3,0.2"), "--split")
+                        "--finetune-steps", "2"), "--finetune-steps")

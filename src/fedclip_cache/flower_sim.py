@@ -67,22 +67,14 @@ def require_simulation() -> None:
 
 # ------------------------------------------------------------------------------------------------ the plan
 
-def run_config(cfg, out: Path, *, cache: Optional[str] = None, sites: Optional[int] = None) -> dict:
-    """The Flower run config: the federate options that differ from the defaults (Flower's run config holds scalars
-    only), ``cache`` (shared) or ``sites`` (per-site caches), ``heldout`` ("" = personal) and ``out``."""
-    from .federated.config import FederateConfig
+def run_config(cfg, out: Path, *, cache: Optional[str] = None, sites: int = 0) -> dict:
+    """The Flower run config: a deployment's (:func:`fedclip_cache.deploy.run_config`: the federate options that
+    differ from the defaults as scalars, ``sites``, ``heldout``, ``out``), plus ``cache`` for one shared cache."""
+    from .deploy import run_config as deployment_run_config
 
-    if tuple(cfg.split) != tuple(FederateConfig().split):
-        raise ConfigError("simulate: --split is not passed to the Flower apps yet; use the default split")
-    default = FederateConfig().to_dict()
-    rc = {k: v for k, v in cfg.to_dict().items()
-          if k not in ("heldout", "protocol", "split") and v is not None and v != default[k]}
-    rc["heldout"] = cfg.heldout[0] if cfg.heldout else ""
+    rc = deployment_run_config(cfg, sites, out)
     if cache is not None:
         rc["cache"] = str(cache)
-    else:
-        rc["sites"] = int(sites)
-    rc["out"] = str(out)
     return rc
 
 
@@ -170,7 +162,7 @@ def plan(caches: list, cfg, out: Path, tmp: Path) -> tuple[dict, list[dict], dic
     cache = caches[0]
     if not cache.is_dir():
         raise ConfigError(f"simulate: cache {cache} does not exist (run `fedclip-cache extract` first)")
-    rc = run_config(cfg, out, cache=str(cache))
+    rc = run_config(cfg, out, cache=str(cache))  # `sites` is set below, once the nodes are known
     fc = open_cache(cache)
     exp = build_experiments(fc, cfg)[0]  # the run's training clients, exactly as `federate` forms them
     n = len(exp.clients)
@@ -183,6 +175,7 @@ def plan(caches: list, cfg, out: Path, tmp: Path) -> tuple[dict, list[dict], dic
         site = write_domain_cache(fc, exp.heldout_name, tmp / "heldout" / exp.heldout_name)
         nodes.append({"cache": str(site)})
         roles[exp.heldout_name] = "held out: evaluates only (a single-domain copy of its rows)"
+    rc["sites"] = len(nodes)  # the ServerApp opens no cache: it waits for this many nodes
     return rc, nodes, roles
 
 
