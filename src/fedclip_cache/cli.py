@@ -392,6 +392,23 @@ def deploy(
         from .report import render_run_summary
 
         render_run_summary(res["summary"], console)
+    _exit_now_if_entry_point()
+
+
+def _exit_now_if_entry_point() -> None:
+    """End the process at once (exit 0) when this is the ``fedclip-cache`` process itself: everything is written
+    and every process it started is stopped; the interpreter's own teardown of torch and flwr would add ~1 s to the
+    command. In-process callers (tests, ``main()`` from Python) return as usual."""
+    import os
+
+    entry = sys.modules.get("__main__")
+    spec = getattr(entry, "__spec__", None)
+    script = Path(getattr(entry, "__file__", "") or "").name
+    if (spec is not None and spec.name == "fedclip_cache.__main__") or script == "fedclip-cache":
+        console.file.flush()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 @app.command()

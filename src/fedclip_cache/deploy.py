@@ -1,14 +1,17 @@
 """A real local Flower deployment: one SuperLink, its ServerApp process and one site per site cache, as separate
 processes.
 
-``fedclip-cache deploy SITE_CACHE ... -o RUN`` writes a throw-away Flower app folder and ``FLWR_HOME`` (with the
-connection config) and starts, all at once: ``flower-superlink --insecure --isolation process`` on a free localhost
-port; one fresh "zygote" process (deploy_zygote.py) that imports torch, flwr and the apps once and forks the
-ServerApp process (flower_serverworker.py: takes the run's ServerApp task and runs it with flwr's own
-``run_serverapp``) and one site per site cache (what ``fedclip-cache site`` runs, flower_site.py: Flower's SuperNode
-and the ClientApp worker in one process, node config ``cache="SITE_CACHE"``, its own Runtime API port); and ``flwr
-run APP local --stream`` (run config: the federate options, ``sites = N``, ``heldout``, ``out = RUN``; it imports
-Flower's CLI, then waits for the SuperLink's port). Every log goes under ``RUN/logs/``; the run is judged by its
+``fedclip-cache deploy SITE_CACHE ... -o RUN`` first starts one fresh "zygote" process (deploy_zygote.py), which
+imports Flower's SuperLink while this process checks the options and caches (a failed check kills it: nothing was
+started or written). Then it writes a throw-away Flower app folder and ``FLWR_HOME`` (with the connection config)
+and hands the zygote its specs; the zygote forks ``flower-superlink --insecure --isolation process`` (flwr 1.42's
+entry point, on a free localhost port) at once, then imports torch and the apps once and forks the ServerApp process
+(flower_serverworker.py: takes the run's ServerApp task and runs it with flwr's own ``run_serverapp``) and one site
+per site cache (what ``fedclip-cache site`` runs, flower_site.py: Flower's SuperNode and the ClientApp worker in one
+process, node config ``cache="SITE_CACHE"``, its own Runtime API port); beside it ``flwr run APP local --stream``
+(run config: the federate options, ``sites = N``, ``heldout``, ``out = RUN``; it imports Flower's CLI, then waits
+for the SuperLink's port). With ``isolation="subprocess"/"process"`` the SuperLink is a ``flower-superlink``
+process of its own. Every log goes under ``RUN/logs/``; the run is judged by its
 status in the SuperLink (``finished:completed``, asked over the Control API as ``flwr ls`` does), never by ``flwr
 run``'s exit code (0 even for a failed run in flwr 1.42). Whatever it started is stopped on success, failure and
 Ctrl-C (each process is the leader of its own process group; the group is terminated, then killed).
@@ -172,19 +175,32 @@ class ZygoteChild:
 
 
 class Zygote:
-    """``python -m fedclip_cache.deploy_zygote`` with ``specs``: reads its pid and exit reports."""
+    """``python -m fedclip_cache.deploy_zygote``, started before its specs are known (it imports meanwhile);
+    :meth:`send` hands it the specs (then it forks), :meth:`abort` ends it before that. Reads its pid and exit
+    reports."""
 
-    def __init__(self, dep: "Deployment", specs: list[dict]):
-        log = open(dep.logs / "zygote.log", "ab")
+    def __init__(self, env: dict, early_log: Path):
+        self.early = open(early_log, "ab")  # its stderr until send() names the run's log (no run folder yet)
         self.proc = subprocess.Popen([sys.executable, "-m", "fedclip_cache.deploy_zygote"], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=log, env=dep.env, start_new_session=True)
-        self.proc.stdin.write(json.dumps(specs).encode())
-        self.proc.stdin.close()
+                                     stdout=subprocess.PIPE, stderr=self.early, env=env, start_new_session=True)
         self.pids: dict = {}
         self.exits: dict = {}
         self.done = threading.Event()
+        self.children: list = []
+
+    def abort(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # it has forked nothing yet: it waits for its specs
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+        self.early.close()
+
+    def send(self, dep: "Deployment", specs: list[dict], log: Path) -> None:
+        self.proc.stdin.write(json.dumps({"log": str(log), "early_log": self.early.name, "specs": specs}).encode())
+        self.proc.stdin.close()
         threading.Thread(target=self._read, daemon=True).start()
-        dep.procs.append(("zygote", self.proc, log))
+        dep.procs.append(("zygote", self.proc, self.early))
         self.children = [ZygoteChild(self, s["name"]) for s in specs]
 
     def _read(self) -> None:
@@ -270,33 +286,41 @@ def deploy(site_caches: list, out, cfg, *, timeout: Optional[float] = None, log:
     if bindir is None:
         raise DeployError("deploy needs Flower's command-line tools (flower-superlink, flower-supernode, flwr): "
                           "pip install 'fedclip-cache[flower]'")
-    from .flower import _federate_config  # noqa: F401  (imports flwr: fails early with the install hint)
-
-    site_caches = [Path(c).resolve() for c in site_caches]
-    domains = check_sites(site_caches, cfg)
-    out = Path(out).resolve()
-    rc = run_config(cfg, len(site_caches), out)
-    if round_timeout is not None:
-        rc["round_timeout"] = float(round_timeout)
-    if min_results is not None:
-        rc["min_results"] = int(min_results)
-    rc["poll_interval"] = float(poll_interval)
-    _, site_cfg = _federate_config({k: v for k, v in rc.items()})  # the ServerApp's own check, before anything starts
-    _check_site_options(site_caches, site_cfg)
-    logs = out / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-
     tmp = Path(tempfile.mkdtemp(prefix="fedclip-deploy-"))
     (tmp / "app").mkdir()
     (tmp / "home").mkdir()
-    (tmp / "app" / "pyproject.toml").write_text(app_pyproject(rc))
     port = free_port()
-    (tmp / "home" / "config.toml").write_text(connection_config(port))
     src = str(Path(__file__).resolve().parent.parent)  # so flwr-serverapp/-clientapp import this fedclip_cache
     env = {**os.environ, "FLWR_HOME": str(tmp / "home"), "PATH": bindir + os.pathsep + os.environ.get("PATH", ""),
            "PYTHONPATH": os.pathsep.join([src] + [p for p in [os.environ.get("PYTHONPATH")] if p]),
            "PYTHONUNBUFFERED": "1", "FLWR_TELEMETRY_ENABLED": "0",
            "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": str(max(poll_interval, 0.01))}  # flower-superexec's (default 1 s)
+    # the zygote starts importing flwr and torch now, while this process checks the options and caches (it forks
+    # nothing until it gets its specs below; on a failed check it is killed and nothing was started or written)
+    zygote = Zygote(env, tmp / "zygote-early.log") if isolation == "worker" else None
+    try:
+        from .flower import _federate_config  # noqa: F401  (imports flwr: fails early with the install hint)
+
+        site_caches = [Path(c).resolve() for c in site_caches]
+        domains = check_sites(site_caches, cfg)
+        out = Path(out).resolve()
+        rc = run_config(cfg, len(site_caches), out)
+        if round_timeout is not None:
+            rc["round_timeout"] = float(round_timeout)
+        if min_results is not None:
+            rc["min_results"] = int(min_results)
+        rc["poll_interval"] = float(poll_interval)
+        _, site_cfg = _federate_config({k: v for k, v in rc.items()})  # the ServerApp's own check, before anything starts
+        _check_site_options(site_caches, site_cfg)
+        logs = out / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+    except BaseException:
+        if zygote is not None:
+            zygote.abort()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    (tmp / "app" / "pyproject.toml").write_text(app_pyproject(rc))
+    (tmp / "home" / "config.toml").write_text(connection_config(port))
     grace = 10.0  # seconds each process gets to end after SIGTERM (failure, Ctrl-C)
     dep = Deployment(env, logs)
     timings: dict = {}
@@ -313,28 +337,30 @@ def deploy(site_caches: list, out, cfg, *, timeout: Optional[float] = None, log:
             os.write(fd, secrets.token_bytes(32))
             os.close(fd)
             superlink += ["--isolation", "process", "--superexec-auth-secret-file", str(secret_file)]
-        dep.start("superlink", superlink)
+        else:
+            dep.start("superlink", superlink)
         # the sites share this machine's cores: torch threads per site so that together they use them all once
         # (each would take every core, and 3 x 2 threads on 2 cores spin against each other: ~10x slower training)
         site_env = {} if "OMP_NUM_THREADS" in os.environ else {
             "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // len(site_caches)))}
-        zygote = None
         if isolation == "worker":  # the ServerApp process and the sites: forked by one fresh process that imports
             # torch, flwr and the apps once (deploy_zygote.py); each site is what `fedclip-cache site CACHE` runs
             threads = int(site_env.get("OMP_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
-            specs = [{"name": "serverapp", "kind": "serverapp", "log": str(logs / "serverapp.log"),
+            specs = [{"name": "superlink", "kind": "superlink", "log": str(logs / "superlink.log"),
+                      "args": superlink[1:]},  # forked first, before the zygote imports torch
+                     {"name": "serverapp", "kind": "serverapp", "log": str(logs / "serverapp.log"),
                       "address": f"127.0.0.1:{port}", "secret_file": str(secret_file)}]
             specs += [{"name": f"site-{dom}", "kind": "site", "log": str(logs / f"site-{dom}.log"), "env": site_env,
                        "cache": str(cache), "superlink": f"127.0.0.1:{port}", "port": free_port(),
                        "poll_interval": poll_interval, "threads": threads} for cache, dom in zip(site_caches, domains)]
-            zygote = Zygote(dep, specs)
+            zygote.send(dep, specs, logs / "zygote.log")
         t1 = time.monotonic()
         # `flwr run` at once too: it imports Flower's CLI while the SuperLink starts, then waits for its port
         run = dep.start("flwr-run", [sys.executable, "-c", FLWR_RUN_WHEN_READY, str(port),
                                      str(tmp / "app"), "local", "--stream"])
         if zygote is not None:
             zygote.started(dep)
-            for cache, dom, child in zip(site_caches, domains, zygote.children[1:]):
+            for cache, dom, child in zip(site_caches, domains, zygote.children[2:]):
                 log(f"site {dom}{' (held out: evaluates only)' if cfg.heldout and dom == cfg.heldout[0] else ''}"
                     f" (pid {child.pid}): {cache}")
         _wait(lambda: _port_open(port), dep, 60, "the SuperLink did not open its port")
@@ -352,7 +378,8 @@ def deploy(site_caches: list, out, cfg, *, timeout: Optional[float] = None, log:
             log(f"SuperNode {dom}{' (held out: evaluates only)' if cfg.heldout and dom == cfg.heldout[0] else ''}"
                 f": {cache}")
         run_id = follow_run(run, logs / "flwr-run.log", dep, log, timeout, t1, keep_going, timings, t0,
-                            status=lambda rid: run_status(port, rid)[0])
+                            status=lambda rid: run_status(port, rid)[0],
+                            server_log=logs / "serverapp.log" if isolation == "worker" else None)
         status, details = final_status(bindir, env, run_id, dep, port)
         timings["run_s"] = round(time.monotonic() - t0 - timings.get("startup_s", 0.0), 2)
         if status != "finished:completed":
@@ -370,6 +397,8 @@ def deploy(site_caches: list, out, cfg, *, timeout: Optional[float] = None, log:
         if old_term is not None:  # a second Ctrl-C/SIGTERM must not cut the clean-up short
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
             old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if zygote is not None and not zygote.children:  # failed before it got its specs
+            zygote.abort()
         dep.stop(grace)
         if old_term is not None:
             signal.signal(signal.SIGINT, old_int)

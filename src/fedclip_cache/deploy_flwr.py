@@ -51,16 +51,28 @@ def connection_config(port: int) -> str:
 
 
 def follow_run(run: subprocess.Popen, path: Path, dep, log, timeout, t1, keep_going: bool = False,
-            timings: Optional[dict] = None, t0: Optional[float] = None, status=None) -> str:
+            timings: Optional[dict] = None, t0: Optional[float] = None, status=None,
+            server_log: Optional[Path] = None) -> str:
     """Wait for ``flwr run --stream`` to end, echoing its rounds; fail fast when the SuperLink dies, a SuperNode
     dies (unless ``keep_going``: then it is reported once and the run goes on) or the timeout passes. Returns the
     run id; ``timings["startup_s"]``: seconds from ``t0`` until every site answered the set-up message. With
     ``status`` (run id -> the SuperLink's status), the wait ends as soon as the run is finished -- once the
     ServerApp process has exited or logged its summary -- instead of when ``flwr run --stream`` notices (its log
-    stream lags by a second or two)."""
-    seen, run_id, lost, ended = 0, None, set(), False
+    stream lags by a second or two). ``server_log``: the ServerApp process's own log (``deploy``'s worker mode),
+    where its ``[SUMMARY]`` line shows up before ``flwr run``'s stream relays it."""
+    seen, run_id, lost, ended, server_seen = 0, None, set(), False, 0
     while True:
         done = run.poll() is not None
+        if server_log is not None and not ended and run_id is not None:
+            try:
+                with open(server_log, "rb") as f:
+                    f.seek(server_seen)
+                    chunk = f.read()
+                cut = chunk.rfind(b"\n") + 1  # whole lines only
+                ended = b"[SUMMARY]" in chunk[:cut]
+                server_seen += cut
+            except OSError:
+                pass
         if status is not None and run_id is not None and (ended or any(d.startswith("serverapp (exit")
                                                                        for d in dep.dead())):
             try:
@@ -83,6 +95,8 @@ def follow_run(run: subprocess.Popen, path: Path, dep, log, timeout, t1, keep_go
             if "[SETUP]" in line and timings is not None:
                 timings["startup_s"] = round(time.monotonic() - (t0 if t0 is not None else t1), 2)
                 log(f"set-up done ({timings['startup_s']:.1f} s): {line.split('[SETUP]')[-1].strip()}")
+                if status is not None:  # the run's status is asked at the end: its client's modules now, not then
+                    preload_status_client()
             m = re.search(r"\[(ROUND \d+|SUMMARY)\]", line)
             ended = ended or "[SUMMARY]" in line
             if m:
@@ -106,6 +120,14 @@ def follow_run(run: subprocess.Popen, path: Path, dep, log, timeout, t1, keep_go
     if run_id is None:
         raise DeployError(f"`flwr run` did not start a run (exit {run.returncode}; see {path})")
     return run_id
+
+
+def preload_status_client() -> None:
+    """Import what :func:`run_status` needs (flwr 1.42's CLI helpers: ~0.5-1 s) while the rounds run."""
+    import flwr.cli.typing  # noqa: F401
+    import flwr.cli.utils  # noqa: F401
+    import flwr.common.serde  # noqa: F401
+    import flwr.proto.control_pb2  # noqa: F401
 
 
 def run_status(port: int, run_id: str) -> tuple[str, str]:

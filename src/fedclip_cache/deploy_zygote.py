@@ -6,6 +6,10 @@ on 2 cores: most of a deployment's start-up). The zygote is fresh (it never comp
 OpenMP thread pool exists when it forks) and forks before it starts any thread. Each child runs in its own session
 (as ``start_new_session``), its output in its log file. Protocol on stdout, one JSON object per line:
 ``{"name", "pid"}`` when a child started, ``{"name", "exit"}`` when it ended; the zygote ends with its last child.
+On stdin, ``{"log", "early_log", "specs"}``: ``deploy`` starts the zygote before it has checked its options, so the
+zygote imports the SuperLink's modules first, then reads its specs (its stderr moves from ``early_log`` to ``log``),
+forks the SuperLink (spec kind ``superlink``: flwr 1.42's ``flower-superlink`` entry point with the spec's
+``args``) before it imports torch, then the others.
 """
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ def _child(spec: dict) -> int:
     sys.stdout.reconfigure(line_buffering=True)
     sys.stderr.reconfigure(line_buffering=True)
     os.environ.update(spec.get("env", {}))
-    print(f"$ (forked from the deployment's zygote, pid {os.getppid()}) {spec['name']}", flush=True)
+    print(f"$ (forked from the deployment's zygote, pid {os.getppid()}) {spec['name']} {' '.join(spec.get('args', []))}", flush=True)
     if spec["kind"] == "site":
         import torch
 
@@ -33,14 +37,61 @@ def _child(spec: dict) -> int:
         torch.set_num_threads(int(spec["threads"]))
         return run_site(spec["cache"], spec["superlink"], port=int(spec["port"]), insecure=True,
                         poll_interval=float(spec["poll_interval"]), log=lambda m: print(f"[site] {m}", flush=True))
+    if spec["kind"] == "superlink":  # `flower-superlink ARGS` (flwr 1.42's entry point: flwr.superlink.cli.
+        # flower_superlink:flower_superlink, which parses sys.argv, serves until SIGTERM and exits through flwr_exit)
+        from flwr.superlink.cli.flower_superlink import flower_superlink
+
+        sys.argv = ["flower-superlink", *spec["args"]]
+        flower_superlink()
+        return 0
     from .flower_serverworker import main
 
     main([spec["address"], spec["secret_file"]])
     return 0
 
 
+def _fork(spec: dict, pids: dict) -> None:
+    sys.stdout.flush()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            code = _child(spec) or 0
+        except SystemExit as ex:
+            code = ex.code if isinstance(ex.code, int) else (0 if ex.code is None else 1)
+        except BaseException:  # noqa: BLE001
+            import traceback
+
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    pids[pid] = spec["name"]
+    print(json.dumps({"name": spec["name"], "pid": pid}), flush=True)
+
+
 def main() -> None:
-    specs = json.loads(sys.stdin.read())
+    # started before the deployment's options are checked: import the SuperLink's modules (flwr 1.42: ~1.2 s) while
+    # deploy checks them, then wait for the specs (deploy kills this process when a check fails)
+    import flwr.superlink.cli.flower_superlink  # noqa: F401
+
+    msg = json.loads(sys.stdin.read())
+    specs = msg["specs"]
+    fd = os.open(msg["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)  # stderr: from now on the run's log,
+    with open(msg["early_log"], "rb") as early:  # with what the imports wrote before
+        os.write(fd, early.read())
+    os.dup2(fd, 2)
+    os.close(fd)
+    # SIGTERM (deploy stopping everything) is for the children: the zygote reaps them, reports, and ends with the
+    # last one, so that no child is left a zombie for init to find
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    pids: dict = {}
+    # the SuperLink first, as soon as its own modules are imported (flwr 1.42: ~1.2 s), so that it is up while the
+    # zygote imports torch and the apps for the others (instead of a separate `flower-superlink` Python start-up)
+    for spec in (s for s in specs if s["kind"] == "superlink"):
+        _fork(spec, pids)
     import torch  # noqa: F401
 
     import flwr.superlink.runtime.run_serverapp  # noqa: F401
@@ -49,30 +100,8 @@ def main() -> None:
 
     from . import flower, flower_serverworker, flower_site  # noqa: F401
 
-    # SIGTERM (deploy stopping everything) is for the children: the zygote reaps them, reports, and ends with the
-    # last one, so that no child is left a zombie for init to find
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    pids = {}
-    for spec in specs:
-        sys.stdout.flush()
-        pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                signal.signal(signal.SIGTERM, signal.SIG_DFL)
-                code = _child(spec) or 0
-            except SystemExit as ex:
-                code = ex.code if isinstance(ex.code, int) else (0 if ex.code is None else 1)
-            except BaseException:  # noqa: BLE001
-                import traceback
-
-                traceback.print_exc()
-            finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(code)
-        pids[pid] = spec["name"]
-        print(json.dumps({"name": spec["name"], "pid": pid}), flush=True)
+    for spec in (s for s in specs if s["kind"] != "superlink"):
+        _fork(spec, pids)
     while pids:
         try:
             pid, status = os.wait()
