@@ -130,7 +130,8 @@ def test_bad_simulation_input_is_refused_before_ray_starts(tmp_path):
         ([site, str(tmp_path / "nope")], ok, {}, "does not exist"),
         ([cache, cache], ok, {}, "holds one domain"),
         ([str(tmp_path / "nope")], ok, {}, "does not exist"),
-        ([site, str(write_synthetic_cache(tmp_path / "s2", {"photo": 20}, 3, dim=8))], ok, {}, "1 training site"),
+        ([site, str(write_synthetic_cache(tmp_path / "s2", {"photo": 20}, 3, dim=8))], ok, {},
+         "at least 2 other sites must train"),
     ]
     for caches, cfg, kw, match in cases:
         with pytest.raises(ConfigError, match=match):

@@ -223,35 +223,37 @@ def _group_alive(pgid: int) -> bool:
         return False
 
 
-def check_sites(site_caches: list, cfg) -> list[str]:
-    """Each site's domain, or a one-line error before anything starts."""
-    from .cache import open_cache
+def check_sites(site_caches: list, cfg, command: str = "deploy") -> list[str]:
+    """Each site's domain, or a one-line error (starting with ``command``) before anything starts. Shared with
+    ``simulate``'s per-site caches."""
+    from .cache import cache_overview
 
     if len(site_caches) < 2:
-        raise ConfigError(f"deploy: {len(site_caches)} site cache(s); a federation needs at least 2")
+        raise ConfigError(f"{command}: {len(site_caches)} site cache(s); a federation needs at least 2")
     domains = []
     for c in site_caches:
         if not Path(c).is_dir():
-            raise ConfigError(f"deploy: site cache {c} does not exist (extract each site's images into its own "
+            raise ConfigError(f"{command}: site cache {c} does not exist (extract each site's images into its own "
                               f"cache first)")
-        names = open_cache(c).domain_names
+        names = cache_overview(c).domain_names
         if len(names) != 1:
-            raise ConfigError(f"deploy: {c}: a site cache holds one domain (this one: {', '.join(names)}); extract "
-                              f"each site's own images into its own cache")
+            raise ConfigError(f"{command}: {c}: a site cache holds one domain (this one: {', '.join(names)}); "
+                              f"extract each site's own images into its own cache, or give ONE shared cache")
         domains.append(names[0])
     if len(set(domains)) != len(domains):
-        raise ConfigError(f"deploy: two site caches hold the same domain ({', '.join(domains)})")
+        raise ConfigError(f"{command}: two site caches hold the same domain ({', '.join(domains)})")
     if len(cfg.heldout) > 1:
-        raise ConfigError("deploy: --heldout takes one site's domain (one federation per deployment)")
+        raise ConfigError(f"{command}: --heldout takes one site's domain (one federation per run)")
     if cfg.heldout and cfg.heldout[0] not in domains:
-        raise ConfigError(f"deploy: --heldout {cfg.heldout[0]!r} is none of the sites' domains "
+        raise ConfigError(f"{command}: --heldout {cfg.heldout[0]!r} is none of the sites' domains "
                           f"({', '.join(domains)})")
     if cfg.heldout and len(domains) < 3:
-        raise ConfigError("deploy: with --heldout, at least 2 other sites must train (give 3 or more site caches)")
+        raise ConfigError(f"{command}: with --heldout, at least 2 other sites must train (give 3 or more site "
+                          f"caches)")
     return domains
 
 
-def _check_site_options(site_caches: list, cfg) -> None:
+def check_site_options(site_caches: list, cfg) -> None:
     """What each site checks against its own cache (views for --train-views, --template, the logit scale), here
     before anything starts: a one-line error instead of a run that fails at its set-up message."""
     from .cache import open_cache
@@ -311,7 +313,7 @@ def deploy(site_caches: list, out, cfg, *, timeout: Optional[float] = None, log:
             rc["min_results"] = int(min_results)
         rc["poll_interval"] = float(poll_interval)
         _, site_cfg = _federate_config({k: v for k, v in rc.items()})  # the ServerApp's own check, before anything starts
-        _check_site_options(site_caches, site_cfg)
+        check_site_options(site_caches, site_cfg)
         logs = out / "logs"
         logs.mkdir(parents=True, exist_ok=True)
     except BaseException:

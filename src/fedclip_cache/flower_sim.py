@@ -86,31 +86,6 @@ def _check_federation(cfg) -> None:
         raise ConfigError("simulate: --heldout takes one domain (one federation per run)")
 
 
-def check_sites(site_caches: list, cfg) -> list[str]:
-    """Each site's domain, or a one-line error before anything starts."""
-    from .cache import cache_overview
-
-    domains = []
-    for c in site_caches:
-        if not Path(c).is_dir():
-            raise ConfigError(f"simulate: cache {c} does not exist (extract each site's images into its own cache "
-                              f"first)")
-        names = cache_overview(c).domain_names
-        if len(names) != 1:
-            raise ConfigError(f"simulate: {c}: with several caches each is one site's and holds one domain (this "
-                              f"one: {', '.join(names)}); give ONE shared cache, or one cache per site")
-        domains.append(names[0])
-    if len(set(domains)) != len(domains):
-        raise ConfigError(f"simulate: two site caches hold the same domain ({', '.join(domains)})")
-    if cfg.heldout and cfg.heldout[0] not in domains:
-        raise ConfigError(f"simulate: --heldout {cfg.heldout[0]!r} is none of the sites' domains "
-                          f"({', '.join(domains)})")
-    if len(domains) - bool(cfg.heldout) < 2:
-        raise ConfigError(f"simulate: {len(domains) - bool(cfg.heldout)} training site(s); a federation needs at "
-                          f"least 2 (give more site caches)")
-    return domains
-
-
 def write_domain_cache(cache, domain: str, out: Path) -> Path:
     """A complete single-domain cache at ``out`` holding ``cache``'s rows of ``domain`` (features as float32, the
     same classes, prompts, text embeddings, model record and logit scale): what a site that owns only that domain
@@ -153,7 +128,10 @@ def plan(caches: list, cfg, out: Path, tmp: Path) -> tuple[dict, list[dict], dic
     if not caches:
         raise ConfigError("simulate: give a cache (one shared cache, or one cache per site)")
     if len(caches) > 1:
-        domains = check_sites(caches, cfg)
+        from .deploy import check_site_options, check_sites
+
+        domains = check_sites(caches, cfg, "simulate")  # the same checks as a deployment's sites
+        check_site_options(caches, cfg)
         rc = run_config(cfg, out, sites=len(caches))
         nodes = [{"cache": str(c)} for c in caches]
         held = cfg.heldout[0] if cfg.heldout else None
