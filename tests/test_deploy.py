@@ -174,3 +174,32 @@ def test_a_site_killed_mid_run_is_recorded_and_rejoins(tmp_path, monkeypatch):
     assert 10 in set(m[(m["client"] == "photo") & (m["split"] == "val")]["round"])  # evaluates again
     assert "train.round" in (tmp_path / "rejoin.log").read_text()
     assert all(_group_gone(p) for p in res["pids"])
+
+
+def test_sites_with_different_class_lists_or_dims_fail_before_start(tmp_path):
+    """Probe: a site cache with another class list ran to completion (the held-out site scored on other classes);
+    one with another feature dim failed only after start-up, inside the ServerApp. Both: one-line errors first."""
+    cfg = FederateConfig(rounds=1, heldout=["sketch"]).validate()
+    a, b = (str(write_synthetic_cache(tmp_path / f"s-{d}", {d: 20}, 3, dim=16, seed=1)) for d in ("art", "photo"))
+    classes = str(write_synthetic_cache(tmp_path / "s-sketch4", {"sketch": 20}, 4, dim=16, seed=1))
+    dim = str(write_synthetic_cache(tmp_path / "s-sketch32", {"sketch": 20}, 3, dim=32, seed=1))
+    with pytest.raises(ConfigError, match="class list"):
+        dep.check_sites([a, b, classes], cfg)
+    with pytest.raises(ConfigError, match="feature dimension"):
+        dep.check_sites([a, b, dim], cfg)
+    assert dep.check_sites([a, b, str(write_synthetic_cache(tmp_path / "s-sketch", {"sketch": 20}, 3, dim=16,
+                                                            seed=1))], cfg) == ["art", "photo", "sketch"]
+
+
+def test_run_folder_that_is_a_file_is_a_one_line_error(tmp_path):
+    """Probe: `deploy -o FILE` ended in a NotADirectoryError traceback (and `simulate -o FILE` failed only after
+    the whole simulation had run)."""
+    f = tmp_path / "afile"
+    f.write_text("x")
+    for out in (f, f / "run"):
+        with pytest.raises(ConfigError, match="is a file"):
+            dep.check_run_folder(out)
+    dep.check_run_folder(tmp_path / "new" / "run")  # not there yet: fine
+    if dep.flower_bin_dir() is not None:
+        with pytest.raises(ConfigError, match="is a file"):
+            dep.deploy(_sites(tmp_path), f, FederateConfig(rounds=1, heldout=["sketch"]).validate())

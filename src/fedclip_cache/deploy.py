@@ -231,11 +231,21 @@ def check_sites(site_caches: list, cfg, command: str = "deploy") -> list[str]:
     if len(site_caches) < 2:
         raise ConfigError(f"{command}: {len(site_caches)} site cache(s); a federation needs at least 2")
     domains = []
+    first = None  # (cache, what every site must share: the model's fingerprint, the feature dim, the class list)
     for c in site_caches:
         if not Path(c).is_dir():
             raise ConfigError(f"{command}: site cache {c} does not exist (extract each site's images into its own "
                               f"cache first)")
-        names = cache_overview(c).domain_names
+        ov = cache_overview(c)
+        names = ov.domain_names
+        shared = {"model (fingerprint)": ov.meta.get("fingerprint"), "feature dimension": ov.meta.get("embedding_dim"),
+                  "class list": list(ov.classes)}
+        if first is None:
+            first = (c, shared)
+        for what, v in shared.items():
+            if v != first[1][what]:
+                raise ConfigError(f"{command}: site caches {first[0]} and {c} differ in their {what}: extract every "
+                                  f"site with the same model and the same --classes file")
         if len(names) != 1:
             raise ConfigError(f"{command}: {c}: a site cache holds one domain (this one: {', '.join(names)}); "
                               f"extract each site's own images into its own cache, or give ONE shared cache")
@@ -251,6 +261,13 @@ def check_sites(site_caches: list, cfg, command: str = "deploy") -> list[str]:
         raise ConfigError(f"{command}: with --heldout, at least 2 other sites must train (give 3 or more site "
                           f"caches)")
     return domains
+
+
+def check_run_folder(out, command: str = "deploy") -> None:
+    """A one-line error, before anything starts, when the run folder ``out`` (or a folder above it) is a file."""
+    for p in (Path(out), *Path(out).parents):
+        if p.exists() and not p.is_dir():
+            raise ConfigError(f"{command}: run folder {out}: {p} is a file, not a folder")
 
 
 def check_site_options(site_caches: list, cfg) -> None:
@@ -306,6 +323,7 @@ def deploy(site_caches: list, out, cfg, *, timeout: Optional[float] = None, log:
         site_caches = [Path(c).resolve() for c in site_caches]
         domains = check_sites(site_caches, cfg)
         out = Path(out).resolve()
+        check_run_folder(out)
         rc = run_config(cfg, len(site_caches), out)
         if round_timeout is not None:
             rc["round_timeout"] = float(round_timeout)

@@ -123,7 +123,10 @@ def plan(caches: list, cfg, out: Path, tmp: Path) -> tuple[dict, list[dict], dic
     from .cache import open_cache
     from .federated.protocols import build_experiments
 
+    from .deploy import check_run_folder
+
     _check_federation(cfg)
+    check_run_folder(out, "simulate")
     caches = [Path(c).resolve() for c in caches]
     if not caches:
         raise ConfigError("simulate: give a cache (one shared cache, or one cache per site)")
