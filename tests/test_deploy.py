@@ -203,3 +203,78 @@ def test_run_folder_that_is_a_file_is_a_one_line_error(tmp_path):
     if dep.flower_bin_dir() is not None:
         with pytest.raises(ConfigError, match="is a file"):
             dep.deploy(_sites(tmp_path), f, FederateConfig(rounds=1, heldout=["sketch"]).validate())
+
+
+def _wait_gone(pid: int, limit: float = 10.0) -> bool:
+    import time
+
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.mark.skipif(getattr(dep, "_dies_with_us", lambda: 0)() is None, reason="PR_SET_PDEATHSIG is Linux-only")
+def test_processes_started_by_deploy_die_with_it(tmp_path):
+    """Probe: `kill -9` of `deploy` left its zygote, the SuperLink, the ServerApp process, every site and `flwr
+    run` running (each in its own session). A child started as deploy starts them ends with it."""
+    import signal
+    import subprocess
+    import sys
+
+    script = ("import subprocess, sys, time\nfrom fedclip_cache.deploy import _dies_with_us\n"
+              "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], start_new_session=True, "
+              "preexec_fn=_dies_with_us())\nprint(p.pid, flush=True)\ntime.sleep(60)\n")
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                              env={**os.environ, "PYTHONPATH": str(Path(dep.__file__).parent.parent)})
+    child = int(parent.stdout.readline())
+    try:
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+        assert _wait_gone(child, 10), "the child outlived its killed parent"
+    finally:
+        try:
+            os.kill(child, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(getattr(dep, "_dies_with_us", lambda: 0)() is None, reason="PR_SET_PDEATHSIG is Linux-only")
+def test_kill_9_of_deploy_ends_every_process_it_started(tmp_path):
+    import re
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    if dep.flower_bin_dir() is None:
+        pytest.skip("Flower's CLIs (flower-superlink, flower-supernode, flwr) are not installed")
+    sites = _sites(tmp_path)
+    cmd = [sys.executable, "-m", "fedclip_cache", "deploy", *sites, "-o", str(tmp_path / "run"), "--heldout",
+           "sketch", "--rounds", "100000"]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         env={**os.environ, "PYTHONPATH": str(Path(dep.__file__).parent.parent)})
+    pids, lines = [], []
+    try:
+        for line in p.stdout:
+            lines.append(line)
+            pids += [int(x) for x in re.findall(r"\(pid (\d+)\)", line)]
+            if line.startswith("round 1"):
+                break
+        assert len(pids) == 3, "".join(lines)
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait()
+        t = time.monotonic()
+        assert all(_wait_gone(pid, 10) for pid in pids), f"sites still running {time.monotonic() - t:.1f} s after"
+        assert not (tmp_path / "run" / "summary.json").exists()
+    finally:
+        for pid in pids:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

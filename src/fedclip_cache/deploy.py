@@ -104,7 +104,8 @@ class Deployment:
         log.write(("$ " + " ".join(cmd) + "\n").encode())
         log.flush()
         p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                             env={**self.env, **(env or {})}, start_new_session=True)  # its own process group: stop() reaches its children too
+                             env={**self.env, **(env or {})}, start_new_session=True,
+                             preexec_fn=_dies_with_us())  # a kill -9 of deploy must not leave it running  # its own process group: stop() reaches its children too
         self.procs.append((name, p, log))
         return p
 
@@ -182,7 +183,8 @@ class Zygote:
     def __init__(self, env: dict, early_log: Path):
         self.early = open(early_log, "ab")  # its stderr until send() names the run's log (no run folder yet)
         self.proc = subprocess.Popen([sys.executable, "-m", "fedclip_cache.deploy_zygote"], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=self.early, env=env, start_new_session=True)
+                                     stdout=subprocess.PIPE, stderr=self.early, start_new_session=True,
+                                     env={**env, "FEDCLIP_DEPLOY_PARENT": str(os.getpid())})  # dies with us
         self.pids: dict = {}
         self.exits: dict = {}
         self.done = threading.Event()
@@ -213,6 +215,16 @@ class Zygote:
         """Wait until every child is forked (the zygote imports torch first), then let ``dep`` manage them."""
         _wait(lambda: len(self.pids) == len(self.children), dep, limit, "the zygote did not fork the sites")
         dep.procs.extend((c.name, c, None) for c in self.children)
+
+
+def _dies_with_us():
+    """A ``preexec_fn``: the child gets SIGKILL when this process ends (Linux; elsewhere None)."""
+    from .deploy_zygote import _PRCTL, die_with_parent
+
+    if _PRCTL is None:
+        return None
+    me = os.getpid()
+    return lambda: die_with_parent(me)
 
 
 def _group_alive(pgid: int) -> bool:
