@@ -278,3 +278,18 @@ def test_kill_9_of_deploy_ends_every_process_it_started(tmp_path):
                 os.killpg(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+@pytest.mark.parametrize("kw,match", [({"round_timeout": float("nan")}, "round_timeout nan"),
+                                      ({"round_timeout": -5}, "round_timeout -5"),
+                                      ({"round_timeout": 0}, "round_timeout 0"),
+                                      ({"min_results": 0}, "min_results 0"),
+                                      ({"min_results": 4}, "min_results 4")])
+def test_fault_tolerance_options_fail_before_start(tmp_path, kw, match):
+    """Probe: --round-timeout nan ran with a timeout that never expires; -5 failed after start-up as "no site
+    answered the set-up message"; --min-results 0 / more than the sites failed only inside the ServerApp."""
+    if dep.flower_bin_dir() is None:
+        pytest.skip("Flower's CLIs are not installed")
+    with pytest.raises(ConfigError, match=match):
+        dep.deploy(_sites(tmp_path), tmp_path / "run", FederateConfig(rounds=1, heldout=["sketch"]).validate(), **kw)
+    assert not (tmp_path / "run").exists()

@@ -330,7 +330,7 @@ def deploy(site_caches: list, out, cfg, *, timeout: Optional[float] = None, log:
     # nothing until it gets its specs below; on a failed check it is killed and nothing was started or written)
     zygote = Zygote(env, tmp / "zygote-early.log") if isolation == "worker" else None
     try:
-        from .flower import _federate_config  # noqa: F401  (imports flwr: fails early with the install hint)
+        from .flower import _federate_config, check_deployment_keys  # noqa: F401  (imports flwr: fails early with the install hint)
 
         site_caches = [Path(c).resolve() for c in site_caches]
         domains = check_sites(site_caches, cfg)
@@ -342,6 +342,7 @@ def deploy(site_caches: list, out, cfg, *, timeout: Optional[float] = None, log:
         if min_results is not None:
             rc["min_results"] = int(min_results)
         rc["poll_interval"] = float(poll_interval)
+        check_deployment_keys(rc)
         _, site_cfg = _federate_config({k: v for k, v in rc.items()})  # the ServerApp's own check, before anything starts
         check_site_options(site_caches, site_cfg)
         logs = out / "logs"
