@@ -293,3 +293,19 @@ def test_fault_tolerance_options_fail_before_start(tmp_path, kw, match):
     with pytest.raises(ConfigError, match=match):
         dep.deploy(_sites(tmp_path), tmp_path / "run", FederateConfig(rounds=1, heldout=["sketch"]).validate(), **kw)
     assert not (tmp_path / "run").exists()
+
+
+def test_interrupted_deploy_says_so_in_one_line(tmp_path, monkeypatch):
+    """Probe: Ctrl-C of `deploy` exited 130 with no word at all (the run folder left without summary.json)."""
+    from typer.testing import CliRunner
+
+    from fedclip_cache import cli
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dep, "deploy", interrupted)
+    res = CliRunner().invoke(cli.app, ["deploy", *_sites(tmp_path), "-o", str(tmp_path / "run"), "--heldout",
+                                       "sketch"])
+    assert res.exit_code == 130
+    assert "deploy: interrupted" in res.output and "Traceback" not in res.output

@@ -383,10 +383,15 @@ def deploy(
     from .deploy import deploy as run_deploy
 
     cfg = _federate_config(fed_options)
-    res = run_deploy([str(c) for c in site_caches], out, cfg, timeout=timeout or None, isolation=isolation,
-                     keep_going=keep_going, round_timeout=round_timeout, min_results=min_results,
-                     poll_interval=poll_interval,
-                     log=lambda m: console.print(m, highlight=False))
+    try:
+        res = run_deploy([str(c) for c in site_caches], out, cfg, timeout=timeout or None, isolation=isolation,
+                         keep_going=keep_going, round_timeout=round_timeout, min_results=min_results,
+                         poll_interval=poll_interval,
+                         log=lambda m: console.print(m, highlight=False))
+    except KeyboardInterrupt:  # Ctrl-C / SIGTERM: deploy stopped everything it started on the way out
+        err.print(f"[bold red]error:[/] deploy: interrupted; every process it started was stopped, the run folder "
+                  f"{out} is incomplete", highlight=False, soft_wrap=True)
+        raise SystemExit(130)
     console.print(f"run folder: {out} (logs/: superlink, site-*, flwr-run, deploy.json)")
     if res["summary"] is not None:
         from .report import render_run_summary
