@@ -309,3 +309,22 @@ def test_interrupted_deploy_says_so_in_one_line(tmp_path, monkeypatch):
                                        "sketch"])
     assert res.exit_code == 130
     assert "deploy: interrupted" in res.output and "Traceback" not in res.output
+
+
+def test_second_deploy_into_a_busy_run_folder_is_a_one_line_error(tmp_path):
+    """Probe: two `deploy -o SAME` at once shared RUN/logs; the second read the first's run ID from flwr-run.log and
+    failed with "Run ID not found" while both wrote the same outputs. And a re-run into a completed run folder
+    that was killed left the old summary.json: the folder looked complete."""
+    if dep.flower_bin_dir() is None:
+        pytest.skip("Flower's CLIs are not installed")
+    out = tmp_path / "run"
+    (out / "logs").mkdir(parents=True)
+    (out / "summary.json").write_text("{}")  # an earlier run's
+    held = dep._lock_run_folder(out, out / "logs")  # as a running deploy holds it
+    assert not (out / "summary.json").exists()
+    try:
+        with pytest.raises(ConfigError, match="in use by another deploy"):
+            dep.deploy(_sites(tmp_path), out, FederateConfig(rounds=1, heldout=["sketch"]).validate())
+    finally:
+        held.close()
+    dep._lock_run_folder(out, out / "logs").close()  # free again

@@ -347,6 +347,7 @@ def deploy(site_caches: list, out, cfg, *, timeout: Optional[float] = None, log:
         check_site_options(site_caches, site_cfg)
         logs = out / "logs"
         logs.mkdir(parents=True, exist_ok=True)
+        lock = _lock_run_folder(out, logs)
     except BaseException:
         if zygote is not None:
             zygote.abort()
@@ -433,10 +434,28 @@ def deploy(site_caches: list, out, cfg, *, timeout: Optional[float] = None, log:
         if zygote is not None and not zygote.children:  # failed before it got its specs
             zygote.abort()
         dep.stop(grace)
+        lock.close()
         if old_term is not None:
             signal.signal(signal.SIGINT, old_int)
             signal.signal(signal.SIGTERM, old_term)
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _lock_run_folder(out: Path, logs: Path):
+    """Hold ``RUN/logs/.deploy.lock`` for the run (released when the file closes or this process dies): a second
+    ``deploy`` into the same run folder is a one-line error instead of two runs writing (and reading) the same logs
+    and outputs. A previous run's ``summary.json`` is removed: the folder shows a completed run only once this one
+    completed."""
+    import fcntl
+
+    lock = open(logs / ".deploy.lock", "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise ConfigError(f"deploy: run folder {out} is in use by another deploy; give another -o") from None
+    (out / "summary.json").unlink(missing_ok=True)
+    return lock
 
 
 def _interrupt(*_):
