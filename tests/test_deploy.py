@@ -328,3 +328,16 @@ def test_second_deploy_into_a_busy_run_folder_is_a_one_line_error(tmp_path):
     finally:
         held.close()
     dep._lock_run_folder(out, out / "logs").close()  # free again
+
+
+def test_site_checks_its_cache_and_port_before_start(tmp_path):
+    """Probe: `site MERGED_CACHE` (three domains) started a SuperNode and retried the SuperLink forever; `site
+    --port 0` ended in flower-supernode's multi-line usage text."""
+    from typer.testing import CliRunner
+
+    from fedclip_cache import cli
+
+    merged = str(write_synthetic_cache(tmp_path / "merged", {"a": 10, "b": 10}, 3, dim=8))
+    for args, match in (([merged], "holds one domain"), ([_sites(tmp_path)[0], "--port", "0"], "--port 0")):
+        res = CliRunner().invoke(cli.app, ["site", *args, "--superlink", "127.0.0.1:1", "--insecure"])
+        assert isinstance(res.exception, ConfigError) and match in str(res.exception), res.output

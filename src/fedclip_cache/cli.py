@@ -490,6 +490,14 @@ def site(
         raise ConfigError("site: give --root-certificates (the SuperLink's CA) or --insecure (no TLS)")
     if not 0 < poll_interval <= 60:
         raise ConfigError(f"--poll-interval {poll_interval}: must be in (0, 60] seconds")
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"site: --port {port}: must be between 1 and 65535")
+    from .cache import cache_overview
+
+    names = cache_overview(cache).domain_names  # a missing or damaged cache: its one-line error, before start-up
+    if len(names) != 1:
+        raise ConfigError(f"site: {cache}: a site cache holds one domain (this one: {', '.join(names)}); extract "
+                          f"this site's own images into its own cache")
     raise SystemExit(run_site(str(cache), superlink, port=port, insecure=insecure,
                               root_certificates=str(root_certificates) if root_certificates else None,
                               poll_interval=poll_interval, log=lambda m: print(f"[site] {m}", flush=True)))
