@@ -174,3 +174,170 @@ def test_a_site_killed_mid_run_is_recorded_and_rejoins(tmp_path, monkeypatch):
     assert 10 in set(m[(m["client"] == "photo") & (m["split"] == "val")]["round"])  # evaluates again
     assert "train.round" in (tmp_path / "rejoin.log").read_text()
     assert all(_group_gone(p) for p in res["pids"])
+
+
+def test_sites_with_different_class_lists_or_dims_fail_before_start(tmp_path):
+    """Probe: a site cache with another class list ran to completion (the held-out site scored on other classes);
+    one with another feature dim failed only after start-up, inside the ServerApp. Both: one-line errors first."""
+    cfg = FederateConfig(rounds=1, heldout=["sketch"]).validate()
+    a, b = (str(write_synthetic_cache(tmp_path / f"s-{d}", {d: 20}, 3, dim=16, seed=1)) for d in ("art", "photo"))
+    classes = str(write_synthetic_cache(tmp_path / "s-sketch4", {"sketch": 20}, 4, dim=16, seed=1))
+    dim = str(write_synthetic_cache(tmp_path / "s-sketch32", {"sketch": 20}, 3, dim=32, seed=1))
+    with pytest.raises(ConfigError, match="class list"):
+        dep.check_sites([a, b, classes], cfg)
+    with pytest.raises(ConfigError, match="feature dimension"):
+        dep.check_sites([a, b, dim], cfg)
+    assert dep.check_sites([a, b, str(write_synthetic_cache(tmp_path / "s-sketch", {"sketch": 20}, 3, dim=16,
+                                                            seed=1))], cfg) == ["art", "photo", "sketch"]
+
+
+def test_run_folder_that_is_a_file_is_a_one_line_error(tmp_path):
+    """Probe: `deploy -o FILE` ended in a NotADirectoryError traceback (and `simulate -o FILE` failed only after
+    the whole simulation had run)."""
+    f = tmp_path / "afile"
+    f.write_text("x")
+    for out in (f, f / "run"):
+        with pytest.raises(ConfigError, match="is a file"):
+            dep.check_run_folder(out)
+    dep.check_run_folder(tmp_path / "new" / "run")  # not there yet: fine
+    if dep.flower_bin_dir() is not None:
+        with pytest.raises(ConfigError, match="is a file"):
+            dep.deploy(_sites(tmp_path), f, FederateConfig(rounds=1, heldout=["sketch"]).validate())
+
+
+def _wait_gone(pid: int, limit: float = 10.0) -> bool:
+    import time
+
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.mark.skipif(getattr(dep, "_dies_with_us", lambda: 0)() is None, reason="PR_SET_PDEATHSIG is Linux-only")
+def test_processes_started_by_deploy_die_with_it(tmp_path):
+    """Probe: `kill -9` of `deploy` left its zygote, the SuperLink, the ServerApp process, every site and `flwr
+    run` running (each in its own session). A child started as deploy starts them ends with it."""
+    import signal
+    import subprocess
+    import sys
+
+    script = ("import subprocess, sys, time\nfrom fedclip_cache.deploy import _dies_with_us\n"
+              "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], start_new_session=True, "
+              "preexec_fn=_dies_with_us())\nprint(p.pid, flush=True)\ntime.sleep(60)\n")
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                              env={**os.environ, "PYTHONPATH": str(Path(dep.__file__).parent.parent)})
+    child = int(parent.stdout.readline())
+    try:
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+        assert _wait_gone(child, 10), "the child outlived its killed parent"
+    finally:
+        try:
+            os.kill(child, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(getattr(dep, "_dies_with_us", lambda: 0)() is None, reason="PR_SET_PDEATHSIG is Linux-only")
+def test_kill_9_of_deploy_ends_every_process_it_started(tmp_path):
+    import re
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    if dep.flower_bin_dir() is None:
+        pytest.skip("Flower's CLIs (flower-superlink, flower-supernode, flwr) are not installed")
+    sites = _sites(tmp_path)
+    cmd = [sys.executable, "-m", "fedclip_cache", "deploy", *sites, "-o", str(tmp_path / "run"), "--heldout",
+           "sketch", "--rounds", "100000"]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         env={**os.environ, "PYTHONPATH": str(Path(dep.__file__).parent.parent)})
+    pids, lines = [], []
+    try:
+        for line in p.stdout:
+            lines.append(line)
+            pids += [int(x) for x in re.findall(r"\(pid (\d+)\)", line)]
+            if line.startswith("round 1"):
+                break
+        assert len(pids) == 3, "".join(lines)
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait()
+        t = time.monotonic()
+        assert all(_wait_gone(pid, 10) for pid in pids), f"sites still running {time.monotonic() - t:.1f} s after"
+        assert not (tmp_path / "run" / "summary.json").exists()
+    finally:
+        for pid in pids:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+@pytest.mark.parametrize("kw,match", [({"round_timeout": float("nan")}, "round_timeout nan"),
+                                      ({"round_timeout": -5}, "round_timeout -5"),
+                                      ({"round_timeout": 0}, "round_timeout 0"),
+                                      ({"min_results": 0}, "min_results 0"),
+                                      ({"min_results": 4}, "min_results 4")])
+def test_fault_tolerance_options_fail_before_start(tmp_path, kw, match):
+    """Probe: --round-timeout nan ran with a timeout that never expires; -5 failed after start-up as "no site
+    answered the set-up message"; --min-results 0 / more than the sites failed only inside the ServerApp."""
+    if dep.flower_bin_dir() is None:
+        pytest.skip("Flower's CLIs are not installed")
+    with pytest.raises(ConfigError, match=match):
+        dep.deploy(_sites(tmp_path), tmp_path / "run", FederateConfig(rounds=1, heldout=["sketch"]).validate(), **kw)
+    assert not (tmp_path / "run").exists()
+
+
+def test_interrupted_deploy_says_so_in_one_line(tmp_path, monkeypatch):
+    """Probe: Ctrl-C of `deploy` exited 130 with no word at all (the run folder left without summary.json)."""
+    from typer.testing import CliRunner
+
+    from fedclip_cache import cli
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dep, "deploy", interrupted)
+    res = CliRunner().invoke(cli.app, ["deploy", *_sites(tmp_path), "-o", str(tmp_path / "run"), "--heldout",
+                                       "sketch"])
+    assert res.exit_code == 130
+    assert "deploy: interrupted" in res.output and "Traceback" not in res.output
+
+
+def test_second_deploy_into_a_busy_run_folder_is_a_one_line_error(tmp_path):
+    """Probe: two `deploy -o SAME` at once shared RUN/logs; the second read the first's run ID from flwr-run.log and
+    failed with "Run ID not found" while both wrote the same outputs. And a re-run into a completed run folder
+    that was killed left the old summary.json: the folder looked complete."""
+    if dep.flower_bin_dir() is None:
+        pytest.skip("Flower's CLIs are not installed")
+    out = tmp_path / "run"
+    (out / "logs").mkdir(parents=True)
+    (out / "summary.json").write_text("{}")  # an earlier run's
+    held = dep._lock_run_folder(out, out / "logs")  # as a running deploy holds it
+    assert not (out / "summary.json").exists()
+    try:
+        with pytest.raises(ConfigError, match="in use by another deploy"):
+            dep.deploy(_sites(tmp_path), out, FederateConfig(rounds=1, heldout=["sketch"]).validate())
+    finally:
+        held.close()
+    dep._lock_run_folder(out, out / "logs").close()  # free again
+
+
+def test_site_checks_its_cache_and_port_before_start(tmp_path):
+    """Probe: `site MERGED_CACHE` (three domains) started a SuperNode and retried the SuperLink forever; `site
+    --port 0` ended in flower-supernode's multi-line usage text."""
+    from typer.testing import CliRunner
+
+    from fedclip_cache import cli
+
+    merged = str(write_synthetic_cache(tmp_path / "merged", {"a": 10, "b": 10}, 3, dim=8))
+    for args, match in (([merged], "holds one domain"), ([_sites(tmp_path)[0], "--port", "0"], "--port 0")):
+        res = CliRunner().invoke(cli.app, ["site", *args, "--superlink", "127.0.0.1:1", "--insecure"])
+        assert isinstance(res.exception, ConfigError) and match in str(res.exception), res.output

@@ -383,10 +383,15 @@ def deploy(
     from .deploy import deploy as run_deploy
 
     cfg = _federate_config(fed_options)
-    res = run_deploy([str(c) for c in site_caches], out, cfg, timeout=timeout or None, isolation=isolation,
-                     keep_going=keep_going, round_timeout=round_timeout, min_results=min_results,
-                     poll_interval=poll_interval,
-                     log=lambda m: console.print(m, highlight=False))
+    try:
+        res = run_deploy([str(c) for c in site_caches], out, cfg, timeout=timeout or None, isolation=isolation,
+                         keep_going=keep_going, round_timeout=round_timeout, min_results=min_results,
+                         poll_interval=poll_interval,
+                         log=lambda m: console.print(m, highlight=False))
+    except KeyboardInterrupt:  # Ctrl-C / SIGTERM: deploy stopped everything it started on the way out
+        err.print(f"[bold red]error:[/] deploy: interrupted; every process it started was stopped, the run folder "
+                  f"{out} is incomplete", highlight=False, soft_wrap=True)
+        raise SystemExit(130)
     console.print(f"run folder: {out} (logs/: superlink, site-*, flwr-run, deploy.json)")
     if res["summary"] is not None:
         from .report import render_run_summary
@@ -485,6 +490,14 @@ def site(
         raise ConfigError("site: give --root-certificates (the SuperLink's CA) or --insecure (no TLS)")
     if not 0 < poll_interval <= 60:
         raise ConfigError(f"--poll-interval {poll_interval}: must be in (0, 60] seconds")
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"site: --port {port}: must be between 1 and 65535")
+    from .cache import cache_overview
+
+    names = cache_overview(cache).domain_names  # a missing or damaged cache: its one-line error, before start-up
+    if len(names) != 1:
+        raise ConfigError(f"site: {cache}: a site cache holds one domain (this one: {', '.join(names)}); extract "
+                          f"this site's own images into its own cache")
     raise SystemExit(run_site(str(cache), superlink, port=port, insecure=insecure,
                               root_certificates=str(root_certificates) if root_certificates else None,
                               poll_interval=poll_interval, log=lambda m: print(f"[site] {m}", flush=True)))

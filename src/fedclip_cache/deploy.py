@@ -104,7 +104,8 @@ class Deployment:
         log.write(("$ " + " ".join(cmd) + "\n").encode())
         log.flush()
         p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                             env={**self.env, **(env or {})}, start_new_session=True)  # its own process group: stop() reaches its children too
+                             env={**self.env, **(env or {})}, start_new_session=True,
+                             preexec_fn=_dies_with_us())  # a kill -9 of deploy must not leave it running  # its own process group: stop() reaches its children too
         self.procs.append((name, p, log))
         return p
 
@@ -182,7 +183,8 @@ class Zygote:
     def __init__(self, env: dict, early_log: Path):
         self.early = open(early_log, "ab")  # its stderr until send() names the run's log (no run folder yet)
         self.proc = subprocess.Popen([sys.executable, "-m", "fedclip_cache.deploy_zygote"], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=self.early, env=env, start_new_session=True)
+                                     stdout=subprocess.PIPE, stderr=self.early, start_new_session=True,
+                                     env={**env, "FEDCLIP_DEPLOY_PARENT": str(os.getpid())})  # dies with us
         self.pids: dict = {}
         self.exits: dict = {}
         self.done = threading.Event()
@@ -215,6 +217,16 @@ class Zygote:
         dep.procs.extend((c.name, c, None) for c in self.children)
 
 
+def _dies_with_us():
+    """A ``preexec_fn``: the child gets SIGKILL when this process ends (Linux; elsewhere None)."""
+    from .deploy_zygote import _PRCTL, die_with_parent
+
+    if _PRCTL is None:
+        return None
+    me = os.getpid()
+    return lambda: die_with_parent(me)
+
+
 def _group_alive(pgid: int) -> bool:
     try:
         os.killpg(pgid, 0)
@@ -231,11 +243,21 @@ def check_sites(site_caches: list, cfg, command: str = "deploy") -> list[str]:
     if len(site_caches) < 2:
         raise ConfigError(f"{command}: {len(site_caches)} site cache(s); a federation needs at least 2")
     domains = []
+    first = None  # (cache, what every site must share: the model's fingerprint, the feature dim, the class list)
     for c in site_caches:
         if not Path(c).is_dir():
             raise ConfigError(f"{command}: site cache {c} does not exist (extract each site's images into its own "
                               f"cache first)")
-        names = cache_overview(c).domain_names
+        ov = cache_overview(c)
+        names = ov.domain_names
+        shared = {"model (fingerprint)": ov.meta.get("fingerprint"), "feature dimension": ov.meta.get("embedding_dim"),
+                  "class list": list(ov.classes)}
+        if first is None:
+            first = (c, shared)
+        for what, v in shared.items():
+            if v != first[1][what]:
+                raise ConfigError(f"{command}: site caches {first[0]} and {c} differ in their {what}: extract every "
+                                  f"site with the same model and the same --classes file")
         if len(names) != 1:
             raise ConfigError(f"{command}: {c}: a site cache holds one domain (this one: {', '.join(names)}); "
                               f"extract each site's own images into its own cache, or give ONE shared cache")
@@ -251,6 +273,13 @@ def check_sites(site_caches: list, cfg, command: str = "deploy") -> list[str]:
         raise ConfigError(f"{command}: with --heldout, at least 2 other sites must train (give 3 or more site "
                           f"caches)")
     return domains
+
+
+def check_run_folder(out, command: str = "deploy") -> None:
+    """A one-line error, before anything starts, when the run folder ``out`` (or a folder above it) is a file."""
+    for p in (Path(out), *Path(out).parents):
+        if p.exists() and not p.is_dir():
+            raise ConfigError(f"{command}: run folder {out}: {p} is a file, not a folder")
 
 
 def check_site_options(site_caches: list, cfg) -> None:
@@ -301,21 +330,24 @@ def deploy(site_caches: list, out, cfg, *, timeout: Optional[float] = None, log:
     # nothing until it gets its specs below; on a failed check it is killed and nothing was started or written)
     zygote = Zygote(env, tmp / "zygote-early.log") if isolation == "worker" else None
     try:
-        from .flower import _federate_config  # noqa: F401  (imports flwr: fails early with the install hint)
+        from .flower import _federate_config, check_deployment_keys  # noqa: F401  (imports flwr: fails early with the install hint)
 
         site_caches = [Path(c).resolve() for c in site_caches]
         domains = check_sites(site_caches, cfg)
         out = Path(out).resolve()
+        check_run_folder(out)
         rc = run_config(cfg, len(site_caches), out)
         if round_timeout is not None:
             rc["round_timeout"] = float(round_timeout)
         if min_results is not None:
             rc["min_results"] = int(min_results)
         rc["poll_interval"] = float(poll_interval)
+        check_deployment_keys(rc)
         _, site_cfg = _federate_config({k: v for k, v in rc.items()})  # the ServerApp's own check, before anything starts
         check_site_options(site_caches, site_cfg)
         logs = out / "logs"
         logs.mkdir(parents=True, exist_ok=True)
+        lock = _lock_run_folder(out, logs)
     except BaseException:
         if zygote is not None:
             zygote.abort()
@@ -402,10 +434,28 @@ def deploy(site_caches: list, out, cfg, *, timeout: Optional[float] = None, log:
         if zygote is not None and not zygote.children:  # failed before it got its specs
             zygote.abort()
         dep.stop(grace)
+        lock.close()
         if old_term is not None:
             signal.signal(signal.SIGINT, old_int)
             signal.signal(signal.SIGTERM, old_term)
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _lock_run_folder(out: Path, logs: Path):
+    """Hold ``RUN/logs/.deploy.lock`` for the run (released when the file closes or this process dies): a second
+    ``deploy`` into the same run folder is a one-line error instead of two runs writing (and reading) the same logs
+    and outputs. A previous run's ``summary.json`` is removed: the folder shows a completed run only once this one
+    completed."""
+    import fcntl
+
+    lock = open(logs / ".deploy.lock", "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise ConfigError(f"deploy: run folder {out} is in use by another deploy; give another -o") from None
+    (out / "summary.json").unlink(missing_ok=True)
+    return lock
 
 
 def _interrupt(*_):

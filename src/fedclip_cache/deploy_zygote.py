@@ -19,8 +19,34 @@ import signal
 import sys
 
 
+def die_with_parent(parent: int) -> None:
+    """Linux: this process gets SIGKILL when its parent ``parent`` ends (``deploy`` killed with SIGKILL cannot stop
+    what it started: its zygote, the zygote's children and ``flwr run`` would run on, orphaned). Async-signal-safe
+    enough for ``Popen(preexec_fn=...)``: libc's prctl is looked up before the fork (:data:`_PRCTL`)."""
+    if _PRCTL is None:
+        return
+    _PRCTL(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # it ended before the prctl
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _libc_prctl():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+_PRCTL = _libc_prctl()
+
+
 def _child(spec: dict) -> int:
     os.setsid()
+    die_with_parent(int(spec["_zygote"]))
     fd = os.open(spec["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
@@ -52,6 +78,7 @@ def _child(spec: dict) -> int:
 
 def _fork(spec: dict, pids: dict) -> None:
     sys.stdout.flush()
+    spec = {**spec, "_zygote": os.getpid()}
     pid = os.fork()
     if pid == 0:
         code = 1
@@ -75,6 +102,8 @@ def _fork(spec: dict, pids: dict) -> None:
 def main() -> None:
     # started before the deployment's options are checked: import the SuperLink's modules (flwr 1.42: ~1.2 s) while
     # deploy checks them, then wait for the specs (deploy kills this process when a check fails)
+    if os.environ.get("FEDCLIP_DEPLOY_PARENT"):
+        die_with_parent(int(os.environ["FEDCLIP_DEPLOY_PARENT"]))
     import flwr.superlink.cli.flower_superlink  # noqa: F401
 
     msg = json.loads(sys.stdin.read())

@@ -61,6 +61,26 @@ UNSUPPORTED = {
 }
 
 
+def check_deployment_keys(rc: dict) -> None:
+    """A one-line ConfigError for a run config's ``sites``, ``min_results``, ``round_timeout`` or ``poll_interval``
+    that the ServerApp cannot honour: checked by the ServerApp and, before anything starts, by ``deploy`` and
+    ``simulate`` (a NaN round timeout never expired; a negative one failed every round as "no site answered")."""
+    import math
+
+    n_sites = int(rc.get("sites", 0))
+    if n_sites < 1:
+        raise ConfigError("set the run config's `sites` to the number of SuperNodes")
+    min_results = int(rc.get("min_results", 1))
+    if not 1 <= min_results <= n_sites:
+        raise ConfigError(f"min_results {min_results}: must be between 1 and the number of nodes ({n_sites})")
+    for key, hi in (("round_timeout", None), ("startup_timeout", None), ("poll_interval", 60.0)):
+        if key in rc:
+            v = float(rc[key])
+            if not (math.isfinite(v) and v > 0 and (hi is None or v <= hi)):
+                raise ConfigError(f"{key} {v}: must be a positive number of seconds"
+                                  + (f", at most {hi:g}" if hi else ""))
+
+
 def _federate_config(run_config: dict) -> tuple[str, FederateConfig]:
     """(the shared cache path, or "" for per-site caches; the run's FederateConfig) from Flower's run config, or a
     one-line ConfigError naming an option the apps cannot honour."""

@@ -33,7 +33,7 @@ from .federated.loop import _normalise, sample_lanes
 from .federated.protocols import Experiment
 from .federated.recorder import RunRecorder
 from .federated.train import aggregate, client_weights
-from .flower import HEAD, _federate_config, content, quick_object_pulls, read
+from .flower import HEAD, _federate_config, check_deployment_keys, content, quick_object_pulls, read
 
 from flwr.app import Context
 from flwr.common.logger import log
@@ -223,15 +223,10 @@ def main(grid: Grid, context: Context) -> None:
     t0 = time.monotonic()
     rc = context.run_config
     _, cfg = _federate_config(rc)
+    check_deployment_keys(rc)
     n_sites = int(rc.get("sites", 0))
-    if n_sites < 1:
-        raise ConfigError("set the run config's `sites` to the number of SuperNodes")
     min_results = int(rc.get("min_results", DEFAULT_MIN_RESULTS))
-    if not 1 <= min_results <= n_sites:
-        raise ConfigError(f"min_results {min_results}: must be between 1 and the number of nodes ({n_sites})")
     interval = float(rc.get("poll_interval", DEFAULT_POLL_INTERVAL))
-    if not 0 < interval <= 60:
-        raise ConfigError(f"poll_interval {interval}: must be in (0, 60] seconds")
     import flwr.superlink.grid.http_grid as http_grid  # this process runs this ServerApp only
 
     quick_object_pulls(http_grid, min(interval, 0.05))

@@ -123,7 +123,10 @@ def plan(caches: list, cfg, out: Path, tmp: Path) -> tuple[dict, list[dict], dic
     from .cache import open_cache
     from .federated.protocols import build_experiments
 
+    from .deploy import check_run_folder
+
     _check_federation(cfg)
+    check_run_folder(out, "simulate")
     caches = [Path(c).resolve() for c in caches]
     if not caches:
         raise ConfigError("simulate: give a cache (one shared cache, or one cache per site)")
@@ -275,6 +278,9 @@ def simulate(caches: list, out, cfg, *, num_cpus: Optional[int] = None, client_c
             rc["round_timeout"] = float(round_timeout)
         if min_results is not None:
             rc["min_results"] = int(min_results)
+        from .flower import check_deployment_keys
+
+        check_deployment_keys(rc)  # before Ray starts
         bcfg = backend_config(num_cpus, client_cpus, backend, tmp / "ray")
         # offline: no usage statistics from Ray, no telemetry from Flower (read when flwr is first imported, so
         # also switched off in the module if something imported it already)
