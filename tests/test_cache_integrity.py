@@ -721,3 +721,23 @@ def test_damaged_memory_map_is_rebuilt_never_served(tmp_path, damage):
             fh.write(b"\x00\x7f" * 5)
     opened = open_cache(cache, features_in="mmap", verify=damage == "same-size")
     np.testing.assert_array_equal(np.asarray(opened.features), ref)
+
+
+def test_a_cache_folder_with_a_non_utf8_path_is_refused_in_one_line(tmp_path, monkeypatch, capsys, image_root,
+                                                                     model_args):
+    """pyarrow opens files by UTF-8 path only: a cache moved to a folder whose name holds undecodable bytes used to
+    fail as 'damaged text embeddings ... re-run extract' (the cache is fine); extracting into one was a traceback."""
+    import os
+
+    from fedclip_cache.synthetic import write_synthetic_cache
+
+    good = write_synthetic_cache(tmp_path / "good", {"art": 10, "photo": 10}, 3, dim=8)
+    odd = os.fsdecode(os.fsencode(str(tmp_path)) + b"/caf\xe9")
+    os.rename(good, odd)
+    with pytest.raises(CacheError, match=r"caf\\xe9: the cache folder's path is not valid UTF-8"):
+        open_cache(odd)
+    code, out, err = cli(monkeypatch, capsys, "info", odd)
+    assert code != 0 and one_line_error(code, out, err, "not valid UTF-8")
+    code, out, err = cli(monkeypatch, capsys, "extract", image_root, odd + "-new", *model_args, "-q")
+    assert code != 0 and one_line_error(code, out, err, "rename or move the folder")
+    assert not os.path.exists(odd + "-new")

@@ -283,6 +283,7 @@ def extract(cfg: ExtractConfig) -> ExtractReport:
     if cfg.precision == "auto":
         cfg = dataclasses.replace(cfg, precision="fp16" if device.type == "cuda" else "fp32")
     out = Path(cfg.out)
+    store.check_cache_path(out)
     if out.exists() and not out.is_dir():
         raise ExtractError(f"{out}: exists and is not a folder; pass a folder for the cache")
     table = scan(cfg.source)

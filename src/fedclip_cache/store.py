@@ -74,8 +74,19 @@ def write_json(path: Path, obj: dict) -> None:
     atomic_write(path, lambda t: t.write_text(json.dumps(obj, indent=2, ensure_ascii=True)))
 
 
+def check_cache_path(cache: Path) -> None:
+    """pyarrow opens files by UTF-8 paths only: a cache folder whose path holds undecodable bytes (a surrogate-
+    escaped str) would fail deep inside a read or write with a misleading error -- refuse it in one line instead."""
+    try:
+        str(Path(cache).absolute()).encode("utf-8")
+    except UnicodeEncodeError:
+        raise CacheError(f"{display_text(str(cache))}: the cache folder's path is not valid UTF-8, which pyarrow "
+                         f"cannot open; rename or move the folder to a UTF-8 path") from None
+
+
 def read_meta(cache: Path) -> dict:
     """``cache.json`` as a dict; a missing, unreadable or malformed file is a one-line CacheError."""
+    check_cache_path(cache)
     f = Path(cache) / META_FILE
     if not f.is_file():
         raise CacheError(f"{cache}: not a fedclip-cache cache (no {META_FILE}); create one with "
