@@ -29,7 +29,7 @@ import torch
 from .federated.adapters import get_adapter, init_params
 from .federated.algorithms import make_algorithm
 from .federated.config import ConfigError, FederateConfig
-from .federated.loop import _normalise, sample_lanes
+from .federated.loop import prototype_head, sample_lanes
 from .federated.protocols import Experiment
 from .federated.recorder import RunRecorder
 from .federated.train import aggregate, client_weights
@@ -84,7 +84,7 @@ class Coordinator:
                 raise RuntimeError("--head prototype: no training site sent class statistics")
             s = sum(a["sums"] for _, a in stats)
             n = sum(a["counts"] for _, a in stats)
-            self.head = _normalise(s / n.clamp(min=1).unsqueeze(1))
+            self.head = prototype_head(s, n)
 
     def learn(self, rec: dict) -> None:
         if "dim" in rec:  # a full report (setup, evaluation): a site's facts

@@ -125,6 +125,12 @@ def _class_sums(X: Rows, Y: torch.Tensor, rows: np.ndarray, c: int) -> tuple[tor
     return sums, torch.bincount(Y[r], minlength=c).float()
 
 
+def prototype_head(sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Class prototypes from summed normalised features and class counts (a class nobody holds stays zero): the
+    rule ``build_heads`` and the Flower server share."""
+    return _normalise(sums / counts.clamp(min=1).unsqueeze(1))
+
+
 # ------------------------------------------------------------------------------------------------ set-up
 
 def build_heads(cache: FeatureCache, cfg: FederateConfig, X: Rows, Y: torch.Tensor, experiments: list[Experiment],
@@ -143,8 +149,8 @@ def build_heads(cache: FeatureCache, cfg: FederateConfig, X: Rows, Y: torch.Tens
         parts = [_class_sums(X, Y, cl.train, c) for cl in e.clients]
         s = sum(p[0] for p in parts)
         n = sum(p[1] for p in parts)
-        exp_head.append(_normalise(s / n.clamp(min=1).unsqueeze(1)))
-        client_head.append([_normalise(p[0] / p[1].clamp(min=1).unsqueeze(1)) for p in parts])
+        exp_head.append(prototype_head(s, n))
+        client_head.append([prototype_head(*p) for p in parts])
     return exp_head, client_head
 
 
