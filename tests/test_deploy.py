@@ -320,8 +320,12 @@ def test_second_deploy_into_a_busy_run_folder_is_a_one_line_error(tmp_path):
     out = tmp_path / "run"
     (out / "logs").mkdir(parents=True)
     (out / "summary.json").write_text("{}")  # an earlier run's
+    # and its logs: appended to, deploy read the old run id and the old "[SUMMARY]" (end of run) from them
+    (out / "logs" / "flwr-run.log").write_text("Successfully started run 123\n")
+    (out / "logs" / "serverapp.log").write_text("[SUMMARY] 3 replies\n")
     held = dep._lock_run_folder(out, out / "logs")  # as a running deploy holds it
     assert not (out / "summary.json").exists()
+    assert sorted(p.name for p in (out / "logs").iterdir()) == [".deploy.lock"]
     try:
         with pytest.raises(ConfigError, match="in use by another deploy"):
             dep.deploy(_sites(tmp_path), out, FederateConfig(rounds=1, heldout=["sketch"]).validate())

@@ -380,13 +380,18 @@ def deploy(
     """A real Flower deployment on localhost: a SuperLink, its ServerApp process and one site (`fedclip-cache site`:
     a SuperNode and its long-lived ClientApp worker) per site cache, as separate processes; --heldout names the site that only
     evaluates. Stops everything it started; exits non-zero when the run failed."""
-    from .deploy import deploy as run_deploy
+    from .deploy import Launch, deploy as run_deploy
 
-    cfg = _federate_config(fed_options)
+    launch = Launch(isolation, poll_interval)  # first: its zygote imports flwr and torch while the options are checked
+    try:
+        cfg = _federate_config(fed_options, validate=False)  # validated by deploy (the check imports torch)
+    except BaseException:
+        launch.abort()
+        raise
     try:
         res = run_deploy([str(c) for c in site_caches], out, cfg, timeout=timeout or None, isolation=isolation,
                          keep_going=keep_going, round_timeout=round_timeout, min_results=min_results,
-                         poll_interval=poll_interval,
+                         poll_interval=poll_interval, launch=launch, flags=FEDERATE_FLAGS,
                          log=lambda m: console.print(m, highlight=False))
     except KeyboardInterrupt:  # Ctrl-C / SIGTERM: deploy stopped everything it started on the way out
         err.print(f"[bold red]error:[/] deploy: interrupted; every process it started was stopped, the run folder "

@@ -296,10 +296,47 @@ def check_site_options(site_caches: list, cfg) -> None:
             text_head(cache, cfg.template)
 
 
+class Launch:
+    """What a deployment starts before it knows its options: a private temporary folder, the processes'
+    environment and (``isolation="worker"``) the zygote, which imports Flower's SuperLink, torch and the apps while
+    the caller imports torch and checks options and caches. :func:`deploy` makes one itself; the CLI makes it
+    FIRST, before it validates the federate options (their check imports torch: ~1.5 s the zygote now overlaps).
+    :meth:`abort` ends it when a check fails (nothing was forked, nothing written)."""
+
+    def __init__(self, isolation: str = "worker", poll_interval: float = DEFAULT_POLL_INTERVAL):
+        if isolation not in ISOLATIONS:
+            raise ConfigError(f"deploy: isolation {isolation!r} unknown; choose {', '.join(ISOLATIONS)}")
+        if not 0 < poll_interval <= 60:
+            raise ConfigError(f"deploy: poll interval {poll_interval}: must be in (0, 60] seconds")
+        self.bindir = flower_bin_dir()
+        if self.bindir is None:
+            raise DeployError("deploy needs Flower's command-line tools (flower-superlink, flower-supernode, flwr): "
+                              "pip install 'fedclip-cache[flower]'")
+        self.isolation, self.poll_interval = isolation, poll_interval
+        self.tmp = tmp = Path(tempfile.mkdtemp(prefix="fedclip-deploy-"))
+        (tmp / "app").mkdir()
+        (tmp / "home").mkdir()
+        src = str(Path(__file__).resolve().parent.parent)  # so flwr-serverapp/-clientapp import this fedclip_cache
+        self.env = {**os.environ, "FLWR_HOME": str(tmp / "home"),
+                    "PATH": self.bindir + os.pathsep + os.environ.get("PATH", ""),
+                    "PYTHONPATH": os.pathsep.join([src] + [p for p in [os.environ.get("PYTHONPATH")] if p]),
+                    "PYTHONUNBUFFERED": "1", "FLWR_TELEMETRY_ENABLED": "0",
+                    "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": str(max(poll_interval, 0.01))}  # flower-superexec's (1 s)
+        # the zygote starts importing flwr and torch now (it forks nothing until it gets its specs)
+        self.zygote = Zygote(self.env, tmp / "zygote-early.log") if isolation == "worker" else None
+
+    def abort(self) -> None:
+        if self.zygote is not None:
+            self.zygote.abort()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
 def deploy(site_caches: list, out, cfg, *, timeout: Optional[float] = None, log: Callable[[str], None] = print,
            isolation: str = "worker", keep_going: bool = False, round_timeout: Optional[float] = None,
-           min_results: Optional[int] = None, poll_interval: float = DEFAULT_POLL_INTERVAL) -> dict:
-    """Run ``cfg`` (a validated FederateConfig) as a real Flower deployment on localhost, one SuperNode per site
+           min_results: Optional[int] = None, poll_interval: float = DEFAULT_POLL_INTERVAL,
+           launch: Optional[Launch] = None, flags: Optional[dict] = None) -> dict:
+    """Run ``cfg`` (a FederateConfig; validated here, ``flags`` naming its options as the caller spells them) as a
+    real Flower deployment on localhost, one SuperNode per site
     cache; return ``{"run_id", "status", "timings", "summary" (RUN/summary.json when the ServerApp wrote one)}``.
     ``isolation="worker"`` (default): each site is ``fedclip-cache site`` (a SuperNode and one long-lived ClientApp
     process); ``"subprocess"``: Flower's SuperNode launches a ``flwr-clientapp`` per message;
@@ -307,31 +344,20 @@ def deploy(site_caches: list, out, cfg, *, timeout: Optional[float] = None, log:
     ``flower-superexec`` (which still launches one ``flwr-clientapp`` per message in flwr 1.42). ``keep_going``: a
     SuperNode that dies is reported and the run goes on without it (the ServerApp's fault tolerance:
     ``round_timeout`` seconds per round, ``min_results`` training results per round; see flower.py); by default
-    any dead process fails the deployment at once."""
+    any dead process fails the deployment at once. ``launch``: a :class:`Launch` the caller started earlier (with
+    this ``isolation`` and ``poll_interval``); it is used up either way."""
     t0 = time.monotonic()
-    if isolation not in ISOLATIONS:
-        raise ConfigError(f"deploy: isolation {isolation!r} unknown; choose {', '.join(ISOLATIONS)}")
-    if not 0 < poll_interval <= 60:
-        raise ConfigError(f"deploy: poll interval {poll_interval}: must be in (0, 60] seconds")
-    bindir = flower_bin_dir()
-    if bindir is None:
-        raise DeployError("deploy needs Flower's command-line tools (flower-superlink, flower-supernode, flwr): "
-                          "pip install 'fedclip-cache[flower]'")
-    tmp = Path(tempfile.mkdtemp(prefix="fedclip-deploy-"))
-    (tmp / "app").mkdir()
-    (tmp / "home").mkdir()
+    if launch is None:
+        launch = Launch(isolation, poll_interval)
+    elif (launch.isolation, launch.poll_interval) != (isolation, poll_interval):
+        launch.abort()
+        raise ValueError("deploy: launch was made for another isolation / poll interval")
+    bindir, tmp, env, zygote = launch.bindir, launch.tmp, launch.env, launch.zygote
     port = free_port()
-    src = str(Path(__file__).resolve().parent.parent)  # so flwr-serverapp/-clientapp import this fedclip_cache
-    env = {**os.environ, "FLWR_HOME": str(tmp / "home"), "PATH": bindir + os.pathsep + os.environ.get("PATH", ""),
-           "PYTHONPATH": os.pathsep.join([src] + [p for p in [os.environ.get("PYTHONPATH")] if p]),
-           "PYTHONUNBUFFERED": "1", "FLWR_TELEMETRY_ENABLED": "0",
-           "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": str(max(poll_interval, 0.01))}  # flower-superexec's (default 1 s)
-    # the zygote starts importing flwr and torch now, while this process checks the options and caches (it forks
-    # nothing until it gets its specs below; on a failed check it is killed and nothing was started or written)
-    zygote = Zygote(env, tmp / "zygote-early.log") if isolation == "worker" else None
     try:
         from .flower import _federate_config, check_deployment_keys  # noqa: F401  (imports flwr: fails early with the install hint)
 
+        cfg = cfg.validate(flags)
         site_caches = [Path(c).resolve() for c in site_caches]
         domains = check_sites(site_caches, cfg)
         out = Path(out).resolve()
@@ -349,9 +375,7 @@ def deploy(site_caches: list, out, cfg, *, timeout: Optional[float] = None, log:
         logs.mkdir(parents=True, exist_ok=True)
         lock = _lock_run_folder(out, logs)
     except BaseException:
-        if zygote is not None:
-            zygote.abort()
-        shutil.rmtree(tmp, ignore_errors=True)
+        launch.abort()
         raise
     (tmp / "app" / "pyproject.toml").write_text(app_pyproject(rc))
     (tmp / "home" / "config.toml").write_text(connection_config(port))
@@ -444,8 +468,8 @@ def deploy(site_caches: list, out, cfg, *, timeout: Optional[float] = None, log:
 def _lock_run_folder(out: Path, logs: Path):
     """Hold ``RUN/logs/.deploy.lock`` for the run (released when the file closes or this process dies): a second
     ``deploy`` into the same run folder is a one-line error instead of two runs writing (and reading) the same logs
-    and outputs. A previous run's ``summary.json`` is removed: the folder shows a completed run only once this one
-    completed."""
+    and outputs. A previous run's ``summary.json`` and logs are removed: the folder shows a completed run only once
+    this one completed, and the logs are this run's."""
     import fcntl
 
     lock = open(logs / ".deploy.lock", "a+")
@@ -455,6 +479,8 @@ def _lock_run_folder(out: Path, logs: Path):
         lock.close()
         raise ConfigError(f"deploy: run folder {out} is in use by another deploy; give another -o") from None
     (out / "summary.json").unlink(missing_ok=True)
+    for old in [*logs.glob("*.log"), logs / "deploy.json"]:  # an earlier run's logs: appended to, they would be read
+        old.unlink(missing_ok=True)  # as this run's (its run id, its end of run)
     return lock
 
 

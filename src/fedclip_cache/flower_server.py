@@ -18,6 +18,7 @@ sampled again by its name.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from logging import INFO, WARNING
 from pathlib import Path
@@ -34,6 +35,7 @@ from .federated.protocols import Experiment
 from .federated.recorder import RunRecorder
 from .federated.train import aggregate, client_weights
 from .flower import HEAD, _federate_config, check_deployment_keys, content, quick_object_pulls, read
+from .flower_polls import FIRST_POLL, PollPlan
 
 from flwr.app import Context
 from flwr.common.logger import log
@@ -43,7 +45,6 @@ DEFAULT_ROUND_TIMEOUT = 600.0
 DEFAULT_MIN_RESULTS = 1
 DEFAULT_STARTUP_TIMEOUT = 300.0
 DEFAULT_POLL_INTERVAL = 0.2  # the longest wait between two "replies yet?" requests (flwr 1.42's own: 3 s fixed)
-FIRST_POLL = 0.01  # the first wait after sending; each next one 1.5x longer, up to poll_interval
 
 
 class Coordinator:
@@ -154,13 +155,15 @@ class Coordinator:
 # ------------------------------------------------------------------------------------------------ transport
 
 class Exchange:
-    """Sends a message to nodes and collects the replies, polling fast right after sending and backing off
-    (``FIRST_POLL`` growing 1.5x to ``cap`` seconds); remembers nodes that missed a deadline."""
+    """Sends a message to nodes and collects the replies, polling as :class:`~fedclip_cache.flower_polls.PollPlan`
+    says (one plan per message type: fast around the time the last reply came in recent rounds, backing off to
+    ``cap`` seconds otherwise); remembers nodes that missed a deadline."""
 
     def __init__(self, grid: Grid, cap: float):
         self.grid, self.cap = grid, cap
         self.lost: dict[str, int] = {}  # message id of a node's unanswered message -> node id
         self.errors: list = []  # (node id, reason) of every error reply
+        self.plans: dict[str, PollPlan] = {}
 
     def live_nodes(self) -> list[int]:
         return sorted(set(self.grid.get_node_ids()) - set(self.lost.values()))
@@ -172,7 +175,9 @@ class Exchange:
         ids = list(self.grid.push_messages(msgs))
         pending = {mid: nid for mid, nid in zip(ids, nodes) if mid}
         replies: list[tuple[dict, dict]] = []
-        end, delay = time.monotonic() + timeout, FIRST_POLL
+        end = time.monotonic() + timeout
+        plan = self.plans.setdefault(message_type, PollPlan(self.cap))
+        plan.start()
         while True:
             ask = set(pending) | set(self.lost)
             for m in self.grid.pull_messages(ask):
@@ -190,10 +195,12 @@ class Exchange:
                     continue
                 replies.append(read(m.content))
             left = end - time.monotonic()
-            if not pending or left <= 0:
+            if not pending:
+                plan.arrived()
                 break
-            time.sleep(min(delay, left))
-            delay = min(delay * 1.5, self.cap)
+            if left <= 0:
+                break
+            time.sleep(min(plan.pause(), left))
         for mid, nid in pending.items():
             log(WARNING, "node %s did not answer %s within %.0f s: not waited for again", nid, group, timeout)
             self.lost[mid] = nid
@@ -213,6 +220,15 @@ def wait_for_nodes(grid: Grid, n: int, timeout: float, interval: float) -> list[
             return nodes
         time.sleep(delay)
         delay = min(delay * 1.5, interval)
+
+
+def _import_plots() -> None:
+    try:
+        from .plots import _plt
+
+        _plt()
+    except Exception:  # noqa: BLE001  (the run folder's own import reports it)
+        pass
 
 
 server_app = ServerApp()
@@ -242,6 +258,8 @@ def main(grid: Grid, context: Context) -> None:
         raise RuntimeError(f"node {ex.errors[0][0]} failed the set-up message: {ex.errors[0][1]}")
     co.setup(replies)
     log(INFO, "[SETUP] %s site(s): %s", len(co.sites), ", ".join(sorted(co.sites)))
+    if out:  # the run folder's plots need matplotlib (~0.6 s to import): imported while the rounds wait for replies
+        threading.Thread(target=_import_plots, name="import-plots", daemon=True).start()
     pause = float(os.environ.get("FEDCLIP_FLOWER_ROUND_DELAY", 0))  # test hook (DEVELOPERS.md): slower rounds
     for rnd in range(1, cfg.rounds + 2):
         time.sleep(pause)

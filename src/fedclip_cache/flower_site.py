@@ -40,31 +40,43 @@ from typing import Callable, Optional
 
 CLIENT_APP_REF = "fedclip_cache.flower:client_app"
 DEFAULT_POLL_INTERVAL = 0.2
-FIRST_POLL = 0.01  # the first idle wait after a message; each next one 1.5x longer, up to --poll-interval
 
 
 class SiteClock:
     """Stands in for the ``time`` module inside flwr 1.42's ``flwr.supernode.start_client_internal`` (the
     SuperNode's main loop), which polls with two fixed sleeps: ``time.sleep(3)`` between two "anything for me?"
     requests to the SuperLink, and ``time.sleep(0.5)`` while it waits for the ClientApp's reply. Here the first
-    backs off from ``FIRST_POLL`` to ``cap`` seconds and restarts fast whenever a message came in (the next one of
-    the run follows soon); the second waits on :attr:`reply`, which the worker sets when it has pushed a reply.
-    :attr:`task` is set when the SuperNode has stored a message: the worker acquires the task at once."""
+    follows a :class:`~fedclip_cache.flower_polls.PollPlan` (cap ``cap`` seconds): the wait for the next message
+    starts when the worker has replied, and the SuperNode polls fast around the time the next message came in
+    recent rounds (before the first message: a back-off from 0.01 s). The second waits on :attr:`reply`, which
+    the worker sets when it has pushed a reply. :attr:`task` is set when the SuperNode has stored a message: the
+    worker acquires the task at once."""
 
     def __init__(self, cap: float):
-        self.cap, self.delay = cap, FIRST_POLL
+        from .flower_polls import PollPlan
+
+        self.plan = PollPlan(cap)
         self.task, self.reply = threading.Event(), threading.Event()
+        self._replied = False
+        self.state = None  # the SuperNode's NodeState, once its loop has started
 
     def sleep(self, seconds: float) -> None:
         if seconds >= 1:  # idle: nothing pulled from the SuperLink
-            time.sleep(self.delay)
-            self.delay = min(self.delay * 1.5, self.cap)
+            if self._replied:  # the first idle poll after a reply: the wait for the next message starts
+                self._replied = False
+                self.plan.start()
+            time.sleep(self.plan.pause())
         else:  # a reply (or an object of it) is not there yet
             self.reply.wait(min(seconds, 0.05))
             self.reply.clear()
 
+    def replied(self) -> None:
+        """The worker pushed a reply to the SuperNode (which sends it on, then waits for the next message)."""
+        self._replied = True
+        self.reply.set()
+
     def message_stored(self) -> None:
-        self.delay = FIRST_POLL
+        self.plan.arrived()
         self.task.set()
 
     def __getattr__(self, name):
@@ -84,6 +96,8 @@ def patch_supernode(poll_interval: float) -> SiteClock:
     pull = sci._pull_and_store_message
 
     def pull_and_store(*args, **kw):
+        if clock.state is None:  # the SuperNode's NodeState: the worker calls its Runtime API on it directly
+            clock.state = kw.get("state")
         run_id = pull(*args, **kw)
         if run_id is not None:
             clock.message_stored()
@@ -120,6 +134,7 @@ class SiteWorker:
                                                               interceptors=interceptors, retry_invoker=None)
         self.tasks = 0
         self._apps: dict[str, object] = {}  # FAB hash -> the ClientApp it names
+        self.state = None  # the SuperNode's NodeState when it runs in this process: its Runtime API without HTTP
 
     def acquire(self):
         """One ClientApp task and its token, or None (nothing pending, or the SuperNode not answering yet)."""
@@ -127,8 +142,11 @@ class SiteWorker:
         from flwr.proto.runtime_pb2 import AcquireTaskRequest
         from flwr.supercore.constant import TaskType
 
+        from .flower_runtime import DirectRuntime
+
+        acquirer = self.acquirer if self.state is None else DirectRuntime(self.state)
         try:
-            res = self.acquirer.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
+            res = acquirer.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
         except httpx.TransportError:
             return None
         if res.HasField("task") and res.token:
@@ -141,11 +159,12 @@ class SiteWorker:
         while not stop.is_set():
             if clock is not None:
                 clock.task.clear()
+                self.state = clock.state
             got = self.acquire()
             if got is not None:
                 self.run_task(*got)
                 if clock is not None:
-                    clock.reply.set()
+                    clock.replied()
                 continue  # straight on: the next message may be waiting already
             if clock is not None:  # woken when the SuperNode has stored a message and ALL its objects (flwr 1.42
                 # creates the task before it pulls the objects: a worker polling on its own may claim the task
@@ -185,11 +204,17 @@ class SiteWorker:
         t0 = t1 = t2 = time.perf_counter()
         # transport errors are retried for a while; an HTTP error status (e.g. the token lapsed) is not, and never
         # signals this process (flwr's own invoker sends SIGINT, which would end a long-lived worker)
-        retry = RetryInvoker(lambda: exponential(max_delay=2), (httpx.TransportError,), max_tries=None, max_time=10)
-        client = RuntimeHttpClient.from_server_address(
-            server_address=self.address, insecure=True, root_certificates=None,
-            interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
-                          RuntimeTokenHttpInterceptor(token)], retry_invoker=retry)
+        if self.state is not None:  # the SuperNode runs in this process: its Runtime API's own functions, no HTTP
+            from .flower_runtime import DirectRuntime
+
+            client = DirectRuntime(self.state, token)
+        else:
+            retry = RetryInvoker(lambda: exponential(max_delay=2), (httpx.TransportError,), max_tries=None,
+                                 max_time=10)
+            client = RuntimeHttpClient.from_server_address(
+                server_address=self.address, insecure=True, root_certificates=None,
+                interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
+                              RuntimeTokenHttpInterceptor(token)], retry_invoker=retry)
 
         def heartbeat() -> bool:  # flwr's own raises SIGINT when the claim is gone; here the task just goes on
             try:
@@ -230,7 +255,10 @@ class SiteWorker:
         except Exception as ex:  # noqa: BLE001
             self.log(f"could not push the reply: {ex}")
             sub_status, details = "failed", f"pushing the reply failed: {ex}"  # SubStatus.FAILED
-        push_task_output(client=client, context=context, sub_status=sub_status, details=details)
+        try:
+            push_task_output(client=client, context=context, sub_status=sub_status, details=details)
+        except Exception as ex:  # noqa: BLE001  (flwr's own catches HTTP errors only; in-process: FlowerError)
+            self.log(f"could not push the task's output: {ex}")
         if beat.is_running:
             beat.stop()
         client.close()
