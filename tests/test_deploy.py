@@ -45,12 +45,13 @@ def test_local_deployment_runs_and_stops_everything(tmp_path):
                                  "out": str((tmp_path / "run").resolve()), "poll_interval": 0.2}
     assert any(m.startswith("round 2") for m in messages)
     logs = tmp_path / "run" / "logs"
-    for name in ("superlink", "site-art", "site-photo", "site-sketch", "flwr-run"):
+    for name in ("superlink", "serverapp", "site-art", "site-photo", "site-sketch"):
         assert (logs / f"{name}.log").stat().st_size > 0
-    assert "[ROUND 2]" in (logs / "flwr-run.log").read_text()
+    assert "[ROUND 2]" in (logs / "serverapp.log").read_text()
+    assert not (logs / "flwr-run.log").exists()  # the run is started in-process (deploy_flwr.start_run)
     assert json.loads((logs / "deploy.json").read_text())["status"] == "finished:completed"
-    # every process it started (SuperLink, the zygote and what it forked: ServerApp, 3 sites; flwr run) is gone
-    assert len(res["pids"]) == 7 and all(_group_gone(p) for p in res["pids"])
+    # every process it started (the zygote and what it forked: SuperLink, ServerApp, 3 sites) is gone
+    assert len(res["pids"]) == 6 and all(_group_gone(p) for p in res["pids"])
     # the ServerApp wrote the run folder `federate` writes
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert res["summary"] == summary

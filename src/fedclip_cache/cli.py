@@ -397,7 +397,7 @@ def deploy(
         err.print(f"[bold red]error:[/] deploy: interrupted; every process it started was stopped, the run folder "
                   f"{out} is incomplete", highlight=False, soft_wrap=True)
         raise SystemExit(130)
-    console.print(f"run folder: {out} (logs/: superlink, site-*, flwr-run, deploy.json)")
+    console.print(f"run folder: {out} (logs/: superlink, serverapp, site-*, deploy.json)")
     if res["summary"] is not None:
         from .report import render_run_summary
 

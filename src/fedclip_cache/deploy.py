@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from .deploy_flwr import (FLWR_RUN_WHEN_READY, DeployError, app_pyproject, connection_config, final_status, follow_run,
-                          run_status)
+                          run_status, start_run)
 from .errors import ConfigError
 
 BINARIES = ("flower-superlink", "flower-supernode", "flwr")
@@ -413,10 +413,15 @@ def deploy(site_caches: list, out, cfg, *, timeout: Optional[float] = None, log:
                        "poll_interval": poll_interval, "threads": threads} for cache, dom in zip(site_caches, domains)]
             zygote.send(dep, specs, logs / "zygote.log")
         t1 = time.monotonic()
-        # `flwr run` at once too: it imports Flower's CLI while the SuperLink starts, then waits for its port
-        run = dep.start("flwr-run", [sys.executable, "-c", FLWR_RUN_WHEN_READY, str(port),
-                                     str(tmp / "app"), "local", "--stream"])
-        if zygote is not None:
+        run = run_id = None
+        if zygote is None:  # `flwr run` at once: it imports Flower's CLI while the SuperLink starts, then waits for
+            # its port; its log stream is what the stock runners' rounds are followed by
+            run = dep.start("flwr-run", [sys.executable, "-c", FLWR_RUN_WHEN_READY, str(port),
+                                         str(tmp / "app"), "local", "--stream"])
+        else:  # the run is started from here as soon as the SuperLink is up (while the zygote imports torch)
+            _wait(lambda: _port_open(port), dep, 60, "the SuperLink did not open its port")
+            run_id = start_run(port, tmp / "app")
+            log(f"run {run_id} started")
             zygote.started(dep)
             for cache, dom, child in zip(site_caches, domains, zygote.children[2:]):
                 log(f"site {dom}{' (held out: evaluates only)' if cfg.heldout and dom == cfg.heldout[0] else ''}"
@@ -435,9 +440,8 @@ def deploy(site_caches: list, out, cfg, *, timeout: Optional[float] = None, log:
                                                     "--runtime-api-address", f"127.0.0.1:{nport}"])
             log(f"SuperNode {dom}{' (held out: evaluates only)' if cfg.heldout and dom == cfg.heldout[0] else ''}"
                 f": {cache}")
-        run_id = follow_run(run, logs / "flwr-run.log", dep, log, timeout, t1, keep_going, timings, t0,
-                            status=lambda rid: run_status(port, rid)[0],
-                            server_log=logs / "serverapp.log" if isolation == "worker" else None)
+        run_id = follow_run(run, logs / ("flwr-run.log" if run else "serverapp.log"), dep, log, timeout, t1,
+                            keep_going, timings, t0, status=lambda rid: run_status(port, rid)[0], run_id=run_id)
         status, details = final_status(bindir, env, run_id, dep, port)
         timings["run_s"] = round(time.monotonic() - t0 - timings.get("startup_s", 0.0), 2)
         if status != "finished:completed":

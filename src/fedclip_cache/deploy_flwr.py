@@ -50,19 +50,64 @@ def connection_config(port: int) -> str:
             f'insecure = true\n')
 
 
-def follow_run(run: subprocess.Popen, path: Path, dep, log, timeout, t1, keep_going: bool = False,
-            timings: Optional[dict] = None, t0: Optional[float] = None, status=None,
-            server_log: Optional[Path] = None) -> str:
+def start_run(port: int, app: Path, limit: float = 60) -> str:
+    """``flwr run APP local`` for a local app without overrides or ``--stream`` (flwr 1.42's
+    ``flwr.cli.run.run._run_with_control_api``: the app's pyproject.toml validated, its FAB built, ``StartRun`` on
+    the SuperLink's Control API), asked from this process; returns the run id. Spares ``deploy`` a ``flwr run``
+    process (a Python start-up and Flower's CLI imports while everything else starts on the same cores) and the
+    log stream it would hold open for the whole run (``deploy`` reads the ServerApp process's own log)."""
+    import contextlib
+    import hashlib
+    import io
+
+    from flwr.cli.build import build_fab_from_disk
+    from flwr.cli.config_utils import load_and_validate
+    from flwr.cli.typing import SuperLinkConnection
+    from flwr.cli.utils import init_http_client_from_connection
+    from flwr.common.serde import fab_to_proto, user_config_to_proto
+    from flwr.proto.control_pb2 import StartRunRequest
+    from flwr.supercore.fab import Fab
+
+    _, warnings = load_and_validate(app / "pyproject.toml")
+    if warnings:
+        raise DeployError(f"the app's pyproject.toml: {'; '.join(warnings)}")
+    fab_bytes = build_fab_from_disk(app)
+    req = StartRunRequest(fab=fab_to_proto(Fab(hashlib.sha256(fab_bytes).hexdigest(), fab_bytes, {})),
+                          override_config=user_config_to_proto({}), federation="")
+    deadline = time.monotonic() + limit
+    while True:
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):  # it prints "Using SuperLink: ..."
+                client = init_http_client_from_connection(SuperLinkConnection(
+                    name="local", address=f"127.0.0.1:{port}", insecure=True))
+            try:
+                res = client.StartRun(req)
+            finally:
+                client.close()
+            break
+        except Exception as ex:  # noqa: BLE001  (the SuperLink still starting: asked again)
+            if time.monotonic() > deadline:
+                raise DeployError(f"the SuperLink did not start the run: {ex}") from None
+            time.sleep(0.05)
+    if not res.HasField("run_id"):
+        raise DeployError("the SuperLink did not start the run (StartRun returned no run id)")
+    return str(res.run_id)
+
+
+def follow_run(run: Optional[subprocess.Popen], path: Path, dep, log, timeout, t1, keep_going: bool = False,
+               timings: Optional[dict] = None, t0: Optional[float] = None, status=None,
+               server_log: Optional[Path] = None, run_id: Optional[str] = None) -> str:
     """Wait for ``flwr run --stream`` to end, echoing its rounds; fail fast when the SuperLink dies, a SuperNode
     dies (unless ``keep_going``: then it is reported once and the run goes on) or the timeout passes. Returns the
     run id; ``timings["startup_s"]``: seconds from ``t0`` until every site answered the set-up message. With
     ``status`` (run id -> the SuperLink's status), the wait ends as soon as the run is finished -- once the
     ServerApp process has exited or logged its summary -- instead of when ``flwr run --stream`` notices (its log
     stream lags by a second or two). ``server_log``: the ServerApp process's own log (``deploy``'s worker mode),
-    where its ``[SUMMARY]`` line shows up before ``flwr run``'s stream relays it."""
-    seen, run_id, lost, ended, server_seen = 0, None, set(), False, 0
+    where its ``[SUMMARY]`` line shows up before ``flwr run``'s stream relays it. Without ``run`` (no ``flwr run``
+    process: the run ``run_id`` was started with :func:`start_run`), ``path`` is the ServerApp process's log."""
+    seen, lost, ended, server_seen = 0, set(), False, 0
     while True:
-        done = run.poll() is not None
+        done = run is not None and run.poll() is not None
         if server_log is not None and not ended and run_id is not None:
             try:
                 with open(server_log, "rb") as f:
@@ -80,7 +125,10 @@ def follow_run(run: subprocess.Popen, path: Path, dep, log, timeout, t1, keep_go
                     break
             except Exception:  # noqa: BLE001  (asked again next time; `flwr run` ends anyway)
                 pass
-        text = path.read_text(errors="replace")
+        try:
+            text = path.read_text(errors="replace")
+        except FileNotFoundError:  # the ServerApp process not forked yet
+            text = ""
         for line in text[seen:].splitlines(keepends=True):
             if not line.endswith("\n") and not done:
                 break
@@ -118,7 +166,7 @@ def follow_run(run: subprocess.Popen, path: Path, dep, log, timeout, t1, keep_go
             raise DeployError(f"the run did not finish within {timeout:.0f} s (logs: {dep.logs})")
         time.sleep(0.1)
     if run_id is None:
-        raise DeployError(f"`flwr run` did not start a run (exit {run.returncode}; see {path})")
+        raise DeployError(f"`flwr run` did not start a run (exit {run.returncode if run else '?'}; see {path})")
     return run_id
 
 
