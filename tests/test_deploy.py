@@ -91,8 +91,6 @@ def test_deploy_refuses_bad_input_before_starting_anything(tmp_path, monkeypatch
         dep.deploy(sites, tmp_path / "run", FederateConfig(protocol="personal", train_views="2").validate())
     with pytest.raises(ConfigError, match="--template '7': give an index below 1"):
         dep.deploy(sites, tmp_path / "run", FederateConfig(protocol="personal", template="7").validate())
-    with pytest.raises(ConfigError, match="--finetune-steps 3: not supported by the Flower apps"):
-        dep.deploy(sites, tmp_path / "run", FederateConfig(protocol="personal", finetune_steps=3).validate())
     assert dep.run_config(FederateConfig(split=(0.5, 0.3, 0.2), heldout=["art"]).validate(), 2,
                           tmp_path)["split"] == "0.5,0.3,0.2"  # passed on (Flower's run config holds scalars)
     merged = str(write_synthetic_cache(tmp_path / "merged", {"a": 20, "b": 20}, 3, dim=8))
@@ -112,8 +110,6 @@ def test_cli_deploy_one_line_error(tmp_path, monkeypatch, capsys):
     one_line_error(*cli(monkeypatch, capsys, "deploy", sites[0], tmp_path / "nope", "-o", tmp_path / "run",
                         "--rounds", "2"), "does not exist")
     sites = _sites(tmp_path, ("art", "photo"))
-    one_line_error(*cli(monkeypatch, capsys, "deploy", *sites, "-o", tmp_path / "run", "--protocol", "personal",
-                        "--finetune-steps", "2"), "--finetune-steps 2: not supported", "federate")
     one_line_error(*cli(monkeypatch, capsys, "deploy", *sites, "-o", tmp_path / "run", "--protocol", "personal",
                         "--device", "cuda"), "--device cuda: not supported")
 

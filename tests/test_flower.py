@@ -60,7 +60,6 @@ def test_flower_config_errors(tmp_path):
     cache = str(write_synthetic_cache(tmp_path / "c", {"a": 30, "b": 30}, 2, dim=8))
     cases = [({"algo": "local"}, "nothing to federate"), ({"algo": "scaffold"}, "keep state"),
              ({"algo": "promptfl"}, "prompt learning"),
-             ({"finetune_steps": 5}, "--finetune-steps 5: not supported by the Flower apps"),
              ({"device": "cuda"}, "--device cuda: not supported"),
              ({"partition": "iid", "sites": 2}, "--partition iid: per-site caches"),
              ({"split_source": "cache", "sites": 2}, "--split-source cache: per-site caches"),

@@ -122,7 +122,6 @@ def test_bad_simulation_input_is_refused_before_ray_starts(tmp_path):
     cases = [
         ([cache], FederateConfig(rounds=1).validate(), {}, "--heldout DOMAIN"),
         ([cache], FederateConfig(rounds=1, heldout=["mars"]).validate(), {}, "not a domain"),
-        ([cache], FederateConfig(rounds=1, heldout=["art"], finetune_steps=2).validate(), {}, "--finetune-steps"),
         ([cache], FederateConfig(rounds=1, heldout=["art"], algo="local").validate(), {}, "nothing to federate"),
         ([cache], ok, {"client_cpus": 4, "num_cpus": 2}, "--client-cpus"),
         ([cache], ok, {"backend": {"init_args": {"address": "10.0.0.1:6379"}}}, "own local Ray"),
@@ -159,5 +158,3 @@ def test_cli_simulate_one_line_errors(tmp_path, monkeypatch, capsys):
     one_line_error(*cli(monkeypatch, capsys, "simulate", cache, "-o", tmp_path / "run"), "--protocol personal")
     one_line_error(*cli(monkeypatch, capsys, "simulate", cache, "-o", tmp_path / "run", "--heldout", "art",
                         "--backend-config", "{nope"), "--backend-config")
-    one_line_error(*cli(monkeypatch, capsys, "simulate", cache, "-o", tmp_path / "run", "--heldout", "art",
-                        "--finetune-steps", "2"), "--finetune-steps")

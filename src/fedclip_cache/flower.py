@@ -12,6 +12,10 @@ adapter packed into one float32 byte string, see :func:`content`):
   names of the sites sampled to train in round r. Every site evaluates; a sampled site then trains from that same
   adapter (:func:`fedclip_cache.federated.train.local_update`, one lane, the algorithm's local objective) and
   returns it with its weight. Message R+1 only evaluates. The held-out site never trains.
+* ``train.finetune`` (once, only with ``--finetune-steps K``): carries the selected global adapter (the best mean
+  validation round's, kept by the server); each training site fine-tunes it for K steps on its own train split
+  (``loop.finetune_adapters``: the schedule, seeds and fresh optimiser of ``federate``) and returns its test
+  accuracy (``best.test_finetuned`` in the run folder).
 
 Batches, splits, views (``--train-views``) and initialisation use the same seeds as ``fedclip-cache federate``, so
 a deployment's rounds equal the in-process loop's (tested). Run config: ``cache`` (a shared cache whose training
@@ -37,7 +41,8 @@ from .federated.adapters import get_adapter
 from .federated.algorithms import Algorithm, make_algorithm
 from .federated.config import ConfigError, FederateConfig, option_flag
 from .federated.fpenv import flush_denormals
-from .federated.loop import _class_sums, resolve_logit_scale, resolve_train_views, text_head
+from .federated.loop import (_class_sums, finetune_adapters, finetune_lanes, resolve_logit_scale, resolve_train_views,
+                             text_head)
 from .federated.protocols import Client, Experiment, build_experiments, split_indices
 from .federated.train import LocalHyper, batch_schedule, evaluate, host_tensor, lane_key, local_update
 
@@ -55,8 +60,6 @@ HEAD = "__head__"  # the prototype head's entry in a packed array
 # Federate options the Flower apps do not honour, each with what to do instead (a silently ignored option would
 # give a run folder that looks like federate's but is not). Checked against the defaults.
 UNSUPPORTED = {
-    "finetune_steps": "fine-tuning the selected adapter at each site is not implemented for deployments; use "
-                      "`fedclip-cache federate` (or leave it at 0)",
     "device": "the sites train on their CPU; leave --device at cpu",
 }
 
@@ -219,7 +222,8 @@ class SiteClient:
                 "cache": str(Path(self.cache.path).resolve()), "images": len(self.cache),
                 "complete": bool(self.cache.complete), "identity": json.dumps(self.cache.identity()),
                 "logit_scale": self.logit_scale, "logit_scale_source": self.logit_scale_source,
-                "train_n": len(c.train), "val_n": len(c.val), "test_n": len(c.test), "dropped": c.dropped}
+                "train_views": self.views, "train_n": len(c.train), "val_n": len(c.val), "test_n": len(c.test),
+                "dropped": c.dropped}
 
     def class_stats(self) -> dict:
         """Per-class sums of this site's normalised training features and class counts (``--head prototype``)."""
@@ -262,6 +266,17 @@ class SiteClient:
         ta, tl = self._score(params, c.test, head)
         return {**self.facts(), "test_accuracy": ta, "test_loss": tl, "val_accuracy": va, "val_loss": vl}
 
+    def finetune(self, params: dict, head: Optional[torch.Tensor] = None) -> float:
+        """``--finetune-steps``: the selected global adapter ``params`` fine-tuned on this site's train split
+        (``loop.finetune_adapters`` on this site's lane: the schedule, seed, key and fresh optimiser of ``federate``)
+        and scored on its test split (NaN when it has none)."""
+        lanes = finetune_lanes([Experiment(self.exp.name, self.exp.seed, [self.client])])
+        with flush_denormals(not self.cfg.keep_denormals):  # as run_loop
+            tuned = finetune_adapters(self.kind, {n: v.unsqueeze(0) for n, v in params.items()}, self.X, self.Y,
+                                      self._head(head).unsqueeze(0), lanes, self.cfg.finetune_steps, self.hp,
+                                      self.opts)
+            return self._score({k: v[0] for k, v in tuned.items()}, self.client.test, head)[0]
+
     def handle(self, rec: dict, params: dict) -> tuple[dict, dict]:
         """One message (config record, unpacked tensors) -> the reply's (config record, tensors to pack)."""
         if rec.get("phase") == "setup":
@@ -269,6 +284,10 @@ class SiteClient:
             return self.facts(), stats
         head = params.pop(HEAD, None)
         out: dict = {"client": self.name, "heldout": self.heldout_site}
+        if rec.get("phase") == "finetune":  # the held-out site never trains: it answers with nothing to record
+            if not self.heldout_site:
+                out.update(finetuned=True, test_finetuned=self.finetune(params, head))
+            return out, {}
         if rec.get("evaluate"):
             out.update(self.evaluate(params, head), evaluated=True)
         if self.name in list(rec.get("train", [])) and not self.heldout_site:
@@ -324,6 +343,13 @@ def _setup(message: Message, context: Context) -> Message:
 
 @client_app.train("round")
 def _round(message: Message, context: Context) -> Message:
+    rec, params = read(message.content)
+    out, arrays = site_client(context).handle(rec, params)
+    return Message(content(out, arrays), reply_to=message)
+
+
+@client_app.train("finetune")
+def _finetune(message: Message, context: Context) -> Message:
     rec, params = read(message.content)
     out, arrays = site_client(context).handle(rec, params)
     return Message(content(out, arrays), reply_to=message)

@@ -5,7 +5,9 @@ sites): what each round's message carries, and what the replies turn into -- the
 (``loop.sample_lanes``: max(int(n * fraction_fit), min_fit_clients) training sites per round, seeded, over the
 sites in the loop's lane order), its FedAvg (``train.aggregate`` with ``train.client_weights``: uniform or by
 training-set size) followed by the algorithm's ``server_update``, and the run folder (:class:`RunRecorder`).
-:func:`main` moves the messages (see flower.py for the protocol).
+:func:`main` moves the messages (see flower.py for the protocol). With ``--finetune-steps`` the Coordinator keeps
+the global adapter of the round selected so far (``RunRecorder.selected``: the run folder's own selection) and,
+after the final evaluation, one more message sends it to the sites to fine-tune (``train.finetune``).
 
 Fault tolerance: a round waits at most ``round_timeout`` seconds for replies; fewer than ``min_results`` trained
 adapters leave the global model (and the server optimiser's state) as it was; a lost training site is averaged
@@ -52,7 +54,10 @@ class Coordinator:
 
     def __init__(self, cfg: FederateConfig, recorder: Optional[RunRecorder] = None,
                  min_results: int = DEFAULT_MIN_RESULTS):
+        if recorder is None and cfg.finetune_steps:  # the selection (which adapter to fine-tune) reads the reports
+            recorder = RunRecorder(cfg, None)
         self.cfg, self.recorder, self.min_results = cfg, recorder, min_results
+        self.selected: dict = {}  # --finetune-steps: the global adapter of the selected round so far (stacked)
         self.algo = make_algorithm(cfg)
         self.exp_name = f"heldout={cfg.heldout[0]}/seed{cfg.seed}" if cfg.heldout else f"personal/seed{cfg.seed}"
         self.sites: dict[str, dict] = {}  # name -> facts (every site that ever answered)
@@ -125,6 +130,8 @@ class Coordinator:
             evals = [rec for rec, _ in replies if rec.get("evaluated")]
             seen = {str(r["client"]) for r in evals}
             self.recorder.evaluate_round(rnd - 1, evals, len(set(self.sites) - seen))
+            if self.cfg.finetune_steps and self.recorder.selected():  # the adapter these evaluations scored
+                self.selected = {n: v.clone() for n, v in self.current.items()}
         if rnd > self.cfg.rounds:
             return
         trained, seen = {}, set()
@@ -145,6 +152,36 @@ class Coordinator:
         w = client_weights(np.array([trained[s][1] for s in order]), "samples")
         averaged = aggregate(stacked, [np.arange(len(order))], [w])
         self.current, self.extra = self.algo.server_update(self.current, averaged, self.extra, rnd)
+
+    # ---- --finetune-steps (after the final evaluation)
+
+    def finetune_message(self) -> tuple[dict, dict]:
+        """The fine-tune message: the selected round's global adapter (as ``federate``'s ``best_server``)."""
+        rec = {"phase": "finetune", "steps": self.cfg.finetune_steps}
+        params = {n: v[0] for n, v in (self.selected or self.current).items()}
+        if self.head is not None:
+            params[HEAD] = self.head
+        return rec, params
+
+    def receive_finetune(self, replies: list[tuple[dict, dict]]) -> None:
+        """Each training site's test accuracy after fine-tuning, in the loop's lane order; a training site that
+        did not answer is recorded as a failure (no number, never imputed)."""
+        acc = {}
+        for rec, _ in replies:
+            self.learn(rec)
+            name = str(rec["client"])
+            if rec.get("finetuned") and not rec.get("heldout") and name not in acc:
+                acc[name] = float(rec["test_finetuned"])
+        order = self.training_sites()
+        missing = [n for n in order if n not in acc]
+        if missing:
+            log(WARNING, "--finetune-steps: no answer from %s", ", ".join(missing))
+        if len(acc) < self.min_results:
+            log(WARNING, "--finetune-steps: %s site(s) answered, fewer than min_results=%s", len(acc),
+                self.min_results)
+        tuned = {n: acc[n] for n in order + sorted(set(acc) - set(order)) if n in acc and not np.isnan(acc[n])}
+        if self.recorder:
+            self.recorder.finetune_round(tuned, missing)
 
     def finish(self) -> dict:
         params = {n: v.clone() for n, v in self.current.items()}
@@ -270,4 +307,10 @@ def main(grid: Grid, context: Context) -> None:
         co.receive(rnd, replies)
         log(INFO, "%s %s replies in %.3f s, aggregated in %.3f s", "[ROUND %s]" % rnd if rnd <= cfg.rounds
             else "[SUMMARY]", len(replies), t2 - t, time.perf_counter() - t2)
+    if cfg.finetune_steps:  # one more message: each training site fine-tunes the selected adapter
+        t = time.perf_counter()
+        rec, params = co.finetune_message()
+        replies = ex(ex.live_nodes(), "train.finetune", rec, params, "finetune", timeout)
+        co.receive_finetune(replies)
+        log(INFO, "[FINETUNE] %s replies in %.3f s", len(replies), time.perf_counter() - t)
     co.finish()

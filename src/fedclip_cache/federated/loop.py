@@ -476,14 +476,9 @@ class _Loop:
                          np.array(val_means), fit_clients=fit, notes=self.notes, train_views=self.train_views)
         if self.prompts is not None:
             res.trainable_params = self.prompts.num_params
-        if cfg.finetune_steps and self.train_views > 1 and algo.trains and not algo.personal:
-            res.notes.append(f"--finetune-steps fine-tunes on view 0 only (--train-views {cfg.train_views} applies "
-                             f"to the rounds)")
+        res.notes += finetune_notes(cfg, algo, self.train_views)
         if cfg.finetune_steps and algo.trains and not algo.personal:
             res.finetuned = finetune(self)
-        elif cfg.finetune_steps:
-            res.notes.append(f"--finetune-steps ignored: {cfg.algo} "
-                             f"{'keeps a model per client already' if algo.personal else 'trains nothing'}")
         res.seconds = time.perf_counter() - self.t0
         return res
 
@@ -507,26 +502,58 @@ def finetune_schedule(train: np.ndarray, seed: int, key: int, steps: int, hp: Lo
     return out[:steps]
 
 
+def finetune_notes(cfg: FederateConfig, algo: Algorithm, train_views: int) -> list[str]:
+    """What the summary says about ``--finetune-steps`` (in-process and in a Flower deployment alike)."""
+    if not cfg.finetune_steps:
+        return []
+    if not algo.trains or algo.personal:
+        return [f"--finetune-steps ignored: {cfg.algo} "
+                f"{'keeps a model per client already' if algo.personal else 'trains nothing'}"]
+    if train_views > 1:
+        return [f"--finetune-steps fine-tunes on view 0 only (--train-views {cfg.train_views} applies to the rounds)"]
+    return []
+
+
+def finetune_lanes(experiments: list[Experiment]) -> list[Lane]:
+    """The lanes that fine-tune: every training client of every experiment (never a held-out domain), with the
+    seed and key of its lane in the rounds, largest train split first."""
+    lanes = [Lane(ei, ci, cl.train, e.seed, lane_key(e.name, cl.name))
+             for ei, e in enumerate(experiments) for ci, cl in enumerate(e.clients)]
+    lanes.sort(key=lambda ln: -len(ln.train))
+    return lanes
+
+
+def finetune_schedules(lanes: list[Lane], steps: int, hp: LocalHyper) -> list[list[np.ndarray]]:
+    return [finetune_schedule(ln.train, ln.seed, ln.key, steps, hp) for ln in lanes]
+
+
+def finetune_adapters(kind: AdapterKind, start: Params, X: Rows, Y: torch.Tensor, heads: torch.Tensor,
+                      lanes: list[Lane], steps: int, hp: LocalHyper, opts: dict) -> Params:
+    """``steps`` local steps of each lane from ``start`` (stacked per lane) on view 0 of its train split: a fresh
+    local optimiser with the rounds' hyper-parameters, no proximal term. The one implementation of adapter
+    fine-tuning: :func:`finetune` (all lanes at once) and a Flower site (its own lane) call it."""
+    return local_update(kind, start, X, Y, heads, finetune_schedules(lanes, steps, hp),
+                        LocalHyper(**{**hp.__dict__, "mu": 0.0}), opts)
+
+
 def finetune(loop: _Loop) -> dict:
     """Personalised evaluation: each client fine-tunes its experiment's selected global model for
     ``--finetune-steps`` local steps (a fresh local optimiser, as a round) on its train split, and is scored on its
     own test split. Returns experiment -> client -> test accuracy."""
     cfg, exps = loop.cfg, loop.experiments
     start_from = loop.best_server or loop.state.server
-    lanes = [Lane(ei, ci, cl.train, e.seed, lane_key(e.name, cl.name))
-             for ei, e in enumerate(exps) for ci, cl in enumerate(e.clients)]
-    lanes.sort(key=lambda ln: -len(ln.train))
+    lanes = finetune_lanes(exps)
     lane_exp = torch.tensor([ln.exp for ln in lanes], dtype=torch.long, device=loop.device)
     start = {n: v[lane_exp] for n, v in start_from.items()}
-    schedules = [finetune_schedule(ln.train, ln.seed, ln.key, cfg.finetune_steps, loop.hp) for ln in lanes]
     if loop.prompts is not None:  # prompt learning: fine-tune the context with the prompt optimiser at --prompt-lr
+        schedules = finetune_schedules(lanes, cfg.finetune_steps, loop.hp)
         ctx = loop.prompts.train(start["ctx"], schedules, loop.X, loop.Y, cfg.prompt_lr, loop.logit_scale,
                                  cfg.prompt_momentum, cfg.prompt_weight_decay)
         tuned, heads = {}, loop.prompts.heads(ctx)  # each client scored against its own context's class embeddings
     else:
         heads = torch.stack([loop.exp_head[ln.exp] for ln in lanes])
-        hp = LocalHyper(**{**loop.hp.__dict__, "mu": 0.0})
-        tuned = local_update(loop.kind, start, loop.X, loop.Y, heads, schedules, hp, loop.opts)
+        tuned = finetune_adapters(loop.kind, start, loop.X, loop.Y, heads, lanes, cfg.finetune_steps, loop.hp,
+                                  loop.opts)
     groups = [[(li, exps[ln.exp].clients[ln.client].test)] if len(exps[ln.exp].clients[ln.client].test) else []
               for li, ln in enumerate(lanes)]
     plan = EvalPlan(groups, len(lanes), loop.X, heads, loop.device)

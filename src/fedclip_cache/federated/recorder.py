@@ -46,6 +46,8 @@ class RunRecorder:
     health: list = field(default_factory=list)  # per round: results / failures of fit and evaluate
     info: Optional[SiteCaches] = None
     sampled: list = field(default_factory=list)  # per round: sites sampled to train (the loop's fit_clients)
+    finetuned: Optional[dict] = None  # --finetune-steps: site -> test accuracy after fine-tuning (lane order)
+    finetune_health: Optional[dict] = None  # --finetune-steps: the sites that answered and those that did not
 
     def fit_round(self, rnd: int, results: int, failures: int, sampled: Optional[int] = None) -> None:
         self.health.append({"round": rnd, "fit_results": results, "fit_failures": failures})
@@ -67,17 +69,49 @@ class RunRecorder:
                                        "complete": bool(m["complete"]), "identity": m["identity"]}
             self.info = info
 
+    def finetune_round(self, accuracies: dict, failures: list) -> None:
+        """``--finetune-steps``: each training site's test accuracy after fine-tuning the selected adapter (a site
+        with no test split, or that did not answer, has none: left out of the means, never imputed)."""
+        self.finetuned = dict(accuracies)
+        self.finetune_health = {"results": len(accuracies), "failures": list(failures)}
+
+    def _last(self) -> dict:
+        """Every site that ever reported, with its latest report (a site lost mid-run keeps its earlier rounds)."""
+        last = {}
+        for rep in self.reports:
+            last.update(rep)
+        return last
+
+    def val_means(self) -> np.ndarray:
+        """Per evaluated round, the mean validation accuracy over the training sites that reported it (NaN when
+        none did; 0 when no site has a validation split): the curve the selection reads
+        (``results.selected_round``)."""
+        last = self._last()
+        val_sites = [s for s in sorted(s for s, m in last.items() if not m["heldout"]) if last[s]["val_n"]]
+        out = []
+        for rep in self.reports:
+            v = np.array([rep[s]["val_accuracy"] if s in rep else np.nan for s in val_sites], dtype=float)
+            v = v[~np.isnan(v)]
+            out.append(float(v.mean()) if len(v) else (float("nan") if val_sites else 0.0))
+        return np.array(out, dtype=float)
+
+    def selected(self) -> bool:
+        """Whether the round evaluated last is the selected one so far (the global adapter to keep for
+        ``--finetune-steps``)."""
+        from .results import selected_round
+
+        curve = self.val_means()
+        return len(curve) > 0 and selected_round(curve) == len(curve) - 1
+
     # ------------------------------------------------------------------------------------------ the result
 
     def result(self, final_params: dict, trainable: int):
         """A ``loop.LoopResult`` built from the reports: the clients every report agrees on, their segments in the
         in-process order (per client val, test; then the held-out domain), NaN where a site did not report."""
-        from .loop import LoopResult
+        from .algorithms import make_algorithm
+        from .loop import LoopResult, finetune_notes
 
-        # every site that ever reported, with its latest report (a site lost mid-run keeps its earlier rounds)
-        last = {}
-        for rep in self.reports:
-            last.update(rep)
+        last = self._last()
         train_sites = sorted(s for s, m in last.items() if not m["heldout"])
         held = [s for s, m in last.items() if m["heldout"]]
         heldout = held[0] if held else None
@@ -108,12 +142,7 @@ class RunRecorder:
                 if s in rep:
                     acc[r, k], loss[r, k] = rep[s][f"{split}_accuracy"], rep[s][f"{split}_loss"]
         val = [k for k, (_, split) in enumerate(keys) if split == "val"]
-        def val_mean_at(r: int) -> float:  # over the sites that reported this round; NaN if none did
-            v = acc[r, val]
-            v = v[~np.isnan(v)]
-            return float(v.mean()) if len(v) else (float("nan") if val else 0.0)
-
-        val_mean = np.array([[val_mean_at(r)] for r in range(len(self.rounds))])
+        val_mean = self.val_means().reshape(len(self.rounds), 1)
         if not cfg.curves:  # as the loop's lazy Evaluator: test/held-out kept where validation improved, and last
             best, rest = -np.inf, [k for k in range(len(keys)) if k not in val]
             for r in range(len(self.rounds)):
@@ -122,9 +151,13 @@ class RunRecorder:
                 if not improved and r != len(self.rounds) - 1:
                     acc[r, rest] = loss[r, rest] = np.nan
         first = last[train_sites[0]] if train_sites else next(iter(last.values()))
+        views = int(first.get("train_views", 1))  # --train-views as the sites resolved it
+        algo = make_algorithm(cfg)
+        finetuned = {name: dict(self.finetuned)} if self.finetuned is not None else None
         return LoopResult([exp], segments, list(self.rounds), acc, loss, trainable, time.perf_counter() - self.t0,
                           final_params, float(first["logit_scale"]), str(first["logit_scale_source"]), val_mean,
-                          fit_clients=list(self.sampled) or [len(train_sites)] * len(self.rounds))
+                          finetuned=finetuned, fit_clients=list(self.sampled) or [len(train_sites)] * len(self.rounds),
+                          notes=finetune_notes(cfg, algo, views), train_views=views)
 
     def write(self, final_params: dict, trainable: int) -> dict:
         """The summary (and, with ``out``, the run folder) of the deployment."""
@@ -133,7 +166,8 @@ class RunRecorder:
 
         res = self.result(final_params, trainable)
         summary = summarise(res, self.cfg, self.info)
-        summary["deployment"] = {"rounds": self.health}
+        summary["deployment"] = {"rounds": self.health,
+                                 **({"finetune": self.finetune_health} if self.finetune_health is not None else {})}
         if self.out is not None:
             import pyarrow.parquet as pq
             import torch

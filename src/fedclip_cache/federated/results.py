@@ -74,6 +74,12 @@ def _finite(x) -> Optional[float]:
     return None if np.isnan(x) else float(x)
 
 
+def selected_round(val_curve: np.ndarray) -> int:
+    """The index of the selected round in a mean-validation curve: the first best, as the official `if best < val`
+    update; a round nobody reported (a deployment: NaN) never wins."""
+    return int(np.argmax(np.nan_to_num(np.asarray(val_curve, dtype=float), nan=-np.inf)))
+
+
 def summarise(res: LoopResult, cfg: FederateConfig, cache: FeatureCache) -> dict:
     segs = res.segments
     exps = []
@@ -84,8 +90,7 @@ def summarise(res: LoopResult, cfg: FederateConfig, cache: FeatureCache) -> dict
         held = [i for i in ix if segs[i]["split"] == "heldout"]
         val_curve = res.val_mean[:, ei] if res.val_mean is not None else \
             (res.acc[:, val].mean(1) if val else np.zeros(len(res.rounds)))
-        # first best, as the official `if best < val` update; a round nobody reported (a deployment) never wins
-        best = int(np.argmax(np.nan_to_num(val_curve, nan=-np.inf)))
+        best = selected_round(val_curve)
 
         def at(k, val=val, test=test, held=held, val_curve=val_curve):
             return {
