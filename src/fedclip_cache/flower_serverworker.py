@@ -49,6 +49,30 @@ def acquire_serverapp_task(address: str, secret: bytes, timeout: float = 600.0) 
     raise SystemExit(f"no ServerApp task from the SuperLink at {address} within {timeout:.0f} s")
 
 
+def quick_flush_logs(log_queue, timeout: float = 3.0) -> bool:
+    """flwr 1.42's ``flush_logs`` (called by ``run_serverapp`` before it pushes the run's final status) without its
+    fixed 1 s sleep once the queue is empty ("allow the PushLogs call to complete"): every run of ``deploy`` ended
+    a second late. The uploader pushes what it took from the queue within one upload interval (0.2 s; a few ms on
+    localhost), and ``run_serverapp`` joins it (``stop_log_uploader``) before the process exits, so no log line is
+    lost; only the last lines may reach the SuperLink a moment after the status (``deploy`` reads this process's
+    own log file, not the SuperLink's log stream)."""
+    from flwr.common.constant import LOG_UPLOAD_INTERVAL
+
+    deadline = time.monotonic() + timeout
+    while not log_queue.empty() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(min(LOG_UPLOAD_INTERVAL / 4, max(0.0, deadline - time.monotonic())))
+    return log_queue.empty()
+
+
+def install_quick_flush() -> None:
+    """:func:`quick_flush_logs` in place of flwr's, in the MODULE ``flwr.superlink.runtime.run_serverapp`` (whose
+    package rebinds the name ``run_serverapp`` to the function: ``import ... as`` would patch the function)."""
+    import importlib
+
+    importlib.import_module("flwr.superlink.runtime.run_serverapp").flush_logs = quick_flush_logs
+
+
 def main(argv: list[str]) -> None:
     if len(argv) != 2:
         raise SystemExit("usage: python -m fedclip_cache.flower_serverworker HOST:PORT SECRET_FILE")
@@ -60,6 +84,7 @@ def main(argv: list[str]) -> None:
 
     from . import flower  # noqa: F401  (torch, flwr and the apps: imported before the run exists)
 
+    install_quick_flush()
     token = acquire_serverapp_task(address, secret)
     log_queue: Queue = Queue()
     mirror_output_to_queue(log_queue)  # as flwr-serverapp: what the ServerApp logs streams to `flwr run`
