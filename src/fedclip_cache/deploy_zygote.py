@@ -6,10 +6,11 @@ on 2 cores: most of a deployment's start-up). The zygote is fresh (it never comp
 OpenMP thread pool exists when it forks) and forks before it starts any thread. Each child runs in its own session
 (as ``start_new_session``), its output in its log file. Protocol on stdout, one JSON object per line:
 ``{"name", "pid"}`` when a child started, ``{"name", "exit"}`` when it ended; the zygote ends with its last child.
-On stdin, ``{"log", "early_log", "specs"}``: ``deploy`` starts the zygote before it has checked its options, so the
-zygote imports the SuperLink's modules first, then reads its specs (its stderr moves from ``early_log`` to ``log``),
-forks the SuperLink (spec kind ``superlink``: flwr 1.42's ``flower-superlink`` entry point with the spec's
-``args``) before it imports torch, then the others.
+On stdin, ``{"log", "early_log", "specs"}``: ``deploy`` starts the zygote before it has checked its options. The
+zygote forks the SuperLink's child at once (:func:`_prefork_superlink`: it imports the SuperLink's modules while
+the zygote imports torch and the apps, reads the specs from stdin, passes them on and serves as the spec of kind
+``superlink`` says: flwr 1.42's ``flower-superlink`` entry point with the spec's ``args``); then the zygote reads
+the specs from that child (its stderr moves from ``early_log`` to ``log``) and forks the others.
 """
 from __future__ import annotations
 
@@ -119,28 +120,51 @@ def _fork(spec: dict, pids: dict) -> None:
     print(json.dumps({"name": spec["name"], "pid": pid}), flush=True)
 
 
+def _prefork_superlink() -> tuple[int, int]:
+    """Fork, at once, the child that will be the SuperLink: it imports the SuperLink's modules (flwr 1.42: ~1.3 s)
+    while this process imports torch and the apps (in parallel on a second core instead of one after the other),
+    then reads the deployment's specs from stdin (``deploy`` sends them once its checks passed), hands them on to
+    this process through a pipe and serves as the ``superlink`` spec says. Until then it stays in this process's
+    group (``deploy`` aborting kills both). Returns (its pid, the pipe's read end)."""
+    r, w = os.pipe()
+    sys.stdout.flush()
+    pid = os.fork()
+    if pid:
+        os.close(w)
+        return pid, r
+    code = 1
+    try:
+        os.close(r)
+        os.dup2(2, 1)  # stdout is the zygote's report pipe to deploy: nothing of this child's may go there
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        die_with_parent(os.getppid())
+        import flwr.superlink.cli.flower_superlink  # noqa: F401
+
+        data = sys.stdin.buffer.read()
+        with os.fdopen(w, "wb") as pipe:
+            pipe.write(data)
+        spec = next((s for s in json.loads(data)["specs"] if s["kind"] == "superlink"), None)
+        code = 0 if spec is None else (_child({**spec, "_zygote": os.getppid()}) or 0)
+    except SystemExit as ex:
+        code = ex.code if isinstance(ex.code, int) else (0 if ex.code is None else 1)
+    except BaseException:  # noqa: BLE001
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
 def main() -> None:
-    # started before the deployment's options are checked: import the SuperLink's modules (flwr 1.42: ~1.2 s) while
-    # deploy checks them, then wait for the specs (deploy kills this process when a check fails)
+    # started before the deployment's options are checked (deploy kills this process group when a check fails)
     if os.environ.get("FEDCLIP_DEPLOY_PARENT"):
         die_with_parent(int(os.environ["FEDCLIP_DEPLOY_PARENT"]))
-    import flwr.superlink.cli.flower_superlink  # noqa: F401
-
-    msg = json.loads(sys.stdin.read())
-    specs = msg["specs"]
-    fd = os.open(msg["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)  # stderr: from now on the run's log,
-    with open(msg["early_log"], "rb") as early:  # with what the imports wrote before
-        os.write(fd, early.read())
-    os.dup2(fd, 2)
-    os.close(fd)
     # SIGTERM (deploy stopping everything) is for the children: the zygote reaps them, reports, and ends with the
     # last one, so that no child is left a zombie for init to find
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    pids: dict = {}
-    # the SuperLink first, as soon as its own modules are imported (flwr 1.42: ~1.2 s), so that it is up while the
-    # zygote imports torch and the apps for the others (instead of a separate `flower-superlink` Python start-up)
-    for spec in (s for s in specs if s["kind"] == "superlink"):
-        _fork(spec, pids)
+    superlink, pipe = _prefork_superlink()
     import torch  # noqa: F401
 
     import flwr.superlink.runtime.run_serverapp  # noqa: F401
@@ -150,8 +174,26 @@ def main() -> None:
     from . import flower, flower_serverworker, flower_site  # noqa: F401
 
     warm()
-    for spec in (s for s in specs if s["kind"] != "superlink"):
-        _fork(spec, pids)
+    with os.fdopen(pipe, "rb") as f:  # the specs, as the SuperLink's child read them from stdin
+        data = f.read()
+    if not data:
+        raise SystemExit("deploy_zygote: no specs (the SuperLink's child ended before it read them)")
+    msg = json.loads(data)
+    specs = msg["specs"]
+    fd = os.open(msg["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)  # stderr: from now on the run's log,
+    with open(msg["early_log"], "rb") as early:  # with what the imports wrote before
+        os.write(fd, early.read())
+    os.dup2(fd, 2)
+    os.close(fd)
+    pids: dict = {}
+    for spec in specs:
+        if spec["kind"] == "superlink":  # forked at the start; serving by now (or soon)
+            pids[superlink] = spec["name"]
+            print(json.dumps({"name": spec["name"], "pid": superlink}), flush=True)
+        else:
+            _fork(spec, pids)
+    if superlink not in pids:  # no SuperLink wanted: its child has ended (reaped below, not reported)
+        pids[superlink] = None
     while pids:
         try:
             pid, status = os.wait()
@@ -160,6 +202,9 @@ def main() -> None:
         name = pids.pop(pid, None)
         if name is not None:
             print(json.dumps({"name": name, "exit": os.waitstatus_to_exitcode(status)}), flush=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # the interpreter's teardown of torch and flwr takes ~0.8 s, and deploy waits for this process
 
 
 if __name__ == "__main__":
