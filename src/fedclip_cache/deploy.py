@@ -200,6 +200,7 @@ class Zygote:
         self.exits: dict = {}
         self.done = threading.Event()
         self.children: list = []
+        self.managed = False  # its children are in the Deployment's processes (started() returned)
 
     def abort(self) -> None:
         try:
@@ -226,6 +227,17 @@ class Zygote:
         """Wait until every child is forked (the zygote imports torch first), then let ``dep`` manage them."""
         _wait(lambda: len(self.pids) == len(self.children), dep, limit, "the zygote did not fork the sites")
         dep.procs.extend((c.name, c, None) for c in self.children)
+        self.managed = True
+
+    def kill(self) -> None:
+        """SIGKILL now, while it is still forking (deploy interrupted or failed before :meth:`started` returned):
+        its children are not the Deployment's yet, so SIGTERM reaches none of them, and the zygote (which ignores
+        SIGTERM and ends with its last child) would keep ``stop`` waiting its whole grace period. Each child it
+        forked dies with it (PR_SET_PDEATHSIG, set before the child does anything else)."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def _dies_with_us():
@@ -324,7 +336,16 @@ class Launch:
             raise DeployError("deploy needs Flower's command-line tools (flower-superlink, flower-supernode, flwr): "
                               "pip install 'fedclip-cache[flower]'")
         self.isolation, self.poll_interval = isolation, poll_interval
-        self.tmp = tmp = Path(tempfile.mkdtemp(prefix="fedclip-deploy-"))
+        self.zygote = None
+        self.tmp = Path(tempfile.mkdtemp(prefix="fedclip-deploy-"))
+        try:
+            self._start(isolation, poll_interval)
+        except BaseException:  # an interrupt right now: no folder left behind
+            self.abort()
+            raise
+
+    def _start(self, isolation: str, poll_interval: float) -> None:
+        tmp = self.tmp
         (tmp / "app").mkdir()
         (tmp / "home").mkdir()
         src = str(Path(__file__).resolve().parent.parent)  # so flwr-serverapp/-clientapp import this fedclip_cache
@@ -473,6 +494,8 @@ def deploy(site_caches: list, out, cfg, *, timeout: Optional[float] = None, log:
             old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
         if zygote is not None and not zygote.children:  # failed before it got its specs
             zygote.abort()
+        elif zygote is not None and not zygote.managed:  # failed or interrupted while it forked
+            zygote.kill()
         dep.stop(grace)
         lock.close()
         if old_term is not None:
