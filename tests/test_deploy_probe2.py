@@ -115,3 +115,22 @@ def test_ctrl_c_while_the_cli_reads_its_options_is_one_line(tmp_path, monkeypatc
                                        "sketch"])
     assert res.exit_code == 130, res.output
     assert "deploy: interrupted" in res.output and aborted == [True]
+
+
+def test_sigterm_while_deploy_checks_its_input_cleans_up(tmp_path):
+    """Probe: the same for deploy() called from Python (its own Launch, made before the checks): SIGTERM during the
+    checks killed the caller with the default action and left /tmp/fedclip-deploy-* (deploy() installed its SIGTERM
+    handler only once the checks had passed). Now it is a KeyboardInterrupt, the launch aborted."""
+    sites = _sites(tmp_path)
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    script = ("import os, signal, sys\nfrom fedclip_cache import deploy\n"
+              "from fedclip_cache.federated.config import FederateConfig\nreal = deploy.check_sites\n"
+              "def check(*a, **k):\n    os.kill(os.getpid(), signal.SIGTERM)\n    return real(*a, **k)\n"
+              "deploy.check_sites = check\ncfg = FederateConfig(rounds=1, heldout=['sketch']).validate()\n"
+              "try:\n    deploy.deploy(sys.argv[2:], sys.argv[1], cfg)\nexcept KeyboardInterrupt:\n"
+              "    print('interrupted')\n    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL\n")
+    p = subprocess.run([sys.executable, "-c", script, str(tmp_path / "run"), *sites], capture_output=True,
+                       text=True, timeout=120, env={**os.environ, "PYTHONPATH": SRC, "TMPDIR": str(tmp)})
+    assert p.returncode == 0 and p.stdout.strip() == "interrupted", (p.returncode, p.stdout, p.stderr)
+    assert list(tmp.glob("fedclip-deploy-*")) == []

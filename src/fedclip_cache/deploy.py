@@ -379,11 +379,20 @@ def deploy(site_caches: list, out, cfg, *, timeout: Optional[float] = None, log:
     any dead process fails the deployment at once. ``launch``: a :class:`Launch` the caller started earlier (with
     this ``isolation`` and ``poll_interval``); it is used up either way."""
     t0 = time.monotonic()
-    if launch is None:
-        launch = Launch(isolation, poll_interval)
-    elif (launch.isolation, launch.poll_interval) != (isolation, poll_interval):
-        launch.abort()
-        raise ValueError("deploy: launch was made for another isolation / poll interval")
+    old_term = None
+    if threading.current_thread() is threading.main_thread():  # SIGTERM ends us through the finally below (and,
+        # before that, through the abort of the launch: its temporary folder and zygote exist from the start)
+        old_term = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        if launch is None:
+            launch = Launch(isolation, poll_interval)
+        elif (launch.isolation, launch.poll_interval) != (isolation, poll_interval):
+            launch.abort()
+            raise ValueError("deploy: launch was made for another isolation / poll interval")
+    except BaseException:
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
+        raise
     bindir, tmp, env, zygote = launch.bindir, launch.tmp, launch.env, launch.zygote
     port = free_port()
     try:
@@ -408,15 +417,14 @@ def deploy(site_caches: list, out, cfg, *, timeout: Optional[float] = None, log:
         lock = _lock_run_folder(out, logs)
     except BaseException:
         launch.abort()
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
         raise
     (tmp / "app" / "pyproject.toml").write_text(app_pyproject(rc))
     (tmp / "home" / "config.toml").write_text(connection_config(port))
     grace = 10.0  # seconds each process gets to end after SIGTERM (failure, Ctrl-C)
     dep = Deployment(env, logs)
     timings: dict = {}
-    old_term = None
-    if threading.current_thread() is threading.main_thread():  # SIGTERM ends us through the finally below
-        old_term = signal.signal(signal.SIGTERM, _interrupt)
     try:
         log(f"SuperLink on 127.0.0.1:{port} (logs: {logs})")
         superlink = [f"{bindir}/flower-superlink", "--insecure", "--port", str(port),
