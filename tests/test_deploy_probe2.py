@@ -100,6 +100,8 @@ def test_ctrl_c_while_the_cli_reads_its_options_is_one_line(tmp_path, monkeypatc
     aborted = []
 
     class FakeLaunch:
+        used = False
+
         def __init__(self, *a, **k):
             pass
 
@@ -133,4 +135,38 @@ def test_sigterm_while_deploy_checks_its_input_cleans_up(tmp_path):
     p = subprocess.run([sys.executable, "-c", script, str(tmp_path / "run"), *sites], capture_output=True,
                        text=True, timeout=120, env={**os.environ, "PYTHONPATH": SRC, "TMPDIR": str(tmp)})
     assert p.returncode == 0 and p.stdout.strip() == "interrupted", (p.returncode, p.stdout, p.stderr)
+    assert list(tmp.glob("fedclip-deploy-*")) == []
+
+
+def test_a_launch_deploy_never_took_is_ended_by_the_cli(tmp_path, monkeypatch):
+    """Probe: when the CLI's deploy() call raised before it took the CLI's Launch (as in
+    test_deploy.py::test_interrupted_deploy_says_so_in_one_line), the Launch's zygote ran on (until the caller
+    exited) and its /tmp/fedclip-deploy-* folder stayed: every run of that test left one."""
+    import tempfile
+
+    from typer.testing import CliRunner
+
+    from fedclip_cache import cli
+
+    if dep.flower_bin_dir() is None:
+        pytest.skip("Flower's CLIs are not installed")
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    launches = []
+    real = dep.Launch
+
+    def launch(*a, **k):
+        launches.append(real(*a, **k))
+        return launches[-1]
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dep, "Launch", launch)
+    monkeypatch.setattr(dep, "deploy", interrupted)
+    res = CliRunner().invoke(cli.app, ["deploy", *_sites(tmp_path), "-o", str(tmp_path / "run"), "--heldout",
+                                       "sketch"])
+    assert res.exit_code == 130 and "deploy: interrupted" in res.output
+    assert len(launches) == 1 and launches[0].zygote.proc.poll() is not None
     assert list(tmp.glob("fedclip-deploy-*")) == []

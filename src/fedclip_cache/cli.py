@@ -387,16 +387,12 @@ def deploy(
 
     # SIGTERM is a Ctrl-C from the start: the Launch below makes a temporary folder and starts the zygote BEFORE the
     # options are checked (seconds: the check imports torch); SIGTERM's default action there left the folder behind
-    old_term = None
+    old_term = launch = None
     if threading.current_thread() is threading.main_thread():
         old_term = signal.signal(signal.SIGTERM, _interrupt)
     try:
         launch = Launch(isolation, poll_interval)  # first: its zygote imports flwr and torch while the options are checked
-        try:
-            cfg = _federate_config(fed_options, validate=False)  # validated by deploy (the check imports torch)
-        except BaseException:
-            launch.abort()
-            raise
+        cfg = _federate_config(fed_options, validate=False)  # validated by deploy (the check imports torch)
         res = run_deploy([str(c) for c in site_caches], out, cfg, timeout=timeout or None, isolation=isolation,
                          keep_going=keep_going, round_timeout=round_timeout, min_results=min_results,
                          poll_interval=poll_interval, launch=launch, flags=FEDERATE_FLAGS,
@@ -406,6 +402,8 @@ def deploy(
                   f"{out} is incomplete", highlight=False, soft_wrap=True)
         raise SystemExit(130)
     finally:
+        if launch is not None and not launch.used:  # deploy() never took it (it ends what it took)
+            launch.abort()
         if old_term is not None:
             signal.signal(signal.SIGTERM, old_term)
     console.print(f"run folder: {out} (logs/: superlink, serverapp, site-*, deploy.json)")

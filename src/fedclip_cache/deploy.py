@@ -337,6 +337,7 @@ class Launch:
                               "pip install 'fedclip-cache[flower]'")
         self.isolation, self.poll_interval = isolation, poll_interval
         self.zygote = None
+        self.used = False  # deploy() took it (and ends it, whatever happens)
         self.tmp = Path(tempfile.mkdtemp(prefix="fedclip-deploy-"))
         try:
             self._start(isolation, poll_interval)
@@ -389,6 +390,7 @@ def deploy(site_caches: list, out, cfg, *, timeout: Optional[float] = None, log:
         elif (launch.isolation, launch.poll_interval) != (isolation, poll_interval):
             launch.abort()
             raise ValueError("deploy: launch was made for another isolation / poll interval")
+        launch.used = True
     except BaseException:
         if old_term is not None:
             signal.signal(signal.SIGTERM, old_term)
