@@ -380,15 +380,19 @@ def deploy(
     """A real Flower deployment on localhost: a SuperLink, its ServerApp process and one site (`fedclip-cache site`:
     a SuperNode and its long-lived ClientApp worker) per site cache, as separate processes; --heldout names the site that only
     evaluates. Stops everything it started; exits non-zero when the run failed."""
-    from .deploy import Launch, deploy as run_deploy
+    import signal
+    import threading
 
-    launch = Launch(isolation, poll_interval)  # first: its zygote imports flwr and torch while the options are checked
+    from .deploy import Launch, _interrupt, deploy as run_deploy
+
+    # SIGTERM is a Ctrl-C from the start: the Launch below makes a temporary folder and starts the zygote BEFORE the
+    # options are checked (seconds: the check imports torch); SIGTERM's default action there left the folder behind
+    old_term = launch = None
+    if threading.current_thread() is threading.main_thread():
+        old_term = signal.signal(signal.SIGTERM, _interrupt)
     try:
+        launch = Launch(isolation, poll_interval)  # first: its zygote imports flwr and torch while the options are checked
         cfg = _federate_config(fed_options, validate=False)  # validated by deploy (the check imports torch)
-    except BaseException:
-        launch.abort()
-        raise
-    try:
         res = run_deploy([str(c) for c in site_caches], out, cfg, timeout=timeout or None, isolation=isolation,
                          keep_going=keep_going, round_timeout=round_timeout, min_results=min_results,
                          poll_interval=poll_interval, launch=launch, flags=FEDERATE_FLAGS,
@@ -397,6 +401,11 @@ def deploy(
         err.print(f"[bold red]error:[/] deploy: interrupted; every process it started was stopped, the run folder "
                   f"{out} is incomplete", highlight=False, soft_wrap=True)
         raise SystemExit(130)
+    finally:
+        if launch is not None and not launch.used:  # deploy() never took it (it ends what it took)
+            launch.abort()
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
     console.print(f"run folder: {out} (logs/: superlink, serverapp, site-*, deploy.json)")
     if res["summary"] is not None:
         from .report import render_run_summary

@@ -200,6 +200,7 @@ class Zygote:
         self.exits: dict = {}
         self.done = threading.Event()
         self.children: list = []
+        self.managed = False  # its children are in the Deployment's processes (started() returned)
 
     def abort(self) -> None:
         try:
@@ -226,6 +227,17 @@ class Zygote:
         """Wait until every child is forked (the zygote imports torch first), then let ``dep`` manage them."""
         _wait(lambda: len(self.pids) == len(self.children), dep, limit, "the zygote did not fork the sites")
         dep.procs.extend((c.name, c, None) for c in self.children)
+        self.managed = True
+
+    def kill(self) -> None:
+        """SIGKILL now, while it is still forking (deploy interrupted or failed before :meth:`started` returned):
+        its children are not the Deployment's yet, so SIGTERM reaches none of them, and the zygote (which ignores
+        SIGTERM and ends with its last child) would keep ``stop`` waiting its whole grace period. Each child it
+        forked dies with it (PR_SET_PDEATHSIG, set before the child does anything else)."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def _dies_with_us():
@@ -324,7 +336,17 @@ class Launch:
             raise DeployError("deploy needs Flower's command-line tools (flower-superlink, flower-supernode, flwr): "
                               "pip install 'fedclip-cache[flower]'")
         self.isolation, self.poll_interval = isolation, poll_interval
-        self.tmp = tmp = Path(tempfile.mkdtemp(prefix="fedclip-deploy-"))
+        self.zygote = None
+        self.used = False  # deploy() took it (and ends it, whatever happens)
+        self.tmp = Path(tempfile.mkdtemp(prefix="fedclip-deploy-"))
+        try:
+            self._start(isolation, poll_interval)
+        except BaseException:  # an interrupt right now: no folder left behind
+            self.abort()
+            raise
+
+    def _start(self, isolation: str, poll_interval: float) -> None:
+        tmp = self.tmp
         (tmp / "app").mkdir()
         (tmp / "home").mkdir()
         src = str(Path(__file__).resolve().parent.parent)  # so flwr-serverapp/-clientapp import this fedclip_cache
@@ -358,11 +380,21 @@ def deploy(site_caches: list, out, cfg, *, timeout: Optional[float] = None, log:
     any dead process fails the deployment at once. ``launch``: a :class:`Launch` the caller started earlier (with
     this ``isolation`` and ``poll_interval``); it is used up either way."""
     t0 = time.monotonic()
-    if launch is None:
-        launch = Launch(isolation, poll_interval)
-    elif (launch.isolation, launch.poll_interval) != (isolation, poll_interval):
-        launch.abort()
-        raise ValueError("deploy: launch was made for another isolation / poll interval")
+    old_term = None
+    if threading.current_thread() is threading.main_thread():  # SIGTERM ends us through the finally below (and,
+        # before that, through the abort of the launch: its temporary folder and zygote exist from the start)
+        old_term = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        if launch is None:
+            launch = Launch(isolation, poll_interval)
+        elif (launch.isolation, launch.poll_interval) != (isolation, poll_interval):
+            launch.abort()
+            raise ValueError("deploy: launch was made for another isolation / poll interval")
+        launch.used = True
+    except BaseException:
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
+        raise
     bindir, tmp, env, zygote = launch.bindir, launch.tmp, launch.env, launch.zygote
     port = free_port()
     try:
@@ -387,15 +419,14 @@ def deploy(site_caches: list, out, cfg, *, timeout: Optional[float] = None, log:
         lock = _lock_run_folder(out, logs)
     except BaseException:
         launch.abort()
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
         raise
     (tmp / "app" / "pyproject.toml").write_text(app_pyproject(rc))
     (tmp / "home" / "config.toml").write_text(connection_config(port))
     grace = 10.0  # seconds each process gets to end after SIGTERM (failure, Ctrl-C)
     dep = Deployment(env, logs)
     timings: dict = {}
-    old_term = None
-    if threading.current_thread() is threading.main_thread():  # SIGTERM ends us through the finally below
-        old_term = signal.signal(signal.SIGTERM, _interrupt)
     try:
         log(f"SuperLink on 127.0.0.1:{port} (logs: {logs})")
         superlink = [f"{bindir}/flower-superlink", "--insecure", "--port", str(port),
@@ -473,6 +504,8 @@ def deploy(site_caches: list, out, cfg, *, timeout: Optional[float] = None, log:
             old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
         if zygote is not None and not zygote.children:  # failed before it got its specs
             zygote.abort()
+        elif zygote is not None and not zygote.managed:  # failed or interrupted while it forked
+            zygote.kill()
         dep.stop(grace)
         lock.close()
         if old_term is not None:
