@@ -52,7 +52,8 @@ def test_local_deployment_runs_and_stops_everything(tmp_path):
     assert json.loads((logs / "deploy.json").read_text())["status"] == "finished:completed"
     # every process it started (the zygote and what it forked: SuperLink, ServerApp, 3 sites) is gone
     assert len(res["pids"]) == 6 and all(_group_gone(p) for p in res["pids"])
-    # the ServerApp wrote the run folder `federate` writes
+    # the ServerApp wrote the run folder `federate` writes, plots included
+    assert (tmp_path / "run" / "plots" / "accuracy_vs_round.png").stat().st_size > 0
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert res["summary"] == summary
     assert [(r["fit_results"], r["fit_failures"]) for r in summary["deployment"]["rounds"]] == [(2, 0), (2, 0)]

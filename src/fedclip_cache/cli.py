@@ -406,7 +406,8 @@ def deploy(
             launch.abort()
         if old_term is not None:
             signal.signal(signal.SIGTERM, old_term)
-    console.print(f"run folder: {out} (logs/: superlink, serverapp, site-*, deploy.json)")
+    console.print(f"run folder: {out} (config.json, metrics.parquet, summary.json, adapter.pt, plots/; logs/: "
+                  f"superlink, serverapp, site-*, deploy.json)")
     if res["summary"] is not None:
         from .report import render_run_summary
 
@@ -472,11 +473,9 @@ def simulate(
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(130)
-    from .plots import run_plots
     from .report import render_run_summary
 
-    render_run_summary(res["summary"], console)
-    run_plots(out)
+    render_run_summary(res["summary"], console)  # the ServerApp drew plots/ with the run folder
     console.print(f"run folder: {out} (config.json, metrics.parquet, summary.json, adapter.pt, plots/, "
                   f"simulation.json)")
 

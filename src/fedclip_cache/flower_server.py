@@ -314,3 +314,7 @@ def main(grid: Grid, context: Context) -> None:
         co.receive_finetune(replies)
         log(INFO, "[FINETUNE] %s replies in %.3f s", len(replies), time.perf_counter() - t)
     co.finish()
+    if out:  # plots/, as `federate` draws them (matplotlib was imported during the rounds)
+        from .plots import run_plots
+
+        run_plots(Path(str(out)))
