@@ -2,6 +2,10 @@
 long-lived ClientApp process -- as separate processes). The two end-to-end tests are marked `slow` (each well under
 a minute: start-up is most of it, a round takes ~1-3 s on 2 busy cores)."""
 import json
+import subprocess
+import sys
+import tempfile
+import time
 from pathlib import Path
 import os
 
@@ -343,3 +347,45 @@ def test_site_checks_its_cache_and_port_before_start(tmp_path):
     for args, match in (([merged], "holds one domain"), ([_sites(tmp_path)[0], "--port", "0"], "--port 0")):
         res = CliRunner().invoke(cli.app, ["site", *args, "--superlink", "127.0.0.1:1", "--insecure"])
         assert isinstance(res.exception, ConfigError) and match in str(res.exception), res.output
+
+
+def test_stale_temporary_folders_of_dead_deploys_are_swept(tmp_path):
+    """A deploy killed with kill -9 cannot remove its temporary folder (app, FLWR_HOME, the SuperExec secret): the
+    next deploy removes the folders whose owner is gone, and keeps those of running deploys."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    folders = {}
+    for name, owner in (("dead", str(dead.pid)), ("alive", str(os.getpid())), ("fresh-no-owner", None),
+                        ("old-no-owner", None), ("garbage-owner", "not a pid")):
+        d = tmp_path / f"{dep.TMP_PREFIX}{name}"
+        (d / "home").mkdir(parents=True)
+        if owner is not None:
+            (d / "owner").write_text(owner)
+        folders[name] = d
+    old = time.time() - 2 * 86400
+    os.utime(folders["old-no-owner"], (old, old))
+    (tmp_path / f"{dep.TMP_PREFIX}a-file").write_text("not a folder")
+    gone = dep.sweep_stale_folders(tmp_path)
+    assert sorted(p.name for p in gone) == sorted(folders[n].name for n in ("dead", "old-no-owner"))
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == sorted([folders[n].name for n in ("alive", "fresh-no-owner", "garbage-owner")]
+                          + [f"{dep.TMP_PREFIX}a-file"])
+
+
+@pytest.mark.parametrize("value", ["-1", "nan", "inf"])
+def test_deploy_timeout_must_be_a_positive_number(tmp_path, monkeypatch, capsys, value):
+    """Probe: --timeout -1 started everything and failed after start-up with "did not finish within -1 s"."""
+    if dep.flower_bin_dir() is None:
+        pytest.skip("Flower's CLIs are not installed")
+    from fedclip_cache.cli import main
+
+    before = set(Path(tempfile.gettempdir()).glob(dep.TMP_PREFIX + "*"))
+    monkeypatch.setattr(sys, "argv", ["fedclip-cache", "deploy", *_sites(tmp_path), "-o", str(tmp_path / "run"),
+                                      "--heldout", "sketch", "--timeout", value])
+    with pytest.raises(SystemExit) as ex:
+        main()
+    out, err = capsys.readouterr()
+    assert ex.value.code == 2 and "Traceback" not in out + err
+    assert err.strip().startswith("error:") and "--timeout" in err and "\n" not in err.strip(), err
+    assert set(Path(tempfile.gettempdir()).glob(dep.TMP_PREFIX + "*")) <= before  # its folder is gone
+    assert not (tmp_path / "run").exists()

@@ -393,7 +393,8 @@ def deploy(
     try:
         launch = Launch(isolation, poll_interval)  # first: its zygote imports flwr and torch while the options are checked
         cfg = _federate_config(fed_options, validate=False)  # validated by deploy (the check imports torch)
-        res = run_deploy([str(c) for c in site_caches], out, cfg, timeout=timeout or None, isolation=isolation,
+        res = run_deploy([str(c) for c in site_caches], out, cfg, timeout=None if timeout == 0 else timeout,
+                         isolation=isolation,
                          keep_going=keep_going, round_timeout=round_timeout, min_results=min_results,
                          poll_interval=poll_interval, launch=launch, flags=FEDERATE_FLAGS,
                          log=lambda m: console.print(m, highlight=False))

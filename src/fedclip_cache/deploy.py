@@ -28,6 +28,7 @@ waits of the ServerApp and the SuperNodes (flwr 1.42's own: fixed 3 s) and sets 
 from __future__ import annotations
 
 import json
+import math
 import os
 import secrets
 import shutil
@@ -319,6 +320,40 @@ def check_site_options(site_caches: list, cfg) -> None:
             text_head(cache, cfg.template)
 
 
+TMP_PREFIX = "fedclip-deploy-"
+
+
+def sweep_stale_folders(root: Optional[Path] = None) -> list[Path]:
+    """Remove the temporary folders of deploys that died without cleaning up (``kill -9``, a power cut): each
+    holds an ``owner`` file with its deploy's pid; a folder whose owner is no longer running (or that has no owner
+    file and is over a day old) goes. Only this user's folders (a 0700 ``mkdtemp``); returns what was removed."""
+    root = Path(root or tempfile.gettempdir())
+    gone = []
+    for d in root.glob(TMP_PREFIX + "*"):
+        try:
+            if not d.is_dir() or d.is_symlink() or d.stat().st_uid != os.getuid():
+                continue
+            try:
+                pid = int((d / "owner").read_text())
+            except (OSError, ValueError):  # no owner file: an older version's folder, or one being made
+                if time.time() - d.stat().st_mtime < 86400:
+                    continue
+                pid = None
+            if pid is not None:
+                try:
+                    os.kill(pid, 0)
+                    continue  # its deploy is running
+                except ProcessLookupError:
+                    pass
+                except PermissionError:
+                    continue
+            shutil.rmtree(d, ignore_errors=True)
+            gone.append(d)
+        except OSError:
+            continue
+    return gone
+
+
 class Launch:
     """What a deployment starts before it knows its options: a private temporary folder, the processes'
     environment and (``isolation="worker"``) the zygote, which imports Flower's SuperLink, torch and the apps while
@@ -338,8 +373,10 @@ class Launch:
         self.isolation, self.poll_interval = isolation, poll_interval
         self.zygote = None
         self.used = False  # deploy() took it (and ends it, whatever happens)
-        self.tmp = Path(tempfile.mkdtemp(prefix="fedclip-deploy-"))
+        sweep_stale_folders()
+        self.tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX))
         try:
+            (self.tmp / "owner").write_text(str(os.getpid()))
             self._start(isolation, poll_interval)
         except BaseException:  # an interrupt right now: no folder left behind
             self.abort()
@@ -380,6 +417,11 @@ def deploy(site_caches: list, out, cfg, *, timeout: Optional[float] = None, log:
     any dead process fails the deployment at once. ``launch``: a :class:`Launch` the caller started earlier (with
     this ``isolation`` and ``poll_interval``); it is used up either way."""
     t0 = time.monotonic()
+    if timeout is not None and not (timeout > 0 and math.isfinite(timeout)):
+        if launch is not None:
+            launch.used = True
+            launch.abort()
+        raise ConfigError(f"deploy: --timeout {timeout}: give a number of seconds > 0 (0: no limit)")
     old_term = None
     if threading.current_thread() is threading.main_thread():  # SIGTERM ends us through the finally below (and,
         # before that, through the abort of the launch: its temporary folder and zygote exist from the start)

@@ -239,7 +239,7 @@ class Exchange:
                 break
             time.sleep(min(plan.pause(), left))
         for mid, nid in pending.items():
-            log(WARNING, "node %s did not answer %s within %.0f s: not waited for again", nid, group, timeout)
+            log(WARNING, "node %s did not answer %s within %.3g s: not waited for again", nid, group, timeout)
             self.lost[mid] = nid
         return replies
 
@@ -290,7 +290,10 @@ def main(grid: Grid, context: Context) -> None:
     log(INFO, "[START] waiting for %s node(s)", n_sites)
     nodes = wait_for_nodes(grid, n_sites, float(rc.get("startup_timeout", DEFAULT_STARTUP_TIMEOUT)), interval)
     log(INFO, "[NODES] %s connected after %.2f s", len(nodes), time.monotonic() - t0)
-    replies = ex(nodes, "query.setup", {"phase": "setup"}, {}, "setup", timeout)
+    # the set-up message: each site opens its cache first (minutes for a big one), so it gets the start-up timeout
+    # when that is longer than a round's
+    startup = float(rc.get("startup_timeout", DEFAULT_STARTUP_TIMEOUT))
+    replies = ex(nodes, "query.setup", {"phase": "setup"}, {}, "setup", max(timeout, startup))
     if ex.errors:  # a site that cannot even start (a bad cache, an option its cache cannot honour): stop here
         raise RuntimeError(f"node {ex.errors[0][0]} failed the set-up message: {ex.errors[0][1]}")
     co.setup(replies)
