@@ -20,9 +20,12 @@ Offline and contained: Ray is started as a new local instance (``address="local"
 ``RAY_ADDRESS``), without its dashboard, with usage statistics off (``RAY_USAGE_STATS_ENABLED=0``); Flower's
 telemetry is off too. Ray's session folder (its logs, sockets, object spill) lives in a temporary folder outside
 the run folder (``$TMPDIR/fedclip-sim-*/ray``) -- removed after the run, kept only when the run failed in Ray or
-Flower (the error names it) -- and Ray is shut down on success, failure and Ctrl-C (the CLI then exits at once,
-without waiting for Flower's engine threads that may still wait on Ray). What a simulation does NOT exercise: real processes per site, the network, TLS, a
-SuperNode that dies or comes back (``fedclip-cache deploy`` does).
+Flower (the error names it) -- and Ray is shut down on success, failure, Ctrl-C and SIGTERM (the CLI then exits at once,
+without waiting for Flower's engine threads that may still wait on Ray). When the simulate process is killed
+outright (``kill -9``, the OOM killer), a watcher process (:mod:`fedclip_cache.sim_guard`) kills what is left of
+its Ray instance and removes the temporary folder; a folder that outlived both is removed by the next ``simulate``.
+What a simulation does NOT exercise: real processes per site, the network, TLS, a SuperNode that dies or comes back
+(``fedclip-cache deploy`` does).
 
 Requires ``pip install 'fedclip-cache[simulation]'`` (``flwr[simulation]``: Ray).
 """
@@ -31,6 +34,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -40,6 +46,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from .errors import ConfigError, FedclipCacheError
+from .sim_guard import KEEP, MARK
 
 EXTRA_HINT = "pip install 'fedclip-cache[simulation]'"
 # Seconds between the ServerApp's polls for replies (the ServerApp's own default is Flower's 3 s; the in-memory
@@ -211,6 +218,81 @@ def _wrapper_classes():
 
 # ------------------------------------------------------------------------------------------------ the run
 
+TMP_PREFIX = "fedclip-sim-"
+OWNER_FILE = "owner"  # in a running simulation's temporary folder: "PID START" of the simulate process
+
+
+def _process_start(pid: int) -> str:
+    """The start time of process ``pid`` (clock ticks after boot; '' without procfs): with the PID, it names one
+    process (a PID alone may be reused)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[19].decode()
+    except (OSError, IndexError):
+        return ""
+
+
+def _owner_alive(text: str) -> bool:
+    try:
+        pid, start = text.split()
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (ValueError, OSError):  # unreadable, or someone else's process: leave it
+        return True
+    now = _process_start(int(pid))
+    return not (now and start != now)
+
+
+def sweep_stale_folders(tmpdir: Optional[str] = None) -> list:
+    """Remove the temporary folders of simulations whose simulate process is dead (what its watcher,
+    :mod:`fedclip_cache.sim_guard`, could not remove: both were killed); a failed run's kept Ray logs have no owner
+    file and stay. Returns the removed folders."""
+    removed = []
+    for d in Path(tmpdir or tempfile.gettempdir()).glob(TMP_PREFIX + "*"):
+        try:
+            owner = (d / OWNER_FILE).read_text()
+        except OSError:
+            continue
+        if not _owner_alive(owner):
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+    return removed
+
+
+def _start_guard(tmp: Path) -> Optional[subprocess.Popen]:
+    """The watcher (:mod:`fedclip_cache.sim_guard`) that kills this run's Ray processes and removes ``tmp`` if this
+    process dies without cleaning up; None where it cannot start (the run goes on without it)."""
+    from . import sim_guard
+
+    try:
+        return subprocess.Popen([sys.executable, "-I", sim_guard.__file__, str(tmp), str(tmp)],
+                                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, start_new_session=True)
+    except OSError:
+        return None
+
+
+def _stop_guard(guard: Optional[subprocess.Popen], keep: bool) -> None:
+    """Tell the watcher this process cleaned up (``keep``: the folder holds Ray's logs of a failed run): it kills
+    what is left of the run's processes (normally nothing) and exits."""
+    if guard is None:
+        return
+    try:
+        if keep:
+            guard.stdin.write(KEEP)
+        guard.stdin.close()
+    except OSError:
+        pass
+    try:
+        guard.wait(timeout=10)
+    except subprocess.TimeoutExpired:  # it goes on alone, detached
+        pass
+
+
+def _on_sigterm(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM ends a simulation as Ctrl-C does: Ray shut down, nothing left behind
+
+
 def backend_config(num_cpus: Optional[int] = None, client_cpus: float = 1.0, extra: Optional[dict] = None,
                    ray_dir: Optional[Path] = None) -> dict:
     """Flower's backend config for Ray: ``num_cpus`` for Ray in all (default: this machine's), ``client_cpus`` per
@@ -266,11 +348,17 @@ def simulate(caches: list, out, cfg, *, num_cpus: Optional[int] = None, client_c
         raise ConfigError(f"simulate: --poll-interval {poll_interval}: must be in (0, 60] seconds")
     t0 = time.monotonic()
     out = Path(out).resolve()
-    tmp = Path(tempfile.mkdtemp(prefix="fedclip-sim-"))  # short: Ray's socket paths must stay < 108 characters
+    sweep_stale_folders()
+    tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX))  # short: Ray's socket paths must stay < 108 characters
+    (tmp / OWNER_FILE).write_text(f"{os.getpid()} {_process_start(os.getpid())}")
     keep_ray_logs = False
-    env_before = {k: os.environ.get(k) for k in ("RAY_USAGE_STATS_ENABLED", "PYTHONPATH", "FLWR_TELEMETRY_ENABLED")}
+    env_before = {k: os.environ.get(k)
+                  for k in ("RAY_USAGE_STATS_ENABLED", "PYTHONPATH", "FLWR_TELEMETRY_ENABLED", MARK)}
     stop = threading.Event()
-    server = None
+    server = guard = None
+    # SIGTERM as Ctrl-C (Ray's driver replaces this handler by one raising SystemExit(15): handled below)
+    on_main = threading.current_thread() is threading.main_thread()
+    term_before = signal.signal(signal.SIGTERM, _on_sigterm) if on_main else None
     try:
         rc, nodes, roles = plan(caches, cfg, out, tmp)
         rc["poll_interval"] = float(poll_interval)
@@ -305,11 +393,15 @@ def simulate(caches: list, out, cfg, *, num_cpus: Optional[int] = None, client_c
             log(f"node {name}: {role}")
         n_actors = int(bcfg["init_args"]["num_cpus"] // bcfg["client_resources"]["num_cpus"])
         log(f"simulating {len(nodes)} SuperNodes on {n_actors} Ray actor(s) (Ray's session folder: {tmp / 'ray'})")
+        guard = _start_guard(tmp)
+        os.environ[MARK] = str(tmp)  # inherited by every process of this run's Ray instance: the guard finds them
         t1 = time.monotonic()
         try:
             run_simulation(server_app=server, client_app=ClientW(client_app, rc, nodes), num_supernodes=len(nodes),
                            backend_config=bcfg, verbose_logging=verbose)
         except SystemExit as e:  # flwr_exit(): Flower's own fatal errors exit the process; make them an error
+            if e.code == signal.SIGTERM:  # Ray's driver's SIGTERM handler (no Flower exit code is 15)
+                raise KeyboardInterrupt from None
             raise SimulationError(f"Flower's simulation engine stopped (exit {e.code}); see the log above "
                                   f"(Ray's logs: {tmp / 'ray'})") from None
         except FedclipCacheError:
@@ -359,7 +451,12 @@ def simulate(caches: list, out, cfg, *, num_cpus: Optional[int] = None, client_c
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-        if keep_ray_logs and (tmp / "ray").exists():
+        keep_ray_logs = keep_ray_logs and (tmp / "ray").exists()
+        if keep_ray_logs:
             shutil.rmtree(tmp / "heldout", ignore_errors=True)
-        else:  # success, bad input, Ctrl-C: nothing of the simulation's is left behind
+            (tmp / OWNER_FILE).unlink(missing_ok=True)  # the error names the folder: no later run removes it
+        else:  # success, bad input, Ctrl-C, SIGTERM: nothing of the simulation's is left behind
             shutil.rmtree(tmp, ignore_errors=True)
+        _stop_guard(guard, keep_ray_logs)
+        if on_main:
+            signal.signal(signal.SIGTERM, term_before if term_before is not None else signal.SIG_DFL)
