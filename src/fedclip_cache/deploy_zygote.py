@@ -97,25 +97,31 @@ def warm() -> None:
             pass
 
 
+def _run_and_exit(body) -> None:
+    """In a forked child: run ``body`` with SIGTERM's default action and end the process with its exit code (never
+    returns; ``os._exit``: the zygote's own clean-up must not run twice)."""
+    code = 1
+    try:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        code = body() or 0
+    except SystemExit as ex:
+        code = ex.code if isinstance(ex.code, int) else (0 if ex.code is None else 1)
+    except BaseException:  # noqa: BLE001
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
 def _fork(spec: dict, pids: dict) -> None:
     sys.stdout.flush()
     spec = {**spec, "_zygote": os.getpid()}
     pid = os.fork()
     if pid == 0:
-        code = 1
-        try:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            code = _child(spec) or 0
-        except SystemExit as ex:
-            code = ex.code if isinstance(ex.code, int) else (0 if ex.code is None else 1)
-        except BaseException:  # noqa: BLE001
-            import traceback
-
-            traceback.print_exc()
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
+        _run_and_exit(lambda: _child(spec))
     pids[pid] = spec["name"]
     print(json.dumps({"name": spec["name"], "pid": pid}), flush=True)
 
@@ -132,11 +138,10 @@ def _prefork_superlink() -> tuple[int, int]:
     if pid:
         os.close(w)
         return pid, r
-    code = 1
-    try:
-        os.close(r)
+    os.close(r)
+
+    def serve() -> int:
         os.dup2(2, 1)  # stdout is the zygote's report pipe to deploy: nothing of this child's may go there
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         die_with_parent(os.getppid())
         import flwr.superlink.cli.flower_superlink  # noqa: F401
 
@@ -144,17 +149,9 @@ def _prefork_superlink() -> tuple[int, int]:
         with os.fdopen(w, "wb") as pipe:
             pipe.write(data)
         spec = next((s for s in json.loads(data)["specs"] if s["kind"] == "superlink"), None)
-        code = 0 if spec is None else (_child({**spec, "_zygote": os.getppid()}) or 0)
-    except SystemExit as ex:
-        code = ex.code if isinstance(ex.code, int) else (0 if ex.code is None else 1)
-    except BaseException:  # noqa: BLE001
-        import traceback
+        return 0 if spec is None else _child({**spec, "_zygote": os.getppid()})
 
-        traceback.print_exc()
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+    _run_and_exit(serve)
 
 
 def main() -> None:
