@@ -39,7 +39,7 @@ from .federated.train import aggregate, client_weights
 from .flower import HEAD, _federate_config, check_deployment_keys, content, quick_object_pulls, read
 from .flower_polls import FIRST_POLL, PollPlan
 
-from flwr.app import Context
+from flwr.app import Context, Message
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
@@ -208,7 +208,8 @@ class Exchange:
     def __call__(self, nodes: list[int], message_type: str, rec: dict, params: dict, group: str,
                  timeout: float) -> list[tuple[dict, dict]]:
         body = content(rec, params)
-        msgs = [self.grid.create_message(body, message_type, nid, group) for nid in nodes]
+        # flwr 1.42's Grid.create_message, which it deprecates for the constructor (the grid sets run and source)
+        msgs = [Message(body, dst_node_id=nid, message_type=message_type, group_id=group) for nid in nodes]
         ids = list(self.grid.push_messages(msgs))
         pending = {mid: nid for mid, nid in zip(ids, nodes) if mid}
         replies: list[tuple[dict, dict]] = []

@@ -40,6 +40,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -397,8 +398,11 @@ def simulate(caches: list, out, cfg, *, num_cpus: Optional[int] = None, client_c
         os.environ[MARK] = str(tmp)  # inherited by every process of this run's Ray instance: the guard finds them
         t1 = time.monotonic()
         try:
-            run_simulation(server_app=server, client_app=ClientW(client_app, rc, nodes), num_supernodes=len(nodes),
-                           backend_config=bcfg, verbose_logging=verbose)
+            with warnings.catch_warnings():  # Ray 2.55's tip about its future default for num_gpus=0 actors (they
+                # keep seeing no GPU either way: the apps run on the CPU)
+                warnings.filterwarnings("ignore", message=r"Tip: In future versions of Ray", category=FutureWarning)
+                run_simulation(server_app=server, client_app=ClientW(client_app, rc, nodes),
+                               num_supernodes=len(nodes), backend_config=bcfg, verbose_logging=verbose)
         except SystemExit as e:  # flwr_exit(): Flower's own fatal errors exit the process; make them an error
             if e.code == signal.SIGTERM:  # Ray's driver's SIGTERM handler (no Flower exit code is 15)
                 raise KeyboardInterrupt from None
