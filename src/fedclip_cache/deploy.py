@@ -1,20 +1,24 @@
 """A real local Flower deployment: one SuperLink, its ServerApp process and one site per site cache, as separate
 processes.
 
-``fedclip-cache deploy SITE_CACHE ... -o RUN`` first starts one fresh "zygote" process (deploy_zygote.py), which
-imports Flower's SuperLink while this process checks the options and caches (a failed check kills it: nothing was
-started or written). Then it writes a throw-away Flower app folder and ``FLWR_HOME`` (with the connection config)
-and hands the zygote its specs; the zygote forks ``flower-superlink --insecure --isolation process`` (flwr 1.42's
-entry point, on a free localhost port) at once, then imports torch and the apps once and forks the ServerApp process
-(flower_serverworker.py: takes the run's ServerApp task and runs it with flwr's own ``run_serverapp``) and one site
-per site cache (what ``fedclip-cache site`` runs, flower_site.py: Flower's SuperNode and the ClientApp worker in one
-process, node config ``cache="SITE_CACHE"``, its own Runtime API port); beside it ``flwr run APP local --stream``
-(run config: the federate options, ``sites = N``, ``heldout``, ``out = RUN``; it imports Flower's CLI, then waits
-for the SuperLink's port). With ``isolation="subprocess"/"process"`` the SuperLink is a ``flower-superlink``
-process of its own. Every log goes under ``RUN/logs/``; the run is judged by its
-status in the SuperLink (``finished:completed``, asked over the Control API as ``flwr ls`` does), never by ``flwr
+``fedclip-cache deploy SITE_CACHE ... -o RUN`` first starts one fresh "zygote" process (deploy_zygote.py; the CLI
+starts it through :class:`Launch` even before it validates the options), which forks the SuperLink's child at once
+(it imports Flower's SuperLink modules) and imports torch and the apps itself, while this process checks the
+options and caches (a failed check kills it: nothing was started or written). Then it writes a throw-away Flower
+app folder and ``FLWR_HOME`` (with the connection config) and hands the specs over; the SuperLink's child serves
+``flower-superlink --insecure --isolation process`` (flwr 1.42's entry point, on a free localhost port), and the
+zygote forks the ServerApp process (flower_serverworker.py: takes the run's ServerApp task and runs it with flwr's
+own ``run_serverapp``) and one site per site cache (what ``fedclip-cache site`` runs, flower_site.py: Flower's
+SuperNode and the ClientApp worker in one process, node config ``cache="SITE_CACHE"``, its own Runtime API port).
+As soon as the SuperLink is up, this process starts the run through its Control API as ``flwr run APP`` would
+(deploy_flwr.start_run; run config: the federate options, ``sites = N``, ``heldout``, ``out = RUN``) and follows
+it in the ServerApp process's log. With ``isolation="subprocess"/"process"`` the SuperLink is a ``flower-superlink``
+process of its own and the run is started by ``flwr run APP local --stream`` (followed in its log stream). Every
+log goes under ``RUN/logs/``; the run is judged by its status in the SuperLink (``finished:completed``, asked over the Control API as ``flwr ls`` does), never by ``flwr
 run``'s exit code (0 even for a failed run in flwr 1.42). Whatever it started is stopped on success, failure and
-Ctrl-C (each process is the leader of its own process group; the group is terminated, then killed).
+Ctrl-C (each process is the leader of its own process group; the group is terminated, then killed; after a
+completed run everything is killed at once). Temporary folders of deploys killed with ``kill -9`` are removed by
+the next deploy (:func:`sweep_stale_folders`).
 
 Verified recipe (flwr 1.42): the SuperLink serves its Fleet, Control and Runtime APIs on ONE HTTP port
 (``--port``; the old ``--fleet-api-address``/``--control-api-address`` are deprecated); a SuperNode's ``--port``
@@ -22,8 +26,9 @@ is its own Runtime API (the old ClientAppIo port), so SuperNodes on one machine 
 lives in ``$FLWR_HOME/config.toml`` (``[superlink.NAME] address = "host:port"``, ``insecure = true``).
 
 ``isolation="subprocess"``/``"process"`` keep Flower's stock runners for comparison: a fresh ``flwr-clientapp``
-process per message (~25 s per round with 3 sites on 2 cores). ``poll_interval`` (default 0.2 s) caps the adaptive
-waits of the ServerApp and the SuperNodes (flwr 1.42's own: fixed 3 s) and sets ``flower-superexec``'s task poll.
+process per message (~25 s per round with 3 sites on 2 cores). ``poll_interval`` (default 0.2 s) caps the waits of
+the ServerApp and the SuperNodes between polls (flower_polls.py; flwr 1.42's own: fixed 3 s) and sets
+``flower-superexec``'s task poll.
 """
 from __future__ import annotations
 

@@ -12,11 +12,14 @@ messages of the same run.
 A task is executed exactly as ``flwr-clientapp`` executes it (flwr 1.42 ``run_clientapp``): acquire a task and its
 one-time token from the Runtime API, pull the message, context, run and FAB, send task heartbeats meanwhile, call
 ``fedclip_cache.flower:client_app`` (the only ClientApp this worker serves: the FAB must name it), push the reply
-(an ``Error`` reply when the ClientApp raised) and the task's final status. The differences are the lifetime and
-how often things are asked (:func:`patch_supernode`): the SuperNode's idle poll of the SuperLink (flwr 1.42: every
-3 s) backs off from 0.01 s to ``--poll-interval`` and restarts fast after each message; a stored message wakes the
-worker at once and a pushed reply wakes the SuperNode at once (flwr: ``flower-superexec`` asks for tasks every 1 s,
-the SuperNode checks for a reply every 0.5 s).
+(an ``Error`` reply when the ClientApp raised) and the task's final status. The differences are the lifetime, the
+way the Runtime API is called (in this process: :class:`~fedclip_cache.flower_runtime.DirectRuntime` calls the
+functions behind the SuperNode's HTTP router on its own state, no local HTTP for the 2 MB adapter) and how often
+things are asked (:func:`patch_supernode`): the SuperNode's idle poll of the SuperLink (flwr 1.42: every 3 s)
+follows a :class:`~fedclip_cache.flower_polls.PollPlan` (fast around the time the next message came in recent
+rounds, a back-off up to ``--poll-interval`` otherwise); a stored message wakes the worker at once and a pushed
+reply wakes the SuperNode at once (flwr: ``flower-superexec`` asks for tasks every 1 s, the SuperNode checks for a
+reply every 0.5 s).
 
 Failures: a ClientApp exception is an ``Error`` reply (a failed round for that site on the ServerApp); a worker
 that cannot start stops the site; when the process dies, SuperNode and worker die together (``--round-timeout``
