@@ -5,10 +5,10 @@ With ``flower-superlink --isolation subprocess`` (flwr 1.42's default) the Super
 run is submitted, and that SuperExec then starts a fresh ``flwr-serverapp`` process, which imports flwr, torch and
 this package: two Python start-ups on the critical path of every deployment (~10 s on 2 busy cores). ``deploy``
 instead starts the SuperLink with ``--isolation process`` and this process next to it (forked from its zygote, with
-everything imported already, while the SuperLink, the sites and ``flwr run`` start); it asks the SuperLink's Runtime API for the run's
+everything imported already, while the SuperLink and the sites start and the run is submitted); it asks the SuperLink's Runtime API for the run's
 ServerApp task (the ``AcquireTask`` request of flwr 1.42's SuperExec, guarded by the SuperExec shared secret from
 ``SECRET_FILE``) and runs it with flwr 1.42's own ``run_serverapp`` -- exactly what ``flwr-serverapp --token``
-does: heartbeats, task input, FAB, the ServerApp, logs streamed to ``flwr run``, final status -- and exits.
+does: heartbeats, task input, FAB, the ServerApp, logs pushed to the SuperLink (``flwr log``), final status -- and exits.
 """
 from __future__ import annotations
 
