@@ -76,6 +76,10 @@ def test_simulation_of_a_shared_cache_equals_federate(tmp_path):
     _same_run(tmp_path / "sim", tmp_path / "fed", res["summary"], fed)
     assert [(r["fit_results"], r["fit_failures"]) for r in res["summary"]["deployment"]["rounds"]] == [(2, 0)] * 3
     assert res["summary"]["experiments"][0]["heldout_size"] == DOMAINS["sketch"]
+    # the held-out site's cache is the shared cache (it evaluated a temporary copy of its rows, now deleted)
+    held = json.loads((tmp_path / "sim" / "summary.json").read_text())["cache"]["sites"]["sketch"]
+    assert held["path"] == str(cache.resolve()) and "temporary copy" in held["note"]
+    assert json.loads(held["identity"])["path"] == str(cache.resolve())
     # nothing of Ray's in the run folder; its session folder and the held-out copy are gone; Ray is shut down
     names = {p.name for p in (tmp_path / "sim").iterdir()}
     assert {"summary.json", "metrics.parquet", "adapter.pt", "config.json", "simulation.json"} <= names

@@ -13,7 +13,7 @@ deployment:
 * one shared cache (``CACHE``): node K < n is the K-th training client (``partition-id=K``) of the shared cache;
   with ``--heldout D`` one more node evaluates the held-out domain. The apps only let a *site's own cache* be the
   held-out site, so its rows are first copied into a single-domain cache in the simulation's temporary folder
-  (``summary.json`` names that copy as the held-out site's cache; it is deleted after the run).
+  (``summary.json`` names the shared cache as the held-out site's, with a note; the copy is deleted after the run).
 * per-site caches (``SITE_CACHE ...``, each one domain): node K has ``cache=SITE_K``.
 
 Offline and contained: Ray is started as a new local instance (``address="local"``, never a cluster named by
@@ -166,6 +166,23 @@ def plan(caches: list, cfg, out: Path, tmp: Path) -> tuple[dict, list[dict], dic
         roles[exp.heldout_name] = "held out: evaluates only (a single-domain copy of its rows)"
     rc["sites"] = len(nodes)  # the ServerApp opens no cache: it waits for this many nodes
     return rc, nodes, roles
+
+
+def _name_the_shared_cache(summary: dict, path: Path, cache: Path, domain: str) -> dict:
+    """``summary.json``'s entry for the held-out site of a shared-cache simulation names the shared cache (its path
+    and identity; the held-out node read a temporary single-domain copy of its rows, deleted after the run) instead
+    of that copy."""
+    from .cache import open_cache
+    from .store import write_json
+
+    site = summary.get("cache", {}).get("sites", {}).get(domain)
+    if site is None:
+        return summary
+    fc = open_cache(cache)
+    site.update({"path": str(cache), "complete": bool(fc.complete), "identity": json.dumps(fc.identity()),
+                 "note": f"evaluated from a temporary copy of domain {domain}'s rows of this cache"})
+    write_json(path, summary)
+    return summary
 
 
 # ------------------------------------------------------------------------------------------------ the apps
@@ -423,6 +440,8 @@ def simulate(caches: list, out, cfg, *, num_cpus: Optional[int] = None, client_c
             raise SimulationError(f"the simulation ended without a run folder ({summary_path} missing); see the "
                                   f"ServerApp's log above (Ray's logs: {tmp / 'ray'})")
         summary = json.loads(summary_path.read_text())
+        if "cache" in rc and rc.get("heldout"):  # the held-out node evaluated a temporary single-domain copy
+            summary = _name_the_shared_cache(summary, summary_path, Path(rc["cache"]), str(rc["heldout"]))
         failed = [r for r in summary.get("deployment", {}).get("rounds", [])
                   if r.get("fit_failures") or r.get("evaluate_failures")]
         if failed:
