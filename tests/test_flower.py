@@ -203,3 +203,19 @@ def test_a_site_missing_from_some_rounds_is_left_out_not_imputed(tmp_path):
     m = pq.read_table(tmp_path / "run" / "metrics.parquet").to_pandas()
     assert len(m[(m["client"] == "b")]) == 2  # round 1 val and test only
     assert [h["evaluate_failures"] for h in s["deployment"]["rounds"]] == [0, 1, 1]
+
+
+def test_ten_or_more_partition_clients_keep_the_loops_order(tmp_path):
+    """A shared cache cut into 11 equal IID clients per domain (names b#0..b#10): the server ordered the training
+    sites by name as text (b#10 before b#2), the loop by client index, so with equal training sizes a sampled round
+    trained other clients than `federate` does."""
+    cache = str(write_synthetic_cache(tmp_path / "c", {"a": 40, "b": 220, "c": 220}, 3, dim=16, seed=4))
+    extra = {"rounds": 3, "fraction_fit": 0.3, "partition": "iid", "num_clients": 11}
+    _, cfg = _federate_config({"cache": cache, "heldout": "a", "lr": 1e-3, "hidden": 8, **extra})
+    sites = [SiteClient(cache, cfg, pid) for pid in range(22)]
+    assert sorted({len(s.client.train) for s in sites}) == [len(sites[0].client.train)]  # all tied: order decides
+    co = run_sites(sites, cfg, RunRecorder(cfg, None))
+    federate(cache, FederateConfig(lr=1e-3, hidden=8, heldout=["a"], **extra), out=tmp_path / "run")
+    final = torch.load(tmp_path / "run" / "adapter.pt")
+    for name, p in co.current.items():
+        np.testing.assert_allclose(p.numpy(), final[name].numpy(), rtol=1e-5, atol=1e-7)

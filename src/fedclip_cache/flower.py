@@ -187,6 +187,8 @@ class SiteClient:
     def __init__(self, cache_path: str, cfg: FederateConfig, partition_id: Optional[int] = None):
         cache = open_cache(cache_path)
         self.heldout_site = False
+        # its place among the run's training clients (the loop's order); -1: a site with its own cache
+        self.order = -1 if partition_id is None else int(partition_id)
         if partition_id is None:
             exp, self.heldout_site = site_experiment(cache, cfg)
             partition_id = 0
@@ -217,7 +219,7 @@ class SiteClient:
     def facts(self) -> dict:
         """What the server's run folder needs from this site (the server holds no cache)."""
         c = self.client
-        return {"client": c.name, "heldout": self.heldout_site, "dim": self.dim,
+        return {"client": c.name, "order": self.order, "heldout": self.heldout_site, "dim": self.dim,
                 "num_classes": len(self.cache.classes), "model_params": int(self.cache.model_params or 0),
                 "cache": str(Path(self.cache.path).resolve()), "images": len(self.cache),
                 "complete": bool(self.cache.complete), "identity": json.dumps(self.cache.identity()),

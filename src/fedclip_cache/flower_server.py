@@ -94,11 +94,17 @@ class Coordinator:
 
     def learn(self, rec: dict) -> None:
         if "dim" in rec:  # a full report (setup, evaluation): a site's facts
-            self.sites[str(rec["client"])] = {k: rec[k] for k in ("heldout", "train_n", "dim") if k in rec}
+            self.sites[str(rec["client"])] = {k: rec[k] for k in ("heldout", "train_n", "dim", "order") if k in rec}
 
     def training_sites(self) -> list[str]:
-        """Training sites in the loop's lane order: by client name, then largest training split first."""
-        names = sorted(n for n, f in self.sites.items() if not f.get("heldout"))
+        """Training sites in the loop's lane order: the order of the experiment's clients (a shared cache's
+        partition index, which the site reports; sites with their own caches: by name, as the domains of one cache
+        are ordered), then largest training split first (a stable sort, as the loop's)."""
+        def client_order(n: str):
+            order = int(self.sites[n].get("order", -1))  # -1: own cache (or a site of an older version)
+            return (order < 0, order, n)  # "b#10" is client 10, not before "b#2"
+
+        names = sorted((n for n, f in self.sites.items() if not f.get("heldout")), key=client_order)
         return sorted(names, key=lambda n: -int(self.sites[n]["train_n"]))
 
     def sampled(self, rnd: int) -> list[str]:
