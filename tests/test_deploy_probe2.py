@@ -13,30 +13,10 @@ pytest.importorskip("flwr")
 
 from fedclip_cache import deploy as dep  # noqa: E402
 from fedclip_cache.federated.config import FederateConfig  # noqa: E402
-from fedclip_cache.synthetic import write_synthetic_cache  # noqa: E402
 
-DOMAINS = ("art", "photo", "sketch")
+from test_deploy import _sites, _wait_gone  # noqa: E402
+
 SRC = str(Path(dep.__file__).resolve().parent.parent)
-
-
-def _sites(tmp_path, domains=DOMAINS):
-    return [str(write_synthetic_cache(tmp_path / f"site-{d}", {d: 60}, 3, dim=16, seed=1)) for d in domains]
-
-
-def _gone(pid: int, within: float) -> bool:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        try:  # a zombie of ours counts as gone
-            if Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z":
-                return True
-        except OSError:
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def _needs_flower():
@@ -68,7 +48,7 @@ def test_interrupt_while_the_zygote_forks_stops_at_once(tmp_path, monkeypatch):
     took = time.monotonic() - seen["t"]
     assert len(seen) >= 4, seen
     assert took < 5, f"deploy took {took:.1f} s to stop after the interrupt"
-    assert all(_gone(pid, 5) for name, pid in seen.items() if name != "t"), seen
+    assert all(_wait_gone(pid, 5) for name, pid in seen.items() if name != "t"), seen
 
 
 def test_sigterm_while_the_options_are_checked_cleans_up(tmp_path):

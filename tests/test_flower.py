@@ -73,13 +73,10 @@ def test_flower_config_errors(tmp_path):
         SiteClient(cache, _federate_config({"cache": cache, "heldout": "a"})[1], 5)
 
 
-@pytest.mark.parametrize("head,curves,views", [("text", True, 1), ("prototype", False, 2)])
-def test_sites_with_their_own_caches_train_as_the_in_process_loop(tmp_path, model_args, monkeypatch, capsys, head,
-                                                                  curves, views):
-    """Each site extracts only its own images (same model, same --classes file); the server holds no cache and
-    seeds the initial adapter itself; the held-out site only evaluates. The run folder equals `federate`'s on one
-    cache of all sites' images: text or prototype head (class sums and counts from the sites), full curves or the
-    lazy default, one view or --train-views 2."""
+def extract_sites(tmp_path, model_args, monkeypatch, capsys, *more) -> dict:
+    """Images of three domains extracted twice with the same model and --classes file: into one cache of all of
+    them (``tmp_path/merged``) and into one cache per site holding only its own images; returns domain -> site
+    cache."""
     import shutil
 
     from fedclip_cache.synthetic import write_image_folder
@@ -88,7 +85,6 @@ def test_sites_with_their_own_caches_train_as_the_in_process_loop(tmp_path, mode
     root = write_image_folder(tmp_path / "all", per_class=6)
     names = tmp_path / "classes.txt"
     names.write_text("cat\ndog\nfish\n")
-    more = ("--views", str(views)) if views > 1 else ()
 
     def extract(src, out):
         code, o, e = cli(monkeypatch, capsys, "extract", src, out, *model_args, "--workers", "0", "-q",
@@ -101,6 +97,17 @@ def test_sites_with_their_own_caches_train_as_the_in_process_loop(tmp_path, mode
         shutil.copytree(root / d, tmp_path / f"site-{d}" / d)
         extract(tmp_path / f"site-{d}", tmp_path / f"cache-{d}")
         sites[d] = str(tmp_path / f"cache-{d}")
+    return sites
+
+
+@pytest.mark.parametrize("head,curves,views", [("text", True, 1), ("prototype", False, 2)])
+def test_sites_with_their_own_caches_train_as_the_in_process_loop(tmp_path, model_args, monkeypatch, capsys, head,
+                                                                  curves, views):
+    """Each site extracts only its own images (same model, same --classes file); the server holds no cache and
+    seeds the initial adapter itself; the held-out site only evaluates. The run folder equals `federate`'s on one
+    cache of all sites' images: text or prototype head (class sums and counts from the sites), full curves or the
+    lazy default, one view or --train-views 2."""
+    sites = extract_sites(tmp_path, model_args, monkeypatch, capsys, *(("--views", str(views)) if views > 1 else ()))
     opts = {"rounds": 2, "lr": 1e-3, "hidden": 8, "batch_size": 4, "head": head, "curves": curves,
             "train_views": str(views)}
     _, cfg = _federate_config({**opts, "heldout": "sketch", "sites": 3})

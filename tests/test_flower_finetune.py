@@ -17,7 +17,7 @@ from fedclip_cache.federated.recorder import RunRecorder  # noqa: E402
 from fedclip_cache.federated.results import federate  # noqa: E402
 from fedclip_cache.flower import SiteClient, _federate_config  # noqa: E402
 from fedclip_cache.synthetic import write_synthetic_cache  # noqa: E402
-from test_flower import run_sites, wire  # noqa: E402
+from test_flower import extract_sites, run_sites, wire  # noqa: E402
 
 DOMAINS = {"a": 70, "b": 60, "c": 50}
 # hard enough that accuracies differ between rounds, clients and fine-tuning (easy synthetic data is 100 %)
@@ -90,26 +90,7 @@ def test_a_site_lost_in_the_finetune_phase_is_recorded_missing(tmp_path):
 def test_per_site_caches_finetune_on_view_0_with_the_note(tmp_path, model_args, monkeypatch, capsys):
     """Sites with their own caches (the held-out one only evaluates) and --train-views 2: fine-tuning uses view 0
     only, and the summary carries `federate`'s note and train_views."""
-    import shutil
-
-    from fedclip_cache.synthetic import write_image_folder
-    from test_cache_integrity import cli
-
-    root = write_image_folder(tmp_path / "all", per_class=6)
-    names = tmp_path / "classes.txt"
-    names.write_text("cat\ndog\nfish\n")
-
-    def extract(src, out):
-        code, o, e = cli(monkeypatch, capsys, "extract", src, out, *model_args, "--workers", "0", "-q",
-                         "--classes", names, "--views", "2")
-        assert code == 0, o + e
-
-    extract(root, tmp_path / "merged")
-    sites = {}
-    for d in ("art", "photo", "sketch"):
-        shutil.copytree(root / d, tmp_path / f"site-{d}" / d)
-        extract(tmp_path / f"site-{d}", tmp_path / f"cache-{d}")
-        sites[d] = str(tmp_path / f"cache-{d}")
+    sites = extract_sites(tmp_path, model_args, monkeypatch, capsys, "--views", "2")
     opts = {"rounds": 3, "lr": 1e-2, "hidden": 8, "batch_size": 4, "train_views": "2", "finetune_steps": 3}
     _, cfg = _federate_config({**opts, "heldout": "sketch", "sites": 3})
     clients = [SiteClient(sites[d], cfg) for d in ("sketch", "photo", "art")]  # any order

@@ -391,12 +391,11 @@ def deploy(
     if threading.current_thread() is threading.main_thread():
         old_term = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        launch = Launch(isolation, poll_interval)  # first: its zygote imports flwr and torch while the options are checked
+        launch = Launch(isolation, poll_interval)  # first: its zygote imports flwr, torch while options are checked
         cfg = _federate_config(fed_options, validate=False)  # validated by deploy (the check imports torch)
         res = run_deploy([str(c) for c in site_caches], out, cfg, timeout=None if timeout == 0 else timeout,
-                         isolation=isolation,
-                         keep_going=keep_going, round_timeout=round_timeout, min_results=min_results,
-                         poll_interval=poll_interval, launch=launch, flags=FEDERATE_FLAGS,
+                         isolation=isolation, keep_going=keep_going, round_timeout=round_timeout,
+                         min_results=min_results, poll_interval=poll_interval, launch=launch, flags=FEDERATE_FLAGS,
                          log=lambda m: console.print(m, highlight=False))
     except KeyboardInterrupt:  # Ctrl-C / SIGTERM: deploy stopped everything it started on the way out
         err.print(f"[bold red]error:[/] deploy: interrupted; every process it started was stopped, the run folder "

@@ -14,11 +14,11 @@ As soon as the SuperLink is up, this process starts the run through its Control 
 (deploy_flwr.start_run; run config: the federate options, ``sites = N``, ``heldout``, ``out = RUN``) and follows
 it in the ServerApp process's log. With ``isolation="subprocess"/"process"`` the SuperLink is a ``flower-superlink``
 process of its own and the run is started by ``flwr run APP local --stream`` (followed in its log stream). Every
-log goes under ``RUN/logs/``; the run is judged by its status in the SuperLink (``finished:completed``, asked over the Control API as ``flwr ls`` does), never by ``flwr
-run``'s exit code (0 even for a failed run in flwr 1.42). Whatever it started is stopped on success, failure and
-Ctrl-C (each process is the leader of its own process group; the group is terminated, then killed; after a
-completed run everything is killed at once). Temporary folders of deploys killed with ``kill -9`` are removed by
-the next deploy (:func:`sweep_stale_folders`).
+log goes under ``RUN/logs/``; the run is judged by its status in the SuperLink (``finished:completed``, asked over
+the Control API as ``flwr ls`` does), never by ``flwr run``'s exit code (0 even for a failed run in flwr 1.42).
+Whatever it started is stopped on success, failure and Ctrl-C (each process is the leader of its own process
+group; the group is terminated, then killed; after a completed run everything is killed at once). Temporary
+folders of deploys killed with ``kill -9`` are removed by the next deploy (:func:`sweep_stale_folders`).
 
 Verified recipe (flwr 1.42): the SuperLink serves its Fleet, Control and Runtime APIs on ONE HTTP port
 (``--port``; the old ``--fleet-api-address``/``--control-api-address`` are deprecated); a SuperNode's ``--port``
@@ -41,7 +41,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -51,6 +50,7 @@ from typing import Callable, Optional
 from .deploy_flwr import (FLWR_RUN_WHEN_READY, DeployError, app_pyproject, connection_config, final_status, follow_run,
                           run_status, start_run)
 from .errors import ConfigError
+from .tempdirs import make_owned, sweep_stale
 
 BINARIES = ("flower-superlink", "flower-supernode", "flwr")
 ISOLATIONS = ("worker", "subprocess", "process")
@@ -110,8 +110,9 @@ class Deployment:
         log.write(("$ " + " ".join(cmd) + "\n").encode())
         log.flush()
         p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                             env={**self.env, **(env or {})}, start_new_session=True,
-                             preexec_fn=_dies_with_us())  # a kill -9 of deploy must not leave it running  # its own process group: stop() reaches its children too
+                             env={**self.env, **(env or {})},
+                             start_new_session=True,  # its own process group: stop() reaches its children too
+                             preexec_fn=_dies_with_us())  # a kill -9 of deploy must not leave it running
         self.procs.append((name, p, log))
         return p
 
@@ -329,34 +330,10 @@ TMP_PREFIX = "fedclip-deploy-"
 
 
 def sweep_stale_folders(root: Optional[Path] = None) -> list[Path]:
-    """Remove the temporary folders of deploys that died without cleaning up (``kill -9``, a power cut): each
-    holds an ``owner`` file with its deploy's pid; a folder whose owner is no longer running (or that has no owner
-    file and is over a day old) goes. Only this user's folders (a 0700 ``mkdtemp``); returns what was removed."""
-    root = Path(root or tempfile.gettempdir())
-    gone = []
-    for d in root.glob(TMP_PREFIX + "*"):
-        try:
-            if not d.is_dir() or d.is_symlink() or d.stat().st_uid != os.getuid():
-                continue
-            try:
-                pid = int((d / "owner").read_text())
-            except (OSError, ValueError):  # no owner file: an older version's folder, or one being made
-                if time.time() - d.stat().st_mtime < 86400:
-                    continue
-                pid = None
-            if pid is not None:
-                try:
-                    os.kill(pid, 0)
-                    continue  # its deploy is running
-                except ProcessLookupError:
-                    pass
-                except PermissionError:
-                    continue
-            shutil.rmtree(d, ignore_errors=True)
-            gone.append(d)
-        except OSError:
-            continue
-    return gone
+    """Remove the temporary folders of deploys that died without cleaning up (``kill -9``, a power cut): their
+    owner process is gone (tempdirs.py); a folder without an owner file goes once it is a day old. Only this user's
+    folders; returns what was removed."""
+    return sweep_stale(TMP_PREFIX, root, unowned_after=86400)
 
 
 class Launch:
@@ -379,9 +356,8 @@ class Launch:
         self.zygote = None
         self.used = False  # deploy() took it (and ends it, whatever happens)
         sweep_stale_folders()
-        self.tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX))
+        self.tmp = make_owned(TMP_PREFIX)
         try:
-            (self.tmp / "owner").write_text(str(os.getpid()))
             self._start(isolation, poll_interval)
         except BaseException:  # an interrupt right now: no folder left behind
             self.abort()
@@ -445,7 +421,8 @@ def deploy(site_caches: list, out, cfg, *, timeout: Optional[float] = None, log:
     bindir, tmp, env, zygote = launch.bindir, launch.tmp, launch.env, launch.zygote
     port = free_port()
     try:
-        from .flower import _federate_config, check_deployment_keys  # noqa: F401  (imports flwr: fails early with the install hint)
+        # (imports flwr: fails early with the install hint)
+        from .flower import _federate_config, check_deployment_keys
 
         cfg = cfg.validate(flags)
         site_caches = [Path(c).resolve() for c in site_caches]
@@ -459,7 +436,7 @@ def deploy(site_caches: list, out, cfg, *, timeout: Optional[float] = None, log:
             rc["min_results"] = int(min_results)
         rc["poll_interval"] = float(poll_interval)
         check_deployment_keys(rc)
-        _, site_cfg = _federate_config({k: v for k, v in rc.items()})  # the ServerApp's own check, before anything starts
+        _, site_cfg = _federate_config(dict(rc))  # the ServerApp's own check, before anything starts
         check_site_options(site_caches, site_cfg)
         logs = out / "logs"
         logs.mkdir(parents=True, exist_ok=True)

@@ -50,20 +50,30 @@ def connection_config(port: int) -> str:
             f'insecure = true\n')
 
 
+def control_client(port: int):
+    """An HTTP client of the local SuperLink's Control API (flwr 1.42's own, as ``flwr run``/``flwr ls`` make it);
+    the caller closes it."""
+    import contextlib
+    import io
+
+    from flwr.cli.typing import SuperLinkConnection
+    from flwr.cli.utils import init_http_client_from_connection
+
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints "Using SuperLink: ..."
+        return init_http_client_from_connection(SuperLinkConnection(name="local", address=f"127.0.0.1:{port}",
+                                                                    insecure=True))
+
+
 def start_run(port: int, app: Path, limit: float = 60) -> str:
     """``flwr run APP local`` for a local app without overrides or ``--stream`` (flwr 1.42's
     ``flwr.cli.run.run._run_with_control_api``: the app's pyproject.toml validated, its FAB built, ``StartRun`` on
     the SuperLink's Control API), asked from this process; returns the run id. Spares ``deploy`` a ``flwr run``
     process (a Python start-up and Flower's CLI imports while everything else starts on the same cores) and the
     log stream it would hold open for the whole run (``deploy`` reads the ServerApp process's own log)."""
-    import contextlib
     import hashlib
-    import io
 
     from flwr.cli.build import build_fab_from_disk
     from flwr.cli.config_utils import load_and_validate
-    from flwr.cli.typing import SuperLinkConnection
-    from flwr.cli.utils import init_http_client_from_connection
     from flwr.common.serde import fab_to_proto, user_config_to_proto
     from flwr.proto.control_pb2 import StartRunRequest
     from flwr.supercore.fab import Fab
@@ -77,9 +87,7 @@ def start_run(port: int, app: Path, limit: float = 60) -> str:
     deadline = time.monotonic() + limit
     while True:
         try:
-            with contextlib.redirect_stdout(io.StringIO()):  # it prints "Using SuperLink: ..."
-                client = init_http_client_from_connection(SuperLinkConnection(
-                    name="local", address=f"127.0.0.1:{port}", insecure=True))
+            client = control_client(port)
             try:
                 res = client.StartRun(req)
             finally:
@@ -96,28 +104,17 @@ def start_run(port: int, app: Path, limit: float = 60) -> str:
 
 def follow_run(run: Optional[subprocess.Popen], path: Path, dep, log, timeout, t1, keep_going: bool = False,
                timings: Optional[dict] = None, t0: Optional[float] = None, status=None,
-               server_log: Optional[Path] = None, run_id: Optional[str] = None) -> str:
+               run_id: Optional[str] = None) -> str:
     """Wait for ``flwr run --stream`` to end, echoing its rounds; fail fast when the SuperLink dies, a SuperNode
     dies (unless ``keep_going``: then it is reported once and the run goes on) or the timeout passes. Returns the
     run id; ``timings["startup_s"]``: seconds from ``t0`` until every site answered the set-up message. With
     ``status`` (run id -> the SuperLink's status), the wait ends as soon as the run is finished -- once the
     ServerApp process has exited or logged its summary -- instead of when ``flwr run --stream`` notices (its log
-    stream lags by a second or two). ``server_log``: the ServerApp process's own log (``deploy``'s worker mode),
-    where its ``[SUMMARY]`` line shows up before ``flwr run``'s stream relays it. Without ``run`` (no ``flwr run``
-    process: the run ``run_id`` was started with :func:`start_run`), ``path`` is the ServerApp process's log."""
-    seen, lost, ended, server_seen = 0, set(), False, 0
+    stream lags by a second or two). Without ``run`` (no ``flwr run`` process: the run ``run_id`` was started with
+    :func:`start_run`), ``path`` is the ServerApp process's own log, where ``[SUMMARY]`` shows up first."""
+    seen, lost, ended = 0, set(), False
     while True:
         done = run is not None and run.poll() is not None
-        if server_log is not None and not ended and run_id is not None:
-            try:
-                with open(server_log, "rb") as f:
-                    f.seek(server_seen)
-                    chunk = f.read()
-                cut = chunk.rfind(b"\n") + 1  # whole lines only
-                ended = b"[SUMMARY]" in chunk[:cut]
-                server_seen += cut
-            except OSError:
-                pass
         if status is not None and run_id is not None and (ended or any(d.startswith("serverapp (exit")
                                                                        for d in dep.dead())):
             try:
@@ -181,17 +178,10 @@ def preload_status_client() -> None:
 def run_status(port: int, run_id: str) -> tuple[str, str]:
     """The run's status from the SuperLink's Control API, asked from this process (flwr 1.42 ``flwr ls``'s own
     request; spawning ``flwr ls`` costs a Flower import, seconds on a busy machine)."""
-    from flwr.cli.typing import SuperLinkConnection
-    from flwr.cli.utils import init_http_client_from_connection
     from flwr.common.serde import run_from_proto
     from flwr.proto.control_pb2 import ListRunsRequest
 
-    import contextlib
-    import io
-
-    with contextlib.redirect_stdout(io.StringIO()):  # it prints "Using SuperLink: ..."
-        client = init_http_client_from_connection(SuperLinkConnection(name="local", address=f"127.0.0.1:{port}",
-                                                                      insecure=True))
+    client = control_client(port)
     try:
         res = client.ListRuns(ListRunsRequest(run_id=int(run_id)))
     finally:

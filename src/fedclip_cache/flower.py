@@ -41,7 +41,7 @@ from .federated.adapters import get_adapter
 from .federated.algorithms import Algorithm, make_algorithm
 from .federated.config import ConfigError, FederateConfig, option_flag
 from .federated.fpenv import flush_denormals
-from .federated.loop import (_class_sums, finetune_adapters, finetune_lanes, resolve_logit_scale, resolve_train_views,
+from .federated.loop import (_class_sums, client_lanes, finetune_adapters, resolve_logit_scale, resolve_train_views,
                              text_head)
 from .federated.protocols import Client, Experiment, build_experiments, split_indices
 from .federated.train import LocalHyper, batch_schedule, evaluate, host_tensor, lane_key, local_update
@@ -272,7 +272,7 @@ class SiteClient:
         """``--finetune-steps``: the selected global adapter ``params`` fine-tuned on this site's train split
         (``loop.finetune_adapters`` on this site's lane: the schedule, seed, key and fresh optimiser of ``federate``)
         and scored on its test split (NaN when it has none)."""
-        lanes = finetune_lanes([Experiment(self.exp.name, self.exp.seed, [self.client])])
+        lanes = client_lanes([Experiment(self.exp.name, self.exp.seed, [self.client])])
         with flush_denormals(not self.cfg.keep_denormals):  # as run_loop
             tuned = finetune_adapters(self.kind, {n: v.unsqueeze(0) for n, v in params.items()}, self.X, self.Y,
                                       self._head(head).unsqueeze(0), lanes, self.cfg.finetune_steps, self.hp,
@@ -337,21 +337,10 @@ client_app = ClientApp()
 
 
 @client_app.query("setup")
-def _setup(message: Message, context: Context) -> Message:
-    rec, params = read(message.content)
-    out, arrays = site_client(context).handle(rec, params)
-    return Message(content(out, arrays), reply_to=message)
-
-
 @client_app.train("round")
-def _round(message: Message, context: Context) -> Message:
-    rec, params = read(message.content)
-    out, arrays = site_client(context).handle(rec, params)
-    return Message(content(out, arrays), reply_to=message)
-
-
 @client_app.train("finetune")
-def _finetune(message: Message, context: Context) -> Message:
+def _answer(message: Message, context: Context) -> Message:
+    """Every message type: its one config record is the site's to handle (``SiteClient.handle`` reads the phase)."""
     rec, params = read(message.content)
     out, arrays = site_client(context).handle(rec, params)
     return Message(content(out, arrays), reply_to=message)

@@ -13,6 +13,16 @@ stays up (flwr's own ``flwr-clientapp`` and ``flower-superexec`` would use it).
 from __future__ import annotations
 
 
+def _task_call(handler: str, shared: bool = False):
+    """A Runtime API call authenticated by the task token: ``handler(request, state, task)`` of the SuperNode's
+    runtime handlers (``shared``: the core handlers every component shares, e.g. the task heartbeat)."""
+    def call(self, request):
+        return getattr(self._core if shared else self._node, handler)(request, self.state, self._task())
+
+    call.__name__ = handler
+    return call
+
+
 class DirectRuntime:
     """The ``RuntimeHttpClient`` methods a ClientApp task uses, on ``state`` (the SuperNode's NodeState).
     ``token``: the task's token (every call but ``AcquireTask`` is authenticated with it, as over HTTP)."""
@@ -31,32 +41,17 @@ class DirectRuntime:
             raise FlowerError(ApiErrorCode.RUNTIME_AUTHENTICATION_FAILED, "Runtime task-token authentication failed.")
         return task
 
-    def AcquireTask(self, request):
+    def AcquireTask(self, request):  # guarded by the SuperExec secret over HTTP; nothing to guard in-process
         return self._node.acquire_task(request, self.state)
 
-    def SendTaskHeartbeat(self, request):
-        return self._core.send_task_heartbeat(request, self.state, self._task())
-
-    def PullTaskInput(self, request):
-        return self._node.pull_task_input(request, self.state, self._task())
-
-    def PullMessages(self, request):
-        return self._node.pull_messages(request, self.state, self._task())
-
-    def PullObject(self, request):
-        return self._node.pull_object(request, self.state, self._task())
-
-    def ConfirmMessageReceived(self, request):
-        return self._node.confirm_message_received(request, self.state, self._task())
-
-    def PushMessages(self, request):
-        return self._node.push_messages(request, self.state, self._task())
-
-    def PushObject(self, request):
-        return self._node.push_object(request, self.state, self._task())
-
-    def PushTaskOutput(self, request):
-        return self._node.push_task_output(request, self.state, self._task())
+    SendTaskHeartbeat = _task_call("send_task_heartbeat", shared=True)
+    PullTaskInput = _task_call("pull_task_input")
+    PullMessages = _task_call("pull_messages")
+    PullObject = _task_call("pull_object")
+    ConfirmMessageReceived = _task_call("confirm_message_received")
+    PushMessages = _task_call("push_messages")
+    PushObject = _task_call("push_object")
+    PushTaskOutput = _task_call("push_task_output")
 
     def close(self) -> None:
         pass

@@ -37,7 +37,7 @@ from .federated.protocols import Experiment
 from .federated.recorder import RunRecorder
 from .federated.train import aggregate, client_weights
 from .flower import HEAD, _federate_config, check_deployment_keys, content, quick_object_pulls, read
-from .flower_polls import FIRST_POLL, PollPlan
+from .flower_polls import PollPlan
 
 from flwr.app import Context, Message
 from flwr.common.logger import log
@@ -253,7 +253,7 @@ class Exchange:
 
 def wait_for_nodes(grid: Grid, n: int, timeout: float, interval: float) -> list[int]:
     deadline = time.monotonic() + timeout
-    delay = FIRST_POLL
+    backoff = PollPlan(interval)  # no wait started: its back-off alone (0.01 s, 1.5x, up to interval)
     while True:
         nodes = sorted(grid.get_node_ids())
         if len(nodes) >= n:
@@ -262,8 +262,7 @@ def wait_for_nodes(grid: Grid, n: int, timeout: float, interval: float) -> list[
             log(WARNING, "only %s of %s nodes connected within %ss; starting without the others", len(nodes), n,
                 timeout)
             return nodes
-        time.sleep(delay)
-        delay = min(delay * 1.5, interval)
+        time.sleep(backoff.pause())
 
 
 def _import_plots() -> None:
@@ -295,11 +294,11 @@ def main(grid: Grid, context: Context) -> None:
     timeout = float(rc.get("round_timeout", DEFAULT_ROUND_TIMEOUT))
     ex = Exchange(grid, interval)
     log(INFO, "[START] waiting for %s node(s)", n_sites)
-    nodes = wait_for_nodes(grid, n_sites, float(rc.get("startup_timeout", DEFAULT_STARTUP_TIMEOUT)), interval)
+    startup = float(rc.get("startup_timeout", DEFAULT_STARTUP_TIMEOUT))
+    nodes = wait_for_nodes(grid, n_sites, startup, interval)
     log(INFO, "[NODES] %s connected after %.2f s", len(nodes), time.monotonic() - t0)
     # the set-up message: each site opens its cache first (minutes for a big one), so it gets the start-up timeout
     # when that is longer than a round's
-    startup = float(rc.get("startup_timeout", DEFAULT_STARTUP_TIMEOUT))
     replies = ex(nodes, "query.setup", {"phase": "setup"}, {}, "setup", max(timeout, startup))
     if ex.errors:  # a site that cannot even start (a bad cache, an option its cache cannot honour): stop here
         raise RuntimeError(f"node {ex.errors[0][0]} failed the set-up message: {ex.errors[0][1]}")

@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-FIRST_POLL, MAX_POLL = 0.01, 0.2
+MAX_POLL = 0.2
 
 
 def acquire_serverapp_task(address: str, secret: bytes, timeout: float = 600.0) -> str:
@@ -33,7 +33,9 @@ def acquire_serverapp_task(address: str, secret: bytes, timeout: float = 600.0) 
                                                  protected_methods=("/flwr.proto.Runtime/AcquireTask",))]
     client = RuntimeHttpClient.from_server_address(server_address=address, insecure=True, root_certificates=None,
                                                    interceptors=interceptors, retry_invoker=None)
-    deadline, delay = time.monotonic() + timeout, FIRST_POLL
+    from .flower_polls import PollPlan
+
+    deadline, backoff = time.monotonic() + timeout, PollPlan(MAX_POLL)  # 0.01 s, 1.5x, up to MAX_POLL
     try:
         while time.monotonic() < deadline:
             try:
@@ -42,8 +44,7 @@ def acquire_serverapp_task(address: str, secret: bytes, timeout: float = 600.0) 
                     return res.token
             except httpx.TransportError:  # the SuperLink is not up yet
                 pass
-            time.sleep(delay)
-            delay = min(delay * 1.5, MAX_POLL)
+            time.sleep(backoff.pause())
     finally:
         client.close()
     raise SystemExit(f"no ServerApp task from the SuperLink at {address} within {timeout:.0f} s")

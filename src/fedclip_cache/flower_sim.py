@@ -37,7 +37,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import warnings
@@ -48,6 +47,7 @@ import numpy as np
 
 from .errors import ConfigError, FedclipCacheError
 from .sim_guard import KEEP, MARK
+from .tempdirs import OWNER_FILE, make_owned, process_start, sweep_stale
 
 EXTRA_HINT = "pip install 'fedclip-cache[simulation]'"
 # Seconds between the ServerApp's polls for replies (the ServerApp's own default is Flower's 3 s; the in-memory
@@ -237,45 +237,14 @@ def _wrapper_classes():
 # ------------------------------------------------------------------------------------------------ the run
 
 TMP_PREFIX = "fedclip-sim-"
-OWNER_FILE = "owner"  # in a running simulation's temporary folder: "PID START" of the simulate process
-
-
-def _process_start(pid: int) -> str:
-    """The start time of process ``pid`` (clock ticks after boot; '' without procfs): with the PID, it names one
-    process (a PID alone may be reused)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[19].decode()
-    except (OSError, IndexError):
-        return ""
-
-
-def _owner_alive(text: str) -> bool:
-    try:
-        pid, start = text.split()
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except (ValueError, OSError):  # unreadable, or someone else's process: leave it
-        return True
-    now = _process_start(int(pid))
-    return not (now and start != now)
+_process_start = process_start
 
 
 def sweep_stale_folders(tmpdir: Optional[str] = None) -> list:
     """Remove the temporary folders of simulations whose simulate process is dead (what its watcher,
     :mod:`fedclip_cache.sim_guard`, could not remove: both were killed); a failed run's kept Ray logs have no owner
     file and stay. Returns the removed folders."""
-    removed = []
-    for d in Path(tmpdir or tempfile.gettempdir()).glob(TMP_PREFIX + "*"):
-        try:
-            owner = (d / OWNER_FILE).read_text()
-        except OSError:
-            continue
-        if not _owner_alive(owner):
-            shutil.rmtree(d, ignore_errors=True)
-            removed.append(d)
-    return removed
+    return sweep_stale(TMP_PREFIX, Path(tmpdir) if tmpdir else None)
 
 
 def _start_guard(tmp: Path) -> Optional[subprocess.Popen]:
@@ -367,8 +336,7 @@ def simulate(caches: list, out, cfg, *, num_cpus: Optional[int] = None, client_c
     t0 = time.monotonic()
     out = Path(out).resolve()
     sweep_stale_folders()
-    tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX))  # short: Ray's socket paths must stay < 108 characters
-    (tmp / OWNER_FILE).write_text(f"{os.getpid()} {_process_start(os.getpid())}")
+    tmp = make_owned(TMP_PREFIX)  # short: Ray's socket paths must stay < 108 characters
     keep_ray_logs = False
     env_before = {k: os.environ.get(k)
                   for k in ("RAY_USAGE_STATS_ENABLED", "PYTHONPATH", "FLWR_TELEMETRY_ENABLED", MARK)}

@@ -157,15 +157,21 @@ def build_heads(cache: FeatureCache, cfg: FederateConfig, X: Rows, Y: torch.Tens
 def build_lanes(algo: Algorithm, experiments: list[Experiment]) -> list[Lane]:
     """One lane per client (or one pooled lane per experiment for centralised training), largest first: the
     lanes still busy at local step t are then always a prefix, so the vectorised update works on views."""
-    lanes: list[Lane] = []
     if not algo.trains:
-        return lanes
-    for ei, e in enumerate(experiments):
-        if algo.pooled:
-            lanes.append(Lane(ei, -1, np.sort(np.concatenate([cl.train for cl in e.clients])), e.seed,
-                              lane_key(e.name, "central")))
-        else:
-            lanes += [Lane(ei, ci, cl.train, e.seed, lane_key(e.name, cl.name)) for ci, cl in enumerate(e.clients)]
+        return []
+    if not algo.pooled:
+        return client_lanes(experiments)
+    lanes = [Lane(ei, -1, np.sort(np.concatenate([cl.train for cl in e.clients])), e.seed, lane_key(e.name, "central"))
+             for ei, e in enumerate(experiments)]
+    lanes.sort(key=lambda ln: -len(ln.train))
+    return lanes
+
+
+def client_lanes(experiments: list[Experiment]) -> list[Lane]:
+    """One lane per training client of every experiment (never a held-out domain), with its seed and key, largest
+    train split first: the rounds' lanes, and the lanes that fine-tune (``--finetune-steps``)."""
+    lanes = [Lane(ei, ci, cl.train, e.seed, lane_key(e.name, cl.name))
+             for ei, e in enumerate(experiments) for ci, cl in enumerate(e.clients)]
     lanes.sort(key=lambda ln: -len(ln.train))
     return lanes
 
@@ -514,15 +520,6 @@ def finetune_notes(cfg: FederateConfig, algo: Algorithm, train_views: int) -> li
     return []
 
 
-def finetune_lanes(experiments: list[Experiment]) -> list[Lane]:
-    """The lanes that fine-tune: every training client of every experiment (never a held-out domain), with the
-    seed and key of its lane in the rounds, largest train split first."""
-    lanes = [Lane(ei, ci, cl.train, e.seed, lane_key(e.name, cl.name))
-             for ei, e in enumerate(experiments) for ci, cl in enumerate(e.clients)]
-    lanes.sort(key=lambda ln: -len(ln.train))
-    return lanes
-
-
 def finetune_schedules(lanes: list[Lane], steps: int, hp: LocalHyper) -> list[list[np.ndarray]]:
     return [finetune_schedule(ln.train, ln.seed, ln.key, steps, hp) for ln in lanes]
 
@@ -542,7 +539,7 @@ def finetune(loop: _Loop) -> dict:
     own test split. Returns experiment -> client -> test accuracy."""
     cfg, exps = loop.cfg, loop.experiments
     start_from = loop.best_server or loop.state.server
-    lanes = finetune_lanes(exps)
+    lanes = client_lanes(exps)
     lane_exp = torch.tensor([ln.exp for ln in lanes], dtype=torch.long, device=loop.device)
     start = {n: v[lane_exp] for n, v in start_from.items()}
     if loop.prompts is not None:  # prompt learning: fine-tune the context with the prompt optimiser at --prompt-lr
