@@ -140,3 +140,152 @@ def test_deploy_refuses_domain_names_that_are_not_file_names(tmp_path, domain):
     with pytest.raises(ConfigError, match=r"domain name .* cannot name a file") as ex:
         dep.check_sites(sites, FederateConfig(heldout=["art"]))
     assert "\n" not in str(ex.value)
+
+
+# --- the multi-machine recipe of the README, run as written (item 10) ---
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def _readme_block(lang: str, marker: str) -> str:
+    """The README's ```lang block that starts with ``marker`` (the recipe is read from ONE place: the README)."""
+    import re
+
+    blocks = [b for b in re.findall(rf"```{lang}\n(.*?)```", README.read_text(), re.S) if b.startswith(marker)]
+    assert len(blocks) == 1, f"README: {len(blocks)} ```{lang} blocks hold {marker!r}"
+    return blocks[0]
+
+
+def _port_open(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.mark.slow
+def test_readme_recipe_runs_with_tls_and_supernode_authentication(tmp_path):
+    """The README's multi-machine recipe on this machine: certificates and keys made by its own commands, the
+    SuperLink from `fedclip-cache superlink` (Fleet API only on the sites' address, Control API on loopback), three
+    sites with TLS and registered keys; the run completes. A SuperNode without a registered key is refused (with
+    no key, and with a key nobody registered), and the Control API is not served on the Fleet address."""
+    import re
+    import shlex
+    import ssl
+    import tomllib
+    import urllib.error
+    import urllib.request
+
+    import tomli_w
+
+    if dep.flower_bin_dir() is None or not all(map(shutil_which, ("openssl", "ssh-keygen"))):
+        pytest.fail("needs Flower's CLIs, openssl and ssh-keygen")
+    work = tmp_path / "work"
+    (work / "home").mkdir(parents=True)
+    (work / "app").mkdir()
+    caches = dict(zip(DOMAINS, _sites(tmp_path)))
+    fleet, control = dep.free_port(), dep.free_port()
+    env = {**os.environ, "FLWR_HOME": str(work / "home"), "FLWR_TELEMETRY_ENABLED": "0",
+           "PATH": dep.flower_bin_dir() + os.pathsep + os.environ.get("PATH", "")}
+    # the connection and the app, from the README (the run folder, its rounds and adapter size replaced)
+    conn = _readme_block("toml", "[superlink]\ndefault = \"pacs\"").replace("8000", str(control)).replace("/path/to/", f"{work}/")
+    (work / "home" / "config.toml").write_text(conn)
+    app = tomllib.loads(_readme_block("toml", "[project]\nname = \"fedclip-deploy\""))
+    app["tool"]["flwr"]["app"]["config"].update(out=str(tmp_path / "run"), rounds=2, hidden=8)
+    (work / "app" / "pyproject.toml").write_text(tomli_w.dumps(app))
+
+    def fill(line: str, **site) -> str:
+        line = re.sub(r"\b9092\b", str(fleet), re.sub(r"\b8000\b", str(control), line))
+        line = line.replace("superlink.example.org", "localhost")
+        if site:
+            line = line.replace("site_key", f"{site['dom']}_key").replace("/site/cache", site["cache"])
+            line = re.sub(r"\b9094\b", str(site["port"]), line)
+        return line
+
+    procs, logs = [], {}
+
+    def background(name: str, line: str) -> subprocess.Popen:
+        logs[name] = work / f"{name}.log"
+        p = subprocess.Popen(["bash", "-c", "exec " + line], cwd=work, env=env, stdout=open(logs[name], "wb"),
+                             stderr=subprocess.STDOUT, start_new_session=True)
+        procs.append(p)
+        return p
+
+    def run(line: str) -> str:
+        p = subprocess.run(["bash", "-c", line], cwd=work, env=env, capture_output=True, text=True, timeout=240)
+        assert p.returncode == 0, f"{line}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+        return p.stdout
+
+    lines = [ln.strip() for ln in _readme_block("bash", "# (1) on the server, once: a CA").splitlines()
+             if ln.strip() and not ln.strip().startswith("#")]
+    site_lines = [ln for ln in lines if "site_key" in ln or "/site/cache" in ln]
+    assert len(site_lines) == 3 and any(ln.startswith("fedclip-cache superlink") for ln in lines)
+    out = ""
+    try:
+        for line in lines:
+            for site in ([dict(dom=d, cache=c, port=dep.free_port()) for d, c in caches.items()]
+                         if line in site_lines else [{}]):
+                cmd = fill(line, **site)
+                if cmd.endswith("&"):
+                    background(site.get("dom", cmd.split()[1]), cmd[:-1].strip())
+                    if not site:  # the SuperLink: ready when both its ports are (what a person waits for)
+                        _wait_for(lambda: _port_open(control) and _port_open(fleet) or procs[-1].poll() is not None)
+                        assert procs[-1].poll() is None, logs["superlink"].read_text()[-3000:]
+                elif "RUN_ID" in cmd:
+                    run_id = re.search(r"Successfully started run (\d+)", out).group(1)
+                    status = json.loads(run(cmd.replace("RUN_ID", run_id)))
+                    assert status["runs"][0]["status"] == "finished:completed", status
+                else:
+                    out = run(cmd)
+        # the run: every site took part, with TLS and its registered key
+        summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+        assert [(r["fit_results"], r["fit_failures"]) for r in summary["deployment"]["rounds"]] == [(2, 0), (2, 0)]
+        # a SuperNode without a registered key is refused: the site line without the key, and with a fresh key
+        site = next(ln for ln in site_lines if ln.startswith("fedclip-cache site "))
+        run("ssh-keygen -q -t ecdsa -b 384 -N '' -f stranger_key")
+        strangers = [background("no-key", fill(site.replace(" --auth-supernode-private-key site_key", ""),
+                                               dom="art", cache=caches["art"], port=dep.free_port())[:-1]),
+                     background("stranger", fill(site, dom="stranger", cache=caches["art"],
+                                                 port=dep.free_port())[:-1])]
+        # no key: it asks to register itself (refused: "must be registered via the CLI"); an unregistered key:
+        # its activation is refused (the SuperLink knows no node with that key); both end the site, exit 1
+        for p, name, why in zip(strangers, ("no-key", "stranger"),
+                                ("All SuperNodes must be registered via the CLI", "Failed to activate SuperNode")):
+            assert p.wait(timeout=120) == 1
+            text = logs[name].read_text()
+            assert why in text and "Exit Code: 305" in text, text[-3000:]
+        assert "No SuperNode found with the given public key" in logs["superlink"].read_text()
+        # the Control API answers on loopback only; the Fleet address serves the Fleet API alone
+        tls = ssl.create_default_context(cafile=str(work / "ca.crt"))
+
+        def post(port: int, path: str) -> int:
+            req = urllib.request.Request(f"https://localhost:{port}{path}", data=b"", method="POST",
+                                         headers={"Content-Type": "application/protobuf"})
+            try:
+                return urllib.request.urlopen(req, context=tls, timeout=10).status
+            except urllib.error.HTTPError as ex:
+                return ex.code
+
+        assert post(control, "/v1/control/list-runs") == 200
+        assert post(fleet, "/v1/control/list-runs") == 404
+        assert post(fleet, "/v1/control/start-run") == 404
+        assert post(fleet, "/v1/runtime/acquire-task") == 404
+    finally:
+        for p in procs:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for p in procs:
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+
+
+def shutil_which(name: str):
+    import shutil
+
+    return shutil.which(name)

@@ -321,6 +321,44 @@ def supernode_args(cache: str, superlink: str, port: int, *, insecure: bool, roo
     return [*args, *extra]
 
 
+def check_site_credentials(insecure: bool, root_certificates, private_key) -> tuple:
+    """One-line errors for ``site``'s TLS and SuperNode-authentication files (missing, unreadable, not what flwr 1.42
+    loads), before the site starts; returns the ``flower-supernode`` options they add (beside ``--root-certificates``,
+    passed by :func:`supernode_args`)."""
+    from .errors import ConfigError
+
+    def readable(path, option: str) -> bytes:
+        try:
+            return Path(path).read_bytes()
+        except OSError as ex:
+            raise ConfigError(f"site: {option} {path}: cannot be read ({ex.strerror or ex}); give the path of the "
+                              f"file") from None
+
+    if root_certificates is not None:
+        if insecure:
+            raise ConfigError("site: --insecure and --root-certificates: give one (--root-certificates: TLS)")
+        if b"-----BEGIN CERTIFICATE-----" not in readable(root_certificates, "--root-certificates"):
+            raise ConfigError(f"site: --root-certificates {root_certificates}: no PEM certificate in it; give the "
+                              f"SuperLink's CA certificate (PEM)")
+    if private_key is None:
+        return ()
+    if insecure:
+        raise ConfigError("site: --auth-supernode-private-key needs TLS (flwr 1.42 refuses SuperNode authentication "
+                          "without it): give --root-certificates instead of --insecure")
+    data = readable(private_key, "--auth-supernode-private-key")
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+
+    try:
+        key = load_ssh_private_key(data, None)  # as flwr 1.42's flower-supernode loads it
+    except (ValueError, TypeError) as ex:
+        key = ex
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise ConfigError(f"site: --auth-supernode-private-key {private_key}: not an unencrypted EC private key in "
+                          f"OpenSSH format (make one: ssh-keygen -t ecdsa -b 384 -N '' -f site_key)")
+    return ("--auth-supernode-private-key", str(Path(private_key).resolve()))
+
+
 def private_folder(root: Optional[str] = None) -> Path:
     """A new 0700 folder for a site's secret: inside ``root`` (``deploy``'s temporary folder, which ``deploy``
     removes), else a ``fedclip-site-*`` folder owned by this process (tempdirs.py), after removing those of sites
