@@ -212,42 +212,52 @@ def test_readme_recipe_runs_with_tls_and_supernode_authentication(tmp_path):
         procs.append(p)
         return p
 
-    def run(line: str) -> str:
-        p = subprocess.run(["bash", "-c", line], cwd=work, env=env, capture_output=True, text=True, timeout=240)
-        assert p.returncode == 0, f"{line}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
-        return p.stdout
+    def run(*lines: str) -> str:
+        """Run ``lines`` side by side (one line's copies for the sites: they run on different machines); all must
+        succeed. Returns the last one's output."""
+        ps = [(ln, subprocess.Popen(["bash", "-c", ln], cwd=work, env=env, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True)) for ln in lines]
+        for ln, p in ps:
+            stdout, stderr = p.communicate(timeout=240)
+            assert p.returncode == 0, f"{ln}\n{stdout[-3000:]}\n{stderr[-3000:]}"
+        return stdout
 
     lines = [ln.strip() for ln in _readme_block("bash", "# (1) on the server, once: a CA").splitlines()
              if ln.strip() and not ln.strip().startswith("#")]
     site_lines = [ln for ln in lines if "site_key" in ln or "/site/cache" in ln]
     assert len(site_lines) == 3 and any(ln.startswith("fedclip-cache superlink") for ln in lines)
+    def start_strangers() -> list:
+        """The recipe's site line without its key, and with a fresh key nobody registered."""
+        site = next(ln for ln in site_lines if ln.startswith("fedclip-cache site "))
+        run("ssh-keygen -q -t ecdsa -b 384 -N '' -f stranger_key")
+        return [background("no-key", fill(site.replace(" --auth-supernode-private-key site_key", ""),
+                                          dom="art", cache=caches["art"], port=dep.free_port())[:-1]),
+                background("stranger", fill(site, dom="stranger", cache=caches["art"], port=dep.free_port())[:-1])]
+
     out = ""
+    strangers = []
     try:
         for line in lines:
-            for site in ([dict(dom=d, cache=c, port=dep.free_port()) for d, c in caches.items()]
-                         if line in site_lines else [{}]):
-                cmd = fill(line, **site)
-                if cmd.endswith("&"):
+            sites = [dict(dom=d, cache=c, port=dep.free_port()) for d, c in caches.items()] if line in site_lines \
+                else [{}]
+            cmds = [fill(line, **site) for site in sites]
+            if line.endswith("&"):
+                for site, cmd in zip(sites, cmds):
                     background(site.get("dom", cmd.split()[1]), cmd[:-1].strip())
-                    if not site:  # the SuperLink: ready when both its ports are (what a person waits for)
-                        _wait_for(lambda: _port_open(control) and _port_open(fleet) or procs[-1].poll() is not None)
-                        assert procs[-1].poll() is None, logs["superlink"].read_text()[-3000:]
-                elif "RUN_ID" in cmd:
-                    run_id = re.search(r"Successfully started run (\d+)", out).group(1)
-                    status = json.loads(run(cmd.replace("RUN_ID", run_id)))
-                    assert status["runs"][0]["status"] == "finished:completed", status
-                else:
-                    out = run(cmd)
+                if not sites[0]:  # the SuperLink: ready when both its ports are (what a person waits for)
+                    _wait_for(lambda: _port_open(control) and _port_open(fleet) or procs[-1].poll() is not None)
+                    assert procs[-1].poll() is None, logs["superlink"].read_text()[-3000:]
+                    strangers = start_strangers()  # beside the recipe's own steps (they take a site's start-up)
+            elif "RUN_ID" in line:
+                run_id = re.search(r"Successfully started run (\d+)", out).group(1)
+                status = json.loads(run(cmds[0].replace("RUN_ID", run_id)))
+                assert status["runs"][0]["status"] == "finished:completed", status
+            else:
+                out = run(*cmds)
         # the run: every site took part, with TLS and its registered key
         summary = json.loads((tmp_path / "run" / "summary.json").read_text())
         assert [(r["fit_results"], r["fit_failures"]) for r in summary["deployment"]["rounds"]] == [(2, 0), (2, 0)]
-        # a SuperNode without a registered key is refused: the site line without the key, and with a fresh key
-        site = next(ln for ln in site_lines if ln.startswith("fedclip-cache site "))
-        run("ssh-keygen -q -t ecdsa -b 384 -N '' -f stranger_key")
-        strangers = [background("no-key", fill(site.replace(" --auth-supernode-private-key site_key", ""),
-                                               dom="art", cache=caches["art"], port=dep.free_port())[:-1]),
-                     background("stranger", fill(site, dom="stranger", cache=caches["art"],
-                                                 port=dep.free_port())[:-1])]
+        # a SuperNode without a registered key is refused (started with the SuperLink: start_strangers)
         # no key: it asks to register itself (refused: "must be registered via the CLI"); an unregistered key:
         # its activation is refused (the SuperLink knows no node with that key); both end the site, exit 1
         for p, name, why in zip(strangers, ("no-key", "stranger"),
@@ -289,3 +299,75 @@ def shutil_which(name: str):
     import shutil
 
     return shutil.which(name)
+
+
+def _site_cli(args):
+    from typer.testing import CliRunner
+
+    from fedclip_cache import cli
+
+    return CliRunner().invoke(cli.app, ["site", *args])
+
+
+def test_site_checks_its_tls_and_authentication_files_in_one_line(tmp_path):
+    """`site` had no SuperNode-authentication option; a missing CA file surfaced as flwr's multi-line exit text
+    after start-up. Each file is checked first: one line naming the option."""
+    cache = _sites(tmp_path, ("art",))[0]
+    ca = tmp_path / "ca.crt"
+    ca.write_text("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")
+    notpem = tmp_path / "notpem.crt"
+    notpem.write_text("hello")
+    rsa = tmp_path / "rsa_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "rsa", "-b", "1024", "-N", "", "-f", str(rsa)], check=True)
+    base = [cache, "--superlink", "127.0.0.1:1", "--port", str(dep.free_port())]
+    cases = [
+        (["--root-certificates", str(tmp_path / "missing.crt")], "--root-certificates"),
+        (["--root-certificates", str(notpem)], "no PEM certificate"),
+        (["--root-certificates", str(ca), "--auth-supernode-private-key", str(tmp_path / "nokey")],
+         "--auth-supernode-private-key"),
+        (["--root-certificates", str(ca), "--auth-supernode-private-key", str(rsa)], "not an unencrypted EC"),
+        (["--root-certificates", str(ca), "--auth-supernode-private-key", str(ca)], "not an unencrypted EC"),
+        (["--insecure", "--auth-supernode-private-key", str(rsa)], "needs TLS"),
+        (["--insecure", "--root-certificates", str(ca)], "give one"),
+    ]
+    for args, match in cases:
+        res = _site_cli([*base, *args])
+        assert isinstance(res.exception, ConfigError), (args, res.output, res.exception)
+        assert match in str(res.exception) and "\n" not in str(res.exception), (args, str(res.exception))
+
+
+def test_site_passes_the_authentication_key_to_its_supernode(tmp_path):
+    from fedclip_cache.flower_site import check_site_credentials, supernode_args
+
+    key = tmp_path / "k"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-f", str(key)], check=True)
+    extra = check_site_credentials(False, None, key)
+    args = supernode_args("c", "h:1", 9, insecure=False, root_certificates="ca.crt", secret_file="s", extra=extra)
+    assert args[args.index("--auth-supernode-private-key") + 1] == str(key.resolve())
+    assert args[args.index("--root-certificates") + 1] == "ca.crt" and "--insecure" not in args
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--fleet-address", "0.0.0.0:9092", "--host", "0.0.0.0", "--insecure"], "--host 0.0.0.0"),
+    (["--fleet-address", "0.0.0.0:9092", "--insecure"], "--insecure with --fleet-address"),
+    (["--fleet-address", "nonsense", "--insecure"], "--fleet-address 'nonsense'"),
+])
+def test_superlink_keeps_the_control_api_on_loopback(args, match):
+    """`fedclip-cache superlink` refuses (one line) a Control API off loopback and a Fleet API off this machine
+    without TLS."""
+    from typer.testing import CliRunner
+
+    from fedclip_cache import cli
+
+    res = CliRunner().invoke(cli.app, ["superlink", *args])
+    assert isinstance(res.exception, ConfigError) and match in str(res.exception), (res.output, res.exception)
+
+
+def test_fleet_address_passes_the_fleet_api_only():
+    from fedclip_cache.fleet_gate import allowed
+
+    assert allowed("POST", "/v1/fleet/register-node") and allowed("GET", "/health")
+    for method, path in [("POST", "/v1/control/start-run"), ("POST", "/v1/runtime/acquire-task"),
+                         ("POST", "/v1/fleet/../control/start-run"), ("GET", "/docs"), ("GET", "/openapi.json"),
+                         ("GET", "/v1/fleet/pull-messages"), ("POST", "/v1/fleet/"), ("POST", "/health")]:
+        assert not allowed(method, path), (method, path)
