@@ -371,3 +371,11 @@ def test_fleet_address_passes_the_fleet_api_only():
                          ("POST", "/v1/fleet/../control/start-run"), ("GET", "/docs"), ("GET", "/openapi.json"),
                          ("GET", "/v1/fleet/pull-messages"), ("POST", "/v1/fleet/"), ("POST", "/health")]:
         assert not allowed(method, path), (method, path)
+
+
+def test_a_folder_where_a_log_goes_is_a_one_line_error(tmp_path):
+    logs = tmp_path / "logs"
+    (logs / "serverapp.log").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="serverapp.log") as ex:
+        dep.clear_own_logs(logs, dep.own_logs(["art"], "worker"))
+    assert "\n" not in str(ex.value)

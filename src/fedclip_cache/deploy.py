@@ -578,13 +578,12 @@ LOGS_MANIFEST = ".deploy-logs.json"  # in RUN/logs/: the file names the last dep
 
 
 def own_logs(domains: list, isolation: str) -> list[str]:
-    """The file names a deployment writes under ``RUN/logs/`` (what :class:`Deployment` and the zygote name)."""
-    names = ["superlink.log", "deploy.json"]
-    names += ["serverapp.log", "zygote.log"] if isolation == "worker" else ["flwr-run.log"]
+    """The file names a deployment writes under ``RUN/logs/`` (what :class:`Deployment` and the zygote name), with
+    those of the other isolations too (an earlier run into the folder may have used another one)."""
+    assert isolation in ISOLATIONS
+    names = ["superlink.log", "serverapp.log", "zygote.log", "flwr-run.log", "deploy.json"]
     for dom in domains:
-        names.append(f"site-{dom}.log")
-        if isolation == "process":
-            names.append(f"site-{dom}-superexec.log")
+        names += [f"site-{dom}.log", f"site-{dom}-superexec.log"]
     return names
 
 
@@ -601,7 +600,11 @@ def clear_own_logs(logs: Path, names: list[str]) -> None:
     for name in {*names, *before}:
         if name == Path(name).name and name not in ("", ".", "..") and (name.endswith(".log") or
                                                                         name == "deploy.json"):
-            (logs / name).unlink(missing_ok=True)  # only plain names of our kinds, whatever the manifest says
+            try:  # only plain names of our kinds, whatever the manifest says
+                (logs / name).unlink(missing_ok=True)
+            except OSError as ex:  # a folder by that name, no permission
+                raise ConfigError(f"deploy: cannot remove the earlier run's {logs / name} ({ex.strerror or ex}): "
+                                  f"remove it, or give another -o") from None
     tmp = logs / (LOGS_MANIFEST + f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps(sorted(names)))
     os.replace(tmp, logs / LOGS_MANIFEST)
