@@ -18,7 +18,9 @@ log goes under ``RUN/logs/``; the run is judged by its status in the SuperLink (
 the Control API as ``flwr ls`` does), never by ``flwr run``'s exit code (0 even for a failed run in flwr 1.42).
 Whatever it started is stopped on success, failure and Ctrl-C (each process is the leader of its own process
 group; the group is terminated, then killed; after a completed run everything is killed at once). Temporary
-folders of deploys killed with ``kill -9`` are removed by the next deploy (:func:`sweep_stale_folders`).
+folders of deploys killed with ``kill -9`` are removed by the next deploy (:func:`sweep_stale_folders`); each
+site's SuperExec secret lies inside that folder (the sites are SIGKILLed at the end: nothing of theirs may need
+their own clean-up). Of ``RUN/logs/`` only the logs a deploy writes are removed (:func:`clear_own_logs`).
 
 Verified recipe (flwr 1.42): the SuperLink serves its Fleet, Control and Runtime APIs on ONE HTTP port
 (``--port``; the old ``--fleet-api-address``/``--control-api-address`` are deprecated); a SuperNode's ``--port``

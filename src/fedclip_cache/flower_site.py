@@ -346,12 +346,13 @@ def check_site_credentials(insecure: bool, root_certificates, private_key) -> tu
         raise ConfigError("site: --auth-supernode-private-key needs TLS (flwr 1.42 refuses SuperNode authentication "
                           "without it): give --root-certificates instead of --insecure")
     data = readable(private_key, "--auth-supernode-private-key")
+    from cryptography.exceptions import UnsupportedAlgorithm
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 
     try:
         key = load_ssh_private_key(data, None)  # as flwr 1.42's flower-supernode loads it
-    except (ValueError, TypeError) as ex:
+    except (ValueError, TypeError, UnsupportedAlgorithm) as ex:  # TypeError: a passphrase-protected key
         key = ex
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise ConfigError(f"site: --auth-supernode-private-key {private_key}: not an unencrypted EC private key in "
