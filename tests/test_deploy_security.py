@@ -96,6 +96,7 @@ def _wait_for(what, limit: float = 90.0):
     raise AssertionError("timed out")
 
 
+@pytest.mark.slow
 def test_a_site_secret_never_outlives_the_site(tmp_path, monkeypatch):
     """`fedclip-cache site`: its secret is 0600 in a 0700 folder; SIGTERM removes the folder; one left by a site
     killed with kill -9 is removed by the next site (it was kept forever)."""
