@@ -294,9 +294,9 @@ def check_sites(site_caches: list, cfg, command: str = "deploy") -> list[str]:
             raise ConfigError(f"{command}: {c}: a site cache holds one domain (this one: {', '.join(names)}); "
                               f"extract each site's own images into its own cache, or give ONE shared cache")
         if not path_safe(names[0]):
-            raise ConfigError(f"{command}: {c}: domain name {names[0]!r} cannot name a file (it names each site's "
-                              f"log, logs/site-DOMAIN.log): re-extract this site with a plain domain folder name "
-                              f"(no '/', '\\', NUL, '.' or '..')")
+            raise ConfigError(f"{command}: {c}: domain name {names[0]!r} cannot name a file (a site's files are "
+                              f"named after it, e.g. deploy's logs/site-DOMAIN.log): re-extract this site with a "
+                              f"plain domain folder name (no '/', '\\', NUL, '.' or '..')")
         domains.append(names[0])
     if len(set(domains)) != len(domains):
         raise ConfigError(f"{command}: two site caches hold the same domain ({', '.join(domains)})")
