@@ -329,8 +329,9 @@ def test_second_deploy_into_a_busy_run_folder_is_a_one_line_error(tmp_path):
     (out / "logs" / "flwr-run.log").write_text("Successfully started run 123\n")
     (out / "logs" / "serverapp.log").write_text("[SUMMARY] 3 replies\n")
     held = dep._lock_run_folder(out, out / "logs")  # as a running deploy holds it
+    dep.clear_own_logs(out / "logs", dep.own_logs(list(DOMAINS), "worker"))  # what deploy does next
     assert not (out / "summary.json").exists()
-    assert sorted(p.name for p in (out / "logs").iterdir()) == [".deploy.lock"]
+    assert sorted(p.name for p in (out / "logs").iterdir()) == [dep.LOGS_MANIFEST, ".deploy.lock"]
     try:
         with pytest.raises(ConfigError, match="in use by another deploy"):
             dep.deploy(_sites(tmp_path), out, FederateConfig(rounds=1, heldout=["sketch"]).validate())

@@ -489,6 +489,10 @@ def site(
     insecure: bool = typer.Option(False, "--insecure", help="Connect to the SuperLink without TLS (localhost "
                                                            "tests only)."),
     root_certificates: Optional[Path] = typer.Option(None, help="CA certificate (PEM) of the SuperLink's TLS."),
+    auth_supernode_private_key: Optional[Path] = typer.Option(
+        None, help="This site's SuperNode authentication key (flwr 1.42: an EC private key in OpenSSH format, e.g. "
+                   "`ssh-keygen -t ecdsa -b 384 -N '' -f site_key`); its public key is registered on the server "
+                   "with `flwr supernode register site_key.pub`. Needs TLS (--root-certificates)."),
     poll_interval: float = typer.Option(0.2, help="Longest wait between the SuperNode's requests for messages "
                                                   "(adaptive: 0.01 s right after a message, 1.5x longer each time "
                                                   "while idle; flwr 1.42's own: 3 s fixed)."),
@@ -501,6 +505,9 @@ def site(
 
     if not insecure and root_certificates is None:
         raise ConfigError("site: give --root-certificates (the SuperLink's CA) or --insecure (no TLS)")
+    from .flower_site import check_site_credentials
+
+    extra = check_site_credentials(insecure, root_certificates, auth_supernode_private_key)
     if not 0 < poll_interval <= 60:
         raise ConfigError(f"--poll-interval {poll_interval}: must be in (0, 60] seconds")
     if not 1 <= port <= 65535:
@@ -513,7 +520,24 @@ def site(
                           f"this site's own images into its own cache")
     raise SystemExit(run_site(str(cache), superlink, port=port, insecure=insecure,
                               root_certificates=str(root_certificates) if root_certificates else None,
-                              poll_interval=poll_interval, log=lambda m: print(f"[site] {m}", flush=True)))
+                              poll_interval=poll_interval, extra=extra,
+                              log=lambda m: print(f"[site] {m}", flush=True)))
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def superlink(
+    ctx: typer.Context,
+    fleet_address: str = typer.Option(..., help="HOST:PORT the sites reach (their --superlink): ONLY the Fleet API "
+                                                "is served there (e.g. 0.0.0.0:9092)."),
+):
+    """flwr 1.42's SuperLink for a real multi-machine deployment: every other option goes to flwr's
+    `flower-superlink` (--port, --ssl-ca-certfile/--ssl-certfile/--ssl-keyfile, --enable-supernode-auth, ...). Its
+    Control API (run submission) and Runtime API stay on loopback (--host, default 127.0.0.1: `flwr run` on this
+    machine); the same SuperLink's Fleet API alone is served on --fleet-address, with the same TLS. Needs
+    fedclip-cache\\[flower]."""
+    from .fleet_gate import serve
+
+    serve(fleet_address, list(ctx.args))
 
 
 @app.command()

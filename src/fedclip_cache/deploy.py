@@ -18,7 +18,9 @@ log goes under ``RUN/logs/``; the run is judged by its status in the SuperLink (
 the Control API as ``flwr ls`` does), never by ``flwr run``'s exit code (0 even for a failed run in flwr 1.42).
 Whatever it started is stopped on success, failure and Ctrl-C (each process is the leader of its own process
 group; the group is terminated, then killed; after a completed run everything is killed at once). Temporary
-folders of deploys killed with ``kill -9`` are removed by the next deploy (:func:`sweep_stale_folders`).
+folders of deploys killed with ``kill -9`` are removed by the next deploy (:func:`sweep_stale_folders`); each
+site's SuperExec secret lies inside that folder (the sites are SIGKILLed at the end: nothing of theirs may need
+their own clean-up). Of ``RUN/logs/`` only the logs a deploy writes are removed (:func:`clear_own_logs`).
 
 Verified recipe (flwr 1.42): the SuperLink serves its Fleet, Control and Runtime APIs on ONE HTTP port
 (``--port``; the old ``--fleet-api-address``/``--control-api-address`` are deprecated); a SuperNode's ``--port``
@@ -291,6 +293,10 @@ def check_sites(site_caches: list, cfg, command: str = "deploy") -> list[str]:
         if len(names) != 1:
             raise ConfigError(f"{command}: {c}: a site cache holds one domain (this one: {', '.join(names)}); "
                               f"extract each site's own images into its own cache, or give ONE shared cache")
+        if not path_safe(names[0]):
+            raise ConfigError(f"{command}: {c}: domain name {names[0]!r} cannot name a file (a site's files are "
+                              f"named after it, e.g. deploy's logs/site-DOMAIN.log): re-extract this site with a "
+                              f"plain domain folder name (no '/', '\\', NUL, '.' or '..')")
         domains.append(names[0])
     if len(set(domains)) != len(domains):
         raise ConfigError(f"{command}: two site caches hold the same domain ({', '.join(domains)})")
@@ -303,6 +309,13 @@ def check_sites(site_caches: list, cfg, command: str = "deploy") -> list[str]:
         raise ConfigError(f"{command}: with --heldout, at least 2 other sites must train (give 3 or more site "
                           f"caches)")
     return domains
+
+
+def path_safe(name: str) -> bool:
+    """Whether ``name`` can be used as one plain file-name part (``logs/site-NAME.log``): not empty, no path
+    separator or NUL, not ``.``/``..``. A local check until the validator that ``extract`` applies to domain names
+    (issue 19, item 9) is shared: then this calls it."""
+    return isinstance(name, str) and name not in ("", ".", "..") and not any(ch in name for ch in "/\\\0")
 
 
 def check_run_folder(out, command: str = "deploy") -> None:
@@ -441,6 +454,11 @@ def deploy(site_caches: list, out, cfg, *, timeout: Optional[float] = None, log:
         logs = out / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         lock = _lock_run_folder(out, logs)
+        try:
+            clear_own_logs(logs, own_logs(domains, isolation))
+        except BaseException:
+            lock.close()
+            raise
     except BaseException:
         launch.abort()
         if old_term is not None:
@@ -476,7 +494,10 @@ def deploy(site_caches: list, out, cfg, *, timeout: Optional[float] = None, log:
                       "address": f"127.0.0.1:{port}", "secret_file": str(secret_file)}]
             specs += [{"name": f"site-{dom}", "kind": "site", "log": str(logs / f"site-{dom}.log"), "env": site_env,
                        "cache": str(cache), "superlink": f"127.0.0.1:{port}", "port": free_port(),
-                       "poll_interval": poll_interval, "threads": threads} for cache, dom in zip(site_caches, domains)]
+                       "poll_interval": poll_interval, "threads": threads,
+                       # each site's SuperExec secret in a folder inside ours: gone with it, even when the sites are
+                       # SIGKILLed (their own clean-up never runs then; each run left one /tmp/fedclip-site-*)
+                       "private_root": str(tmp)} for cache, dom in zip(site_caches, domains)]
             zygote.send(dep, specs, logs / "zygote.log")
         t1 = time.monotonic()
         run = run_id = None
@@ -542,7 +563,7 @@ def _lock_run_folder(out: Path, logs: Path):
     """Hold ``RUN/logs/.deploy.lock`` for the run (released when the file closes or this process dies): a second
     ``deploy`` into the same run folder is a one-line error instead of two runs writing (and reading) the same logs
     and outputs. A previous run's ``summary.json`` and logs are removed: the folder shows a completed run only once
-    this one completed, and the logs are this run's."""
+    this one completed; the earlier run's logs go in :func:`clear_own_logs`."""
     import fcntl
 
     lock = open(logs / ".deploy.lock", "a+")
@@ -552,9 +573,43 @@ def _lock_run_folder(out: Path, logs: Path):
         lock.close()
         raise ConfigError(f"deploy: run folder {out} is in use by another deploy; give another -o") from None
     (out / "summary.json").unlink(missing_ok=True)
-    for old in [*logs.glob("*.log"), logs / "deploy.json"]:  # an earlier run's logs: appended to, they would be read
-        old.unlink(missing_ok=True)  # as this run's (its run id, its end of run)
     return lock
+
+
+LOGS_MANIFEST = ".deploy-logs.json"  # in RUN/logs/: the file names the last deploy into it wrote
+
+
+def own_logs(domains: list, isolation: str) -> list[str]:
+    """The file names a deployment writes under ``RUN/logs/`` (what :class:`Deployment` and the zygote name), with
+    those of the other isolations too (an earlier run into the folder may have used another one)."""
+    assert isolation in ISOLATIONS
+    names = ["superlink.log", "serverapp.log", "zygote.log", "flwr-run.log", "deploy.json"]
+    for dom in domains:
+        names += [f"site-{dom}.log", f"site-{dom}-superexec.log"]
+    return names
+
+
+def clear_own_logs(logs: Path, names: list[str]) -> None:
+    """Remove an earlier deployment's logs from ``logs`` (appended to, they would be read as this run's: its run
+    id, its end of run): the files this run will write and those the last deploy into this folder listed in
+    :data:`LOGS_MANIFEST` -- nothing else (a user's ``RUN/logs/notes.txt`` or ``mine.log`` stays; every ``*.log``
+    went before). Then lists this run's names there."""
+    try:
+        before = json.loads((logs / LOGS_MANIFEST).read_text())
+        before = [n for n in before if isinstance(n, str)] if isinstance(before, list) else []
+    except (OSError, ValueError):
+        before = []
+    for name in {*names, *before}:
+        if name == Path(name).name and name not in ("", ".", "..") and (name.endswith(".log") or
+                                                                        name == "deploy.json"):
+            try:  # only plain names of our kinds, whatever the manifest says
+                (logs / name).unlink(missing_ok=True)
+            except OSError as ex:  # a folder by that name, no permission
+                raise ConfigError(f"deploy: cannot remove the earlier run's {logs / name} ({ex.strerror or ex}): "
+                                  f"remove it, or give another -o") from None
+    tmp = logs / (LOGS_MANIFEST + f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(sorted(names)))
+    os.replace(tmp, logs / LOGS_MANIFEST)
 
 
 def _interrupt(*_):

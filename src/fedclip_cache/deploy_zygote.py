@@ -63,7 +63,8 @@ def _child(spec: dict) -> int:
 
         torch.set_num_threads(int(spec["threads"]))
         return run_site(spec["cache"], spec["superlink"], port=int(spec["port"]), insecure=True,
-                        poll_interval=float(spec["poll_interval"]), log=lambda m: print(f"[site] {m}", flush=True))
+                        poll_interval=float(spec["poll_interval"]), log=lambda m: print(f"[site] {m}", flush=True),
+                        private_root=spec.get("private_root"))  # deploy's temporary folder: deploy removes it
     if spec["kind"] == "superlink":  # `flower-superlink ARGS` (flwr 1.42's entry point: flwr.superlink.cli.
         # flower_superlink:flower_superlink, which parses sys.argv, serves until SIGTERM and exits through flwr_exit)
         from flwr.superlink.cli.flower_superlink import flower_superlink

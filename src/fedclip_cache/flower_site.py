@@ -26,7 +26,11 @@ that cannot start stops the site; when the process dies, SuperNode and worker di
 bounds the server's wait; see flower_server.py). A site started again on the same cache registers as a new node and
 rejoins the run from the next round. The ``AcquireTask`` call of the Runtime API is protected with Flower's
 SuperExec shared secret (a fresh random secret per site command, in a 0600 file under a 0700 folder): another
-local user can not take the site's tasks.
+local user can not take the site's tasks. That folder never outlives the site: removed on every exit (normal end,
+failure, SIGTERM/Ctrl-C: also as one of flwr's exit handlers, which run before its 5 s force-exit timer); a
+``fedclip-site-*`` folder of a site killed with ``kill -9`` names its dead owner (tempdirs.py) and is removed by
+the next site started on this machine; under ``deploy`` the folder lies inside the deployment's own temporary folder
+(removed by ``deploy`` even when it SIGKILLs its sites, and swept by the next ``deploy`` after a ``kill -9``).
 """
 from __future__ import annotations
 
@@ -43,6 +47,7 @@ from typing import Callable, Optional
 
 CLIENT_APP_REF = "fedclip_cache.flower:client_app"
 DEFAULT_POLL_INTERVAL = 0.2
+SITE_PREFIX = "fedclip-site-"  # a standalone site's private folder under the temporary folder (tempdirs.py)
 
 
 class SiteClock:
@@ -316,12 +321,65 @@ def supernode_args(cache: str, superlink: str, port: int, *, insecure: bool, roo
     return [*args, *extra]
 
 
+def check_site_credentials(insecure: bool, root_certificates, private_key) -> tuple:
+    """One-line errors for ``site``'s TLS and SuperNode-authentication files (missing, unreadable, not what flwr 1.42
+    loads), before the site starts; returns the ``flower-supernode`` options they add (beside ``--root-certificates``,
+    passed by :func:`supernode_args`)."""
+    from .errors import ConfigError
+
+    def readable(path, option: str) -> bytes:
+        try:
+            return Path(path).read_bytes()
+        except OSError as ex:
+            raise ConfigError(f"site: {option} {path}: cannot be read ({ex.strerror or ex}); give the path of the "
+                              f"file") from None
+
+    if root_certificates is not None:
+        if insecure:
+            raise ConfigError("site: --insecure and --root-certificates: give one (--root-certificates: TLS)")
+        if b"-----BEGIN CERTIFICATE-----" not in readable(root_certificates, "--root-certificates"):
+            raise ConfigError(f"site: --root-certificates {root_certificates}: no PEM certificate in it; give the "
+                              f"SuperLink's CA certificate (PEM)")
+    if private_key is None:
+        return ()
+    if insecure:
+        raise ConfigError("site: --auth-supernode-private-key needs TLS (flwr 1.42 refuses SuperNode authentication "
+                          "without it): give --root-certificates instead of --insecure")
+    data = readable(private_key, "--auth-supernode-private-key")
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+
+    try:
+        key = load_ssh_private_key(data, None)  # as flwr 1.42's flower-supernode loads it
+    except (ValueError, TypeError, UnsupportedAlgorithm) as ex:  # TypeError: a passphrase-protected key
+        key = ex
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise ConfigError(f"site: --auth-supernode-private-key {private_key}: not an unencrypted EC private key in "
+                          f"OpenSSH format (make one: ssh-keygen -t ecdsa -b 384 -N '' -f site_key)")
+    return ("--auth-supernode-private-key", str(Path(private_key).resolve()))
+
+
+def private_folder(root: Optional[str] = None) -> Path:
+    """A new 0700 folder for a site's secret: inside ``root`` (``deploy``'s temporary folder, which ``deploy``
+    removes), else a ``fedclip-site-*`` folder owned by this process (tempdirs.py), after removing those of sites
+    that died without cleaning up (``kill -9``)."""
+    from .tempdirs import make_owned, sweep_stale
+
+    if root is not None:
+        return Path(tempfile.mkdtemp(prefix="site-", dir=root))
+    sweep_stale(SITE_PREFIX, unowned_after=86400)
+    return make_owned(SITE_PREFIX)
+
+
 def run_site(cache: str, superlink: str, *, port: int = 9094, insecure: bool = False,
              root_certificates: Optional[str] = None, poll_interval: float = DEFAULT_POLL_INTERVAL,
-             extra: tuple = (), log: Callable[[str], None] = _say) -> int:
+             extra: tuple = (), log: Callable[[str], None] = _say, private_root: Optional[str] = None) -> int:
     """A site in ONE process: Flower's SuperNode (flwr 1.42 ``flower-supernode``, patched as
     :func:`patch_supernode` says) in the main thread, and the ClientApp worker in a thread beside it; returns the
-    SuperNode's exit status (0 after SIGTERM/SIGINT)."""
+    SuperNode's exit status (0 after SIGTERM/SIGINT). ``private_root``: the folder to make the site's private
+    folder (its SuperExec secret) in -- ``deploy``'s own temporary folder; default: an owned ``fedclip-site-*``
+    folder under the temporary folder (:func:`private_folder`)."""
     from .cache import open_cache
 
     cache = str(Path(cache).resolve())
@@ -330,33 +388,42 @@ def run_site(cache: str, superlink: str, *, port: int = 9094, insecure: bool = F
         from .errors import ConfigError
 
         raise ConfigError(f"port {port} (the SuperNode's Runtime API) is in use: choose another --port")
-    private = Path(tempfile.mkdtemp(prefix="fedclip-site-"))  # 0700
-    secret_file = private / "superexec-secret"
-    fd = os.open(secret_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    secret = secrets.token_bytes(32)
-    os.write(fd, secret)
-    os.close(fd)
+    if threading.current_thread() is threading.main_thread():
+        # SIGTERM ends the site through the `finally` below until flwr installs its own handlers (its imports take
+        # seconds; the default action left the secret's folder behind); flwr's handlers restore this one
+        signal.signal(signal.SIGTERM, _exit_on_signal)
+    private = private_folder(private_root)
     stop = threading.Event()
-    clock = patch_supernode(poll_interval)
-
-    def work() -> None:
-        try:
-            worker = SiteWorker(f"127.0.0.1:{port}", auth_secret=secret, poll_interval=poll_interval, log=log)
-            log(f"worker ready (pid {os.getpid()}): serving the ClientApp tasks of this SuperNode (Runtime API "
-                f"127.0.0.1:{port}, cache {cache})")
-            worker.serve(stop, clock)
-        except BaseException as ex:  # noqa: BLE001  (a worker that cannot start ends the site)
-            log(f"the worker failed: {type(ex).__name__}: {ex}; stopping the site")
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    thread = threading.Thread(target=work, name="clientapp-worker", daemon=True)
-    thread.start()  # imports torch while the SuperNode connects
-    from flwr.supernode.cli.flower_supernode import flower_supernode
-
-    sys.argv = ["flower-supernode", *supernode_args(cache, superlink, port, insecure=insecure,
-                                                    root_certificates=root_certificates,
-                                                    secret_file=str(secret_file), extra=extra)]
     try:
+        secret_file = private / "superexec-secret"
+        fd = os.open(secret_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        secret = secrets.token_bytes(32)
+        os.write(fd, secret)
+        os.close(fd)
+        from flwr.supercore.exit import add_exit_handler
+
+        # flwr ends the SuperNode on SIGTERM/SIGINT through its exit handlers, with a 5 s force-exit timer
+        # (os._exit: no `finally` then); the secret's folder goes first
+        add_exit_handler(lambda: shutil.rmtree(private, ignore_errors=True), run_before_force_exit=True)
+        clock = patch_supernode(poll_interval)
+
+        def work() -> None:
+            try:
+                worker = SiteWorker(f"127.0.0.1:{port}", auth_secret=secret, poll_interval=poll_interval, log=log)
+                log(f"worker ready (pid {os.getpid()}): serving the ClientApp tasks of this SuperNode (Runtime API "
+                    f"127.0.0.1:{port}, cache {cache})")
+                worker.serve(stop, clock)
+            except BaseException as ex:  # noqa: BLE001  (a worker that cannot start ends the site)
+                log(f"the worker failed: {type(ex).__name__}: {ex}; stopping the site")
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        thread = threading.Thread(target=work, name="clientapp-worker", daemon=True)
+        thread.start()  # imports torch while the SuperNode connects
+        from flwr.supernode.cli.flower_supernode import flower_supernode
+
+        sys.argv = ["flower-supernode", *supernode_args(cache, superlink, port, insecure=insecure,
+                                                        root_certificates=root_certificates,
+                                                        secret_file=str(secret_file), extra=extra)]
         flower_supernode()
         return 0
     except SystemExit as ex:
@@ -364,3 +431,7 @@ def run_site(cache: str, superlink: str, *, port: int = 9094, insecure: bool = F
     finally:
         stop.set()
         shutil.rmtree(private, ignore_errors=True)
+
+
+def _exit_on_signal(signum, _frame) -> None:
+    raise SystemExit(0)  # as flwr's own handler ends the SuperNode after SIGTERM (exit 0)

@@ -1,6 +1,6 @@
-"""Temporary folders of ``deploy`` and ``simulate`` that a killed run (``kill -9``, the OOM killer) could not
-remove: each run's folder holds an ``owner`` file naming its process (PID and start time: a PID alone may be
-reused), and the next run of the same command removes the folders whose owner is gone."""
+"""Temporary folders of ``deploy``, ``simulate`` and ``site`` (its SuperExec secret) that a killed run (``kill -9``,
+the OOM killer) could not remove: each run's folder holds an ``owner`` file naming its process (PID and start time:
+a PID alone may be reused), and the next run of the same command removes the folders whose owner is gone."""
 from __future__ import annotations
 
 import os
