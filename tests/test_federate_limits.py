@@ -86,6 +86,22 @@ def test_finetune_starts_from_the_reported_last_round_without_validation(cache, 
         assert torch.equal(seen["start"][n], seen["last"][n]), n
 
 
+def test_a_deployment_without_validation_data_fine_tunes_its_last_round():
+    """The Flower server keeps the adapter of the selected round for --finetune-steps (RunRecorder.selected); with
+    no validation split at any site the reported round is the last, so every round is 'selected' in turn."""
+    from fedclip_cache.federated.recorder import RunRecorder
+
+    rec = RunRecorder(FederateConfig(finetune_steps=2), None)
+    site = {"heldout": False, "val_n": 0, "val_accuracy": 0.0}
+    for r in (1, 2, 3):
+        rec.rounds.append(r), rec.reports.append({"a": dict(site), "b": dict(site)})
+        assert rec.selected(), r
+    rec = RunRecorder(FederateConfig(finetune_steps=2), None)  # with validation: the first best, as before
+    for r, acc in ((1, 0.5), (2, 0.4)):
+        rec.rounds.append(r), rec.reports.append({"a": {"heldout": False, "val_n": 3, "val_accuracy": acc}})
+        assert rec.selected() is (r == 1)
+
+
 def test_a_run_that_would_measure_nothing_is_refused(cache, monkeypatch, capsys, tmp_path):
     msg = one_line_error(*run_cli(monkeypatch, capsys, "federate", cache, "--protocol", "personal", "--split",
                                   "1,0,0", "--rounds", "2", "-o", tmp_path / "run"))

@@ -78,12 +78,12 @@ def fitted_prompts(tokenizer, names: Sequence[str], n_ctx: int, ctx_init: Option
         raise ConfigError(f"--n-ctx {n_ctx}: must be at least 1")
     # SOS + name + '.' + EOT of each class: what its prompt takes beside the context
     rest = token_lengths(tokenizer, [f"{n}." for n in names])
-    if n_ctx + max(rest) > length:
+    if n_ctx + max(rest, default=0) > length:
         _refuse(names, rest, n_ctx, ctx_init, length)
     prefix = ctx_init or " ".join([PLACEHOLDER] * n_ctx)
     prompts = [f"{prefix} {n}." for n in names]
     real = token_lengths(tokenizer, prompts)  # the prompts themselves, as the text tower will see them
-    if max(real) > length:
+    if max(real, default=0) > length:
         _refuse(names, [r - n_ctx for r in real], n_ctx, ctx_init, length)
     return prompts, n_ctx
 

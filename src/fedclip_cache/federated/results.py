@@ -191,8 +191,9 @@ def measurement_notes(experiments, cfg: FederateConfig) -> list[str]:
         short = [(e, cs) for e, cs in short if cs]
         if short:
             e, cs = short[0]
+            size = len(cs[0].train) + len(cs[0].val) + len(cs[0].test) + cs[0].dropped
             notes.append(f"{len(cs)} of {len(e.clients)} training clients of {e.name} (e.g. {cs[0].name}, "
-                         f"{len(cs[0].train) + len(cs[0].val) + len(cs[0].test) + cs[0].dropped} samples) have no {split} split "
+                         f"{size} samples) have no {split} split "
                          f"({why}: too few samples); {what} the others"
                          + (f" (likewise in {len(short) - 1} other run(s))" if len(short) > 1 else ""))
     return notes
