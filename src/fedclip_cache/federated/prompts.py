@@ -92,11 +92,12 @@ def _refuse(names: Sequence[str], rest: Sequence[int], n_ctx: int, ctx_init: Opt
     i = int(np.argmax(rest))
     room = length - rest[i]  # the largest context that fits beside every class
     what = (f"--ctx-init {_short(ctx_init)} takes {n_ctx} tokens" if ctx_init else f"--n-ctx {n_ctx}")
-    fix = ("shorten the class name (it alone fills the text tower)" if room < 1 else
+    fix = ("no context fits beside this class name; shorten it" if room < 1 else
            f"use a phrase of at most {room} tokens" if ctx_init else f"use --n-ctx {room} or less")
-    raise ConfigError(f"{what}: the prompt of class {names[i]!r} would take {n_ctx + rest[i]} tokens ({n_ctx} "
+    largest = "" if room < 1 else " (the largest that fits every class)"
+    raise ConfigError(f"{what}: the prompt of class {_short(names[i])} would take {n_ctx + rest[i]} tokens ({n_ctx} "
                       f"context + {rest[i]} for SOS, its name, '.' and EOT), more than the text tower's {length}, "
-                      f"and the tokenizer would cut its name; {fix} (the largest that fits every class)")
+                      f"and the tokenizer would cut its name; {fix}{largest}")
 
 
 def _short(text: str, keep: int = 40) -> str:
