@@ -164,15 +164,15 @@ def test_a_batch_that_cannot_fit_is_refused_naming_the_batch_size(tmp_path, monk
     refused naming --batch-size (here on a machine with 1 MiB free; the adapter itself takes ~2 KiB)."""
     import fedclip_cache.federated.loop as loop_mod
 
-    big = write_synthetic_cache(tmp_path / "big", {"a": 3000}, 3, dim=8, seed=0)
+    big = write_synthetic_cache(tmp_path / "big", {"a": 1000}, 3, dim=8, seed=0)
     monkeypatch.setattr(loop_mod, "free_bytes", lambda device: 1 << 20)
     msg = one_line_error(*run_cli(monkeypatch, capsys, "federate", big, "--protocol", "personal", "--batch-size",
                                   "4096", "--rounds", "1", "--hidden", "8"))
-    # by hand: 1800 x (8 hidden + 8 features + 1800 logits) float32 = 13,075,200 B, + the adapter's 144 parameters
-    # x 5 copies (adapter, gradient, 2 Adam moments; the global one) x 4 B = 2,880 B: 12.47 MiB
-    assert msg.startswith("error: --batch-size 4096: local training would hold at least 12.5 MiB") and \
-        "one batch of 1800 through a hidden layer of 8" in msg and msg.endswith("lower --batch-size")
-    code, out, err = run_cli(monkeypatch, capsys, "federate", big, "--protocol", "personal", "--batch-size", "8",
+    # by hand: 600 x (8 hidden + 8 features + 600 logits) float32 = 1,478,400 B, + the adapter's 144 parameters
+    # x 5 copies (adapter, gradient, 2 Adam moments; the global one) x 4 B = 2,880 B: 1.41 MiB
+    assert msg.startswith("error: --batch-size 4096: local training would hold at least 1.4 MiB") and \
+        "one batch of 600 through a hidden layer of 8" in msg and msg.endswith("lower --batch-size")
+    code, out, err = run_cli(monkeypatch, capsys, "federate", big, "--protocol", "personal", "--batch-size", "32",
                              "--rounds", "1", "--hidden", "8", "--json")
     assert code == 0, err
     assert json.loads(out)["experiments"][0]["best"]["test_mean"] is not None

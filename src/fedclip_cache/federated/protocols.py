@@ -128,10 +128,19 @@ def check_measurable(exps: list[Experiment], cfg: FederateConfig) -> None:
         return
     from .config import option_flag
 
-    why = (f"{option_flag('split')} {','.join(f'{x:g}' for x in cfg.split)}" if cfg.split_source == "random"
-           else "--split-source cache: the cache's split column")
+    why = split_said(cfg)
     largest = max((len(c.train) + len(c.val) + len(c.test) + c.dropped for e in exps for c in e.clients), default=0)
     raise ConfigError(f"{why}: no training client has validation or test data (the largest client has {largest} "
                       f"samples) and no domain is held out, so the run would measure nothing; give validation and "
                       f"test fractions (e.g. {option_flag('split')} 0.6,0.2,0.2), fewer and larger clients "
                       f"({option_flag('num_clients')}), or hold a domain out (--protocol lodo)")
+
+
+def split_said(cfg: FederateConfig) -> str:
+    """Where the clients' train/val/test splits come from, as the user set it: ``--split 1,0,0`` or the cache's
+    split column (the words of every message about missing splits)."""
+    from .config import option_flag
+
+    if cfg.split_source == "random":
+        return f"{option_flag('split')} {','.join(f'{x:g}' for x in cfg.split)}"
+    return f"{option_flag('split_source')} cache: the cache's split column"

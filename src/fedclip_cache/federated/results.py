@@ -12,7 +12,7 @@ from ..store import atomic_write, write_json
 from .algorithms import get_algorithm
 from .config import FederateConfig
 from .loop import LoopResult, run_loop
-from .protocols import build_experiments
+from .protocols import build_experiments, split_said
 
 BYTES_PER_PARAM = 4  # float32 adapters travel
 
@@ -168,10 +168,7 @@ def summarise(res: LoopResult, cfg: FederateConfig, cache: FeatureCache) -> dict
 def measurement_notes(experiments, cfg: FederateConfig) -> list[str]:
     """What a run could not measure, said loudly: runs without validation data (the last round is reported, not a
     selected one), without test data, and clients that lack a split the others have (too few samples)."""
-    from .config import option_flag
-
-    why = (f"{option_flag('split')} {','.join(f'{x:g}' for x in cfg.split)}" if cfg.split_source == "random"
-           else "the cache's split column")
+    why = split_said(cfg)
     notes = []
 
     def names(exps) -> str:
