@@ -183,7 +183,8 @@ def local_update(kind: AdapterKind, params: Params, X: torch.Tensor, Y: torch.Te
     dev = params[names[0]].device  # where the parameters (and the computation) live
     steps = [torch.zeros((), dtype=torch.float32, device=dev) for _ in range(lanes)]
     # Batches are padded to the longest one scheduled, never to --batch-size itself: a batch size far above every
-    # client's data would otherwise allocate with the batch size (measured: 2.3 GB for 125 images at 10^9). Same
+    # client's data would otherwise allocate with the batch size (measured, 2 clients of 14 training images,
+    # --batch-size 10^7: peak RSS 4.8 GB and 22 s before, 1.1 GB and 6 s now -- the import baseline). Same
     # batches and results; a --batch-size >= the data trains exactly as --batch-size = the data (tested).
     bsz = max((len(b) for s in schedules for b in s), default=1)
     # (steps, lanes, B) row indices, -1 = padding
