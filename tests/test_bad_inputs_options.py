@@ -95,6 +95,9 @@ CASES = [
     (FED + ["--seeds", "1,1"], 2, "--seeds: seed 1 given twice", False),
     (FED + ["--seeds", ""], 2, "--seeds: give at least one seed", False),
     (FED + ["--seed", "-1"], 2, "--seed -1: must be at least 0", False),
+    # seeds every consumer takes (metrics.parquet's int32 column): 2**31 trained, then an OverflowError traceback
+    (FED + ["--seed", "2147483648"], 2, "--seed 2147483648: must be at most 2147483647", False),
+    (FED + ["--seeds", "0,2147483648"], 2, "--seeds: seed 2147483648: must be at most 2147483647", False),
     (FED + ["--batch-size", "1"], 2, "--batch-size 1: must be >= 2", False),
     (FED + ["--rounds", "abc"], 2, "'--rounds'", True),
     # participation, personalisation and server-optimiser options
@@ -109,6 +112,7 @@ CASES = [
     # sweep: grid keys and values, seeds, jobs -- all before any file is written
     (SWEEP + ["--grid", "split=a/b/c"], 2, "--grid split='a/b/c'", False),
     (SWEEP[:-2] + ["--seeds", ""], 2, "--seeds: give at least one seed", False),
+    (SWEEP[:-2] + ["--seeds", "1,2147483648"], 2, "--seeds: seed 2147483648: must be at most 2147483647", False),
     (SWEEP + ["--grid", "hidden="], 2, "--grid hidden=: no values", False),
     (SWEEP + ["--grid", "hiden=3"], 2, "--grid key 'hiden' is not a federate option", False),
     (SWEEP + ["--grid", "lr=nan"], 2, "--grid lr=nan: must be a finite number", False),
@@ -139,6 +143,9 @@ CASES = [
     (["run", "{root}/good.toml", "--set", "sweep.grid.hidden=[0]"], 2, "--set sweep.grid.hidden=0: must be at least 1",
      False),
     (RUN + ["--set", "federate=3"], 2, "--set 'federate=3': expected SECTION.KEY=VALUE", False),
+    (RUN + ["--set", "federate.seed=2147483648"], 2, "federate.seed=2147483648: must be at most 2147483647", False),
+    (["run", "{root}/good.toml", "--set", "sweep.seeds=[0, 4294967296]"], 2,
+     "sweep.seeds: seed 4294967296: must be at most 2147483647", False),
 ]
 
 
@@ -196,3 +203,15 @@ def test_library_validate_and_sweep_reject_bad_values(env, tmp_path):
     with pytest.raises(ConfigError, match="no values"):
         sweep(env["cache"], FederateConfig(rounds=1), {"hidden": []}, [0], tmp_path / "s")
     assert not (tmp_path / "s").exists()
+
+
+def test_no_command_has_a_no_no_flag():
+    """Issue 19 (minor): `run --help` offered `--no-sweep/--no-no-sweep` (typer's automatic --no- pair of a bool
+    option named no_sweep). Every option of every command, as click builds it."""
+    import typer
+
+    group = typer.main.get_command(cli.app)
+    flags = {(name, o) for name, cmd in group.commands.items() for p in cmd.params
+             for o in [*p.opts, *getattr(p, "secondary_opts", [])]}
+    assert ("run", "--no-sweep") in flags
+    assert sorted(f for f in flags if f[1].startswith("--no-no-")) == []

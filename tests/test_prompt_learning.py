@@ -79,6 +79,70 @@ def test_ctx_init_from_a_phrase(lm):
     assert rand.shape == (16, 64) and 0.015 < float(rand.std()) < 0.025
 
 
+def _room(tokenizer, classes, length=77):
+    """The largest n_ctx whose prompts keep every class name, counted with the tokenizer's own BPE (not the
+    code under test): SOS + n_ctx + name + '.' + EOT <= length."""
+    return length - max(len(tokenizer.encode(f"{c.replace('_', ' ')}.")) + 2 for c in classes)
+
+
+def test_every_class_prompt_keeps_its_name_or_is_refused(lm):
+    """Issue 19 item 1: --n-ctx 74/75 was accepted and the tokenizer cut the prompts at 77 tokens (the names gone,
+    class embeddings alike); now the real prompt of every class is counted and refused in one line."""
+    from fedclip_cache.errors import ConfigError
+
+    classes = CLASSES + ["a very long class name of several words"]
+    room = _room(lm.tokenizer, classes)
+    assert 60 < room < 75
+    pl = PromptLearner(lm.model, lm.tokenizer, classes, n_ctx=room)  # the largest that fits: every name whole
+    names = [lm.tokenizer.encode(f"{c.replace('_', ' ')}.") for c in classes]
+    for k, want in enumerate(names):
+        got = pl.tokens[k, 1 + room:int(pl.eot[k])].tolist()
+        assert got == want  # the class name and the '.' survive, right before the EOT
+    assert int(pl.eot.max()) == 76
+    for n_ctx in (room + 1, 74, 75, 76, 80):
+        with pytest.raises(ConfigError) as e:
+            PromptLearner(lm.model, lm.tokenizer, classes, n_ctx=n_ctx)
+        msg = str(e.value)
+        assert "\n" not in msg and msg.startswith(f"--n-ctx {n_ctx}: the prompt of class "
+                                                     f"'a very long class name of several words' would take "
+                                                     f"{n_ctx + 77 - room} tokens")
+        assert f"use --n-ctx {room} or less" in msg and "77" in msg
+
+
+def test_a_ctx_init_phrase_too_long_for_the_prompts_is_refused_not_cut(lm):
+    from fedclip_cache.errors import ConfigError
+
+    room = _room(lm.tokenizer, CLASSES)
+    phrase = " ".join(["photo"] * 100)  # 100 tokens: was cut to 75 and reported as "sets n_ctx = 75"
+    with pytest.raises(ConfigError) as e:
+        PromptLearner(lm.model, lm.tokenizer, CLASSES, ctx_init=phrase)
+    msg = str(e.value)
+    assert msg.startswith("--ctx-init 'photo photo") and "takes 100 tokens" in msg and "'golden retriever'" in msg
+    assert f"use a phrase of at most {room} tokens" in msg and "\n" not in msg
+    ok = PromptLearner(lm.model, lm.tokenizer, CLASSES, ctx_init=" ".join(["photo"] * room))
+    assert ok.n_ctx == room and ok.init_ctx(0).shape == (room, 64)
+    with pytest.raises(ConfigError, match="use a phrase of at most"):
+        PromptLearner(lm.model, lm.tokenizer, CLASSES, ctx_init=" ".join(["photo"] * (room + 1)))
+    with pytest.raises(ConfigError, match="no words to start the context from"):
+        PromptLearner(lm.model, lm.tokenizer, CLASSES, ctx_init="   ")  # was silently a random context
+
+
+def test_an_absurd_n_ctx_is_refused_before_any_allocation(lm):
+    """--n-ctx 99999999999 built a prompt string of 10^11 placeholder words (~200 GB) before any check."""
+    import tracemalloc
+
+    from fedclip_cache.errors import ConfigError
+
+    tracemalloc.start()
+    try:
+        with pytest.raises(ConfigError, match=r"^--n-ctx 99999999999: .* use --n-ctx \d+ or less"):
+            PromptLearner(lm.model, lm.tokenizer, CLASSES, n_ctx=99_999_999_999)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20, peak
+
+
 @pytest.mark.parametrize("momentum,decay,lr", [(0.0, 0.0, 0.5), (0.9, 5e-4, 0.05)])
 def test_steps_equal_coop_reference_and_only_the_context_changes(lm, momentum, decay, lr):
     torch.manual_seed(0)
@@ -214,9 +278,12 @@ def test_prompt_learning_refuses_a_model_it_cannot_load_or_that_is_not_the_cache
     # another model's weights (same architecture, other seed): the fingerprint differs
     msg = one_line_error("--text-model-config", other_cfg, "--text-pretrained", other_ckpt)
     assert "not the cache's model" in msg and "weights" in msg
-    # more context vectors than the text tower's 77 tokens hold beside a class name
-    msg = one_line_error("--text-model-config", tiny_model[0], "--n-ctx", "80")
-    assert msg.startswith("error: --n-ctx 80: 80 context vectors and the class name") and "77 tokens" in msg
+    # more context vectors than the text tower's 77 tokens hold beside a class name (75: was accepted, every
+    # class prompt cut to the same text)
+    for n_ctx in ("80", "75"):
+        msg = one_line_error("--text-model-config", tiny_model[0], "--n-ctx", n_ctx)
+        assert msg.startswith(f"error: --n-ctx {n_ctx}: the prompt of class ") and "the text tower's 77" in msg
+        assert "or less (the largest that fits every class)" in msg
 
 
 def test_promptfl_rounds_are_fedavg_of_client_prompts_and_are_scored_with_them(cache_dir, tiny_model):

@@ -578,7 +578,8 @@ def run(
     set_: List[str] = typer.Option([], "--set", help="Override SECTION.KEY=VALUE, e.g. federate.rounds=50; "
                                                      "repeatable."),
     base_dir: Path = typer.Option(Path("."), help="Where the pipeline's relative cache/out paths live."),
-    no_sweep: bool = typer.Option(False, help="Stop after federate."),
+    # one flag, declared by name: a bool option named no_* otherwise gets typer's automatic pair --no-no-sweep
+    no_sweep: bool = typer.Option(False, "--no-sweep", help="Stop after federate."),
 ):
     """extract -> federate (LODO, every held-out domain) -> sweep, re-using the cache when it exists."""
     from .pipeline import run as run_pipeline

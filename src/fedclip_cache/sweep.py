@@ -26,10 +26,9 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from .federated.config import GRID_ALIASES, ConfigError, FederateConfig, _said, parse_text
+from .federated.config import GRID_ALIASES, ConfigError, FederateConfig, _said, check_bounds, parse_text
 from .store import atomic_write, write_json
 
-MAX_SEED = 2**63 - 1
 
 
 def grid_field(key: str, where: str = "--grid") -> str:
@@ -93,14 +92,13 @@ def check_grid_values(name: str, values: list, label: str) -> list:
 
 
 def check_seeds(seeds: list, label: str = "--seeds") -> list[int]:
-    """At least one seed, each a whole number in [0, 2**63), none twice."""
+    """At least one seed, each a whole number within the seed's declared bounds (config.SEED_MAX), none twice."""
     if not isinstance(seeds, (list, tuple)) or not seeds:
         raise ConfigError(f"{label}: give at least one seed, e.g. 0,1,2")
     for s in seeds:
         if isinstance(s, bool) or not isinstance(s, int):
             raise ConfigError(f"{label}: {s!r} is not a whole number; seeds are e.g. 0,1,2")
-        if not 0 <= s <= MAX_SEED:
-            raise ConfigError(f"{label}: seed {s} out of range (0 to 2**63 - 1)")
+        check_bounds("seed", s, f"{label}: seed")
     dup = next((s for i, s in enumerate(seeds) if s in seeds[:i]), None)
     if dup is not None:
         raise ConfigError(f"{label}: seed {dup} given twice")

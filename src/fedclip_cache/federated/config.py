@@ -29,11 +29,18 @@ ADAPTER_OPTIONS = ("adapter", "hidden", "residual_alpha", "head", "template", "l
                    "beta1", "beta2", "eps", "weight_decay")
 
 
+# The largest seed every consumer takes: torch's and numpy's generators take up to 2**64 - 1, but metrics.parquet
+# stores the seed in an int32 column (a larger seed trained, then failed writing it: OverflowError, no results).
+SEED_MAX = 2**31 - 1
+
+
 def option(default: Any = dataclasses.MISSING, help: str = "", *, flag: Optional[str] = None,
-           choices: Optional[tuple[str, ...]] = None, grid: Optional[str] = None, factory: Any = None):
+           choices: Optional[tuple[str, ...]] = None, grid: Optional[str] = None, factory: Any = None,
+           bounds: Optional[tuple[Any, Any]] = None):
     """A FederateConfig field with everything the CLI, pipelines and sweeps derive from it, written once: its
-    default, help, CLI flag (default ``--field-name``), allowed values, and a short grid key alias."""
-    meta = {"help": help, "flag": flag, "choices": choices, "grid": grid}
+    default, help, CLI flag (default ``--field-name``), allowed values, a short grid key alias, and inclusive
+    ``(low, high)`` bounds (checked by :func:`check_bounds`, the one check of every way a value arrives)."""
+    meta = {"help": help, "flag": flag, "choices": choices, "grid": grid, "bounds": bounds}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -51,6 +58,17 @@ def _show(value: Any) -> str:
     if isinstance(value, list):
         return ",".join(map(str, value)) if all(isinstance(v, str) for v in value) else repr(value)
     return repr(value) if isinstance(value, str) else str(value)
+
+
+def check_bounds(name: str, value: Any, label: str) -> None:
+    """Refuse a value of field ``name`` outside its declared ``bounds``, naming it as the user wrote it
+    (``label``: a flag, a grid or TOML key, ``--seeds: seed``)."""
+    low, high = FIELDS[name].metadata.get("bounds") or (None, None)
+    if low is not None and value < low:
+        raise ConfigError(f"{_said(label, value)}: must be at least {low}")
+    if high is not None and value > high:
+        why = " (seeds are stored as 32-bit integers)" if name == "seed" else ""
+        raise ConfigError(f"{_said(label, value)}: must be at most {high}{why}")
 
 
 def field_kind(name: str) -> tuple[type, bool]:
@@ -231,7 +249,7 @@ class FederateConfig:
                                      "over dropped and counted) | test (they go to test).", choices=("drop", "test"))
     client_key: str = option("domain", "domain | client: which cache column defines clients.",
                              choices=("domain", "client"))
-    seed: int = option(0, "Seed (data split, shuffles, adapter init).")
+    seed: int = option(0, f"Seed (data split, shuffles, adapter init), 0 to {SEED_MAX}.", bounds=(0, SEED_MAX))
     eval_every: int = option(1, "Evaluate every N rounds (official: every round).")
     curves: bool = option(False, "Score test and held-out sets every evaluated round (full curves for plots). "
                                  "Default: validation every round, test/held-out only when the best validation "
@@ -289,9 +307,9 @@ class FederateConfig:
         for name in ("batch_size", "local_epochs", "eval_every", "num_clients", "classes_per_client",
                      "min_fit_clients", "n_ctx"):
             at_least(name, 1)
-        at_least("seed", 0)
-        if self.seed >= 2**63:
-            raise bad("seed", "must be below 2**63")
+        for f in dataclasses.fields(self):
+            if f.metadata.get("bounds") and getattr(self, f.name) is not None:
+                check_bounds(f.name, getattr(self, f.name), flag(f.name))
         if self.hidden is not None:
             at_least("hidden", 1)
         at_least("rounds", 0)  # 0: nothing is trained, the starting adapter is scored once (round 0)

@@ -333,6 +333,53 @@ def sample_lanes(members: list[np.ndarray], experiments: list[Experiment], cfg: 
     return np.sort(np.concatenate(picked))
 
 
+# ------------------------------------------------------------------------------------------------ memory
+
+def effective_batch(cfg: FederateConfig, lanes: list[Lane]) -> int:
+    """The largest batch any lane trains on: --batch-size, or the largest training split when that is smaller (a
+    client's one batch per epoch is then its whole split; local_update pads to it, not to --batch-size)."""
+    return min(cfg.batch_size, max((len(ln.train) for ln in lanes), default=1))
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:,.1f} GiB" if n >= 2**30 else f"{n / 2**20:,.1f} MiB"
+
+
+def free_bytes(device: torch.device) -> int:
+    """Bytes the run can still allocate on ``device``: the GPU's free memory, or what this process may allocate
+    on the host (cache.available_memory: MemAvailable, rlimits, the cgroup limit)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    from ..cache import available_memory
+
+    return int(available_memory())
+
+
+def check_memory(loop: "_Loop") -> None:
+    """Refuse, before any adapter is allocated, a run whose local training cannot fit (``training_bytes``, a lower
+    bound): ``--hidden 99999999`` asked for ~100 GB and died in the allocator. One line naming the option that
+    dominates the estimate and the bytes."""
+    from .train import training_bytes
+
+    cfg, lanes = loop.cfg, loop.lanes
+    if not lanes:
+        return
+    batch = effective_batch(cfg, lanes)
+    need = training_bytes(loop.kind, loop.dim, loop.hidden, len(lanes), len(loop.experiments), batch,
+                          len(loop.cache.classes), cfg.loss)
+    total, have = need["params"] + need["activations"], free_bytes(loop.device)
+    if total <= have:
+        return
+    from .config import option_flag
+
+    what = (f"{option_flag('hidden')} {loop.hidden}" if need["params"] >= need["activations"]
+            else f"{option_flag('batch_size')} {cfg.batch_size}")
+    raise ConfigError(f"{what}: local training would hold at least {_gib(total)} ({len(lanes)} client adapter(s) "
+                      f"of {need['per_adapter']:,} parameters with gradients and Adam moments: {_gib(need['params'])}; "
+                      f"one batch of {batch} through a hidden layer of {loop.hidden}: {_gib(need['activations'])}), "
+                      f"more than the {_gib(have)} free on {loop.device.type}; lower {what.split()[0]}")
+
+
 # ------------------------------------------------------------------------------------------------ the loop
 
 def run_loop(cache: FeatureCache, cfg: FederateConfig, experiments: list[Experiment],
@@ -387,6 +434,7 @@ class _Loop:
                         for ei in range(len(experiments))]
         self.lane_exp = torch.tensor([ln.exp for ln in lanes], dtype=torch.long, device=device)
         self.evaluator = Evaluator(algo, experiments, lanes, self.X, self.exp_head, self.lane_head, device)
+        self.has_val = np.array([bool(v) for v in self.evaluator.val_segments])
 
         # Prompt learning (promptfl, promptlocal): no adapter; the parameters are the context vectors
         self.prompts = None
@@ -399,6 +447,7 @@ class _Loop:
             inits = {s: {"ctx": self.prompts.init_ctx(s)} for s in {e.seed for e in experiments}}
             shapes = {"ctx": self.prompts.ctx_shape} if lanes else {}
         else:
+            check_memory(self)
             inits = {s: init_params(kind_name, d, self.hidden, s) for s in {e.seed for e in experiments}}
             shapes = self.kind.shapes(d, self.hidden) if lanes else {}
         server = {n: torch.stack([inits[e.seed][n] for e in experiments]).to(device) for n in shapes}
@@ -422,7 +471,9 @@ class _Loop:
         args = (self.kind, params, self.Y, self.logit_scale, self.opts)
         acc, loss = ev.val.score(*args)
         val_mean = np.array([acc[v].mean() if v else 0.0 for v in ev.val_segments])
-        improved = val_mean > self.best_val
+        # an experiment without validation data never "improves": its reported model is the last round's
+        # (results.summarise), which is scored in full and is what --finetune-steps starts from
+        improved = (val_mean > self.best_val) & self.has_val
         if full or improved.any():
             a2, l2 = ev.rest.score(*args)
             acc, loss = np.where(np.isnan(acc), a2, acc), np.where(np.isnan(loss), l2, loss)
@@ -467,6 +518,10 @@ class _Loop:
                     diverged = r
             if on_round:
                 on_round(r, total)
+        if self.lanes and cfg.batch_size > effective_batch(cfg, self.lanes):
+            self.notes.append(f"--batch-size {cfg.batch_size} is larger than every client's training split (largest "
+                              f"{effective_batch(cfg, self.lanes)}): each client trains on its whole split as one "
+                              f"batch per epoch")
         short = next(((e, m) for e, m in zip(self.experiments, self.members) if 0 < len(m) < cfg.min_fit_clients),
                      None)
         if short and cfg.fraction_fit < 1:
@@ -484,6 +539,7 @@ class _Loop:
             res.trainable_params = self.prompts.num_params
         res.notes += finetune_notes(cfg, algo, self.train_views)
         if cfg.finetune_steps and algo.trains and not algo.personal:
+            self._keep_best(~self.has_val)  # no validation data: fine-tune the last round's model, the one reported
             res.finetuned = finetune(self)
         res.seconds = time.perf_counter() - self.t0
         return res

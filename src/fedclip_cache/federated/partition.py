@@ -21,9 +21,11 @@ def iid(n: int, num_partitions: int, seed: int) -> list[np.ndarray]:
 def dirichlet(labels: np.ndarray, num_partitions: int, alpha: float, seed: int, min_partition_size: int = 10,
               max_tries: int = 10) -> list[np.ndarray]:
     """Per class, draw proportions ~ Dir(alpha) over partitions and cut that class's samples accordingly;
-    re-draw (up to ``max_tries``) until every partition has ``min_partition_size`` samples (flwr defaults)."""
+    re-draw (up to ``max_tries`` more times) until every partition has ``min(min_partition_size, n // partitions)``
+    samples (flwr's defaults, 10 samples and 10 re-draws; lowered to ``n // partitions`` where the n samples cannot
+    give every partition 10). The README states this rule; :func:`dirichlet_minimum` is its one formula."""
     rng = np.random.default_rng(seed)
-    min_size = min(min_partition_size, len(labels) // num_partitions)
+    min_size = dirichlet_minimum(len(labels), num_partitions, min_partition_size)
     for _ in range(max_tries + 1):
         parts: list[list[np.ndarray]] = [[] for _ in range(num_partitions)]
         for k in np.unique(labels):
@@ -36,7 +38,14 @@ def dirichlet(labels: np.ndarray, num_partitions: int, alpha: float, seed: int, 
         if min(len(p) for p in out) >= min_size:
             return out
     raise ConfigError(f"Dirichlet partition with --alpha {alpha} left a client with fewer than {min_size} samples "
-                      f"after {max_tries} tries; raise --alpha or lower --clients")
+                      f"(the minimum: min({min_partition_size}, {len(labels)} samples // {num_partitions} clients)) "
+                      f"after {max_tries} re-draws; raise --alpha or lower --clients")
+
+
+def dirichlet_minimum(n: int, num_partitions: int, min_partition_size: int = 10) -> int:
+    """The fewest samples a Dirichlet partition must give every client: flwr's 10, or an equal share of the n
+    samples where there are fewer than 10 per client."""
+    return min(min_partition_size, n // num_partitions)
 
 
 def pathological(labels: np.ndarray, num_partitions: int, classes_per_partition: int, seed: int,

@@ -43,6 +43,67 @@ def text_tower(model: torch.nn.Module):
     return tower
 
 
+def context_length(tower, tokenizer) -> int:
+    """Tokens a prompt may take: the tokenizer's context (what it pads and cuts to), never more than the text
+    tower's positional embeddings."""
+    n = getattr(tokenizer, "context_length", None) or int(tokenizer([""]).shape[1])
+    return min(int(n), int(tower.positional_embedding.shape[0]))
+
+
+def token_lengths(tokenizer, texts: Sequence[str]) -> list[int]:
+    """Tokens each text takes with its SOS and EOT, never cut: tokenised at a context longer than the longest text
+    (byte-level BPE gives at most one token per UTF-8 byte; doubled while a text still reaches the end, in case the
+    tokenizer's cleaning lengthens one). The EOT is the highest token id (OpenAI tokenizer)."""
+    n = max((len(t.encode()) for t in texts), default=0) + 3
+    while True:
+        tok = tokenizer(list(texts), context_length=n)
+        if not bool(tok[:, -1].any()):
+            return (tok.argmax(-1) + 1).tolist()
+        n *= 2
+
+
+def fitted_prompts(tokenizer, names: Sequence[str], n_ctx: int, ctx_init: Optional[str],
+                   length: int) -> tuple[list[str], int]:
+    """The class prompts ``{context} {name}.`` and the context's token count (``ctx_init``'s own count when given,
+    as CoOp). Refused in one line unless every class's real prompt fits the text tower's ``length`` tokens: the
+    tokenizer cuts a longer prompt silently, and the class name goes first (``--n-ctx 75`` with 77 tokens: every
+    class prompt is the same text). The error names the option, the longest class and the largest context that
+    fits. ``n_ctx`` is checked against the names' own token counts before any prompt is built, so an absurd value
+    allocates nothing."""
+    if ctx_init is not None:
+        n_ctx = token_lengths(tokenizer, [ctx_init])[0] - 2 if ctx_init else 0  # minus SOS and EOT
+        if n_ctx < 1:
+            raise ConfigError(f"--ctx-init {ctx_init!r}: no words to start the context from")
+    elif n_ctx < 1:
+        raise ConfigError(f"--n-ctx {n_ctx}: must be at least 1")
+    # SOS + name + '.' + EOT of each class: what its prompt takes beside the context
+    rest = token_lengths(tokenizer, [f"{n}." for n in names])
+    if n_ctx + max(rest, default=0) > length:
+        _refuse(names, rest, n_ctx, ctx_init, length)
+    prefix = ctx_init or " ".join([PLACEHOLDER] * n_ctx)
+    prompts = [f"{prefix} {n}." for n in names]
+    real = token_lengths(tokenizer, prompts)  # the prompts themselves, as the text tower will see them
+    if max(real, default=0) > length:
+        _refuse(names, [r - n_ctx for r in real], n_ctx, ctx_init, length)
+    return prompts, n_ctx
+
+
+def _refuse(names: Sequence[str], rest: Sequence[int], n_ctx: int, ctx_init: Optional[str], length: int):
+    i = int(np.argmax(rest))
+    room = length - rest[i]  # the largest context that fits beside every class
+    what = (f"--ctx-init {_short(ctx_init)} takes {n_ctx} tokens" if ctx_init else f"--n-ctx {n_ctx}")
+    fix = ("no context fits beside this class name; shorten it" if room < 1 else
+           f"use a phrase of at most {room} tokens" if ctx_init else f"use --n-ctx {room} or less")
+    largest = "" if room < 1 else " (the largest that fits every class)"
+    raise ConfigError(f"{what}: the prompt of class {_short(names[i])} would take {n_ctx + rest[i]} tokens ({n_ctx} "
+                      f"context + {rest[i]} for SOS, its name, '.' and EOT), more than the text tower's {length}, "
+                      f"and the tokenizer would cut its name; {fix}{largest}")
+
+
+def _short(text: str, keep: int = 40) -> str:
+    return repr(text if len(text) <= keep else text[:keep] + "...")
+
+
 class PromptLearner:
     """The frozen text tower with class prompts ``X*n_ctx classname.``; :meth:`class_embeddings` maps context
     vectors (n_ctx, width) to L2-normalised class embeddings (C, D), differentiable in the context only."""
@@ -53,31 +114,22 @@ class PromptLearner:
         self.tower = tower = text_tower(model)
         self.device = torch.device(device)
         self.ctx_init_vectors: Optional[torch.Tensor] = None
-        if ctx_init:
+        if ctx_init is not None:
             ctx_init = ctx_init.replace("_", " ").strip()
-            n_ctx = int((tokenizer([ctx_init])[0] > 0).sum()) - 2  # minus SOS and EOT
-            if n_ctx < 1:
-                raise ConfigError(f"--ctx-init {ctx_init!r}: no words to start the context from")
-        if n_ctx < 1:
-            raise ConfigError(f"--n-ctx {n_ctx}: must be at least 1")
+        names = [name.replace("_", " ") for name in classnames]
+        prompts, n_ctx = fitted_prompts(tokenizer, names, n_ctx, ctx_init, context_length(tower, tokenizer))
         self.n_ctx = n_ctx
         self.csc = bool(csc)
         self.n_cls = len(classnames)
-        prefix = ctx_init if ctx_init else " ".join([PLACEHOLDER] * n_ctx)
-        prompts = [f"{prefix} {name.replace('_', ' ')}." for name in classnames]
-        tokens = tokenizer(prompts).to(self.device)  # (C, context_length)
+        tokens = tokenizer(prompts).to(self.device)  # (C, context_length); every prompt fits (checked above)
         self.tokens = tokens
         self.eot = tokens.argmax(-1)  # the EOT token has the highest id (OpenAI tokenizer)
-        if int(self.eot.max()) >= tokens.shape[1] or int(self.eot.min()) < n_ctx + 1:
-            longest = max((str(c) for c in classnames), key=len)
-            raise ConfigError(f"--n-ctx {n_ctx}: {n_ctx} context vectors and the class name {longest!r} do not fit "
-                              f"the text tower's {tokens.shape[1]} tokens; use a smaller --n-ctx")
         self.full_length = tokens.shape[1]
         self.length = int(self.eot.max()) + 1 if truncate else self.full_length
         with torch.no_grad():
             emb = tower.token_embedding(tokens).float()  # (C, L, width)
         self.width = emb.shape[-1]
-        if ctx_init:
+        if ctx_init is not None:
             self.ctx_init_vectors = emb[0, 1:1 + n_ctx].clone()
         self.prefix = emb[:, :1]  # SOS
         self.suffix = emb[:, 1 + n_ctx:]  # class name, '.', EOT, padding

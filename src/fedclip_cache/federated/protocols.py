@@ -108,9 +108,39 @@ def build_experiments(cache: FeatureCache, cfg: FederateConfig, seeds: Optional[
             held = all_rows[cache.domains == h]
             pool = all_rows[cache.domains != h]
             exps.append(Experiment(f"heldout={h}/seed{seed}", seed, _make_clients(cache, pool, cfg, seed), h, held))
+    check_measurable(exps, cfg)
     for e in exps:
         empty = [c.name for c in e.clients if len(c.train) == 0]
         if empty and cfg.algo not in ("zeroshot",):
             raise ConfigError(f"client {empty[0]} has no training samples in {e.name}; use fewer clients or "
                               f"another partition")
     return exps
+
+
+def check_measurable(exps: list[Experiment], cfg: FederateConfig) -> None:
+    """Refuse a run that would score nothing: no client has validation or test data and no domain is held out
+    (``--protocol personal --split 1,0,0``). It used to train, exit 0 and report ``None`` everywhere with "best
+    round 1". A run with test or held-out data but no validation data is still meaningful: the summary reports its
+    last round, with a note (``results.measurement_notes``)."""
+    if any(e.heldout is not None and len(e.heldout) for e in exps):
+        return
+    if any(len(c.val) or len(c.test) for e in exps for c in e.clients):
+        return
+    from .config import option_flag
+
+    why = split_said(cfg)
+    largest = max((len(c.train) + len(c.val) + len(c.test) + c.dropped for e in exps for c in e.clients), default=0)
+    raise ConfigError(f"{why}: no training client has validation or test data (the largest client has {largest} "
+                      f"samples) and no domain is held out, so the run would measure nothing; give validation and "
+                      f"test fractions (e.g. {option_flag('split')} 0.6,0.2,0.2), fewer and larger clients "
+                      f"({option_flag('num_clients')}), or hold a domain out (--protocol lodo)")
+
+
+def split_said(cfg: FederateConfig) -> str:
+    """Where the clients' train/val/test splits come from, as the user set it: ``--split 1,0,0`` or the cache's
+    split column (the words of every message about missing splits)."""
+    from .config import option_flag
+
+    if cfg.split_source == "random":
+        return f"{option_flag('split')} {','.join(f'{x:g}' for x in cfg.split)}"
+    return f"{option_flag('split_source')} cache: the cache's split column"

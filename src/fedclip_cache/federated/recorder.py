@@ -86,8 +86,7 @@ class RunRecorder:
         """Per evaluated round, the mean validation accuracy over the training sites that reported it (NaN when
         none did; 0 when no site has a validation split): the curve the selection reads
         (``results.selected_round``)."""
-        last = self._last()
-        val_sites = [s for s in sorted(s for s, m in last.items() if not m["heldout"]) if last[s]["val_n"]]
+        val_sites = self._val_sites()
         out = []
         for rep in self.reports:
             v = np.array([rep[s]["val_accuracy"] if s in rep else np.nan for s in val_sites], dtype=float)
@@ -101,7 +100,13 @@ class RunRecorder:
         from .results import selected_round
 
         curve = self.val_means()
+        if len(curve) and not self._val_sites():  # no validation data: the last round is the one reported
+            return True  # (results.summarise), so --finetune-steps fine-tunes it
         return len(curve) > 0 and selected_round(curve) == len(curve) - 1
+
+    def _val_sites(self) -> list:
+        last = self._last()
+        return [s for s in sorted(s for s, m in last.items() if not m["heldout"]) if last[s]["val_n"]]
 
     # ------------------------------------------------------------------------------------------ the result
 

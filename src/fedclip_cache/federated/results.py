@@ -12,7 +12,7 @@ from ..store import atomic_write, write_json
 from .algorithms import get_algorithm
 from .config import FederateConfig
 from .loop import LoopResult, run_loop
-from .protocols import build_experiments
+from .protocols import build_experiments, split_said
 
 BYTES_PER_PARAM = 4  # float32 adapters travel
 
@@ -90,7 +90,9 @@ def summarise(res: LoopResult, cfg: FederateConfig, cache: FeatureCache) -> dict
         held = [i for i in ix if segs[i]["split"] == "heldout"]
         val_curve = res.val_mean[:, ei] if res.val_mean is not None else \
             (res.acc[:, val].mean(1) if val else np.zeros(len(res.rounds)))
-        best = selected_round(val_curve)
+        # no validation data (--split 1,0,0, or clients too small for a val split): nothing to select with, so the
+        # last round is reported (the rule of a run without validation), said in a note; never round 1 by default
+        best = selected_round(val_curve) if val else len(res.rounds) - 1
 
         def at(k, val=val, test=test, held=held, val_curve=val_curve):
             return {
@@ -105,6 +107,7 @@ def summarise(res: LoopResult, cfg: FederateConfig, cache: FeatureCache) -> dict
                   "clients": {cl.name: {"train": len(cl.train), "val": len(cl.val), "test": len(cl.test),
                                         "dropped": cl.dropped} for cl in e.clients},
                   "heldout_size": int(len(e.heldout)) if e.heldout is not None else 0,
+                  "selected_by": "val_mean" if val else "last_round",
                   "best": at(best), "last": at(len(res.rounds) - 1)}
         if res.finetuned is not None:  # personalised: the selected model fine-tuned on each client's train split
             tuned = res.finetuned[e.name]
@@ -121,7 +124,7 @@ def summarise(res: LoopResult, cfg: FederateConfig, cache: FeatureCache) -> dict
     # Samples in no split: the official split boundaries drop the 0-2 left over per training client (counted once
     # per client and seed: a domain is split the same way in every held-out run).
     dropped = {f"{e.seed}/{cl.name}": cl.dropped for e in res.experiments for cl in e.clients}
-    notes = list(res.notes)
+    notes = list(res.notes) + measurement_notes(res.experiments, cfg)
     ignored = cfg.ignored_options()
     if ignored:
         notes.append(f"{cfg.algo} does not use {', '.join('--' + n.replace('_', '-') for n in ignored)} "
@@ -160,6 +163,37 @@ def summarise(res: LoopResult, cfg: FederateConfig, cache: FeatureCache) -> dict
         "cache": cache.record() if hasattr(cache, "record") else cache_record(cache),  # a deployment: its sites
         "seconds": round(res.seconds, 3),
     }
+
+
+def measurement_notes(experiments, cfg: FederateConfig) -> list[str]:
+    """What a run could not measure, said loudly: runs without validation data (the last round is reported, not a
+    selected one), without test data, and clients that lack a split the others have (too few samples)."""
+    why = split_said(cfg)
+    notes = []
+
+    def names(exps) -> str:
+        return ", ".join(e.name for e in exps[:3]) + (f" and {len(exps) - 3} more" if len(exps) > 3 else "")
+
+    no_val = [e for e in experiments if e.clients and not any(len(c.val) for c in e.clients)]
+    if no_val:
+        notes.append(f"no validation data in {names(no_val)} ({why}): nothing to select a round with, so the last "
+                     f"round is reported as 'best', not a selected one")
+    no_test = [e for e in experiments if e.clients and not any(len(c.test) for c in e.clients)]
+    if no_test:
+        notes.append(f"no test data in {names(no_test)} ({why}): the clients' test accuracy is not measured (None)")
+    for split, what in (("val", "selection averages"), ("test", "the test mean averages")):
+        said = {id(e) for e in (no_val if split == "val" else no_test)}
+        short = [(e, [c for c in e.clients if not len(getattr(c, split))]) for e in experiments
+                 if id(e) not in said]
+        short = [(e, cs) for e, cs in short if cs]
+        if short:
+            e, cs = short[0]
+            size = len(cs[0].train) + len(cs[0].val) + len(cs[0].test) + cs[0].dropped
+            notes.append(f"{len(cs)} of {len(e.clients)} training clients of {e.name} (e.g. {cs[0].name}, "
+                         f"{size} samples) have no {split} split "
+                         f"({why}: too few samples); {what} the others"
+                         + (f" (likewise in {len(short) - 1} other run(s))" if len(short) > 1 else ""))
+    return notes
 
 
 def cache_record(cache: FeatureCache) -> dict:
