@@ -330,7 +330,8 @@ def test_second_deploy_into_a_busy_run_folder_is_a_one_line_error(tmp_path):
     (out / "logs" / "serverapp.log").write_text("[SUMMARY] 3 replies\n")
     held = dep._lock_run_folder(out, out / "logs")  # as a running deploy holds it
     assert not (out / "summary.json").exists()
-    assert sorted(p.name for p in (out / "logs").iterdir()) == [".deploy.lock"]
+    assert sorted(p.name for p in (out / "logs").iterdir()) == []
+    assert json.loads((out / "state.json").read_text())["state"] == "in-progress"
     try:
         with pytest.raises(ConfigError, match="in use by another deploy"):
             dep.deploy(_sites(tmp_path), out, FederateConfig(rounds=1, heldout=["sketch"]).validate())
