@@ -308,17 +308,12 @@ def federate(
     from .cache import open_cache
 
     fc = open_cache(cache, allow_incomplete=allow_incomplete, features_in=_features_in(features))
-    summary = run_federate(fc, cfg, out, seeds=seed_list, progress=not quiet and not as_json)
+    summary = run_federate(fc, cfg, out, seeds=seed_list, progress=not quiet and not as_json, plots=True)
     if as_json:
         print(json.dumps(summary, indent=2))
         return
     render_run_summary(summary, console)
     if out:
-        from .plots import run_plots
-        from .runfolder import disk_full
-
-        with disk_full(out, "plots"):
-            run_plots(out)
         console.print(f"run folder: {out} (config.json, metrics.parquet, summary.json, adapter.pt, plots/)")
 
 

@@ -92,10 +92,15 @@ def claim(folder, kind: str, label: str, check: Optional[Callable[[], None]] = N
     run done."""
     assert kind in KINDS, kind
     folder = Path(folder)
-    for p in (folder, *folder.parents):
-        if p.exists() and not p.is_dir():
-            raise RunFolderError(f"{label} {_short(folder)}: {_short(p)} is a file, not a folder; give another folder")
-    lock = RunLock(folder, kind, label).__enter__()
+    lock = RunLock(folder, kind, label)
+    try:  # (a too-long name fails already here: Path.exists raises ENAMETOOLONG)
+        for p in (folder, *folder.parents):
+            if p.exists() and not p.is_dir():
+                raise RunFolderError(f"{label} {_short(folder)}: {_short(p)} is a file, not a folder; give another "
+                                     f"folder")
+    except OSError as e:
+        raise lock.unwritable(e) from None
+    lock.__enter__()
     try:
         have = folder_kind(folder)
         if have is not None and have != kind:

@@ -172,12 +172,13 @@ def cache_record(cache: FeatureCache) -> dict:
 
 
 def federate(cache: str | Path | FeatureCache, cfg: FederateConfig, out: Optional[str | Path] = None,
-             seeds: Optional[list[int]] = None, progress: bool = False, allow_incomplete: bool = False) -> dict:
-    """Train on a cache and (optionally) write a run folder; returns the summary dict. An unfinished cache is
-    refused unless ``allow_incomplete`` (then the summary's ``cache`` record says so). The run folder is claimed
-    (``runfolder.claim``: locked, marked in-progress, an earlier run's outputs removed) once the options and the
-    experiments are checked, before training, and marked complete after its last output."""
-    from ..runfolder import RUN_OUTPUTS, claim
+             seeds: Optional[list[int]] = None, progress: bool = False, allow_incomplete: bool = False,
+             plots: bool = False) -> dict:
+    """Train on a cache and (optionally) write a run folder, with ``plots`` its plots/; returns the summary dict.
+    An unfinished cache is refused unless ``allow_incomplete`` (then the summary's ``cache`` record says so). The
+    run folder is claimed (``runfolder.claim``: locked, marked in-progress, an earlier run's outputs removed) once
+    the options and the experiments are checked, before training, and marked complete after its last output."""
+    from ..runfolder import RUN_OUTPUTS, claim, disk_full
 
     cfg.validate()
     fc = cache if isinstance(cache, FeatureCache) else open_cache(cache, allow_incomplete=allow_incomplete)
@@ -187,6 +188,11 @@ def federate(cache: str | Path | FeatureCache, cfg: FederateConfig, out: Optiona
         res, summary = _train(fc, cfg, exps, progress)
         if folder is not None:
             write_run(Path(out), fc, cfg, res, summary, seeds)
+            if plots:  # under the lock: a run that starts next removes them
+                from ..plots import run_plots
+
+                with disk_full(Path(out), "plots"):
+                    run_plots(Path(out))
             folder.complete(RUN_OUTPUTS)
     finally:
         if folder is not None:
