@@ -12,8 +12,13 @@ import pytest
 from fedclip_cache.cli import main
 from fedclip_cache.federated.config import FederateConfig
 from fedclip_cache.federated.results import federate
-from fedclip_cache.runfolder import claim, read_state
 from fedclip_cache.synthetic import write_synthetic_cache
+
+
+def read_state(folder) -> dict | None:
+    """RUN/state.json, read as a user would (None when there is none)."""
+    f = folder / "state.json"
+    return json.loads(f.read_text()) if f.is_file() else None
 
 
 def cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
@@ -87,6 +92,8 @@ def test_a_file_rewritten_after_the_run_completed_is_a_mixed_folder(cache, tmp_p
 
 def test_second_writer_is_refused_at_once_naming_the_holder(cache, tmp_path, run):
     """Probe: two `federate -o RUN` at once both exited 0 and the last writer won."""
+    from fedclip_cache.runfolder import claim
+
     out = tmp_path / "run"
     held = claim(out, "federate", "federate -o")  # as a running federate holds it
     try:
