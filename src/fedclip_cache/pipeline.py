@@ -230,8 +230,11 @@ def run(path: str | Path, data: Optional[str], overrides: Optional[list[str]] = 
 
     The whole pipeline is validated first (:func:`prepare`), and against the cache as soon as it exists, so a
     typo in the sweep fails before the federate stage trains anything."""
+    from .cache import open_cache
+    from .extract import ExtractConfig, extract
+    from .models import ModelSpec
     from .runfolder import claim
-    from .sweep import expand
+    from .sweep import expand, preflight
 
     plan = prepare(path, overrides)
     cfg = plan.cfg
@@ -244,25 +247,6 @@ def run(path: str | Path, data: Optional[str], overrides: Optional[list[str]] = 
     names = {**plan.fed_names, **plan.grid_names}
     sweeping = bool(cfg.get("sweep")) and not skip_sweep
     points = [plan.federate] + (expand(plan.federate, plan.grid, names) if sweeping else [])
-    # One `run` per output folder at a time (its federate/ and sweep/ are each claimed by their stage, too)
-    lock = claim(out, "pipeline", f"run: {Path(path).name}: pipeline.out")
-    try:
-        return _run_stages(path, plan, cfg, data, cache, out, ex, names, sweeping, points, log, lock)
-    finally:
-        lock.close()
-
-
-def _run_stages(path, plan, cfg: dict, data, cache: Path, out: Path, ex: dict, names: dict, sweeping: bool,
-                points: list, log: Callable[[str], None], lock) -> dict:
-    from .cache import open_cache
-    from .extract import ExtractConfig, extract
-    from .federated.results import federate
-    from .models import ModelSpec
-    from .runfolder import disk_full
-    from .store import atomic_write
-    from .sweep import preflight, sweep
-
-    p = cfg.get("pipeline", {})
     if data is None:  # no dataset given: use the cache as it is (open_cache refuses an unfinished one)
         if not (cache / "cache.json").is_file():
             raise ConfigError(f"{cache} does not exist yet: pass --data PATH (the dataset folder or manifest)")
@@ -281,6 +265,21 @@ def _run_stages(path, plan, cfg: dict, data, cache: Path, out: Path, ex: dict, n
         for w in rep.warnings:
             log(f"warning: {w}")
         preflight(cache, points, names)  # domains and templates are known only now
+    # Everything is checked: one `run` per output folder at a time (federate/ and sweep/ are claimed by their stage)
+    lock = claim(out, "pipeline", f"run: {Path(path).name}: pipeline.out")
+    try:
+        return _train_stages(path, plan, cfg, cache, out, names, sweeping, lock)
+    finally:
+        lock.close()
+
+
+def _train_stages(path, plan, cfg: dict, cache: Path, out: Path, names: dict, sweeping: bool, lock) -> dict:
+    from .cache import open_cache
+    from .federated.results import federate
+    from .runfolder import disk_full
+    from .store import atomic_write
+    from .sweep import sweep
+
     fc = open_cache(cache)
     fed = plan.federate
     summary = federate(fc, fed, out=out / "federate", progress=True)

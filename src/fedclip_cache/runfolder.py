@@ -45,6 +45,9 @@ _WHAT = {"federate": "a federate run folder", "sweep": "a sweep folder", "deploy
          "pipeline": "a pipeline (`run`) output folder", "cache": "a feature cache"}
 
 
+_DEPLOY_LOGS = ("deploy.json", "serverapp.log", "superlink.log", "flwr-run.log", ".deploy.lock")
+
+
 class RunFolderError(ConfigError):
     """A run folder that is busy, of another kind, incomplete or mixed; the message says what to do."""
 
@@ -66,9 +69,10 @@ class RunLock(WriterLock):
 
     def unwritable(self, e: OSError) -> Exception:
         if e.errno == errno.ENAMETOOLONG:
-            return RunFolderError(f"{self.label} {_short(self.cache)}: a name in the path is too long for the file "
-                                  f"system ({len(self.cache.name)} characters; most allow 255 bytes); give a "
-                                  f"shorter name")
+            longest = max(len(os.fsencode(part)) for part in self.cache.parts)
+            return RunFolderError(f"{self.label} {_short(self.cache)}: the path is too long for the file system "
+                                  f"(its longest name has {longest} bytes, most allow 255; the whole path "
+                                  f"{len(os.fsencode(str(self.cache.absolute())))}); give a shorter name")
         return RunFolderError(f"{self.label} {_short(self.cache)}: cannot create or write the folder "
                               f"({e.strerror or e}); give a writable folder")
 
@@ -123,15 +127,15 @@ def folder_kind(folder: Path) -> Optional[str]:
     None for a new or empty folder or one holding none of ours."""
     folder = Path(folder)
     state = read_state(folder)
-    if state is not None:
-        return state.get("kind")
+    if state is not None and state.get("kind") in KINDS:
+        return state["kind"]
     if (folder / "cache.json").is_file():
         return "cache"
     if (folder / "sweep.json").is_file():
         return "sweep"
     if (folder / "pipeline.json").is_file():
         return "pipeline"
-    if (folder / "simulation.json").is_file() or (folder / "logs").is_dir():
+    if (folder / "simulation.json").is_file() or any((folder / "logs" / n).exists() for n in _DEPLOY_LOGS):
         return "deploy"
     config = folder / "config.json"
     if config.is_file():

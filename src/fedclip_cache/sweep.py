@@ -27,6 +27,7 @@ import hashlib
 import itertools
 import json
 import os
+import shutil
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -196,7 +197,7 @@ def _run_point(cache, cfg_dict: dict, seeds: list[int], folder: str, threads: Op
         for f in ("config.json", "metrics.parquet", "adapter.pt"):
             os.replace(staging / f, Path(folder) / f)
         os.replace(staging / "summary.json", Path(folder) / "summary.json")  # last: marks the point done
-    staging.rmdir()
+    shutil.rmtree(staging, ignore_errors=True)  # (a killed run's temporary files may be left in it)
     return folder
 
 
@@ -291,7 +292,7 @@ def sweep(cache_path: str | Path, base: FederateConfig, grid: dict[str, list], s
     record = {}
 
     def check() -> None:  # under the lock, before the folder is marked in-progress: a refusal changes nothing
-        old = json.loads((out / "sweep.json").read_text()) if (out / "sweep.json").is_file() else None
+        old = read_record(out)
         record.update(_record(cache_path, identity, base, grid, seeds, points, old, out))
 
     lock = claim(out, "sweep", "sweep -o", check)
@@ -342,11 +343,27 @@ def sweep(cache_path: str | Path, base: FederateConfig, grid: dict[str, list], s
     return results
 
 
+def read_record(out: Path) -> Optional[dict]:
+    """``SWEEP/sweep.json`` (None when there is none); a damaged one is a one-line error."""
+    from .runfolder import RunFolderError
+
+    f = Path(out) / "sweep.json"
+    if not f.is_file():
+        return None
+    try:
+        state = json.loads(f.read_text())
+        if not isinstance(state, dict) or "grid_keys" not in state or "seeds" not in state:
+            raise ValueError("not a sweep record")
+    except (OSError, ValueError) as e:
+        raise RunFolderError(f"{f}: damaged ({type(e).__name__}); re-run the sweep into a new folder") from None
+    return state
+
+
 def status(out: str | Path) -> dict:
     """The points of the sweep in ``out`` (``sweep.json``), those finished on its cache's recorded commit, and
     those finished on another cache or commit (never counted, never shown)."""
     out = Path(out)
-    state = json.loads((out / "sweep.json").read_text())
+    state = read_record(out)
     points = state.get("points") or names_of(state)
     committed = {n: _point_identity(out / "points" / n / "summary.json") for n in points
                  if (out / "points" / n / "summary.json").is_file()}
@@ -371,7 +388,7 @@ def collect(out: str | Path, folders: Optional[list[str]] = None) -> dict:
     import pyarrow as pa
 
     out = Path(out)
-    state = json.loads((out / "sweep.json").read_text())
+    state = read_record(out)
     keys = state["grid_keys"]
     if folders is None:
         folders = status(out)["done"]
