@@ -301,3 +301,23 @@ def test_tables_keep_rows_apart_when_not_a_terminal(tmp_path):
     for d in names:
         assert f"heldout={d}/seed0" in r.stdout, r.stdout
     assert "…" not in r.stdout
+
+
+def test_sweep_written_before_it_recorded_its_cache_is_refused_when_its_points_disagree(cache, tmp_path, run):
+    """A sweep folder of an older fedclip-cache (no cache identity in sweep.json, no state.json) whose points were
+    trained on two caches: its rows were averaged together; now a one-line error."""
+    out = tmp_path / "sw"
+    assert run("sweep", cache, "-o", out, "--grid", "hidden=2,4", "--seeds", "0", *FED)[0] == 0
+    record = json.loads((out / "sweep.json").read_text())
+    for k in ("cache_identity", "points"):
+        del record[k]
+    (out / "sweep.json").write_text(json.dumps(record))
+    (out / "state.json").unlink(missing_ok=True)
+    assert run("report", out, "--format", "csv")[0] == 0  # one cache: still reported
+    summary = sorted((out / "points").glob("*/summary.json"))[0]
+    s = json.loads(summary.read_text())
+    s["cache"]["identity"]["shards_sha256"] = "0" * 64  # trained on another commit
+    summary.write_text(json.dumps(s))
+    one_line_error(run("report", out), "mixed sweep", "2 different caches or commits", "new folder")
+    (out / "sweep.json").write_text("{")
+    one_line_error(run("report", out), "sweep.json: damaged")
