@@ -197,19 +197,37 @@ def disk_full(folder: Path, what: str = ""):
     except FedclipCacheError:
         raise
     except (OSError, RuntimeError) as e:
-        if not _is_disk_full(e):
-            raise
         name = f"{Path(folder) / what}" if what else str(folder)
-        raise DiskFull(f"disk full writing {name}: free space and re-run (the folder is left marked incomplete)") \
-            from None
+        if _is_disk_full(e) or (_torch_short_write(e) and _nearly_full(Path(folder))):
+            raise DiskFull(f"disk full writing {name}: free space and re-run (the folder is left marked "
+                           f"incomplete)") from None
+        if _torch_short_write(e):  # a short write with room left: a quota, an I/O error, a vanished folder
+            raise DiskFull(f"write failed writing {name} (torch: {str(e).splitlines()[0][-80:]}): check the disk "
+                           f"(quota, I/O errors) and re-run (the folder is left marked incomplete)") from None
+        raise
 
 
 def _is_disk_full(e: BaseException) -> bool:
     if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
         return True
     text = str(e)
-    return ("No space left on device" in text or "Disk quota exceeded" in text
-            or (isinstance(e, RuntimeError) and ("unexpected pos" in text or "file write failed" in text)))
+    return "No space left on device" in text or "Disk quota exceeded" in text
+
+
+def _torch_short_write(e: BaseException) -> bool:
+    """torch.save's zip writer reports a write that came up short as a RuntimeError, without errno."""
+    return isinstance(e, RuntimeError) and ("unexpected pos" in str(e) or "file write failed" in str(e))
+
+
+def _nearly_full(folder: Path) -> bool:
+    import shutil
+
+    for p in (folder, *folder.parents):
+        try:
+            return shutil.disk_usage(p).free < 64 << 20  # what is left after a short write: a few KB at most
+        except OSError:
+            continue
+    return False
 
 
 # ------------------------------------------------------------------------------------------------ readers
