@@ -151,7 +151,7 @@ def report_path(path, fmt: str, plots: bool, console: Console, partial: bool = F
     import json
     from pathlib import Path
 
-    from .runfolder import check_readable, folder_kind, read_state
+    from .runfolder import check_readable, disk_full, folder_kind, read_state
     from .store import CacheError
 
     path = Path(path)
@@ -165,7 +165,8 @@ def report_path(path, fmt: str, plots: bool, console: Console, partial: bool = F
         notes = sweep_notes(path, partial)
         res = collect(path)
         if plots:
-            sweep_plots(path, res)
+            with disk_full(path, "plots"):
+                sweep_plots(path, res)
         cols, rows = summary_rows(res["summary"])
         _notes(notes, fmt, console)
         if fmt == "table":
@@ -184,7 +185,9 @@ def report_path(path, fmt: str, plots: bool, console: Console, partial: bool = F
         s = json.loads((path / "summary.json").read_text())
         if plots and (path / "metrics.parquet").is_file():
             from .plots import run_plots
-            run_plots(path)
+
+            with disk_full(path, "plots"):
+                run_plots(path)
         _notes(notes, fmt, console)
         if fmt == "table":
             render_run_summary(s, console)
