@@ -215,6 +215,7 @@ def _record(cache_path, identity: dict, base: FederateConfig, grid: dict, seeds:
     """``sweep.json`` for this run: the folder's sweep, checked against the one it already holds (another cache,
     base option, grid key or seed list is refused in one line: a new folder holds it); a widened grid adds
     points."""
+    from .federated.config import FIELDS, option_flag
     from .runfolder import RunFolderError
 
     cache = str(Path(cache_path).resolve())
@@ -234,14 +235,16 @@ def _record(cache_path, identity: dict, base: FederateConfig, grid: dict, seeds:
     if old.get("seeds") != seeds:
         refuse(f"--seeds {','.join(map(str, old.get('seeds') or []))}, not {','.join(map(str, seeds))}")
     if list(old.get("grid_keys") or []) != keys:
-        refuse(f"--grid over {', '.join(old.get('grid_keys') or []) or 'nothing'}, not over "
-               f"{', '.join(keys) or 'nothing'}")
+        def said(ks) -> str:  # as typed: clients, not num_clients
+            return ", ".join(option_flag(k).lstrip("-") if k in FIELDS else k for k in ks) or "nothing"
+        refuse(f"--grid over {said(old.get('grid_keys') or [])}, not over {said(keys)}")
     old_base = {k: v for k, v in (old.get("base") or {}).items() if k not in keys and k != "seed"}
     differ = sorted(k for k in old_base.keys() & base_d.keys()
                     if json.dumps(old_base[k], sort_keys=True) != json.dumps(base_d[k], sort_keys=True))
     if differ:
         k = differ[0]
-        refuse(f"--{k.replace('_', '-')} {old_base[k]}, not {base_d[k]}; or make {k} a --grid key")
+        flag = option_flag(k) if k in FIELDS else "--" + k.replace("_", "-")
+        refuse(f"{flag} {old_base[k]}, not {base_d[k]}; or make {flag.lstrip('-')} a --grid key")
     had = old.get("points") or names_of(old)
     grid_u = {k: list(vs) for k, vs in (old.get("grid") or {}).items()}
     for k, vs in _grid_json(grid).items():
