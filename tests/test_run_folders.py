@@ -146,6 +146,12 @@ def test_one_kind_of_run_per_folder(cache, tmp_path, run):
                    "is a federate run folder")
     code, out, err = run("report", fed)
     assert code == 0 and "no state.json" in out
+    # a folder of one's own that happens to hold a config.json: never taken for a run folder, never overwritten
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.json").write_text('{"my": "settings"}')
+    one_line_error(run("federate", cache, "-o", mine, *FED), "holds a config.json that fedclip-cache did not write")
+    assert (mine / "config.json").read_text() == '{"my": "settings"}'
 
 
 def _killed_sweep(cache, out, monkeypatch, finished: int):

@@ -41,6 +41,9 @@ RUN_OUTPUTS = ("config.json", "metrics.parquet", "adapter.pt", "summary.json")
 _EARLIER = {"federate": RUN_OUTPUTS + ("plots/accuracy_vs_round.png",),
             "deploy": RUN_OUTPUTS + ("plots/accuracy_vs_round.png", "simulation.json"),
             "pipeline": ("pipeline.json",), "sweep": ()}
+# The names a run of each kind writes at the top of its folder
+_OWN = {"federate": RUN_OUTPUTS, "deploy": RUN_OUTPUTS + ("simulation.json",), "sweep": ("sweep.json", "points"),
+        "pipeline": ("pipeline.json",)}
 _WHAT = {"federate": "a federate run folder", "sweep": "a sweep folder", "deploy": "a deploy/simulate run folder",
          "pipeline": "a pipeline (`run`) output folder", "cache": "a feature cache"}
 
@@ -110,6 +113,10 @@ def claim(folder, kind: str, label: str, check: Optional[Callable[[], None]] = N
         if have is not None and have != kind:
             raise RunFolderError(f"{label} {folder}: this is {_WHAT[have]}, not {_WHAT[kind]}; give another "
                                  f"folder (one kind of run per folder)")
+        clash = [n for n in _OWN[kind] if have is None and (folder / n).exists()]
+        if clash:  # a file of that name that is not ours: never overwritten or removed
+            raise RunFolderError(f"{label} {folder}: holds a {clash[0]} that fedclip-cache did not write; give "
+                                 f"another folder (or an empty one)")
         if check is not None:
             check()
         with disk_full(folder):
@@ -137,15 +144,20 @@ def folder_kind(folder: Path) -> Optional[str]:
         return "pipeline"
     if (folder / "simulation.json").is_file() or any((folder / "logs" / n).exists() for n in _DEPLOY_LOGS):
         return "deploy"
-    config = folder / "config.json"
-    if config.is_file():
-        try:
-            return "deploy" if json.loads(config.read_text()).get("deployment") else "federate"
-        except (OSError, ValueError, AttributeError):
-            return "federate"
-    if (folder / "summary.json").is_file():
+    config = _json(folder / "config.json")
+    if "federate" in config:  # (a config.json of one's own is not taken for ours)
+        return "deploy" if config.get("deployment") else "federate"
+    if "experiments" in _json(folder / "summary.json"):
         return "federate"
     return None
+
+
+def _json(path: Path) -> dict:
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return obj if isinstance(obj, dict) else {}
 
 
 def read_state(folder: Path) -> Optional[dict]:
