@@ -139,7 +139,9 @@ def test_one_kind_of_run_per_folder(cache, tmp_path, run):
                    "is a federate run folder, not a sweep folder", "give another folder")
     assert read_state(fed) == before and (fed / "summary.json").is_file()  # the refusal changed nothing
     one_line_error(run("federate", cache, "-o", sw, *FED), "is a sweep folder, not a federate run folder")
+    lock_note = (cache / ".lock").read_bytes() if (cache / ".lock").exists() else None
     one_line_error(run("federate", cache, "-o", cache, *FED), "is a feature cache")
+    assert ((cache / ".lock").read_bytes() if (cache / ".lock").exists() else None) == lock_note  # untouched
     # a folder written before state.json existed is recognised by its files
     (fed / "state.json").unlink()
     one_line_error(run("sweep", cache, "-o", fed, "--grid", "hidden=4", "--seeds", "0", *FED),

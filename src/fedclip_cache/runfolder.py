@@ -105,18 +105,12 @@ def claim(folder, kind: str, label: str, check: Optional[Callable[[], None]] = N
             if p.exists() and not p.is_dir():
                 raise RunFolderError(f"{label} {_short(folder)}: {_short(p)} is a file, not a folder; give another "
                                      f"folder")
+        _check_kind(folder, kind, label)  # first without the lock: taking it writes .lock (a cache has its own)
     except OSError as e:
         raise lock.unwritable(e) from None
     lock.__enter__()
     try:
-        have = folder_kind(folder)
-        if have is not None and have != kind:
-            raise RunFolderError(f"{label} {folder}: this is {_WHAT[have]}, not {_WHAT[kind]}; give another "
-                                 f"folder (one kind of run per folder)")
-        clash = [n for n in _OWN[kind] if have is None and (folder / n).exists()]
-        if clash:  # a file of that name that is not ours: never overwritten or removed
-            raise RunFolderError(f"{label} {folder}: holds a {clash[0]} that fedclip-cache did not write; give "
-                                 f"another folder (or an empty one)")
+        _check_kind(folder, kind, label)  # again, now that no other run can change the folder
         if check is not None:
             check()
         with disk_full(folder):
@@ -127,6 +121,17 @@ def claim(folder, kind: str, label: str, check: Optional[Callable[[], None]] = N
         lock.close()
         raise
     return lock
+
+
+def _check_kind(folder: Path, kind: str, label: str) -> None:
+    have = folder_kind(folder)
+    if have is not None and have != kind:
+        raise RunFolderError(f"{label} {folder}: this is {_WHAT[have]}, not {_WHAT[kind]}; give another folder "
+                             f"(one kind of run per folder)")
+    clash = [n for n in _OWN[kind] if have is None and (folder / n).exists()]
+    if clash:  # a file of that name that is not ours: never overwritten or removed
+        raise RunFolderError(f"{label} {folder}: holds a {clash[0]} that fedclip-cache did not write; give another "
+                             f"folder (or an empty one)")
 
 
 def folder_kind(folder: Path) -> Optional[str]:
