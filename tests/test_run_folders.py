@@ -101,7 +101,7 @@ def test_second_writer_is_refused_at_once_naming_the_holder(cache, tmp_path, run
                              f"pid {os.getpid()}")
         assert str(out) in msg
         one_line_error(run("sweep", cache, "-o", out, "--grid", "hidden=4", "--seeds", "0", *FED),
-                       "in use by another federate")
+                       "is a federate run folder, not a sweep folder")
         one_line_error(run("report", out), "a federate is writing this folder now")
     finally:
         held.close()
