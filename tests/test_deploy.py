@@ -331,7 +331,8 @@ def test_second_deploy_into_a_busy_run_folder_is_a_one_line_error(tmp_path):
     held = dep._lock_run_folder(out, out / "logs")  # as a running deploy holds it
     dep.clear_own_logs(out / "logs", dep.own_logs(list(DOMAINS), "worker"))  # what deploy does next
     assert not (out / "summary.json").exists()
-    assert sorted(p.name for p in (out / "logs").iterdir()) == [dep.LOGS_MANIFEST, ".deploy.lock"]
+    assert sorted(p.name for p in (out / "logs").iterdir()) == [dep.LOGS_MANIFEST]
+    assert json.loads((out / "state.json").read_text())["state"] == "in-progress"
     try:
         with pytest.raises(ConfigError, match="in use by another deploy"):
             dep.deploy(_sites(tmp_path), out, FederateConfig(rounds=1, heldout=["sketch"]).validate())

@@ -144,6 +144,10 @@ def test_sites_with_their_own_caches_train_as_the_in_process_loop(tmp_path, mode
     rep = CliRunner().invoke(app, ["report", str(tmp_path / "dep")], env={"COLUMNS": "200"})
     assert rep.exit_code == 0 and "heldout=sketch/seed0" in rep.output, rep.output
     assert (tmp_path / "dep" / "plots" / "accuracy_vs_round.png").is_file()
+    # the ServerApp marks its run folder complete, as `federate` does, listing what it wrote (issue 19)
+    state = json.loads((tmp_path / "dep" / "state.json").read_text())
+    assert state["kind"] == "deploy" and state["state"] == "complete"
+    assert set(state["files"]) == {"config.json", "metrics.parquet", "adapter.pt", "summary.json"}
 
 
 def test_site_cache_with_several_domains_is_refused(tmp_path):

@@ -80,6 +80,11 @@ def test_simulation_of_a_shared_cache_equals_federate(tmp_path):
     held = json.loads((tmp_path / "sim" / "summary.json").read_text())["cache"]["sites"]["sketch"]
     assert held["path"] == str(cache.resolve()) and "temporary copy" in held["note"]
     assert json.loads(held["identity"])["path"] == str(cache.resolve())
+    # that edit of summary.json is in the run folder's commit record: complete, not a mixed folder (issue 19)
+    from fedclip_cache.runfolder import check_readable
+
+    assert json.loads((tmp_path / "sim" / "state.json").read_text())["state"] == "complete"
+    assert check_readable(tmp_path / "sim", "deploy") == []
     # nothing of Ray's in the run folder; its session folder and the held-out copy are gone; Ray is shut down
     names = {p.name for p in (tmp_path / "sim").iterdir()}
     assert {"summary.json", "metrics.parquet", "adapter.pt", "config.json", "simulation.json"} <= names

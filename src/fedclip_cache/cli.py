@@ -18,8 +18,21 @@ if TYPE_CHECKING:
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Extract frozen CLIP features once; train FedCLIP and baselines on the cache.")
-console = Console()
-err = Console(stderr=True)
+
+
+def _console(stderr: bool = False) -> Console:
+    """Rich cuts tables to 80 columns when the output is not a terminal (a log, CI, a pipe: every row of a run's
+    table read ``heldout=do…``, so rows could not be told apart). There, tables keep their natural width; a
+    terminal's width, or COLUMNS when set, still wins."""
+    import os
+
+    stream = sys.stderr if stderr else sys.stdout
+    tty = bool(getattr(stream, "isatty", lambda: False)())
+    return Console(stderr=stderr, width=None if tty or "COLUMNS" in os.environ else 100_000)
+
+
+console = _console()
+err = _console(stderr=True)
 
 
 
@@ -295,14 +308,12 @@ def federate(
     from .cache import open_cache
 
     fc = open_cache(cache, allow_incomplete=allow_incomplete, features_in=_features_in(features))
-    summary = run_federate(fc, cfg, out, seeds=seed_list, progress=not quiet and not as_json)
+    summary = run_federate(fc, cfg, out, seeds=seed_list, progress=not quiet and not as_json, plots=True)
     if as_json:
         print(json.dumps(summary, indent=2))
         return
     render_run_summary(summary, console)
     if out:
-        from .plots import run_plots
-        run_plots(out)
         console.print(f"run folder: {out} (config.json, metrics.parquet, summary.json, adapter.pt, plots/)")
 
 
@@ -349,6 +360,9 @@ def sweep(
     again = f" ({res['stale']} of them again because the cache changed since they ran)" if res["stale"] else ""
     console.print(f"{res['ran']} grid point(s) trained now{again}, {res['points'] - res['ran']} re-used from earlier "
                   f"runs", soft_wrap=True)
+    if res["done"] < res["total"]:  # an earlier, wider command on this folder left points to do
+        console.print(f"[bold yellow]partial:[/] {res['done']} of {res['total']} points of this sweep folder are "
+                      f"finished; run its wider grid again to finish it", soft_wrap=True)
     render_sweep(res, console)
     console.print(f"sweep folder: {out} (results.parquet, summary.md, summary.csv, plots/)")
 
@@ -564,11 +578,14 @@ def report(
     path: Path = typer.Argument(..., help="A run folder (from federate --out) or a sweep folder."),
     format: str = typer.Option("table", help="table (rich) | md | csv | json."),
     plots: bool = typer.Option(True, help="Re-draw the PNG plots."),
+    partial: bool = typer.Option(False, "--partial", help="Report a sweep whose points are not all finished "
+                                                          "(refused by default), saying 'k of n points'."),
 ):
-    """Re-render the tables and plots of a finished run or sweep, without recomputing anything."""
+    """Re-render the tables and plots of a finished run or sweep, without recomputing anything. An unfinished,
+    mixed or busy run folder is refused (its state.json), and so is a partial sweep unless --partial."""
     from .report import report_path
 
-    report_path(path, format, plots, console)
+    report_path(path, format, plots, console, partial)
 
 
 @app.command()

@@ -560,20 +560,14 @@ def deploy(site_caches: list, out, cfg, *, timeout: Optional[float] = None, log:
 
 
 def _lock_run_folder(out: Path, logs: Path):
-    """Hold ``RUN/logs/.deploy.lock`` for the run (released when the file closes or this process dies): a second
-    ``deploy`` into the same run folder is a one-line error instead of two runs writing (and reading) the same logs
-    and outputs. A previous run's ``summary.json`` and logs are removed: the folder shows a completed run only once
-    this one completed; the earlier run's logs go in :func:`clear_own_logs`."""
-    import fcntl
+    """Hold the run folder's lock for the run (``runfolder.claim``, as `federate` and `sweep` do; released when
+    closed or when this process dies): a second ``deploy`` (or a `federate`) into the same run folder is a one-line
+    error instead of two runs writing (and reading) the same logs and outputs. The folder is marked in-progress and
+    a previous run's outputs are removed: it shows a completed run only once this one completed (the ServerApp marks
+    it); the earlier run's logs go in :func:`clear_own_logs`."""
+    from .runfolder import claim
 
-    lock = open(logs / ".deploy.lock", "a+")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.close()
-        raise ConfigError(f"deploy: run folder {out} is in use by another deploy; give another -o") from None
-    (out / "summary.json").unlink(missing_ok=True)
-    return lock
+    return claim(out, "deploy", "deploy -o")
 
 
 LOGS_MANIFEST = ".deploy-logs.json"  # in RUN/logs/: the file names the last deploy into it wrote

@@ -182,6 +182,9 @@ def _name_the_shared_cache(summary: dict, path: Path, cache: Path, domain: str) 
     site.update({"path": str(cache), "complete": bool(fc.complete), "identity": json.dumps(fc.identity()),
                  "note": f"evaluated from a temporary copy of domain {domain}'s rows of this cache"})
     write_json(path, summary)
+    from .runfolder import RUN_OUTPUTS, mark_complete
+
+    mark_complete(path.parent, "deploy", RUN_OUTPUTS)  # the ServerApp's record listed the summary before this edit
     return summary
 
 

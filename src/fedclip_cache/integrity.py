@@ -61,28 +61,39 @@ class WriterLock:
             self.cache.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.cache, os.O_RDONLY | os.O_DIRECTORY)
         except OSError as e:
-            raise CacheError(f"{self.cache}: cannot write here ({e.strerror or e}); extract needs a writable "
-                             f"cache folder") from None
+            raise self.unwritable(e) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
             os.close(fd)
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise CacheBusy(f"{self.cache}: another extract is writing this cache "
-                                f"({describe_holder(read_holder(self.path))}); wait for it to finish, or stop it "
-                                f"and re-run this command") from None
+                raise self.busy(read_holder(self.path)) from None
             raise
         holder = {"pid": os.getpid(), "host": socket.gethostname(),
                   "since": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                  "command": " ".join(sys.argv[:3])}
+                  "command": " ".join(sys.argv[:3]), **self.holder_extra()}
         try:
             store.atomic_write(self.path, lambda t: t.write_text(json.dumps(holder)))
         except OSError as e:
             os.close(fd)
-            raise CacheError(f"{self.cache}: cannot write here ({e.strerror or e}); extract needs a writable "
-                             f"cache folder") from None
+            raise self.unwritable(e) from None
         self.fd = fd
         return self
+
+    # The three things a lock on another kind of folder (a run folder: runfolder.RunLock) words differently.
+    def busy(self, holder: dict) -> Exception:
+        return CacheBusy(f"{self.cache}: another extract is writing this cache ({describe_holder(holder)}); wait "
+                         f"for it to finish, or stop it and re-run this command")
+
+    def unwritable(self, e: OSError) -> Exception:
+        return CacheError(f"{self.cache}: cannot write here ({e.strerror or e}); extract needs a writable cache "
+                          f"folder")
+
+    def holder_extra(self) -> dict:
+        return {}
+
+    def close(self) -> None:
+        self.__exit__()
 
     def __exit__(self, *exc) -> None:
         if self.fd is not None:

@@ -232,9 +232,9 @@ def run(path: str | Path, data: Optional[str], overrides: Optional[list[str]] = 
     typo in the sweep fails before the federate stage trains anything."""
     from .cache import open_cache
     from .extract import ExtractConfig, extract
-    from .federated.results import federate
     from .models import ModelSpec
-    from .sweep import expand, preflight, sweep
+    from .runfolder import claim
+    from .sweep import expand, preflight
 
     plan = prepare(path, overrides)
     cfg = plan.cfg
@@ -247,7 +247,6 @@ def run(path: str | Path, data: Optional[str], overrides: Optional[list[str]] = 
     names = {**plan.fed_names, **plan.grid_names}
     sweeping = bool(cfg.get("sweep")) and not skip_sweep
     points = [plan.federate] + (expand(plan.federate, plan.grid, names) if sweeping else [])
-
     if data is None:  # no dataset given: use the cache as it is (open_cache refuses an unfinished one)
         if not (cache / "cache.json").is_file():
             raise ConfigError(f"{cache} does not exist yet: pass --data PATH (the dataset folder or manifest)")
@@ -266,11 +265,29 @@ def run(path: str | Path, data: Optional[str], overrides: Optional[list[str]] = 
         for w in rep.warnings:
             log(f"warning: {w}")
         preflight(cache, points, names)  # domains and templates are known only now
+    # Everything is checked: one `run` per output folder at a time (federate/ and sweep/ are claimed by their stage)
+    lock = claim(out, "pipeline", f"run: {Path(path).name}: pipeline.out")
+    try:
+        return _train_stages(path, plan, cfg, cache, out, names, sweeping, lock)
+    finally:
+        lock.close()
+
+
+def _train_stages(path, plan, cfg: dict, cache: Path, out: Path, names: dict, sweeping: bool, lock) -> dict:
+    from .cache import open_cache
+    from .federated.results import federate
+    from .runfolder import disk_full
+    from .store import atomic_write
+    from .sweep import sweep
+
     fc = open_cache(cache)
     fed = plan.federate
     summary = federate(fc, fed, out=out / "federate", progress=True)
     result = {"cache": str(cache), "federate": summary, "out": str(out)}
     if sweeping:
         result["sweep"] = sweep(cache, fed, plan.grid, plan.seeds, out / "sweep", jobs=plan.jobs, names=names)
-    (out / "pipeline.json").write_text(json.dumps({"pipeline": str(path), "resolved": cfg}, indent=2, default=str))
+    with disk_full(out, "pipeline.json"):
+        atomic_write(out / "pipeline.json",
+                     lambda f: f.write_text(json.dumps({"pipeline": str(path), "resolved": cfg}, indent=2, default=str)))
+    lock.complete(["pipeline.json"])
     return result

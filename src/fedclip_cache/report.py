@@ -144,24 +144,31 @@ def render_sweep(res: dict, console: Console) -> None:
     console.print(t)
 
 
-def report_path(path, fmt: str, plots: bool, console: Console) -> None:
-    """Re-render a run folder or a sweep folder from what is on disk."""
+def report_path(path, fmt: str, plots: bool, console: Console, partial: bool = False) -> None:
+    """Re-render a run folder or a sweep folder from what is on disk. Only what its run completed is rendered: an
+    incomplete, mixed or busy folder is a one-line error (``runfolder.check_readable``); a sweep with points still
+    to do says "k of n points" and is refused unless ``partial``."""
     import json
     from pathlib import Path
 
+    from .runfolder import check_readable, disk_full, folder_kind, read_state
     from .store import CacheError
 
     path = Path(path)
     if fmt not in ("table", "md", "csv", "json"):
         raise CacheError(f"--format {fmt!r} unknown; use table, md, csv or json")
-    if (path / "sweep.json").is_file():
+    kind = (read_state(path) or {}).get("kind") or folder_kind(path)
+    if kind == "sweep":
         from .plots import sweep_plots
-        from .sweep import collect, summary_rows
+        from .sweep import collect, summary_csv, summary_rows
 
+        notes = sweep_notes(path, partial)
         res = collect(path)
         if plots:
-            sweep_plots(path, res)
+            with disk_full(path, "plots"):
+                sweep_plots(path, res)
         cols, rows = summary_rows(res["summary"])
+        _notes(notes, fmt, console)
         if fmt == "table":
             render_sweep(res, console)
         elif fmt == "md":
@@ -169,15 +176,19 @@ def report_path(path, fmt: str, plots: bool, console: Console) -> None:
             for r in rows:
                 print("| " + " | ".join(r) + " |")
         elif fmt == "csv":
-            print(path.joinpath("summary.csv").read_text() if path.joinpath("summary.csv").is_file() else "", end="")
+            print(summary_csv(res), end="")
         else:
             print(json.dumps(res["summary"], indent=2))
         return
-    if (path / "summary.json").is_file():
+    if kind in ("federate", "deploy"):
+        notes = check_readable(path, kind)
         s = json.loads((path / "summary.json").read_text())
         if plots and (path / "metrics.parquet").is_file():
             from .plots import run_plots
-            run_plots(path)
+
+            with disk_full(path, "plots"):
+                run_plots(path)
+        _notes(notes, fmt, console)
         if fmt == "table":
             render_run_summary(s, console)
         elif fmt == "json":
@@ -194,4 +205,48 @@ def report_path(path, fmt: str, plots: bool, console: Console) -> None:
                 lines = ["| " + ln + " |" for ln in lines]
             print("\n".join(lines))
         return
+    if kind == "pipeline":
+        raise CacheError(f"{path}: a pipeline (`run`) output folder; report its federate/ or sweep/ folder")
     raise CacheError(f"{path}: neither a run folder (summary.json) nor a sweep folder (sweep.json)")
+
+
+def sweep_notes(path, partial: bool) -> list[str]:
+    """What a report of the sweep folder ``path`` must say first: "k of n points" when some are not finished (a
+    one-line error unless ``partial``; none finished: always an error)."""
+    from .integrity import describe_holder, writer_active
+    from .runfolder import RunFolderError, read_state
+    from .sweep import status
+
+    if not (path / "sweep.json").is_file():
+        raise RunFolderError(f"{path}: a sweep folder without sweep.json (the sweep stopped before recording "
+                             f"itself); re-run the sweep command")
+    st = status(path)
+    k, n = len(st["done"]), len(st["points"])
+    holder = writer_active(path)
+    running = f"; a sweep is running on it now ({describe_holder(holder)})" if holder else ""
+    other = f"; {len(st['other'])} more trained on another commit of the cache, not shown" if st["other"] else ""
+    if k == 0:
+        raise RunFolderError(f"{path}: no point of this sweep has finished (0 of {n} points){running}{other}; "
+                             f"run the sweep command to train them")
+    state = read_state(path) or {}
+    if k < n:
+        msg = f"PARTIAL sweep: {k} of {n} points finished{running}{other}"
+        if not partial:
+            raise RunFolderError(f"{path}: {msg}; re-run the same sweep command to finish it, or pass --partial to "
+                                 f"report the {k} finished points")
+        return [msg]
+    if state.get("state") not in (None, "complete"):  # every point done; its tables were not rewritten yet
+        return [f"all {n} points finished, but the sweep that trained them did not finish writing its tables"
+                f"{running}: shown from the points"]
+    return []
+
+
+def _notes(notes: list[str], fmt: str, console: Console) -> None:
+    """Warnings above a report: in the table, on stderr for md/csv/json (their stdout stays parseable)."""
+    import sys
+
+    for n in notes:
+        if fmt == "table":
+            console.print(f"[bold red]warning:[/] {escape(n)}", soft_wrap=True)
+        else:
+            print(f"warning: {n}", file=sys.stderr)

@@ -49,6 +49,9 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # mkstemp creates 0600; the file renamed into place gets the mode any new file gets (0644 under umask 022), so
+    # a run folder or cache shared with a group is readable by it, as its plots (written directly) always were
+    os.fchmod(fd, 0o666 & ~current_umask())
     os.close(fd)
     try:
         write(Path(tmp))
@@ -59,6 +62,21 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it (``os.umask`` can only be read by setting it, which would race
+    with other threads creating files); Linux >= 4.7 has it in /proc, elsewhere the set-and-restore fallback."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:

@@ -3,7 +3,9 @@
 Layout of a sweep folder::
 
     SWEEP/
-      sweep.json              the base config, grid, seeds and cache (rewritten as the grid widens)
+      state.json              in-progress / complete (runfolder.py); .lock: held by the sweep running on it
+      sweep.json              what this sweep is: its cache (path and identity), base config, grid keys, seeds, and
+                              every point it has been asked for (rewritten as the grid widens)
       points/<id>/            one finished point: config.json, summary.json, metrics.parquet (all seeds)
       results.parquet         tidy: one row per point x seed x held-out run x client / held-out domain
       summary.md, summary.csv mean ± std over seeds per point and held-out domain
@@ -12,6 +14,11 @@ Layout of a sweep folder::
 A point is the set of options that are not the seed; all its seeds train together in one vectorised loop
 (their lanes are stacked). Points run one after another or in worker processes (``jobs``). A point is committed
 by atomically writing its folder's ``summary.json`` last, so an interrupted sweep resumes where it stopped.
+
+A sweep folder is one sweep: one cache, one base configuration, one set of grid keys and seeds. Re-running it with
+another cache, base option, grid key or seed list is refused (a new folder holds that); widening a grid (more
+values of its keys) adds points. Only points trained on the cache's current commit count: ``report`` says "k of n
+points" and refuses a partial sweep unless asked (``--partial``).
 """
 from __future__ import annotations
 
@@ -20,6 +27,7 @@ import hashlib
 import itertools
 import json
 import os
+import shutil
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -172,20 +180,83 @@ def _run_point(cache, cfg_dict: dict, seeds: list[int], folder: str, threads: Op
     import torch
 
     from .cache import open_cache
-    from .federated.results import federate
+    from .federated.results import train, write_run
+    from .runfolder import disk_full
 
     if threads:
         torch.set_num_threads(threads)
     if not hasattr(cache, "features"):
         cache = open_cache(cache, **(opener or {}))
     cfg = FederateConfig.from_dict(cfg_dict)
-    federate(cache, cfg, out=Path(folder) / ".staging", seeds=seeds)
+    res, summary = train(cache, cfg, seeds)
     staging = Path(folder) / ".staging"
-    for f in ("config.json", "metrics.parquet", "adapter.pt"):
-        os.replace(staging / f, Path(folder) / f)
-    os.replace(staging / "summary.json", Path(folder) / "summary.json")  # last: marks the point done
-    staging.rmdir()
+    write_run(staging, cache, cfg, res, summary, seeds)
+    with disk_full(Path(folder)):
+        for f in ("config.json", "metrics.parquet", "adapter.pt"):
+            os.replace(staging / f, Path(folder) / f)
+        os.replace(staging / "summary.json", Path(folder) / "summary.json")  # last: marks the point done
+    shutil.rmtree(staging, ignore_errors=True)  # (a killed run's temporary files may be left in it)
     return folder
+
+
+def point_folder(cfg: FederateConfig, seeds: list[int]) -> str:
+    """A point's folder name: its config hash and its seeds (other seeds are other work, never mixed in)."""
+    return f"{point_id(cfg)}-s{'_'.join(map(str, seeds))}"
+
+
+def _grid_json(grid: dict) -> dict:
+    return {k: [list(v) if isinstance(v, tuple) else v for v in vs] for k, vs in grid.items()}
+
+
+def _record(cache_path, identity: dict, base: FederateConfig, grid: dict, seeds: list[int],
+            points: list[FederateConfig], old: Optional[dict], out: Path) -> dict:
+    """``sweep.json`` for this run: the folder's sweep, checked against the one it already holds (another cache,
+    base option, grid key or seed list is refused in one line: a new folder holds it); a widened grid adds
+    points."""
+    from .federated.config import FIELDS, option_flag
+    from .runfolder import RunFolderError
+
+    cache = str(Path(cache_path).resolve())
+    keys = list(grid)
+    base_d = {k: v for k, v in base.to_dict().items() if k not in keys and k != "seed"}
+    names = [point_folder(c, seeds) for c in points]
+    if old is None:
+        return {"cache": cache, "cache_identity": identity, "base": base.to_dict(), "grid": _grid_json(grid),
+                "grid_keys": keys, "seeds": seeds, "points": names}
+
+    def refuse(what: str) -> None:
+        raise RunFolderError(f"sweep -o {out}: this sweep folder holds another sweep ({what}); give a new folder "
+                             f"(-o) for this one")
+
+    if old.get("cache") != cache:
+        refuse(f"cache {old.get('cache')}, not {cache}")
+    if old.get("seeds") != seeds:
+        refuse(f"--seeds {','.join(map(str, old.get('seeds') or []))}, not {','.join(map(str, seeds))}")
+    if list(old.get("grid_keys") or []) != keys:
+        def said(ks) -> str:  # as typed: clients, not num_clients
+            return ", ".join(option_flag(k).lstrip("-") if k in FIELDS else k for k in ks) or "nothing"
+        refuse(f"--grid over {said(old.get('grid_keys') or [])}, not over {said(keys)}")
+    old_base = {k: v for k, v in (old.get("base") or {}).items() if k not in keys and k != "seed"}
+    differ = sorted(k for k in old_base.keys() & base_d.keys()
+                    if json.dumps(old_base[k], sort_keys=True) != json.dumps(base_d[k], sort_keys=True))
+    if differ:
+        k = differ[0]
+        flag = option_flag(k) if k in FIELDS else "--" + k.replace("_", "-")
+        refuse(f"{flag} {old_base[k]}, not {base_d[k]}; or make {flag.lstrip('-')} a --grid key")
+    had = old.get("points") or names_of(old)
+    grid_u = {k: list(vs) for k, vs in (old.get("grid") or {}).items()}
+    for k, vs in _grid_json(grid).items():
+        grid_u[k] = grid_u.get(k, []) + [v for v in vs if v not in grid_u.get(k, [])]
+    return {**old, "cache": cache, "cache_identity": identity, "grid": grid_u, "grid_keys": keys,
+            "seeds": seeds, "points": had + [n for n in names if n not in had]}
+
+
+def names_of(state: dict) -> list[str]:
+    """The point folders of a ``sweep.json`` written before it listed them: its grid, expanded."""
+    base = FederateConfig.from_dict(state["base"])
+    grid = {k: [tuple(v) if isinstance(v, list) and k == "split" else v for v in vs]
+            for k, vs in state["grid"].items()}
+    return [point_folder(c, state["seeds"]) for c in expand(base, grid)]
 
 
 def plan(cache_path: str | Path, base: FederateConfig, grid: dict[str, list], seeds: list[int], jobs: int = 1,
@@ -212,80 +283,120 @@ def sweep(cache_path: str | Path, base: FederateConfig, grid: dict[str, list], s
     Everything (seeds, every grid point, the points against the cache, the cache's completeness) is checked before
     anything is written; ``names`` maps a config field to how the user wrote it, for the error messages."""
     from .cache import open_cache
+    from .runfolder import claim, disk_full
 
     out = Path(out)
     # Refuses an unfinished cache now; its identity (path + commit) decides which finished points are still valid.
     identity = open_cache(cache_path, allow_incomplete=allow_incomplete, load_features=False).identity()
     points, seeds = plan(cache_path, base, grid, seeds, jobs, names, seeds_label, jobs_label)
     opener = {"allow_incomplete": allow_incomplete, "features_in": features_in}
-    # Point folders are named by (config hash, seeds), so other seeds are other work and never mixed in.
-    write_json(out / "sweep.json", {"cache": str(Path(cache_path).resolve()), "base": base.to_dict(),
-                            "grid": {k: [list(v) if isinstance(v, tuple) else v for v in vs] for k, vs in grid.items()},
-                            "grid_keys": list(grid), "seeds": seeds})
-    todo, stale = [], 0
-    for cfg in points:
-        folder = out / "points" / f"{point_id(cfg)}-s{'_'.join(map(str, seeds))}"
-        done_file = folder / "summary.json"
-        if done_file.is_file() and _point_identity(done_file) != identity:
-            done_file.unlink()  # trained on another cache or an earlier commit of this one: not these results
-            stale += 1
-        if not done_file.is_file():
-            folder.mkdir(parents=True, exist_ok=True)
-            todo.append((cfg, folder))
-    done = len(points) - len(todo)
-    if on_done:
-        on_done(done, len(points))
-    if jobs <= 1:
-        cache = open_cache(cache_path, **opener) if todo else None  # read once for all points, not once per point
-        for cfg, folder in todo:
-            _run_point(cache, cfg.to_dict(), seeds, str(folder), None)
-            done += 1
-            if on_done:
-                on_done(done, len(points))
-    else:
-        threads = max(1, (os.cpu_count() or 1) // jobs)
-        with ProcessPoolExecutor(jobs) as ex:
-            futs = [ex.submit(_run_point, str(cache_path), cfg.to_dict(), seeds, str(folder), threads, opener)
-                    for cfg, folder in todo]
-            for f in as_completed(futs):
-                f.result()
+    record = {}
+
+    def check() -> None:  # under the lock, before the folder is marked in-progress: a refusal changes nothing
+        old = read_record(out)
+        record.update(_record(cache_path, identity, base, grid, seeds, points, old, out))
+
+    lock = claim(out, "sweep", "sweep -o", check)
+    try:
+        with disk_full(out, "sweep.json"):
+            write_json(out / "sweep.json", record)
+        todo, stale = [], 0
+        for cfg in points:
+            folder = out / "points" / point_folder(cfg, seeds)
+            done_file = folder / "summary.json"
+            if done_file.is_file() and _point_identity(done_file) != identity:
+                done_file.unlink()  # trained on an earlier commit of this cache: not these results
+                stale += 1
+            if not done_file.is_file():
+                with disk_full(out):
+                    folder.mkdir(parents=True, exist_ok=True)
+                todo.append((cfg, folder))
+        done = len(points) - len(todo)
+        if on_done:
+            on_done(done, len(points))
+        if jobs <= 1:
+            cache = open_cache(cache_path, **opener) if todo else None  # read once for all points, not once per point
+            for cfg, folder in todo:
+                _run_point(cache, cfg.to_dict(), seeds, str(folder), None)
                 done += 1
                 if on_done:
                     on_done(done, len(points))
-    results = collect(out, only=[point_id(c) for c in points], seeds=seeds)
-    results["ran"], results["points"], results["stale"] = len(todo), len(points), stale
-    write_outputs(out, results)
+        else:
+            threads = max(1, (os.cpu_count() or 1) // jobs)
+            with ProcessPoolExecutor(jobs) as ex:
+                futs = [ex.submit(_run_point, str(cache_path), cfg.to_dict(), seeds, str(folder), threads, opener)
+                        for cfg, folder in todo]
+                for f in as_completed(futs):
+                    f.result()
+                    done += 1
+                    if on_done:
+                        on_done(done, len(points))
+        st = status(out)
+        results = collect(out, st["done"])
+        results.update(ran=len(todo), points=len(points), stale=stale, done=len(st["done"]),
+                       total=len(st["points"]))
+        with disk_full(out):
+            write_outputs(out, results)
+        if len(st["done"]) == len(st["points"]):  # an earlier, wider run of this folder may have left points to do
+            lock.complete()
+    finally:
+        lock.close()
     return results
+
+
+def read_record(out: Path) -> Optional[dict]:
+    """``SWEEP/sweep.json`` (None when there is none); a damaged one is a one-line error."""
+    from .runfolder import RunFolderError
+
+    f = Path(out) / "sweep.json"
+    if not f.is_file():
+        return None
+    try:
+        state = json.loads(f.read_text())
+        if not isinstance(state, dict) or "grid_keys" not in state or "seeds" not in state:
+            raise ValueError("not a sweep record")
+    except (OSError, ValueError) as e:
+        raise RunFolderError(f"{f}: damaged ({type(e).__name__}); re-run the sweep into a new folder") from None
+    return state
+
+
+def status(out: str | Path) -> dict:
+    """The points of the sweep in ``out`` (``sweep.json``), those finished on its cache's recorded commit, and
+    those finished on another cache or commit (never counted, never shown)."""
+    out = Path(out)
+    state = read_record(out)
+    points = state.get("points") or names_of(state)
+    committed = {n: _point_identity(out / "points" / n / "summary.json") for n in points
+                 if (out / "points" / n / "summary.json").is_file()}
+    want = state.get("cache_identity")
+    if want is None:  # written before sweep.json recorded it: the points must at least agree with each other
+        kinds = {json.dumps(i, sort_keys=True) for i in committed.values()}
+        if len(kinds) > 1:
+            from .runfolder import RunFolderError
+
+            raise RunFolderError(f"{out}: mixed sweep: its points were trained on {len(kinds)} different caches or "
+                                 f"commits; re-run the sweep into a new folder")
+        want = next(iter(committed.values()), None)
+    done = [n for n in points if n in committed and committed[n] == want]
+    return {"points": points, "done": done, "other": [n for n in committed if n not in done], "state": state}
 
 
 # ------------------------------------------------------------------------------------------- results
 
-def collect(out: str | Path, only: Optional[list[str]] = None, seeds: Optional[list[int]] = None) -> dict:
-    """Read finished points into a tidy table and a mean ± std summary."""
+def collect(out: str | Path, folders: Optional[list[str]] = None) -> dict:
+    """Read finished points (``folders``, in order; default: the finished points of the folder's sweep, see
+    :func:`status`) into a tidy table and a mean ± std summary."""
     import pyarrow as pa
 
     out = Path(out)
-    state = json.loads((out / "sweep.json").read_text())
+    state = read_record(out)
     keys = state["grid_keys"]
+    if folders is None:
+        folders = status(out)["done"]
     rows, curves = [], []
-    folders = sorted((out / "points").glob("*"))
-    order = only
-    if order is None:  # re-rendering: points of the latest grid first, in grid order, then any older ones
-        base = FederateConfig.from_dict(state["base"])
-        grid = {k: [tuple(v) if isinstance(v, list) and k == "split" else v for v in vs]
-                for k, vs in state["grid"].items()}
-        order = [point_id(c) for c in expand(base, grid)]
-    if order:  # grid order, so tables read like the command line
-        rank = {pid: i for i, pid in enumerate(order)}
-        folders.sort(key=lambda f: rank.get(f.name.partition("-s")[0], len(rank)))
-    for folder in folders:
-        if not (folder / "summary.json").is_file():
-            continue
-        pid, _, seed_tag = folder.name.partition("-s")
-        if only is not None and pid not in only:
-            continue
-        if seeds is not None and seed_tag != "_".join(map(str, seeds)):
-            continue
+    for name in folders:
+        folder = out / "points" / name
+        pid = name.partition("-s")[0]
         cfg = json.loads((folder / "config.json").read_text())["federate"]
         s = json.loads((folder / "summary.json").read_text())
         params = s["communication"]["trainable_params"]
@@ -354,6 +465,15 @@ def write_outputs(out: Path, results: dict) -> None:
     cols, rows = summary_rows(results["summary"])
     md = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)] + ["| " + " | ".join(r) + " |" for r in rows]
     atomic_write(out / "summary.md", lambda p: p.write_text("\n".join(md) + "\n"))
+    atomic_write(out / "summary.csv", lambda p: p.write_text(summary_csv(results)))
+    sweep_plots(out, results)
+
+
+def summary_csv(results: dict) -> str:
+    """``summary.csv``: the summary table, one column per mean and std."""
+    import csv
+    import io
+
     flat = []
     for rec in results["summary"]:
         f = {}
@@ -363,13 +483,9 @@ def write_outputs(out: Path, results: dict) -> None:
             else:
                 f[k] = v
         flat.append(f)
-    import csv
-    import io
-
     buf = io.StringIO()
     if flat:
         w = csv.DictWriter(buf, fieldnames=list(flat[0]))
         w.writeheader()
         w.writerows(flat)
-    atomic_write(out / "summary.csv", lambda p: p.write_text(buf.getvalue()))
-    sweep_plots(out, results)
+    return buf.getvalue()

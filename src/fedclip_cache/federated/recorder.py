@@ -166,26 +166,22 @@ class RunRecorder:
 
     def write(self, final_params: dict, trainable: int) -> dict:
         """The summary (and, with ``out``, the run folder) of the deployment."""
-        from ..store import atomic_write, write_json
-        from .results import metrics_table, summarise
+        from .results import summarise
 
         res = self.result(final_params, trainable)
         summary = summarise(res, self.cfg, self.info)
         summary["deployment"] = {"rounds": self.health,
                                  **({"finetune": self.finetune_health} if self.finetune_health is not None else {})}
         if self.out is not None:
-            import pyarrow.parquet as pq
-            import torch
+            from ..runfolder import RUN_OUTPUTS, begin, mark_complete, read_state
+            from .results import write_outputs
 
             out = Path(self.out)
-            out.mkdir(parents=True, exist_ok=True)
-            write_json(out / "config.json", {"deployment": True, "sites": self.info.sites, "seeds": [self.cfg.seed],
-                                             "federate": self.cfg.to_dict(),
-                                             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                                             "logit_scale_used": res.logit_scale,
-                                             "logit_scale_source": res.logit_scale_source})
-            table = metrics_table(res)
-            atomic_write(out / "metrics.parquet", lambda p: pq.write_table(table, p))
-            atomic_write(out / "adapter.pt", lambda p: torch.save(final_params, p))
-            write_json(out / "summary.json", summary)
+            if (read_state(out) or {}).get("state") != "in-progress":  # `deploy` claimed it already; a ServerApp
+                begin(out, "deploy")  # run by hand (`flwr run`) marks it itself
+            write_outputs(out, {"deployment": True, "sites": self.info.sites, "seeds": [self.cfg.seed],
+                                "federate": self.cfg.to_dict(), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                "logit_scale_used": res.logit_scale, "logit_scale_source": res.logit_scale_source},
+                          res, final_params, summary)
+            mark_complete(out, "deploy", RUN_OUTPUTS)
         return summary

@@ -206,12 +206,35 @@ def cache_record(cache: FeatureCache) -> dict:
 
 
 def federate(cache: str | Path | FeatureCache, cfg: FederateConfig, out: Optional[str | Path] = None,
-             seeds: Optional[list[int]] = None, progress: bool = False, allow_incomplete: bool = False) -> dict:
-    """Train on a cache and (optionally) write a run folder; returns the summary dict. An unfinished cache is
-    refused unless ``allow_incomplete`` (then the summary's ``cache`` record says so)."""
+             seeds: Optional[list[int]] = None, progress: bool = False, allow_incomplete: bool = False,
+             plots: bool = False) -> dict:
+    """Train on a cache and (optionally) write a run folder, with ``plots`` its plots/; returns the summary dict.
+    An unfinished cache is refused unless ``allow_incomplete`` (then the summary's ``cache`` record says so). The
+    run folder is claimed (``runfolder.claim``: locked, marked in-progress, an earlier run's outputs removed) once
+    the options and the experiments are checked, before training, and marked complete after its last output."""
+    from ..runfolder import RUN_OUTPUTS, claim, disk_full
+
     cfg.validate()
     fc = cache if isinstance(cache, FeatureCache) else open_cache(cache, allow_incomplete=allow_incomplete)
     exps = build_experiments(fc, cfg, seeds)
+    folder = claim(Path(out), "federate", "federate -o") if out is not None else None
+    try:
+        res, summary = _train(fc, cfg, exps, progress)
+        if folder is not None:
+            write_run(Path(out), fc, cfg, res, summary, seeds)
+            if plots:  # under the lock: a run that starts next removes them
+                from ..plots import run_plots
+
+                with disk_full(Path(out), "plots"):
+                    run_plots(Path(out))
+            folder.complete(RUN_OUTPUTS)
+    finally:
+        if folder is not None:
+            folder.close()
+    return summary
+
+
+def _train(fc: FeatureCache, cfg: FederateConfig, exps, progress: bool) -> tuple[LoopResult, dict]:
     on_round, bar = None, None
     if progress:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -226,24 +249,39 @@ def federate(cache: str | Path | FeatureCache, cfg: FederateConfig, out: Optiona
     finally:
         if bar:
             bar.stop()
-    summary = summarise(res, cfg, fc)
-    if out is not None:
-        write_run(Path(out), fc, cfg, res, summary, seeds)
-    return summary
+    return res, summarise(res, cfg, fc)
+
+
+def train(cache: FeatureCache, cfg: FederateConfig, seeds: Optional[list[int]] = None) -> tuple[LoopResult, dict]:
+    """Train without a run folder: the loop's result and the summary (a sweep point writes its own folder)."""
+    cfg.validate()
+    return _train(cache, cfg, build_experiments(cache, cfg, seeds), False)
 
 
 def write_run(out: Path, fc: FeatureCache, cfg: FederateConfig, res: LoopResult, summary: dict,
               seeds: Optional[list[int]]) -> None:
+    write_outputs(out, {"cache": str(Path(fc.path).resolve()), "seeds": seeds or [cfg.seed],
+                        "federate": cfg.to_dict(), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                        "cache_model": fc.meta.get("model", {}).get("name"),
+                        "logit_scale_used": res.logit_scale, "logit_scale_source": res.logit_scale_source},
+                  res, res.final_params, summary)
+
+
+def write_outputs(out: Path, config: dict, res: LoopResult, params: dict, summary: dict) -> None:
+    """The four files of a run folder, ``summary.json`` last; `federate` and a deployment's ServerApp
+    (``recorder.py``) both write through here. A full disk is one line naming the file
+    (``runfolder.disk_full``)."""
     import pyarrow.parquet as pq
     import torch
 
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "config.json", {"cache": str(Path(fc.path).resolve()), "seeds": seeds or [cfg.seed],
-                                     "federate": cfg.to_dict(), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                                     "cache_model": fc.meta.get("model", {}).get("name"),
-                                     "logit_scale_used": res.logit_scale,
-                                     "logit_scale_source": res.logit_scale_source})
+    from ..runfolder import disk_full
+
     table = metrics_table(res)
-    atomic_write(out / "metrics.parquet", lambda p: pq.write_table(table, p))
-    atomic_write(out / "adapter.pt", lambda p: torch.save(res.final_params, p))
-    write_json(out / "summary.json", summary)
+    out.mkdir(parents=True, exist_ok=True)
+    writes = [("config.json", lambda: write_json(out / "config.json", config)),
+              ("metrics.parquet", lambda: atomic_write(out / "metrics.parquet", lambda p: pq.write_table(table, p))),
+              ("adapter.pt", lambda: atomic_write(out / "adapter.pt", lambda p: torch.save(params, p))),
+              ("summary.json", lambda: write_json(out / "summary.json", summary))]
+    for name, write in writes:
+        with disk_full(out, name):
+            write()
