@@ -101,7 +101,10 @@ def atomic_write(path: Path, write: Callable[[Path], None], owner: str = "") -> 
         write(Path(tmp))
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~current_umask())
+        try:
+            os.chmod(tmp, 0o666 & ~current_umask())
+        except OSError:
+            pass  # a file system without Unix modes (vfat, some network mounts) applies its own; not worth failing
         os.replace(tmp, path)
     except BaseException as e:
         if os.path.exists(tmp):
