@@ -5,7 +5,10 @@ cache until that extract has finished *and* committed; then ``complete``, with t
 make up the cache (rows, bytes, sha256 each), the files that were skipped, and what was retired. Readers serve only
 a complete cache, and only the listed shards, after checking each is present with its recorded size (``verify``
 also re-hashes them). Shards that a killed run committed but never listed are adopted by the next extract; their
-rows are not lost.
+rows are not lost. Every shard carries the id of its cache (made by the first extract, kept in ``cache.json``): a
+shard is this cache's when ``cache.json`` lists it or when it carries this id, and no other shard (a ``shards/``
+folder shared by several caches) is ever adopted, retired or deleted. Listed names must be plain shard file names
+inside ``shards/`` (``check_listing``): a reader never opens a path outside the cache.
 
 One writer at a time: an extract holds an ``flock`` on ``CACHE/.lock`` (released by the kernel when the process
 dies, so a killed run never leaves a stale lock) and writes its pid, host and start time into it.
