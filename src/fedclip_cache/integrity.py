@@ -175,9 +175,7 @@ def plan_read(cache: Path, meta: dict, allow_incomplete: bool = False, verify: b
 def check_listing(cache: Path, meta: dict) -> dict:
     """The committed shard list, each name a plain shard file name inside ``shards/`` (see ``store.is_shard_name``):
     a name with a separator, ``..`` or an absolute path would have readers serve rows from outside the cache."""
-    listed = meta.get("shards") or {}
-    bad = [n for n, r in listed.items() if not store.is_shard_name(n, meta["format"]) or not isinstance(r, dict)] \
-        if isinstance(listed, dict) else [listed]
+    listed, bad = usable_listing(meta)
     if bad:
         raise CacheError(f"{Path(cache) / store.META_FILE}: damaged cache: shard entry {str(bad[0])[:120]!r} is not "
                          f"a shard file name inside {store.SHARD_DIR}/ (part-<session>-r<rank>-<seq>"
@@ -259,7 +257,7 @@ def take_inventory(cache: Path, meta: dict, fp: dict, dim: int, verify: bool = F
     views, cid = meta.get("views"), meta["cache_id"]
     cache = Path(cache)
     inv = Inventory()
-    listed, bad = _usable_listing(meta)
+    listed, bad = usable_listing(meta)
     inv.removed += [(str(n)[:120], f"not a shard file name inside {store.SHARD_DIR}/; dropped from the listing (that "
                                    f"path was never read or touched)") for n in bad]
     last = meta.get("last_session") or ""
@@ -296,8 +294,9 @@ def take_inventory(cache: Path, meta: dict, fp: dict, dim: int, verify: bool = F
     return inv
 
 
-def _usable_listing(meta: dict) -> tuple[dict, list]:
-    """(the committed shards whose names pass ``check_listing``'s rule, the entries that do not)."""
+def usable_listing(meta: dict) -> tuple[dict, list]:
+    """(the committed shards: plain shard file names of the cache's format, each with a record; the entries that
+    are not). Readers refuse a cache with any of the latter (``check_listing``); extract drops them."""
     raw = meta.get("shards") or {}
     if not isinstance(raw, dict):
         return {}, [raw]
@@ -339,9 +338,10 @@ def check_output_folder(out: Path) -> None:
     written into it. A ``shards/`` that holds only shard files (a folder, or a link to one, shared with other
     caches) is a cache folder being set up."""
     out = Path(out)
-    if not out.is_dir():
-        return
-    names = sorted(os.listdir(out))
+    try:
+        names = sorted(os.listdir(out)) if out.is_dir() else []
+    except OSError:
+        return  # unreadable: the writer lock says so in one line ("cannot write here")
     if store.META_FILE in names:
         try:
             store.read_meta(out)
@@ -368,7 +368,11 @@ def _leftover(out: Path, name: str) -> bool:
     d = out / name
     if name != store.SHARD_DIR or not d.is_dir():
         return False
-    for entry in os.listdir(d):
+    try:
+        entries = os.listdir(d)
+    except OSError:
+        return False
+    for entry in entries:
         tmp = store.temporary_of(entry)
         if not (store.SHARD_NAME.fullmatch(entry) or (tmp and store.SHARD_NAME.fullmatch(tmp[1]))):
             return False
