@@ -144,9 +144,12 @@ def test_extract_repairs_a_listing_with_a_foreign_name_and_never_touches_that_fi
     meta = _meta(out)
     meta["shards"]["../../x.parquet"] = {"rows": 12, "bytes": victim.stat().st_size, "sha256": "0" * 64}
     (out / "cache.json").write_text(json.dumps(meta))
+    unknown = out / "shards" / "part-20200101T000000000000-r000-00000.parquet"  # unlisted, unreadable: whose?
+    unknown.write_bytes(b"PAR1 cut short")
     o = extract_ok(run, image_root, out, model_args)
     assert "+0 embedded" in o and "../../x.parquet: not a shard file name inside shards/; dropped" in o
     assert victim.exists() and "../../x.parquet" not in _meta(out)["shards"]
+    assert unknown.read_bytes() == b"PAR1 cut short" and "whose it is cannot be told; left alone" in o
     np.testing.assert_array_equal(open_cache(out).features, ref.features)
 
 
