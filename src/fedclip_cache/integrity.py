@@ -177,10 +177,11 @@ def check_listing(cache: Path, meta: dict) -> dict:
     a name with a separator, ``..`` or an absolute path would have readers serve rows from outside the cache."""
     listed, bad = usable_listing(meta)
     if bad:
-        raise CacheError(f"{Path(cache) / store.META_FILE}: damaged cache: shard entry {str(bad[0])[:120]!r} is not "
-                         f"a shard file name inside {store.SHARD_DIR}/ (part-<session>-r<rank>-<seq>"
-                         f"{store.FORMATS[meta['format']]}); re-run the same `fedclip-cache extract` command to "
-                         f"repair it")
+        what = ("has no record (rows, bytes, sha256)" if store.is_shard_name(bad[0], meta["format"]) else
+                f"is not a shard file name inside {store.SHARD_DIR}/ (part-<session>-r<rank>-<seq>"
+                f"{store.FORMATS[meta['format']]})")
+        raise CacheError(f"{Path(cache) / store.META_FILE}: damaged cache: shard entry {str(bad[0])[:120]!r} {what}; "
+                         f"re-run the same `fedclip-cache extract` command to repair it")
     return listed
 
 
@@ -258,8 +259,10 @@ def take_inventory(cache: Path, meta: dict, fp: dict, dim: int, verify: bool = F
     cache = Path(cache)
     inv = Inventory()
     listed, bad = usable_listing(meta)
-    inv.removed += [(str(n)[:120], f"not a shard file name inside {store.SHARD_DIR}/; dropped from the listing (that "
-                                   f"path was never read or touched)") for n in bad]
+    inv.removed += [(str(n)[:120], "listed without a valid record; dropped from the listing"
+                     if store.is_shard_name(n, meta["format"]) else
+                     f"not a shard file name inside {store.SHARD_DIR}/; dropped from the listing (that path was never "
+                     f"read or touched)") for n in bad]
     last = meta.get("last_session") or ""
     for rec in meta.get("skipped", []):  # committed skip records are the oldest events; shards refine them
         if rec.get("kind") != "scan":
