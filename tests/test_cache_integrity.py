@@ -199,7 +199,7 @@ def test_killed_extract_is_refused_by_federate_then_finished(tmp_path, image_roo
     assert code == 0, o + e
     summary = json.loads(o)
     assert summary["cache"]["complete"] is False and summary["cache"]["allow_incomplete"] is True
-    (out / ".cache.json.x.tmp").write_text("{half")  # a kill during the metadata write leaves this
+    (out / ".fedclip-tmp.cache.json.x1y2z3w4.tmp").write_text("{half")  # a kill during the metadata write
     extract_ok(run, image_root, out, model_args)
     assert not list(out.glob(".*.tmp")) and len(open_cache(out)) == 36
 

@@ -119,7 +119,9 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path, tiny_model, mod
         open_cache(out)  # never used silently
     partial = open_cache(out, allow_incomplete=True)
     assert 0 < len(partial) < 72 and not partial.complete  # but valid and readable on request
-    (out / "shards" / ".part-killed-mid-write.parquet.abc.tmp").write_bytes(b"half a shard")
+    cid = json.loads((out / "cache.json").read_text())["cache_id"]  # a killed shard write leaves this name:
+    (out / "shards" / f".fedclip-tmp-{cid}.part-20260101T000000000000-r000-00099.parquet.abc12345.tmp").write_bytes(
+        b"half a shard")
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     assert not list((out / "shards").glob(".*.tmp"))  # leftovers of the killed write are cleaned up
     resumed = open_cache(out)

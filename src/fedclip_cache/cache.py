@@ -317,8 +317,8 @@ def cache_overview(path: str | Path, allow_incomplete: bool = False, verify: boo
 
 # ------------------------------------------------------------------------------------------ mapped features
 
-FEATURES_FILE = "features.npy"  # derived from the shards, reader order; deleted by the next extract's commit
-FEATURES_STAMP = "features.json"  # which commit features.npy was built from
+FEATURES_FILE = store.FEATURES_FILE  # derived from the shards, reader order; deleted by the next extract's commit
+FEATURES_STAMP = store.FEATURES_STAMP  # which commit features.npy was built from
 
 
 def _commit_stamp(cache: FeatureCache) -> dict:

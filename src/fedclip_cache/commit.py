@@ -36,7 +36,7 @@ _SCAN_OWNED = ("domain", "client", "class_name", "split", "ino", "ctime_ns")
 
 def commit(out: Path, meta: dict, inv: Inventory, table: ImageTable, session: str, fp: dict, dim: int, fmt: str,
            dtype: str, run: dict, t0: float) -> CommitResult:
-    add_new_shards(out, meta, fp, dim, inv)
+    add_new_shards(out, meta, fp, dim, inv, session)
     scan_row = {i: k for k, i in enumerate(table.ids.tolist())}
     live = scan_row.keys()
     shard_dir = out / store.SHARD_DIR
@@ -48,6 +48,8 @@ def commit(out: Path, meta: dict, inv: Inventory, table: ImageTable, session: st
         gone = ~np.array([i in live for i in ids.tolist()], bool)
         keep = ~gone & np.array([inv.winners.get(i, ())[:3] == ("row", name, pos)
                                  for pos, i in enumerate(ids.tolist())], bool)
+        # Retired: embedded rows of files no longer in the dataset. A skipped file that was deleted was never
+        # embedded: its skip record just goes, it is not counted as retired.
         retired_paths.update(stored["path"][gone].tolist())
         superseded += int((~keep & ~gone).sum())
         # The scan is the truth for what it says about a kept row: its label, domain, client and split (a manifest
@@ -68,16 +70,10 @@ def commit(out: Path, meta: dict, inv: Inventory, table: ImageTable, session: st
             current["label"] = np.array([label_of[c] for c in current["class_name"]], np.int32)
             k = inv.shard_views[name]
             _rewrite(shard_dir / name, shard_dir / new, np.flatnonzero(keep), current, fmt, dtype, fp, session, dim,
-                     meta.get("views") if k > 1 else None)
+                     meta["cache_id"], meta.get("views") if k > 1 else None)
             listing[new] = shard_record(shard_dir / new, int(keep.sum()), k)
 
-    skipped = []
-    for i, w in inv.winners.items():
-        if w[0] == "skip":
-            if i in live:
-                skipped.append(w[1])
-            else:
-                retired_paths.add(w[1]["path"])
+    skipped = [w[1] for i, w in inv.winners.items() if w[0] == "skip" and i in live]
     skipped += [{"id": image_id(p), "path": p, "reason": r, "kind": "scan", "size": 0, "mtime_ns": 0}
                 for p, r in table.problems]
     skipped.sort(key=lambda r: r["path"])
@@ -97,18 +93,18 @@ def commit(out: Path, meta: dict, inv: Inventory, table: ImageTable, session: st
     store.write_json(out / store.META_FILE, meta)  # the commit point
     for name in obsolete:
         (shard_dir / name).unlink(missing_ok=True)
-    for derived in ("features.npy", "features.json"):  # memory-mapped copy of the old commit (rebuilt on demand)
+    for derived in (store.FEATURES_FILE, store.FEATURES_STAMP):  # the old commit's mapped copy (rebuilt on demand)
         (out / derived).unlink(missing_ok=True)
     return CommitResult(images, len(skipped), retired, superseded, refreshed)
 
 
 def _rewrite(src: Path, dst: Path, keep: np.ndarray, updates: dict, fmt: str, dtype: str, fp: dict, session: str,
-             dim: int, views: dict | None = None) -> None:
+             dim: int, cache_id: str, views: dict | None = None) -> None:
     cols, emb = store.read_shard(src, store.STRING_COLUMNS + tuple(store.INT_COLUMNS), True, dim)
     cols = {c: v[keep] for c, v in cols.items()}  # "path" comes back lossless (from the stored bytes)
     cols.update(updates)
     cols["path_bytes"] = np.array([os.fsencode(p) for p in cols["path"]], dtype=object)
-    smeta = {"fingerprint": fp, "session": session, "skipped": []}
+    smeta = {"fingerprint": fp, "session": session, "cache_id": cache_id, "skipped": []}
     extra = None
     if views is not None:  # the augmented views move with their rows
         extra = store.read_shard_views(src, dim)[keep]

@@ -160,11 +160,12 @@ def _input_size(lm: LoadedModel) -> tuple[int, int]:
     return tuple(s) if isinstance(s, (list, tuple)) else (s, s)
 
 
-def _meta_record(lm: LoadedModel, cfg: ExtractConfig, fp: dict, dim: int) -> dict:
+def _meta_record(lm: LoadedModel, cfg: ExtractConfig, fp: dict, dim: int, cache_id: str) -> dict:
     import open_clip
 
     return {
         "format_version": FORMAT_VERSION,
+        "cache_id": cache_id,  # near the top: a truncated cache.json still tells whose shards are whose
         "format": cfg.format,
         "dtype": cfg.dtype,
         "normalised": False,
@@ -286,6 +287,7 @@ def extract(cfg: ExtractConfig) -> ExtractReport:
     store.check_cache_path(out)
     if out.exists() and not out.is_dir():
         raise ExtractError(f"{out}: exists and is not a folder; pass a folder for the cache")
+    integrity.check_output_folder(out)
     table = scan(cfg.source)
     if cfg.strict and table.problems:
         p, why = table.problems[0]
@@ -294,33 +296,46 @@ def extract(cfg: ExtractConfig) -> ExtractReport:
     lm = load_model(cfg.model, device)
     fp = fingerprint(lm, cfg)
 
-    with ExitStack() as stack:
-        busy = None
-        if rank == 0:  # one writer per cache; a torchrun group is one writer, represented by rank 0
-            try:
-                stack.enter_context(WriterLock(out))
-            except CacheBusy as e:
-                busy = str(e)
-        busy = _broadcast(busy, world)
-        if busy:
-            raise CacheBusy(busy)
-        return _extract_locked(cfg, table, lm, fp, device, out, rank, world, t0)
+    try:
+        with ExitStack() as stack:
+            busy = None
+            if rank == 0:  # one writer per cache; a torchrun group is one writer, represented by rank 0
+                try:
+                    stack.enter_context(WriterLock(out))
+                except CacheBusy as e:
+                    busy = str(e)
+            busy = _broadcast(busy, world)
+            if busy:
+                raise CacheBusy(busy)
+            return _extract_locked(cfg, table, lm, fp, device, out, rank, world, t0)
+    except OSError as e:
+        if not store.is_disk_full(e):
+            raise
+        # Every file is written to a temporary name first: what was being written is gone, every finished shard is
+        # on disk and cache.json still says in-progress, so the same command resumes where this one stopped.
+        where = store.display_text(e.filename) if isinstance(e.filename, str) else str(out)
+        raise ExtractError(f"disk full writing {where}: free space and re-run the same extract; finished shards are "
+                           f"kept") from None
 
 
 def _open_or_create(cfg: ExtractConfig, lm: LoadedModel, fp: dict, out: Path, report: ExtractReport
                     ) -> tuple[dict, bool]:
-    """(meta, is_new). A damaged cache.json is rebuilt from the shards, if they were made by this model."""
+    """(meta, is_new). A damaged cache.json is rebuilt from this cache's shards, if they were made by this model."""
     meta_file = out / store.META_FILE
     if meta_file.exists():
         try:
             meta = store.read_meta(out)
             check_compatible(out, meta, fp, cfg.format)
+            store.cache_id_of(out, meta)
             return meta, False
         except store.CacheError as e:
+            cid = _recover_cache_id(out, cfg.format)
             foreign, found_views = [], {}
             for p in store.shard_files(out, cfg.format):
                 try:
                     smeta = store.read_shard_meta(p)
+                    if smeta.get("cache_id") != cid:
+                        continue  # another cache's (a shared shards/ folder): never used to rebuild this one
                     if smeta.get("fingerprint") != fp:
                         foreign.append(p.name)
                     elif smeta.get("views", 1) > 1:  # the views' settings are recovered from the shards too
@@ -332,16 +347,42 @@ def _open_or_create(cfg: ExtractConfig, lm: LoadedModel, fp: dict, out: Path, re
                 raise ExtractError(f"{meta_file}: damaged, and shard {foreign[0]} was made with another model or "
                                    f"preprocessing; extract into a new output folder") from None
             report.repaired.append((store.META_FILE, f"damaged ({str(e).split(': ', 2)[1]}); rebuilt"))
-            meta = _meta_record(lm, cfg, fp, 0)
-            meta.update(state="in-progress", shards={}, last_session="", skipped=[], classes=[], templates=[],
-                        counts={"images": 0, "skipped": 0})
+            meta = _new_meta(lm, cfg, fp, cid)
             if found_views:
                 meta["views"] = found_views
             return meta, True
-    meta = _meta_record(lm, cfg, fp, 0)
+    return _new_meta(lm, cfg, fp, store.new_cache_id()), True
+
+
+def _new_meta(lm: LoadedModel, cfg: ExtractConfig, fp: dict, cache_id: str) -> dict:
+    meta = _meta_record(lm, cfg, fp, 0, cache_id)
     meta.update(state="in-progress", shards={}, last_session="", skipped=[], classes=[], templates=[],
                 counts={"images": 0, "skipped": 0})
-    return meta, True
+    return meta
+
+
+def _recover_cache_id(out: Path, fmt: str) -> str:
+    """The id of a cache whose cache.json is damaged: read from what is left of the file, else the one id that this
+    folder's own shards carry (no shards: a new id). Shards of several caches, or any in a ``shards/`` that is a
+    link (perhaps shared), cannot tell which are this cache's: refused rather than guessed."""
+    import re
+
+    try:
+        found = re.search(rb'"cache_id"\s*:\s*"([0-9a-f]{32})"', (out / store.META_FILE).read_bytes())
+    except OSError:
+        found = None
+    if found:
+        return found[1].decode()
+    ids = {store.shard_cache_id(p) for p in store.shard_files(out, fmt)} - {None, ""}
+    shards = out / store.SHARD_DIR
+    if not ids:
+        return store.new_cache_id()
+    if len(ids) == 1 and not shards.is_symlink():
+        return ids.pop()
+    where = f"{len(ids)} caches" if len(ids) > 1 else "a cache, and it is a link to a folder that may be shared"
+    raise ExtractError(f"{out / store.META_FILE}: damaged, and which shards are this cache's cannot be told "
+                       f"({shards} holds shards of {where}); restore cache.json, or extract into a new output "
+                       f"folder")
 
 
 def _extract_locked(cfg: ExtractConfig, table: ImageTable, lm: LoadedModel, fp: dict, device, out: Path,
@@ -354,8 +395,8 @@ def _extract_locked(cfg: ExtractConfig, table: ImageTable, lm: LoadedModel, fp: 
     classes, templates = _class_list(cfg, table), list(cfg.templates)
     plan = None
     if rank == 0:
-        removed_tmp = integrity.clean_temporaries(out)  # a killed run's half-written files (never visible)
         meta, _ = _open_or_create(cfg, lm, fp, out, report)
+        removed_tmp = integrity.clean_temporaries(out, meta["cache_id"])  # a killed run's (never visible)
         vcfg = _views.resolve(meta.get("views"), cfg.views, cfg.augment, cfg.augment_seed, str(out))
         if vcfg["count"] > 1:
             _views.AugmentedView(lm.preprocess, lm.preprocess_cfg, vcfg["augment"], vcfg["seed"])  # fails early
@@ -378,6 +419,7 @@ def _extract_locked(cfg: ExtractConfig, table: ImageTable, lm: LoadedModel, fp: 
         inv = integrity.take_inventory(out, meta, fp, int(meta["embedding_dim"]), verify=cfg.verify)
         report.warnings += [f"{out / store.SHARD_DIR / f}: not a shard of this tool (by its name); left alone and "
                             f"never read" for f in store.foreign_files(out)]
+        report.warnings += _ownership_warnings(out, inv)
         report.repaired += inv.removed
         if removed_tmp:
             report.repaired.append(("temporary files", f"{removed_tmp} left by a killed run, removed"))
@@ -388,9 +430,9 @@ def _extract_locked(cfg: ExtractConfig, table: ImageTable, lm: LoadedModel, fp: 
         ext_src = (np.array([w[1] for w in src], dtype=object), np.array([w[2] for w in src], np.int64),
                    np.array([known[i][3] for i in table.ids[ext].tolist()], np.int64),
                    np.array([w[3][4] for w in src], dtype=object))
-        plan = (todo, int(meta["embedding_dim"]), vcfg, ext, ext_src)
+        plan = (todo, int(meta["embedding_dim"]), vcfg, ext, ext_src, meta["cache_id"])
     session = _broadcast(_dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S%f"), world)
-    todo, dim, vcfg, ext, ext_src = _broadcast(plan, world)
+    todo, dim, vcfg, ext, ext_src, cache_id = _broadcast(plan, world)
     report.views = vcfg["count"]
     mine, mine_ext = todo[rank::world], ext[rank::world]
     if len(mine) or len(mine_ext):
@@ -398,7 +440,7 @@ def _extract_locked(cfg: ExtractConfig, table: ImageTable, lm: LoadedModel, fp: 
         rows = np.concatenate([mine, mine_ext])
         sources = tuple(a[rank::world] for a in ext_src)
         _run_shards(cfg, lm, table.take(rows), table.ids[rows], classes, dim, fp, device, out, session, rank,
-                    report, world, vcfg, len(mine), sources)
+                    report, world, vcfg, len(mine), sources, cache_id)
         report.loop_seconds = time.perf_counter() - t_loop
     _barrier(world)
     if rank == 0:
@@ -415,6 +457,16 @@ def _extract_locked(cfg: ExtractConfig, table: ImageTable, lm: LoadedModel, fp: 
         report.skipped += [(store.display_text(p), r) for p, r in table.problems]
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _ownership_warnings(out: Path, inv: integrity.Inventory) -> list[str]:
+    """What this run found in shards/ and left alone because it is not this cache's: one line for the shards of
+    other caches (a shared folder may hold many), one per shard too damaged to tell whose it is."""
+    shards = out / store.SHARD_DIR
+    out_w = [f"{shards}: {len(inv.foreign)} shard(s) of another cache (a shards folder shared by caches, or an "
+             f"older format) left alone: never read, adopted or deleted"] if inv.foreign else []
+    return out_w + [f"{shards / n}: unreadable shard that {store.META_FILE} does not list, so whose it is cannot be "
+                    f"told; left alone (delete it if no other cache uses this shards folder)" for n in inv.unknown]
 
 
 def _class_list(cfg: ExtractConfig, table: ImageTable) -> list[str]:
@@ -450,7 +502,7 @@ def _layout_warnings(table: ImageTable, dataset: Optional[str]) -> list[str]:
 def _run_shards(cfg: ExtractConfig, lm: LoadedModel, rows: ImageTable, ids: np.ndarray, classes: list[str], dim: int,
                 fp: dict, device: torch.device, out: Path, session: str, rank: int, report: ExtractReport,
                 world: int, vcfg: Optional[dict] = None, n_full: Optional[int] = None,
-                sources: Optional[tuple] = None) -> None:
+                sources: Optional[tuple] = None, cache_id: str = "") -> None:
     """Embed ``rows`` and commit them in shards. With views (``vcfg["count"]`` = K > 1), the first ``n_full`` rows
     are embedded whole (view 0 exactly as without views, plus K-1 augmented views) and the others only get the
     views they lack (``sources``: where their cached row lives, its view count and content hash)."""
@@ -476,7 +528,7 @@ def _run_shards(cfg: ExtractConfig, lm: LoadedModel, rows: ImageTable, ids: np.n
     path_bytes = np.array([os.fsencode(r) for r in rows.relpath], dtype=object)
     slow = float(os.environ.get("FEDCLIP_CACHE_SHARD_DELAY", "0"))  # test hook: widen the crash window
     writer = _ShardWriter(cfg, out, session, rank, fp, dim, ids, rows, labels, path_bytes, slow, vcfg, n_full,
-                          sources)
+                          sources, cache_id)
 
     def failed(ok, idx, transient, reasons):
         for pos in (~ok).nonzero().flatten().tolist():  # only the failed images of this batch
@@ -606,8 +658,9 @@ class _ShardWriter:
     that holds them."""
 
     def __init__(self, cfg, out, session, rank, fp, dim, ids, rows, labels, path_bytes, slow, vcfg=None, n_full=0,
-                 sources=None):
+                 sources=None, cache_id=""):
         self.cfg, self.out, self.session, self.rank, self.fp, self.dim = cfg, out, session, rank, fp, dim
+        self.cache_id = cache_id
         self.ids, self.rows, self.labels, self.path_bytes, self.slow = ids, rows, labels, path_bytes, slow
         self.vcfg = vcfg if vcfg and vcfg.get("count", 1) > 1 else None
         self.n_full, self.sources = n_full, sources
@@ -679,7 +732,7 @@ class _ShardWriter:
                 "ino": r.ino[idx], "ctime_ns": r.ctime_ns[idx],
                 "content_hash": np.concatenate(self.digests) if self.digests else np.zeros(0, object)}
         name = f"part-{self.session}-r{self.rank:03d}-{self.seq:05d}{store.FORMATS[self.cfg.format]}"
-        smeta = {"fingerprint": self.fp, "session": self.session, "skipped": self.skipped}
+        smeta = {"fingerprint": self.fp, "session": self.session, "cache_id": self.cache_id, "skipped": self.skipped}
         views = None
         if self.vcfg is not None:
             k = self.vcfg["count"]

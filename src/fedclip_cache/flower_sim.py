@@ -114,10 +114,13 @@ def write_domain_cache(cache, domain: str, out: Path) -> Path:
     name = f"part-{session}-r000-00000{store.FORMATS[fmt]}"
     out = Path(out)
     fingerprint = cache.meta.get("fingerprint")
+    cache_id = store.new_cache_id()  # another cache than the one it copies rows from
     store.write_shard(out / store.SHARD_DIR / name, fmt, cols, np.asarray(cache.features[rows], np.float32),
-                      "float32", {"fingerprint": fingerprint, "session": session, "skipped": []})
+                      "float32", {"fingerprint": fingerprint, "session": session, "cache_id": cache_id,
+                                  "skipped": []})
     store.write_text(out, fmt, list(cache.templates), list(cache.classes), cache.text_embeddings)
-    meta = {**cache.meta, "dtype": "float32", "domains": [domain], "counts": {"images": n, "skipped": 0},
+    meta = {**cache.meta, "cache_id": cache_id, "dtype": "float32", "domains": [domain],
+            "counts": {"images": n, "skipped": 0},
             "runs": [], "state": "complete", "shards": {name: shard_record(out / store.SHARD_DIR / name, n)},
             "last_session": session, "skipped": [], "retired": {"count": 0, "paths": []},
             "simulated_site_of": str(cache.path)}

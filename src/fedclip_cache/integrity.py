@@ -5,7 +5,10 @@ cache until that extract has finished *and* committed; then ``complete``, with t
 make up the cache (rows, bytes, sha256 each), the files that were skipped, and what was retired. Readers serve only
 a complete cache, and only the listed shards, after checking each is present with its recorded size (``verify``
 also re-hashes them). Shards that a killed run committed but never listed are adopted by the next extract; their
-rows are not lost.
+rows are not lost. Every shard carries the id of its cache (made by the first extract, kept in ``cache.json``): a
+shard is this cache's when ``cache.json`` lists it or when it carries this id, and no other shard (a ``shards/``
+folder shared by several caches) is ever adopted, retired or deleted. Listed names must be plain shard file names
+inside ``shards/`` (``check_listing``): a reader never opens a path outside the cache.
 
 One writer at a time: an extract holds an ``flock`` on ``CACHE/.lock`` (released by the kernel when the process
 dies, so a killed run never leaves a stale lock) and writes its pid, host and start time into it.
@@ -25,8 +28,8 @@ from pathlib import Path
 from . import store
 from .store import CacheError, file_sha256
 
-LOCK_FILE = ".lock"
-CACHE_FORMAT_VERSION = 3
+LOCK_FILE = store.LOCK_FILE
+CACHE_FORMAT_VERSION = 4  # 4: cache.json and every shard carry the cache id
 
 
 class CacheBusy(CacheError):
@@ -76,6 +79,8 @@ class WriterLock:
             store.atomic_write(self.path, lambda t: t.write_text(json.dumps(holder)))
         except OSError as e:
             os.close(fd)
+            if store.is_disk_full(e):
+                raise  # the extract's one-line "disk full" names the file and the fix
             raise self.unwritable(e) from None
         self.fd = fd
         return self
@@ -147,17 +152,20 @@ def plan_read(cache: Path, meta: dict, allow_incomplete: bool = False, verify: b
         raise CacheError(f"{cache}: written by another fedclip-cache version (cache format "
                          f"{meta.get('format_version')}, this version reads {CACHE_FORMAT_VERSION}); re-extract "
                          f"into a new folder")
-    listed = meta.get("shards") or {}
+    cid = store.cache_id_of(cache, meta)
+    listed = check_listing(cache, meta)
     if meta.get("state") != "complete":
         holder = writer_active(cache)
         why = (f"extract is still writing it ({describe_holder(holder)})" if holder
                else "the extract that was writing it stopped before finishing")
-        on_disk = store.shard_files(cache, meta["format"])
+        # only this cache's shards: a shards/ folder shared with other caches holds theirs too
+        on_disk = [p for p in store.shard_files(cache, meta["format"]) if p.name in listed
+                   or store.shard_cache_id(p) in (cid, None)]
         if not allow_incomplete:
             raise CacheError(f"{cache}: incomplete cache: {why}; {len(on_disk)} shard(s) on disk. Re-run the same "
                              f"`fedclip-cache extract` command to finish it, or pass --allow-incomplete to use "
                              f"what is there")
-        return ReadPlan(on_disk, False, why, dedupe=True)
+        return ReadPlan(on_disk, False, why, dedupe=True)  # an unreadable one: "damaged shard", named
     out = []
     for name, rec in listed.items():
         p = cache / store.SHARD_DIR / name
@@ -175,6 +183,19 @@ def plan_read(cache: Path, meta: dict, allow_incomplete: bool = False, verify: b
     return ReadPlan(sorted(out), True)
 
 
+def check_listing(cache: Path, meta: dict) -> dict:
+    """The committed shard list, each name a plain shard file name inside ``shards/`` (see ``store.is_shard_name``):
+    a name with a separator, ``..`` or an absolute path would have readers serve rows from outside the cache."""
+    listed, bad = usable_listing(meta)
+    if bad:
+        what = ("has no record (rows, bytes, sha256)" if store.is_shard_name(bad[0], meta["format"]) else
+                f"is not a shard file name inside {store.SHARD_DIR}/ (part-<session>-r<rank>-<seq>"
+                f"{store.FORMATS[meta['format']]})")
+        raise CacheError(f"{Path(cache) / store.META_FILE}: damaged cache: shard entry {str(bad[0])[:120]!r} {what}; "
+                         f"re-run the same `fedclip-cache extract` command to repair it")
+    return listed
+
+
 # ------------------------------------------------------------------------------------------------- the writer
 
 @dataclass
@@ -188,6 +209,8 @@ class Inventory:
 
     listed: dict[str, dict] = field(default_factory=dict)  # committed shards still valid: name -> record
     removed: list[tuple[str, str]] = field(default_factory=list)  # (file, why) deleted as damaged or leftover
+    foreign: list[str] = field(default_factory=list)  # shards of other caches (a shared shards/): left alone
+    unknown: list[str] = field(default_factory=list)  # unlisted shards too damaged to tell whose: left alone
     shard_cols: dict[str, dict] = field(default_factory=dict)  # name -> INDEX_COLUMNS arrays, in row order
     winners: dict[str, tuple] = field(default_factory=dict)
     shard_views: dict[str, int] = field(default_factory=dict)  # name -> views per row (1: view 0 only)
@@ -217,8 +240,10 @@ class Inventory:
         return out
 
 
-def _read_and_check(path: Path, fp: dict, dim: int, views: dict | None = None) -> tuple[dict, dict]:
+def _read_and_check(path: Path, fp: dict, dim: int, cache_id: str, views: dict | None = None) -> tuple[dict, dict]:
     meta = store.read_shard_meta(path)
+    if meta.get("cache_id") != cache_id:
+        raise CacheError(f"{path}: shard of another cache (cache id {meta.get('cache_id')})")
     if meta.get("fingerprint") != fp:
         raise CacheError(f"{path}: shard written with another model/preprocessing")
     k = int(meta.get("views", 1))
@@ -237,28 +262,39 @@ def _read_and_check(path: Path, fp: dict, dim: int, views: dict | None = None) -
 
 
 def take_inventory(cache: Path, meta: dict, fp: dict, dim: int, verify: bool = False) -> Inventory:
-    views = meta.get("views")
-    """Sort the shards on disk before a run plans; damaged and leftover ones are deleted (their rows are then
-    simply not cached, so the run re-embeds them). Only ever called by the one writer, under the lock."""
+    """Sort the shards on disk before a run plans; damaged and leftover ones of this cache are deleted (their rows
+    are then simply not cached, so the run re-embeds them). A shard is this cache's when cache.json lists it, or
+    when its own metadata names this cache's id; any other (a ``shards/`` folder shared with other caches) is never
+    read further, adopted, retired or deleted. Only ever called by the one writer, under the lock."""
+    views, cid = meta.get("views"), meta["cache_id"]
     cache = Path(cache)
     inv = Inventory()
-    listed = dict(meta.get("shards") or {})
+    listed, bad = usable_listing(meta)
+    inv.removed += [(str(n)[:120], "listed without a valid record; dropped from the listing"
+                     if store.is_shard_name(n, meta["format"]) else
+                     f"not a shard file name inside {store.SHARD_DIR}/; dropped from the listing (that path was never "
+                     f"read or touched)") for n in bad]
     last = meta.get("last_session") or ""
     for rec in meta.get("skipped", []):  # committed skip records are the oldest events; shards refine them
         if rec.get("kind") != "scan":
             inv.winners[rec["id"]] = ("skip", rec)
     for p in store.shard_files(cache, meta["format"]):
         name, rec = p.name, listed.get(p.name)
-        if rec is None and session_of(name) <= last:
-            # A shard the last commit retired but a crash left on disk: never serve it again.
-            p.unlink()
-            inv.removed.append((name, "left over from an earlier run's compaction"))
-            continue
+        if rec is None:  # not in this cache's commit record: ours only if the shard itself says so
+            owner = store.shard_cache_id(p)
+            if owner != cid:
+                (inv.unknown if owner is None else inv.foreign).append(name)
+                continue
+            if session_of(name) <= last:
+                # A shard the last commit retired but a crash left on disk: never serve it again.
+                p.unlink()
+                inv.removed.append((name, "left over from an earlier run's compaction"))
+                continue
         try:
             if rec is not None and (p.stat().st_size != rec.get("bytes") or
                                     (verify and file_sha256(p) != rec.get("sha256"))):
                 raise CacheError(f"{p}: size or checksum differs from the committed one")
-            smeta, cols = _read_and_check(p, fp, dim, views)
+            smeta, cols = _read_and_check(p, fp, dim, cid, views)
         except CacheError as e:
             p.unlink()
             inv.removed.append((name, f"damaged: {str(e).split(': ', 1)[-1]}"))
@@ -272,23 +308,86 @@ def take_inventory(cache: Path, meta: dict, fp: dict, dim: int, verify: bool = F
     return inv
 
 
-def add_new_shards(cache: Path, meta: dict, fp: dict, dim: int, inv: Inventory) -> list[str]:
-    """Add the shards this run wrote (every shard file not yet in ``inv``) as the newest events."""
+def usable_listing(meta: dict) -> tuple[dict, list]:
+    """(the committed shards: plain shard file names of the cache's format, each with a record; the entries that
+    are not). Readers refuse a cache with any of the latter (``check_listing``); extract drops them."""
+    raw = meta.get("shards") or {}
+    if not isinstance(raw, dict):
+        return {}, [raw]
+    ok = {n: r for n, r in raw.items() if store.is_shard_name(n, meta["format"]) and isinstance(r, dict)}
+    return ok, [n for n in raw if n not in ok]
+
+
+def add_new_shards(cache: Path, meta: dict, fp: dict, dim: int, inv: Inventory, session: str) -> list[str]:
+    """Add the shards this run wrote (the files of its session not yet in ``inv``) as the newest events."""
     new = []
     for p in store.shard_files(cache, meta["format"]):
-        if p.name not in inv.shard_cols:
-            smeta, cols = _read_and_check(p, fp, dim, meta.get("views"))
+        if p.name not in inv.shard_cols and session_of(p.name) == session:
+            smeta, cols = _read_and_check(p, fp, dim, meta["cache_id"], meta.get("views"))
             inv.add_shard(p.name, cols, smeta.get("skipped", []), int(smeta.get("views", 1)))
             new.append(p.name)
     return new
 
 
-def clean_temporaries(cache: Path) -> int:
-    """Remove the half-written temporary files a killed run leaves (only ever called under the writer lock)."""
+def clean_temporaries(cache: Path, cache_id: str) -> int:
+    """Remove the half-written temporary files a killed run of this cache left (only ever called under the writer
+    lock): only names of our temporary pattern (``store.TMP_NAME``) for a file this cache owns, and in ``shards/``
+    only those that carry this cache's id. A user's ``.notes.tmp``, or another cache's file in a shared ``shards/``,
+    is never touched."""
     n = 0
-    for folder in (Path(cache), Path(cache) / store.SHARD_DIR):
+    for folder, owners, ours in ((Path(cache), ("", cache_id), store.ROOT_FILES.__contains__),
+                                 (Path(cache) / store.SHARD_DIR, (cache_id,), store.SHARD_NAME.fullmatch)):
         if folder.is_dir():
-            for stale in folder.glob(".*.tmp"):
-                stale.unlink()
-                n += 1
+            for stale in folder.glob(f"{store.TMP_PREFIX}*.tmp"):
+                tmp = store.temporary_of(stale.name)
+                if tmp and tmp[0] in owners and ours(tmp[1]):
+                    stale.unlink(missing_ok=True)
+                    n += 1
     return n
+
+
+def check_output_folder(out: Path) -> None:
+    """Extract writes into a new or empty folder, into a cache, or into what a killed first extract left there (its
+    lock, temporary files, an empty ``shards/``); anything else is someone's folder, refused before a file is
+    written into it. A ``shards/`` that holds only shard files (a folder, or a link to one, shared with other
+    caches) is a cache folder being set up."""
+    out = Path(out)
+    try:
+        names = sorted(os.listdir(out)) if out.is_dir() else []
+    except OSError:
+        return  # unreadable: the writer lock says so in one line ("cannot write here")
+    if store.META_FILE in names:
+        try:
+            store.read_meta(out)
+            return
+        except CacheError:
+            if LOCK_FILE in names or store.SHARD_DIR in names:
+                return  # our cache, damaged metadata: extract rebuilds it
+        others = [store.META_FILE]
+    else:
+        others = [n for n in names if not _leftover(out, n)]
+    if others:
+        more = f" and {len(others) - 1} more" if len(others) > 1 else ""
+        raise CacheError(f"{out}: not empty and not a fedclip-cache cache (it holds "
+                         f"{store.display_text(others[0])!r}{more}); extract into a new or empty folder, or into "
+                         f"an existing cache's folder")
+
+
+def _leftover(out: Path, name: str) -> bool:
+    if name == LOCK_FILE:
+        return True
+    tmp = store.temporary_of(name)
+    if tmp:
+        return tmp[1] in store.ROOT_FILES
+    d = out / name
+    if name != store.SHARD_DIR or not d.is_dir():
+        return False
+    try:
+        entries = os.listdir(d)
+    except OSError:
+        return False
+    for entry in entries:
+        tmp = store.temporary_of(entry)
+        if not (store.SHARD_NAME.fullmatch(entry) or (tmp and store.SHARD_NAME.fullmatch(tmp[1]))):
+            return False
+    return True

@@ -30,7 +30,7 @@ from typing import Callable, Iterable, Optional
 
 from .errors import ConfigError, FedclipCacheError
 from .integrity import WriterLock, describe_holder, writer_active
-from .store import atomic_write, file_sha256
+from .store import atomic_write, file_sha256, is_disk_full
 
 STATE_FILE = "state.json"
 KINDS = ("federate", "sweep", "deploy", "pipeline")
@@ -215,20 +215,13 @@ def disk_full(folder: Path, what: str = ""):
         raise
     except (OSError, RuntimeError) as e:
         name = f"{Path(folder) / what}" if what else str(folder)
-        if _is_disk_full(e) or (_torch_short_write(e) and _nearly_full(Path(folder))):
+        if is_disk_full(e) or (_torch_short_write(e) and _nearly_full(Path(folder))):
             raise DiskFull(f"disk full writing {name}: free space and re-run (the folder is left marked "
                            f"incomplete)") from None
         if _torch_short_write(e):  # a short write with room left: a quota, an I/O error, a vanished folder
             raise DiskFull(f"write failed writing {name} (torch: {str(e).splitlines()[0][-80:]}): check the disk "
                            f"(quota, I/O errors) and re-run (the folder is left marked incomplete)") from None
         raise
-
-
-def _is_disk_full(e: BaseException) -> bool:
-    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    text = str(e)
-    return "No space left on device" in text or "Disk quota exceeded" in text
 
 
 def _torch_short_write(e: BaseException) -> bool:

@@ -3,10 +3,11 @@
 Layout (identical for both formats, only the shard/text file type differs)::
 
     CACHE/
-      cache.json                  provenance, fingerprint, state, committed shard list, skipped files
+      cache.json                  cache id, provenance, fingerprint, state, committed shard list, skipped files
       text.parquet | text.h5      raw encode_text embeddings, one per (template, class)
-      shards/part-<session>-r<rank>-<seq>.parquet | .h5
+      shards/part-<session>-r<rank>-<seq>.parquet | .h5   (each names its cache's id in its metadata)
       .lock                       held (flock) by the one extract writing the cache
+      .fedclip-tmp[-<id>].<name>.<random>.tmp   a file being written (renamed into place when complete)
 
 A shard holds only **embedded** images, one row each, so pandas/duckdb/h5py users of the shard files see no junk
 rows. The files that were attempted and skipped travel in the shard's own key-value metadata (so they commit
@@ -16,11 +17,13 @@ reads and writes files, and turns every unreadable file into a one-line :class:`
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import re
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Callable
 
@@ -29,8 +32,12 @@ from .errors import FedclipCacheError
 
 META_FILE = "cache.json"
 SHARD_DIR = "shards"
+LOCK_FILE = ".lock"
 FORMATS = {"parquet": ".parquet", "hdf5": ".h5"}
-SHARD_FORMAT_VERSION = 3
+FEATURES_FILE, FEATURES_STAMP = "features.npy", "features.json"  # the memory-mapped copy (cache.py)
+# The files of a cache folder besides shards/: what a killed run's temporary files may stand for (never others).
+ROOT_FILES = frozenset({META_FILE, LOCK_FILE, FEATURES_FILE, FEATURES_STAMP, *(f"text{e}" for e in FORMATS.values())})
+SHARD_FORMAT_VERSION = 4  # 4: every shard names the cache it belongs to (cache_id)
 STRING_COLUMNS = ("id", "path", "domain", "client", "class_name", "split", "content_hash")
 INT_COLUMNS = {"label": np.int32, "size": np.int64, "mtime_ns": np.int64, "ino": np.int64, "ctime_ns": np.int64}
 # What the writer compares with a new scan: change detection and the metadata the scan may have changed.
@@ -44,39 +51,69 @@ class CacheError(FedclipCacheError, ValueError):
     """The cache is missing, damaged or incompatible with the request; the message says what to do."""
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write via ``write(tmp)`` then rename over ``path``: readers see the old file or the new one, never half."""
+# Temporary files: ``.fedclip-tmp[-<cache id>].<final name>.<8 random>.tmp``. Only names of this exact pattern, for a
+# final name the cleaner owns, are ever removed (a user's ``.notes.tmp`` beside a cache is not ours); shards carry
+# their cache's id in it, so that a shards folder shared by two caches never has one cache remove the other's.
+TMP_PREFIX = ".fedclip-tmp"
+TMP_NAME = re.compile(r"\.fedclip-tmp(?:-(?P<owner>[0-9a-f]{32}))?\.(?P<target>.+)\.[a-z0-9_]{8}\.tmp")
+
+
+def temporary_of(name: str) -> tuple[str, str] | None:
+    """``(owner cache id or "", final name)`` of one of our temporary files, None for any other name."""
+    m = TMP_NAME.fullmatch(name)
+    return (m["owner"] or "", m["target"]) if m else None
+
+
+class DiskFull(OSError):
+    """No space left (or over quota) while writing ``filename``: what was written before is intact; the file being
+    written was removed."""
+
+
+def is_disk_full(e: BaseException) -> bool:
+    # pyarrow and h5py both raise OSError with errno 28 (measured on a full 1 MiB tmpfs); h5py puts it in the text.
+    text = str(e)
+    return isinstance(e, OSError) and (e.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left" in text
+                                       or "Disk quota exceeded" in text)
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it (``os.umask`` can only be read by setting it, which races with
+    files other threads create meanwhile); Linux >= 4.7 shows it in /proc/self/status."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: Path, write: Callable[[Path], None], owner: str = "") -> None:
+    """Write via ``write(tmp)`` then rename over ``path``: readers see the old file or the new one, never half.
+    The file gets the permissions any new file gets (0666 less the umask: a cache shared by a lab group stays
+    readable by it; ``mkstemp`` alone makes 0600). A full disk is a :class:`DiskFull` naming ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    # mkstemp creates 0600; the file renamed into place gets the mode any new file gets (0644 under umask 022), so
-    # a run folder or cache shared with a group is readable by it, as its plots (written directly) always were
-    os.fchmod(fd, 0o666 & ~current_umask())
+    fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{'-' + owner if owner else ''}.{path.name}.", suffix=".tmp",
+                               dir=path.parent)
     os.close(fd)
     try:
         write(Path(tmp))
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        try:
+            os.chmod(tmp, 0o666 & ~current_umask())
+        except OSError:
+            pass  # a file system without Unix modes (vfat, some network mounts) applies its own; not worth failing
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if is_disk_full(e) and not isinstance(e, DiskFull):
+            raise DiskFull(errno.ENOSPC, "No space left on device", str(path)) from e
         raise
-
-
-def current_umask() -> int:
-    """The process's umask, read without changing it (``os.umask`` can only be read by setting it, which would race
-    with other threads creating files); Linux >= 4.7 has it in /proc, elsewhere the set-and-restore fallback."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
@@ -137,6 +174,36 @@ def _has_surrogates(s: str) -> bool:
         return True
 
 
+# ----------------------------------------------------------------------------------------------- identity
+
+CACHE_ID = re.compile(r"[0-9a-f]{32}")
+
+
+def new_cache_id() -> str:
+    """A cache's identity, made once at its first extract and written into cache.json and into every shard: shards
+    of another cache (a ``shards/`` folder two caches share) are then never adopted, retired or deleted."""
+    return uuid.uuid4().hex
+
+
+def cache_id_of(cache: Path, meta: dict) -> str:
+    """The id in ``cache.json``; a missing or malformed one is damaged metadata (re-running extract rebuilds it)."""
+    cid = meta.get("cache_id")
+    if not isinstance(cid, str) or not CACHE_ID.fullmatch(cid):
+        raise CacheError(f"{Path(cache) / META_FILE}: damaged metadata (no valid cache_id); re-run the same "
+                         f"`fedclip-cache extract` command to rebuild it from the shards")
+    return cid
+
+
+def shard_cache_id(path: Path) -> str | None:
+    """The id of the cache a shard belongs to, from its footer; "" for a shard without one (an older format, or
+    not ours), None when the shard cannot be read (its owner is unknown)."""
+    try:
+        cid = read_shard_meta(path, check_version=False).get("cache_id")
+    except CacheError:
+        return None
+    return cid if isinstance(cid, str) and CACHE_ID.fullmatch(cid) else ""
+
+
 # ----------------------------------------------------------------------------------------------- shards
 
 def write_shard(path: Path, fmt: str, cols: dict, emb: np.ndarray, dtype: str, meta: dict,
@@ -144,11 +211,13 @@ def write_shard(path: Path, fmt: str, cols: dict, emb: np.ndarray, dtype: str, m
     """Write embedded rows (``cols``: STRING_COLUMNS + INT_COLUMNS + ``path_bytes``) and ``meta`` atomically.
     ``views`` (rows, K-1, D): the augmented views of each row (``extract --views K``), stored beside view 0 in the
     same row, so an image and its views are committed, superseded and retired together."""
+    if not CACHE_ID.fullmatch(str(meta.get("cache_id"))):
+        raise ValueError(f"internal error: shard {path.name} written without its cache's id")
     meta = {**meta, "format_version": SHARD_FORMAT_VERSION, "rows": int(len(emb)), "dim": int(emb.shape[1])}
     if views is not None:
         meta["views"] = int(views.shape[1]) + 1
     writer = _parquet_write if fmt == "parquet" else _hdf5_write
-    atomic_write(path, lambda t: writer(t, cols, emb, dtype, meta, views))
+    atomic_write(path, lambda t: writer(t, cols, emb, dtype, meta, views), owner=meta["cache_id"])
 
 
 def _text_column(values) -> list[str]:
@@ -194,11 +263,18 @@ def _hdf5_write(path: Path, cols: dict, emb: np.ndarray, dtype: str, meta: dict,
 SHARD_NAME = re.compile(r"part-\d{8}T\d{12}-r\d{3}-c?\d{5}\.(parquet|h5)")
 
 
+def is_shard_name(name, fmt: str) -> bool:
+    """Whether ``name`` is a shard file name of a ``fmt`` cache: a plain name inside ``shards/`` of our pattern (no
+    separator, no ``..``, not absolute). The one rule for shard files on disk and for names listed in cache.json."""
+    return isinstance(name, str) and bool(SHARD_NAME.fullmatch(name)) and name.endswith(FORMATS[fmt])
+
+
 def shard_files(cache: Path, fmt: str) -> list[Path]:
-    """Every shard file this tool wrote, committed or not, oldest session first (names sort chronologically).
-    Files of other names in ``shards/`` are not ours: never read, never deleted (see :func:`foreign_files`)."""
+    """Every shard file this tool wrote, committed or not, oldest session first (names sort chronologically); a
+    ``shards/`` folder shared by several caches holds theirs too (see ``integrity.take_inventory``). Files of other
+    names in ``shards/`` are not ours: never read, never deleted (see :func:`foreign_files`)."""
     d = Path(cache) / SHARD_DIR
-    return sorted(p for p in d.glob(f"part-*{FORMATS[fmt]}") if SHARD_NAME.fullmatch(p.name)) if d.is_dir() else []
+    return sorted(p for p in d.glob(f"part-*{FORMATS[fmt]}") if is_shard_name(p.name, fmt)) if d.is_dir() else []
 
 
 def foreign_files(cache: Path) -> list[str]:
@@ -215,8 +291,9 @@ def _damaged(path: Path, e: BaseException) -> BaseException:
                       f"`fedclip-cache extract` command to re-embed its rows")
 
 
-def read_shard_meta(path: Path) -> dict:
-    """The shard's own metadata (rows, dim, fingerprint, session, skipped files), from its footer only."""
+def read_shard_meta(path: Path, check_version: bool = True) -> dict:
+    """The shard's own metadata (rows, dim, fingerprint, session, cache_id, skipped files), from its footer only.
+    ``check_version=False``: also a shard of another format (to tell whose it is)."""
     try:
         if path.suffix == ".parquet":
             import pyarrow.parquet as pq
@@ -240,7 +317,7 @@ def read_shard_meta(path: Path) -> dict:
                     (0 if v is None else -1)
     except Exception as e:  # pyarrow / h5py raise assorted errors on truncated or garbage files
         raise _damaged(path, e) from None
-    if meta.get("format_version") != SHARD_FORMAT_VERSION:
+    if check_version and meta.get("format_version") != SHARD_FORMAT_VERSION:
         raise CacheError(f"{path}: shard written by another fedclip-cache format "
                          f"({meta.get('format_version', 'unknown')}, this version reads {SHARD_FORMAT_VERSION}); "
                          f"re-extract into a new folder")

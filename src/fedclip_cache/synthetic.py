@@ -97,17 +97,19 @@ def write_synthetic_cache(out: str | Path, domain_sizes: dict[str, int], num_cla
             "ctime_ns": np.zeros(n, np.int64), "content_hash": np.full(n, "", dtype=object)}
     fingerprint = {"model": "synthetic", "seed": seed}
     session = "00000000T000000000000"
+    cache_id = store.new_cache_id()
     listing = {}
     for k, start in enumerate(range(0, n, shard_rows)):
         part = slice(start, start + shard_rows)
         name = f"part-{session}-r000-{k:05d}{store.FORMATS[fmt]}"
         store.write_shard(out / store.SHARD_DIR / name, fmt, {c: v[part] for c, v in cols.items()}, feats[part],
-                          "float32", {"fingerprint": fingerprint, "session": session, "skipped": []})
+                          "float32", {"fingerprint": fingerprint, "session": session, "cache_id": cache_id,
+                                       "skipped": []})
         listing[name] = shard_record(out / store.SHARD_DIR / name, len(labels[part]))
     templates = ["a picture of a {}"]
     store.write_text(out, fmt, templates, classes, text)
     store.write_json(out / store.META_FILE, {
-        "format_version": FORMAT_VERSION, "format": fmt, "dtype": "float32", "normalised": False,
+        "format_version": FORMAT_VERSION, "cache_id": cache_id, "format": fmt, "dtype": "float32", "normalised": False,
         "embedding_dim": dim, "fingerprint": fingerprint,
         "model": {"name": "synthetic", "pretrained": None, "weights": {"kind": "synthetic", "seed": seed},
                   "num_params": model_params, "logit_scale": logit_scale},
