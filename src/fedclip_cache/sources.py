@@ -88,6 +88,12 @@ def label_text(name: str) -> str:
     return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
+def shown(path) -> str:
+    """A path or name for a one-line message: undecodable bytes as \\xNN, control characters escaped (a folder
+    name may hold a newline)."""
+    return "".join(ch if ch.isprintable() or ch == " " else repr(ch)[1:-1] for ch in label_text(str(path)))
+
+
 _KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a character device",
           stat.S_IFBLK: "a block device", stat.S_IFDIR: "a folder"}
 
@@ -175,7 +181,7 @@ def _check_column(path: Path, column: str, values: np.ndarray, check, kind: str)
             check(kind, v, "")
         except SourceError:
             row = int(np.flatnonzero(values == v)[0]) + 2  # + header line, 1-based
-            check(kind, v, f"{path}: row {row}, column {column!r}")
+            check(kind, v, f"{shown(path)}: row {row}, column {column!r}")
 
 
 # ------------------------------------------------------------------------------------- our own outputs
@@ -281,10 +287,10 @@ def scan_folder(root: str | Path, exclude: Sequence[str | Path] = ()) -> ImageTa
                         problems.append((r, why))
                         continue
                     if not domain_checked:  # only folders that hold images name a domain or a class
-                        check_path_name("domain", d.name, f"{label_text(str(d))} (a domain folder)")
+                        check_path_name("domain", d.name, f"{shown(d)} (a domain folder)")
                         domain_checked = True
                     if not class_checked:
-                        check_label_text("class", class_name, f"{label_text(str(c))} (a class folder)")
+                        check_label_text("class", class_name, f"{shown(c)} (a class folder)")
                         class_checked = True
                     rel.append(r)
                     dom.append(domain)
@@ -386,7 +392,7 @@ def scan(source: str | Path, exclude: Sequence[str | Path] = ()) -> ImageTable:
     else:
         table = scan_folder(source, exclude)
     if not len(table):
-        raise SourceError(f"{source}: {nothing_to_extract(table, source.is_file())}")
+        raise SourceError(f"{shown(source)}: {nothing_to_extract(table, source.is_file())}")
     return table
 
 
@@ -394,7 +400,7 @@ def nothing_to_extract(table: ImageTable, manifest: bool) -> str:
     """Why a scan found no usable image, and the fix (the rest of a one-line error). Also refused when a cache
     exists: an empty source is far more often a typo, an unmounted disk or a manifest cut short than a dataset whose
     every image was deleted, and retiring a whole cache on that guess cannot be undone."""
-    found = "; ".join(f"{len(items)} {what}, first: {label_text(str(items[0][0]))}: {items[0][1]}"
+    found = "; ".join(f"{len(items)} {what}, first: {shown(items[0][0])}: {items[0][1]}"
                       for what, items in (("ignored", table.ignored), ("unreadable", table.problems)) if items)
     if table.problems:
         fix = "fix or replace the unreadable files"
