@@ -237,7 +237,7 @@ def validate_config(cfg: ExtractConfig) -> None:
         raise ExtractError(f"--dtype {cfg.dtype!r} unknown; use float32 or float16")
     if cfg.precision not in ("auto", "fp32", "fp16", "bf16"):
         raise ExtractError(f"--precision {cfg.precision!r} unknown; use auto, fp32, fp16 or bf16")
-    check_templates(list(cfg.templates))
+    check_templates(cfg.templates if isinstance(cfg.templates, str) else list(cfg.templates))
     if cfg.classes is not None:
         if not cfg.classes:
             raise ExtractError("--classes: the class list must name at least one class, one per line")

@@ -390,7 +390,11 @@ def load_model(spec: ModelSpec, device: str | torch.device = "cpu") -> LoadedMod
 
 
 def _refuse_non_checkpoint(path: str) -> None:
-    why = checkpoint_problem(path)
+    try:
+        why = checkpoint_problem(path)
+    except OSError as e:
+        raise ModelLoadError(f"{path}: cannot read the checkpoint ({e.strerror or e}); check its permissions, or "
+                             f"{CHECKPOINT_FIX}") from None
     if why:
         raise ModelLoadError(f"{path}: not a model checkpoint: it is {why}; {CHECKPOINT_FIX}")
 

@@ -42,6 +42,9 @@ def template_problem(template: str) -> str:
 def check_templates(templates: Sequence[str], where: str = "--template") -> None:
     """The one check of prompt templates (CLI, pipeline ``[extract] templates``, :class:`ExtractConfig`): at least
     one, each valid (:func:`template_problem`), none twice. ``where`` names the option or key in the error."""
+    if isinstance(templates, str):  # a bare string would be read as one template per character
+        raise ConfigError(f"{where}: expected a list of templates, got the string {templates!r}; write "
+                          f"[{templates!r}]")
     if not templates:
         raise ConfigError(f"{where}: no prompt templates given; pass --template 'a picture of a {{}}' or leave the "
                           f"default")
