@@ -293,10 +293,13 @@ def check_sites(site_caches: list, cfg, command: str = "deploy") -> list[str]:
         if len(names) != 1:
             raise ConfigError(f"{command}: {c}: a site cache holds one domain (this one: {', '.join(names)}); "
                               f"extract each site's own images into its own cache, or give ONE shared cache")
-        if not path_safe(names[0]):
-            raise ConfigError(f"{command}: {c}: domain name {names[0]!r} cannot name a file (a site's files are "
-                              f"named after it, e.g. deploy's logs/site-DOMAIN.log): re-extract this site with a "
-                              f"plain domain folder name (no '/', '\\', NUL, '.' or '..')")
+        from .sources import path_name_problem  # the rule extract applies; caches made before it was, checked here
+
+        why = path_name_problem(names[0])
+        if why:
+            raise ConfigError(f"{command}: {c}: domain name {names[0]!r} {why}, so it cannot name a file (a site's "
+                              f"files are named after it, e.g. deploy's logs/site-DOMAIN.log): re-extract this site "
+                              f"with a plain domain name")
         domains.append(names[0])
     if len(set(domains)) != len(domains):
         raise ConfigError(f"{command}: two site caches hold the same domain ({', '.join(domains)})")
@@ -309,13 +312,6 @@ def check_sites(site_caches: list, cfg, command: str = "deploy") -> list[str]:
         raise ConfigError(f"{command}: with --heldout, at least 2 other sites must train (give 3 or more site "
                           f"caches)")
     return domains
-
-
-def path_safe(name: str) -> bool:
-    """Whether ``name`` can be used as one plain file-name part (``logs/site-NAME.log``): not empty, no path
-    separator or NUL, not ``.``/``..``. A local check until the validator that ``extract`` applies to domain names
-    (issue 19, item 9) is shared: then this calls it."""
-    return isinstance(name, str) and name not in ("", ".", "..") and not any(ch in name for ch in "/\\\0")
 
 
 def check_run_folder(out, command: str = "deploy") -> None:

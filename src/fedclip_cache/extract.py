@@ -22,8 +22,8 @@ from . import integrity, store, views as _views
 from .integrity import CACHE_FORMAT_VERSION, CacheBusy, WriterLock
 from .imageio import ImageFiles
 from .models import LoadedModel, load_model
-from .specs import DEFAULT_TEMPLATES, ExtractConfig, ModelSpec  # noqa: F401  (re-exported)
-from .sources import ImageTable, scan
+from .specs import DEFAULT_TEMPLATES, ExtractConfig, ModelSpec, check_templates  # noqa: F401  (re-exported)
+from .sources import OWN_OUTPUT, ImageTable, check_label_text, scan
 from .errors import FedclipCacheError
 
 FORMAT_VERSION = CACHE_FORMAT_VERSION
@@ -238,20 +238,15 @@ def validate_config(cfg: ExtractConfig) -> None:
         raise ExtractError(f"--dtype {cfg.dtype!r} unknown; use float32 or float16")
     if cfg.precision not in ("auto", "fp32", "fp16", "bf16"):
         raise ExtractError(f"--precision {cfg.precision!r} unknown; use auto, fp32, fp16 or bf16")
-    if not cfg.templates:
-        raise ExtractError("no prompt templates given; pass --template 'a picture of a {}' or leave the default")
-    bad = [t for t in cfg.templates if "{}" not in t]
-    if bad:
-        raise ExtractError(f"template {bad[0]!r} has no '{{}}' placeholder for the class name")
+    check_templates(cfg.templates if isinstance(cfg.templates, str) else list(cfg.templates))
     if cfg.classes is not None:
-        if not cfg.classes or not all(isinstance(c, str) and c.strip() == c and c for c in cfg.classes):
-            raise ExtractError("--classes: the class list must name at least one class, one per line, without "
-                               "surrounding spaces")
+        if not cfg.classes:
+            raise ExtractError("--classes: the class list must name at least one class, one per line")
+        for c in cfg.classes:
+            check_label_text("class", c, "--classes")
         dup = next((c for i, c in enumerate(cfg.classes) if c in cfg.classes[:i]), None)
         if dup is not None:
             raise ExtractError(f"--classes: class {dup!r} is listed twice; each class once, in label order")
-    if len(set(cfg.templates)) != len(cfg.templates):
-        raise ExtractError("the same --template is given twice; each template must be listed once")
     for name in ("batch_size", "shard_size"):
         if getattr(cfg, name) < 1:
             raise ExtractError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(cfg, name)})")
@@ -288,7 +283,7 @@ def extract(cfg: ExtractConfig) -> ExtractReport:
     if out.exists() and not out.is_dir():
         raise ExtractError(f"{out}: exists and is not a folder; pass a folder for the cache")
     integrity.check_output_folder(out)
-    table = scan(cfg.source)
+    table = scan(cfg.source, exclude=(out,))  # a cache inside the dataset is not data
     if cfg.strict and table.problems:
         p, why = table.problems[0]
         raise ExtractError(f"{os.path.join(table.root, store.display_text(p))}: {why} (--strict makes any skipped "
@@ -307,7 +302,7 @@ def extract(cfg: ExtractConfig) -> ExtractReport:
             busy = _broadcast(busy, world)
             if busy:
                 raise CacheBusy(busy)
-            return _extract_locked(cfg, table, lm, fp, device, out, rank, world, t0)
+            report = _extract_locked(cfg, table, lm, fp, device, out, rank, world, t0)
     except OSError as e:
         if not store.is_disk_full(e):
             raise
@@ -316,6 +311,11 @@ def extract(cfg: ExtractConfig) -> ExtractReport:
         where = store.display_text(e.filename) if isinstance(e.filename, str) else str(out)
         raise ExtractError(f"disk full writing {where}: free space and re-run the same extract; finished shards are "
                            f"kept") from None
+    if rank == 0 and report.total_images == 0:  # committed (the skip records spare the next run), yet no cache
+        p, why = report.skipped[0] if report.skipped else ("", "no image kept")
+        raise ExtractError(f"{cfg.source}: no image could be embedded ({len(report.skipped)} skipped, first: {p}: "
+                           f"{why}); the cache at {out} holds no image: fix or replace the files and run again")
+    return report
 
 
 def _open_or_create(cfg: ExtractConfig, lm: LoadedModel, fp: dict, out: Path, report: ExtractReport
@@ -391,7 +391,7 @@ def _extract_locked(cfg: ExtractConfig, table: ImageTable, lm: LoadedModel, fp: 
 
     meta_file = out / store.META_FILE
     report = ExtractReport(str(out), len(table), 0, 0, 0, [], list(table.ignored), 0.0, 0, 0,
-                           warnings=_layout_warnings(table, cfg.dataset))
+                           warnings=_layout_warnings(table, cfg.dataset) + _own_output_warnings(table))
     classes, templates = _class_list(cfg, table), list(cfg.templates)
     plan = None
     if rank == 0:
@@ -490,6 +490,12 @@ def _text_matches(out: Path, fmt: str, templates: list[str], classes: list[str],
     except store.CacheError:
         return False
     return t == templates and c == classes and emb.shape == (len(templates), len(classes), dim)
+
+
+def _own_output_warnings(table: ImageTable) -> list[str]:
+    """Our own outputs found inside the dataset (a run's plots would otherwise be embedded as a domain): said, not
+    just listed among the ignored files."""
+    return [f"{os.path.join(table.root, p)}: {r}" for p, r in table.ignored if r.endswith(OWN_OUTPUT)]
 
 
 def _layout_warnings(table: ImageTable, dataset: Optional[str]) -> list[str]:

@@ -164,6 +164,9 @@ def plan(caches: list, cfg, out: Path, tmp: Path) -> tuple[dict, list[dict], dic
     nodes = [{"partition-id": k, "num-partitions": n} for k in range(n)]
     roles = {c.name: f"partition-id {k}" for k, c in enumerate(exp.clients)}
     if exp.heldout_name:  # the apps evaluate a held-out domain only at a site that owns it: give it its own cache
+        from .sources import check_path_name  # (caches made before extract checked names: it names a folder here)
+
+        check_path_name("domain", exp.heldout_name, f"simulate: {cache}")
         site = write_domain_cache(fc, exp.heldout_name, tmp / "heldout" / exp.heldout_name)
         nodes.append({"cache": str(site)})
         roles[exp.heldout_name] = "held out: evaluates only (a single-domain copy of its rows)"

@@ -99,16 +99,154 @@ def built_activation(model: torch.nn.Module) -> str:
 
 
 def _unpickling_error(path: str, e: Exception) -> "ModelLoadError":
-    """One line naming the file and saying why torch.load(weights_only=True) refused it."""
+    """One line naming the file and saying why torch.load(weights_only=True) refused it: pickled Python objects
+    (a global torch does not allow: code could run) are refused as such; anything else means the pickle data is
+    damaged or is not a checkpoint (random bytes that happen to start like a pickle), and is said so."""
     import re
 
     text = " ".join(str(e).split())
     m = re.search(r"(?i)unsupported global:? GLOBAL [\w.]+|[^.]*TorchScript[^.]*", text)
-    why = m.group(0).strip() if m else (text[:200] or type(e).__name__)
+    if m is None:
+        detail = re.search(r"(?i)WeightsUnpickler error:\s*(.*?)(?:\s*Check the documentation|$)", text)
+        why = (detail.group(1) if detail else text)[:200] or type(e).__name__
+        return _damaged_error(path, why)
+    why = m.group(0).strip()
     return ModelLoadError(
         f"{path}: refused to load: it holds pickled Python objects beyond tensors ({why}), and unpickling those can "
         f"run arbitrary code, so checkpoints are only read with torch.load(weights_only=True); if you trust the "
         f"file, re-save its state_dict (torch.save(model.state_dict(), PATH)) or convert it to .safetensors")
+
+
+CHECKPOINT_FIX = ("pass --pretrained a checkpoint saved with torch.save(model.state_dict(), PATH) or a .safetensors "
+                  "file, or a known tag (open_clip.list_pretrained())")
+
+
+def checkpoint_problem(path: str | Path) -> str:
+    """What the file at ``path`` is when its first bytes show it cannot be a checkpoint open_clip reads, or "" when
+    it may be one: a torch.save zip archive holding ``data.pkl`` (or a TorchScript archive: refused later, with its
+    own message), a pickle (torch's legacy format), safetensors under a ``.safetensors`` name, numpy ``.npz/.npy``.
+    Reads at most the first 4 KiB and a zip's directory, so a text file, an HTML error page saved by a failed
+    download, a Git LFS pointer or random bytes are named as such instead of failing in torch's unpickler."""
+    import zipfile
+
+    path = str(path)
+    size = os.path.getsize(path)
+    if size == 0:
+        return "an empty file (0 bytes)"
+    if path.lower().endswith((".npz", ".npy")):
+        return ""  # open_clip's big_vision (SigLIP) numpy weights
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    n = int.from_bytes(head[:8], "little") if len(head) >= 9 else -1
+    safetensors = head[8:9] == b"{" and 8 + n <= size
+    if path.lower().endswith(".safetensors"):
+        return "" if safetensors else f"not a safetensors file despite its name ({_looks_like(head, size)})"
+    if head[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
+        try:
+            with zipfile.ZipFile(path) as z:
+                names = z.namelist()
+        except (zipfile.BadZipFile, OSError, ValueError) as e:
+            return f"a damaged or truncated zip archive ({e}); copy or download it again"
+        if any(x == "constants.pkl" or x.endswith("/constants.pkl") for x in names):
+            return ""  # TorchScript: load_model refuses it with the conversion recipe
+        if not any(x.endswith("/data.pkl") for x in names):
+            shown = ", ".join(names[:3]) + (" ..." if len(names) > 3 else "") if names else "nothing"
+            return f"a zip archive without data.pkl (it holds {shown}), so not a torch.save checkpoint"
+        return ""
+    if head[:1] == b"\x80" and 2 <= head[1] <= 5:
+        return ""  # a pickle: torch's legacy format
+    if safetensors:
+        return "a safetensors file, but open_clip reads safetensors only from a name ending in .safetensors: rename it"
+    return _looks_like(head, size)
+
+
+def _looks_like(head: bytes, size: int) -> str:
+    """A short description of a file that is not a checkpoint, from its first bytes."""
+    import codecs
+
+    try:
+        text = codecs.getincrementaldecoder("utf-8")().decode(head, final=len(head) == size)
+    except UnicodeDecodeError:
+        text = None
+    if text is not None and all(ch.isprintable() or ch in "\t\r\n" for ch in text):
+        low = text.lstrip().lower()
+        if low.startswith("version https://git-lfs"):
+            return "a Git LFS pointer, not the weights (run `git lfs pull` in its repository)"
+        if low.startswith(("<!doctype html", "<html")):
+            return "an HTML page, not weights (a failed download saves the error page: download it again)"
+        start = " ".join(text.split())[:40]
+        return f"a text file (it starts with {start!r})"
+    return ("unknown binary data, neither a torch.save zip archive, a pickle nor safetensors (it starts with bytes "
+            f"{head[:8].hex(' ')})")
+
+
+def _state_dict_error(e: Exception) -> str:
+    """torch's multi-line "Error(s) in loading state_dict" as one clause with counts and first examples, or ""."""
+    import re
+
+    text = str(e)
+    if "Error(s) in loading state_dict" not in text:
+        return ""
+    missing, unexpected, shapes = [], [], []
+    for line in text.splitlines()[1:]:
+        line = line.strip()
+        if line.startswith("Missing key(s)"):
+            missing += re.findall(r'"([^"]*)"', line)
+        elif line.startswith("Unexpected key(s)"):
+            unexpected += re.findall(r'"([^"]*)"', line)
+        elif line.startswith("size mismatch for "):
+            m = re.match(r"size mismatch for (\S+): copying a param with shape torch\.Size\((\[[^\]]*\])\) from "
+                         r"checkpoint, the shape in current model is torch\.Size\((\[[^\]]*\])\)", line)
+            shapes.append(f"{m.group(1)}: checkpoint {m.group(2)}, model {m.group(3)}" if m else line[18:80])
+    return _fit_clause(missing, unexpected, shapes)
+
+
+def _fit_clause(missing: list, unexpected: list, shapes: list) -> str:
+    parts = [f"{len(v)} {what} (first: {v[0]!r})" for what, v in
+             (("missing key(s)", missing), ("unexpected key(s)", unexpected), ("of another shape", shapes)) if v]
+    return ", ".join(parts)
+
+
+def _checkpoint_misfit(path: str, name: str, kwargs: dict) -> tuple[str, str]:
+    """Why a checkpoint file is not weights of model ``name``: ``("damaged", why)`` when torch.load cannot read it,
+    ``("content", why)`` when it is no state dict at all (a tensor, a list, an empty or non-tensor dict), ``("fit",
+    why)`` when its keys or shapes differ from the model's, ``("", "")`` when none explains the failure. Only called after open_clip failed, so
+    the second read and the second model cost nothing on the success path."""
+    import open_clip
+
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 (garbage that starts like a pickle fails in assorted ways)
+        if "TorchScript" in str(e):
+            return "", ""
+        return "damaged", f"{type(e).__name__}: {' '.join(str(e).split())[:160]}"
+    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict):
+        return "content", f"it holds a {type(sd).__name__}, not a state dict (a dict of tensors)"
+    if not sd:
+        return "content", "it holds an empty dict, no weights"
+    odd = next(((k, v) for k, v in sd.items() if not isinstance(v, torch.Tensor)), None)
+    if odd is not None:
+        return "content", (f"it holds a dict with non-tensor values (first: {odd[0]!r}: {type(odd[1]).__name__}), "
+                           f"not a state dict")
+    sd = {k[7:] if k.startswith("module.") else k: v for k, v in sd.items()}
+    try:
+        act = {k: v for k, v in kwargs.items() if k in ("force_quick_gelu", "quick_gelu")}
+        want = open_clip.create_model(name, pretrained=None, device="cpu", **act).state_dict()
+    except Exception:  # noqa: BLE001
+        return "", ""
+    missing = [k for k in want if k not in sd]
+    unexpected = [k for k in sd if k not in want]
+    shapes = [f"{k}: checkpoint {list(sd[k].shape)}, model {list(v.shape)}" for k, v in want.items()
+              if k in sd and tuple(sd[k].shape) != tuple(v.shape)]
+    why = _fit_clause(missing, unexpected, shapes)
+    return ("fit", why) if why else ("", "")
+
+
+def _damaged_error(path: str, why: str) -> "ModelLoadError":
+    return ModelLoadError(f"{path}: not a readable checkpoint: its pickle data is damaged or is not a torch.save "
+                          f"checkpoint ({why}); {CHECKPOINT_FIX}")
 
 
 def register_model_config(path: str | Path) -> str:
@@ -185,6 +323,10 @@ def load_model(spec: ModelSpec, device: str | torch.device = "cpu") -> LoadedMod
             raise ModelLoadError(f"{cfg_file}: missing; a local-dir model needs open_clip_config.json "
                                  f"(with model_cfg and preprocess_cfg) next to its weights")
         ckpts = sorted(p for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".safetensors"))
+        from open_clip.factory import _find_checkpoint_in_dir
+
+        if _find_checkpoint_in_dir(folder):  # the file open_clip will read
+            _refuse_non_checkpoint(_find_checkpoint_in_dir(folder))
         weights = {"kind": "local-dir", "config_sha256": file_sha256(cfg_file),
                    "files": {p.name: file_sha256(p) for p in ckpts}}
         # open_clip resolves relative local-dir paths against the CWD; make it absolute and unambiguous.
@@ -195,6 +337,7 @@ def load_model(spec: ModelSpec, device: str | torch.device = "cpu") -> LoadedMod
     elif pretrained is None:
         weights = {"kind": "random-init", "seed": spec.seed}
     elif os.path.isfile(pretrained):
+        _refuse_non_checkpoint(pretrained)
         weights = {"kind": "file", "file": os.path.basename(pretrained), "sha256": file_sha256(pretrained)}
     else:
         weights = _check_weights_obtainable(name, pretrained)
@@ -230,17 +373,8 @@ def load_model(spec: ModelSpec, device: str | torch.device = "cpu") -> LoadedMod
         raise
     except pickle.UnpicklingError as e:  # torch.load(weights_only=True) refused the file
         raise _unpickling_error(_checkpoint_path(name, pretrained), e) from None
-    except RuntimeError as e:
-        if "TorchScript" in str(e):  # e.g. OpenAI's original ViT-B-32.pt
-            path = _checkpoint_path(name, pretrained)
-            raise ModelLoadError(
-                f"{path}: refused to load: it is a TorchScript archive (like OpenAI's original release), and loading "
-                f"one runs its code, so checkpoints are only read with torch.load(weights_only=True); if you trust "
-                f"the file, convert it once: torch.save(torch.jit.load(PATH, map_location='cpu').state_dict(), "
-                f"'weights.bin'), then pass --pretrained weights.bin (with --quick-gelu for OpenAI weights)") from None
-        raise ModelLoadError(f"could not load model {spec.model!r} (pretrained={spec.pretrained!r}): {e}") from e
-    except (FileNotFoundError, ValueError) as e:
-        raise ModelLoadError(f"could not load model {spec.model!r} (pretrained={spec.pretrained!r}): {e}") from e
+    except Exception as e:  # noqa: BLE001 (a diagnosis, or the original error unchanged)
+        raise _load_failure(spec, name, pretrained, kwargs, e) from None
     tokenizer = open_clip.get_tokenizer(name)
     model.eval().requires_grad_(False).to(device)
 
@@ -253,6 +387,45 @@ def load_model(spec: ModelSpec, device: str | torch.device = "cpu") -> LoadedMod
     return LoadedModel(model=model, preprocess=preprocess, tokenizer=tokenizer, spec=spec,
                        weights=weights, preprocess_cfg=pcfg, activation=built_activation(model),
                        activation_source=activation_source)
+
+
+def _refuse_non_checkpoint(path: str) -> None:
+    try:
+        why = checkpoint_problem(path)
+    except OSError as e:
+        raise ModelLoadError(f"{path}: cannot read the checkpoint ({e.strerror or e}); check its permissions, or "
+                             f"{CHECKPOINT_FIX}") from None
+    if why:
+        raise ModelLoadError(f"{path}: not a model checkpoint: it is {why}; {CHECKPOINT_FIX}")
+
+
+def _load_failure(spec: ModelSpec, name: str, pretrained: Optional[str], kwargs: dict, e: Exception) -> Exception:
+    """The one-line error for open_clip failing to build or load a model, or ``e`` itself when it is not about the
+    user's input (a bug keeps its traceback)."""
+    path = _checkpoint_path(name, pretrained)
+    if isinstance(e, RuntimeError) and "TorchScript" in str(e):  # e.g. OpenAI's original ViT-B-32.pt
+        return ModelLoadError(
+            f"{path}: refused to load: it is a TorchScript archive (like OpenAI's original release), and loading "
+            f"one runs its code, so checkpoints are only read with torch.load(weights_only=True); if you trust "
+            f"the file, convert it once: torch.save(torch.jit.load(PATH, map_location='cpu').state_dict(), "
+            f"'weights.bin'), then pass --pretrained weights.bin (with --quick-gelu for OpenAI weights)")
+    kind, why = ("fit", _state_dict_error(e)) if _state_dict_error(e) else ("", "")
+    if not kind and os.path.isfile(path):  # a readable file that open_clip choked on (IndexError, KeyError ...)
+        kind, why = _checkpoint_misfit(path, name, kwargs)
+    if kind == "damaged":
+        return _damaged_error(path, why)
+    if kind == "content":
+        return ModelLoadError(f"{path}: not a model checkpoint: {why}; {CHECKPOINT_FIX}")
+    if kind == "fit":
+        return ModelLoadError(f"{path}: this checkpoint does not fit model {spec.model}: {why}; pass the --model (or "
+                              f"--model-config) it was saved from, or a checkpoint of {spec.model}")
+    if isinstance(e, RuntimeError) and "PytorchStreamReader" in str(e):
+        return ModelLoadError(f"{path}: a damaged or truncated checkpoint ({str(e).splitlines()[0][:160]}); copy or "
+                              f"download it again")
+    if isinstance(e, (RuntimeError, FileNotFoundError, ValueError)):
+        first = " ".join(str(e).split())[:300]
+        return ModelLoadError(f"could not load model {spec.model!r} (pretrained={spec.pretrained!r}): {first}")
+    return e
 
 
 def _checkpoint_path(name: str, pretrained: Optional[str]) -> str:

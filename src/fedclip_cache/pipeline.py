@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from .federated.config import ConfigError, FederateConfig, parse_text
-from .specs import ExtractConfig, ModelSpec
+from .specs import ExtractConfig, ModelSpec, check_templates
 
 try:
     import tomllib
@@ -152,12 +152,15 @@ def _check_extract(ex: dict, label: Callable[[str], str]) -> None:
             raise ConfigError(f"{where}: standard deviations must be > 0")
         if k == "classes" and (not isinstance(v, list) or not v or not all(isinstance(c, str) and c for c in v)):
             raise ConfigError(f"{where}: expected a non-empty list of class names, in label order")
+        if k == "classes":
+            from .sources import check_label_text
+
+            for c in v:
+                check_label_text("class", c, where)  # the rule extract applies to class names from the data
         if k == "templates":
             if not isinstance(v, list) or not v or not all(isinstance(t, str) for t in v):
                 raise ConfigError(f"{where}: expected a non-empty list of strings, e.g. [\"a picture of a {{}}\"]")
-            bad = [t for t in v if "{}" not in t]
-            if bad:
-                raise ConfigError(f"{where}: template {bad[0]!r} has no '{{}}' placeholder for the class name")
+            check_templates(v, where)  # the same rule as extract --template
 
 
 def _federate_config(fed: dict, label: Callable[[str], str]) -> tuple[FederateConfig, dict[str, str]]:

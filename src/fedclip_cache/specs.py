@@ -9,7 +9,52 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
+from .errors import ConfigError
+
 DEFAULT_TEMPLATES = ("a picture of a {}",)  # the official FedCLIP prompt: 'a picture of a' + ' ' + classname
+
+
+def template_problem(template: str) -> str:
+    """Why ``template`` is not a prompt template, or "". A template is Python format text with exactly one bare
+    ``{}``, which ``template.format(class_name)`` replaces by the class name; ``{{`` and ``}}`` are literal braces.
+    Refused: no ``{}``, two or more (``"{}{}"`` has one class name for two fields), and any other field (``{0}``,
+    ``{name}``, ``{:>9}``, ``{!r}``), which would index, look up or reformat the name instead of inserting it."""
+    import string
+
+    if not isinstance(template, str):
+        return "is not text"
+    try:
+        fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(template) if name is not None]
+    except ValueError:
+        return "has an unmatched '{' or '}' (write {{ or }} for a literal brace)"
+    odd = next((f for f in fields if f != ("", "", None)), None)
+    if odd is not None:
+        name, spec, conv = odd
+        return (f"has the format field '{{{name}{'!' + conv if conv else ''}{':' + spec if spec else ''}}}'; only a "
+                f"bare {{}} is replaced by the class name (write {{{{ or }}}} for a literal brace)")
+    if not fields:
+        return "has no '{}' placeholder for the class name"
+    if len(fields) > 1:
+        return f"has {len(fields)} '{{}}' placeholders; exactly one is replaced by the class name"
+    return ""
+
+
+def check_templates(templates: Sequence[str], where: str = "--template") -> None:
+    """The one check of prompt templates (CLI, pipeline ``[extract] templates``, :class:`ExtractConfig`): at least
+    one, each valid (:func:`template_problem`), none twice. ``where`` names the option or key in the error."""
+    if isinstance(templates, str):  # a bare string would be read as one template per character
+        raise ConfigError(f"{where}: expected a list of templates, got the string {templates!r}; write "
+                          f"[{templates!r}]")
+    if not templates:
+        raise ConfigError(f"{where}: no prompt templates given; pass --template 'a picture of a {{}}' or leave the "
+                          f"default")
+    for t in templates:
+        why = template_problem(t)
+        if why:
+            raise ConfigError(f"{where}: template {t!r} {why}")
+    if len(set(templates)) != len(templates):
+        dup = next(t for i, t in enumerate(templates) if t in templates[:i])
+        raise ConfigError(f"{where}: template {dup!r} is given twice; list each template once")
 
 
 @dataclass
