@@ -187,3 +187,16 @@ def test_format2_cache_is_still_refused_in_one_line(tmp_path, run, command, old_
     edit_meta(cache, format_version=2)
     args = ("info", cache) if command == "info" else ("extract", data, cache, *old_model, "--device", "cpu", "-q")
     one_line_error(*run(*args), "cache format 2", "new")
+
+
+def test_simulate_held_out_domain_cache_of_a_format3_cache_is_format4(tmp_path):
+    """simulate's single-domain cache of a format-3 cache gets its own id: it must say format 4, not the source's 3
+    (a format-3 cache.json with an id and format-4 shards would be neither)."""
+    from fedclip_cache.flower_sim import write_domain_cache
+
+    src = open_cache(old_cache(tmp_path, "hdf5"))
+    out = write_domain_cache(src, "art", tmp_path / "art")
+    meta = json.loads((out / "cache.json").read_text())
+    assert meta["format_version"] == 4 and store.CACHE_ID.fullmatch(meta["cache_id"])
+    art = open_cache(out)
+    np.testing.assert_array_equal(art.features, src.features[src.domains == "art"])

@@ -476,7 +476,7 @@ def _ownership_warnings(out: Path, inv: integrity.Inventory) -> list[str]:
     out_w += [f"{shards}: {len(inv.no_id)} shard(s) without a cache id (cache format 3) that {store.META_FILE} does "
               f"not list (left by a killed run of an older version, or another cache's in a shared shards folder: "
               f"nothing tells which) left alone: never read, adopted or deleted; their images are embedded again "
-              f"(first: {inv.no_id[0]})"] if inv.no_id else []
+              f"(first: {inv.no_id[0]}; delete them if no other cache uses this shards folder)"] if inv.no_id else []
     return out_w + [f"{shards / n}: unreadable shard that {store.META_FILE} does not list, so whose it is cannot be "
                     f"told; left alone (delete it if no other cache uses this shards folder)" for n in inv.unknown]
 

@@ -11,8 +11,9 @@ It writes, under the given folder:
   the modification time ``MTIME_NS`` (git does not keep file times: a test that extends the cache sets them again,
   so that the old rows are recognised as the same files and not re-embedded);
 * ``parquet/`` and ``hdf5/``: a complete format-3 cache of those images in each format, made by the old CLI
-  (``extract --shard-size 3 --batch-size 3``: 3 shards each) with the tiny random model of ``write_tiny_model`` (seed 0; not
-  committed, 13 MB: the test rebuilds it, and checks it has the sha256 the caches recorded);
+  (``extract --shard-size 3 --batch-size 3``: 3 shards each; its ``.lock`` holder note kept, as a user's cache has
+  one) with the tiny random model of ``write_tiny_model`` (seed 0; not committed, 13 MB: the test rebuilds it, and
+  skips the tests that extend a cache when it has not the sha256 recorded here);
 * ``expected.json``: what the old code's reader (``open_cache``) returned for each cache, as sha256 checksums of
   the features, labels, paths, domains and ids (in reader order), the class list, and the tiny model's sha256.
 
