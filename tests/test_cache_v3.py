@@ -120,6 +120,7 @@ def test_extract_upgrades_a_format3_cache_in_place_without_re_embedding(tmp_path
                          "-q")
     assert code == 0, out + err
     assert "+1 embedded" in out and "8 already cached" in out, out
+    assert "upgraded: cache format 3 upgraded in place to 4: given a cache id; its 3 format-3 shard(s)" in out, out
     meta = json.loads((cache / "cache.json").read_text())
     assert meta["format_version"] == 4 and meta["state"] == "complete"
     assert store.CACHE_ID.fullmatch(meta["cache_id"])

@@ -330,9 +330,10 @@ def _open_or_create(cfg: ExtractConfig, lm: LoadedModel, fp: dict, out: Path, re
                 # Upgraded in place, not re-extracted (a DomainNet cache is hours of GPU): its listed shards stay
                 # as they are, new shards are format 4, and the id is on disk with this run's first write.
                 meta = integrity.upgrade(meta)
-                n = len(integrity.usable_listing(meta)[0])
-                report.upgraded = (f"cache format {integrity.PRE_ID_FORMAT} upgraded in place to "
-                                   f"{FORMAT_VERSION}: given a cache id; its {n} shard(s) kept as they are")
+                n, old = len(integrity.usable_listing(meta)[0]), integrity.PRE_ID_FORMAT
+                report.upgraded = (f"cache format {old} upgraded in place to {FORMAT_VERSION}: given a cache id; its "
+                                   f"{n} format-{old} shard(s) kept as its own (rows re-embedded only if their "
+                                   f"images changed)")
             store.cache_id_of(out, meta)
             return meta, False
         except store.CacheError as e:

@@ -158,7 +158,7 @@ def format_refusal(cache: Path, meta: dict) -> str | None:
     if v in READ_FORMATS:
         return None
     return (f"{cache}: written by another fedclip-cache version (cache format {v}; this version reads formats "
-            f"{' and '.join(map(str, READ_FORMATS))}); re-extract into a new folder")
+            f"{' and '.join(map(str, READ_FORMATS))}); re-extract into a new output folder")
 
 
 def cache_id_or_none(cache: Path, meta: dict) -> str:
