@@ -23,9 +23,9 @@ make_v3 = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(make_v3)
 
 
-def old_cache(tmp_path: Path, fmt: str) -> Path:
+def old_cache(tmp_path: Path, fmt: str, name: str = "") -> Path:
     """A copy of the format-3 cache (tests never write into the fixture)."""
-    dst = tmp_path / f"cache-{fmt}"
+    dst = tmp_path / (name or f"cache-{fmt}")
     shutil.copytree(GOLDEN / fmt, dst)
     return dst
 
@@ -201,3 +201,37 @@ def test_simulate_held_out_domain_cache_of_a_format3_cache_is_format4(tmp_path):
     assert meta["format_version"] == 4 and store.CACHE_ID.fullmatch(meta["cache_id"])
     art = open_cache(out)
     np.testing.assert_array_equal(art.features, src.features[src.domains == "art"])
+
+
+def test_upgraded_caches_sharing_one_shards_folder_touch_only_their_own(tmp_path, run, old_model):
+    """Two format-3 caches whose shards/ is one shared folder (a link), each upgraded by its own extract: each keeps
+    its own listed shards and never adopts, retires or deletes the other's (format 3 without an id, or format 4)."""
+    data, shared = old_images(tmp_path), tmp_path / "shared"
+    shared.mkdir()
+    caches = []
+    for rank, name in enumerate("ab"):
+        cache = old_cache(tmp_path, "parquet", name)
+        meta = json.loads((cache / "cache.json").read_text())
+        listing = {}
+        for shard, rec in meta["shards"].items():  # cache b's shards get other names (another rank)
+            listing[shard.replace("-r000-", f"-r{rank:03d}-")] = rec
+            (cache / "shards" / shard).rename(shared / shard.replace("-r000-", f"-r{rank:03d}-"))
+        (cache / "shards").rmdir()
+        (cache / "shards").symlink_to(shared)
+        edit_meta(cache, shards=listing)
+        as_the_same_files(cache, data)
+        caches.append(cache)
+    Image.fromarray(np.full((16, 16, 3), 200, np.uint8)).save(data / "art" / "cat" / "new.png")
+    for cache in caches:
+        others = {p.name: p.read_bytes() for p in shared.iterdir()
+                  if p.name not in json.loads((cache / "cache.json").read_text())["shards"]}
+        code, out, err = run("extract", data, cache, *old_model, "--device", "cpu", "--workers", "0", "-q")
+        assert code == 0 and "+1 embedded" in out and "8 already cached" in out, out + err
+        assert "3 shard(s) without a cache id (cache format 3)" in out, out
+        assert all((shared / n).read_bytes() == b for n, b in others.items())  # the other cache's: untouched
+    assert "1 shard(s) of another cache" in out, out  # cache a's new format-4 shard, seen by b's extract
+    for cache in caches:
+        meta = json.loads((cache / "cache.json").read_text())
+        assert meta["format_version"] == 4 and len(meta["shards"]) == 4
+        assert len(open_cache(cache, verify=True).labels) == 9
+    assert len({json.loads((c / "cache.json").read_text())["cache_id"] for c in caches}) == 2
