@@ -161,6 +161,8 @@ def extract(
     if rep.views > 1:
         console.print(f"views: {rep.views} per image ({rep.extended} cached image(s) given their missing views)",
                       soft_wrap=True)
+    if rep.upgraded:
+        console.print(f"[bold]upgraded:[/] {escape(rep.upgraded)}", soft_wrap=True)
     for what, why in rep.repaired:
         console.print(f"[yellow]repaired:[/] {escape(what)}: {escape(why)}", soft_wrap=True)
     if rep.retired:

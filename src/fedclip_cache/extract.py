@@ -52,6 +52,7 @@ class ExtractReport:
     retired: list[str] = field(default_factory=list)  # cached files no longer in the dataset: no longer served
     repaired: list[tuple[str, str]] = field(default_factory=list)  # (shard or file, what was wrong) fixed now
     views: int = 1  # views per image in the cache (extract --views)
+    upgraded: str = ""  # what upgrading an older cache format changed, when this run did
     extended: int = 0  # cached images given new augmented views only (their view 0 and older views kept)
 
     @property
@@ -123,10 +124,9 @@ def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
 
 
 def check_compatible(cache: Path, meta: dict, fp: dict, fmt: str) -> None:
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ExtractError(f"{cache}: written by another fedclip-cache version (cache format "
-                           f"{meta.get('format_version')}, this version writes {FORMAT_VERSION}); extract into a "
-                           f"new output folder")
+    refusal = integrity.format_refusal(cache, meta)  # format 3 is upgraded in place (_open_or_create)
+    if refusal:
+        raise ExtractError(refusal)
     if meta.get("format") != fmt:
         raise ExtractError(f"{cache}: cache is {meta.get('format')}, this run asks for --format {fmt}; "
                            f"use --format {meta.get('format')} or a new output folder")
@@ -326,6 +326,14 @@ def _open_or_create(cfg: ExtractConfig, lm: LoadedModel, fp: dict, out: Path, re
         try:
             meta = store.read_meta(out)
             check_compatible(out, meta, fp, cfg.format)
+            if meta["format_version"] == integrity.PRE_ID_FORMAT:
+                # Upgraded in place, not re-extracted (a DomainNet cache is hours of GPU): its listed shards stay
+                # as they are, new shards are format 4, and the id is on disk with this run's first write.
+                meta = integrity.upgrade(meta)
+                n, old = len(integrity.usable_listing(meta)[0]), integrity.PRE_ID_FORMAT
+                report.upgraded = (f"cache format {old} upgraded in place to {FORMAT_VERSION}: given a cache id; its "
+                                   f"{n} format-{old} shard(s) kept as its own (rows re-embedded only if their "
+                                   f"images changed)")
             store.cache_id_of(out, meta)
             return meta, False
         except store.CacheError as e:
@@ -463,8 +471,13 @@ def _ownership_warnings(out: Path, inv: integrity.Inventory) -> list[str]:
     """What this run found in shards/ and left alone because it is not this cache's: one line for the shards of
     other caches (a shared folder may hold many), one per shard too damaged to tell whose it is."""
     shards = out / store.SHARD_DIR
-    out_w = [f"{shards}: {len(inv.foreign)} shard(s) of another cache (a shards folder shared by caches, or an "
-             f"older format) left alone: never read, adopted or deleted"] if inv.foreign else []
+    out_w = [f"{shards}: {len(inv.foreign)} shard(s) of another cache (a shards folder shared by caches) left "
+             f"alone: never read, adopted or deleted"] if inv.foreign else []
+    # Format-3 shards name no cache: one cache.json does not list may be a killed format-3 run's or another cache's.
+    out_w += [f"{shards}: {len(inv.no_id)} shard(s) without a cache id (cache format 3) that {store.META_FILE} does "
+              f"not list (left by a killed run of an older version, or another cache's in a shared shards folder: "
+              f"nothing tells which) left alone: never read, adopted or deleted; their images are embedded again "
+              f"(first: {inv.no_id[0]}; delete them if no other cache uses this shards folder)"] if inv.no_id else []
     return out_w + [f"{shards / n}: unreadable shard that {store.META_FILE} does not list, so whose it is cannot be "
                     f"told; left alone (delete it if no other cache uses this shards folder)" for n in inv.unknown]
 

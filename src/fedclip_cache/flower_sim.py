@@ -99,7 +99,7 @@ def write_domain_cache(cache, domain: str, out: Path) -> Path:
     same classes, prompts, text embeddings, model record and logit scale): what a site that owns only that domain
     would have extracted."""
     from . import store
-    from .integrity import shard_record
+    from .integrity import CACHE_FORMAT_VERSION, shard_record
 
     rows = np.flatnonzero(cache.domains == domain)
     fmt = cache.meta["format"]
@@ -119,7 +119,8 @@ def write_domain_cache(cache, domain: str, out: Path) -> Path:
                       "float32", {"fingerprint": fingerprint, "session": session, "cache_id": cache_id,
                                   "skipped": []})
     store.write_text(out, fmt, list(cache.templates), list(cache.classes), cache.text_embeddings)
-    meta = {**cache.meta, "cache_id": cache_id, "dtype": "float32", "domains": [domain],
+    meta = {**cache.meta, "format_version": CACHE_FORMAT_VERSION, "cache_id": cache_id, "dtype": "float32",
+            "domains": [domain],
             "counts": {"images": n, "skipped": 0},
             "runs": [], "state": "complete", "shards": {name: shard_record(out / store.SHARD_DIR / name, n)},
             "last_session": session, "skipped": [], "retired": {"count": 0, "paths": []},

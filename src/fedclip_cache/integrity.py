@@ -10,6 +10,11 @@ shard is this cache's when ``cache.json`` lists it or when it carries this id, a
 folder shared by several caches) is ever adopted, retired or deleted. Listed names must be plain shard file names
 inside ``shards/`` (``check_listing``): a reader never opens a path outside the cache.
 
+Caches of format 3 (made before the cache id) are read as they are; the next extract upgrades one in place
+(``upgrade``): it gets a cache id, and its listed format-3 shards, which carry no id, stay its own because cache.json
+lists them (``owns_listed``). A format-3 shard that cache.json does not list is nobody's we can tell (a killed
+format-3 run's, or another cache's in a shared ``shards/``): left alone, never adopted or deleted.
+
 One writer at a time: an extract holds an ``flock`` on ``CACHE/.lock`` (released by the kernel when the process
 dies, so a killed run never leaves a stale lock) and writes its pid, host and start time into it.
 """
@@ -30,6 +35,8 @@ from .store import CacheError, file_sha256
 
 LOCK_FILE = store.LOCK_FILE
 CACHE_FORMAT_VERSION = 4  # 4: cache.json and every shard carry the cache id
+PRE_ID_FORMAT = 3  # no cache id anywhere: read as it is, upgraded in place by the next extract (``upgrade``)
+READ_FORMATS = (PRE_ID_FORMAT, CACHE_FORMAT_VERSION)
 
 
 class CacheBusy(CacheError):
@@ -145,14 +152,43 @@ class ReadPlan:
     dedupe: bool = False  # uncommitted shards may repeat ids: keep the newest row
 
 
+def format_refusal(cache: Path, meta: dict) -> str | None:
+    """Why a cache of this format cannot be used (the one rule for readers and extract), None when it can."""
+    v = meta.get("format_version")
+    if v in READ_FORMATS:
+        return None
+    return (f"{cache}: written by another fedclip-cache version (cache format {v}; this version reads formats "
+            f"{' and '.join(map(str, READ_FORMATS))}); re-extract into a new output folder")
+
+
+def cache_id_or_none(cache: Path, meta: dict) -> str:
+    """The cache's id; "" for a format-3 cache, which has none (its shards are its own only by the listing)."""
+    return "" if meta.get("format_version") == PRE_ID_FORMAT else store.cache_id_of(cache, meta)
+
+
+def upgrade(meta: dict) -> dict:
+    """A format-3 cache's metadata as format 4: a new cache id, everything else kept (its listed shards stay its
+    own: ``owns_listed``). Only the writer calls this, under the lock; the id is on disk with the run's first
+    in-progress cache.json, before any shard that carries it."""
+    rest = {k: v for k, v in meta.items() if k not in ("format_version", "cache_id")}
+    return {"format_version": CACHE_FORMAT_VERSION, "cache_id": store.new_cache_id(), **rest}  # id near the top
+
+
+def owns_listed(smeta: dict, cache_id: str) -> bool:
+    """Whether a shard that cache.json lists belongs to this cache: it carries the cache's id, or it is a format-3
+    shard (no id at all), which the listing alone makes this cache's."""
+    if smeta.get("format_version") == store.PRE_ID_SHARD_FORMAT:
+        return "cache_id" not in smeta
+    return smeta.get("cache_id") == cache_id
+
+
 def plan_read(cache: Path, meta: dict, allow_incomplete: bool = False, verify: bool = False) -> ReadPlan:
     """The shard files a reader may serve; refuses an incomplete or damaged cache with a one-line message."""
     cache = Path(cache)
-    if meta.get("format_version") != CACHE_FORMAT_VERSION:
-        raise CacheError(f"{cache}: written by another fedclip-cache version (cache format "
-                         f"{meta.get('format_version')}, this version reads {CACHE_FORMAT_VERSION}); re-extract "
-                         f"into a new folder")
-    cid = store.cache_id_of(cache, meta)
+    refusal = format_refusal(cache, meta)
+    if refusal:
+        raise CacheError(refusal)
+    cid = cache_id_or_none(cache, meta)  # "": format 3, whose unlisted shards are those without an id (as it read)
     listed = check_listing(cache, meta)
     if meta.get("state") != "complete":
         holder = writer_active(cache)
@@ -210,6 +246,7 @@ class Inventory:
     listed: dict[str, dict] = field(default_factory=dict)  # committed shards still valid: name -> record
     removed: list[tuple[str, str]] = field(default_factory=list)  # (file, why) deleted as damaged or leftover
     foreign: list[str] = field(default_factory=list)  # shards of other caches (a shared shards/): left alone
+    no_id: list[str] = field(default_factory=list)  # unlisted format-3 shards: whose cannot be told; left alone
     unknown: list[str] = field(default_factory=list)  # unlisted shards too damaged to tell whose: left alone
     shard_cols: dict[str, dict] = field(default_factory=dict)  # name -> INDEX_COLUMNS arrays, in row order
     winners: dict[str, tuple] = field(default_factory=dict)
@@ -240,9 +277,10 @@ class Inventory:
         return out
 
 
-def _read_and_check(path: Path, fp: dict, dim: int, cache_id: str, views: dict | None = None) -> tuple[dict, dict]:
+def _read_and_check(path: Path, fp: dict, dim: int, cache_id: str, views: dict | None = None,
+                    listed: bool = False) -> tuple[dict, dict]:
     meta = store.read_shard_meta(path)
-    if meta.get("cache_id") != cache_id:
+    if not (owns_listed(meta, cache_id) if listed else meta.get("cache_id") == cache_id):
         raise CacheError(f"{path}: shard of another cache (cache id {meta.get('cache_id')})")
     if meta.get("fingerprint") != fp:
         raise CacheError(f"{path}: shard written with another model/preprocessing")
@@ -283,7 +321,7 @@ def take_inventory(cache: Path, meta: dict, fp: dict, dim: int, verify: bool = F
         if rec is None:  # not in this cache's commit record: ours only if the shard itself says so
             owner = store.shard_cache_id(p)
             if owner != cid:
-                (inv.unknown if owner is None else inv.foreign).append(name)
+                (inv.unknown if owner is None else inv.no_id if owner == "" else inv.foreign).append(name)
                 continue
             if session_of(name) <= last:
                 # A shard the last commit retired but a crash left on disk: never serve it again.
@@ -294,7 +332,7 @@ def take_inventory(cache: Path, meta: dict, fp: dict, dim: int, verify: bool = F
             if rec is not None and (p.stat().st_size != rec.get("bytes") or
                                     (verify and file_sha256(p) != rec.get("sha256"))):
                 raise CacheError(f"{p}: size or checksum differs from the committed one")
-            smeta, cols = _read_and_check(p, fp, dim, cid, views)
+            smeta, cols = _read_and_check(p, fp, dim, cid, views, listed=rec is not None)
         except CacheError as e:
             p.unlink()
             inv.removed.append((name, f"damaged: {str(e).split(': ', 1)[-1]}"))

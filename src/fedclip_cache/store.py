@@ -38,6 +38,10 @@ FEATURES_FILE, FEATURES_STAMP = "features.npy", "features.json"  # the memory-ma
 # The files of a cache folder besides shards/: what a killed run's temporary files may stand for (never others).
 ROOT_FILES = frozenset({META_FILE, LOCK_FILE, FEATURES_FILE, FEATURES_STAMP, *(f"text{e}" for e in FORMATS.values())})
 SHARD_FORMAT_VERSION = 4  # 4: every shard names the cache it belongs to (cache_id)
+# Format 3 (before the cache id) is still read: the same layout without ``cache_id``. Such a shard is its cache's
+# only because that cache's cache.json lists it (``integrity.owns_listed``); nothing else can tell whose it is.
+PRE_ID_SHARD_FORMAT = 3
+READ_SHARD_FORMATS = (PRE_ID_SHARD_FORMAT, SHARD_FORMAT_VERSION)
 STRING_COLUMNS = ("id", "path", "domain", "client", "class_name", "split", "content_hash")
 INT_COLUMNS = {"label": np.int32, "size": np.int64, "mtime_ns": np.int64, "ino": np.int64, "ctime_ns": np.int64}
 # What the writer compares with a new scan: change detection and the metadata the scan may have changed.
@@ -195,8 +199,8 @@ def cache_id_of(cache: Path, meta: dict) -> str:
 
 
 def shard_cache_id(path: Path) -> str | None:
-    """The id of the cache a shard belongs to, from its footer; "" for a shard without one (an older format, or
-    not ours), None when the shard cannot be read (its owner is unknown)."""
+    """The id of the cache a shard belongs to, from its footer; "" for a shard without one (format 3, written before
+    the cache id, or not ours), None when the shard cannot be read (its owner is unknown)."""
     try:
         cid = read_shard_meta(path, check_version=False).get("cache_id")
     except CacheError:
@@ -317,10 +321,10 @@ def read_shard_meta(path: Path, check_version: bool = True) -> dict:
                     (0 if v is None else -1)
     except Exception as e:  # pyarrow / h5py raise assorted errors on truncated or garbage files
         raise _damaged(path, e) from None
-    if check_version and meta.get("format_version") != SHARD_FORMAT_VERSION:
+    if check_version and meta.get("format_version") not in READ_SHARD_FORMATS:
         raise CacheError(f"{path}: shard written by another fedclip-cache format "
-                         f"({meta.get('format_version', 'unknown')}, this version reads {SHARD_FORMAT_VERSION}); "
-                         f"re-extract into a new folder")
+                         f"({meta.get('format_version', 'unknown')}, this version reads "
+                         f"{' and '.join(map(str, READ_SHARD_FORMATS))}); re-extract into a new folder")
     return meta
 
 
