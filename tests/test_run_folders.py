@@ -294,6 +294,15 @@ def test_too_long_output_name_is_one_line(cache, tmp_path, run):
     one_line_error(run("federate", cache, "-o", tmp_path / "f" / "sub", *FED), "is a file, not a folder")
 
 
+def test_output_name_not_utf8_is_one_line_and_creates_nothing(cache, tmp_path, run):
+    """Probe 1: `federate -o $'b\\xffad'` trained the whole run, then pyarrow raised UnicodeEncodeError (a traceback,
+    exit 1) and left the folder in-progress; a sweep the same after its first point."""
+    bad = tmp_path / os.fsdecode(b"b\xffad")
+    one_line_error(run("federate", cache, "-o", bad, *FED), "not valid UTF-8", "UTF-8 name")
+    one_line_error(run("sweep", cache, "-o", bad / "s", "--grid", "hidden=4", "--seeds", "0", *FED), "UTF-8")
+    assert not os.path.lexists(bad)  # refused before anything was created
+
+
 @pytest.mark.parametrize("umask", [0o022, 0o002])
 def test_run_files_respect_the_umask(cache, tmp_path, run, umask):
     """Probe: run files were written 0600 (atomic writes via mkstemp): a shared lab run folder was unreadable."""

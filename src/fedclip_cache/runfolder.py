@@ -99,6 +99,7 @@ def claim(folder, kind: str, label: str, check: Optional[Callable[[], None]] = N
     run done."""
     assert kind in KINDS, kind
     folder = Path(folder)
+    _check_utf8(folder, label)
     lock = RunLock(folder, kind, label)
     try:  # (a too-long name fails already here: Path.exists raises ENAMETOOLONG)
         for p in (folder, *folder.parents):
@@ -121,6 +122,18 @@ def claim(folder, kind: str, label: str, check: Optional[Callable[[], None]] = N
         lock.close()
         raise
     return lock
+
+
+def _check_utf8(folder: Path, label: str) -> None:
+    """A name that is not UTF-8 (Python holds its bytes as surrogates) is refused before anything is created: pyarrow
+    cannot open metrics.parquet there (UnicodeEncodeError, a traceback after the whole run had trained) and the
+    run's JSON records could not name it."""
+    try:
+        str(folder).encode("utf-8")
+    except UnicodeEncodeError:
+        shown = str(folder).encode("utf-8", "backslashreplace").decode()
+        raise RunFolderError(f"{label} {_short(Path(shown))}: the name is not valid UTF-8 (pyarrow cannot write "
+                             f"there); give a UTF-8 name") from None
 
 
 def _check_kind(folder: Path, kind: str, label: str) -> None:
