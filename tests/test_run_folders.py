@@ -85,7 +85,10 @@ def test_a_file_rewritten_after_the_run_completed_is_a_mixed_folder(cache, tmp_p
     out = tmp_path / "run"
     assert run("federate", cache, "-o", out, *FED)[0] == 0
     other = tmp_path / "other"
-    assert run("federate", cache, "-o", other, *FED, "--lr", "0.01")[0] == 0
+    # (another seed list: with only --lr changed, both summaries may be byte-identical but for the run's seconds,
+    # and equal seconds made this test fail now and then)
+    assert run("federate", cache, "-o", other, *FED, "--lr", "0.01", "--seeds", "0,1")[0] == 0
+    assert (other / "summary.json").read_bytes() != (out / "summary.json").read_bytes()
     (out / "summary.json").write_bytes((other / "summary.json").read_bytes())  # e.g. an older fedclip-cache
     one_line_error(run("report", out), "mixed run folder", "summary.json")
 
@@ -292,6 +295,20 @@ def test_too_long_output_name_is_one_line(cache, tmp_path, run):
     one_line_error(run("run", toml, "--no-sweep"), "too long", "pipeline.out")
     (tmp_path / "f").write_text("")
     one_line_error(run("federate", cache, "-o", tmp_path / "f" / "sub", *FED), "is a file, not a folder")
+
+
+def test_a_run_refused_after_taking_the_lock_leaves_the_earlier_run_as_it_was(cache, tmp_path, run):
+    """Probe 1: refusals of the training loop's own checks (memory for --hidden, the text model and prompt fit of
+    promptfl) came after the folder was claimed: exit 2 in one line, yet the earlier complete run's outputs were
+    deleted and the folder left in-progress."""
+    out = tmp_path / "run"
+    assert run("federate", cache, "-o", out, *FED)[0] == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != ".lock"}
+    one_line_error(run("federate", cache, "-o", out, *FED, "--hidden", "9999999999"), "--hidden", "lower --hidden")
+    one_line_error(run("federate", cache, "-o", out, *FED, "--algo", "promptfl"), "prompt learning")
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != ".lock"} == before
+    assert read_state(out)["state"] == "complete"
+    assert run("report", out, "--format", "csv")[0] == 0
 
 
 def test_output_name_not_utf8_is_one_line_and_creates_nothing(cache, tmp_path, run):

@@ -82,6 +82,13 @@ class RunLock(WriterLock):
     def holder_extra(self) -> dict:
         return {"kind": self.kind}
 
+    def start(self) -> None:
+        """Mark the folder in-progress and remove an earlier run's outputs: from here on it is this run's."""
+        with disk_full(self.cache):
+            write_state(self.cache, self.kind, "in-progress")
+            for name in _EARLIER[self.kind]:
+                (self.cache / name).unlink(missing_ok=True)
+
     def complete(self, files: Iterable[str] = ()) -> None:
         mark_complete(self.cache, self.kind, files)
 
@@ -91,9 +98,12 @@ def _short(p: Path) -> str:
     return s if len(s) <= 120 else s[:60] + "…" + s[-40:]
 
 
-def claim(folder, kind: str, label: str, check: Optional[Callable[[], None]] = None) -> RunLock:
+def claim(folder, kind: str, label: str, check: Optional[Callable[[], None]] = None,
+          start: bool = True) -> RunLock:
     """Lock ``folder`` for a run of ``kind`` (refused in one line while another run holds it, or when the folder
-    is of another kind), mark it in-progress and remove an earlier run's outputs. ``label`` (``federate -o``)
+    is of another kind), mark it in-progress and remove an earlier run's outputs (``start=False``: only when the
+    run calls ``.start()``, so that a run refused after the lock was taken, e.g. by federate's memory or prompt
+    checks, which need the loaded cache, leaves the earlier run as it was). ``label`` (``federate -o``)
     words the errors; ``check`` (a sweep: is this the folder's sweep?) runs under the lock before anything is
     changed, so a refusal leaves the folder as it was. Release with ``.close()``; ``.complete(files)`` marks the
     run done."""
@@ -114,10 +124,8 @@ def claim(folder, kind: str, label: str, check: Optional[Callable[[], None]] = N
         _check_kind(folder, kind, label)  # again, now that no other run can change the folder
         if check is not None:
             check()
-        with disk_full(folder):
-            write_state(folder, kind, "in-progress")
-            for name in _EARLIER[kind]:
-                (folder / name).unlink(missing_ok=True)
+        if start:
+            lock.start()
     except BaseException:
         lock.close()
         raise
@@ -276,6 +284,9 @@ def check_readable(folder: Path, kind: str) -> list[str]:
     if state.get("kind") != kind:
         raise RunFolderError(f"{folder}: {STATE_FILE} says {_WHAT.get(state.get('kind'), 'another kind of folder')}"
                              f", but it holds {_WHAT[kind]}'s files: a mixed folder; re-run into a new folder")
+    holder = writer_active(folder) if state.get("state") == "complete" else None  # one not writing yet
+    notes = [f"a {holder.get('kind', 'run')} is running on {folder} now ({describe_holder(holder)}): shown is the "
+             f"run that completed before it, which that run will replace"] if holder else []
     if state.get("state") != "complete":
         holder = writer_active(folder)
         if holder:
@@ -290,4 +301,4 @@ def check_readable(folder: Path, kind: str) -> list[str]:
         if f.stat().st_size != rec.get("bytes") or file_sha256(f) != rec.get("sha256"):
             raise RunFolderError(f"{folder}: mixed run folder: {name} is not the file this run completed with "
                                  f"(rewritten since {state.get('finished')}); re-run into a new folder")
-    return []
+    return notes
