@@ -311,6 +311,30 @@ def test_a_run_refused_after_taking_the_lock_leaves_the_earlier_run_as_it_was(ca
     assert run("report", out, "--format", "csv")[0] == 0
 
 
+def test_a_sweep_point_refused_by_the_loop_leaves_the_sweep_folder_as_it_was(cache, tmp_path, run):
+    """Probe 1: a grid value refused by the training loop's own checks (--grid hidden=..,9999999999: memory) came
+    after the sweep folder recorded it as one of its points; the folder then said "k of k+1 points" for ever (a
+    corrected sweep into it never completed, report refused it)."""
+    out = tmp_path / "sw"
+    sw = ["sweep", cache, "-o", out, "--seeds", "0", *FED]
+    assert run(*sw, "--grid", "hidden=4,8")[0] == 0
+    points = json.loads((out / "sweep.json").read_text())["points"]
+    one_line_error(run(*sw, "--grid", "hidden=4,8,9999999999"), "--hidden 9999999999", "lower --hidden")
+    assert json.loads((out / "sweep.json").read_text())["points"] == points
+    assert read_state(out)["state"] == "complete"
+    assert sorted(p.name for p in (out / "points").iterdir()) == sorted(points)
+    assert run("report", out, "--format", "csv")[0] == 0
+    assert run(*sw, "--grid", "hidden=4,8,16")[0] == 0  # the corrected sweep completes the folder
+    code, csv, err = run("report", out, "--format", "csv", "--no-plots")
+    assert code == 0 and not err and [r.split(",")[1] for r in csv.splitlines()[1:]] == ["4", "8", "16"]
+    assert read_state(out)["state"] == "complete"
+    # a new folder refused the same way is no sweep folder afterwards: any sweep may use it
+    new = tmp_path / "new"
+    one_line_error(run("sweep", cache, "-o", new, "--seeds", "0", *FED, "--grid", "hidden=9999999999"), "--hidden")
+    assert not (new / "sweep.json").exists() and not (new / "state.json").exists()
+    assert run("sweep", cache, "-o", new, "--seeds", "0", *FED, "--grid", "lr=0.01")[0] == 0
+
+
 def test_output_name_not_utf8_is_one_line_and_creates_nothing(cache, tmp_path, run):
     """Probe 1: `federate -o $'b\\xffad'` trained the whole run, then pyarrow raised UnicodeEncodeError (a traceback,
     exit 1) and left the folder in-progress; a sweep the same after its first point."""

@@ -22,6 +22,7 @@ points" and refuses a partial sweep unless asked (``--partial``).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import itertools
@@ -317,17 +318,19 @@ def sweep(cache_path: str | Path, base: FederateConfig, grid: dict[str, list], s
         if jobs <= 1:
             cache = open_cache(cache_path, **opener) if todo else None  # read once for all points, not once per point
             for cfg, folder in todo:
-                _run_point(cache, cfg.to_dict(), seeds, str(folder), None)
+                with _refused_point(out, record, folder, lock):
+                    _run_point(cache, cfg.to_dict(), seeds, str(folder), None)
                 done += 1
                 if on_done:
                     on_done(done, len(points))
         else:
             threads = max(1, (os.cpu_count() or 1) // jobs)
             with ProcessPoolExecutor(jobs) as ex:
-                futs = [ex.submit(_run_point, str(cache_path), cfg.to_dict(), seeds, str(folder), threads, opener)
-                        for cfg, folder in todo]
+                futs = {ex.submit(_run_point, str(cache_path), cfg.to_dict(), seeds, str(folder), threads, opener):
+                        folder for cfg, folder in todo}
                 for f in as_completed(futs):
-                    f.result()
+                    with _refused_point(out, record, futs[f], lock):
+                        f.result()
                     done += 1
                     if on_done:
                         on_done(done, len(points))
@@ -342,6 +345,33 @@ def sweep(cache_path: str | Path, base: FederateConfig, grid: dict[str, list], s
     finally:
         lock.close()
     return results
+
+
+@contextlib.contextmanager
+def _refused_point(out: Path, record: dict, folder: Path, lock):
+    """A point refused by the training loop's own checks (memory for --hidden, prompt fit, the text model: they
+    need the loaded cache, so they come only when the point runs) is no point of the folder's sweep: it is taken
+    out of ``sweep.json`` before the one-line error goes on. Kept, it stayed one of the folder's points for ever:
+    every later sweep into the folder, the corrected one too, said "k of k+1 points" and never completed. When
+    the points left are all finished (a complete sweep widened by a refused value), their tables are written
+    and the folder is complete again; a new folder whose only point was refused is left as new."""
+    try:
+        yield
+    except ConfigError:
+        record["points"] = [n for n in record["points"] if n != folder.name]
+        shutil.rmtree(folder, ignore_errors=True)  # made for this point, nothing of a finished run in it
+        if not record["points"]:  # a new folder whose only point was refused: left as new
+            for name in ("sweep.json", "state.json"):
+                (out / name).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                (out / "points").rmdir()
+            raise
+        write_json(out / "sweep.json", record)
+        st = status(out)
+        if len(st["done"]) == len(st["points"]):  # (--jobs: the other points finished meanwhile)
+            write_outputs(out, collect(out, st["done"]))
+            lock.complete()
+        raise
 
 
 def read_record(out: Path) -> Optional[dict]:
