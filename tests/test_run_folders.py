@@ -159,6 +159,22 @@ def test_one_kind_of_run_per_folder(cache, tmp_path, run):
     assert (mine / "config.json").read_text() == '{"my": "settings"}'
 
 
+@pytest.mark.parametrize("name", ["summary.md", "summary.csv", "results.parquet", "state.json",
+                                  "plots/accuracy_vs_round.png"])
+def test_a_file_of_ones_own_with_a_name_a_run_writes_is_never_overwritten(cache, tmp_path, run, name):
+    """Probe 1: only the first few output names were checked: `sweep -o MYFOLDER` overwrote one's summary.md,
+    summary.csv, results.parquet or state.json, `federate -o` one's plots/accuracy_vs_round.png (exit 0)."""
+    mine = tmp_path / "mine"
+    (mine / name).parent.mkdir(parents=True)
+    (mine / name).write_text("my own")
+    sweep = run("sweep", cache, "-o", mine, "--grid", "hidden=4", "--seeds", "0", *FED)
+    one_line_error(sweep, f"holds a {name} that fedclip-cache did not write")
+    if name in ("state.json", "plots/accuracy_vs_round.png"):
+        one_line_error(run("federate", cache, "-o", mine, *FED), f"holds a {name}")
+    assert (mine / name).read_text() == "my own"
+    assert sorted(p.name for p in mine.rglob("*")) == sorted({*name.split("/"), ".lock"} - {".lock"})
+
+
 def _killed_sweep(cache, out, monkeypatch, finished: int):
     """A sweep of 4 points killed after ``finished`` of them."""
     import importlib

@@ -41,9 +41,15 @@ RUN_OUTPUTS = ("config.json", "metrics.parquet", "adapter.pt", "summary.json")
 _EARLIER = {"federate": RUN_OUTPUTS + ("plots/accuracy_vs_round.png",),
             "deploy": RUN_OUTPUTS + ("plots/accuracy_vs_round.png", "simulation.json"),
             "pipeline": ("pipeline.json",), "sweep": ()}
-# The names a run of each kind writes at the top of its folder
-_OWN = {"federate": RUN_OUTPUTS, "deploy": RUN_OUTPUTS + ("simulation.json",), "sweep": ("sweep.json", "points"),
-        "pipeline": ("pipeline.json",)}
+# The names a run of each kind writes in its folder (beside .lock, the holder note): in a folder holding none of
+# ours, a file of one of these names is the user's, never overwritten (a sweep overwrote one's summary.md and
+# state.json, federate one's plots/accuracy_vs_round.png)
+_RUN_PLOT = "plots/accuracy_vs_round.png"
+_OWN = {"federate": RUN_OUTPUTS + (STATE_FILE, _RUN_PLOT),
+        "deploy": RUN_OUTPUTS + ("simulation.json", STATE_FILE, _RUN_PLOT),
+        "sweep": ("sweep.json", "points", "results.parquet", "summary.md", "summary.csv", STATE_FILE,
+                  "plots/accuracy_vs_params.png", _RUN_PLOT, "plots/communication_vs_accuracy.png"),
+        "pipeline": ("pipeline.json", STATE_FILE)}
 _WHAT = {"federate": "a federate run folder", "sweep": "a sweep folder", "deploy": "a deploy/simulate run folder",
          "pipeline": "a pipeline (`run`) output folder", "cache": "a feature cache"}
 
