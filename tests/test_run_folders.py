@@ -351,6 +351,20 @@ def test_a_sweep_point_refused_by_the_loop_leaves_the_sweep_folder_as_it_was(cac
     assert run("sweep", cache, "-o", new, "--seeds", "0", *FED, "--grid", "lr=0.01")[0] == 0
 
 
+@pytest.mark.parametrize("fmt", ["table", "json"])
+def test_stdout_closed_early_is_said_on_stderr(cache, tmp_path, run, fmt):
+    """Probe 1: `federate ... | head` (any reader that stops early) exited 1 with nothing on stderr, after the
+    table (rich's and click's handling of a broken pipe): it read as a failure without a cause."""
+    out = tmp_path / "run"
+    assert run("federate", cache, "-o", out, *FED)[0] == 0
+    p = subprocess.Popen([sys.executable, "-m", "fedclip_cache", "report", str(out), "--no-plots", "--format", fmt],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p.stdout.close()  # the reader goes away before the command writes anything
+    err = p.stderr.read()
+    assert p.wait(timeout=120) == 1
+    assert "standard output was closed" in err and "broken pipe" in err and "Traceback" not in err, err
+
+
 def test_output_name_not_utf8_is_one_line_and_creates_nothing(cache, tmp_path, run):
     """Probe 1: `federate -o $'b\\xffad'` trained the whole run, then pyarrow raised UnicodeEncodeError (a traceback,
     exit 1) and left the folder in-progress; a sweep the same after its first point."""
