@@ -291,6 +291,54 @@ def test_a_short_torch_write_with_room_left_is_not_called_disk_full(cache, tmp_p
     assert "disk full" not in msg and read_state(out)["state"] == "in-progress"
 
 
+def _children(pid: int) -> list[int]:
+    """Live (not zombie) processes whose parent is ``pid``, from /proc."""
+    kids = []
+    for d in os.listdir("/proc"):
+        try:
+            fields = open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[1] == str(pid) and fields[0] != "Z":
+            kids.append(int(d))
+    return kids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_killed_sweep_takes_its_workers_with_it(cache, tmp_path):
+    """Probe 1: `kill -9` of a `sweep --jobs 2` left its two workers training on (re-parented to init), writing
+    their points into the folder after its lock was gone."""
+    import time
+
+    out = tmp_path / "sw"
+    p = subprocess.Popen([sys.executable, "-m", "fedclip_cache", "sweep", str(cache), "-o", str(out), "--jobs", "2",
+                          "--grid", "hidden=4,8", "--seeds", "0", "--rounds", "1000000", "--heldout", "a", "-q"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        while len(_children(p.pid)) < 2 and time.time() < deadline:
+            time.sleep(0.1)
+        workers = _children(p.pid)
+        assert len(workers) == 2
+    finally:
+        p.kill()
+        p.wait()
+    deadline = time.time() + 10
+    while any(map(_alive, workers)) and time.time() < deadline:
+        time.sleep(0.1)
+    left = [w for w in workers if _alive(w)]
+    for w in left:  # (the test's own clean-up)
+        os.kill(w, 9)
+    assert not left
+
+
 def test_disk_full_in_a_sweep_point(cache, tmp_path, run, monkeypatch):
     def full(*a, **k):
         raise OSError(28, "No space left on device")
