@@ -201,18 +201,13 @@ def _run_point(cache, cfg_dict: dict, seeds: list[int], folder: str, threads: Op
 
 
 def _die_with_parent(parent: int) -> None:
-    """A --jobs worker ends when the sweep that started it dies (Linux: PR_SET_PDEATHSIG). Without it a `kill -9`
-    of the sweep left its workers training on, for as long as their points took, and writing their points into the
-    folder after its lock was gone, beside the next sweep run into it."""
-    import ctypes
-    import signal
+    """Pool initializer: a --jobs worker ends when the sweep that started it dies (``deploy``'s own rule,
+    ``deploy_zygote.die_with_parent``: Linux's PR_SET_PDEATHSIG). Without it a `kill -9` of the sweep left its
+    workers training on, for as long as their points took, writing their points into the folder after its lock was
+    gone, beside the next sweep run into it."""
+    from .deploy_zygote import die_with_parent
 
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
-    except (OSError, AttributeError):  # not Linux: the worker ends after its point, as before
-        return
-    if os.getppid() != parent:  # the sweep died before the call above
-        os._exit(1)
+    die_with_parent(parent)
 
 
 def point_folder(cfg: FederateConfig, seeds: list[int]) -> str:
