@@ -283,8 +283,12 @@ def _seeds(text: str) -> list[int]:
     from .federated.config import ConfigError
     from .sweep import check_seeds
 
+    items = [s.strip() for s in text.split(",")]
+    if any(items) and not all(items):  # `--seeds 0,$S,2` with S unset: refused, never dropped quietly
+        raise ConfigError(f"--seeds {text!r}: an empty seed (two commas in a row, or one at an end); remove it or "
+                          f"give the seed")
     try:
-        seeds = [int(s) for s in text.split(",") if s.strip()]
+        seeds = [int(s) for s in items if s]
     except ValueError:
         raise ConfigError(f"--seeds {text!r}: expected comma-separated whole numbers, e.g. 0,1,2") from None
     return check_seeds(seeds, "--seeds")

@@ -83,8 +83,12 @@ def _parse_grid(specs: list[str], where: str) -> tuple[dict[str, list], dict[str
             if name in grid:
                 raise ConfigError(f"{where} {key}: given twice; list all its values once, e.g. {key}=1,2")
             names[name] = f"{where} {key}="
-            grid[name] = check_grid_values(name, [_convert(name, v.strip(), names[name])
-                                                  for v in vals.split(",") if v.strip()], names[name])
+            items = [v.strip() for v in vals.split(",")]
+            if any(items) and not all(items):  # `hidden=4,$H,8` with H unset: refused, never dropped quietly
+                raise ConfigError(f"{where} {key}={vals}: an empty value (two commas in a row, or one at an end); "
+                                  f"remove it or give the value")
+            grid[name] = check_grid_values(name, [_convert(name, v, names[name]) for v in items if v],
+                                           names[name])
     return grid, names
 
 
