@@ -155,6 +155,10 @@ def _check_kind(folder: Path, kind: str, label: str) -> None:
     if have is not None and have != kind:
         raise RunFolderError(f"{label} {folder}: this is {_WHAT[have]}, not {_WHAT[kind]}; give another folder "
                              f"(one kind of run per folder)")
+    for sub in {Path(n).parent for n in _OWN[kind]} - {Path(".")}:  # plots/: a file there broke the run at its end
+        if (folder / sub).exists() and not (folder / sub).is_dir():
+            raise RunFolderError(f"{label} {folder}: {folder / sub} is a file where the run writes its {sub}/ "
+                                 f"folder; remove or rename it, or give another folder")
     clash = [n for n in _OWN[kind] if have is None and (folder / n).exists()]
     if clash:  # a file of that name that is not ours: never overwritten or removed
         raise RunFolderError(f"{label} {folder}: holds a {clash[0]} that fedclip-cache did not write; give another "
