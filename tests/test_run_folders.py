@@ -413,7 +413,7 @@ def test_stdout_closed_early_is_said_on_stderr(cache, tmp_path, run, fmt):
     assert "standard output was closed" in err and "broken pipe" in err and "Traceback" not in err, err
 
 
-def test_a_file_named_plots_is_one_line_for_federate_sweep_and_report(cache, tmp_path, run):
+def test_a_file_or_folder_where_a_run_writes_the_other_is_one_line(cache, tmp_path, run):
     """Probe 1: a file `plots` in a run folder: `report` ended in a FileExistsError traceback, and `federate -o`
     trained the whole run and then failed the same way (NotADirectoryError), leaving the folder incomplete."""
     out = tmp_path / "run"
@@ -425,13 +425,22 @@ def test_a_file_named_plots_is_one_line_for_federate_sweep_and_report(cache, tmp
     one_line_error(run("report", out), "plots", "not a folder", "--no-plots")
     assert run("report", out, "--no-plots", "--format", "csv")[0] == 0
     one_line_error(run("federate", cache, "-o", out, *FED), "is a file where the run writes its plots/ folder")
+    assert read_state(out)["state"] == "complete" and (out / "plots").read_text() == "mine"
     sw = tmp_path / "sw"
     sw.mkdir()
     (sw / "plots").write_text("mine")
     one_line_error(run("sweep", cache, "-o", sw, "--grid", "hidden=4", "--seeds", "0", *FED),
                    "is a file where the run writes its plots/ folder")
     assert sorted(p.name for p in sw.iterdir()) == ["plots"]
-    assert read_state(out)["state"] == "complete" and (out / "plots").read_text() == "mine"
+    # the same for a folder where a run writes a file, and a file where a sweep keeps its points (tracebacks)
+    (out / "plots").unlink()
+    (out / "summary.json").unlink()
+    (out / "summary.json").mkdir()
+    one_line_error(run("federate", cache, "-o", out, *FED), "summary.json is a folder where the run writes")
+    (sw / "plots").unlink()
+    (sw / "points").write_text("mine")
+    one_line_error(run("sweep", cache, "-o", sw, "--grid", "hidden=4", "--seeds", "0", *FED),
+                   "points is a file where the run writes its points/ folder")
 
 
 def test_output_name_not_utf8_is_one_line_and_creates_nothing(cache, tmp_path, run):

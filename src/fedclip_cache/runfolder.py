@@ -45,6 +45,7 @@ _EARLIER = {"federate": RUN_OUTPUTS + ("plots/accuracy_vs_round.png",),
 # ours, a file of one of these names is the user's, never overwritten (a sweep overwrote one's summary.md and
 # state.json, federate one's plots/accuracy_vs_round.png)
 _RUN_PLOT = "plots/accuracy_vs_round.png"
+_FOLDERS = ("points",)  # of those names, the folders
 _OWN = {"federate": RUN_OUTPUTS + (STATE_FILE, _RUN_PLOT),
         "deploy": RUN_OUTPUTS + ("simulation.json", STATE_FILE, _RUN_PLOT),
         "sweep": ("sweep.json", "points", "results.parquet", "summary.md", "summary.csv", STATE_FILE,
@@ -155,10 +156,15 @@ def _check_kind(folder: Path, kind: str, label: str) -> None:
     if have is not None and have != kind:
         raise RunFolderError(f"{label} {folder}: this is {_WHAT[have]}, not {_WHAT[kind]}; give another folder "
                              f"(one kind of run per folder)")
-    for sub in {Path(n).parent for n in _OWN[kind]} - {Path(".")}:  # plots/: a file there broke the run at its end
-        if (folder / sub).exists() and not (folder / sub).is_dir():
-            raise RunFolderError(f"{label} {folder}: {folder / sub} is a file where the run writes its {sub}/ "
-                                 f"folder; remove or rename it, or give another folder")
+    # A file where a run writes a folder (plots/, points/) or a folder where it writes a file (summary.json):
+    # refused now, before the lock; the run broke on it only at its end (a traceback after training).
+    subs = sorted({str(Path(n).parent) for n in _OWN[kind]} - {"."})
+    for name, want_dir in [(d, True) for d in subs] + [(n, n in _FOLDERS) for n in _OWN[kind]]:
+        p = folder / name
+        if p.exists() and p.is_dir() != want_dir:
+            what = "a folder" if p.is_dir() else "a file"
+            raise RunFolderError(f"{label} {folder}: {p} is {what} where the run writes its {name}"
+                                 f"{'/ folder' if want_dir else ''}; remove or rename it, or give another folder")
     clash = [n for n in _OWN[kind] if have is None and (folder / n).exists()]
     if clash:  # a file of that name that is not ours: never overwritten or removed
         raise RunFolderError(f"{label} {folder}: holds a {clash[0]} that fedclip-cache did not write; give another "
