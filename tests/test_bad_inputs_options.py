@@ -118,6 +118,11 @@ CASES = [
     (SWEEP + ["--grid", "lr=nan"], 2, "--grid lr=nan: must be a finite number", False),
     (SWEEP + ["--grid", "clients=0", "--partition", "iid"], 2, "--grid clients=0: must be at least 1", False),
     (SWEEP + ["--grid", "hidden=8,8"], 2, "--grid hidden=8: value given twice", False),
+    # an empty item (an unset shell variable) was dropped quietly: `--seeds 1,,2` trained seeds 1 and 2
+    (SWEEP + ["--grid", "hidden=4,,8"], 2, "--grid hidden=4,,8: an empty value", False),
+    (SWEEP + ["--grid", "heldout=A,"], 2, "--grid heldout=A,: an empty value", False),
+    (SWEEP[:-2] + ["--seeds", "0,,1"], 2, "--seeds '0,,1': an empty seed", False),
+    (FED + ["--seeds", "0,1,"], 2, "--seeds '0,1,': an empty seed", False),
     (SWEEP + ["--grid", "heldout=zz"], 2, "--grid heldout='zz': not a domain of this cache", False),
     (SWEEP + ["--grid", "template=3"], 2, "--grid template='3'", False),
     (SWEEP + ["--grid", "rounds=1,3", "--eval-every", "2"], 2, "--eval-every 2: must not exceed --grid rounds=1",

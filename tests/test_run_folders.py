@@ -85,7 +85,10 @@ def test_a_file_rewritten_after_the_run_completed_is_a_mixed_folder(cache, tmp_p
     out = tmp_path / "run"
     assert run("federate", cache, "-o", out, *FED)[0] == 0
     other = tmp_path / "other"
-    assert run("federate", cache, "-o", other, *FED, "--seed", "1")[0] == 0  # another seed: another summary
+    # (another seed list: with only --lr changed, both summaries may be byte-identical but for the run's seconds,
+    # and equal seconds made this test fail now and then)
+    assert run("federate", cache, "-o", other, *FED, "--lr", "0.01", "--seeds", "0,1")[0] == 0
+    assert (other / "summary.json").read_bytes() != (out / "summary.json").read_bytes()
     (out / "summary.json").write_bytes((other / "summary.json").read_bytes())  # e.g. an older fedclip-cache
     one_line_error(run("report", out), "mixed run folder", "summary.json")
 
@@ -154,6 +157,22 @@ def test_one_kind_of_run_per_folder(cache, tmp_path, run):
     (mine / "config.json").write_text('{"my": "settings"}')
     one_line_error(run("federate", cache, "-o", mine, *FED), "holds a config.json that fedclip-cache did not write")
     assert (mine / "config.json").read_text() == '{"my": "settings"}'
+
+
+@pytest.mark.parametrize("name", ["summary.md", "summary.csv", "results.parquet", "state.json",
+                                  "plots/accuracy_vs_round.png"])
+def test_a_file_of_ones_own_with_a_name_a_run_writes_is_never_overwritten(cache, tmp_path, run, name):
+    """Probe 1: only the first few output names were checked: `sweep -o MYFOLDER` overwrote one's summary.md,
+    summary.csv, results.parquet or state.json, `federate -o` one's plots/accuracy_vs_round.png (exit 0)."""
+    mine = tmp_path / "mine"
+    (mine / name).parent.mkdir(parents=True)
+    (mine / name).write_text("my own")
+    sweep = run("sweep", cache, "-o", mine, "--grid", "hidden=4", "--seeds", "0", *FED)
+    one_line_error(sweep, f"holds a {name} that fedclip-cache did not write")
+    if name in ("state.json", "plots/accuracy_vs_round.png"):
+        one_line_error(run("federate", cache, "-o", mine, *FED), f"holds a {name}")
+    assert (mine / name).read_text() == "my own"
+    assert sorted(p.name for p in mine.rglob("*")) == sorted({*name.split("/"), ".lock"} - {".lock"})
 
 
 def _killed_sweep(cache, out, monkeypatch, finished: int):
@@ -272,6 +291,54 @@ def test_a_short_torch_write_with_room_left_is_not_called_disk_full(cache, tmp_p
     assert "disk full" not in msg and read_state(out)["state"] == "in-progress"
 
 
+def _children(pid: int) -> list[int]:
+    """Live (not zombie) processes whose parent is ``pid``, from /proc."""
+    kids = []
+    for d in os.listdir("/proc"):
+        try:
+            fields = open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[1] == str(pid) and fields[0] != "Z":
+            kids.append(int(d))
+    return kids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_killed_sweep_takes_its_workers_with_it(cache, tmp_path):
+    """Probe 1: `kill -9` of a `sweep --jobs 2` left its two workers training on (re-parented to init), writing
+    their points into the folder after its lock was gone."""
+    import time
+
+    out = tmp_path / "sw"
+    p = subprocess.Popen([sys.executable, "-m", "fedclip_cache", "sweep", str(cache), "-o", str(out), "--jobs", "2",
+                          "--grid", "hidden=4,8", "--seeds", "0", "--rounds", "1000000", "--heldout", "a", "-q"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        while len(_children(p.pid)) < 2 and time.time() < deadline:
+            time.sleep(0.1)
+        workers = _children(p.pid)
+        assert len(workers) == 2
+    finally:
+        p.kill()
+        p.wait()
+    deadline = time.time() + 10
+    while any(map(_alive, workers)) and time.time() < deadline:
+        time.sleep(0.1)
+    left = [w for w in workers if _alive(w)]
+    for w in left:  # (the test's own clean-up)
+        os.kill(w, 9)
+    assert not left
+
+
 def test_disk_full_in_a_sweep_point(cache, tmp_path, run, monkeypatch):
     def full(*a, **k):
         raise OSError(28, "No space left on device")
@@ -292,6 +359,97 @@ def test_too_long_output_name_is_one_line(cache, tmp_path, run):
     one_line_error(run("run", toml, "--no-sweep"), "too long", "pipeline.out")
     (tmp_path / "f").write_text("")
     one_line_error(run("federate", cache, "-o", tmp_path / "f" / "sub", *FED), "is a file, not a folder")
+
+
+def test_a_run_refused_after_taking_the_lock_leaves_the_earlier_run_as_it_was(cache, tmp_path, run):
+    """Probe 1: refusals of the training loop's own checks (memory for --hidden, the text model and prompt fit of
+    promptfl) came after the folder was claimed: exit 2 in one line, yet the earlier complete run's outputs were
+    deleted and the folder left in-progress."""
+    out = tmp_path / "run"
+    assert run("federate", cache, "-o", out, *FED)[0] == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != ".lock"}
+    one_line_error(run("federate", cache, "-o", out, *FED, "--hidden", "9999999999"), "--hidden", "lower --hidden")
+    one_line_error(run("federate", cache, "-o", out, *FED, "--algo", "promptfl"), "prompt learning")
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != ".lock"} == before
+    assert read_state(out)["state"] == "complete"
+    assert run("report", out, "--format", "csv")[0] == 0
+
+
+def test_a_sweep_point_refused_by_the_loop_leaves_the_sweep_folder_as_it_was(cache, tmp_path, run):
+    """Probe 1: a grid value refused by the training loop's own checks (--grid hidden=..,9999999999: memory) came
+    after the sweep folder recorded it as one of its points; the folder then said "k of k+1 points" for ever (a
+    corrected sweep into it never completed, report refused it)."""
+    out = tmp_path / "sw"
+    sw = ["sweep", cache, "-o", out, "--seeds", "0", *FED]
+    assert run(*sw, "--grid", "hidden=4,8")[0] == 0
+    points = json.loads((out / "sweep.json").read_text())["points"]
+    one_line_error(run(*sw, "--grid", "hidden=4,8,9999999999"), "--hidden 9999999999", "lower --hidden")
+    assert json.loads((out / "sweep.json").read_text())["points"] == points
+    assert read_state(out)["state"] == "complete"
+    assert sorted(p.name for p in (out / "points").iterdir()) == sorted(points)
+    assert run("report", out, "--format", "csv")[0] == 0
+    assert run(*sw, "--grid", "hidden=4,8,16")[0] == 0  # the corrected sweep completes the folder
+    code, csv, err = run("report", out, "--format", "csv", "--no-plots")
+    assert code == 0 and not err and [r.split(",")[1] for r in csv.splitlines()[1:]] == ["4", "8", "16"]
+    assert read_state(out)["state"] == "complete"
+    # a new folder refused the same way is no sweep folder afterwards: any sweep may use it
+    new = tmp_path / "new"
+    one_line_error(run("sweep", cache, "-o", new, "--seeds", "0", *FED, "--grid", "hidden=9999999999"), "--hidden")
+    assert not (new / "sweep.json").exists() and not (new / "state.json").exists()
+    assert run("sweep", cache, "-o", new, "--seeds", "0", *FED, "--grid", "lr=0.01")[0] == 0
+
+
+@pytest.mark.parametrize("fmt", ["table", "json"])
+def test_stdout_closed_early_is_said_on_stderr(cache, tmp_path, run, fmt):
+    """Probe 1: `federate ... | head` (any reader that stops early) exited 1 with nothing on stderr, after the
+    table (rich's and click's handling of a broken pipe): it read as a failure without a cause."""
+    out = tmp_path / "run"
+    assert run("federate", cache, "-o", out, *FED)[0] == 0
+    p = subprocess.Popen([sys.executable, "-m", "fedclip_cache", "report", str(out), "--no-plots", "--format", fmt],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p.stdout.close()  # the reader goes away before the command writes anything
+    err = p.stderr.read()
+    assert p.wait(timeout=120) == 1
+    assert "standard output was closed" in err and "broken pipe" in err and "Traceback" not in err, err
+
+
+def test_a_file_or_folder_where_a_run_writes_the_other_is_one_line(cache, tmp_path, run):
+    """Probe 1: a file `plots` in a run folder: `report` ended in a FileExistsError traceback, and `federate -o`
+    trained the whole run and then failed the same way (NotADirectoryError), leaving the folder incomplete."""
+    out = tmp_path / "run"
+    assert run("federate", cache, "-o", out, *FED)[0] == 0
+    import shutil
+
+    shutil.rmtree(out / "plots")
+    (out / "plots").write_text("mine")
+    one_line_error(run("report", out), "plots", "not a folder", "--no-plots")
+    assert run("report", out, "--no-plots", "--format", "csv")[0] == 0
+    one_line_error(run("federate", cache, "-o", out, *FED), "is a file where the run writes its plots/ folder")
+    assert read_state(out)["state"] == "complete" and (out / "plots").read_text() == "mine"
+    sw = tmp_path / "sw"
+    sw.mkdir()
+    (sw / "plots").write_text("mine")
+    one_line_error(run("sweep", cache, "-o", sw, "--grid", "hidden=4", "--seeds", "0", *FED),
+                   "is a file where the run writes its plots/ folder")
+    assert sorted(p.name for p in sw.iterdir()) == ["plots"]
+    # the same for a folder where a run writes a file, and a file where a sweep keeps its points (tracebacks)
+    (out / "plots").unlink()
+    (out / "summary.json").unlink()
+    (out / "summary.json").mkdir()
+    one_line_error(run("federate", cache, "-o", out, *FED), "summary.json is a folder where the run writes")
+    (sw / "plots").unlink()
+    (sw / "points").write_text("mine")
+    one_line_error(run("sweep", cache, "-o", sw, "--grid", "hidden=4", "--seeds", "0", *FED),
+                   "points is a file where the run writes its points/ folder")
+
+
+def test_output_name_not_utf8_is_one_line_and_creates_nothing(cache, tmp_path, run):
+    """Probe 1: `federate -o $'b\\xffad'` trained the whole run, then pyarrow raised UnicodeEncodeError (a traceback,
+    exit 1) and left the folder in-progress; a sweep the same after its first point."""
+    bad = tmp_path / os.fsdecode(b"b\xffad")
+    one_line_error(run("federate", cache, "-o", bad, *FED), "not valid UTF-8", "UTF-8 name")
+    one_line_error(run("sweep", cache, "-o", bad / "s", "--grid", "hidden=4", "--seeds", "0", *FED), "UTF-8")
+    assert not os.path.lexists(bad)  # refused before anything was created
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o002])

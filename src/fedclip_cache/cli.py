@@ -1,6 +1,7 @@
 """The ``fedclip-cache`` command line: a thin typer layer over the library."""
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -20,6 +21,22 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Extract frozen CLIP features once; train FedCLIP and baselines on the cache.")
 
 
+def _say_broken_pipe() -> None:
+    """rich (and click, for a plain print) end a command whose stdout reader went away (``| head``, ``| grep -m1``)
+    with exit 1 and say nothing: after a complete table that read as a failure without a cause. One line on
+    stderr says it."""
+    with contextlib.suppress(OSError, ValueError):
+        sys.stderr.write("error: standard output was closed before the command finished writing to it (broken "
+                         "pipe, e.g. `| head`); exit 1 (a run folder's state.json says whether the run completed)\n")
+        sys.stderr.flush()
+
+
+class _Console(Console):
+    def on_broken_pipe(self) -> None:
+        _say_broken_pipe()
+        super().on_broken_pipe()
+
+
 def _console(stderr: bool = False) -> Console:
     """Rich cuts tables to 80 columns when the output is not a terminal (a log, CI, a pipe: every row of a run's
     table read ``heldout=do…``, so rows could not be told apart). There, tables keep their natural width; a
@@ -28,7 +45,7 @@ def _console(stderr: bool = False) -> Console:
 
     stream = sys.stderr if stderr else sys.stdout
     tty = bool(getattr(stream, "isatty", lambda: False)())
-    return Console(stderr=stderr, width=None if tty or "COLUMNS" in os.environ else 100_000)
+    return _Console(stderr=stderr, width=None if tty or "COLUMNS" in os.environ else 100_000)
 
 
 console = _console()
@@ -268,8 +285,12 @@ def _seeds(text: str) -> list[int]:
     from .federated.config import ConfigError
     from .sweep import check_seeds
 
+    items = [s.strip() for s in text.split(",")]
+    if any(items) and not all(items):  # `--seeds 0,$S,2` with S unset: refused, never dropped quietly
+        raise ConfigError(f"--seeds {text!r}: an empty seed (two commas in a row, or one at an end); remove it or "
+                          f"give the seed")
     try:
-        seeds = [int(s) for s in text.split(",") if s.strip()]
+        seeds = [int(s) for s in items if s]
     except ValueError:
         raise ConfigError(f"--seeds {text!r}: expected comma-separated whole numbers, e.g. 0,1,2") from None
     return check_seeds(seeds, "--seeds")
@@ -615,6 +636,12 @@ def run(
 def main() -> None:
     try:
         app()
+    except SystemExit as e:
+        import click
+
+        if e.code == 1 and isinstance(sys.stdout, click.utils.PacifyFlushWrapper):  # click's exit on a closed pipe
+            _say_broken_pipe()
+        raise
     except FedclipCacheError as e:  # a complete one-line diagnosis: print it, exit 2, no traceback
         from rich.markup import escape
 

@@ -29,9 +29,16 @@ def _finish(plt, fig, ax, path: Path, xlabel: str, ylabel: str, title: str = "",
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=120)
+    except (FileExistsError, NotADirectoryError, IsADirectoryError):  # `report` re-draws into a folder it finds
+        from .errors import FedclipCacheError
+
+        raise FedclipCacheError(f"{path}: cannot write the plot ({path.parent} is not a folder, or {path.name} is "
+                                f"one); remove or rename it and re-run (or --no-plots)") from None
+    finally:
+        plt.close(fig)
     return path
 
 

@@ -41,9 +41,16 @@ RUN_OUTPUTS = ("config.json", "metrics.parquet", "adapter.pt", "summary.json")
 _EARLIER = {"federate": RUN_OUTPUTS + ("plots/accuracy_vs_round.png",),
             "deploy": RUN_OUTPUTS + ("plots/accuracy_vs_round.png", "simulation.json"),
             "pipeline": ("pipeline.json",), "sweep": ()}
-# The names a run of each kind writes at the top of its folder
-_OWN = {"federate": RUN_OUTPUTS, "deploy": RUN_OUTPUTS + ("simulation.json",), "sweep": ("sweep.json", "points"),
-        "pipeline": ("pipeline.json",)}
+# The names a run of each kind writes in its folder (beside .lock, the holder note): in a folder holding none of
+# ours, a file of one of these names is the user's, never overwritten (a sweep overwrote one's summary.md and
+# state.json, federate one's plots/accuracy_vs_round.png)
+_RUN_PLOT = "plots/accuracy_vs_round.png"
+_FOLDERS = ("points",)  # of those names, the folders
+_OWN = {"federate": RUN_OUTPUTS + (STATE_FILE, _RUN_PLOT),
+        "deploy": RUN_OUTPUTS + ("simulation.json", STATE_FILE, _RUN_PLOT),
+        "sweep": ("sweep.json", "points", "results.parquet", "summary.md", "summary.csv", STATE_FILE,
+                  "plots/accuracy_vs_params.png", _RUN_PLOT, "plots/communication_vs_accuracy.png"),
+        "pipeline": ("pipeline.json", STATE_FILE)}
 _WHAT = {"federate": "a federate run folder", "sweep": "a sweep folder", "deploy": "a deploy/simulate run folder",
          "pipeline": "a pipeline (`run`) output folder", "cache": "a feature cache"}
 
@@ -82,6 +89,13 @@ class RunLock(WriterLock):
     def holder_extra(self) -> dict:
         return {"kind": self.kind}
 
+    def start(self) -> None:
+        """Mark the folder in-progress and remove an earlier run's outputs: from here on it is this run's."""
+        with disk_full(self.cache):
+            write_state(self.cache, self.kind, "in-progress")
+            for name in _EARLIER[self.kind]:
+                (self.cache / name).unlink(missing_ok=True)
+
     def complete(self, files: Iterable[str] = ()) -> None:
         mark_complete(self.cache, self.kind, files)
 
@@ -91,14 +105,18 @@ def _short(p: Path) -> str:
     return s if len(s) <= 120 else s[:60] + "…" + s[-40:]
 
 
-def claim(folder, kind: str, label: str, check: Optional[Callable[[], None]] = None) -> RunLock:
+def claim(folder, kind: str, label: str, check: Optional[Callable[[], None]] = None,
+          start: bool = True) -> RunLock:
     """Lock ``folder`` for a run of ``kind`` (refused in one line while another run holds it, or when the folder
-    is of another kind), mark it in-progress and remove an earlier run's outputs. ``label`` (``federate -o``)
+    is of another kind), mark it in-progress and remove an earlier run's outputs (``start=False``: only when the
+    run calls ``.start()``, so that a run refused after the lock was taken, e.g. by federate's memory or prompt
+    checks, which need the loaded cache, leaves the earlier run as it was). ``label`` (``federate -o``)
     words the errors; ``check`` (a sweep: is this the folder's sweep?) runs under the lock before anything is
     changed, so a refusal leaves the folder as it was. Release with ``.close()``; ``.complete(files)`` marks the
     run done."""
     assert kind in KINDS, kind
     folder = Path(folder)
+    _check_utf8(folder, label)
     lock = RunLock(folder, kind, label)
     try:  # (a too-long name fails already here: Path.exists raises ENAMETOOLONG)
         for p in (folder, *folder.parents):
@@ -113,14 +131,24 @@ def claim(folder, kind: str, label: str, check: Optional[Callable[[], None]] = N
         _check_kind(folder, kind, label)  # again, now that no other run can change the folder
         if check is not None:
             check()
-        with disk_full(folder):
-            write_state(folder, kind, "in-progress")
-            for name in _EARLIER[kind]:
-                (folder / name).unlink(missing_ok=True)
+        if start:
+            lock.start()
     except BaseException:
         lock.close()
         raise
     return lock
+
+
+def _check_utf8(folder: Path, label: str) -> None:
+    """A name that is not UTF-8 (Python holds its bytes as surrogates) is refused before anything is created: pyarrow
+    cannot open metrics.parquet there (UnicodeEncodeError, a traceback after the whole run had trained) and the
+    run's JSON records could not name it."""
+    try:
+        str(folder).encode("utf-8")
+    except UnicodeEncodeError:
+        shown = str(folder).encode("utf-8", "backslashreplace").decode()
+        raise RunFolderError(f"{label} {_short(Path(shown))}: the name is not valid UTF-8 (pyarrow cannot write "
+                             f"there); give a UTF-8 name") from None
 
 
 def _check_kind(folder: Path, kind: str, label: str) -> None:
@@ -128,6 +156,15 @@ def _check_kind(folder: Path, kind: str, label: str) -> None:
     if have is not None and have != kind:
         raise RunFolderError(f"{label} {folder}: this is {_WHAT[have]}, not {_WHAT[kind]}; give another folder "
                              f"(one kind of run per folder)")
+    # A file where a run writes a folder (plots/, points/) or a folder where it writes a file (summary.json):
+    # refused now, before the lock; the run broke on it only at its end (a traceback after training).
+    subs = sorted({str(Path(n).parent) for n in _OWN[kind]} - {"."})
+    for name, want_dir in [(d, True) for d in subs] + [(n, n in _FOLDERS) for n in _OWN[kind]]:
+        p = folder / name
+        if p.exists() and p.is_dir() != want_dir:
+            what = "a folder" if p.is_dir() else "a file"
+            raise RunFolderError(f"{label} {folder}: {p} is {what} where the run writes its {name}"
+                                 f"{'/ folder' if want_dir else ''}; remove or rename it, or give another folder")
     clash = [n for n in _OWN[kind] if have is None and (folder / n).exists()]
     if clash:  # a file of that name that is not ours: never overwritten or removed
         raise RunFolderError(f"{label} {folder}: holds a {clash[0]} that fedclip-cache did not write; give another "
@@ -256,6 +293,9 @@ def check_readable(folder: Path, kind: str) -> list[str]:
     if state.get("kind") != kind:
         raise RunFolderError(f"{folder}: {STATE_FILE} says {_WHAT.get(state.get('kind'), 'another kind of folder')}"
                              f", but it holds {_WHAT[kind]}'s files: a mixed folder; re-run into a new folder")
+    holder = writer_active(folder) if state.get("state") == "complete" else None  # one not writing yet
+    notes = [f"a {holder.get('kind', 'run')} is running on {folder} now ({describe_holder(holder)}): shown is the "
+             f"run that completed before it, which that run will replace"] if holder else []
     if state.get("state") != "complete":
         holder = writer_active(folder)
         if holder:
@@ -270,4 +310,4 @@ def check_readable(folder: Path, kind: str) -> list[str]:
         if f.stat().st_size != rec.get("bytes") or file_sha256(f) != rec.get("sha256"):
             raise RunFolderError(f"{folder}: mixed run folder: {name} is not the file this run completed with "
                                  f"(rewritten since {state.get('finished')}); re-run into a new folder")
-    return []
+    return notes

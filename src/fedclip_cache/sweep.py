@@ -22,6 +22,7 @@ points" and refuses a partial sweep unless asked (``--partial``).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import itertools
@@ -82,8 +83,12 @@ def _parse_grid(specs: list[str], where: str) -> tuple[dict[str, list], dict[str
             if name in grid:
                 raise ConfigError(f"{where} {key}: given twice; list all its values once, e.g. {key}=1,2")
             names[name] = f"{where} {key}="
-            grid[name] = check_grid_values(name, [_convert(name, v.strip(), names[name])
-                                                  for v in vals.split(",") if v.strip()], names[name])
+            items = [v.strip() for v in vals.split(",")]
+            if any(items) and not all(items):  # `hidden=4,$H,8` with H unset: refused, never dropped quietly
+                raise ConfigError(f"{where} {key}={vals}: an empty value (two commas in a row, or one at an end); "
+                                  f"remove it or give the value")
+            grid[name] = check_grid_values(name, [_convert(name, v, names[name]) for v in items if v],
+                                           names[name])
     return grid, names
 
 
@@ -197,6 +202,16 @@ def _run_point(cache, cfg_dict: dict, seeds: list[int], folder: str, threads: Op
         os.replace(staging / "summary.json", Path(folder) / "summary.json")  # last: marks the point done
     shutil.rmtree(staging, ignore_errors=True)  # (a killed run's temporary files may be left in it)
     return folder
+
+
+def _die_with_parent(parent: int) -> None:
+    """Pool initializer: a --jobs worker ends when the sweep that started it dies (``deploy``'s own rule,
+    ``deploy_zygote.die_with_parent``: Linux's PR_SET_PDEATHSIG). Without it a `kill -9` of the sweep left its
+    workers training on, for as long as their points took, writing their points into the folder after its lock was
+    gone, beside the next sweep run into it."""
+    from .deploy_zygote import die_with_parent
+
+    die_with_parent(parent)
 
 
 def point_folder(cfg: FederateConfig, seeds: list[int]) -> str:
@@ -317,17 +332,19 @@ def sweep(cache_path: str | Path, base: FederateConfig, grid: dict[str, list], s
         if jobs <= 1:
             cache = open_cache(cache_path, **opener) if todo else None  # read once for all points, not once per point
             for cfg, folder in todo:
-                _run_point(cache, cfg.to_dict(), seeds, str(folder), None)
+                with _refused_point(out, record, folder, lock):
+                    _run_point(cache, cfg.to_dict(), seeds, str(folder), None)
                 done += 1
                 if on_done:
                     on_done(done, len(points))
         else:
             threads = max(1, (os.cpu_count() or 1) // jobs)
-            with ProcessPoolExecutor(jobs) as ex:
-                futs = [ex.submit(_run_point, str(cache_path), cfg.to_dict(), seeds, str(folder), threads, opener)
-                        for cfg, folder in todo]
+            with ProcessPoolExecutor(jobs, initializer=_die_with_parent, initargs=(os.getpid(),)) as ex:
+                futs = {ex.submit(_run_point, str(cache_path), cfg.to_dict(), seeds, str(folder), threads, opener):
+                        folder for cfg, folder in todo}
                 for f in as_completed(futs):
-                    f.result()
+                    with _refused_point(out, record, futs[f], lock):
+                        f.result()
                     done += 1
                     if on_done:
                         on_done(done, len(points))
@@ -342,6 +359,33 @@ def sweep(cache_path: str | Path, base: FederateConfig, grid: dict[str, list], s
     finally:
         lock.close()
     return results
+
+
+@contextlib.contextmanager
+def _refused_point(out: Path, record: dict, folder: Path, lock):
+    """A point refused by the training loop's own checks (memory for --hidden, prompt fit, the text model: they
+    need the loaded cache, so they come only when the point runs) is no point of the folder's sweep: it is taken
+    out of ``sweep.json`` before the one-line error goes on. Kept, it stayed one of the folder's points for ever:
+    every later sweep into the folder, the corrected one too, said "k of k+1 points" and never completed. When
+    the points left are all finished (a complete sweep widened by a refused value), their tables are written
+    and the folder is complete again; a new folder whose only point was refused is left as new."""
+    try:
+        yield
+    except ConfigError:
+        record["points"] = [n for n in record["points"] if n != folder.name]
+        shutil.rmtree(folder, ignore_errors=True)  # made for this point, nothing of a finished run in it
+        if not record["points"]:  # a new folder whose only point was refused: left as new
+            for name in ("sweep.json", "state.json"):
+                (out / name).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                (out / "points").rmdir()
+            raise
+        write_json(out / "sweep.json", record)
+        st = status(out)
+        if len(st["done"]) == len(st["points"]):  # (--jobs: the other points finished meanwhile)
+            write_outputs(out, collect(out, st["done"]))
+            lock.complete()
+        raise
 
 
 def read_record(out: Path) -> Optional[dict]:

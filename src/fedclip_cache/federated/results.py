@@ -210,17 +210,21 @@ def federate(cache: str | Path | FeatureCache, cfg: FederateConfig, out: Optiona
              plots: bool = False) -> dict:
     """Train on a cache and (optionally) write a run folder, with ``plots`` its plots/; returns the summary dict.
     An unfinished cache is refused unless ``allow_incomplete`` (then the summary's ``cache`` record says so). The
-    run folder is claimed (``runfolder.claim``: locked, marked in-progress, an earlier run's outputs removed) once
-    the options and the experiments are checked, before training, and marked complete after its last output."""
+    run folder is locked (``runfolder.claim``) once the options and the experiments are checked, before training;
+    it is marked in-progress and an earlier run's outputs removed only once training is done (a run refused or
+    killed before then leaves the earlier run as it was), and marked complete after its last output."""
     from ..runfolder import RUN_OUTPUTS, claim, disk_full
 
     cfg.validate()
     fc = cache if isinstance(cache, FeatureCache) else open_cache(cache, allow_incomplete=allow_incomplete)
     exps = build_experiments(fc, cfg, seeds)
-    folder = claim(Path(out), "federate", "federate -o") if out is not None else None
+    # Locked now (a second federate is refused at once), but the earlier run in the folder is kept until this one
+    # has trained: the loop's own checks (memory, prompt fit, the text model) refuse only after it has started.
+    folder = claim(Path(out), "federate", "federate -o", start=False) if out is not None else None
     try:
         res, summary = _train(fc, cfg, exps, progress)
         if folder is not None:
+            folder.start()
             write_run(Path(out), fc, cfg, res, summary, seeds)
             if plots:  # under the lock: a run that starts next removes them
                 from ..plots import run_plots
