@@ -196,6 +196,44 @@ def test_disk_full_is_one_line_and_the_same_command_resumes(tmp_path, image_root
     assert len(c) == 36 and len(set(c.ids.tolist())) == 36
 
 
+_HDF5_WRITE_FAILS = """
+import resource, signal, sys
+from pathlib import Path
+import numpy as np
+from fedclip_cache import store
+out, what = Path(sys.argv[1]), sys.argv[2]
+n = 64
+cols = {c: [f"x{i}" for i in range(n)] for c in store.STRING_COLUMNS}
+cols["path_bytes"] = [b"abc"] * n
+cols.update({c: np.arange(n) for c in store.INT_COLUMNS})
+emb = np.random.default_rng(0).random((n, 32), dtype=np.float32)
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG, as a full disk fails them
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[3]), resource.RLIM_INFINITY))
+try:
+    if what == "shard":
+        store.write_shard(out / "part-20260101T000000000000-r000-00000.h5", "hdf5", cols, emb, "float32",
+                          {"cache_id": "0" * 32})
+    else:
+        store.write_text(out, "hdf5", ["a {}"], [f"class {i}" for i in range(400)], np.ones((1, 400, 32)))
+except OSError as e:
+    print("refused", e.errno)
+"""
+
+
+@pytest.mark.parametrize("what,limit", [("shard", 2000), ("shard", 16000), ("text", 20000)])
+def test_hdf5_write_failing_midway_raises_cleanly(tmp_path, what, limit):
+    """A full disk while HDF5 wrote its own file left half-closed objects whose destructors printed RuntimeErrors
+    and then crashed the process (SIGSEGV) after extract's one-line error (measured on a full 2 MiB tmpfs; a
+    file-size limit fails the same writes the same way, without mounting anything)."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", _HDF5_WRITE_FAILS, str(tmp_path), what, str(limit)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == f"refused {errno.EFBIG}", (r.returncode, r.stderr[-2000:])
+    assert "RuntimeError" not in r.stderr and os.listdir(tmp_path) == []
+
+
 # ------------------------------------------------------------------------------------- permissions
 
 @pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o002, 0o664)])

@@ -243,21 +243,41 @@ def _parquet_write(path: Path, cols: dict, emb: np.ndarray, dtype: str, meta: di
     pq.write_table(table, path, row_group_size=ROW_GROUP_ROWS)
 
 
-def _hdf5_write(path: Path, cols: dict, emb: np.ndarray, dtype: str, meta: dict, views=None) -> None:
+def _hdf5_file(path: Path, fill: Callable) -> None:
+    """Write an HDF5 file built by ``fill(h5py.File)``: built in memory, then written with one plain file write.
+    HDF5 writing to disk itself cannot fail cleanly: a full disk (or a file-size limit) during its flush leaves
+    half-closed objects whose destructors print a screen of RuntimeErrors and then crash the process (SIGSEGV, exit
+    -11, measured with h5py 3 on a full tmpfs) after our one-line error. A shard is at most --shard-size rows, a few
+    MB to tens of MB, so one copy in memory is cheap."""
+    import io
+
     import h5py
 
-    with h5py.File(path, "w") as f:
-        for c in STRING_COLUMNS:
-            f.create_dataset(c, data=np.array(_text_column(cols[c]), dtype=object), dtype=h5py.string_dtype())
-        raw = np.empty(len(emb), dtype=object)  # file-system bytes, lossless for any file name
-        raw[:] = [np.frombuffer(b, np.uint8) for b in cols["path_bytes"]]
-        f.create_dataset("path_bytes", data=raw, dtype=h5py.vlen_dtype(np.uint8))
-        for c, t in INT_COLUMNS.items():
-            f.create_dataset(c, data=np.asarray(cols[c], t))
-        f.create_dataset("embedding", data=np.ascontiguousarray(emb, dtype=dtype))
-        if views is not None:
-            f.create_dataset("views", data=np.ascontiguousarray(views, dtype=dtype))  # (rows, K-1, D)
-        f.attrs[META_KEY] = json.dumps(meta, ensure_ascii=True)
+    buf = io.BytesIO()
+    with h5py.File(buf, "w") as f:
+        fill(f)
+    with open(path, "wb") as out:
+        out.write(buf.getbuffer())
+
+
+def _hdf5_write(path: Path, cols: dict, emb: np.ndarray, dtype: str, meta: dict, views=None) -> None:
+    _hdf5_file(path, lambda f: _hdf5_fill(f, cols, emb, dtype, meta, views))
+
+
+def _hdf5_fill(f, cols: dict, emb: np.ndarray, dtype: str, meta: dict, views=None) -> None:
+    import h5py
+
+    for c in STRING_COLUMNS:
+        f.create_dataset(c, data=np.array(_text_column(cols[c]), dtype=object), dtype=h5py.string_dtype())
+    raw = np.empty(len(emb), dtype=object)  # file-system bytes, lossless for any file name
+    raw[:] = [np.frombuffer(b, np.uint8) for b in cols["path_bytes"]]
+    f.create_dataset("path_bytes", data=raw, dtype=h5py.vlen_dtype(np.uint8))
+    for c, t in INT_COLUMNS.items():
+        f.create_dataset(c, data=np.asarray(cols[c], t))
+    f.create_dataset("embedding", data=np.ascontiguousarray(emb, dtype=dtype))
+    if views is not None:
+        f.create_dataset("views", data=np.ascontiguousarray(views, dtype=dtype))  # (rows, K-1, D)
+    f.attrs[META_KEY] = json.dumps(meta, ensure_ascii=True)
 
 
 SHARD_NAME = re.compile(r"part-\d{8}T\d{12}-r\d{3}-c?\d{5}\.(parquet|h5)")
@@ -532,12 +552,11 @@ def write_text(cache: Path, fmt: str, templates: list[str], classes: list[str], 
     else:
         import h5py
 
-        def w(p):
-            with h5py.File(p, "w") as f:
-                f.create_dataset("templates", data=np.array(templates, dtype=object), dtype=h5py.string_dtype())
-                f.create_dataset("classes", data=np.array(classes, dtype=object), dtype=h5py.string_dtype())
-                f.create_dataset("embedding", data=emb.astype(np.float32))
-        atomic_write(path, w)
+        def fill(f):
+            f.create_dataset("templates", data=np.array(templates, dtype=object), dtype=h5py.string_dtype())
+            f.create_dataset("classes", data=np.array(classes, dtype=object), dtype=h5py.string_dtype())
+            f.create_dataset("embedding", data=emb.astype(np.float32))
+        atomic_write(path, lambda p: _hdf5_file(p, fill))
 
 
 def read_text(cache: Path, fmt: str) -> tuple[list[str], list[str], np.ndarray]:
