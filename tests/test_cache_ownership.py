@@ -109,6 +109,33 @@ def test_two_caches_sharing_one_shards_folder_never_take_each_others_shards(tmp_
     assert len(list(shared.glob("part-*"))) == 2 and len(open_cache(caches["a"])) == 12
 
 
+def test_a_copy_of_a_cache_over_the_same_shared_shards_is_refused(tmp_path, image_root, model_args, run):
+    """`cp -a` of a cache whose shards/ is a link copies the link: two cache.json with one id over one shards folder.
+    Extracting a subset into the copy retired the original's rows and deleted its shard (the original then failed
+    with 'shard listed in cache.json is missing')."""
+    shared, a = tmp_path / "shared", tmp_path / "a"
+    shared.mkdir()
+    a.mkdir()
+    (a / "shards").symlink_to(shared, target_is_directory=True)
+    extract_ok(run, image_root, a, model_args)
+    ref = open_cache(a)
+    copy = tmp_path / "copy"
+    shutil.copytree(a, copy, symlinks=True)  # what cp -a does
+    shutil.rmtree(image_root / "sketch")
+    before = sorted(p.name for p in shared.iterdir())
+    one_line_error(*run("extract", image_root, copy, *model_args, "-q", "--workers", "0"), f"{copy}: a copy of the "
+                   f"cache at {a}", "same shards folder", "would delete the other's shards", "new output folder")
+    assert sorted(p.name for p in shared.iterdir()) == before
+    np.testing.assert_array_equal(open_cache(a).features, ref.features)
+    moved = tmp_path / "moved"  # a cache moved (its old folder gone) is the same cache, not a copy
+    a.rename(moved)
+    o = extract_ok(run, image_root, moved, model_args)
+    assert "12 retired" in o and len(open_cache(moved)) == 24 and _meta(moved)["folder"] == str(moved.resolve())
+    own = tmp_path / "own"  # a copy with its own shards (cp -rL) is independent
+    shutil.copytree(moved, own)
+    assert len(open_cache(own)) == 24 and "+0 embedded" in extract_ok(run, image_root, own, model_args)
+
+
 # ------------------------------------------------------------------------------------- shard names
 
 @pytest.mark.parametrize("bad", ["../../x.parquet", "ABSOLUTE", "sub/part-20260101T000000000000-r000-00000.parquet",

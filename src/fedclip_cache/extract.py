@@ -396,6 +396,8 @@ def _extract_locked(cfg: ExtractConfig, table: ImageTable, lm: LoadedModel, fp: 
     plan = None
     if rank == 0:
         meta, _ = _open_or_create(cfg, lm, fp, out, report)
+        integrity.check_not_a_copy(out, meta)  # before anything in a shards folder it may share is touched
+        meta["folder"] = os.path.realpath(out)
         removed_tmp = integrity.clean_temporaries(out, meta["cache_id"])  # a killed run's (never visible)
         vcfg = _views.resolve(meta.get("views"), cfg.views, cfg.augment, cfg.augment_seed, str(out))
         if vcfg["count"] > 1:

@@ -346,6 +346,28 @@ def clean_temporaries(cache: Path, cache_id: str) -> int:
     return n
 
 
+def check_not_a_copy(out: Path, meta: dict) -> None:
+    """Refuse to write a cache that is a copy of another over the same shard files. ``cp -a`` of a cache whose
+    ``shards/`` is a link (a shards folder shared by caches) copies the link: two cache.json files with one cache id
+    over one folder of shards, so extracting either retires, supersedes and deletes the other's shards (and its
+    temporary files). ``cache.json`` records the folder it was last written in (``folder``); when that folder still
+    holds a cache of the same id whose ``shards/`` is this one's, this folder is the copy. A moved cache (the old
+    folder gone) or a copy with its own shards (``cp -rL``) is not refused; its record then follows it."""
+    was, here = meta.get("folder"), os.path.realpath(out)
+    if not isinstance(was, str) or was == here:
+        return
+    try:
+        twin = os.path.samefile(os.path.join(was, store.SHARD_DIR), os.path.join(here, store.SHARD_DIR)) and \
+            store.read_meta(Path(was)).get("cache_id") == meta.get("cache_id")
+    except (OSError, CacheError):
+        return  # the old folder is gone or not a cache: moved, not copied
+    if twin:
+        raise CacheError(f"{out}: a copy of the cache at {store.display_text(was)} (the same cache id) over the same "
+                         f"shards folder ({store.display_text(os.path.realpath(os.path.join(here, store.SHARD_DIR)))}"
+                         f"): extracting into either would delete the other's shards; extract into a new output "
+                         f"folder (copy a cache with its own shards: cp -rL)")
+
+
 def check_output_folder(out: Path) -> None:
     """Extract writes into a new or empty folder, into a cache, or into what a killed first extract left there (its
     lock, temporary files, an empty ``shards/``); anything else is someone's folder, refused before a file is
