@@ -50,7 +50,9 @@ def test_users_tmp_files_survive_an_extract_and_a_resumed_one(tmp_path, image_ro
 
 def test_extract_into_someone_elses_folder_is_refused(tmp_path, image_root, model_args, run):
     cases = {"notes": {"notes.txt": "mine"}, "json": {"cache.json": '{"my": "settings"}'},
-             "subfolder": {"shards/readme.md": "mine"}}
+             "subfolder": {"shards/readme.md": "mine"},
+             # another tool's folder laid out like a cache: its cache.json was taken for our damaged one, overwritten
+             "lookalike": {"cache.json": '{"my": "settings"}', "shards/data-000000.tar": "mine", ".lock": ""}}
     for name, files in cases.items():
         d = tmp_path / name
         for rel, text in files.items():

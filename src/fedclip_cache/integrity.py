@@ -383,7 +383,7 @@ def check_output_folder(out: Path) -> None:
             store.read_meta(out)
             return
         except CacheError:
-            if LOCK_FILE in names or store.SHARD_DIR in names:
+            if _damaged_but_ours(out, names):
                 return  # our cache, damaged metadata: extract rebuilds it
         others = [store.META_FILE]
     else:
@@ -393,6 +393,26 @@ def check_output_folder(out: Path) -> None:
         raise CacheError(f"{out}: not empty and not a fedclip-cache cache (it holds "
                          f"{store.display_text(others[0])!r}{more}); extract into a new or empty folder, or into "
                          f"an existing cache's folder")
+
+
+def _damaged_but_ours(out: Path, names: list[str]) -> bool:
+    """Whether a folder whose ``cache.json`` cannot be read is one of our caches: our lock's holder note, a shard or
+    temporary file of ours in ``shards/``, or our keys in what is left of the file. A ``cache.json`` beside a
+    ``shards/`` folder is not enough: another tool's folder may be laid out so (its cache.json was overwritten)."""
+    holder = read_holder(out / LOCK_FILE) if LOCK_FILE in names else {}
+    if isinstance(holder, dict) and {"pid", "command"} <= set(holder):
+        return True
+    try:
+        if any(store.SHARD_NAME.fullmatch(n) or store.temporary_of(n) for n in os.listdir(out / store.SHARD_DIR)):
+            return True
+    except OSError:
+        pass
+    try:
+        with open(out / store.META_FILE, "rb") as f:
+            head = f.read(1 << 16)
+    except OSError:
+        return False
+    return b'"cache_id"' in head or b'"fingerprint"' in head
 
 
 def _leftover(out: Path, name: str) -> bool:
