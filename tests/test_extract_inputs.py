@@ -293,3 +293,16 @@ def test_run_sweep_and_cache_folders_inside_the_dataset_are_not_embedded(tmp_pat
     assert set(c.domain_names) == {"art", "photo"} and len(c) == 6
     ignored = dict(map(tuple, c.meta["ignored"]))
     assert {"runs/x/", "sw/", "cache/", "art/cat/old-cache/"} <= set(ignored)
+
+
+@pytest.mark.parametrize("classes", [("Cat", "cat"), ("caf\u00e9", "cafe\u0301"), ("a " * 90 + "x", "a " * 90 + "y")])
+def test_classes_the_tokenizer_cannot_tell_apart_are_refused(tmp_path, model_args, run, classes):
+    """Class folders 'Cat' and 'cat' (or one name in two Unicode spellings, or two names that differ only past the
+    77-token cut) were two classes with the same text embedding: zero-shot and FedCLIP could not separate them."""
+    root = write_image_folder(tmp_path / "data", domains=("art",), classes=classes + ("dog",), per_class=1)
+    out = tmp_path / "c"
+    one_line_error(*run("extract", root, out, *model_args, "-q", "--workers", "0"), "classes {} and {} give the same "
+                   "prompt".format(*map(ascii, sorted(classes))), "rename or merge one")
+    assert not (out / "cache.json").exists() and not list(out.glob("shards/*"))
+    ok = write_image_folder(tmp_path / "ok", domains=("art",), classes=(classes[0], "dog"), per_class=1)
+    extract_ok(run, ok, tmp_path / "c2", model_args)

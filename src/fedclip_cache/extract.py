@@ -146,13 +146,31 @@ def check_compatible(cache: Path, meta: dict, fp: dict, fmt: str) -> None:
 def encode_text(lm: LoadedModel, templates: Sequence[str], classes: Sequence[str], device, precision) -> np.ndarray:
     """Raw ``encode_text`` for every (template, class): shape (T, C, D), float32."""
     prompts = [t.format(c) for t in templates for c in classes]
+    tokens = torch.cat([lm.tokenizer(prompts[i:i + 256]) for i in range(0, len(prompts), 256)])
+    _check_distinct_prompts(tokens, templates, classes)
     out = []
     with autocast_for(device, precision):
         for i in range(0, len(prompts), 256):
-            tokens = lm.tokenizer(prompts[i:i + 256]).to(device)
-            out.append(lm.model.encode_text(tokens).float().cpu())
+            out.append(lm.model.encode_text(tokens[i:i + 256].to(device)).float().cpu())
     emb = torch.cat(out).numpy()
     return emb.reshape(len(templates), len(classes), -1)
+
+
+def _check_distinct_prompts(tokens: torch.Tensor, templates: Sequence[str], classes: Sequence[str]) -> None:
+    """Refuse two classes whose prompts tokenise the same: their text embeddings would be identical, so zero-shot,
+    FedCLIP and the prompt learners could never tell them apart, with exit 0. The tokenizer lower-cases, normalises
+    Unicode (ftfy: 'café' typed as e + U+0301 is 'café') and spaces, and cuts at its context length, so 'Cat' and
+    'cat', or two long names that differ only past the cut, are one prompt (measured with open_clip's tokenizer)."""
+    for t, template in enumerate(templates):
+        seen: dict[tuple, int] = {}
+        for c, row in enumerate(tokens[t * len(classes):(t + 1) * len(classes)].tolist()):
+            first = seen.setdefault(tuple(row), c)
+            if first != c:
+                raise ExtractError(f"classes {ascii(classes[first])} and {ascii(classes[c])} give the same prompt to "
+                                   f"the text tokenizer ({template.format(classes[c])!r}: it lower-cases, normalises "
+                                   f"Unicode and spaces, and cuts long prompts), so their text embeddings would be "
+                                   f"identical; rename or merge one (the class folder, the manifest's label or "
+                                   f"--classes)")
 
 
 def _input_size(lm: LoadedModel) -> tuple[int, int]:
