@@ -46,6 +46,25 @@ def test_users_tmp_files_survive_an_extract_and_a_resumed_one(tmp_path, image_ro
     assert {p: p.read_text() for p in users} == users and len(open_cache(out)) == 36
 
 
+def test_a_temporary_file_a_live_process_is_writing_is_never_cleaned(tmp_path):
+    """A reader building features.npy takes no writer lock: an extract starting meanwhile removed its half-written
+    file as a killed run's, and the reader failed ('No such file ... free disk space')."""
+    from fedclip_cache import integrity, store
+
+    cache = write_synthetic_cache(tmp_path / "c", {"a": 30}, 3, dim=8)
+    cid, seen = _meta(cache)["cache_id"], {}
+
+    def write(tmp):
+        tmp.write_bytes(b"half")
+        seen["removed"], seen["alive"] = integrity.clean_temporaries(cache, cid), tmp.exists()
+        tmp.write_bytes(b"whole")
+
+    store.atomic_write(cache / "features.npy", write)
+    assert seen == {"removed": 0, "alive": True} and (cache / "features.npy").read_bytes() == b"whole"
+    (cache / ".fedclip-tmp.features.npy.abcd1234.tmp").write_bytes(b"left by a killed reader")
+    assert integrity.clean_temporaries(cache, cid) == 1 and not list(cache.glob(".fedclip-tmp*"))
+
+
 # ------------------------------------------------------------------------------------- someone's folder
 
 def test_extract_into_someone_elses_folder_is_refused(tmp_path, image_root, model_args, run):

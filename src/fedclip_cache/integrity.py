@@ -332,7 +332,7 @@ def add_new_shards(cache: Path, meta: dict, fp: dict, dim: int, inv: Inventory, 
 def clean_temporaries(cache: Path, cache_id: str) -> int:
     """Remove the half-written temporary files a killed run of this cache left (only ever called under the writer
     lock): only names of our temporary pattern (``store.TMP_NAME``) for a file this cache owns, and in ``shards/``
-    only those that carry this cache's id. A user's ``.notes.tmp``, or another cache's file in a shared ``shards/``,
+    only those that carry this cache's id; never one a live process is still writing (a reader's features.npy). A user's ``.notes.tmp``, or another cache's file in a shared ``shards/``,
     is never touched."""
     n = 0
     for folder, owners, ours in ((Path(cache), ("", cache_id), store.ROOT_FILES.__contains__),
@@ -340,7 +340,7 @@ def clean_temporaries(cache: Path, cache_id: str) -> int:
         if folder.is_dir():
             for stale in folder.glob(f"{store.TMP_PREFIX}*.tmp"):
                 tmp = store.temporary_of(stale.name)
-                if tmp and tmp[0] in owners and ours(tmp[1]):
+                if tmp and tmp[0] in owners and ours(tmp[1]) and not store.temporary_in_use(stale):
                     stale.unlink(missing_ok=True)
                     n += 1
     return n

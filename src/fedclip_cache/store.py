@@ -18,6 +18,7 @@ reads and writes files, and turns every unreadable file into a one-line :class:`
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -98,7 +99,10 @@ def atomic_write(path: Path, write: Callable[[Path], None], owner: str = "") -> 
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{'-' + owner if owner else ''}.{path.name}.", suffix=".tmp",
                                dir=path.parent)
-    os.close(fd)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # "being written": an extract's clean-up leaves it (temporary_in_use)
+    except OSError:
+        pass  # a file system without locks: the clean-up then goes by the name alone
     try:
         write(Path(tmp))
         with open(tmp, "rb+") as f:
@@ -114,6 +118,27 @@ def atomic_write(path: Path, write: Callable[[Path], None], owner: str = "") -> 
         if is_disk_full(e) and not isinstance(e, DiskFull):
             raise DiskFull(errno.ENOSPC, "No space left on device", str(path)) from e
         raise
+    finally:
+        os.close(fd)
+
+
+def temporary_in_use(path: Path) -> bool:
+    """Whether a live process is writing this temporary file: :func:`atomic_write` holds a lock on it until it is
+    renamed. A reader building ``features.npy`` takes no writer lock, so an extract starting meanwhile must not
+    remove its half-written file as a killed run's (the reader then failed with 'No such file')."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False  # no locks on this file system
+    finally:
+        os.close(fd)
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
