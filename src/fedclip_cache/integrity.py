@@ -357,6 +357,8 @@ def check_not_a_copy(out: Path, meta: dict) -> None:
     if not isinstance(was, str) or was == here:
         return
     try:
+        if os.path.samefile(was, here):
+            return  # the same folder by another path (a second mount of the same file system, a bind mount)
         twin = os.path.samefile(os.path.join(was, store.SHARD_DIR), os.path.join(here, store.SHARD_DIR)) and \
             store.read_meta(Path(was)).get("cache_id") == meta.get("cache_id")
     except (OSError, CacheError):
