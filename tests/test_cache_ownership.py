@@ -282,6 +282,27 @@ def test_hdf5_write_failing_midway_raises_cleanly(tmp_path, what, limit):
     assert "RuntimeError" not in r.stderr and os.listdir(tmp_path) == []
 
 
+def test_an_unwritable_shards_folder_is_one_line_and_resumes(tmp_path, image_root, model_args, run, monkeypatch):
+    """A shards/ folder shared by a lab but writable only by its owner (or on a read-only mount): the shard write's
+    PermissionError/EROFS was a traceback, exit 1 (measured with a read-only bind mount; root ignores modes, so the
+    refusal is raised here as the file system raises it)."""
+    from fedclip_cache import store
+
+    out, real = tmp_path / "c", store._parquet_write
+
+    def refused(path, *a, **k):
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+    monkeypatch.setattr(store, "_parquet_write", refused)
+    msg = one_line_error(*run("extract", image_root, out, *model_args, "--workers", "0", "-q"),
+                         f"cannot write in {out}/shards (Read-only file system)", "make it writable",
+                         "re-run the same extract")
+    assert "Traceback" not in msg and not list(out.rglob(".fedclip-tmp*"))
+    monkeypatch.setattr(store, "_parquet_write", real)
+    extract_ok(run, image_root, out, model_args)
+    assert len(open_cache(out)) == 36
+
+
 # ------------------------------------------------------------------------------------- permissions
 
 @pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o002, 0o664)])

@@ -322,6 +322,11 @@ def extract(cfg: ExtractConfig) -> ExtractReport:
                 raise CacheBusy(busy)
             report = _extract_locked(cfg, table, lm, fp, device, out, rank, world, t0)
     except OSError as e:
+        if _unwritable_here(e, out):  # e.g. a shards/ folder shared by a lab, writable only by its owner
+            folder = store.display_text(os.path.dirname(e.filename))
+            raise ExtractError(f"cannot write in {folder} ({e.strerror}): make it writable for you (a shards folder "
+                               f"shared by caches: for everyone who extracts into it) and re-run the same extract; "
+                               f"finished shards are kept") from None
         if not store.is_disk_full(e):
             raise
         # Every file is written to a temporary name first: what was being written is gone, every finished shard is
@@ -334,6 +339,16 @@ def extract(cfg: ExtractConfig) -> ExtractReport:
         raise ExtractError(f"{cfg.source}: no image could be embedded ({len(report.skipped)} skipped, first: {p}: "
                            f"{why}); the cache at {out} holds no image: fix or replace the files and run again")
     return report
+
+
+def _unwritable_here(e: OSError, out: Path) -> bool:
+    """Whether ``e`` is a refusal to write a file of the cache folder (permissions, a read-only mount)."""
+    import errno
+
+    if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS) or not isinstance(e.filename, str):
+        return False
+    top = os.path.abspath(out)
+    return os.path.commonpath([top, os.path.abspath(e.filename)]) == top
 
 
 def _open_or_create(cfg: ExtractConfig, lm: LoadedModel, fp: dict, out: Path, report: ExtractReport
