@@ -324,3 +324,13 @@ def test_huge_list_files_and_names_are_refused_in_a_short_line(tmp_path, image_r
     msg = one_line_error(*run("extract", image_root, tmp_path / "c", *model_args, "-q", "--classes", long),
                          "--classes: class name", "(1,048,576 characters) holds the control character")
     assert len(msg) < 400 and not (tmp_path / "c").exists()
+
+
+def test_a_template_that_fills_the_context_is_refused(tmp_path, image_root, model_args, run):
+    """80 words before {}: the tokenizer cut every prompt before the class name, so every class had the same text
+    embedding (exit 0)."""
+    template = "a " * 80 + "{}"
+    msg = one_line_error(*run("extract", image_root, tmp_path / "c", *model_args, "-q", "--workers", "0",
+                              "--template", template), "--template 'a a a", "is too long", "before the class name",
+                         "classes 'cat' and 'dog' would get the same text embedding; shorten the template")
+    assert len(msg) < 400

@@ -51,7 +51,7 @@ def _floats(text: Optional[str], name: str) -> Optional[list[float]]:
 _EX, _MS = ExtractConfig(source="", out=""), ModelSpec()  # extract's defaults, declared once in specs.py
 
 
-LIST_FILE_MAX = 16 << 20  # a list file is one short line per class or template: ImageNet-21k's 21,841 classes are 0.5 MB
+LIST_FILE_MAX = 16 << 20  # one short line per class or template: ImageNet-21k's 21,841 classes are 0.5 MB
 
 
 def _list_file(path: Path, option: str) -> list[str]:

@@ -147,7 +147,7 @@ def encode_text(lm: LoadedModel, templates: Sequence[str], classes: Sequence[str
     """Raw ``encode_text`` for every (template, class): shape (T, C, D), float32."""
     prompts = [t.format(c) for t in templates for c in classes]
     tokens = torch.cat([lm.tokenizer(prompts[i:i + 256]) for i in range(0, len(prompts), 256)])
-    _check_distinct_prompts(tokens, templates, classes)
+    _check_distinct_prompts(lm.tokenizer, tokens, templates, classes)
     out = []
     with autocast_for(device, precision):
         for i in range(0, len(prompts), 256):
@@ -156,7 +156,8 @@ def encode_text(lm: LoadedModel, templates: Sequence[str], classes: Sequence[str
     return emb.reshape(len(templates), len(classes), -1)
 
 
-def _check_distinct_prompts(tokens: torch.Tensor, templates: Sequence[str], classes: Sequence[str]) -> None:
+def _check_distinct_prompts(tokenizer, tokens: torch.Tensor, templates: Sequence[str], classes: Sequence[str]
+                            ) -> None:
     """Refuse two classes whose prompts tokenise the same: their text embeddings would be identical, so zero-shot,
     FedCLIP and the prompt learners could never tell them apart, with exit 0. The tokenizer lower-cases, normalises
     Unicode (ftfy: 'café' typed as e + U+0301 is 'café') and spaces, and cuts at its context length, so 'Cat' and
@@ -165,12 +166,17 @@ def _check_distinct_prompts(tokens: torch.Tensor, templates: Sequence[str], clas
         seen: dict[tuple, int] = {}
         for c, row in enumerate(tokens[t * len(classes):(t + 1) * len(classes)].tolist()):
             first = seen.setdefault(tuple(row), c)
+            if first != c and not torch.equal(*tokenizer([classes[first], classes[c]])):
+                raise ExtractError(f"--template {template[:60]!r}{'…' if len(template) > 60 else ''} is too long: "
+                                   f"the text tokenizer cuts every prompt at its context length before the class name, "
+                                   f"so classes {ascii(classes[first])} and {ascii(classes[c])} would get the same "
+                                   f"text embedding; shorten the template")
             if first != c:
                 raise ExtractError(f"classes {ascii(classes[first])} and {ascii(classes[c])} give the same prompt to "
-                                   f"the text tokenizer ({template.format(classes[c])!r}: it lower-cases, normalises "
-                                   f"Unicode and spaces, and cuts long prompts), so their text embeddings would be "
-                                   f"identical; rename or merge one (the class folder, the manifest's label or "
-                                   f"--classes)")
+                                   f"the text tokenizer ({template.format(classes[c])[:80]!r}: it lower-cases, "
+                                   f"normalises Unicode and spaces, and cuts long prompts), so their text embeddings "
+                                   f"would be identical; rename or merge one (the class folder, the manifest's label "
+                                   f"or --classes)")
 
 
 def _input_size(lm: LoadedModel) -> tuple[int, int]:

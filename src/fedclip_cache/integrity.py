@@ -332,8 +332,8 @@ def add_new_shards(cache: Path, meta: dict, fp: dict, dim: int, inv: Inventory, 
 def clean_temporaries(cache: Path, cache_id: str) -> int:
     """Remove the half-written temporary files a killed run of this cache left (only ever called under the writer
     lock): only names of our temporary pattern (``store.TMP_NAME``) for a file this cache owns, and in ``shards/``
-    only those that carry this cache's id; never one a live process is still writing (a reader's features.npy). A user's ``.notes.tmp``, or another cache's file in a shared ``shards/``,
-    is never touched."""
+    only those that carry this cache's id; never one a live process is still writing (a reader's features.npy). A
+    user's ``.notes.tmp``, or another cache's file in a shared ``shards/``, is never touched."""
     n = 0
     for folder, owners, ours in ((Path(cache), ("", cache_id), store.ROOT_FILES.__contains__),
                                  (Path(cache) / store.SHARD_DIR, (cache_id,), store.SHARD_NAME.fullmatch)):
