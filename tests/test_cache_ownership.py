@@ -46,11 +46,32 @@ def test_users_tmp_files_survive_an_extract_and_a_resumed_one(tmp_path, image_ro
     assert {p: p.read_text() for p in users} == users and len(open_cache(out)) == 36
 
 
+def test_a_temporary_file_a_live_process_is_writing_is_never_cleaned(tmp_path):
+    """A reader building features.npy takes no writer lock: an extract starting meanwhile removed its half-written
+    file as a killed run's, and the reader failed ('No such file ... free disk space')."""
+    from fedclip_cache import integrity, store
+
+    cache = write_synthetic_cache(tmp_path / "c", {"a": 30}, 3, dim=8)
+    cid, seen = _meta(cache)["cache_id"], {}
+
+    def write(tmp):
+        tmp.write_bytes(b"half")
+        seen["removed"], seen["alive"] = integrity.clean_temporaries(cache, cid), tmp.exists()
+        tmp.write_bytes(b"whole")
+
+    store.atomic_write(cache / "features.npy", write)
+    assert seen == {"removed": 0, "alive": True} and (cache / "features.npy").read_bytes() == b"whole"
+    (cache / ".fedclip-tmp.features.npy.abcd1234.tmp").write_bytes(b"left by a killed reader")
+    assert integrity.clean_temporaries(cache, cid) == 1 and not list(cache.glob(".fedclip-tmp*"))
+
+
 # ------------------------------------------------------------------------------------- someone's folder
 
 def test_extract_into_someone_elses_folder_is_refused(tmp_path, image_root, model_args, run):
     cases = {"notes": {"notes.txt": "mine"}, "json": {"cache.json": '{"my": "settings"}'},
-             "subfolder": {"shards/readme.md": "mine"}}
+             "subfolder": {"shards/readme.md": "mine"},
+             # another tool's folder laid out like a cache: its cache.json was taken for our damaged one, overwritten
+             "lookalike": {"cache.json": '{"my": "settings"}', "shards/data-000000.tar": "mine", ".lock": ""}}
     for name, files in cases.items():
         d = tmp_path / name
         for rel, text in files.items():
@@ -107,6 +128,33 @@ def test_two_caches_sharing_one_shards_folder_never_take_each_others_shards(tmp_
     one_line_error(*run("extract", roots["b"], caches["b"], *model_args, "-q", "--workers", "0"), "cache.json",
                    "cannot be told", "2 caches", "new output folder")
     assert len(list(shared.glob("part-*"))) == 2 and len(open_cache(caches["a"])) == 12
+
+
+def test_a_copy_of_a_cache_over_the_same_shared_shards_is_refused(tmp_path, image_root, model_args, run):
+    """`cp -a` of a cache whose shards/ is a link copies the link: two cache.json with one id over one shards folder.
+    Extracting a subset into the copy retired the original's rows and deleted its shard (the original then failed
+    with 'shard listed in cache.json is missing')."""
+    shared, a = tmp_path / "shared", tmp_path / "a"
+    shared.mkdir()
+    a.mkdir()
+    (a / "shards").symlink_to(shared, target_is_directory=True)
+    extract_ok(run, image_root, a, model_args)
+    ref = open_cache(a)
+    copy = tmp_path / "copy"
+    shutil.copytree(a, copy, symlinks=True)  # what cp -a does
+    shutil.rmtree(image_root / "sketch")
+    before = sorted(p.name for p in shared.iterdir())
+    one_line_error(*run("extract", image_root, copy, *model_args, "-q", "--workers", "0"), f"{copy}: a copy of the "
+                   f"cache at {a}", "same shards folder", "would delete the other's shards", "new output folder")
+    assert sorted(p.name for p in shared.iterdir()) == before
+    np.testing.assert_array_equal(open_cache(a).features, ref.features)
+    moved = tmp_path / "moved"  # a cache moved (its old folder gone) is the same cache, not a copy
+    a.rename(moved)
+    o = extract_ok(run, image_root, moved, model_args)
+    assert "12 retired" in o and len(open_cache(moved)) == 24 and _meta(moved)["folder"] == str(moved.resolve())
+    own = tmp_path / "own"  # a copy with its own shards (cp -rL) is independent
+    shutil.copytree(moved, own)
+    assert len(open_cache(own)) == 24 and "+0 embedded" in extract_ok(run, image_root, own, model_args)
 
 
 # ------------------------------------------------------------------------------------- shard names
@@ -194,6 +242,65 @@ def test_disk_full_is_one_line_and_the_same_command_resumes(tmp_path, image_root
     assert ("+12 embedded" if at == "shard" else "+0 embedded") in o
     c = open_cache(out, verify=True)
     assert len(c) == 36 and len(set(c.ids.tolist())) == 36
+
+
+_HDF5_WRITE_FAILS = """
+import resource, signal, sys
+from pathlib import Path
+import numpy as np
+from fedclip_cache import store
+out, what = Path(sys.argv[1]), sys.argv[2]
+n = 64
+cols = {c: [f"x{i}" for i in range(n)] for c in store.STRING_COLUMNS}
+cols["path_bytes"] = [b"abc"] * n
+cols.update({c: np.arange(n) for c in store.INT_COLUMNS})
+emb = np.random.default_rng(0).random((n, 32), dtype=np.float32)
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG, as a full disk fails them
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[3]), resource.RLIM_INFINITY))
+try:
+    if what == "shard":
+        store.write_shard(out / "part-20260101T000000000000-r000-00000.h5", "hdf5", cols, emb, "float32",
+                          {"cache_id": "0" * 32})
+    else:
+        store.write_text(out, "hdf5", ["a {}"], [f"class {i}" for i in range(400)], np.ones((1, 400, 32)))
+except OSError as e:
+    print("refused", e.errno)
+"""
+
+
+@pytest.mark.parametrize("what,limit", [("shard", 2000), ("shard", 16000), ("text", 20000)])
+def test_hdf5_write_failing_midway_raises_cleanly(tmp_path, what, limit):
+    """A full disk while HDF5 wrote its own file left half-closed objects whose destructors printed RuntimeErrors
+    and then crashed the process (SIGSEGV) after extract's one-line error (measured on a full 2 MiB tmpfs; a
+    file-size limit fails the same writes the same way, without mounting anything)."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", _HDF5_WRITE_FAILS, str(tmp_path), what, str(limit)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == f"refused {errno.EFBIG}", (r.returncode, r.stderr[-2000:])
+    assert "RuntimeError" not in r.stderr and os.listdir(tmp_path) == []
+
+
+def test_an_unwritable_shards_folder_is_one_line_and_resumes(tmp_path, image_root, model_args, run, monkeypatch):
+    """A shards/ folder shared by a lab but writable only by its owner (or on a read-only mount): the shard write's
+    PermissionError/EROFS was a traceback, exit 1 (measured with a read-only bind mount; root ignores modes, so the
+    refusal is raised here as the file system raises it)."""
+    from fedclip_cache import store
+
+    out, real = tmp_path / "c", store._parquet_write
+
+    def refused(path, *a, **k):
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+    monkeypatch.setattr(store, "_parquet_write", refused)
+    msg = one_line_error(*run("extract", image_root, out, *model_args, "--workers", "0", "-q"),
+                         f"cannot write in {out}/shards (Read-only file system)", "make it writable",
+                         "re-run the same extract")
+    assert "Traceback" not in msg and not list(out.rglob(".fedclip-tmp*"))
+    monkeypatch.setattr(store, "_parquet_write", real)
+    extract_ok(run, image_root, out, model_args)
+    assert len(open_cache(out)) == 36
 
 
 # ------------------------------------------------------------------------------------- permissions

@@ -293,3 +293,44 @@ def test_run_sweep_and_cache_folders_inside_the_dataset_are_not_embedded(tmp_pat
     assert set(c.domain_names) == {"art", "photo"} and len(c) == 6
     ignored = dict(map(tuple, c.meta["ignored"]))
     assert {"runs/x/", "sw/", "cache/", "art/cat/old-cache/"} <= set(ignored)
+
+
+@pytest.mark.parametrize("classes", [("Cat", "cat"), ("caf\u00e9", "cafe\u0301"), ("a " * 90 + "x", "a " * 90 + "y")])
+def test_classes_the_tokenizer_cannot_tell_apart_are_refused(tmp_path, model_args, run, classes):
+    """Class folders 'Cat' and 'cat' (or one name in two Unicode spellings, or two names that differ only past the
+    77-token cut) were two classes with the same text embedding: zero-shot and FedCLIP could not separate them."""
+    root = write_image_folder(tmp_path / "data", domains=("art",), classes=classes + ("dog",), per_class=1)
+    out = tmp_path / "c"
+    one_line_error(*run("extract", root, out, *model_args, "-q", "--workers", "0"), "classes {} and {} give the same "
+                   "prompt".format(*map(ascii, sorted(classes))), "rename or merge one")
+    assert not (out / "cache.json").exists() and not list(out.glob("shards/*"))
+    ok = write_image_folder(tmp_path / "ok", domains=("art",), classes=(classes[0], "dog"), per_class=1)
+    extract_ok(run, ok, tmp_path / "c2", model_args)
+
+
+def test_huge_list_files_and_names_are_refused_in_a_short_line(tmp_path, image_root, model_args, run):
+    """A 1 GB file of zeros passed as --classes took 24 GB of memory and was killed after 5 minutes; a 15 MB one was
+    a 63 MB 'one-line' error (the whole name quoted)."""
+    huge = tmp_path / "huge.txt"
+    with open(huge, "wb") as f:
+        f.truncate(17 << 20)  # sparse: costs no disk (1 GB, as measured, would exhaust memory on unfixed code)
+    for option in ("--classes", "--templates-file"):
+        code, o, e = run("extract", image_root, tmp_path / "c", *model_args, "-q", option, huge)
+        text = " ".join((o + e).replace("│", " ").split())  # typer's usage box wraps the line
+        assert code == 2 and f"Invalid value for {option}" in text and "17,825,792 bytes, far more than a list" \
+            in text and "(at most 16 MiB)" in text
+    long = tmp_path / "long.txt"
+    long.write_bytes(b"\0" * (1 << 20))
+    msg = one_line_error(*run("extract", image_root, tmp_path / "c", *model_args, "-q", "--classes", long),
+                         "--classes: class name", "(1,048,576 characters) holds the control character")
+    assert len(msg) < 400 and not (tmp_path / "c").exists()
+
+
+def test_a_template_that_fills_the_context_is_refused(tmp_path, image_root, model_args, run):
+    """80 words before {}: the tokenizer cut every prompt before the class name, so every class had the same text
+    embedding (exit 0)."""
+    template = "a " * 80 + "{}"
+    msg = one_line_error(*run("extract", image_root, tmp_path / "c", *model_args, "-q", "--workers", "0",
+                              "--template", template), "--template 'a a a", "is too long", "before the class name",
+                         "classes 'cat' and 'dog' would get the same text embedding; shorten the template")
+    assert len(msg) < 400

@@ -68,6 +68,22 @@ def _floats(text: Optional[str], name: str) -> Optional[list[float]]:
 _EX, _MS = ExtractConfig(source="", out=""), ModelSpec()  # extract's defaults, declared once in specs.py
 
 
+LIST_FILE_MAX = 16 << 20  # one short line per class or template: ImageNet-21k's 21,841 classes are 0.5 MB
+
+
+def _list_file(path: Path, option: str) -> list[str]:
+    """The non-empty, stripped lines of a ``--classes`` / ``--templates-file`` file. A file far larger than any list
+    (a 1 GB file of zeros passed by mistake took 24 GB of memory and was killed after 5 minutes) is refused unread."""
+    if not path.is_file():
+        why = "not a regular file" if path.exists() else "not found"
+        raise typer.BadParameter(f"{path}: {why}", param_hint=option)
+    size = path.stat().st_size
+    if size > LIST_FILE_MAX:
+        raise typer.BadParameter(f"{path}: {size:,} bytes, far more than a list of one name per line (at most "
+                                 f"{LIST_FILE_MAX >> 20} MiB); pass the list file", param_hint=option)
+    return [ln.strip() for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+
+
 @app.command()
 def extract(
     source: Path = typer.Argument(..., help="DomainBed folder ROOT/<domain>/<class>/<image>, or a manifest "
@@ -140,20 +156,14 @@ def extract(
 
     templates = list(template or [])
     if templates_file:
-        if not templates_file.is_file():
-            why = "not a regular file" if templates_file.exists() else "not found"
-            raise typer.BadParameter(f"{templates_file}: {why}", param_hint="--templates-file")
-        from_file = [ln.strip() for ln in templates_file.read_text(errors="replace").splitlines() if ln.strip()]
+        from_file = _list_file(templates_file, "--templates-file")
         if not from_file:
             raise typer.BadParameter(f"{templates_file}: no templates in the file (one per line, with {{}})",
                                      param_hint="--templates-file")
         templates += from_file
     class_list = None
     if classes is not None:
-        if not classes.is_file():
-            why = "not a regular file" if classes.exists() else "not found"
-            raise typer.BadParameter(f"{classes}: {why}", param_hint="--classes")
-        class_list = [ln.strip() for ln in classes.read_text(errors="replace").splitlines() if ln.strip()]
+        class_list = _list_file(classes, "--classes")
     cfg = ExtractConfig(
         source=str(source), out=str(out), classes=class_list,
         model=ModelSpec(model=model, pretrained=pretrained, model_config=str(model_config) if model_config else None,

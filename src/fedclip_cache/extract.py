@@ -146,13 +146,37 @@ def check_compatible(cache: Path, meta: dict, fp: dict, fmt: str) -> None:
 def encode_text(lm: LoadedModel, templates: Sequence[str], classes: Sequence[str], device, precision) -> np.ndarray:
     """Raw ``encode_text`` for every (template, class): shape (T, C, D), float32."""
     prompts = [t.format(c) for t in templates for c in classes]
+    tokens = torch.cat([lm.tokenizer(prompts[i:i + 256]) for i in range(0, len(prompts), 256)])
+    _check_distinct_prompts(lm.tokenizer, tokens, templates, classes)
     out = []
     with autocast_for(device, precision):
         for i in range(0, len(prompts), 256):
-            tokens = lm.tokenizer(prompts[i:i + 256]).to(device)
-            out.append(lm.model.encode_text(tokens).float().cpu())
+            out.append(lm.model.encode_text(tokens[i:i + 256].to(device)).float().cpu())
     emb = torch.cat(out).numpy()
     return emb.reshape(len(templates), len(classes), -1)
+
+
+def _check_distinct_prompts(tokenizer, tokens: torch.Tensor, templates: Sequence[str], classes: Sequence[str]
+                            ) -> None:
+    """Refuse two classes whose prompts tokenise the same: their text embeddings would be identical, so zero-shot,
+    FedCLIP and the prompt learners could never tell them apart, with exit 0. The tokenizer lower-cases, normalises
+    Unicode (ftfy: 'café' typed as e + U+0301 is 'café') and spaces, and cuts at its context length, so 'Cat' and
+    'cat', or two long names that differ only past the cut, are one prompt (measured with open_clip's tokenizer)."""
+    for t, template in enumerate(templates):
+        seen: dict[tuple, int] = {}
+        for c, row in enumerate(tokens[t * len(classes):(t + 1) * len(classes)].tolist()):
+            first = seen.setdefault(tuple(row), c)
+            if first != c and not torch.equal(*tokenizer([classes[first], classes[c]])):
+                raise ExtractError(f"--template {template[:60]!r}{'…' if len(template) > 60 else ''} is too long: "
+                                   f"the text tokenizer cuts every prompt at its context length before the class name, "
+                                   f"so classes {ascii(classes[first])} and {ascii(classes[c])} would get the same "
+                                   f"text embedding; shorten the template")
+            if first != c:
+                raise ExtractError(f"classes {ascii(classes[first])} and {ascii(classes[c])} give the same prompt to "
+                                   f"the text tokenizer ({template.format(classes[c])[:80]!r}: it lower-cases, "
+                                   f"normalises Unicode and spaces, and cuts long prompts), so their text embeddings "
+                                   f"would be identical; rename or merge one (the class folder, the manifest's label "
+                                   f"or --classes)")
 
 
 def _input_size(lm: LoadedModel) -> tuple[int, int]:
@@ -304,6 +328,11 @@ def extract(cfg: ExtractConfig) -> ExtractReport:
                 raise CacheBusy(busy)
             report = _extract_locked(cfg, table, lm, fp, device, out, rank, world, t0)
     except OSError as e:
+        if _unwritable_here(e, out):  # e.g. a shards/ folder shared by a lab, writable only by its owner
+            folder = store.display_text(os.path.dirname(e.filename))
+            raise ExtractError(f"cannot write in {folder} ({e.strerror}): make it writable for you (a shards folder "
+                               f"shared by caches: for everyone who extracts into it) and re-run the same extract; "
+                               f"finished shards are kept") from None
         if not store.is_disk_full(e):
             raise
         # Every file is written to a temporary name first: what was being written is gone, every finished shard is
@@ -316,6 +345,16 @@ def extract(cfg: ExtractConfig) -> ExtractReport:
         raise ExtractError(f"{cfg.source}: no image could be embedded ({len(report.skipped)} skipped, first: {p}: "
                            f"{why}); the cache at {out} holds no image: fix or replace the files and run again")
     return report
+
+
+def _unwritable_here(e: OSError, out: Path) -> bool:
+    """Whether ``e`` is a refusal to write a file of the cache folder (permissions, a read-only mount)."""
+    import errno
+
+    if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS) or not isinstance(e.filename, str):
+        return False
+    top = os.path.abspath(out)
+    return os.path.commonpath([top, os.path.abspath(e.filename)]) == top
 
 
 def _open_or_create(cfg: ExtractConfig, lm: LoadedModel, fp: dict, out: Path, report: ExtractReport
@@ -404,6 +443,8 @@ def _extract_locked(cfg: ExtractConfig, table: ImageTable, lm: LoadedModel, fp: 
     plan = None
     if rank == 0:
         meta, _ = _open_or_create(cfg, lm, fp, out, report)
+        integrity.check_not_a_copy(out, meta)  # before anything in a shards folder it may share is touched
+        meta["folder"] = os.path.realpath(out)
         removed_tmp = integrity.clean_temporaries(out, meta["cache_id"])  # a killed run's (never visible)
         vcfg = _views.resolve(meta.get("views"), cfg.views, cfg.augment, cfg.augment_seed, str(out))
         if vcfg["count"] > 1:

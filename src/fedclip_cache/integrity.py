@@ -370,18 +370,42 @@ def add_new_shards(cache: Path, meta: dict, fp: dict, dim: int, inv: Inventory, 
 def clean_temporaries(cache: Path, cache_id: str) -> int:
     """Remove the half-written temporary files a killed run of this cache left (only ever called under the writer
     lock): only names of our temporary pattern (``store.TMP_NAME``) for a file this cache owns, and in ``shards/``
-    only those that carry this cache's id. A user's ``.notes.tmp``, or another cache's file in a shared ``shards/``,
-    is never touched."""
+    only those that carry this cache's id; never one a live process is still writing (a reader's features.npy). A
+    user's ``.notes.tmp``, or another cache's file in a shared ``shards/``, is never touched."""
     n = 0
     for folder, owners, ours in ((Path(cache), ("", cache_id), store.ROOT_FILES.__contains__),
                                  (Path(cache) / store.SHARD_DIR, (cache_id,), store.SHARD_NAME.fullmatch)):
         if folder.is_dir():
             for stale in folder.glob(f"{store.TMP_PREFIX}*.tmp"):
                 tmp = store.temporary_of(stale.name)
-                if tmp and tmp[0] in owners and ours(tmp[1]):
+                if tmp and tmp[0] in owners and ours(tmp[1]) and not store.temporary_in_use(stale):
                     stale.unlink(missing_ok=True)
                     n += 1
     return n
+
+
+def check_not_a_copy(out: Path, meta: dict) -> None:
+    """Refuse to write a cache that is a copy of another over the same shard files. ``cp -a`` of a cache whose
+    ``shards/`` is a link (a shards folder shared by caches) copies the link: two cache.json files with one cache id
+    over one folder of shards, so extracting either retires, supersedes and deletes the other's shards (and its
+    temporary files). ``cache.json`` records the folder it was last written in (``folder``); when that folder still
+    holds a cache of the same id whose ``shards/`` is this one's, this folder is the copy. A moved cache (the old
+    folder gone) or a copy with its own shards (``cp -rL``) is not refused; its record then follows it."""
+    was, here = meta.get("folder"), os.path.realpath(out)
+    if not isinstance(was, str) or was == here:
+        return
+    try:
+        if os.path.samefile(was, here):
+            return  # the same folder by another path (a second mount of the same file system, a bind mount)
+        twin = os.path.samefile(os.path.join(was, store.SHARD_DIR), os.path.join(here, store.SHARD_DIR)) and \
+            store.read_meta(Path(was)).get("cache_id") == meta.get("cache_id")
+    except (OSError, CacheError):
+        return  # the old folder is gone or not a cache: moved, not copied
+    if twin:
+        raise CacheError(f"{out}: a copy of the cache at {store.display_text(was)} (the same cache id) over the same "
+                         f"shards folder ({store.display_text(os.path.realpath(os.path.join(here, store.SHARD_DIR)))}"
+                         f"): extracting into either would delete the other's shards; extract into a new output "
+                         f"folder (copy a cache with its own shards: cp -rL)")
 
 
 def check_output_folder(out: Path) -> None:
@@ -399,7 +423,7 @@ def check_output_folder(out: Path) -> None:
             store.read_meta(out)
             return
         except CacheError:
-            if LOCK_FILE in names or store.SHARD_DIR in names:
+            if _damaged_but_ours(out, names):
                 return  # our cache, damaged metadata: extract rebuilds it
         others = [store.META_FILE]
     else:
@@ -409,6 +433,26 @@ def check_output_folder(out: Path) -> None:
         raise CacheError(f"{out}: not empty and not a fedclip-cache cache (it holds "
                          f"{store.display_text(others[0])!r}{more}); extract into a new or empty folder, or into "
                          f"an existing cache's folder")
+
+
+def _damaged_but_ours(out: Path, names: list[str]) -> bool:
+    """Whether a folder whose ``cache.json`` cannot be read is one of our caches: our lock's holder note, a shard or
+    temporary file of ours in ``shards/``, or our keys in what is left of the file. A ``cache.json`` beside a
+    ``shards/`` folder is not enough: another tool's folder may be laid out so (its cache.json was overwritten)."""
+    holder = read_holder(out / LOCK_FILE) if LOCK_FILE in names else {}
+    if isinstance(holder, dict) and {"pid", "command"} <= set(holder):
+        return True
+    try:
+        if any(store.SHARD_NAME.fullmatch(n) or store.temporary_of(n) for n in os.listdir(out / store.SHARD_DIR)):
+            return True
+    except OSError:
+        pass
+    try:
+        with open(out / store.META_FILE, "rb") as f:
+            head = f.read(1 << 16)
+    except OSError:
+        return False
+    return b'"cache_id"' in head or b'"fingerprint"' in head
 
 
 def _leftover(out: Path, name: str) -> bool:

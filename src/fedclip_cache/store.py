@@ -18,6 +18,7 @@ reads and writes files, and turns every unreadable file into a one-line :class:`
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -102,7 +103,10 @@ def atomic_write(path: Path, write: Callable[[Path], None], owner: str = "") -> 
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{'-' + owner if owner else ''}.{path.name}.", suffix=".tmp",
                                dir=path.parent)
-    os.close(fd)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # "being written": an extract's clean-up leaves it (temporary_in_use)
+    except OSError:
+        pass  # a file system without locks: the clean-up then goes by the name alone
     try:
         write(Path(tmp))
         with open(tmp, "rb+") as f:
@@ -118,6 +122,27 @@ def atomic_write(path: Path, write: Callable[[Path], None], owner: str = "") -> 
         if is_disk_full(e) and not isinstance(e, DiskFull):
             raise DiskFull(errno.ENOSPC, "No space left on device", str(path)) from e
         raise
+    finally:
+        os.close(fd)
+
+
+def temporary_in_use(path: Path) -> bool:
+    """Whether a live process is writing this temporary file: :func:`atomic_write` holds a lock on it until it is
+    renamed. A reader building ``features.npy`` takes no writer lock, so an extract starting meanwhile must not
+    remove its half-written file as a killed run's (the reader then failed with 'No such file')."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False  # no locks on this file system
+    finally:
+        os.close(fd)
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
@@ -247,21 +272,41 @@ def _parquet_write(path: Path, cols: dict, emb: np.ndarray, dtype: str, meta: di
     pq.write_table(table, path, row_group_size=ROW_GROUP_ROWS)
 
 
-def _hdf5_write(path: Path, cols: dict, emb: np.ndarray, dtype: str, meta: dict, views=None) -> None:
+def _hdf5_file(path: Path, fill: Callable) -> None:
+    """Write an HDF5 file built by ``fill(h5py.File)``: built in memory, then written with one plain file write.
+    HDF5 writing to disk itself cannot fail cleanly: a full disk (or a file-size limit) during its flush leaves
+    half-closed objects whose destructors print a screen of RuntimeErrors and then crash the process (SIGSEGV, exit
+    -11, measured with h5py 3 on a full tmpfs) after our one-line error. A shard is at most --shard-size rows, a few
+    MB to tens of MB, so one copy in memory is cheap."""
+    import io
+
     import h5py
 
-    with h5py.File(path, "w") as f:
-        for c in STRING_COLUMNS:
-            f.create_dataset(c, data=np.array(_text_column(cols[c]), dtype=object), dtype=h5py.string_dtype())
-        raw = np.empty(len(emb), dtype=object)  # file-system bytes, lossless for any file name
-        raw[:] = [np.frombuffer(b, np.uint8) for b in cols["path_bytes"]]
-        f.create_dataset("path_bytes", data=raw, dtype=h5py.vlen_dtype(np.uint8))
-        for c, t in INT_COLUMNS.items():
-            f.create_dataset(c, data=np.asarray(cols[c], t))
-        f.create_dataset("embedding", data=np.ascontiguousarray(emb, dtype=dtype))
-        if views is not None:
-            f.create_dataset("views", data=np.ascontiguousarray(views, dtype=dtype))  # (rows, K-1, D)
-        f.attrs[META_KEY] = json.dumps(meta, ensure_ascii=True)
+    buf = io.BytesIO()
+    with h5py.File(buf, "w") as f:
+        fill(f)
+    with open(path, "wb") as out:
+        out.write(buf.getbuffer())
+
+
+def _hdf5_write(path: Path, cols: dict, emb: np.ndarray, dtype: str, meta: dict, views=None) -> None:
+    _hdf5_file(path, lambda f: _hdf5_fill(f, cols, emb, dtype, meta, views))
+
+
+def _hdf5_fill(f, cols: dict, emb: np.ndarray, dtype: str, meta: dict, views=None) -> None:
+    import h5py
+
+    for c in STRING_COLUMNS:
+        f.create_dataset(c, data=np.array(_text_column(cols[c]), dtype=object), dtype=h5py.string_dtype())
+    raw = np.empty(len(emb), dtype=object)  # file-system bytes, lossless for any file name
+    raw[:] = [np.frombuffer(b, np.uint8) for b in cols["path_bytes"]]
+    f.create_dataset("path_bytes", data=raw, dtype=h5py.vlen_dtype(np.uint8))
+    for c, t in INT_COLUMNS.items():
+        f.create_dataset(c, data=np.asarray(cols[c], t))
+    f.create_dataset("embedding", data=np.ascontiguousarray(emb, dtype=dtype))
+    if views is not None:
+        f.create_dataset("views", data=np.ascontiguousarray(views, dtype=dtype))  # (rows, K-1, D)
+    f.attrs[META_KEY] = json.dumps(meta, ensure_ascii=True)
 
 
 SHARD_NAME = re.compile(r"part-\d{8}T\d{12}-r\d{3}-c?\d{5}\.(parquet|h5)")
@@ -536,12 +581,11 @@ def write_text(cache: Path, fmt: str, templates: list[str], classes: list[str], 
     else:
         import h5py
 
-        def w(p):
-            with h5py.File(p, "w") as f:
-                f.create_dataset("templates", data=np.array(templates, dtype=object), dtype=h5py.string_dtype())
-                f.create_dataset("classes", data=np.array(classes, dtype=object), dtype=h5py.string_dtype())
-                f.create_dataset("embedding", data=emb.astype(np.float32))
-        atomic_write(path, w)
+        def fill(f):
+            f.create_dataset("templates", data=np.array(templates, dtype=object), dtype=h5py.string_dtype())
+            f.create_dataset("classes", data=np.array(classes, dtype=object), dtype=h5py.string_dtype())
+            f.create_dataset("embedding", data=emb.astype(np.float32))
+        atomic_write(path, lambda p: _hdf5_file(p, fill))
 
 
 def read_text(cache: Path, fmt: str) -> tuple[list[str], list[str], np.ndarray]:
