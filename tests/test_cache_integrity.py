@@ -13,31 +13,10 @@ import pytest
 from PIL import Image
 
 from fedclip_cache import open_cache
-from fedclip_cache.cli import main
 from fedclip_cache.store import CacheError
 from fedclip_cache.synthetic import write_image_folder
 
-
-def cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
-    """Run the real entry point (with its error handling) in-process: (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["fedclip-cache", *map(str, args)])
-    code = 0
-    try:
-        main()
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_line_error(code: int, out: str, err: str, *fragments: str) -> str:
-    assert code == 2, (code, out, err)
-    assert "Traceback" not in out + err
-    msg = err.strip()
-    assert msg.startswith("error:") and "\n" not in msg, msg
-    for f in fragments:
-        assert f in msg, (f, msg)
-    return msg
+from cliutil import cli, one_line_error
 
 
 @pytest.fixture

@@ -2,18 +2,19 @@
 memory asked for before it is checked, a batch size far above the data, the Dirichlet minimum the README states."""
 import json
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from fedclip_cache import cli, open_cache
+from fedclip_cache import open_cache
 from fedclip_cache.federated.config import ConfigError, FederateConfig
 from fedclip_cache.federated.protocols import build_experiments
 from fedclip_cache.federated.results import federate
 from fedclip_cache.synthetic import write_synthetic_cache
+
+from cliutil import cli as run_cli, one_line_error
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -23,24 +24,6 @@ def cache(tmp_path_factory):
     """3 domains x 24 rows, 3 classes, D = 8."""
     return write_synthetic_cache(tmp_path_factory.mktemp("limits") / "cache", {"a": 24, "b": 24, "c": 24}, 3,
                                  dim=8, seed=0)
-
-
-def run_cli(monkeypatch, capsys, *argv) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["fedclip-cache", *map(str, argv)])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-def one_line_error(code, out, err) -> str:
-    assert code == 2 and "Traceback" not in out + err, (code, out, err)
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    return lines[0]
 
 
 BASE = dict(rounds=3, lr=1e-2, hidden=8, batch_size=8)

@@ -9,10 +9,12 @@ import sys
 
 import pytest
 
-from fedclip_cache.cli import main
 from fedclip_cache.federated.config import FederateConfig
 from fedclip_cache.federated.results import federate
 from fedclip_cache.synthetic import write_synthetic_cache
+
+import cliutil
+from cliutil import cli
 
 
 def read_state(folder) -> dict | None:
@@ -21,27 +23,8 @@ def read_state(folder) -> dict | None:
     return json.loads(f.read_text()) if f.is_file() else None
 
 
-def cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
-    """The real entry point (with its error handling) in-process: (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["fedclip-cache", *map(str, args)])
-    code = 0
-    try:
-        main()
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def one_line_error(res, *fragments) -> str:
-    code, out, err = res
-    assert code == 2, (code, out, err)
-    assert "Traceback" not in out + err
-    msg = err.strip()
-    assert msg.startswith("error:") and "\n" not in msg, msg
-    for f in fragments:
-        assert f in msg, (f, msg)
-    return msg
+    return cliutil.one_line_error(*res, *fragments)
 
 
 @pytest.fixture(scope="module")
