@@ -148,6 +148,31 @@ def test_bad_simulation_input_is_refused_before_ray_starts(tmp_path):
     assert _ray_gone()
 
 
+def test_simulate_claims_its_run_folder_before_ray_starts(tmp_path):
+    """simulate takes the run folder's one lock (as deploy and federate do): a folder in use by another run, or a
+    folder of another kind, is refused in one line before Ray starts, and the folder is left as it was."""
+    _needs_ray()
+    from fedclip_cache.flower_sim import simulate
+    from fedclip_cache.runfolder import RunFolderError, claim
+
+    cache = str(write_synthetic_cache(tmp_path / "c", DOMAINS, 3, dim=8))
+    ok = FederateConfig(rounds=1, heldout=["art"]).validate()
+    busy = claim(tmp_path / "busy", "deploy", "simulate -o")  # as a running simulate (or deploy) holds it
+    try:
+        with pytest.raises(RunFolderError, match="in use by another deploy"):
+            simulate([cache], tmp_path / "busy", ok, log=lambda m: None)
+    finally:
+        busy.close()
+    fed = claim(tmp_path / "fed", "federate", "federate -o")
+    fed.complete()
+    fed.close()
+    before = sorted(p.name for p in (tmp_path / "fed").iterdir())
+    with pytest.raises(RunFolderError, match="a federate run folder"):
+        simulate([cache], tmp_path / "fed", ok, log=lambda m: None)
+    assert sorted(p.name for p in (tmp_path / "fed").iterdir()) == before
+    assert _ray_gone()
+
+
 def test_missing_extra_is_one_line_naming_it(monkeypatch):
     import importlib.util
 

@@ -351,7 +351,7 @@ def simulate(caches: list, out, cfg, *, num_cpus: Optional[int] = None, client_c
     env_before = {k: os.environ.get(k)
                   for k in ("RAY_USAGE_STATS_ENABLED", "PYTHONPATH", "FLWR_TELEMETRY_ENABLED", MARK)}
     stop = threading.Event()
-    server = guard = None
+    server = guard = run_lock = None
     # SIGTERM as Ctrl-C (Ray's driver replaces this handler by one raising SystemExit(15): handled below)
     on_main = threading.current_thread() is threading.main_thread()
     term_before = signal.signal(signal.SIGTERM, _on_sigterm) if on_main else None
@@ -381,8 +381,11 @@ def simulate(caches: list, out, cfg, *, num_cpus: Optional[int] = None, client_c
         check = getattr(flower, "_federate_config", None)  # the apps' own option check, before Ray starts
         if check is not None:
             check(rc)
-        if out.exists() and (out / "summary.json").exists():
-            raise ConfigError(f"simulate: {out} already holds a run (summary.json); choose another --out")
+        from .runfolder import claim
+
+        # the run folder's one lock and state marker, as deploy claims its own (a second simulate or a deploy into
+        # it is refused in one line naming the holder; an earlier run's outputs go; the ServerApp marks it complete)
+        run_lock = claim(out, "deploy", "simulate -o")
         ClientW, ServerW = _wrapper_classes()
         server = ServerW(server_app, rc, stop)
         for name, role in roles.items():
@@ -459,5 +462,7 @@ def simulate(caches: list, out, cfg, *, num_cpus: Optional[int] = None, client_c
         else:  # success, bad input, Ctrl-C, SIGTERM: nothing of the simulation's is left behind
             shutil.rmtree(tmp, ignore_errors=True)
         _stop_guard(guard, keep_ray_logs)
+        if run_lock is not None:
+            run_lock.close()
         if on_main:
             signal.signal(signal.SIGTERM, term_before if term_before is not None else signal.SIG_DFL)
