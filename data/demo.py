@@ -19,6 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from rich.console import Console  # noqa: E402
+from rich.rule import Rule  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 import build_digits  # noqa: E402
@@ -32,9 +33,15 @@ DEMO_LOGIT_SCALE = 100.0
 from fedclip_cache.federated.results import federate  # noqa: E402
 from fedclip_cache.plots import run_plots  # noqa: E402
 from fedclip_cache.report import render_cache_summary, cache_summary, render_sweep  # noqa: E402
+from fedclip_cache.cli import output_width  # noqa: E402
 from fedclip_cache.sweep import sweep  # noqa: E402
 
-console = Console()
+console = Console(width=output_width())  # tables at full width in a log (make demo | tee, CI): rows stay apart
+
+
+def rule(title: str) -> None:
+    """A section heading as wide as a terminal would show it (the console may be 'full width' in a log)."""
+    console.print(Rule(title), width=min(console.width, 100))
 
 RUNS = [  # (name, algo, head, note)
     ("prototype-only", "zeroshot", "prototype", "no training: nearest class mean of frozen features"),
@@ -63,18 +70,18 @@ def main(argv=None) -> dict:
     t = time.perf_counter()
     digits = out / "digits"
     if not (digits / "mnistm").is_dir():
-        console.rule("1. building the digits benchmark")
+        rule("1. building the digits benchmark")
         build_digits.build(digits, per_class=a.per_class)
     timings["build data"] = time.perf_counter() - t
 
     t = time.perf_counter()
     enc = out / "efficientnet-lite0-clip"
     if not (enc / "open_clip_pytorch_model.bin").is_file():
-        console.rule("2. converting EfficientNet-Lite0 to an open_clip local-dir model")
+        rule("2. converting EfficientNet-Lite0 to an open_clip local-dir model")
         convert_efficientnet.convert(enc)
     timings["convert encoder"] = time.perf_counter() - t
 
-    console.rule("3. extract (frozen encoder, once)")
+    rule("3. extract (frozen encoder, once)")
     t = time.perf_counter()
     cache_dir = out / "cache"
     rep = extract(ExtractConfig(source=str(digits), out=str(cache_dir), model=ModelSpec(model=f"local-dir:{enc}"),
@@ -85,7 +92,7 @@ def main(argv=None) -> dict:
     cache = open_cache(cache_dir)
     render_cache_summary(cache_summary(cache), console)
 
-    console.rule(f"4. federate: leave-one-domain-out, {a.rounds} rounds, official optimiser")
+    rule(f"4. federate: leave-one-domain-out, {a.rounds} rounds, official optimiser")
     t = time.perf_counter()
     results = {}
     for name, algo, head, note in RUNS:
@@ -105,7 +112,7 @@ def main(argv=None) -> dict:
     for name, (_, note) in results.items():
         console.print(f"  {name}: {note}")
 
-    console.rule("5. sweep: adapter size x seeds")
+    rule("5. sweep: adapter size x seeds")
     t = time.perf_counter()
     hidden = [int(h) for h in a.sweep_hidden.split(",")]
     seeds = [int(s) for s in a.seeds.split(",")]

@@ -61,10 +61,14 @@ def test_converter_really_loads_the_package_weights(tmp_path):
         assert lm.model.encode_image(x).shape == (2, 512)
 
 
-def test_tiny_demo_runs_end_to_end(tmp_path):
+def test_tiny_demo_runs_end_to_end(tmp_path, capsys):
     import demo
 
     res = demo.main(["--tiny", "--out", str(tmp_path / "demo")])
+    out = capsys.readouterr().out  # not a terminal, as in a log or CI: the tables keep every run's full name
+    rows = [line for line in out.splitlines() if line.startswith("│ ")]
+    assert any(r.startswith("│ prototype-only ") for r in rows) and not any("…" in r for r in rows), rows[:3]
+    assert max(len(line) for line in out.splitlines() if line.startswith("──")) <= 100  # headings: terminal-wide
     assert set(res["results"]) == {"prototype-only", "fedclip", "local", "central", "fedclip-text-head"}
     for name, s in res["results"].items():
         assert len(s["experiments"]) == 4

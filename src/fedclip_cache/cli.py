@@ -37,15 +37,20 @@ class _Console(Console):
         super().on_broken_pipe()
 
 
-def _console(stderr: bool = False) -> Console:
-    """Rich cuts tables to 80 columns when the output is not a terminal (a log, CI, a pipe: every row of a run's
-    table read ``heldout=do…``, so rows could not be told apart). There, tables keep their natural width; a
-    terminal's width, or COLUMNS when set, still wins."""
+def output_width(stderr: bool = False) -> Optional[int]:
+    """The width to give a rich Console. Rich cuts tables to 80 columns when the output is not a terminal (a log,
+    CI, a pipe: every row of a run's table read ``heldout=do…``, so rows could not be told apart). There, tables
+    keep their natural width (None = rich's own choice: a terminal's width, or COLUMNS when set, still wins).
+    Used by the CLI's consoles and the demo's."""
     import os
 
     stream = sys.stderr if stderr else sys.stdout
     tty = bool(getattr(stream, "isatty", lambda: False)())
-    return _Console(stderr=stderr, width=None if tty or "COLUMNS" in os.environ else 100_000)
+    return None if tty or "COLUMNS" in os.environ else 100_000
+
+
+def _console(stderr: bool = False) -> Console:
+    return _Console(stderr=stderr, width=output_width(stderr))
 
 
 console = _console()
