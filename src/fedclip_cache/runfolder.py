@@ -30,7 +30,7 @@ from typing import Callable, Iterable, Optional
 
 from .errors import ConfigError, FedclipCacheError
 from .integrity import WriterLock, describe_holder, writer_active
-from .store import atomic_write, file_sha256, is_disk_full
+from .store import atomic_write, display_text, file_sha256, is_disk_full
 
 STATE_FILE = "state.json"
 KINDS = ("federate", "sweep", "deploy", "pipeline")
@@ -143,12 +143,10 @@ def _check_utf8(folder: Path, label: str) -> None:
     """A name that is not UTF-8 (Python holds its bytes as surrogates) is refused before anything is created: pyarrow
     cannot open metrics.parquet there (UnicodeEncodeError, a traceback after the whole run had trained) and the
     run's JSON records could not name it."""
-    try:
-        str(folder).encode("utf-8")
-    except UnicodeEncodeError:
-        shown = str(folder).encode("utf-8", "backslashreplace").decode()
+    shown = display_text(str(folder))  # the store's one rule: it changes exactly the names that are not UTF-8
+    if shown != str(folder):
         raise RunFolderError(f"{label} {_short(Path(shown))}: the name is not valid UTF-8 (pyarrow cannot write "
-                             f"there); give a UTF-8 name") from None
+                             f"there); give a UTF-8 name")
 
 
 def _check_kind(folder: Path, kind: str, label: str) -> None:
