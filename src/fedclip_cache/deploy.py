@@ -52,6 +52,7 @@ from typing import Callable, Optional
 from .deploy_flwr import (FLWR_RUN_WHEN_READY, DeployError, app_pyproject, connection_config, final_status, follow_run,
                           run_status, start_run)
 from .errors import ConfigError
+from .store import atomic_write
 from .tempdirs import make_owned, sweep_stale
 
 BINARIES = ("flower-superlink", "flower-supernode", "flwr")
@@ -597,9 +598,7 @@ def clear_own_logs(logs: Path, names: list[str]) -> None:
             except OSError as ex:  # a folder by that name, no permission
                 raise ConfigError(f"deploy: cannot remove the earlier run's {logs / name} ({ex.strerror or ex}): "
                                   f"remove it, or give another -o") from None
-    tmp = logs / (LOGS_MANIFEST + f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(sorted(names)))
-    os.replace(tmp, logs / LOGS_MANIFEST)
+    atomic_write(logs / LOGS_MANIFEST, lambda t: t.write_text(json.dumps(sorted(names))))
 
 
 def _interrupt(*_):
