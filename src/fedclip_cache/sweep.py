@@ -204,16 +204,6 @@ def _run_point(cache, cfg_dict: dict, seeds: list[int], folder: str, threads: Op
     return folder
 
 
-def _die_with_parent(parent: int) -> None:
-    """Pool initializer: a --jobs worker ends when the sweep that started it dies (``deploy``'s own rule,
-    ``deploy_zygote.die_with_parent``: Linux's PR_SET_PDEATHSIG). Without it a `kill -9` of the sweep left its
-    workers training on, for as long as their points took, writing their points into the folder after its lock was
-    gone, beside the next sweep run into it."""
-    from .deploy_zygote import die_with_parent
-
-    die_with_parent(parent)
-
-
 def point_folder(cfg: FederateConfig, seeds: list[int]) -> str:
     """A point's folder name: its config hash and its seeds (other seeds are other work, never mixed in)."""
     return f"{point_id(cfg)}-s{'_'.join(map(str, seeds))}"
@@ -339,7 +329,13 @@ def sweep(cache_path: str | Path, base: FederateConfig, grid: dict[str, list], s
                     on_done(done, len(points))
         else:
             threads = max(1, (os.cpu_count() or 1) // jobs)
-            with ProcessPoolExecutor(jobs, initializer=_die_with_parent, initargs=(os.getpid(),)) as ex:
+            from .deploy_zygote import die_with_parent
+
+            # A --jobs worker ends when the sweep that started it dies (``deploy``'s own rule: Linux's
+            # PR_SET_PDEATHSIG). Without it a `kill -9` of the sweep left its workers training on, for as long as
+            # their points took, writing their points into the folder after its lock was gone, beside the next
+            # sweep run into it.
+            with ProcessPoolExecutor(jobs, initializer=die_with_parent, initargs=(os.getpid(),)) as ex:
                 futs = {ex.submit(_run_point, str(cache_path), cfg.to_dict(), seeds, str(folder), threads, opener):
                         folder for cfg, folder in todo}
                 for f in as_completed(futs):
