@@ -83,13 +83,20 @@ def _parse_grid(specs: list[str], where: str) -> tuple[dict[str, list], dict[str
             if name in grid:
                 raise ConfigError(f"{where} {key}: given twice; list all its values once, e.g. {key}=1,2")
             names[name] = f"{where} {key}="
-            items = [v.strip() for v in vals.split(",")]
-            if any(items) and not all(items):  # `hidden=4,$H,8` with H unset: refused, never dropped quietly
-                raise ConfigError(f"{where} {key}={vals}: an empty value (two commas in a row, or one at an end); "
-                                  f"remove it or give the value")
-            grid[name] = check_grid_values(name, [_convert(name, v, names[name]) for v in items if v],
-                                           names[name])
+            items = comma_items(vals, f"{where} {key}={vals}", "value")
+            grid[name] = check_grid_values(name, [_convert(name, v, names[name]) for v in items], names[name])
     return grid, names
+
+
+def comma_items(text: str, where: str, what: str) -> list[str]:
+    """The stripped items of a comma-separated list (``--seeds``, a ``--grid`` key's values). An empty item among
+    others (``hidden=4,$H,8`` with H unset) is refused, never dropped quietly; an empty list is the caller's to
+    refuse."""
+    items = [v.strip() for v in text.split(",")]
+    if any(items) and not all(items):
+        raise ConfigError(f"{where}: an empty {what} (two commas in a row, or one at an end); remove it or give the "
+                          f"{what}")
+    return [v for v in items if v]
 
 
 def check_grid_values(name: str, values: list, label: str) -> list:
