@@ -316,10 +316,11 @@ def check_sites(site_caches: list, cfg, command: str = "deploy") -> list[str]:
 
 
 def check_run_folder(out, command: str = "deploy") -> None:
-    """A one-line error, before anything starts, when the run folder ``out`` (or a folder above it) is a file."""
-    for p in (Path(out), *Path(out).parents):
-        if p.exists() and not p.is_dir():
-            raise ConfigError(f"{command}: run folder {out}: {p} is a file, not a folder")
+    """A one-line error, before anything starts, when the run folder ``out`` (or a folder above it) is a file (the
+    rule ``runfolder.claim`` applies again when it takes the folder)."""
+    from .runfolder import check_not_a_file
+
+    check_not_a_file(out, f"{command} -o")
 
 
 def check_site_options(site_caches: list, cfg) -> None:

@@ -119,10 +119,7 @@ def claim(folder, kind: str, label: str, check: Optional[Callable[[], None]] = N
     _check_utf8(folder, label)
     lock = RunLock(folder, kind, label)
     try:  # (a too-long name fails already here: Path.exists raises ENAMETOOLONG)
-        for p in (folder, *folder.parents):
-            if p.exists() and not p.is_dir():
-                raise RunFolderError(f"{label} {_short(folder)}: {_short(p)} is a file, not a folder; give another "
-                                     f"folder")
+        check_not_a_file(folder, label)
         _check_kind(folder, kind, label)  # first without the lock: taking it writes .lock (a cache has its own)
     except OSError as e:
         raise lock.unwritable(e) from None
@@ -137,6 +134,14 @@ def claim(folder, kind: str, label: str, check: Optional[Callable[[], None]] = N
         lock.close()
         raise
     return lock
+
+
+def check_not_a_file(folder: Path, label: str) -> None:
+    """A one-line error when ``folder``, or a folder above it, is a file (the run failed only at its first write)."""
+    folder = Path(folder)
+    for p in (folder, *folder.parents):
+        if p.exists() and not p.is_dir():
+            raise RunFolderError(f"{label} {_short(folder)}: {_short(p)} is a file, not a folder; give another folder")
 
 
 def _check_utf8(folder: Path, label: str) -> None:
