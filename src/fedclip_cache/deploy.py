@@ -451,7 +451,7 @@ def deploy(site_caches: list, out, cfg, *, timeout: Optional[float] = None, log:
         check_site_options(site_caches, site_cfg)
         logs = out / "logs"
         logs.mkdir(parents=True, exist_ok=True)
-        lock = _lock_run_folder(out, logs)
+        lock = _lock_run_folder(out)
         try:
             clear_own_logs(logs, own_logs(domains, isolation))
         except BaseException:
@@ -557,7 +557,7 @@ def deploy(site_caches: list, out, cfg, *, timeout: Optional[float] = None, log:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _lock_run_folder(out: Path, logs: Path):
+def _lock_run_folder(out: Path):
     """Hold the run folder's lock for the run (``runfolder.claim``, as `federate` and `sweep` do; released when
     closed or when this process dies): a second ``deploy`` (or a `federate`) into the same run folder is a one-line
     error instead of two runs writing (and reading) the same logs and outputs. The folder is marked in-progress and
