@@ -328,7 +328,7 @@ def test_second_deploy_into_a_busy_run_folder_is_a_one_line_error(tmp_path):
     # and its logs: appended to, deploy read the old run id and the old "[SUMMARY]" (end of run) from them
     (out / "logs" / "flwr-run.log").write_text("Successfully started run 123\n")
     (out / "logs" / "serverapp.log").write_text("[SUMMARY] 3 replies\n")
-    held = dep._lock_run_folder(out, out / "logs")  # as a running deploy holds it
+    held = dep._lock_run_folder(out)  # as a running deploy holds it
     dep.clear_own_logs(out / "logs", dep.own_logs(list(DOMAINS), "worker"))  # what deploy does next
     assert not (out / "summary.json").exists()
     assert sorted(p.name for p in (out / "logs").iterdir()) == [dep.LOGS_MANIFEST]
@@ -338,7 +338,7 @@ def test_second_deploy_into_a_busy_run_folder_is_a_one_line_error(tmp_path):
             dep.deploy(_sites(tmp_path), out, FederateConfig(rounds=1, heldout=["sketch"]).validate())
     finally:
         held.close()
-    dep._lock_run_folder(out, out / "logs").close()  # free again
+    dep._lock_run_folder(out).close()  # free again
 
 
 def test_site_checks_its_cache_and_port_before_start(tmp_path):

@@ -298,14 +298,11 @@ def _federate_config(fed: dict, validate: bool = True) -> "FederateConfig":
 
 def _seeds(text: str) -> list[int]:
     from .federated.config import ConfigError
-    from .sweep import check_seeds
+    from .sweep import check_seeds, comma_items
 
-    items = [s.strip() for s in text.split(",")]
-    if any(items) and not all(items):  # `--seeds 0,$S,2` with S unset: refused, never dropped quietly
-        raise ConfigError(f"--seeds {text!r}: an empty seed (two commas in a row, or one at an end); remove it or "
-                          f"give the seed")
+    items = comma_items(text, f"--seeds {text!r}", "seed")
     try:
-        seeds = [int(s) for s in items if s]
+        seeds = [int(s) for s in items]
     except ValueError:
         raise ConfigError(f"--seeds {text!r}: expected comma-separated whole numbers, e.g. 0,1,2") from None
     return check_seeds(seeds, "--seeds")

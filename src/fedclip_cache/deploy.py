@@ -52,6 +52,7 @@ from typing import Callable, Optional
 from .deploy_flwr import (FLWR_RUN_WHEN_READY, DeployError, app_pyproject, connection_config, final_status, follow_run,
                           run_status, start_run)
 from .errors import ConfigError
+from .store import atomic_write
 from .tempdirs import make_owned, sweep_stale
 
 BINARIES = ("flower-superlink", "flower-supernode", "flwr")
@@ -315,10 +316,11 @@ def check_sites(site_caches: list, cfg, command: str = "deploy") -> list[str]:
 
 
 def check_run_folder(out, command: str = "deploy") -> None:
-    """A one-line error, before anything starts, when the run folder ``out`` (or a folder above it) is a file."""
-    for p in (Path(out), *Path(out).parents):
-        if p.exists() and not p.is_dir():
-            raise ConfigError(f"{command}: run folder {out}: {p} is a file, not a folder")
+    """A one-line error, before anything starts, when the run folder ``out`` (or a folder above it) is a file (the
+    rule ``runfolder.claim`` applies again when it takes the folder)."""
+    from .runfolder import check_not_a_file
+
+    check_not_a_file(out, f"{command} -o")
 
 
 def check_site_options(site_caches: list, cfg) -> None:
@@ -449,7 +451,7 @@ def deploy(site_caches: list, out, cfg, *, timeout: Optional[float] = None, log:
         check_site_options(site_caches, site_cfg)
         logs = out / "logs"
         logs.mkdir(parents=True, exist_ok=True)
-        lock = _lock_run_folder(out, logs)
+        lock = _lock_run_folder(out)
         try:
             clear_own_logs(logs, own_logs(domains, isolation))
         except BaseException:
@@ -555,7 +557,7 @@ def deploy(site_caches: list, out, cfg, *, timeout: Optional[float] = None, log:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _lock_run_folder(out: Path, logs: Path):
+def _lock_run_folder(out: Path):
     """Hold the run folder's lock for the run (``runfolder.claim``, as `federate` and `sweep` do; released when
     closed or when this process dies): a second ``deploy`` (or a `federate`) into the same run folder is a one-line
     error instead of two runs writing (and reading) the same logs and outputs. The folder is marked in-progress and
@@ -597,9 +599,7 @@ def clear_own_logs(logs: Path, names: list[str]) -> None:
             except OSError as ex:  # a folder by that name, no permission
                 raise ConfigError(f"deploy: cannot remove the earlier run's {logs / name} ({ex.strerror or ex}): "
                                   f"remove it, or give another -o") from None
-    tmp = logs / (LOGS_MANIFEST + f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(sorted(names)))
-    os.replace(tmp, logs / LOGS_MANIFEST)
+    atomic_write(logs / LOGS_MANIFEST, lambda t: t.write_text(json.dumps(sorted(names))))
 
 
 def _interrupt(*_):

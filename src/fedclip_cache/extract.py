@@ -23,7 +23,7 @@ from .integrity import CACHE_FORMAT_VERSION, CacheBusy, WriterLock
 from .imageio import ImageFiles
 from .models import LoadedModel, load_model
 from .specs import DEFAULT_TEMPLATES, ExtractConfig, ModelSpec, check_templates  # noqa: F401  (re-exported)
-from .sources import OWN_OUTPUT, ImageTable, check_label_text, scan
+from .sources import OWN_OUTPUT, ImageTable, check_label_text, quoted, scan
 from .errors import FedclipCacheError
 
 FORMAT_VERSION = CACHE_FORMAT_VERSION
@@ -167,7 +167,7 @@ def _check_distinct_prompts(tokenizer, tokens: torch.Tensor, templates: Sequence
         for c, row in enumerate(tokens[t * len(classes):(t + 1) * len(classes)].tolist()):
             first = seen.setdefault(tuple(row), c)
             if first != c and not torch.equal(*tokenizer([classes[first], classes[c]])):
-                raise ExtractError(f"--template {template[:60]!r}{'…' if len(template) > 60 else ''} is too long: "
+                raise ExtractError(f"--template {quoted(template, 60)} is too long: "
                                    f"the text tokenizer cuts every prompt at its context length before the class name, "
                                    f"so classes {ascii(classes[first])} and {ascii(classes[c])} would get the same "
                                    f"text embedding; shorten the template")

@@ -128,18 +128,9 @@ def describe_holder(h: dict) -> str:
 
 def writer_active(cache: Path) -> dict | None:
     """The holder of the writer lock if an extract is running on ``cache`` now, else None. Read-only safe."""
-    p = Path(cache) / LOCK_FILE
-    try:
-        fd = os.open(cache, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
+    if store.flock_held(cache, directory=True) is False:
         return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return None
-    except OSError:
-        return read_holder(p) or {"pid": "?"}
-    finally:
-        os.close(fd)
+    return read_holder(Path(cache) / LOCK_FILE) or {"pid": "?"}  # (None, no locks here: counted as held, as ever)
 
 
 # ------------------------------------------------------------------------------------------------- readers

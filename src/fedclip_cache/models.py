@@ -325,8 +325,9 @@ def load_model(spec: ModelSpec, device: str | torch.device = "cpu") -> LoadedMod
         ckpts = sorted(p for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".safetensors"))
         from open_clip.factory import _find_checkpoint_in_dir
 
-        if _find_checkpoint_in_dir(folder):  # the file open_clip will read
-            _refuse_non_checkpoint(_find_checkpoint_in_dir(folder))
+        found = _find_checkpoint_in_dir(folder)  # the file open_clip will read
+        if found:
+            _refuse_non_checkpoint(found)
         weights = {"kind": "local-dir", "config_sha256": file_sha256(cfg_file),
                    "files": {p.name: file_sha256(p) for p in ckpts}}
         # open_clip resolves relative local-dir paths against the CWD; make it absolute and unambiguous.
@@ -409,7 +410,8 @@ def _load_failure(spec: ModelSpec, name: str, pretrained: Optional[str], kwargs:
             f"one runs its code, so checkpoints are only read with torch.load(weights_only=True); if you trust "
             f"the file, convert it once: torch.save(torch.jit.load(PATH, map_location='cpu').state_dict(), "
             f"'weights.bin'), then pass --pretrained weights.bin (with --quick-gelu for OpenAI weights)")
-    kind, why = ("fit", _state_dict_error(e)) if _state_dict_error(e) else ("", "")
+    why = _state_dict_error(e)
+    kind = "fit" if why else ""
     if not kind and os.path.isfile(path):  # a readable file that open_clip choked on (IndexError, KeyError ...)
         kind, why = _checkpoint_misfit(path, name, kwargs)
     if kind == "damaged":

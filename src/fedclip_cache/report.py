@@ -151,13 +151,13 @@ def report_path(path, fmt: str, plots: bool, console: Console, partial: bool = F
     import json
     from pathlib import Path
 
-    from .runfolder import check_readable, disk_full, folder_kind, read_state
+    from .runfolder import check_readable, disk_full, folder_kind
     from .store import CacheError
 
     path = Path(path)
     if fmt not in ("table", "md", "csv", "json"):
         raise CacheError(f"--format {fmt!r} unknown; use table, md, csv or json")
-    kind = (read_state(path) or {}).get("kind") or folder_kind(path)
+    kind = folder_kind(path)  # its state.json's kind, else what its files say
     if kind == "sweep":
         from .plots import sweep_plots
         from .sweep import collect, summary_csv, summary_rows

@@ -30,7 +30,7 @@ from typing import Callable, Iterable, Optional
 
 from .errors import ConfigError, FedclipCacheError
 from .integrity import WriterLock, describe_holder, writer_active
-from .store import atomic_write, file_sha256, is_disk_full
+from .store import atomic_write, display_text, file_sha256, is_disk_full
 
 STATE_FILE = "state.json"
 KINDS = ("federate", "sweep", "deploy", "pipeline")
@@ -119,10 +119,7 @@ def claim(folder, kind: str, label: str, check: Optional[Callable[[], None]] = N
     _check_utf8(folder, label)
     lock = RunLock(folder, kind, label)
     try:  # (a too-long name fails already here: Path.exists raises ENAMETOOLONG)
-        for p in (folder, *folder.parents):
-            if p.exists() and not p.is_dir():
-                raise RunFolderError(f"{label} {_short(folder)}: {_short(p)} is a file, not a folder; give another "
-                                     f"folder")
+        check_not_a_file(folder, label)
         _check_kind(folder, kind, label)  # first without the lock: taking it writes .lock (a cache has its own)
     except OSError as e:
         raise lock.unwritable(e) from None
@@ -139,23 +136,35 @@ def claim(folder, kind: str, label: str, check: Optional[Callable[[], None]] = N
     return lock
 
 
+def check_not_a_file(folder: Path, label: str) -> None:
+    """A one-line error when ``folder``, or a folder above it, is a file (the run failed only at its first write)."""
+    folder = Path(folder)
+    for p in (folder, *folder.parents):
+        if p.exists() and not p.is_dir():
+            raise RunFolderError(f"{label} {_short(folder)}: {_short(p)} is a file, not a folder; give another folder")
+
+
 def _check_utf8(folder: Path, label: str) -> None:
     """A name that is not UTF-8 (Python holds its bytes as surrogates) is refused before anything is created: pyarrow
     cannot open metrics.parquet there (UnicodeEncodeError, a traceback after the whole run had trained) and the
     run's JSON records could not name it."""
-    try:
-        str(folder).encode("utf-8")
-    except UnicodeEncodeError:
-        shown = str(folder).encode("utf-8", "backslashreplace").decode()
+    shown = display_text(str(folder))  # the store's one rule: it changes exactly the names that are not UTF-8
+    if shown != str(folder):
         raise RunFolderError(f"{label} {_short(Path(shown))}: the name is not valid UTF-8 (pyarrow cannot write "
-                             f"there); give a UTF-8 name") from None
+                             f"there); give a UTF-8 name")
 
 
-def _check_kind(folder: Path, kind: str, label: str) -> None:
+def _refuse_other_kind(folder: Path, kind: str, label: str) -> Optional[str]:
+    """The folder's kind (None: new, or none of ours); a folder of another kind is refused."""
     have = folder_kind(folder)
     if have is not None and have != kind:
         raise RunFolderError(f"{label} {folder}: this is {_WHAT[have]}, not {_WHAT[kind]}; give another folder "
                              f"(one kind of run per folder)")
+    return have
+
+
+def _check_kind(folder: Path, kind: str, label: str) -> None:
+    have = _refuse_other_kind(folder, kind, label)
     # A file where a run writes a folder (plots/, points/) or a folder where it writes a file (summary.json):
     # refused now, before the lock; the run broke on it only at its end (a traceback after training).
     subs = sorted({str(Path(n).parent) for n in _OWN[kind]} - {"."})
@@ -226,9 +235,7 @@ def begin(folder: Path, kind: str) -> None:
     ``fedclip-cache deploy`` holds the folder); a folder of another kind is refused."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    have = folder_kind(folder)
-    if have is not None and have != kind:
-        raise RunFolderError(f"out {folder}: this is {_WHAT[have]}, not {_WHAT[kind]}; give another folder")
+    _refuse_other_kind(folder, kind, "out")
     with disk_full(folder):
         write_state(folder, kind, "in-progress")
 
@@ -293,16 +300,16 @@ def check_readable(folder: Path, kind: str) -> list[str]:
     if state.get("kind") != kind:
         raise RunFolderError(f"{folder}: {STATE_FILE} says {_WHAT.get(state.get('kind'), 'another kind of folder')}"
                              f", but it holds {_WHAT[kind]}'s files: a mixed folder; re-run into a new folder")
-    holder = writer_active(folder) if state.get("state") == "complete" else None  # one not writing yet
-    notes = [f"a {holder.get('kind', 'run')} is running on {folder} now ({describe_holder(holder)}): shown is the "
-             f"run that completed before it, which that run will replace"] if holder else []
+    holder = writer_active(folder)
     if state.get("state") != "complete":
-        holder = writer_active(folder)
         if holder:
             raise RunFolderError(f"{folder}: a {holder.get('kind', 'run')} is writing this folder now "
                                  f"({describe_holder(holder)}); report it when it has finished")
         raise RunFolderError(f"{folder}: incomplete run folder (the {kind} that was writing it stopped before "
                              f"finishing: killed, failed or disk full); re-run the same command")
+    # complete, and a run holds the folder: one that has not started writing yet (federate trains first)
+    notes = [f"a {holder.get('kind', 'run')} is running on {folder} now ({describe_holder(holder)}): shown is the "
+             f"run that completed before it, which that run will replace"] if holder else []
     for name, rec in (state.get("files") or {}).items():
         f = folder / name
         if not f.is_file():

@@ -154,11 +154,11 @@ def path_name_problem(name: str) -> str:
     return ""
 
 
-def _quoted(name) -> str:
-    """``repr(name)`` for a one-line message, cut to its start when long: a 15 MB manifest cell (or a --classes file
-    of zeros) made a 63 MB 'one-line' error."""
+def quoted(name, keep: int = 100) -> str:
+    """``repr(name)`` for a one-line message, cut to its first ``keep`` characters when long: a 15 MB manifest cell
+    (or a --classes file of zeros) made a 63 MB 'one-line' error."""
     text = repr(name)
-    return text if len(text) <= 120 else f"{text[:100]}… ({len(name):,} characters)"
+    return text if len(text) <= keep + 20 else f"{text[:keep]}… ({len(name):,} characters)"
 
 
 def check_path_name(kind: str, name: str, where: str) -> None:
@@ -168,7 +168,7 @@ def check_path_name(kind: str, name: str, where: str) -> None:
     from an older cache (``deploy``, ``simulate``) call it too, defensively."""
     why = path_name_problem(name)
     if why:
-        raise SourceError(f"{where}: {kind} name {_quoted(name)} {why}; {kind} names become file and folder names (e.g. "
+        raise SourceError(f"{where}: {kind} name {quoted(name)} {why}; {kind} names become file and folder names (e.g. "
                           f"logs/site-<domain>.log), so each must be {_NAME_RULE}: rename it")
 
 
@@ -177,7 +177,7 @@ def check_label_text(kind: str, name: str, where: str) -> None:
     names never become file names, so '/' is allowed ("T-shirt/top", "AC/DC")."""
     why = _text_problem(name)
     if why:
-        raise SourceError(f"{where}: {kind} name {_quoted(name)} {why}; a {kind} name is prompt text: not empty, no control "
+        raise SourceError(f"{where}: {kind} name {quoted(name)} {why}; a {kind} name is prompt text: not empty, no control "
                           f"characters, no leading or trailing spaces")
 
 

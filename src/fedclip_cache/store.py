@@ -130,8 +130,15 @@ def temporary_in_use(path: Path) -> bool:
     """Whether a live process is writing this temporary file: :func:`atomic_write` holds a lock on it until it is
     renamed. A reader building ``features.npy`` takes no writer lock, so an extract starting meanwhile must not
     remove its half-written file as a killed run's (the reader then failed with 'No such file')."""
+    return flock_held(path) is True  # (None, no locks on this file system: the name alone decides)
+
+
+def flock_held(path: Path, directory: bool = False) -> bool | None:
+    """Whether a live process holds an exclusive ``flock`` on ``path`` (the writer lock on a cache or run folder:
+    ``directory=True``; a temporary file being written): False when it cannot be opened (gone) or nobody holds one,
+    None when the file system has no locks (each caller decides what that means)."""
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
     except OSError:
         return False
     try:
@@ -140,7 +147,7 @@ def temporary_in_use(path: Path) -> bool:
     except BlockingIOError:
         return True
     except OSError:
-        return False  # no locks on this file system
+        return None
     finally:
         os.close(fd)
 

@@ -83,13 +83,20 @@ def _parse_grid(specs: list[str], where: str) -> tuple[dict[str, list], dict[str
             if name in grid:
                 raise ConfigError(f"{where} {key}: given twice; list all its values once, e.g. {key}=1,2")
             names[name] = f"{where} {key}="
-            items = [v.strip() for v in vals.split(",")]
-            if any(items) and not all(items):  # `hidden=4,$H,8` with H unset: refused, never dropped quietly
-                raise ConfigError(f"{where} {key}={vals}: an empty value (two commas in a row, or one at an end); "
-                                  f"remove it or give the value")
-            grid[name] = check_grid_values(name, [_convert(name, v, names[name]) for v in items if v],
-                                           names[name])
+            items = comma_items(vals, f"{where} {key}={vals}", "value")
+            grid[name] = check_grid_values(name, [_convert(name, v, names[name]) for v in items], names[name])
     return grid, names
+
+
+def comma_items(text: str, where: str, what: str) -> list[str]:
+    """The stripped items of a comma-separated list (``--seeds``, a ``--grid`` key's values). An empty item among
+    others (``hidden=4,$H,8`` with H unset) is refused, never dropped quietly; an empty list is the caller's to
+    refuse."""
+    items = [v.strip() for v in text.split(",")]
+    if any(items) and not all(items):
+        raise ConfigError(f"{where}: an empty {what} (two commas in a row, or one at an end); remove it or give the "
+                          f"{what}")
+    return [v for v in items if v]
 
 
 def check_grid_values(name: str, values: list, label: str) -> list:
@@ -202,16 +209,6 @@ def _run_point(cache, cfg_dict: dict, seeds: list[int], folder: str, threads: Op
         os.replace(staging / "summary.json", Path(folder) / "summary.json")  # last: marks the point done
     shutil.rmtree(staging, ignore_errors=True)  # (a killed run's temporary files may be left in it)
     return folder
-
-
-def _die_with_parent(parent: int) -> None:
-    """Pool initializer: a --jobs worker ends when the sweep that started it dies (``deploy``'s own rule,
-    ``deploy_zygote.die_with_parent``: Linux's PR_SET_PDEATHSIG). Without it a `kill -9` of the sweep left its
-    workers training on, for as long as their points took, writing their points into the folder after its lock was
-    gone, beside the next sweep run into it."""
-    from .deploy_zygote import die_with_parent
-
-    die_with_parent(parent)
 
 
 def point_folder(cfg: FederateConfig, seeds: list[int]) -> str:
@@ -339,7 +336,13 @@ def sweep(cache_path: str | Path, base: FederateConfig, grid: dict[str, list], s
                     on_done(done, len(points))
         else:
             threads = max(1, (os.cpu_count() or 1) // jobs)
-            with ProcessPoolExecutor(jobs, initializer=_die_with_parent, initargs=(os.getpid(),)) as ex:
+            from .deploy_zygote import die_with_parent
+
+            # A --jobs worker ends when the sweep that started it dies (``deploy``'s own rule: Linux's
+            # PR_SET_PDEATHSIG). Without it a `kill -9` of the sweep left its workers training on, for as long as
+            # their points took, writing their points into the folder after its lock was gone, beside the next
+            # sweep run into it.
+            with ProcessPoolExecutor(jobs, initializer=die_with_parent, initargs=(os.getpid(),)) as ex:
                 futs = {ex.submit(_run_point, str(cache_path), cfg.to_dict(), seeds, str(folder), threads, opener):
                         folder for cfg, folder in todo}
                 for f in as_completed(futs):

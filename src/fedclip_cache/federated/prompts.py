@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
+from ..sources import quoted
 
 CTX_INIT_STD = 0.02  # CoOp: nn.init.normal_(ctx_vectors, std=0.02)
 PLACEHOLDER = "X"  # CoOp's prompt_prefix = " ".join(["X"] * n_ctx)
@@ -91,17 +92,13 @@ def fitted_prompts(tokenizer, names: Sequence[str], n_ctx: int, ctx_init: Option
 def _refuse(names: Sequence[str], rest: Sequence[int], n_ctx: int, ctx_init: Optional[str], length: int):
     i = int(np.argmax(rest))
     room = length - rest[i]  # the largest context that fits beside every class
-    what = (f"--ctx-init {_short(ctx_init)} takes {n_ctx} tokens" if ctx_init else f"--n-ctx {n_ctx}")
+    what = (f"--ctx-init {quoted(ctx_init, 40)} takes {n_ctx} tokens" if ctx_init else f"--n-ctx {n_ctx}")
     fix = ("no context fits beside this class name; shorten it" if room < 1 else
            f"use a phrase of at most {room} tokens" if ctx_init else f"use --n-ctx {room} or less")
     largest = "" if room < 1 else " (the largest that fits every class)"
-    raise ConfigError(f"{what}: the prompt of class {_short(names[i])} would take {n_ctx + rest[i]} tokens ({n_ctx} "
+    raise ConfigError(f"{what}: the prompt of class {quoted(names[i], 40)} would take {n_ctx + rest[i]} tokens ({n_ctx} "
                       f"context + {rest[i]} for SOS, its name, '.' and EOT), more than the text tower's {length}, "
                       f"and the tokenizer would cut its name; {fix}{largest}")
-
-
-def _short(text: str, keep: int = 40) -> str:
-    return repr(text if len(text) <= keep else text[:keep] + "...")
 
 
 class PromptLearner:
