@@ -388,11 +388,15 @@ def run_site(cache: str, superlink: str, *, port: int = 9094, insecure: bool = F
         from .errors import ConfigError
 
         raise ConfigError(f"port {port} (the SuperNode's Runtime API) is in use: choose another --port")
+    made: list = []  # the private folder, once made
     if threading.current_thread() is threading.main_thread():
-        # SIGTERM ends the site through the `finally` below until flwr installs its own handlers (its imports take
-        # seconds; the default action left the secret's folder behind); flwr's handlers restore this one
-        signal.signal(signal.SIGTERM, _exit_on_signal)
+        # SIGTERM ends the site here until flwr installs its own handlers (its imports take seconds; the default
+        # action left the secret's folder behind); flwr's handlers restore this one. It removes the folder and
+        # exits at once: a SystemExit raised here was swallowed once by flwr's start-up (the site ran on after
+        # SIGTERM, seen under load in test_a_site_secret_never_outlives_the_site)
+        signal.signal(signal.SIGTERM, lambda _s, _f: _remove_and_exit(made))
     private = private_folder(private_root)
+    made.append(private)
     stop = threading.Event()
     try:
         secret_file = private / "superexec-secret"
@@ -433,5 +437,12 @@ def run_site(cache: str, superlink: str, *, port: int = 9094, insecure: bool = F
         shutil.rmtree(private, ignore_errors=True)
 
 
-def _exit_on_signal(signum, _frame) -> None:
-    raise SystemExit(0)  # as flwr's own handler ends the SuperNode after SIGTERM (exit 0)
+def _remove_and_exit(made: list) -> None:
+    for folder in made:
+        shutil.rmtree(folder, ignore_errors=True)
+    for stream in (sys.stdout, sys.stderr):  # os._exit skips the interpreter's flush: keep the log complete
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(0)  # as flwr's own handler ends the SuperNode after SIGTERM (exit 0)
