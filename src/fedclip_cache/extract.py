@@ -415,7 +415,8 @@ def _recover_cache_id(out: Path, fmt: str) -> str:
     import re
 
     try:
-        found = re.search(rb'"cache_id"\s*:\s*"([0-9a-f]{32})"', (out / store.META_FILE).read_bytes())
+        pattern = rb'"cache_id"\s*:\s*"(' + store.CACHE_ID_PATTERN.encode() + rb')"'
+        found = re.search(pattern, (out / store.META_FILE).read_bytes())
     except OSError:
         found = None
     if found:

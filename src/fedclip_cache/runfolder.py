@@ -30,7 +30,7 @@ from typing import Callable, Iterable, Optional
 
 from .errors import ConfigError, FedclipCacheError
 from .integrity import WriterLock, describe_holder, writer_active
-from .store import atomic_write, display_text, file_sha256, is_disk_full
+from .store import display_text, file_sha256, is_disk_full, write_json
 
 STATE_FILE = "state.json"
 KINDS = ("federate", "sweep", "deploy", "pipeline")
@@ -227,7 +227,7 @@ def write_state(folder: Path, kind: str, state: str, files: Optional[dict] = Non
     rec = {"kind": kind, "state": state, "started": old.get("started", now) if state == "complete" else now}
     if state == "complete":
         rec.update(finished=now, files=files or {})
-    atomic_write(Path(folder) / STATE_FILE, lambda p: p.write_text(json.dumps(rec, indent=2) + "\n"))
+    write_json(Path(folder) / STATE_FILE, rec)
 
 
 def begin(folder: Path, kind: str) -> None:

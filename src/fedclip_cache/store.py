@@ -60,7 +60,9 @@ class CacheError(FedclipCacheError, ValueError):
 # final name the cleaner owns, are ever removed (a user's ``.notes.tmp`` beside a cache is not ours); shards carry
 # their cache's id in it, so that a shards folder shared by two caches never has one cache remove the other's.
 TMP_PREFIX = ".fedclip-tmp"
-TMP_NAME = re.compile(r"\.fedclip-tmp(?:-(?P<owner>[0-9a-f]{32}))?\.(?P<target>.+)\.[a-z0-9_]{8}\.tmp")
+CACHE_ID_PATTERN = "[0-9a-f]{32}"  # what new_cache_id makes; the one pattern every reader of an id uses
+TMP_NAME = re.compile(rf"{re.escape(TMP_PREFIX)}(?:-(?P<owner>{CACHE_ID_PATTERN}))?"
+                      rf"\.(?P<target>.+)\.[a-z0-9_]{{8}}\.tmp")
 
 
 def temporary_of(name: str) -> tuple[str, str] | None:
@@ -212,7 +214,7 @@ def _has_surrogates(s: str) -> bool:
 
 # ----------------------------------------------------------------------------------------------- identity
 
-CACHE_ID = re.compile(r"[0-9a-f]{32}")
+CACHE_ID = re.compile(CACHE_ID_PATTERN)
 
 
 def new_cache_id() -> str:

@@ -383,7 +383,10 @@ def _refused_point(out: Path, record: dict, folder: Path, lock):
             with contextlib.suppress(OSError):
                 (out / "points").rmdir()
             raise
-        write_json(out / "sweep.json", record)
+        from .runfolder import disk_full
+
+        with disk_full(out, "sweep.json"):  # as every other write of the sweep folder: one line, not a traceback
+            write_json(out / "sweep.json", record)
         st = status(out)
         if len(st["done"]) == len(st["points"]):  # (--jobs: the other points finished meanwhile)
             write_outputs(out, collect(out, st["done"]))
