@@ -25,9 +25,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fedclip_cache import ExtractConfig, ModelSpec, extract
-from fedclip_cache.extract import autocast_for, resolve_device
-from fedclip_cache.models import load_model
+from fedclip_cache import ExtractConfig, ModelSpec
+from fedclip_cache import extract
+from fedclip_cache.cache.extract import autocast_for, resolve_device
+from fedclip_cache.cache.models import load_model
 
 
 def make_jpegs(root: Path, n: int, size: int = 256, seed: int = 0) -> Path:

@@ -10,11 +10,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from fedclip_cache.cache import open_cache
-from fedclip_cache.deploy import deploy
+from fedclip_cache.cache.reader import open_cache
+from fedclip_cache.launch.deploy import deploy
 from fedclip_cache.federated.config import FederateConfig
 from fedclip_cache.federated.results import federate
-from fedclip_cache.flower_sim import simulate, write_domain_cache
+from fedclip_cache.launch.simulate import simulate, write_domain_cache
 from fedclip_cache.synthetic import write_synthetic_cache
 
 rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 5

@@ -84,7 +84,8 @@ def convert(out: str | Path, norm: str = DEFAULT_NORM, seed: int = 0) -> Path:
 
 def measure(digits: str | Path, work: str | Path) -> dict[str, float]:
     """Prototype LODO accuracy of the features under each normalisation."""
-    from fedclip_cache import ExtractConfig, ModelSpec, extract, open_cache
+    from fedclip_cache import ExtractConfig, ModelSpec, open_cache
+    from fedclip_cache import extract
     from fedclip_cache.federated.config import FederateConfig
     from fedclip_cache.federated.results import federate
 

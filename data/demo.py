@@ -24,7 +24,8 @@ from rich.table import Table  # noqa: E402
 
 import build_digits  # noqa: E402
 import convert_efficientnet  # noqa: E402
-from fedclip_cache import ExtractConfig, ModelSpec, extract, open_cache  # noqa: E402
+from fedclip_cache import ExtractConfig, ModelSpec, open_cache  # noqa: E402
+from fedclip_cache import extract  # noqa: E402
 from fedclip_cache.federated.config import FederateConfig  # noqa: E402
 
 # The demo encoder's logit_scale is open_clip's untrained initial value (1/0.07); its text tower is random too.

@@ -1,4 +1,10 @@
 import os
+import sys
+from pathlib import Path
+
+# TEMPORARY (layout move): test modules still import helpers from test modules in other package folders
+for _d in ("cache", "federated", "flower", "launch", "cli"):
+    sys.path.insert(0, str(Path(__file__).parent / _d))
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # before anything imports huggingface_hub: tests never touch the network
 

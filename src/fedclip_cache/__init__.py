@@ -8,14 +8,14 @@ import types
 from importlib import import_module
 
 _PUBLIC = {
-    "FeatureCache": ".cache", "open_cache": ".cache", "cache_overview": ".cache",
-    "ExtractConfig": ".extract", "ExtractReport": ".extract", "extract": ".extract",
-    "ModelSpec": ".models", "load_model": ".models",
+    "FeatureCache": ".cache.reader", "open_cache": ".cache.reader", "cache_overview": ".cache.reader",
+    "ExtractConfig": ".cache.extract", "ExtractReport": ".cache.extract", "extract": ".cache.extract",
+    "ModelSpec": ".cache.models", "load_model": ".cache.models",
     "federate": ".federated.results", "FederateConfig": ".federated.config",
     "sweep": ".sweep",
     "list_algorithms": ".federated.algorithms", "register_algorithm": ".federated.algorithms",
     "Algorithm": ".federated.algorithms", "list_adapters": ".federated.adapters",
-    "CacheError": ".store", "FedclipCacheError": ".errors", "ConfigError": ".errors",
+    "CacheError": ".cache.store", "FedclipCacheError": ".errors", "ConfigError": ".errors",
 }
 __all__ = list(_PUBLIC)
 __version__ = "0.1.0"
@@ -30,7 +30,7 @@ class _Package(types.ModuleType):
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
     def __setattr__(self, name: str, value) -> None:
-        # Importing the submodule ``fedclip_cache.extract`` binds it as the package attribute ``extract``; keep the
+        # Importing the submodule ``fedclip_cache.cache.extract`` binds it as the package attribute ``extract``; keep the
         # public function of that name there instead (as an eager ``from .extract import extract`` would).
         if isinstance(value, types.ModuleType) and _PUBLIC.get(name) == "." + name:
             value = getattr(value, name)

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .errors import FedclipCacheError
-from .specs import ExtractConfig, ModelSpec
+from .cache.config import ExtractConfig, ModelSpec
 
 if TYPE_CHECKING:
     from .federated.config import FederateConfig
@@ -157,7 +157,7 @@ def extract(
     Re-running the same command resumes a killed run, embeds only new or changed images, retries files that failed
     for a transient reason, retires images deleted or moved since, and repairs damaged shards or metadata. One
     extract at a time per cache: a second is refused while the first runs."""
-    from .extract import DEFAULT_TEMPLATES, extract as run_extract
+    from .cache.extract import DEFAULT_TEMPLATES, extract as run_extract
 
     templates = list(template or [])
     if templates_file:
@@ -184,7 +184,7 @@ def extract(
         return
     from rich.markup import escape
 
-    from .store import display_text
+    from .cache.store import display_text
 
     console.print(f"[bold green]cache[/] {escape(rep.cache)}: +{rep.embedded} embedded, {len(rep.skipped)} skipped, "
                   f"{rep.already_cached} already cached ({rep.changed} changed files re-extracted, {rep.retried} "
@@ -220,7 +220,7 @@ def info(cache: Path = typer.Argument(..., help="Cache folder."),
          allow_incomplete: bool = typer.Option(False, help="Describe an unfinished cache (killed or running extract) "
                                                            "instead of refusing it.")):
     """Summarise a cache: model, dimensions, domain x class counts, skipped and retired files. Reads no embeddings."""
-    from .cache import cache_overview
+    from .cache.reader import cache_overview
     from .report import cache_summary, render_cache_summary
 
     summary = cache_summary(cache_overview(cache, allow_incomplete=allow_incomplete, verify=verify))
@@ -340,7 +340,7 @@ def federate(
 
     cfg = _federate_config(fed_options)
     seed_list = _seeds(seeds) if seeds is not None else None
-    from .cache import open_cache
+    from .cache.reader import open_cache
 
     fc = open_cache(cache, allow_incomplete=allow_incomplete, features_in=_features_in(features))
     summary = run_federate(fc, cfg, out, seeds=seed_list, progress=not quiet and not as_json, plots=True)
@@ -373,7 +373,7 @@ def sweep(
     base = _federate_config(fed_options, validate=False)  # validated per grid point: the grid may override it
     g, names = parse_grid(grid), {**FEDERATE_FLAGS, **grid_names(grid)}
     seed_list = _seeds(seeds)
-    from .cache import open_cache
+    from .cache.reader import open_cache
 
     open_cache(cache, allow_incomplete=allow_incomplete, load_features=False)  # an unfinished cache: refused first
     plan(cache, base, g, seed_list, jobs, names)  # every point checked before the progress bar or any file
@@ -432,7 +432,7 @@ def deploy(
     import signal
     import threading
 
-    from .deploy import Launch, _interrupt, deploy as run_deploy
+    from .launch.deploy import Launch, _interrupt, deploy as run_deploy
 
     # SIGTERM is a Ctrl-C from the start: the Launch below makes a temporary folder and starts the zygote BEFORE the
     # options are checked (seconds: the check imports torch); SIGTERM's default action there left the folder behind
@@ -505,7 +505,7 @@ def simulate(
     """The Flower ServerApp/ClientApp of `deploy`, run in Flower's simulation engine (Ray, on this machine): no
     SuperLink or SuperNode processes, no network. One federation per run: --heldout DOMAIN or --protocol personal.
     Needs fedclip-cache\\[simulation]."""
-    from .flower_sim import parse_backend_config, simulate as run_simulate
+    from .launch.simulate import parse_backend_config, simulate as run_simulate
 
     cfg = _federate_config(fed_options)
     try:
@@ -550,18 +550,18 @@ def site(
     cache=CACHE) and a ClientApp worker thread that imports torch and opens the cache once, instead of a fresh
     process per message. Started again on the same cache, a site rejoins a running federation. Runs until stopped (SIGTERM/Ctrl-C) or until the SuperNode exits. Needs fedclip-cache\\[flower]."""
     from .federated.config import ConfigError
-    from .flower_site import run_site
+    from .launch.site import run_site
 
     if not insecure and root_certificates is None:
         raise ConfigError("site: give --root-certificates (the SuperLink's CA) or --insecure (no TLS)")
-    from .flower_site import check_site_credentials
+    from .launch.site import check_site_credentials
 
     extra = check_site_credentials(insecure, root_certificates, auth_supernode_private_key)
     if not 0 < poll_interval <= 60:
         raise ConfigError(f"--poll-interval {poll_interval}: must be in (0, 60] seconds")
     if not 1 <= port <= 65535:
         raise ConfigError(f"site: --port {port}: must be between 1 and 65535")
-    from .cache import cache_overview
+    from .cache.reader import cache_overview
 
     names = cache_overview(cache).domain_names  # a missing or damaged cache: its one-line error, before start-up
     if len(names) != 1:
@@ -584,7 +584,7 @@ def superlink(
     Control API (run submission) and Runtime API stay on loopback (--host, default 127.0.0.1: `flwr run` on this
     machine); the same SuperLink's Fleet API alone is served on --fleet-address, with the same TLS. Needs
     fedclip-cache\\[flower]."""
-    from .fleet_gate import serve
+    from .launch.fleet_gate import serve
 
     serve(fleet_address, list(ctx.args))
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from .federated.config import ConfigError, FederateConfig, parse_text
-from .specs import ExtractConfig, ModelSpec, check_templates
+from .cache.config import ExtractConfig, ModelSpec, check_templates
 
 try:
     import tomllib
@@ -104,7 +104,7 @@ def _is_int(v: Any) -> bool:
 
 
 def _check_pipeline(p: dict, label: Callable[[str], str]) -> None:
-    from .datasets import DATASETS, canonical
+    from .cache.datasets import DATASETS, canonical
 
     for k, v in p.items():
         if not isinstance(v, str) or (k in ("name", "cache", "out") and not v.strip()):
@@ -136,7 +136,7 @@ def _check_extract(ex: dict, label: Callable[[str], str]) -> None:
         if k == "views" and (not _is_int(v) or v < 1):
             raise ConfigError(f"{where}: expected a whole number >= 1 (1 = only the evaluation view)")
         if k == "augment":
-            from .views import AugmentError, parse_augment
+            from .cache.views import AugmentError, parse_augment
 
             try:
                 parse_augment(v)
@@ -153,7 +153,7 @@ def _check_extract(ex: dict, label: Callable[[str], str]) -> None:
         if k == "classes" and (not isinstance(v, list) or not v or not all(isinstance(c, str) and c for c in v)):
             raise ConfigError(f"{where}: expected a non-empty list of class names, in label order")
         if k == "classes":
-            from .sources import check_label_text
+            from .cache.sources import check_label_text
 
             for c in v:
                 check_label_text("class", c, where)  # the rule extract applies to class names from the data
@@ -233,10 +233,10 @@ def run(path: str | Path, data: Optional[str], overrides: Optional[list[str]] = 
 
     The whole pipeline is validated first (:func:`prepare`), and against the cache as soon as it exists, so a
     typo in the sweep fails before the federate stage trains anything."""
-    from .cache import open_cache
-    from .extract import ExtractConfig, extract
-    from .models import ModelSpec
-    from .runfolder import claim
+    from .cache.reader import open_cache
+    from .cache.extract import ExtractConfig, extract
+    from .cache.models import ModelSpec
+    from .federated.runfolder import claim
     from .sweep import expand, preflight
 
     plan = prepare(path, overrides)
@@ -277,10 +277,10 @@ def run(path: str | Path, data: Optional[str], overrides: Optional[list[str]] = 
 
 
 def _train_stages(path, plan, cfg: dict, cache: Path, out: Path, names: dict, sweeping: bool, lock) -> dict:
-    from .cache import open_cache
+    from .cache.reader import open_cache
     from .federated.results import federate
-    from .runfolder import disk_full
-    from .store import atomic_write
+    from .federated.runfolder import disk_full
+    from .cache.store import atomic_write
     from .sweep import sweep
 
     fc = open_cache(cache)

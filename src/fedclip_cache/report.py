@@ -6,8 +6,8 @@ from rich.table import Table
 
 from rich.markup import escape
 
-from .cache import CacheOverview, FeatureCache
-from .store import display_text
+from .cache.reader import CacheOverview, FeatureCache
+from .cache.store import display_text
 
 
 def cache_summary(c: "FeatureCache | CacheOverview") -> dict:
@@ -52,7 +52,7 @@ def _views_text(v: dict | None) -> dict | None:
     """The views' provenance as ``info`` shows it (None for a single-view cache)."""
     if not v or int(v.get("count", 1)) < 2:
         return None
-    from .views import recipe_text
+    from .cache.views import recipe_text
 
     return {"recipe": recipe_text(v["augment"]), "seed": v.get("seed"), "size": v.get("size"),
             "interpolation": v.get("interpolation"), "steps": v["augment"]}
@@ -151,8 +151,8 @@ def report_path(path, fmt: str, plots: bool, console: Console, partial: bool = F
     import json
     from pathlib import Path
 
-    from .runfolder import check_readable, disk_full, folder_kind
-    from .store import CacheError
+    from .federated.runfolder import check_readable, disk_full, folder_kind
+    from .cache.store import CacheError
 
     path = Path(path)
     if fmt not in ("table", "md", "csv", "json"):
@@ -213,8 +213,8 @@ def report_path(path, fmt: str, plots: bool, console: Console, partial: bool = F
 def sweep_notes(path, partial: bool) -> list[str]:
     """What a report of the sweep folder ``path`` must say first: "k of n points" when some are not finished (a
     one-line error unless ``partial``; none finished: always an error)."""
-    from .integrity import describe_holder, writer_active
-    from .runfolder import RunFolderError, read_state
+    from .cache.integrity import describe_holder, writer_active
+    from .federated.runfolder import RunFolderError, read_state
     from .sweep import status
 
     if not (path / "sweep.json").is_file():

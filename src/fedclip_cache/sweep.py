@@ -36,7 +36,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from .federated.config import GRID_ALIASES, ConfigError, FederateConfig, _said, check_bounds, parse_text
-from .store import atomic_write, write_json
+from .cache.store import atomic_write, write_json
 
 
 
@@ -136,7 +136,7 @@ def expand(base: FederateConfig, grid: dict[str, list], names: Optional[dict[str
 
 def preflight(cache_path: str | Path, points: list[FederateConfig], names: Optional[dict[str, str]] = None) -> None:
     """Check configurations against a cache's metadata (domains, templates, classes, device) before any work."""
-    from .store import read_meta
+    from .cache.store import read_meta
 
     meta = read_meta(cache_path)
     names = names or {}
@@ -191,9 +191,9 @@ def _run_point(cache, cfg_dict: dict, seeds: list[int], folder: str, threads: Op
     or its path (worker processes open it themselves, with ``opener``'s open_cache options)."""
     import torch
 
-    from .cache import open_cache
+    from .cache.reader import open_cache
     from .federated.results import train, write_run
-    from .runfolder import disk_full
+    from .federated.runfolder import disk_full
 
     if threads:
         torch.set_num_threads(threads)
@@ -226,7 +226,7 @@ def _record(cache_path, identity: dict, base: FederateConfig, grid: dict, seeds:
     base option, grid key or seed list is refused in one line: a new folder holds it); a widened grid adds
     points."""
     from .federated.config import FIELDS, option_flag
-    from .runfolder import RunFolderError
+    from .federated.runfolder import RunFolderError
 
     cache = str(Path(cache_path).resolve())
     keys = list(grid)
@@ -294,8 +294,8 @@ def sweep(cache_path: str | Path, base: FederateConfig, grid: dict[str, list], s
 
     Everything (seeds, every grid point, the points against the cache, the cache's completeness) is checked before
     anything is written; ``names`` maps a config field to how the user wrote it, for the error messages."""
-    from .cache import open_cache
-    from .runfolder import claim, disk_full
+    from .cache.reader import open_cache
+    from .federated.runfolder import claim, disk_full
 
     out = Path(out)
     # Refuses an unfinished cache now; its identity (path + commit) decides which finished points are still valid.
@@ -336,7 +336,7 @@ def sweep(cache_path: str | Path, base: FederateConfig, grid: dict[str, list], s
                     on_done(done, len(points))
         else:
             threads = max(1, (os.cpu_count() or 1) // jobs)
-            from .deploy_zygote import die_with_parent
+            from .launch.zygote import die_with_parent
 
             # A --jobs worker ends when the sweep that started it dies (``deploy``'s own rule: Linux's
             # PR_SET_PDEATHSIG). Without it a `kill -9` of the sweep left its workers training on, for as long as
@@ -383,7 +383,7 @@ def _refused_point(out: Path, record: dict, folder: Path, lock):
             with contextlib.suppress(OSError):
                 (out / "points").rmdir()
             raise
-        from .runfolder import disk_full
+        from .federated.runfolder import disk_full
 
         with disk_full(out, "sweep.json"):  # as every other write of the sweep folder: one line, not a traceback
             write_json(out / "sweep.json", record)
@@ -396,7 +396,7 @@ def _refused_point(out: Path, record: dict, folder: Path, lock):
 
 def read_record(out: Path) -> Optional[dict]:
     """``SWEEP/sweep.json`` (None when there is none); a damaged one is a one-line error."""
-    from .runfolder import RunFolderError
+    from .federated.runfolder import RunFolderError
 
     f = Path(out) / "sweep.json"
     if not f.is_file():
@@ -422,7 +422,7 @@ def status(out: str | Path) -> dict:
     if want is None:  # written before sweep.json recorded it: the points must at least agree with each other
         kinds = {json.dumps(i, sort_keys=True) for i in committed.values()}
         if len(kinds) > 1:
-            from .runfolder import RunFolderError
+            from .federated.runfolder import RunFolderError
 
             raise RunFolderError(f"{out}: mixed sweep: its points were trained on {len(kinds)} different caches or "
                                  f"commits; re-run the sweep into a new folder")

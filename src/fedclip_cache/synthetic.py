@@ -79,10 +79,10 @@ def write_synthetic_cache(out: str | Path, domain_sizes: dict[str, int], num_cla
     """A complete, committed cache folder (the same files extract writes) holding synthetic features."""
     import os
 
-    from . import store
-    from .extract import FORMAT_VERSION
-    from .integrity import shard_record
-    from .sources import image_id
+    from .cache import store
+    from .cache.extract import FORMAT_VERSION
+    from .cache.integrity import shard_record
+    from .cache.sources import image_id
 
     feats, labels, doms, text = synthetic_cache_arrays(domain_sizes, num_classes, dim, seed, **kw)
     classes = [f"class{c:03d}" for c in range(num_classes)]

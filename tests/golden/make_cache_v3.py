@@ -30,8 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fedclip_cache import store
-from fedclip_cache.cache import open_cache
+from fedclip_cache.cache import store
+from fedclip_cache.cache.reader import open_cache
 from fedclip_cache.synthetic import write_image_folder, write_tiny_model
 
 MTIME_NS = 1_700_000_000_000_000_000

@@ -20,7 +20,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from ..cache import FeatureCache
+from ..cache.reader import FeatureCache
 from .adapters import ADAPTERS, AdapterKind, Params, get_adapter, init_params, num_params
 from .algorithms import Algorithm, TrainState, make_algorithm
 from .config import ConfigError, FederateConfig
@@ -350,7 +350,7 @@ def free_bytes(device: torch.device) -> int:
     on the host (cache.available_memory: MemAvailable, rlimits, the cgroup limit)."""
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
-    from ..cache import available_memory
+    from ..cache.reader import available_memory
 
     return int(available_memory())
 

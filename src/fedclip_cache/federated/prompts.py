@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
-from ..sources import quoted
+from ..cache.sources import quoted
 
 CTX_INIT_STD = 0.02  # CoOp: nn.init.normal_(ctx_vectors, std=0.02)
 PLACEHOLDER = "X"  # CoOp's prompt_prefix = " ".join(["X"] * n_ctx)
@@ -248,7 +248,7 @@ def round_lr(lr: float, rnd: int, rounds: int, schedule: str = "constant") -> fl
 
 def _spec_from_meta(meta: dict, model_config: Optional[str], pretrained: Optional[str]):
     """The ModelSpec that reproduces the cache's model, from its provenance (cache.json ``model``)."""
-    from ..specs import ModelSpec
+    from ..cache.config import ModelSpec
 
     m = meta.get("model") or {}
     name = m.get("name")
@@ -276,7 +276,7 @@ def load_text_model(meta: dict, device: torch.device | str = "cpu", model_config
     import json
 
     from ..errors import FedclipCacheError
-    from ..models import load_model
+    from ..cache.models import load_model
 
     spec = _spec_from_meta(meta, model_config, pretrained)
     try:

@@ -17,7 +17,7 @@ from typing import Optional
 
 import numpy as np
 
-from ..cache import FeatureCache
+from ..cache.reader import FeatureCache
 from .config import ConfigError, FederateConfig
 from .partition import partition
 

@@ -173,7 +173,7 @@ class RunRecorder:
         summary["deployment"] = {"rounds": self.health,
                                  **({"finetune": self.finetune_health} if self.finetune_health is not None else {})}
         if self.out is not None:
-            from ..runfolder import RUN_OUTPUTS, begin, mark_complete, read_state
+            from .runfolder import RUN_OUTPUTS, begin, mark_complete, read_state
             from .results import write_outputs
 
             out = Path(self.out)

@@ -7,8 +7,8 @@ from typing import Optional
 
 import numpy as np
 
-from ..cache import FeatureCache, open_cache
-from ..store import atomic_write, write_json
+from ..cache.reader import FeatureCache, open_cache
+from ..cache.store import atomic_write, write_json
 from .algorithms import get_algorithm
 from .config import FederateConfig
 from .loop import LoopResult, run_loop
@@ -213,7 +213,7 @@ def federate(cache: str | Path | FeatureCache, cfg: FederateConfig, out: Optiona
     run folder is locked (``runfolder.claim``) once the options and the experiments are checked, before training;
     it is marked in-progress and an earlier run's outputs removed only once training is done (a run refused or
     killed before then leaves the earlier run as it was), and marked complete after its last output."""
-    from ..runfolder import RUN_OUTPUTS, claim, disk_full
+    from .runfolder import RUN_OUTPUTS, claim, disk_full
 
     cfg.validate()
     fc = cache if isinstance(cache, FeatureCache) else open_cache(cache, allow_incomplete=allow_incomplete)
@@ -278,7 +278,7 @@ def write_outputs(out: Path, config: dict, res: LoopResult, params: dict, summar
     import pyarrow.parquet as pq
     import torch
 
-    from ..runfolder import disk_full
+    from .runfolder import disk_full
 
     table = metrics_table(res)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,828 @@
+"""Runner of the extract stage: reader (sources) -> mapper (imageio + frozen CLIP) -> writer (store).
+
+Run it in one process, or under ``torchrun --nproc-per-node N -m fedclip_cache extract ...``: every rank scans the
+same dataset, takes every N-th image still to do, and commits its own shards; rank 0 owns the metadata and the
+text embeddings. The reader orders rows canonically, so the cache equals a single-process one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import os
+import time
+from contextlib import ExitStack, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from . import integrity, store, views as _views
+from .integrity import CACHE_FORMAT_VERSION, CacheBusy, WriterLock
+from .imageio import ImageFiles
+from .models import LoadedModel, load_model
+from .config import DEFAULT_TEMPLATES, ExtractConfig, ModelSpec, check_templates  # noqa: F401  (re-exported)
+from .sources import OWN_OUTPUT, ImageTable, check_label_text, quoted, scan
+from ..errors import FedclipCacheError
+
+FORMAT_VERSION = CACHE_FORMAT_VERSION
+
+
+class ExtractError(FedclipCacheError, RuntimeError):
+    """Extraction cannot go on; the message says why and how to fix it."""
+
+
+@dataclass
+class ExtractReport:
+    cache: str
+    scanned: int
+    already_cached: int
+    changed: int
+    embedded: int
+    skipped: list[tuple[str, str]]
+    ignored: list[tuple[str, str]]
+    seconds: float
+    total_images: int
+    total_skipped: int
+    warnings: list[str] = field(default_factory=list)
+    loop_seconds: float = 0.0  # decode + encode + write only (no scan / model load): the steady-state rate
+    retried: int = 0  # files skipped for a transient reason before, tried again now
+    refreshed: int = 0  # cached rows whose label, domain, client or split the dataset changed (features kept)
+    retired: list[str] = field(default_factory=list)  # cached files no longer in the dataset: no longer served
+    repaired: list[tuple[str, str]] = field(default_factory=list)  # (shard or file, what was wrong) fixed now
+    views: int = 1  # views per image in the cache (extract --views)
+    upgraded: str = ""  # what upgrading an older cache format changed, when this run did
+    extended: int = 0  # cached images given new augmented views only (their view 0 and older views kept)
+
+    @property
+    def images_per_s(self) -> float:
+        return (self.embedded + len(self.skipped)) / self.seconds if self.seconds > 0 else 0.0
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+def resolve_device(device: str) -> torch.device:
+    import re
+
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device or ""):
+        raise ExtractError(f"--device {device!r} unknown; use auto, cpu, cuda or cuda:N")
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ExtractError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")
+    return torch.device(device)
+
+
+def autocast_for(device: torch.device, precision: str):
+    if precision == "fp32":
+        return nullcontext()
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _dist() -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() and os.environ.get("FEDCLIP_DIST_BACKEND") != "gloo" else "gloo"
+        torch.distributed.init_process_group(backend=backend)
+    return (torch.distributed.get_rank(), world) if world > 1 else (0, 1)
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        torch.distributed.barrier()
+
+
+def _broadcast(obj, world: int):
+    if world == 1:
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def fingerprint(lm: LoadedModel, cfg: ExtractConfig) -> dict:
+    return {**lm.fingerprint(), "precision": cfg.precision, "dtype": cfg.dtype, "normalised": False,
+            "exif_transpose": cfg.exif_transpose}
+
+
+def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+    keys = sorted(set(old) | set(new))
+    out = []
+    for k in keys:
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _diff(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}: cache has {a!r}, this run has {b!r}")
+    return out
+
+
+def check_compatible(cache: Path, meta: dict, fp: dict, fmt: str) -> None:
+    refusal = integrity.format_refusal(cache, meta)  # format 3 is upgraded in place (_open_or_create)
+    if refusal:
+        raise ExtractError(refusal)
+    if meta.get("format") != fmt:
+        raise ExtractError(f"{cache}: cache is {meta.get('format')}, this run asks for --format {fmt}; "
+                           f"use --format {meta.get('format')} or a new output folder")
+    old_act = meta.get("fingerprint", {}).get("activation")
+    if old_act != fp.get("activation"):
+        made = f"with activation {old_act!r}" if old_act else "before the activation was recorded"
+        raise ExtractError(
+            f"{cache}: the cached features were made with a different activation ({made}; this run builds "
+            f"{fp.get('activation')!r}), so they are not comparable; re-extract into a new output folder")
+    diff = _diff(meta.get("fingerprint", {}), fp)
+    if diff:
+        raise ExtractError(f"{cache}: built with a different model/preprocessing ({'; '.join(diff[:3])}); "
+                           f"features would be mixed, so write to a new output folder")
+
+
+@torch.inference_mode()
+def encode_text(lm: LoadedModel, templates: Sequence[str], classes: Sequence[str], device, precision) -> np.ndarray:
+    """Raw ``encode_text`` for every (template, class): shape (T, C, D), float32."""
+    prompts = [t.format(c) for t in templates for c in classes]
+    tokens = torch.cat([lm.tokenizer(prompts[i:i + 256]) for i in range(0, len(prompts), 256)])
+    _check_distinct_prompts(lm.tokenizer, tokens, templates, classes)
+    out = []
+    with autocast_for(device, precision):
+        for i in range(0, len(prompts), 256):
+            out.append(lm.model.encode_text(tokens[i:i + 256].to(device)).float().cpu())
+    emb = torch.cat(out).numpy()
+    return emb.reshape(len(templates), len(classes), -1)
+
+
+def _check_distinct_prompts(tokenizer, tokens: torch.Tensor, templates: Sequence[str], classes: Sequence[str]
+                            ) -> None:
+    """Refuse two classes whose prompts tokenise the same: their text embeddings would be identical, so zero-shot,
+    FedCLIP and the prompt learners could never tell them apart, with exit 0. The tokenizer lower-cases, normalises
+    Unicode (ftfy: 'café' typed as e + U+0301 is 'café') and spaces, and cuts at its context length, so 'Cat' and
+    'cat', or two long names that differ only past the cut, are one prompt (measured with open_clip's tokenizer)."""
+    for t, template in enumerate(templates):
+        seen: dict[tuple, int] = {}
+        for c, row in enumerate(tokens[t * len(classes):(t + 1) * len(classes)].tolist()):
+            first = seen.setdefault(tuple(row), c)
+            if first != c and not torch.equal(*tokenizer([classes[first], classes[c]])):
+                raise ExtractError(f"--template {quoted(template, 60)} is too long: "
+                                   f"the text tokenizer cuts every prompt at its context length before the class name, "
+                                   f"so classes {ascii(classes[first])} and {ascii(classes[c])} would get the same "
+                                   f"text embedding; shorten the template")
+            if first != c:
+                raise ExtractError(f"classes {ascii(classes[first])} and {ascii(classes[c])} give the same prompt to "
+                                   f"the text tokenizer ({template.format(classes[c])[:80]!r}: it lower-cases, "
+                                   f"normalises Unicode and spaces, and cuts long prompts), so their text embeddings "
+                                   f"would be identical; rename or merge one (the class folder, the manifest's label "
+                                   f"or --classes)")
+
+
+def _input_size(lm: LoadedModel) -> tuple[int, int]:
+    s = lm.preprocess_cfg.get("size", 224)
+    return tuple(s) if isinstance(s, (list, tuple)) else (s, s)
+
+
+def _meta_record(lm: LoadedModel, cfg: ExtractConfig, fp: dict, dim: int, cache_id: str) -> dict:
+    import open_clip
+
+    return {
+        "format_version": FORMAT_VERSION,
+        "cache_id": cache_id,  # near the top: a truncated cache.json still tells whose shards are whose
+        "format": cfg.format,
+        "dtype": cfg.dtype,
+        "normalised": False,
+        "embedding_dim": dim,
+        "fingerprint": fp,
+        "model": {"name": lm.spec.model, "pretrained": lm.spec.pretrained, "weights": lm.weights,
+                  "num_params": lm.num_params, "logit_scale": lm.logit_scale,
+                  "activation": lm.activation, "activation_source": lm.activation_source,
+                  "open_clip_version": open_clip.__version__, "torch_version": torch.__version__},
+        "preprocess": lm.preprocess_cfg,
+        "precision": cfg.precision,
+        "created": _now(),
+        "runs": [],
+    }
+
+
+# --------------------------------------------------------------------------------------------- the run
+
+def _plan(table: ImageTable, known: dict, views: int = 1) -> tuple[np.ndarray, int, int, int, np.ndarray]:
+    """Rows of ``table`` still to extract: new ids; files whose size or mtime changed; files whose inode or ctime
+    changed (a rename, a swap of two same-size files, a copy) and whose bytes no longer hash to what was embedded;
+    files whose last attempt failed for a transient reason (permission denied, I/O error). Returns (todo, already,
+    changed, retried, extend): ``extend`` are the cached rows, not to re-extract, that hold fewer than ``views``
+    views (only their missing views are computed)."""
+    todo, changed, retried, suspects = [], 0, 0, []
+    stats = zip(table.size.tolist(), table.mtime_ns.tolist(), table.ino.tolist(), table.ctime_ns.tolist())
+    for i, (iid, st) in enumerate(zip(table.ids.tolist(), stats)):
+        prev = known.get(iid)
+        if prev is None:
+            todo.append(i)
+            continue
+        (size, mtime, ino, ctime), kind, digest, _ = prev
+        if (size, mtime) != st[:2]:
+            todo.append(i)
+            changed += 1
+        elif kind == "transient":
+            todo.append(i)
+            retried += 1
+        elif (ino, ctime) != st[2:]:
+            if kind == "row" and digest:
+                suspects.append((i, digest))  # same size and mtime, another inode or ctime: look at the bytes
+            else:
+                todo.append(i)
+                changed += 1
+    if suspects:
+        from concurrent.futures import ThreadPoolExecutor
+
+        from .imageio import hash_file
+
+        paths = [os.path.join(table.root, table.relpath[i]) for i, _ in suspects]
+        with ThreadPoolExecutor(8) as pool:
+            digests = list(pool.map(hash_file, paths, chunksize=64))
+        for (i, old), new in zip(suspects, digests):
+            if new != old:
+                todo.append(i)
+                changed += 1
+    todo = np.sort(np.array(todo, np.int64))
+    extend = np.zeros(0, np.int64)
+    if views > 1:
+        redo = set(todo.tolist())
+        extend = np.array([i for i, iid in enumerate(table.ids.tolist()) if i not in redo
+                           and known[iid][1] == "row" and known[iid][3] < views], np.int64)
+    return todo, len(table) - len(todo), changed, retried, extend
+
+
+def validate_config(cfg: ExtractConfig) -> None:
+    if cfg.format not in store.FORMATS:
+        raise ExtractError(f"--format {cfg.format!r} unknown; use parquet or hdf5")
+    if cfg.dtype not in ("float32", "float16"):
+        raise ExtractError(f"--dtype {cfg.dtype!r} unknown; use float32 or float16")
+    if cfg.precision not in ("auto", "fp32", "fp16", "bf16"):
+        raise ExtractError(f"--precision {cfg.precision!r} unknown; use auto, fp32, fp16 or bf16")
+    check_templates(cfg.templates if isinstance(cfg.templates, str) else list(cfg.templates))
+    if cfg.classes is not None:
+        if not cfg.classes:
+            raise ExtractError("--classes: the class list must name at least one class, one per line")
+        for c in cfg.classes:
+            check_label_text("class", c, "--classes")
+        dup = next((c for i, c in enumerate(cfg.classes) if c in cfg.classes[:i]), None)
+        if dup is not None:
+            raise ExtractError(f"--classes: class {dup!r} is listed twice; each class once, in label order")
+    for name in ("batch_size", "shard_size"):
+        if getattr(cfg, name) < 1:
+            raise ExtractError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(cfg, name)})")
+    if cfg.workers is not None and cfg.workers < 0:
+        raise ExtractError(f"--workers must be 0 or more (got {cfg.workers})")
+    for name, vals in (("--image-mean", cfg.model.image_mean), ("--image-std", cfg.model.image_std)):
+        if vals is not None and (len(vals) != 3 or not all(np.isfinite(v) for v in vals)):
+            raise ExtractError(f"{name} takes three finite numbers, e.g. 0.5,0.5,0.5 (got {list(vals)})")
+    if cfg.model.image_std is not None and min(cfg.model.image_std) <= 0:
+        raise ExtractError(f"--image-std values must be > 0 (got {list(cfg.model.image_std)})")
+    resolve_device(cfg.device)
+    _views.check_views(cfg.views, cfg.augment, cfg.augment_seed)
+    if cfg.dataset is not None:
+        from .datasets import DATASETS, canonical
+
+        if canonical(cfg.dataset) is None:
+            raise ExtractError(f"--dataset {cfg.dataset!r} unknown; choose one of {', '.join(DATASETS)} or leave it "
+                               f"out")
+
+
+def extract(cfg: ExtractConfig) -> ExtractReport:
+    """Embed every image of ``cfg.source`` not yet in ``cfg.out`` and commit the cache; see the module docstring."""
+    validate_config(cfg)
+    t0 = time.perf_counter()
+    rank, world = _dist()
+    device = resolve_device(cfg.device)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    if cfg.precision == "auto":
+        cfg = dataclasses.replace(cfg, precision="fp16" if device.type == "cuda" else "fp32")
+    out = Path(cfg.out)
+    store.check_cache_path(out)
+    if out.exists() and not out.is_dir():
+        raise ExtractError(f"{out}: exists and is not a folder; pass a folder for the cache")
+    integrity.check_output_folder(out)
+    table = scan(cfg.source, exclude=(out,))  # a cache inside the dataset is not data
+    if cfg.strict and table.problems:
+        p, why = table.problems[0]
+        raise ExtractError(f"{os.path.join(table.root, store.display_text(p))}: {why} (--strict makes any skipped "
+                           f"file an error; fix or remove it, or drop --strict)")
+    lm = load_model(cfg.model, device)
+    fp = fingerprint(lm, cfg)
+
+    try:
+        with ExitStack() as stack:
+            busy = None
+            if rank == 0:  # one writer per cache; a torchrun group is one writer, represented by rank 0
+                try:
+                    stack.enter_context(WriterLock(out))
+                except CacheBusy as e:
+                    busy = str(e)
+            busy = _broadcast(busy, world)
+            if busy:
+                raise CacheBusy(busy)
+            report = _extract_locked(cfg, table, lm, fp, device, out, rank, world, t0)
+    except OSError as e:
+        if _unwritable_here(e, out):  # e.g. a shards/ folder shared by a lab, writable only by its owner
+            folder = store.display_text(os.path.dirname(e.filename))
+            raise ExtractError(f"cannot write in {folder} ({e.strerror}): make it writable for you (a shards folder "
+                               f"shared by caches: for everyone who extracts into it) and re-run the same extract; "
+                               f"finished shards are kept") from None
+        if not store.is_disk_full(e):
+            raise
+        # Every file is written to a temporary name first: what was being written is gone, every finished shard is
+        # on disk and cache.json still says in-progress, so the same command resumes where this one stopped.
+        where = store.display_text(e.filename) if isinstance(e.filename, str) else str(out)
+        raise ExtractError(f"disk full writing {where}: free space and re-run the same extract; finished shards are "
+                           f"kept") from None
+    if rank == 0 and report.total_images == 0:  # committed (the skip records spare the next run), yet no cache
+        p, why = report.skipped[0] if report.skipped else ("", "no image kept")
+        raise ExtractError(f"{cfg.source}: no image could be embedded ({len(report.skipped)} skipped, first: {p}: "
+                           f"{why}); the cache at {out} holds no image: fix or replace the files and run again")
+    return report
+
+
+def _unwritable_here(e: OSError, out: Path) -> bool:
+    """Whether ``e`` is a refusal to write a file of the cache folder (permissions, a read-only mount)."""
+    import errno
+
+    if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS) or not isinstance(e.filename, str):
+        return False
+    top = os.path.abspath(out)
+    return os.path.commonpath([top, os.path.abspath(e.filename)]) == top
+
+
+def _open_or_create(cfg: ExtractConfig, lm: LoadedModel, fp: dict, out: Path, report: ExtractReport
+                    ) -> tuple[dict, bool]:
+    """(meta, is_new). A damaged cache.json is rebuilt from this cache's shards, if they were made by this model."""
+    meta_file = out / store.META_FILE
+    if meta_file.exists():
+        try:
+            meta = store.read_meta(out)
+            check_compatible(out, meta, fp, cfg.format)
+            if meta["format_version"] == integrity.PRE_ID_FORMAT:
+                # Upgraded in place, not re-extracted (a DomainNet cache is hours of GPU): its listed shards stay
+                # as they are, new shards are format 4, and the id is on disk with this run's first write.
+                meta = integrity.upgrade(meta)
+                n, old = len(integrity.usable_listing(meta)[0]), integrity.PRE_ID_FORMAT
+                report.upgraded = (f"cache format {old} upgraded in place to {FORMAT_VERSION}: given a cache id; its "
+                                   f"{n} format-{old} shard(s) kept as its own (rows re-embedded only if their "
+                                   f"images changed)")
+            store.cache_id_of(out, meta)
+            return meta, False
+        except store.CacheError as e:
+            cid = _recover_cache_id(out, cfg.format)
+            foreign, found_views = [], {}
+            for p in store.shard_files(out, cfg.format):
+                try:
+                    smeta = store.read_shard_meta(p)
+                    if smeta.get("cache_id") != cid:
+                        continue  # another cache's (a shared shards/ folder): never used to rebuild this one
+                    if smeta.get("fingerprint") != fp:
+                        foreign.append(p.name)
+                    elif smeta.get("views", 1) > 1:  # the views' settings are recovered from the shards too
+                        found_views = {"count": max(smeta["views"], found_views.get("count", 1)),
+                                       "augment": smeta.get("augment"), "seed": smeta.get("augment_seed")}
+                except store.CacheError:
+                    pass  # damaged shards are removed by the inventory
+            if foreign:
+                raise ExtractError(f"{meta_file}: damaged, and shard {foreign[0]} was made with another model or "
+                                   f"preprocessing; extract into a new output folder") from None
+            report.repaired.append((store.META_FILE, f"damaged ({str(e).split(': ', 2)[1]}); rebuilt"))
+            meta = _new_meta(lm, cfg, fp, cid)
+            if found_views:
+                meta["views"] = found_views
+            return meta, True
+    return _new_meta(lm, cfg, fp, store.new_cache_id()), True
+
+
+def _new_meta(lm: LoadedModel, cfg: ExtractConfig, fp: dict, cache_id: str) -> dict:
+    meta = _meta_record(lm, cfg, fp, 0, cache_id)
+    meta.update(state="in-progress", shards={}, last_session="", skipped=[], classes=[], templates=[],
+                counts={"images": 0, "skipped": 0})
+    return meta
+
+
+def _recover_cache_id(out: Path, fmt: str) -> str:
+    """The id of a cache whose cache.json is damaged: read from what is left of the file, else the one id that this
+    folder's own shards carry (no shards: a new id). Shards of several caches, or any in a ``shards/`` that is a
+    link (perhaps shared), cannot tell which are this cache's: refused rather than guessed."""
+    import re
+
+    try:
+        pattern = rb'"cache_id"\s*:\s*"(' + store.CACHE_ID_PATTERN.encode() + rb')"'
+        found = re.search(pattern, (out / store.META_FILE).read_bytes())
+    except OSError:
+        found = None
+    if found:
+        return found[1].decode()
+    ids = {store.shard_cache_id(p) for p in store.shard_files(out, fmt)} - {None, ""}
+    shards = out / store.SHARD_DIR
+    if not ids:
+        return store.new_cache_id()
+    if len(ids) == 1 and not shards.is_symlink():
+        return ids.pop()
+    where = f"{len(ids)} caches" if len(ids) > 1 else "a cache, and it is a link to a folder that may be shared"
+    raise ExtractError(f"{out / store.META_FILE}: damaged, and which shards are this cache's cannot be told "
+                       f"({shards} holds shards of {where}); restore cache.json, or extract into a new output "
+                       f"folder")
+
+
+def _extract_locked(cfg: ExtractConfig, table: ImageTable, lm: LoadedModel, fp: dict, device, out: Path,
+                    rank: int, world: int, t0: float) -> ExtractReport:
+    from .commit import commit
+
+    meta_file = out / store.META_FILE
+    report = ExtractReport(str(out), len(table), 0, 0, 0, [], list(table.ignored), 0.0, 0, 0,
+                           warnings=_layout_warnings(table, cfg.dataset) + _own_output_warnings(table))
+    classes, templates = _class_list(cfg, table), list(cfg.templates)
+    plan = None
+    if rank == 0:
+        meta, _ = _open_or_create(cfg, lm, fp, out, report)
+        integrity.check_not_a_copy(out, meta)  # before anything in a shards folder it may share is touched
+        meta["folder"] = os.path.realpath(out)
+        removed_tmp = integrity.clean_temporaries(out, meta["cache_id"])  # a killed run's (never visible)
+        vcfg = _views.resolve(meta.get("views"), cfg.views, cfg.augment, cfg.augment_seed, str(out))
+        if vcfg["count"] > 1:
+            _views.AugmentedView(lm.preprocess, lm.preprocess_cfg, vcfg["augment"], vcfg["seed"])  # fails early
+            vcfg["size"], vcfg["interpolation"] = list(_input_size(lm)), lm.preprocess_cfg.get("interpolation")
+            meta["views"] = vcfg  # the target, on disk before any shard: a resume goes on with the same views
+        else:
+            meta.pop("views", None)
+        stale_text = meta.get("classes") != classes or meta.get("templates") != templates or \
+            not _text_matches(out, cfg.format, templates, classes, int(meta.get("embedding_dim") or 0))
+        if stale_text:  # a resume with the same classes and templates re-encodes nothing
+            text = encode_text(lm, templates, classes, device, cfg.precision)
+            meta["embedding_dim"] = int(text.shape[-1])
+        # From here until the commit, readers refuse the cache: the fingerprint is on disk before the first shard.
+        meta["state"] = "in-progress"
+        meta["classes"], meta["templates"] = classes, templates
+        (out / store.SHARD_DIR).mkdir(parents=True, exist_ok=True)
+        store.write_json(meta_file, meta)
+        if stale_text:
+            store.write_text(out, cfg.format, templates, classes, text)
+        inv = integrity.take_inventory(out, meta, fp, int(meta["embedding_dim"]), verify=cfg.verify)
+        report.warnings += [f"{out / store.SHARD_DIR / f}: not a shard of this tool (by its name); left alone and "
+                            f"never read" for f in store.foreign_files(out)]
+        report.warnings += _ownership_warnings(out, inv)
+        report.repaired += inv.removed
+        if removed_tmp:
+            report.repaired.append(("temporary files", f"{removed_tmp} left by a killed run, removed"))
+        known = inv.known()
+        todo, report.already_cached, report.changed, report.retried, ext = _plan(table, known, vcfg["count"])
+        # where each row to extend lives now: (shard, position, views it holds, content hash)
+        src = [inv.winners[i] for i in table.ids[ext].tolist()]
+        ext_src = (np.array([w[1] for w in src], dtype=object), np.array([w[2] for w in src], np.int64),
+                   np.array([known[i][3] for i in table.ids[ext].tolist()], np.int64),
+                   np.array([w[3][4] for w in src], dtype=object))
+        plan = (todo, int(meta["embedding_dim"]), vcfg, ext, ext_src, meta["cache_id"])
+    session = _broadcast(_dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S%f"), world)
+    todo, dim, vcfg, ext, ext_src, cache_id = _broadcast(plan, world)
+    report.views = vcfg["count"]
+    mine, mine_ext = todo[rank::world], ext[rank::world]
+    if len(mine) or len(mine_ext):
+        t_loop = time.perf_counter()
+        rows = np.concatenate([mine, mine_ext])
+        sources = tuple(a[rank::world] for a in ext_src)
+        _run_shards(cfg, lm, table.take(rows), table.ids[rows], classes, dim, fp, device, out, session, rank,
+                    report, world, vcfg, len(mine), sources, cache_id)
+        report.loop_seconds = time.perf_counter() - t_loop
+    _barrier(world)
+    if rank == 0:
+        meta["classes"], meta["templates"] = classes, templates
+        meta["domains"] = sorted(set(table.domain.tolist()))
+        meta["ignored"] = sorted([p, r] for p, r in table.ignored)
+        run = {"time": _now(), "source": str(Path(cfg.source).resolve()), "scanned": len(table),
+               "todo": int(len(todo)), "world_size": world, "device": str(device)}
+        if vcfg["count"] > 1:
+            run.update(views=vcfg["count"], extended=int(len(ext)))
+        result = commit(out, meta, inv, table, session, fp, dim, cfg.format, cfg.dtype, run, t0)
+        report.retired, report.refreshed = result.retired, result.refreshed
+        report.total_images, report.total_skipped = result.images, result.skipped
+        report.skipped += [(store.display_text(p), r) for p, r in table.problems]
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _ownership_warnings(out: Path, inv: integrity.Inventory) -> list[str]:
+    """What this run found in shards/ and left alone because it is not this cache's: one line for the shards of
+    other caches (a shared folder may hold many), one per shard too damaged to tell whose it is."""
+    shards = out / store.SHARD_DIR
+    out_w = [f"{shards}: {len(inv.foreign)} shard(s) of another cache (a shards folder shared by caches) left "
+             f"alone: never read, adopted or deleted"] if inv.foreign else []
+    # Format-3 shards name no cache: one cache.json does not list may be a killed format-3 run's or another cache's.
+    out_w += [f"{shards}: {len(inv.no_id)} shard(s) without a cache id (cache format 3) that {store.META_FILE} does "
+              f"not list (left by a killed run of an older version, or another cache's in a shared shards folder: "
+              f"nothing tells which) left alone: never read, adopted or deleted; their images are embedded again "
+              f"(first: {inv.no_id[0]}; delete them if no other cache uses this shards folder)"] if inv.no_id else []
+    return out_w + [f"{shards / n}: unreadable shard that {store.META_FILE} does not list, so whose it is cannot be "
+                    f"told; left alone (delete it if no other cache uses this shards folder)" for n in inv.unknown]
+
+
+def _class_list(cfg: ExtractConfig, table: ImageTable) -> list[str]:
+    """The cache's classes in label order: ``--classes`` when given (every class in the data must be in it; classes
+    without images here are kept, so that every site of a federation indexes labels alike), else the data's own
+    classes, sorted."""
+    if cfg.classes is None:
+        return table.classes
+    unknown = sorted(set(table.classes) - set(cfg.classes))
+    if unknown:
+        raise ExtractError(f"{cfg.source}: class {unknown[0]!r} ({len(unknown)} class(es) in all) is not in the "
+                           f"--classes list; add it to the list every site uses, or remove those images")
+    return list(cfg.classes)
+
+
+def _text_matches(out: Path, fmt: str, templates: list[str], classes: list[str], dim: int) -> bool:
+    """Whether the stored text embeddings are readable and are exactly these templates x classes (a missing or
+    damaged text file is re-encoded, not trusted)."""
+    try:
+        t, c, emb = store.read_text(out, fmt)
+    except store.CacheError:
+        return False
+    return t == templates and c == classes and emb.shape == (len(templates), len(classes), dim)
+
+
+def _own_output_warnings(table: ImageTable) -> list[str]:
+    """Our own outputs found inside the dataset (a run's plots would otherwise be embedded as a domain): said, not
+    just listed among the ignored files."""
+    return [f"{os.path.join(table.root, p)}: {r}" for p, r in table.ignored if r.endswith(OWN_OUTPUT)]
+
+
+def _layout_warnings(table: ImageTable, dataset: Optional[str]) -> list[str]:
+    from . import datasets
+
+    doms, counts = np.unique(table.domain.astype(str), return_counts=True)
+    return datasets.check(dataset, dict(zip(doms.tolist(), counts.tolist())), set(table.class_name.tolist()))
+
+
+def _run_shards(cfg: ExtractConfig, lm: LoadedModel, rows: ImageTable, ids: np.ndarray, classes: list[str], dim: int,
+                fp: dict, device: torch.device, out: Path, session: str, rank: int, report: ExtractReport,
+                world: int, vcfg: Optional[dict] = None, n_full: Optional[int] = None,
+                sources: Optional[tuple] = None, cache_id: str = "") -> None:
+    """Embed ``rows`` and commit them in shards. With views (``vcfg["count"]`` = K > 1), the first ``n_full`` rows
+    are embedded whole (view 0 exactly as without views, plus K-1 augmented views) and the others only get the
+    views they lack (``sources``: where their cached row lives, its view count and content hash)."""
+    from torch.utils.data import DataLoader
+
+    # CPU: workers share the cores with the forward, a few suffice; GPU: decoding is the bottleneck, use them all.
+    cpus = os.cpu_count() or 1
+    workers = cfg.workers if cfg.workers is not None else (min(cpus, 32) if device.type == "cuda" else min(4, cpus))
+    paths = [os.path.join(rows.root, r) for r in rows.relpath]
+    k_views = (vcfg or {}).get("count", 1)
+    n_full = len(rows) if n_full is None else n_full
+
+    def loader(dataset, batches=None):
+        sizes = {"batch_size": cfg.batch_size, "shuffle": False} if batches is None else {"batch_sampler": batches}
+        return DataLoader(dataset, **sizes, num_workers=workers, pin_memory=device.type == "cuda",
+                          persistent_workers=False, prefetch_factor=4 if workers > 0 else None)
+
+    model = lm.model
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    label_of = {c: i for i, c in enumerate(classes)}
+    labels = np.array([label_of[c] for c in rows.class_name], np.int32)
+    path_bytes = np.array([os.fsencode(r) for r in rows.relpath], dtype=object)
+    slow = float(os.environ.get("FEDCLIP_CACHE_SHARD_DELAY", "0"))  # test hook: widen the crash window
+    writer = _ShardWriter(cfg, out, session, rank, fp, dim, ids, rows, labels, path_bytes, slow, vcfg, n_full,
+                          sources, cache_id)
+
+    def failed(ok, idx, transient, reasons):
+        for pos in (~ok).nonzero().flatten().tolist():  # only the failed images of this batch
+            i, r = int(idx[pos]), reasons[pos]
+            if cfg.strict:
+                raise ExtractError(f"{paths[i]}: {r} (--strict makes any skipped image an error; "
+                                   f"fix or remove the file, or drop --strict)")
+            report.skipped.append((store.display_text(str(rows.relpath[i])), r))
+            writer.skip(i, r, bool(transient[pos]))
+
+    def encode_views(xa: torch.Tensor) -> np.ndarray:
+        """(n, V, 3, H, W) -> (n, V, D), in forward passes of at most batch_size images."""
+        n, v = xa.shape[:2]
+        flat = xa.reshape(n * v, *xa.shape[2:])
+        parts = [model.encode_image(_to_device(flat[s:s + cfg.batch_size].contiguous(), device)).float().cpu()
+                 for s in range(0, len(flat), cfg.batch_size)]
+        return (torch.cat(parts).numpy() if parts else np.zeros((0, dim), np.float32)).reshape(n, v, dim)
+
+    progress = _progress(cfg.progress and rank == 0, len(rows) * world)
+    with progress as bar:
+        task = bar.add_task("extract", total=len(rows) * world) if bar else None
+        with torch.inference_mode(), autocast_for(device, cfg.precision):
+            if k_views == 1:  # the plain path, exactly as it always was
+                full = loader(ImageFiles(paths, lm.preprocess, _input_size(lm), cfg.exif_transpose))
+                for x, idx, ok, transient, reasons, digests in full:
+                    n, n_ok = len(idx), int(ok.sum())
+                    if n_ok == n:
+                        emb = model.encode_image(_to_device(x, device)).float().cpu().numpy()
+                    else:
+                        failed(ok, idx, transient, reasons)
+                        emb = (model.encode_image(_to_device(x[ok], device)).float().cpu().numpy() if n_ok
+                               else np.zeros((0, dim), np.float32))
+                    keep = ok.numpy()
+                    writer.add(idx.numpy()[keep], emb, np.asarray(digests, dtype=object)[keep])
+                    report.embedded += n_ok
+                    if bar:
+                        bar.update(task, advance=n * world)
+            else:
+                aug = _views.AugmentedView(lm.preprocess, lm.preprocess_cfg, vcfg["augment"], vcfg["seed"])
+                # one pass over the new/changed images (every view), then one per view count already held
+                passes = [(np.arange(n_full), 0)]
+                held = sources[2] if sources is not None else np.zeros(0, np.int64)
+                passes += [(n_full + np.flatnonzero(held == h), int(h)) for h in np.unique(held)]
+                for order, first in passes:
+                    if not len(order):
+                        continue
+                    ds = ViewFiles(paths, lm.preprocess, _input_size(lm), cfg.exif_transpose, order, ids, aug,
+                                   max(first, 1), k_views, with_view0=first == 0)
+                    parts, ends = view_batches(len(order), cfg.batch_size, k_views - max(first, 1) + (first == 0))
+                    held_back: list = []  # the parts of a batch_size chunk whose view 0 is not encoded yet
+                    for (x, xa, idx, ok, transient, reasons, digests), end in zip(loader(ds, parts), ends):
+                        n, n_ok = len(idx), int(ok.sum())
+                        if n_ok < n:
+                            failed(ok, idx, transient, reasons)
+                        keep = ok.numpy()
+                        new = encode_views(xa[ok] if n_ok < n else xa)
+                        if first == 0:  # view 0 exactly as the plain path computes it: one pass per chunk
+                            held_back.append((x if n_ok == n else x[ok], idx.numpy()[keep],
+                                              np.asarray(digests, dtype=object)[keep], new))
+                            if end:
+                                x0 = torch.cat([h[0] for h in held_back])
+                                emb = (model.encode_image(_to_device(x0, device)).float().cpu().numpy() if len(x0)
+                                       else np.zeros((0, dim), np.float32))
+                                idx0, dig0, views0 = (np.concatenate([h[j] for h in held_back]) for j in (1, 2, 3))
+                                writer.add(idx0, emb, dig0, views0)
+                                report.embedded += len(x0)
+                                held_back = []
+                        else:
+                            report.extended += writer.extend(idx.numpy()[keep], new,
+                                                             np.asarray(digests, dtype=object)[keep])
+                        if bar:
+                            bar.update(task, advance=n * world)
+        writer.flush()
+
+
+def view_batches(n: int, batch_size: int, per_image: int) -> tuple[list[list[int]], list[bool]]:
+    """Loader batches for an extraction with views: each ``batch_size`` chunk of the images (the plain path's
+    batches, so view 0 is still encoded in exactly those batches) split into parts of about ``batch_size //
+    per_image`` images, so that a loader batch holds about ``batch_size`` images' tensors whatever the number of
+    views (``batch_size`` images x K views would hold K times the memory, times the prefetched batches). Returns
+    the parts and, for each, whether it ends its chunk."""
+    parts, ends = [], []
+    for start in range(0, n, batch_size):
+        chunk = np.arange(start, min(start + batch_size, n))
+        count = min(len(chunk), max(1, -(-len(chunk) * per_image // batch_size)))  # ~batch_size images' tensors
+        pieces = [p for p in np.array_split(chunk, count) if len(p)]
+        parts += [p.tolist() for p in pieces]
+        ends += [False] * (len(pieces) - 1) + [True]
+    return parts, ends
+
+
+class ViewFiles(ImageFiles):
+    """Decode each image once and produce view 0 (the model's preprocessing; only when ``with_view0``) and the
+    augmented views ``first..count-1``. Items: (x, views (V, 3, H, W), index, ok, transient, reason, hash)."""
+
+    def __init__(self, paths, preprocess, input_size, exif_transpose, order, ids, augment, first: int, count: int,
+                 with_view0: bool):
+        super().__init__(paths, preprocess, input_size, exif_transpose)
+        self.order, self.ids, self.augment = order, ids, augment
+        self.first, self.count, self.with_view0 = first, count, with_view0
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __getitem__(self, j: int):
+        from .imageio import BadImage, _read_regular_file, content_hash, open_rgb
+
+        i = int(self.order[j])
+        v = self.count - self.first
+        blank = torch.zeros(3, *self.input_size) if self.with_view0 else torch.zeros(0)
+        try:
+            data = _read_regular_file(self.paths[i])
+            img = open_rgb(self.paths[i], self.exif_transpose, data)
+            x = self.preprocess(img) if self.with_view0 else blank
+            xa = torch.stack([self.augment(img, str(self.ids[i]), k) for k in range(self.first, self.count)])
+            return x, xa, i, True, False, "", content_hash(data)
+        except BadImage as e:
+            return blank, torch.zeros(v, 3, *self.input_size), i, False, e.transient, str(e), ""
+        except Exception as e:  # preprocessing of an odd image (e.g. 1x0 pixels)
+            return blank, torch.zeros(v, 3, *self.input_size), i, False, False, \
+                f"preprocessing failed: {type(e).__name__}: {e}", ""
+
+
+class _ShardWriter:
+    """Buffers embedded rows and skip records; commits a shard every ``shard_size`` attempted images. With views,
+    each row carries its K-1 augmented views; rows being extended copy their view 0 and older views from the shard
+    that holds them."""
+
+    def __init__(self, cfg, out, session, rank, fp, dim, ids, rows, labels, path_bytes, slow, vcfg=None, n_full=0,
+                 sources=None, cache_id=""):
+        self.cfg, self.out, self.session, self.rank, self.fp, self.dim = cfg, out, session, rank, fp, dim
+        self.cache_id = cache_id
+        self.ids, self.rows, self.labels, self.path_bytes, self.slow = ids, rows, labels, path_bytes, slow
+        self.vcfg = vcfg if vcfg and vcfg.get("count", 1) > 1 else None
+        self.n_full, self.sources = n_full, sources
+        self._old: dict[str, tuple] = {}  # the last shards read for extensions: name -> (embedding, views)
+        self.idx: list[np.ndarray] = []
+        self.emb: list[np.ndarray] = []
+        self.views: list[np.ndarray] = []
+        self.digests: list[np.ndarray] = []
+        self.skipped: list[dict] = []
+        self.embedded = 0
+        self.seq = 0
+
+    def add(self, idx: np.ndarray, emb: np.ndarray, digests: np.ndarray, views: np.ndarray | None = None) -> None:
+        self.idx.append(idx)
+        self.emb.append(emb)
+        self.digests.append(digests)
+        if self.vcfg is not None:
+            self.views.append(views)
+        self.embedded += len(idx)
+        if self.embedded + len(self.skipped) >= self.cfg.shard_size:
+            self.flush()
+
+    def _old_rows(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        if name not in self._old:
+            if len(self._old) >= 2:  # rows to extend come in path order, as the shards hold them: keep two
+                self._old.pop(next(iter(self._old)))
+            path = self.out / store.SHARD_DIR / name
+            _, emb = store.read_shard(path, (), True, self.dim)
+            self._old[name] = (emb, store.read_shard_views(path, self.dim))
+        return self._old[name]
+
+    def extend(self, idx: np.ndarray, new: np.ndarray, digests: np.ndarray) -> int:
+        """Rows already cached with fewer views: keep their view 0 and views, append ``new``. A file whose bytes
+        no longer match what was embedded is skipped as transient (the next run re-embeds it whole)."""
+        names, pos, held, old_digest = (a[idx - self.n_full] for a in self.sources)
+        same = np.array([not o or d == o for d, o in zip(digests.tolist(), old_digest.tolist())], bool)
+        for i in idx[~same].tolist():
+            self.skip(i, "the file changed while its views were added; re-run to re-embed it", True)
+        idx, new, names, pos, held, digests = idx[same], new[same], names[same], pos[same], held[same], digests[same]
+        if not len(idx):
+            return 0
+        emb = np.empty((len(idx), self.dim), np.float32)
+        views = np.empty((len(idx), self.vcfg["count"] - 1, self.dim), np.float32)
+        for name in dict.fromkeys(names.tolist()):
+            at = np.flatnonzero(names == name)
+            old_emb, old_views = self._old_rows(name)
+            emb[at] = old_emb[pos[at]]
+            h = int(held[at[0]])
+            views[at, :h - 1] = old_views[pos[at], :h - 1]
+            views[at, h - 1:] = new[at]
+        self.add(idx, emb, digests, views)
+        return len(idx)
+
+    def skip(self, i: int, reason: str, transient: bool) -> None:
+        r = self.rows
+        self.skipped.append({"id": self.ids[i], "path": str(r.relpath[i]), "reason": reason,
+                             "kind": "transient" if transient else "permanent", "size": int(r.size[i]),
+                             "mtime_ns": int(r.mtime_ns[i]), "ino": int(r.ino[i]), "ctime_ns": int(r.ctime_ns[i])})
+
+    def flush(self) -> None:
+        if not self.embedded and not self.skipped:
+            return
+        r = self.rows
+        idx = np.concatenate(self.idx) if self.idx else np.zeros(0, np.int64)
+        emb = np.concatenate(self.emb) if self.emb else np.zeros((0, self.dim), np.float32)
+        cols = {"id": self.ids[idx], "path": r.relpath[idx], "path_bytes": self.path_bytes[idx],
+                "domain": r.domain[idx], "client": r.client[idx], "class_name": r.class_name[idx],
+                "split": r.split[idx], "label": self.labels[idx], "size": r.size[idx], "mtime_ns": r.mtime_ns[idx],
+                "ino": r.ino[idx], "ctime_ns": r.ctime_ns[idx],
+                "content_hash": np.concatenate(self.digests) if self.digests else np.zeros(0, object)}
+        name = f"part-{self.session}-r{self.rank:03d}-{self.seq:05d}{store.FORMATS[self.cfg.format]}"
+        smeta = {"fingerprint": self.fp, "session": self.session, "cache_id": self.cache_id, "skipped": self.skipped}
+        views = None
+        if self.vcfg is not None:
+            k = self.vcfg["count"]
+            views = np.concatenate(self.views) if self.views else np.zeros((0, k - 1, self.dim), np.float32)
+            smeta.update(augment=self.vcfg["augment"], augment_seed=self.vcfg["seed"])
+        store.write_shard(self.out / store.SHARD_DIR / name, self.cfg.format, cols, emb, self.cfg.dtype, smeta, views)
+        self.seq += 1
+        self.idx, self.emb, self.views, self.digests, self.skipped, self.embedded = [], [], [], [], [], 0
+        if self.slow:
+            time.sleep(self.slow)
+
+
+def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if device.type == "cuda":
+        return x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def _progress(enabled: bool, total: int):
+    if not enabled:
+        return nullcontext(None)
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
+
+    class _Rate(TextColumn):
+        def render(self, task):
+            from rich.text import Text
+            speed = task.finished_speed or task.speed
+            return Text(f"{speed:,.0f} img/s" if speed else "… img/s")
+
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), _Rate(""),
+                    TimeElapsedColumn(), TimeRemainingColumn(), transient=False)

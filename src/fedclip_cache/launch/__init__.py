@@ -1,0 +1,1 @@
+"""Processes on this machine: `deploy` (SuperLink, sites, ServerApp), `simulate`, a standalone `site`, the Fleet gate."""
