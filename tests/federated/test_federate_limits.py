@@ -16,7 +16,7 @@ from fedclip_cache.synthetic import write_synthetic_cache
 
 from cliutil import cli as run_cli, one_line_error
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+README = Path(__file__).resolve().parents[2] / "docs" / "federate.md"  # the page stating the rule
 
 
 @pytest.fixture(scope="module")
