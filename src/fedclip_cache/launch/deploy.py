@@ -151,7 +151,7 @@ class Deployment:
 
 
 class ZygoteChild:
-    """A site or the ServerApp process, forked by the zygote (deploy_zygote.py): as much of ``subprocess.Popen``
+    """A site or the ServerApp process, forked by the zygote (zygote.py): as much of ``subprocess.Popen``
     as :class:`Deployment` uses; its exit code comes from the zygote's report."""
 
     def __init__(self, zygote: "Zygote", name: str):
@@ -243,7 +243,7 @@ TMP_PREFIX = "fedclip-deploy-"
 
 def sweep_stale_folders(root: Optional[Path] = None) -> list[Path]:
     """Remove the temporary folders of deploys that died without cleaning up (``kill -9``, a power cut): their
-    owner process is gone (tempdirs.py); a folder without an owner file goes once it is a day old. Only this user's
+    owner process is gone (procs.py); a folder without an owner file goes once it is a day old. Only this user's
     folders; returns what was removed."""
     return sweep_stale(TMP_PREFIX, root, unowned_after=86400)
 
