@@ -432,13 +432,14 @@ def deploy(
     import signal
     import threading
 
-    from .launch.deploy import Launch, _interrupt, deploy as run_deploy
+    from .launch.deploy import Launch, deploy as run_deploy
+    from .launch.procs import raise_interrupt
 
     # SIGTERM is a Ctrl-C from the start: the Launch below makes a temporary folder and starts the zygote BEFORE the
     # options are checked (seconds: the check imports torch); SIGTERM's default action there left the folder behind
     old_term = launch = None
     if threading.current_thread() is threading.main_thread():
-        old_term = signal.signal(signal.SIGTERM, _interrupt)
+        old_term = signal.signal(signal.SIGTERM, raise_interrupt)
     try:
         launch = Launch(isolation, poll_interval)  # first: its zygote imports flwr, torch while options are checked
         cfg = _federate_config(fed_options, validate=False)  # validated by deploy (the check imports torch)

@@ -336,7 +336,7 @@ def sweep(cache_path: str | Path, base: FederateConfig, grid: dict[str, list], s
                     on_done(done, len(points))
         else:
             threads = max(1, (os.cpu_count() or 1) // jobs)
-            from .launch.zygote import die_with_parent
+            from .launch.procs import die_with_parent
 
             # A --jobs worker ends when the sweep that started it dies (``deploy``'s own rule: Linux's
             # PR_SET_PDEATHSIG). Without it a `kill -9` of the sweep left its workers training on, for as long as

@@ -17,6 +17,7 @@ from fedclip_cache.launch import deploy as dep  # noqa: E402
 from fedclip_cache.errors import ConfigError, FedclipCacheError  # noqa: E402
 from fedclip_cache.federated.config import FederateConfig  # noqa: E402
 from fedclip_cache.synthetic import write_synthetic_cache  # noqa: E402
+from fedclip_cache.launch.procs import CAN_DIE_WITH_PARENT  # noqa: E402
 
 DOMAINS = ("art", "photo", "sketch")
 
@@ -223,7 +224,7 @@ def _wait_gone(pid: int, limit: float = 10.0) -> bool:
     return False
 
 
-@pytest.mark.skipif(getattr(dep, "_dies_with_us", lambda: 0)() is None, reason="PR_SET_PDEATHSIG is Linux-only")
+@pytest.mark.skipif(not CAN_DIE_WITH_PARENT, reason="PR_SET_PDEATHSIG is Linux-only")
 def test_processes_started_by_deploy_die_with_it(tmp_path):
     """Probe: `kill -9` of `deploy` left its zygote, the SuperLink, the ServerApp process, every site and `flwr
     run` running (each in its own session). A child started as deploy starts them ends with it."""
@@ -231,9 +232,9 @@ def test_processes_started_by_deploy_die_with_it(tmp_path):
     import subprocess
     import sys
 
-    script = ("import subprocess, sys, time\nfrom fedclip_cache.launch.deploy import _dies_with_us\n"
+    script = ("import subprocess, sys, time\nfrom fedclip_cache.launch.procs import dies_with_us\n"
               "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], start_new_session=True, "
-              "preexec_fn=_dies_with_us())\nprint(p.pid, flush=True)\ntime.sleep(60)\n")
+              "preexec_fn=dies_with_us())\nprint(p.pid, flush=True)\ntime.sleep(60)\n")
     parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
                               env={**os.environ, "PYTHONPATH": str(Path(dep.__file__).resolve().parents[2])})
     child = int(parent.stdout.readline())
@@ -249,7 +250,7 @@ def test_processes_started_by_deploy_die_with_it(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(getattr(dep, "_dies_with_us", lambda: 0)() is None, reason="PR_SET_PDEATHSIG is Linux-only")
+@pytest.mark.skipif(not CAN_DIE_WITH_PARENT, reason="PR_SET_PDEATHSIG is Linux-only")
 def test_kill_9_of_deploy_ends_every_process_it_started(tmp_path):
     import re
     import signal

@@ -121,7 +121,8 @@ def test_guard_kills_the_runs_processes_and_removes_its_folder_unless_kept(tmp_p
 def test_next_run_removes_folders_of_dead_simulations(tmp_path):
     """What the watcher could not remove (it was killed too): the next simulate removes temporary folders whose
     owner process is dead; those of a live simulate and a failed run's kept logs (no owner file) stay."""
-    from fedclip_cache.launch.simulate import OWNER_FILE, _process_start, sweep_stale_folders
+    from fedclip_cache.launch.procs import process_start
+    from fedclip_cache.launch.simulate import OWNER_FILE, sweep_stale_folders
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
@@ -129,7 +130,7 @@ def test_next_run_removes_folders_of_dead_simulations(tmp_path):
     for d in folders.values():
         (d / "ray").mkdir(parents=True)
     (folders["dead"] / OWNER_FILE).write_text(f"{dead.pid} 1")
-    (folders["live"] / OWNER_FILE).write_text(f"{os.getpid()} {_process_start(os.getpid())}")
+    (folders["live"] / OWNER_FILE).write_text(f"{os.getpid()} {process_start(os.getpid())}")
     (folders["reused"] / OWNER_FILE).write_text(f"{os.getpid()} 1")  # this PID, but another process's start time
     assert sorted(sweep_stale_folders(str(tmp_path))) == [folders["dead"], folders["reused"]]
     assert folders["live"].exists() and folders["kept"].exists()

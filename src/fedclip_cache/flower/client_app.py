@@ -345,14 +345,3 @@ def _answer(message: Message, context: Context) -> Message:
     out, arrays = site_client(context).handle(rec, params)
     return Message(content(out, arrays), reply_to=message)
 
-
-def quick_object_pulls(module, backoff: float) -> None:
-    """Make ``module``'s ``pull_objects`` retry a missing object after ``backoff`` seconds (flwr 1.42: 1 s, then 2 s,
-    4 s, ...). A message becomes visible before all its objects have been pushed, so a reader that polls fast
-    regularly finds an object missing and, with flwr's backoff, waits a whole second for it."""
-    import functools
-
-    from flwr.supercore.inflatable import inflatable_utils
-
-    module.pull_objects = functools.partial(inflatable_utils.pull_objects, initial_backoff=backoff,
-                                            backoff_cap=max(backoff, 1.0))

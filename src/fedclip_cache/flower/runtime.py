@@ -1,6 +1,6 @@
 """flwr 1.42's SuperNode Runtime API, called inside the site process instead of over local HTTP.
 
-A site (flower_site.py) runs its SuperNode and its ClientApp worker in one process. Flower's worker protocol is a
+A site (launch/site.py) runs its SuperNode and its ClientApp worker in one process. Flower's worker protocol is a
 dozen HTTP requests per message to the SuperNode's Runtime API on 127.0.0.1 (acquire the task, pull its input,
 the message and its objects, confirm, push the reply and its objects, push the task's output, heartbeats), each
 carrying the 2 MB adapter through HTTP, protobuf and the GIL of both ends of the same process: 0.1-0.15 s per
@@ -28,10 +28,10 @@ class DirectRuntime:
     ``token``: the task's token (every call but ``AcquireTask`` is authenticated with it, as over HTTP)."""
 
     def __init__(self, state, token: str | None = None):
-        from flwr.supercore.servicer.runtime import runtime_handlers as core
-        from flwr.supernode.servicer.runtime import runtime_handlers as node
+        from .flwr_internals import runtime_handlers
 
-        self.state, self.token, self._core, self._node = state, token, core, node
+        handlers = runtime_handlers()
+        self.state, self.token, self._core, self._node = state, token, handlers.core, handlers.node
 
     def _task(self):
         from flwr.supercore.error import ApiErrorCode, FlowerError

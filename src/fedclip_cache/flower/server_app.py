@@ -36,7 +36,8 @@ from ..federated.loop import prototype_head, sample_lanes
 from ..federated.protocols import Experiment
 from ..federated.recorder import RunRecorder
 from ..federated.train import aggregate, client_weights
-from .client_app import HEAD, _federate_config, check_deployment_keys, content, quick_object_pulls, read
+from .client_app import HEAD, _federate_config, check_deployment_keys, content, read
+from .flwr_internals import quick_object_pulls
 from .polls import PollPlan
 
 from flwr.app import Context, Message

@@ -1,17 +1,17 @@
 """A real local Flower deployment: one SuperLink, its ServerApp process and one site per site cache, as separate
 processes.
 
-``fedclip-cache deploy SITE_CACHE ... -o RUN`` first starts one fresh "zygote" process (deploy_zygote.py; the CLI
+``fedclip-cache deploy SITE_CACHE ... -o RUN`` first starts one fresh "zygote" process (zygote.py; the CLI
 starts it through :class:`Launch` even before it validates the options), which forks the SuperLink's child at once
 (it imports Flower's SuperLink modules) and imports torch and the apps itself, while this process checks the
 options and caches (a failed check kills it: nothing was started or written). Then it writes a throw-away Flower
 app folder and ``FLWR_HOME`` (with the connection config) and hands the specs over; the SuperLink's child serves
 ``flower-superlink --insecure --isolation process`` (flwr 1.42's entry point, on a free localhost port), and the
-zygote forks the ServerApp process (flower_serverworker.py: takes the run's ServerApp task and runs it with flwr's
-own ``run_serverapp``) and one site per site cache (what ``fedclip-cache site`` runs, flower_site.py: Flower's
+zygote forks the ServerApp process (serverapp.py: takes the run's ServerApp task and runs it with flwr's
+own ``run_serverapp``) and one site per site cache (what ``fedclip-cache site`` runs, site.py: Flower's
 SuperNode and the ClientApp worker in one process, node config ``cache="SITE_CACHE"``, its own Runtime API port).
 As soon as the SuperLink is up, this process starts the run through its Control API as ``flwr run APP`` would
-(deploy_flwr.start_run; run config: the federate options, ``sites = N``, ``heldout``, ``out = RUN``) and follows
+(flwr_cli.start_run; run config: the federate options, ``sites = N``, ``heldout``, ``out = RUN``) and follows
 it in the ServerApp process's log. With ``isolation="subprocess"/"process"`` the SuperLink is a ``flower-superlink``
 process of its own and the run is started by ``flwr run APP local --stream`` (followed in its log stream). Every
 log goes under ``RUN/logs/``; the run is judged by its status in the SuperLink (``finished:completed``, asked over
@@ -29,7 +29,7 @@ lives in ``$FLWR_HOME/config.toml`` (``[superlink.NAME] address = "host:port"``,
 
 ``isolation="subprocess"``/``"process"`` keep Flower's stock runners for comparison: a fresh ``flwr-clientapp``
 process per message (~25 s per round with 3 sites on 2 cores). ``poll_interval`` (default 0.2 s) caps the waits of
-the ServerApp and the SuperNodes between polls (flower_polls.py; flwr 1.42's own: fixed 3 s) and sets
+the ServerApp and the SuperNodes between polls (flower/polls.py; flwr 1.42's own: fixed 3 s) and sets
 ``flower-superexec``'s task poll.
 """
 from __future__ import annotations
@@ -37,23 +37,20 @@ from __future__ import annotations
 import json
 import math
 import os
-import secrets
 import shutil
-import signal
-import socket
-import subprocess
 import sys
-import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from .flwr_cli import (FLWR_RUN_WHEN_READY, DeployError, app_pyproject, connection_config, final_status, follow_run,
-                          run_status, start_run)
-from ..errors import ConfigError
 from ..cache.store import atomic_write
-from .tempdirs import make_owned, sweep_stale
+from ..errors import ConfigError
+from .checks import check_run_folder, check_site_options, check_sites
+from .flwr_cli import (FLWR_RUN_WHEN_READY, DeployError, app_pyproject, connection_config, final_status, follow_run,
+                       run_status, start_run)
+from .processes import Deployment, Zygote, wait_until
+from .procs import free_port, make_owned, port_open, signals_ignored, sigterm_interrupts, sweep_stale, write_secret
 
 BINARIES = ("flower-superlink", "flower-supernode", "flwr")
 ISOLATIONS = ("worker", "subprocess", "process")
@@ -69,18 +66,6 @@ def flower_bin_dir() -> Optional[str]:
     if all(found):
         return str(Path(found[0]).parent)
     return None
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _port_open(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.settimeout(0.2)
-        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 def run_config(cfg, n_sites: int, out: Path) -> dict:
@@ -100,249 +85,12 @@ def run_config(cfg, n_sites: int, out: Path) -> dict:
     return rc
 
 
-@dataclass
-class Deployment:
-    """The processes of one local deployment; :meth:`stop` ends them all (idempotent)."""
-
-    env: dict
-    logs: Path
-    procs: list = field(default_factory=list)  # (name, Popen, log file)
-
-    def start(self, name: str, cmd: list[str], env: Optional[dict] = None) -> subprocess.Popen:
-        log = open(self.logs / f"{name}.log", "ab")
-        log.write(("$ " + " ".join(cmd) + "\n").encode())
-        log.flush()
-        p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                             env={**self.env, **(env or {})},
-                             start_new_session=True,  # its own process group: stop() reaches its children too
-                             preexec_fn=_dies_with_us())  # a kill -9 of deploy must not leave it running
-        self.procs.append((name, p, log))
-        return p
-
-    def dead(self) -> list[str]:
-        return [f"{n} (exit {p.returncode})" for n, p, _ in self.procs if p.poll() is not None]
-
-    def stop(self, grace: float = 10.0) -> None:
-        """SIGTERM to every process group, SIGKILL to what is left after ``grace`` seconds (``grace=0``: SIGKILL at
-        once); then reap. The zygote gets SIGKILL last: it reaps and reports the children it forked, then ends
-        itself (killed first, it would leave them to init, which reaps slowly: ~2 s)."""
-        for sig in (signal.SIGTERM, signal.SIGKILL) if grace > 0 else (signal.SIGKILL,):
-            procs = [(n, p) for n, p, _ in reversed(self.procs)]
-            if sig == signal.SIGKILL:
-                procs = [x for x in procs if x[0] != "zygote"] + [x for x in procs if x[0] == "zygote"]
-            alive = []
-            for name, p in procs:
-                if sig == signal.SIGKILL and name == "zygote":
-                    try:  # it ends with its last child (SIGTERM is ignored by it: nothing else happens)
-                        p.wait(timeout=2.0)
-                    except subprocess.TimeoutExpired:
-                        pass
-                try:
-                    os.killpg(p.pid, sig)  # the group: flower-superexec, flwr-clientapp/-serverapp under it
-                    alive.append(p)
-                except ProcessLookupError:
-                    pass
-            deadline = time.monotonic() + grace
-            for p in alive:
-                try:
-                    p.wait(timeout=max(0.1, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    pass
-            if all(p.poll() is not None for p in alive) and not any(_group_alive(p.pid) for p in alive):
-                break
-        deadline = time.monotonic() + max(grace, 5.0)  # killed group members are reaped by their parents or init
-        while any(_group_alive(p.pid) for _, p, _ in self.procs) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        for _, p, log in self.procs:
-            p.poll()
-            if log is not None:
-                log.close()
-
-    def pids(self) -> list[int]:
-        return [p.pid for _, p, _ in self.procs]
-
-
-class ZygoteChild:
-    """A site or the ServerApp process, forked by the zygote (deploy_zygote.py): as much of ``subprocess.Popen``
-    as :class:`Deployment` uses; its exit code comes from the zygote's report."""
-
-    def __init__(self, zygote: "Zygote", name: str):
-        self.zygote, self.name = zygote, name
-
-    @property
-    def pid(self) -> int:
-        return self.zygote.pids[self.name]
-
-    @property
-    def returncode(self) -> Optional[int]:
-        if self.name in self.zygote.exits:
-            return self.zygote.exits[self.name]
-        if self.zygote.proc.poll() is not None and self.zygote.done.is_set():  # no report will come
-            try:
-                os.kill(self.pid, 0)
-            except ProcessLookupError:
-                return -1
-        return None
-
-    def poll(self) -> Optional[int]:
-        return self.returncode
-
-    def wait(self, timeout: Optional[float] = None) -> int:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while self.poll() is None:
-            if deadline is not None and time.monotonic() > deadline:
-                raise subprocess.TimeoutExpired(self.name, timeout)
-            time.sleep(0.02)
-        return self.returncode
-
-
-class Zygote:
-    """``python -m fedclip_cache.launch.zygote``, started before its specs are known (it imports meanwhile);
-    :meth:`send` hands it the specs (then it forks), :meth:`abort` ends it before that. Reads its pid and exit
-    reports."""
-
-    def __init__(self, env: dict, early_log: Path):
-        self.early = open(early_log, "ab")  # its stderr until send() names the run's log (no run folder yet)
-        self.proc = subprocess.Popen([sys.executable, "-m", "fedclip_cache.launch.zygote"], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=self.early, start_new_session=True,
-                                     env={**env, "FEDCLIP_DEPLOY_PARENT": str(os.getpid())})  # dies with us
-        self.pids: dict = {}
-        self.exits: dict = {}
-        self.done = threading.Event()
-        self.children: list = []
-        self.managed = False  # its children are in the Deployment's processes (started() returned)
-
-    def abort(self) -> None:
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)  # it has forked nothing yet: it waits for its specs
-        except ProcessLookupError:
-            pass
-        self.proc.wait()
-        self.early.close()
-
-    def send(self, dep: "Deployment", specs: list[dict], log: Path) -> None:
-        self.proc.stdin.write(json.dumps({"log": str(log), "early_log": self.early.name, "specs": specs}).encode())
-        self.proc.stdin.close()
-        threading.Thread(target=self._read, daemon=True).start()
-        dep.procs.append(("zygote", self.proc, self.early))
-        self.children = [ZygoteChild(self, s["name"]) for s in specs]
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            msg = json.loads(line)
-            (self.exits if "exit" in msg else self.pids)[msg["name"]] = msg.get("exit", msg.get("pid"))
-        self.done.set()
-
-    def started(self, dep: "Deployment", limit: float = 120) -> None:
-        """Wait until every child is forked (the zygote imports torch first), then let ``dep`` manage them."""
-        _wait(lambda: len(self.pids) == len(self.children), dep, limit, "the zygote did not fork the sites")
-        dep.procs.extend((c.name, c, None) for c in self.children)
-        self.managed = True
-
-    def kill(self) -> None:
-        """SIGKILL now, while it is still forking (deploy interrupted or failed before :meth:`started` returned):
-        its children are not the Deployment's yet, so SIGTERM reaches none of them, and the zygote (which ignores
-        SIGTERM and ends with its last child) would keep ``stop`` waiting its whole grace period. Each child it
-        forked dies with it (PR_SET_PDEATHSIG, set before the child does anything else)."""
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
-def _dies_with_us():
-    """A ``preexec_fn``: the child gets SIGKILL when this process ends (Linux; elsewhere None)."""
-    from .zygote import _PRCTL, die_with_parent
-
-    if _PRCTL is None:
-        return None
-    me = os.getpid()
-    return lambda: die_with_parent(me)
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except (ProcessLookupError, PermissionError):
-        return False
-
-
-def check_sites(site_caches: list, cfg, command: str = "deploy") -> list[str]:
-    """Each site's domain, or a one-line error (starting with ``command``) before anything starts. Shared with
-    ``simulate``'s per-site caches."""
-    from ..cache.reader import cache_overview
-
-    if len(site_caches) < 2:
-        raise ConfigError(f"{command}: {len(site_caches)} site cache(s); a federation needs at least 2")
-    domains = []
-    first = None  # (cache, what every site must share: the model's fingerprint, the feature dim, the class list)
-    for c in site_caches:
-        if not Path(c).is_dir():
-            raise ConfigError(f"{command}: site cache {c} does not exist (extract each site's images into its own "
-                              f"cache first)")
-        ov = cache_overview(c)
-        names = ov.domain_names
-        shared = {"model (fingerprint)": ov.meta.get("fingerprint"), "feature dimension": ov.meta.get("embedding_dim"),
-                  "class list": list(ov.classes)}
-        if first is None:
-            first = (c, shared)
-        for what, v in shared.items():
-            if v != first[1][what]:
-                raise ConfigError(f"{command}: site caches {first[0]} and {c} differ in their {what}: extract every "
-                                  f"site with the same model and the same --classes file")
-        if len(names) != 1:
-            raise ConfigError(f"{command}: {c}: a site cache holds one domain (this one: {', '.join(names)}); "
-                              f"extract each site's own images into its own cache, or give ONE shared cache")
-        from ..cache.sources import path_name_problem  # the rule extract applies; caches made before it was, checked here
-
-        why = path_name_problem(names[0])
-        if why:
-            raise ConfigError(f"{command}: {c}: domain name {names[0]!r} {why}, so it cannot name a file (a site's "
-                              f"files are named after it, e.g. deploy's logs/site-DOMAIN.log): re-extract this site "
-                              f"with a plain domain name")
-        domains.append(names[0])
-    if len(set(domains)) != len(domains):
-        raise ConfigError(f"{command}: two site caches hold the same domain ({', '.join(domains)})")
-    if len(cfg.heldout) > 1:
-        raise ConfigError(f"{command}: --heldout takes one site's domain (one federation per run)")
-    if cfg.heldout and cfg.heldout[0] not in domains:
-        raise ConfigError(f"{command}: --heldout {cfg.heldout[0]!r} is none of the sites' domains "
-                          f"({', '.join(domains)})")
-    if cfg.heldout and len(domains) < 3:
-        raise ConfigError(f"{command}: with --heldout, at least 2 other sites must train (give 3 or more site "
-                          f"caches)")
-    return domains
-
-
-def check_run_folder(out, command: str = "deploy") -> None:
-    """A one-line error, before anything starts, when the run folder ``out`` (or a folder above it) is a file (the
-    rule ``runfolder.claim`` applies again when it takes the folder)."""
-    from ..federated.runfolder import check_not_a_file
-
-    check_not_a_file(out, f"{command} -o")
-
-
-def check_site_options(site_caches: list, cfg) -> None:
-    """What each site checks against its own cache (views for --train-views, --template, the logit scale), here
-    before anything starts: a one-line error instead of a run that fails at its set-up message."""
-    from ..cache.reader import open_cache
-    from ..federated.loop import resolve_logit_scale, resolve_train_views, text_head
-
-    for c in site_caches:
-        cache = open_cache(c)
-        resolve_train_views(cfg, cache)
-        resolve_logit_scale(cfg, cache)
-        if cfg.head == "text":
-            text_head(cache, cfg.template)
-
-
 TMP_PREFIX = "fedclip-deploy-"
 
 
 def sweep_stale_folders(root: Optional[Path] = None) -> list[Path]:
     """Remove the temporary folders of deploys that died without cleaning up (``kill -9``, a power cut): their
-    owner process is gone (tempdirs.py); a folder without an owner file goes once it is a day old. Only this user's
+    owner process is gone (procs.py); a folder without an owner file goes once it is a day old. Only this user's
     folders; returns what was removed."""
     return sweep_stale(TMP_PREFIX, root, unowned_after=86400)
 
@@ -378,7 +126,8 @@ class Launch:
         tmp = self.tmp
         (tmp / "app").mkdir()
         (tmp / "home").mkdir()
-        src = str(Path(__file__).resolve().parent.parent)  # so flwr-serverapp/-clientapp import this fedclip_cache
+        src = str(Path(__file__).resolve().parents[2])  # src/ (above fedclip_cache/launch/): so flwr-serverapp/
+        # -clientapp import this fedclip_cache
         self.env = {**os.environ, "FLWR_HOME": str(tmp / "home"),
                     "PATH": self.bindir + os.pathsep + os.environ.get("PATH", ""),
                     "PYTHONPATH": os.pathsep.join([src] + [p for p in [os.environ.get("PYTHONPATH")] if p]),
@@ -405,156 +154,235 @@ def deploy(site_caches: list, out, cfg, *, timeout: Optional[float] = None, log:
     ``isolation="process"``: each SuperNode runs with ``--isolation process`` and this function starts its
     ``flower-superexec`` (which still launches one ``flwr-clientapp`` per message in flwr 1.42). ``keep_going``: a
     SuperNode that dies is reported and the run goes on without it (the ServerApp's fault tolerance:
-    ``round_timeout`` seconds per round, ``min_results`` training results per round; see flower.py); by default
-    any dead process fails the deployment at once. ``launch``: a :class:`Launch` the caller started earlier (with
-    this ``isolation`` and ``poll_interval``); it is used up either way."""
+    ``round_timeout`` seconds per round, ``min_results`` training results per round; see flower/server_app.py); by
+    default any dead process fails the deployment at once. ``launch``: a :class:`Launch` the caller started earlier
+    (with this ``isolation`` and ``poll_interval``); it is used up either way.
+
+    The steps: take the launch, check everything (:func:`prepare`: nothing started or written on failure), then
+    :class:`LocalRun` starts the SuperLink, the sites and the ServerApp, starts and follows the run, collects its
+    result, and stops every process on the way out, whatever happened."""
     t0 = time.monotonic()
     if timeout is not None and not (timeout > 0 and math.isfinite(timeout)):
         if launch is not None:
             launch.used = True
             launch.abort()
         raise ConfigError(f"deploy: --timeout {timeout}: give a number of seconds > 0 (0: no limit)")
-    old_term = None
-    if threading.current_thread() is threading.main_thread():  # SIGTERM ends us through the finally below (and,
-        # before that, through the abort of the launch: its temporary folder and zygote exist from the start)
-        old_term = signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        if launch is None:
-            launch = Launch(isolation, poll_interval)
-        elif (launch.isolation, launch.poll_interval) != (isolation, poll_interval):
-            launch.abort()
-            raise ValueError("deploy: launch was made for another isolation / poll interval")
-        launch.used = True
-    except BaseException:
-        if old_term is not None:
-            signal.signal(signal.SIGTERM, old_term)
-        raise
-    bindir, tmp, env, zygote = launch.bindir, launch.tmp, launch.env, launch.zygote
-    port = free_port()
-    try:
-        # (imports flwr: fails early with the install hint)
-        from ..flower.client_app import _federate_config, check_deployment_keys
-
-        cfg = cfg.validate(flags)
-        site_caches = [Path(c).resolve() for c in site_caches]
-        domains = check_sites(site_caches, cfg)
-        out = Path(out).resolve()
-        check_run_folder(out)
-        rc = run_config(cfg, len(site_caches), out)
-        if round_timeout is not None:
-            rc["round_timeout"] = float(round_timeout)
-        if min_results is not None:
-            rc["min_results"] = int(min_results)
-        rc["poll_interval"] = float(poll_interval)
-        check_deployment_keys(rc)
-        _, site_cfg = _federate_config(dict(rc))  # the ServerApp's own check, before anything starts
-        check_site_options(site_caches, site_cfg)
-        logs = out / "logs"
-        logs.mkdir(parents=True, exist_ok=True)
-        lock = _lock_run_folder(out)
+    # SIGTERM ends the deployment as Ctrl-C does, from here on: the launch's temporary folder and zygote exist
+    # already, and everything below is undone on the way out
+    with sigterm_interrupts():
+        launch = _take_launch(launch, isolation, poll_interval)
         try:
-            clear_own_logs(logs, own_logs(domains, isolation))
+            plan = prepare(launch, site_caches, out, cfg, flags, round_timeout, min_results)
         except BaseException:
-            lock.close()
+            launch.abort()
             raise
-    except BaseException:
+        run = LocalRun(launch, plan, log, t0)
+        try:
+            return run.execute(timeout, keep_going)
+        finally:
+            run.stop()
+
+
+def _take_launch(launch: Optional[Launch], isolation: str, poll_interval: float) -> Launch:
+    """The caller's launch (made for this ``isolation`` and ``poll_interval``) or a new one; marked used: the
+    deployment ends it from now on."""
+    if launch is None:
+        launch = Launch(isolation, poll_interval)
+    elif (launch.isolation, launch.poll_interval) != (isolation, poll_interval):
         launch.abort()
-        if old_term is not None:
-            signal.signal(signal.SIGTERM, old_term)
-        raise
-    (tmp / "app" / "pyproject.toml").write_text(app_pyproject(rc))
-    (tmp / "home" / "config.toml").write_text(connection_config(port))
-    grace = 10.0  # seconds each process gets to end after SIGTERM (failure, Ctrl-C)
-    dep = Deployment(env, logs)
-    timings: dict = {}
+        raise ValueError("deploy: launch was made for another isolation / poll interval")
+    launch.used = True
+    return launch
+
+
+@dataclass
+class DeployPlan:
+    """What :func:`prepare` settled before anything starts: the validated options, the sites and the run folder
+    (locked, its earlier logs removed)."""
+
+    cfg: object  # the validated FederateConfig
+    site_caches: list  # each site's cache (resolved Paths), in the order given
+    domains: list  # each site's domain, in the same order
+    out: Path  # the run folder (resolved)
+    run_config: dict  # Flower's run config: what the ServerApp and every site read
+    logs: Path  # RUN/logs/
+    lock: object  # the run folder's lock (runfolder.claim), held until the deployment has stopped
+
+
+def prepare(launch: Launch, site_caches: list, out, cfg, flags: Optional[dict], round_timeout: Optional[float],
+            min_results: Optional[int]) -> DeployPlan:
+    """Every check of a deployment, before anything starts (one-line errors): the options, the site caches, the
+    run folder, the run config as the ServerApp and each site will read it. Then takes the run folder (its lock;
+    the earlier run's logs removed)."""
+    # (imports flwr: fails early with the install hint)
+    from ..flower.client_app import _federate_config, check_deployment_keys
+
+    cfg = cfg.validate(flags)
+    site_caches = [Path(c).resolve() for c in site_caches]
+    domains = check_sites(site_caches, cfg)
+    out = Path(out).resolve()
+    check_run_folder(out)
+    rc = run_config(cfg, len(site_caches), out)
+    if round_timeout is not None:
+        rc["round_timeout"] = float(round_timeout)
+    if min_results is not None:
+        rc["min_results"] = int(min_results)
+    rc["poll_interval"] = float(launch.poll_interval)
+    check_deployment_keys(rc)
+    _, site_cfg = _federate_config(dict(rc))  # the ServerApp's own check, before anything starts
+    check_site_options(site_caches, site_cfg)
+    logs = out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    lock = _lock_run_folder(out)
     try:
-        log(f"SuperLink on 127.0.0.1:{port} (logs: {logs})")
-        superlink = [f"{bindir}/flower-superlink", "--insecure", "--port", str(port),
-                     "--disable-runtime-dependency-installation"]
-        if isolation == "worker":  # the ServerApp process is ours, started now (flower_serverworker.py)
-            secret_file = tmp / "superexec-secret"  # under the 0700 temporary folder
-            fd = os.open(secret_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            os.write(fd, secrets.token_bytes(32))
-            os.close(fd)
-            superlink += ["--isolation", "process", "--superexec-auth-secret-file", str(secret_file)]
+        clear_own_logs(logs, own_logs(domains, launch.isolation))
+    except BaseException:
+        lock.close()
+        raise
+    return DeployPlan(cfg, site_caches, domains, out, rc, logs, lock)
+
+
+class LocalRun:
+    """One checked deployment, step by step (:meth:`execute`): the app folder and connection config, the
+    SuperLink, the sites and the ServerApp process, the run started, followed and collected. :meth:`stop` ends
+    whatever was started (success, failure, Ctrl-C/SIGTERM) and removes the temporary folder.
+
+    ``isolation="worker"``: the launch's zygote forks the SuperLink's child, the ServerApp process and one
+    ``fedclip-cache site`` per cache, and the run is started from this process; ``"subprocess"``/``"process"``:
+    ``flower-superlink``, ``flwr run`` and one ``flower-supernode`` per site (plus its ``flower-superexec``) are
+    processes of their own."""
+
+    def __init__(self, launch: Launch, plan: DeployPlan, log: Callable[[str], None], t0: float):
+        self.launch, self.plan, self.log, self.t0 = launch, plan, log, t0
+        self.zygote = launch.zygote  # None unless isolation="worker"
+        self.port = free_port()
+        self.dep = Deployment(launch.env, plan.logs)
+        self.timings: dict = {}
+        self.grace = 10.0  # seconds each process gets to end after SIGTERM (failure, Ctrl-C)
+
+    def execute(self, timeout: Optional[float], keep_going: bool) -> dict:
+        """Start everything, follow the run to its end; the result of :func:`deploy`."""
+        tmp = self.launch.tmp
+        (tmp / "app" / "pyproject.toml").write_text(app_pyproject(self.plan.run_config))
+        (tmp / "home" / "config.toml").write_text(connection_config(self.port))
+        self.log(f"SuperLink on 127.0.0.1:{self.port} (logs: {self.plan.logs})")
+        if self.zygote is not None:
+            self.fork_processes()
         else:
-            dep.start("superlink", superlink)
+            self.dep.start("superlink", self.superlink_command())
+        t1 = time.monotonic()
+        flwr_run = run_id = None
+        if self.zygote is None:  # `flwr run` at once: it imports Flower's CLI while the SuperLink starts, then
+            # waits for its port; its log stream is what the stock runners' rounds are followed by
+            flwr_run = self.dep.start("flwr-run", [sys.executable, "-c", FLWR_RUN_WHEN_READY, str(self.port),
+                                                   str(tmp / "app"), "local", "--stream"])
+        else:
+            run_id = self.start_run_in_process()
+        wait_until(lambda: port_open(self.port), self.dep, 60, "the SuperLink did not open its port")
+        if self.zygote is None:
+            self.start_supernodes()
+        logs = self.plan.logs
+        run_id = follow_run(flwr_run, logs / ("flwr-run.log" if flwr_run else "serverapp.log"), self.dep, self.log,
+                            timeout, t1, keep_going, self.timings, self.t0,
+                            status=lambda rid: run_status(self.port, rid)[0], run_id=run_id)
+        return self.collect(run_id)
+
+    def superlink_command(self, secret_file: Optional[Path] = None) -> list[str]:
+        """``flower-superlink`` on this run's port; with ``secret_file`` (the zygote's way), in process isolation
+        with that SuperExec secret: the ServerApp process is ours and takes the run's ServerApp task with it."""
+        cmd = [f"{self.launch.bindir}/flower-superlink", "--insecure", "--port", str(self.port),
+               "--disable-runtime-dependency-installation"]
+        if secret_file is not None:
+            cmd += ["--isolation", "process", "--superexec-auth-secret-file", str(secret_file)]
+        return cmd
+
+    def fork_processes(self) -> None:
+        """Hand the zygote its specs: it serves the SuperLink from its pre-forked child and forks the ServerApp
+        process and one site (what ``fedclip-cache site CACHE`` runs) per cache, from one process that imported
+        torch, flwr and the apps once (zygote.py)."""
+        plan, address = self.plan, f"127.0.0.1:{self.port}"
+        secret_file = self.launch.tmp / "superexec-secret"  # under the 0700 temporary folder
+        write_secret(secret_file)
         # the sites share this machine's cores: torch threads per site so that together they use them all once
         # (each would take every core, and 3 x 2 threads on 2 cores spin against each other: ~10x slower training)
         site_env = {} if "OMP_NUM_THREADS" in os.environ else {
-            "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // len(site_caches)))}
-        if isolation == "worker":  # the ServerApp process and the sites: forked by one fresh process that imports
-            # torch, flwr and the apps once (deploy_zygote.py); each site is what `fedclip-cache site CACHE` runs
-            threads = int(site_env.get("OMP_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
-            specs = [{"name": "superlink", "kind": "superlink", "log": str(logs / "superlink.log"),
-                      "args": superlink[1:]},  # forked first, before the zygote imports torch
-                     {"name": "serverapp", "kind": "serverapp", "log": str(logs / "serverapp.log"),
-                      "address": f"127.0.0.1:{port}", "secret_file": str(secret_file)}]
-            specs += [{"name": f"site-{dom}", "kind": "site", "log": str(logs / f"site-{dom}.log"), "env": site_env,
-                       "cache": str(cache), "superlink": f"127.0.0.1:{port}", "port": free_port(),
-                       "poll_interval": poll_interval, "threads": threads,
-                       # each site's SuperExec secret in a folder inside ours: gone with it, even when the sites are
-                       # SIGKILLed (their own clean-up never runs then; each run left one /tmp/fedclip-site-*)
-                       "private_root": str(tmp)} for cache, dom in zip(site_caches, domains)]
-            zygote.send(dep, specs, logs / "zygote.log")
-        t1 = time.monotonic()
-        run = run_id = None
-        if zygote is None:  # `flwr run` at once: it imports Flower's CLI while the SuperLink starts, then waits for
-            # its port; its log stream is what the stock runners' rounds are followed by
-            run = dep.start("flwr-run", [sys.executable, "-c", FLWR_RUN_WHEN_READY, str(port),
-                                         str(tmp / "app"), "local", "--stream"])
-        else:  # the run is started from here as soon as the SuperLink is up (while the zygote imports torch)
-            _wait(lambda: _port_open(port), dep, 60, "the SuperLink did not open its port")
-            run_id = start_run(port, tmp / "app")
-            log(f"run {run_id} started")
-            zygote.started(dep)
-            for cache, dom, child in zip(site_caches, domains, zygote.children[2:]):
-                log(f"site {dom}{' (held out: evaluates only)' if cfg.heldout and dom == cfg.heldout[0] else ''}"
-                    f" (pid {child.pid}): {cache}")
-        _wait(lambda: _port_open(port), dep, 60, "the SuperLink did not open its port")
-        for cache, dom in zip(site_caches, domains) if isolation != "worker" else ():
+            "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // len(plan.site_caches)))}
+        threads = int(site_env.get("OMP_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
+        specs = [{"name": "superlink", "kind": "superlink", "log": str(plan.logs / "superlink.log"),
+                  "args": self.superlink_command(secret_file)[1:]},  # forked first, before the zygote imports torch
+                 {"name": "serverapp", "kind": "serverapp", "log": str(plan.logs / "serverapp.log"),
+                  "address": address, "secret_file": str(secret_file)}]
+        specs += [{"name": f"site-{dom}", "kind": "site", "log": str(plan.logs / f"site-{dom}.log"), "env": site_env,
+                   "cache": str(cache), "superlink": address, "port": free_port(),
+                   "poll_interval": self.launch.poll_interval, "threads": threads,
+                   # each site's SuperExec secret in a folder inside ours: gone with it, even when the sites are
+                   # SIGKILLed (their own clean-up never runs then; each run left one /tmp/fedclip-site-*)
+                   "private_root": str(self.launch.tmp)} for cache, dom in zip(plan.site_caches, plan.domains)]
+        self.zygote.send(self.dep, specs, plan.logs / "zygote.log")
+
+    def start_run_in_process(self) -> str:
+        """Start the run over the Control API as soon as the SuperLink is up (while the zygote imports torch), then
+        wait for the zygote's children; returns the run id."""
+        wait_until(lambda: port_open(self.port), self.dep, 60, "the SuperLink did not open its port")
+        run_id = start_run(self.port, self.launch.tmp / "app")
+        self.log(f"run {run_id} started")
+        self.zygote.started(self.dep)
+        for cache, dom, child in zip(self.plan.site_caches, self.plan.domains, self.zygote.children[2:]):
+            self.log(f"site {dom}{self._held_out_note(dom)} (pid {child.pid}): {cache}")
+        return run_id
+
+    def start_supernodes(self) -> None:
+        """Flower's stock runners: one ``flower-supernode`` per site (``"process"``: with its ``flower-superexec``)."""
+        bindir, isolation = self.launch.bindir, self.launch.isolation
+        for cache, dom in zip(self.plan.site_caches, self.plan.domains):
             nport = free_port()
-            cmd = [f"{bindir}/flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{port}",
+            cmd = [f"{bindir}/flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{self.port}",
                    "--node-config", f"cache={json.dumps(str(cache))}", "--port", str(nport)]
             if isolation == "process":
                 cmd += ["--isolation", "process"]
-            dep.start(f"site-{dom}", cmd)
+            self.dep.start(f"site-{dom}", cmd)
             if isolation == "process":
-                _wait(lambda: _port_open(nport), dep, 60, f"SuperNode {dom} did not open its port")
-                dep.start(f"site-{dom}-superexec", [f"{bindir}/flower-superexec", "--insecure",
-                                                    "--runtime-api-address", f"127.0.0.1:{nport}"])
-            log(f"SuperNode {dom}{' (held out: evaluates only)' if cfg.heldout and dom == cfg.heldout[0] else ''}"
-                f": {cache}")
-        run_id = follow_run(run, logs / ("flwr-run.log" if run else "serverapp.log"), dep, log, timeout, t1,
-                            keep_going, timings, t0, status=lambda rid: run_status(port, rid)[0], run_id=run_id)
-        status, details = final_status(bindir, env, run_id, dep, port)
-        timings["run_s"] = round(time.monotonic() - t0 - timings.get("startup_s", 0.0), 2)
+                wait_until(lambda: port_open(nport), self.dep, 60, f"SuperNode {dom} did not open its port")
+                self.dep.start(f"site-{dom}-superexec", [f"{bindir}/flower-superexec", "--insecure",
+                                                         "--runtime-api-address", f"127.0.0.1:{nport}"])
+            self.log(f"SuperNode {dom}{self._held_out_note(dom)}: {cache}")
+
+    def _held_out_note(self, domain: str) -> str:
+        heldout = self.plan.cfg.heldout
+        return " (held out: evaluates only)" if heldout and domain == heldout[0] else ""
+
+    def collect(self, run_id: str) -> dict:
+        """The run's final status in the SuperLink (a failed run raises :class:`DeployError`), its timings and
+        summary; writes ``RUN/logs/deploy.json``."""
+        plan, timings = self.plan, self.timings
+        status, details = final_status(self.launch.bindir, self.launch.env, run_id, self.dep, self.port)
+        timings["run_s"] = round(time.monotonic() - self.t0 - timings.get("startup_s", 0.0), 2)
         if status != "finished:completed":
-            raise DeployError(f"the Flower run {run_id} ended {status}: {details} (logs: {logs})")
-        timings["total_s"] = round(time.monotonic() - t0, 2)
-        log(f"run {run_id} completed in {timings['run_s']:.1f} s (start-up {timings.get('startup_s', 0):.1f} s)")
-        summary_path = out / "summary.json"
+            raise DeployError(f"the Flower run {run_id} ended {status}: {details} (logs: {plan.logs})")
+        timings["total_s"] = round(time.monotonic() - self.t0, 2)
+        self.log(f"run {run_id} completed in {timings['run_s']:.1f} s (start-up {timings.get('startup_s', 0):.1f} s)")
+        summary_path = plan.out / "summary.json"
         summary = json.loads(summary_path.read_text()) if summary_path.exists() else None
-        res = {"run_id": run_id, "status": status, "sites": dict(zip(domains, map(str, site_caches))),
-               "run_config": rc, "isolation": isolation, "timings": timings, "pids": dep.pids()}
-        (logs / "deploy.json").write_text(json.dumps(res, indent=2))
-        grace = 0.0  # the run completed and its folder is written; the SuperLink and SuperNodes keep nothing on
-        # disk: SIGKILL at once (their graceful shutdown took ~0.3 s)
+        res = {"run_id": run_id, "status": status, "sites": dict(zip(plan.domains, map(str, plan.site_caches))),
+               "run_config": plan.run_config, "isolation": self.launch.isolation, "timings": timings,
+               "pids": self.dep.pids()}
+        (plan.logs / "deploy.json").write_text(json.dumps(res, indent=2))
+        self.grace = 0.0  # the run completed and its folder is written; the SuperLink and SuperNodes keep nothing
+        # on disk: SIGKILL at once (their graceful shutdown took ~0.3 s)
         return {**res, "summary": summary}
-    finally:
-        if old_term is not None:  # a second Ctrl-C/SIGTERM must not cut the clean-up short
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
-            old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
-        if zygote is not None and not zygote.children:  # failed before it got its specs
-            zygote.abort()
-        elif zygote is not None and not zygote.managed:  # failed or interrupted while it forked
-            zygote.kill()
-        dep.stop(grace)
-        lock.close()
-        if old_term is not None:
-            signal.signal(signal.SIGINT, old_int)
-            signal.signal(signal.SIGTERM, old_term)
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    def stop(self) -> None:
+        """End every process this run started, release the run folder and remove the temporary folder; a second
+        Ctrl-C/SIGTERM meanwhile is ignored (it must not cut the clean-up short)."""
+        with signals_ignored():
+            zygote = self.zygote
+            if zygote is not None and not zygote.children:  # failed before it got its specs
+                zygote.abort()
+            elif zygote is not None and not zygote.managed:  # failed or interrupted while it forked
+                zygote.kill()
+            self.dep.stop(self.grace)
+            self.plan.lock.close()
+        shutil.rmtree(self.launch.tmp, ignore_errors=True)
 
 
 def _lock_run_folder(out: Path):
@@ -600,17 +428,3 @@ def clear_own_logs(logs: Path, names: list[str]) -> None:
                 raise ConfigError(f"deploy: cannot remove the earlier run's {logs / name} ({ex.strerror or ex}): "
                                   f"remove it, or give another -o") from None
     atomic_write(logs / LOGS_MANIFEST, lambda t: t.write_text(json.dumps(sorted(names))))
-
-
-def _interrupt(*_):
-    raise KeyboardInterrupt
-
-
-def _wait(ready: Callable[[], bool], dep: Deployment, limit: float, what: str) -> None:
-    deadline = time.monotonic() + limit
-    while not ready():
-        if dep.dead():
-            raise DeployError(f"{what}: {', '.join(dep.dead())} exited (logs: {dep.logs})")
-        if time.monotonic() > deadline:
-            raise DeployError(f"{what} within {limit:.0f} s (logs: {dep.logs})")
-        time.sleep(0.2)

@@ -17,7 +17,6 @@ loopback address; the SAME app object (one state: nodes, runs, messages) is serv
 """
 from __future__ import annotations
 
-import importlib
 import ipaddress
 import sys
 import threading
@@ -25,7 +24,7 @@ import time
 
 from ..errors import ConfigError
 
-FLEET_PATHS = "/v1/fleet/"  # flwr 1.42's Fleet HTTP router (flwr.superlink.routers.fleet.router: prefix)
+FLEET_PATHS = "/v1/fleet/"  # flwr 1.42's Fleet HTTP router's prefix (flwr_internals.fleet_api_prefix, checked)
 HEALTH_PATH = "/health"
 
 
@@ -84,11 +83,11 @@ def serve(fleet_address: str, flwr_args: list[str]) -> None:
     from flwr.supercore.logger import console_handler
     from flwr.superlink.main import create_app
 
-    fs = importlib.import_module("flwr.superlink.cli.flower_superlink")  # the module (the package exports the function)
+    from ..flower.flwr_internals import superlink_lifespan, superlink_lifespan_config
 
     host, port = parse_fleet_address(fleet_address)
     sys.argv = ["flower-superlink", *flwr_args]
-    config = fs._parse_superlink_lifespan_config()  # flwr's own parser and checks (TLS files, node auth needs TLS)
+    config = superlink_lifespan_config()  # flwr's own parser and checks (TLS files, node auth needs TLS)
     if not is_loopback(config.host):
         raise ConfigError(f"superlink: --host {config.host}: the Control and Runtime APIs stay on loopback (give "
                           f"--host 127.0.0.1, the default); the sites reach the Fleet API on --fleet-address")
@@ -99,7 +98,7 @@ def serve(fleet_address: str, flwr_args: list[str]) -> None:
     if (host, port) == (config.host, config.port):
         raise ConfigError(f"superlink: --fleet-address {fleet_address} is the SuperLink's own --host/--port: give "
                           f"another port")
-    app = create_app(config, fs.SuperLinkLifespan)
+    app = create_app(config, superlink_lifespan())
     tls = {"ssl_keyfile": config.ssl_keyfile, "ssl_certfile": config.ssl_certfile}
     log_config = get_uvicorn_log_config(console_handler.level)
     fleet = uvicorn.Server(uvicorn.Config(app=FleetOnly(app), host=host, port=port, lifespan="off",

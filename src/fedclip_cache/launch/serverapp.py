@@ -67,11 +67,11 @@ def quick_flush_logs(log_queue, timeout: float = 3.0) -> bool:
 
 
 def install_quick_flush() -> None:
-    """:func:`quick_flush_logs` in place of flwr's, in the MODULE ``flwr.superlink.runtime.run_serverapp`` (whose
-    package rebinds the name ``run_serverapp`` to the function: ``import ... as`` would patch the function)."""
-    import importlib
+    """:func:`quick_flush_logs` in place of flwr's ``flush_logs`` in its ServerApp runner
+    (:func:`~fedclip_cache.flower.flwr_internals.replace_flush_logs`)."""
+    from ..flower.flwr_internals import replace_flush_logs
 
-    importlib.import_module("flwr.superlink.runtime.run_serverapp").flush_logs = quick_flush_logs
+    replace_flush_logs(quick_flush_logs)
 
 
 def main(argv: list[str]) -> None:

@@ -41,13 +41,13 @@ import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 
 from ..errors import ConfigError, FedclipCacheError
 from .sim_guard import KEEP, MARK
-from .tempdirs import OWNER_FILE, make_owned, process_start, sweep_stale
+from .procs import OWNER_FILE, make_owned, sigterm_interrupts, sweep_stale
 
 EXTRA_HINT = "pip install 'fedclip-cache[simulation]'"
 # Seconds between the ServerApp's polls for replies (the ServerApp's own default is Flower's 3 s; the in-memory
@@ -129,13 +129,22 @@ def write_domain_cache(cache, domain: str, out: Path) -> Path:
     return out
 
 
-def plan(caches: list, cfg, out: Path, tmp: Path) -> tuple[dict, list[dict], dict]:
-    """(run config, node config per virtual SuperNode, what each node is) for ``caches``: one shared cache or one
+class SimulationPlan(NamedTuple):
+    """What :func:`plan` settled: Flower's run config, the node config of each virtual SuperNode, and what each
+    node is (domain -> role, for the log)."""
+
+    run_config: dict
+    nodes: list
+    roles: dict
+
+
+def plan(caches: list, cfg, out: Path, tmp: Path) -> SimulationPlan:
+    """The run config, the node config per virtual SuperNode and what each node is, for ``caches``: one shared cache or one
     cache per site. May write the held-out domain's single-domain cache under ``tmp``."""
     from ..cache.reader import open_cache
     from ..federated.protocols import build_experiments
 
-    from .deploy import check_run_folder
+    from .checks import check_run_folder
 
     _check_federation(cfg)
     check_run_folder(out, "simulate")
@@ -143,7 +152,7 @@ def plan(caches: list, cfg, out: Path, tmp: Path) -> tuple[dict, list[dict], dic
     if not caches:
         raise ConfigError("simulate: give a cache (one shared cache, or one cache per site)")
     if len(caches) > 1:
-        from .deploy import check_site_options, check_sites
+        from .checks import check_site_options, check_sites
 
         domains = check_sites(caches, cfg, "simulate")  # the same checks as a deployment's sites
         check_site_options(caches, cfg)
@@ -151,7 +160,7 @@ def plan(caches: list, cfg, out: Path, tmp: Path) -> tuple[dict, list[dict], dic
         nodes = [{"cache": str(c)} for c in caches]
         held = cfg.heldout[0] if cfg.heldout else None
         roles = {d: ("held out: evaluates only" if d == held else f"site cache {c}") for d, c in zip(domains, caches)}
-        return rc, nodes, roles
+        return SimulationPlan(rc, nodes, roles)
     cache = caches[0]
     if not cache.is_dir():
         raise ConfigError(f"simulate: cache {cache} does not exist (run `fedclip-cache extract` first)")
@@ -172,7 +181,7 @@ def plan(caches: list, cfg, out: Path, tmp: Path) -> tuple[dict, list[dict], dic
         nodes.append({"cache": str(site)})
         roles[exp.heldout_name] = "held out: evaluates only (a single-domain copy of its rows)"
     rc["sites"] = len(nodes)  # the ServerApp opens no cache: it waits for this many nodes
-    return rc, nodes, roles
+    return SimulationPlan(rc, nodes, roles)
 
 
 def _name_the_shared_cache(summary: dict, path: Path, cache: Path, domain: str) -> dict:
@@ -247,7 +256,6 @@ def _wrapper_classes():
 # ------------------------------------------------------------------------------------------------ the run
 
 TMP_PREFIX = "fedclip-sim-"
-_process_start = process_start
 
 
 def sweep_stale_folders(tmpdir: Optional[str] = None) -> list:
@@ -284,10 +292,6 @@ def _stop_guard(guard: Optional[subprocess.Popen], keep: bool) -> None:
         guard.wait(timeout=10)
     except subprocess.TimeoutExpired:  # it goes on alone, detached
         pass
-
-
-def _on_sigterm(signum, frame):
-    raise KeyboardInterrupt  # SIGTERM ends a simulation as Ctrl-C does: Ray shut down, nothing left behind
 
 
 def backend_config(num_cpus: Optional[int] = None, client_cpus: float = 1.0, extra: Optional[dict] = None,
@@ -339,24 +343,56 @@ def simulate(caches: list, out, cfg, *, num_cpus: Optional[int] = None, client_c
     """Run ``cfg`` (a validated FederateConfig: ``--heldout D`` or ``--protocol personal``) on ``caches`` (one
     shared cache, or one cache per site) in Flower's simulation engine; the ServerApp writes the run folder
     ``out`` as ``federate`` does. Returns ``{"summary", "run_config", "nodes", "timings", "ray_dir"}``; raises a
-    one-line :class:`FedclipCacheError` for bad input (before Ray starts) and when the run failed."""
+    one-line :class:`FedclipCacheError` for bad input (before Ray starts) and when the run failed.
+
+    The steps (:class:`SimulationRun`): plan the nodes and check everything, take the run folder and start the
+    watcher, run Flower's engine, collect the run folder's summary; then shut Ray down and remove the temporary
+    folder, whatever happened (SIGTERM ends the run as Ctrl-C does)."""
     require_simulation()
     if not 0 < poll_interval <= 60:
         raise ConfigError(f"simulate: --poll-interval {poll_interval}: must be in (0, 60] seconds")
     t0 = time.monotonic()
     out = Path(out).resolve()
     sweep_stale_folders()
-    tmp = make_owned(TMP_PREFIX)  # short: Ray's socket paths must stay < 108 characters
-    keep_ray_logs = False
-    env_before = {k: os.environ.get(k)
-                  for k in ("RAY_USAGE_STATS_ENABLED", "PYTHONPATH", "FLWR_TELEMETRY_ENABLED", MARK)}
-    stop = threading.Event()
-    server = guard = run_lock = None
-    # SIGTERM as Ctrl-C (Ray's driver replaces this handler by one raising SystemExit(15): handled below)
-    on_main = threading.current_thread() is threading.main_thread()
-    term_before = signal.signal(signal.SIGTERM, _on_sigterm) if on_main else None
-    try:
-        rc, nodes, roles = plan(caches, cfg, out, tmp)
+    run = SimulationRun(out, log)
+    # SIGTERM as Ctrl-C (Ray's driver replaces this handler by one raising SystemExit(15): run_engine handles it)
+    with sigterm_interrupts():
+        try:
+            run.prepare(caches, cfg, poll_interval=poll_interval, round_timeout=round_timeout,
+                        min_results=min_results, num_cpus=num_cpus, client_cpus=client_cpus, backend=backend)
+            run.start()
+            run_s = run.run_engine(verbose)
+            return run.collect(t0, run_s)
+        except SimulationError:  # its message names Ray's session folder: keep that one
+            run.keep_ray_logs = True
+            raise
+        finally:
+            run.clean_up()
+
+
+class SimulationRun:
+    """One simulation's state from its temporary folder (``$TMPDIR/fedclip-sim-*``: Ray's session folder, the
+    held-out domain's copy) to its clean-up: the plan, the backend config, the run folder's lock, the ServerApp
+    wrapper, the watcher process, and what the run changes in this process's environment."""
+
+    def __init__(self, out: Path, log: Callable[[str], None]):
+        self.out, self.log = out, log
+        self.tmp = make_owned(TMP_PREFIX)  # short: Ray's socket paths must stay < 108 characters
+        self.keep_ray_logs = False  # a failed run in Ray or Flower: its error names Ray's logs, which stay
+        self.env_before = {k: os.environ.get(k)
+                           for k in ("RAY_USAGE_STATS_ENABLED", "PYTHONPATH", "FLWR_TELEMETRY_ENABLED", MARK)}
+        self.stop = threading.Event()
+        self.plan: Optional[SimulationPlan] = None
+        self.backend: Optional[dict] = None
+        self.server = self.client = self.guard = self.run_lock = None
+
+    def prepare(self, caches: list, cfg, *, poll_interval: float, round_timeout: Optional[float],
+                min_results: Optional[int], num_cpus: Optional[int], client_cpus: float,
+                backend: Optional[dict]) -> None:
+        """Every check before Ray starts: the nodes (:func:`plan`), the run config as the apps will read it, the
+        backend config (:func:`backend_config`); Flower and Ray switched offline."""
+        self.plan = plan(caches, cfg, self.out, self.tmp)
+        rc = self.plan.run_config
         rc["poll_interval"] = float(poll_interval)
         if round_timeout is not None:
             rc["round_timeout"] = float(round_timeout)
@@ -365,7 +401,7 @@ def simulate(caches: list, out, cfg, *, num_cpus: Optional[int] = None, client_c
         from ..flower.client_app import check_deployment_keys
 
         check_deployment_keys(rc)  # before Ray starts
-        bcfg = backend_config(num_cpus, client_cpus, backend, tmp / "ray")
+        self.backend = backend_config(num_cpus, client_cpus, backend, self.tmp / "ray")
         # offline: no usage statistics from Ray, no telemetry from Flower (read when flwr is first imported, so
         # also switched off in the module if something imported it already)
         os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
@@ -373,8 +409,12 @@ def simulate(caches: list, out, cfg, *, num_cpus: Optional[int] = None, client_c
         import flwr.supercore.telemetry as telemetry
 
         telemetry.FLWR_TELEMETRY_ENABLED = "0"
-        from flwr.simulation import run_simulation
+        from flwr.simulation import run_simulation  # noqa: F401  (Ray: imported before the run folder is taken)
 
+    def start(self) -> None:
+        """The apps' own option check, the run folder taken, the apps wrapped with the run config, the watcher
+        started and this run's processes marked."""
+        rc, nodes, roles = self.plan.run_config, self.plan.nodes, self.plan.roles
         from ..flower import client_app as flower
         from ..flower.client_app import client_app
         from ..flower.server_app import server_app
@@ -386,27 +426,36 @@ def simulate(caches: list, out, cfg, *, num_cpus: Optional[int] = None, client_c
 
         # the run folder's one lock and state marker, as deploy claims its own (a second simulate or a deploy into
         # it is refused in one line naming the holder; an earlier run's outputs go; the ServerApp marks it complete)
-        run_lock = claim(out, "deploy", "simulate -o")
+        self.run_lock = claim(self.out, "deploy", "simulate -o")
         ClientW, ServerW = _wrapper_classes()
-        server = ServerW(server_app, rc, stop)
+        self.server = ServerW(server_app, rc, self.stop)
+        self.client = ClientW(client_app, rc, nodes)
         for name, role in roles.items():
-            log(f"node {name}: {role}")
-        n_actors = int(bcfg["init_args"]["num_cpus"] // bcfg["client_resources"]["num_cpus"])
-        log(f"simulating {len(nodes)} SuperNodes on {n_actors} Ray actor(s) (Ray's session folder: {tmp / 'ray'})")
-        guard = _start_guard(tmp)
-        os.environ[MARK] = str(tmp)  # inherited by every process of this run's Ray instance: the guard finds them
+            self.log(f"node {name}: {role}")
+        n_actors = int(self.backend["init_args"]["num_cpus"] // self.backend["client_resources"]["num_cpus"])
+        self.log(f"simulating {len(nodes)} SuperNodes on {n_actors} Ray actor(s) (Ray's session folder: "
+                 f"{self.tmp / 'ray'})")
+        self.guard = _start_guard(self.tmp)
+        os.environ[MARK] = str(self.tmp)  # inherited by every process of this run's Ray instance: the guard finds them
+
+    def run_engine(self, verbose: bool) -> float:
+        """Flower's ``run_simulation`` until the ServerApp has finished; its failures as one-line errors. Returns
+        the seconds it took."""
+        from flwr.simulation import run_simulation
+
         t1 = time.monotonic()
         try:
             with warnings.catch_warnings():  # Ray 2.55's tip about its future default for num_gpus=0 actors (they
                 # keep seeing no GPU either way: the apps run on the CPU)
                 warnings.filterwarnings("ignore", message=r"Tip: In future versions of Ray", category=FutureWarning)
-                run_simulation(server_app=server, client_app=ClientW(client_app, rc, nodes),
-                               num_supernodes=len(nodes), backend_config=bcfg, verbose_logging=verbose)
+                run_simulation(server_app=self.server, client_app=self.client,
+                               num_supernodes=len(self.plan.nodes), backend_config=self.backend,
+                               verbose_logging=verbose)
         except SystemExit as e:  # flwr_exit(): Flower's own fatal errors exit the process; make them an error
             if e.code == signal.SIGTERM:  # Ray's driver's SIGTERM handler (no Flower exit code is 15)
                 raise KeyboardInterrupt from None
             raise SimulationError(f"Flower's simulation engine stopped (exit {e.code}); see the log above "
-                                  f"(Ray's logs: {tmp / 'ray'})") from None
+                                  f"(Ray's logs: {self.tmp / 'ray'})") from None
         except FedclipCacheError:
             raise
         except Exception as e:
@@ -415,12 +464,18 @@ def simulate(caches: list, out, cfg, *, num_cpus: Optional[int] = None, client_c
                 raise cause from None
             msg = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
             raise SimulationError(f"the simulation failed: {type(cause).__name__}: {msg[:300]} (Ray's logs: "
-                                  f"{tmp / 'ray'})") from e
-        run_s = time.monotonic() - t1
+                                  f"{self.tmp / 'ray'})") from e
+        return time.monotonic() - t1
+
+    def collect(self, t0: float, run_s: float) -> dict:
+        """The run folder's summary (a round with failed clients is a :class:`SimulationError`); writes
+        ``simulation.json``. The result of :func:`simulate` (``t0``: when it began)."""
+        rc, nodes, roles = self.plan.run_config, self.plan.nodes, self.plan.roles
+        out, ray_dir = self.out, self.tmp / "ray"
         summary_path = out / "summary.json"
         if not summary_path.exists():
             raise SimulationError(f"the simulation ended without a run folder ({summary_path} missing); see the "
-                                  f"ServerApp's log above (Ray's logs: {tmp / 'ray'})")
+                                  f"ServerApp's log above (Ray's logs: {ray_dir})")
         summary = json.loads(summary_path.read_text())
         if "cache" in rc and rc.get("heldout"):  # the held-out node evaluated a temporary single-domain copy
             summary = _name_the_shared_cache(summary, summary_path, Path(rc["cache"]), str(rc["heldout"]))
@@ -431,17 +486,17 @@ def simulate(caches: list, out, cfg, *, num_cpus: Optional[int] = None, client_c
             raise SimulationError(f"round {r['round']}: {r.get('fit_failures', 0)} training and "
                                   f"{r.get('evaluate_failures', 0)} evaluation failure(s) in {len(failed)} round(s); "
                                   f"the ClientApp's error is in the log above (run folder {out}, Ray's logs: "
-                                  f"{tmp / 'ray'})")
+                                  f"{ray_dir})")
         timings = {"total_s": round(time.monotonic() - t0, 2), "run_s": round(run_s, 2)}
-        res = {"run_config": rc, "nodes": nodes, "roles": roles, "backend_config": bcfg, "timings": timings}
+        res = {"run_config": rc, "nodes": nodes, "roles": roles, "backend_config": self.backend, "timings": timings}
         (out / "simulation.json").write_text(json.dumps(res, indent=2))
-        log(f"simulation finished in {timings['total_s']:.1f} s (run folder: {out})")
+        self.log(f"simulation finished in {timings['total_s']:.1f} s (run folder: {out})")
         return {**res, "summary": summary, "ray_dir": None}
-    except SimulationError:  # its message names Ray's session folder: keep that one
-        keep_ray_logs = True
-        raise
-    finally:
-        stop.set()  # a ServerApp thread still waiting for replies (Ctrl-C, a failure) ends at its next poll
+
+    def clean_up(self) -> None:
+        """Ray shut down, the ServerApp's thread ended, the environment restored, the temporary folder removed
+        (kept, without its owner file, when the error names Ray's logs), the watcher told, the run folder freed."""
+        self.stop.set()  # a ServerApp thread still waiting for replies (Ctrl-C, a failure) ends at its next poll
         try:
             import ray
 
@@ -449,21 +504,20 @@ def simulate(caches: list, out, cfg, *, num_cpus: Optional[int] = None, client_c
                 ray.shutdown()
         except ImportError:
             pass
+        server = self.server
         if server is not None and server.thread is not None and server.thread is not threading.current_thread():
             server.thread.join(timeout=30)
-        for k, v in env_before.items():  # Flower's Ray backend rewrites PYTHONPATH in this process
+        for k, v in self.env_before.items():  # Flower's Ray backend rewrites PYTHONPATH in this process
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-        keep_ray_logs = keep_ray_logs and (tmp / "ray").exists()
-        if keep_ray_logs:
-            shutil.rmtree(tmp / "heldout", ignore_errors=True)
-            (tmp / OWNER_FILE).unlink(missing_ok=True)  # the error names the folder: no later run removes it
+        keep = self.keep_ray_logs and (self.tmp / "ray").exists()
+        if keep:
+            shutil.rmtree(self.tmp / "heldout", ignore_errors=True)
+            (self.tmp / OWNER_FILE).unlink(missing_ok=True)  # the error names the folder: no later run removes it
         else:  # success, bad input, Ctrl-C, SIGTERM: nothing of the simulation's is left behind
-            shutil.rmtree(tmp, ignore_errors=True)
-        _stop_guard(guard, keep_ray_logs)
-        if run_lock is not None:
-            run_lock.close()
-        if on_main:
-            signal.signal(signal.SIGTERM, term_before if term_before is not None else signal.SIG_DFL)
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        _stop_guard(self.guard, keep)
+        if self.run_lock is not None:
+            self.run_lock.close()

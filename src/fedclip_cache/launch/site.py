@@ -23,19 +23,18 @@ reply every 0.5 s).
 
 Failures: a ClientApp exception is an ``Error`` reply (a failed round for that site on the ServerApp); a worker
 that cannot start stops the site; when the process dies, SuperNode and worker die together (``--round-timeout``
-bounds the server's wait; see flower_server.py). A site started again on the same cache registers as a new node and
+bounds the server's wait; see flower/server_app.py). A site started again on the same cache registers as a new node and
 rejoins the run from the next round. The ``AcquireTask`` call of the Runtime API is protected with Flower's
 SuperExec shared secret (a fresh random secret per site command, in a 0600 file under a 0700 folder): another
 local user can not take the site's tasks. That folder never outlives the site: removed on every exit (normal end,
 failure, SIGTERM/Ctrl-C: also as one of flwr's exit handlers, which run before its 5 s force-exit timer); a
-``fedclip-site-*`` folder of a site killed with ``kill -9`` names its dead owner (tempdirs.py) and is removed by
+``fedclip-site-*`` folder of a site killed with ``kill -9`` names its dead owner (procs.py) and is removed by
 the next site started on this machine; under ``deploy`` the folder lies inside the deployment's own temporary folder
 (removed by ``deploy`` even when it SIGKILLs its sites, and swept by the next ``deploy`` after a ``kill -9``).
 """
 from __future__ import annotations
 
 import os
-import secrets
 import shutil
 import signal
 import sys
@@ -45,9 +44,11 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
+from .procs import make_owned, port_open, sweep_stale, write_secret
+
 CLIENT_APP_REF = "fedclip_cache.flower.client_app:client_app"
 DEFAULT_POLL_INTERVAL = 0.2
-SITE_PREFIX = "fedclip-site-"  # a standalone site's private folder under the temporary folder (tempdirs.py)
+SITE_PREFIX = "fedclip-site-"  # a standalone site's private folder under the temporary folder (procs.py)
 
 
 class SiteClock:
@@ -92,27 +93,18 @@ class SiteClock:
 
 
 def patch_supernode(poll_interval: float) -> SiteClock:
-    """Patch flwr 1.42's SuperNode loop module (``flwr.supernode.start_client_internal``): its ``time`` (see
-    :class:`SiteClock`), its ``_pull_and_store_message`` (wrapped: a stored message wakes the worker) and its
-    ``pull_objects`` backoff (:func:`fedclip_cache.flower.client_app.quick_object_pulls`). The protocol is unchanged."""
-    import flwr.supernode.start_client_internal as sci
-
-    from ..flower.client_app import quick_object_pulls
+    """Patch flwr 1.42's SuperNode loop (:func:`fedclip_cache.flower.flwr_internals.patch_supernode_loop`): its
+    sleeps follow a :class:`SiteClock`, a stored message wakes the worker, a missing object is asked for again
+    after at most 0.05 s. The protocol is unchanged."""
+    from ..flower.flwr_internals import patch_supernode_loop
 
     clock = SiteClock(poll_interval)
-    sci.time = clock
-    pull = sci._pull_and_store_message
 
-    def pull_and_store(*args, **kw):
+    def on_pull(state) -> None:
         if clock.state is None:  # the SuperNode's NodeState: the worker calls its Runtime API on it directly
-            clock.state = kw.get("state")
-        run_id = pull(*args, **kw)
-        if run_id is not None:
-            clock.message_stored()
-        return run_id
+            clock.state = state
 
-    sci._pull_and_store_message = pull_and_store
-    quick_object_pulls(sci, min(poll_interval, 0.05))
+    patch_supernode_loop(clock, on_pull, clock.message_stored, min(poll_interval, 0.05))
     return clock
 
 
@@ -303,14 +295,6 @@ def _pull_task_input(client, backoff: float):
     return message, context, run, fab
 
 
-def _port_open(port: int, host: str = "127.0.0.1") -> bool:
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.settimeout(0.2)
-        return s.connect_ex((host, port)) == 0
-
-
 def supernode_args(cache: str, superlink: str, port: int, *, insecure: bool, root_certificates: Optional[str],
                    secret_file: str, extra: tuple = ()) -> list[str]:
     import json
@@ -362,10 +346,8 @@ def check_site_credentials(insecure: bool, root_certificates, private_key) -> tu
 
 def private_folder(root: Optional[str] = None) -> Path:
     """A new 0700 folder for a site's secret: inside ``root`` (``deploy``'s temporary folder, which ``deploy``
-    removes), else a ``fedclip-site-*`` folder owned by this process (tempdirs.py), after removing those of sites
+    removes), else a ``fedclip-site-*`` folder owned by this process (procs.py), after removing those of sites
     that died without cleaning up (``kill -9``)."""
-    from .tempdirs import make_owned, sweep_stale
-
     if root is not None:
         return Path(tempfile.mkdtemp(prefix="site-", dir=root))
     sweep_stale(SITE_PREFIX, unowned_after=86400)
@@ -379,15 +361,12 @@ def run_site(cache: str, superlink: str, *, port: int = 9094, insecure: bool = F
     :func:`patch_supernode` says) in the main thread, and the ClientApp worker in a thread beside it; returns the
     SuperNode's exit status (0 after SIGTERM/SIGINT). ``private_root``: the folder to make the site's private
     folder (its SuperExec secret) in -- ``deploy``'s own temporary folder; default: an owned ``fedclip-site-*``
-    folder under the temporary folder (:func:`private_folder`)."""
-    from ..cache.reader import open_cache
+    folder under the temporary folder (:func:`private_folder`).
 
+    The steps: check the cache and the port, make the private folder and its secret (removed on every way out),
+    start the worker thread, run the SuperNode until it ends."""
     cache = str(Path(cache).resolve())
-    open_cache(cache)  # a missing or broken cache fails here, before the site joins the federation
-    if _port_open(port):
-        from ..errors import ConfigError
-
-        raise ConfigError(f"port {port} (the SuperNode's Runtime API) is in use: choose another --port")
+    _check_before_start(cache, port)
     made: list = []  # the private folder, once made
     if threading.current_thread() is threading.main_thread():
         # SIGTERM ends the site here until flwr installs its own handlers (its imports take seconds; the default
@@ -400,29 +379,14 @@ def run_site(cache: str, superlink: str, *, port: int = 9094, insecure: bool = F
     stop = threading.Event()
     try:
         secret_file = private / "superexec-secret"
-        fd = os.open(secret_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        secret = secrets.token_bytes(32)
-        os.write(fd, secret)
-        os.close(fd)
+        secret = write_secret(secret_file)
         from flwr.supercore.exit import add_exit_handler
 
         # flwr ends the SuperNode on SIGTERM/SIGINT through its exit handlers, with a 5 s force-exit timer
         # (os._exit: no `finally` then); the secret's folder goes first
         add_exit_handler(lambda: shutil.rmtree(private, ignore_errors=True), run_before_force_exit=True)
         clock = patch_supernode(poll_interval)
-
-        def work() -> None:
-            try:
-                worker = SiteWorker(f"127.0.0.1:{port}", auth_secret=secret, poll_interval=poll_interval, log=log)
-                log(f"worker ready (pid {os.getpid()}): serving the ClientApp tasks of this SuperNode (Runtime API "
-                    f"127.0.0.1:{port}, cache {cache})")
-                worker.serve(stop, clock)
-            except BaseException as ex:  # noqa: BLE001  (a worker that cannot start ends the site)
-                log(f"the worker failed: {type(ex).__name__}: {ex}; stopping the site")
-                os.kill(os.getpid(), signal.SIGTERM)
-
-        thread = threading.Thread(target=work, name="clientapp-worker", daemon=True)
-        thread.start()  # imports torch while the SuperNode connects
+        _start_worker(port, secret, poll_interval, log, cache, stop, clock)
         from flwr.supernode.cli.flower_supernode import flower_supernode
 
         sys.argv = ["flower-supernode", *supernode_args(cache, superlink, port, insecure=insecure,
@@ -435,6 +399,36 @@ def run_site(cache: str, superlink: str, *, port: int = 9094, insecure: bool = F
     finally:
         stop.set()
         shutil.rmtree(private, ignore_errors=True)
+
+
+def _check_before_start(cache: str, port: int) -> None:
+    """A missing or broken cache, or a Runtime API port in use, fails here: before the site joins the federation."""
+    from ..cache.reader import open_cache
+
+    open_cache(cache)
+    if port_open(port):
+        from ..errors import ConfigError
+
+        raise ConfigError(f"port {port} (the SuperNode's Runtime API) is in use: choose another --port")
+
+
+def _start_worker(port: int, secret: bytes, poll_interval: float, log: Callable[[str], None], cache: str,
+                  stop: threading.Event, clock: SiteClock) -> threading.Thread:
+    """The ClientApp worker thread (it imports torch while the SuperNode connects); a worker that cannot start
+    ends the site (SIGTERM to this process)."""
+    def work() -> None:
+        try:
+            worker = SiteWorker(f"127.0.0.1:{port}", auth_secret=secret, poll_interval=poll_interval, log=log)
+            log(f"worker ready (pid {os.getpid()}): serving the ClientApp tasks of this SuperNode (Runtime API "
+                f"127.0.0.1:{port}, cache {cache})")
+            worker.serve(stop, clock)
+        except BaseException as ex:  # noqa: BLE001  (a worker that cannot start ends the site)
+            log(f"the worker failed: {type(ex).__name__}: {ex}; stopping the site")
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    thread = threading.Thread(target=work, name="clientapp-worker", daemon=True)
+    thread.start()
+    return thread
 
 
 def _remove_and_exit(made: list) -> None:

@@ -19,30 +19,7 @@ import os
 import signal
 import sys
 
-
-def die_with_parent(parent: int) -> None:
-    """Linux: this process gets SIGKILL when its parent ``parent`` ends (``deploy`` killed with SIGKILL cannot stop
-    what it started: its zygote, the zygote's children and ``flwr run`` would run on, orphaned). Async-signal-safe
-    enough for ``Popen(preexec_fn=...)``: libc's prctl is looked up before the fork (:data:`_PRCTL`)."""
-    if _PRCTL is None:
-        return
-    _PRCTL(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
-    if os.getppid() != parent:  # it ended before the prctl
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _libc_prctl():
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        import ctypes
-
-        return ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-
-
-_PRCTL = _libc_prctl()
+from .procs import die_with_parent
 
 
 def _child(spec: dict) -> int:
