@@ -54,6 +54,7 @@ from .flwr_cli import (FLWR_RUN_WHEN_READY, DeployError, app_pyproject, connecti
 from ..errors import ConfigError
 from ..cache.store import atomic_write
 from .tempdirs import make_owned, sweep_stale
+from ..flower.task import run_config  # noqa: F401  (the run config's one codec; also `deploy.run_config`)
 
 BINARIES = ("flower-superlink", "flower-supernode", "flwr")
 ISOLATIONS = ("worker", "subprocess", "process")
@@ -81,23 +82,6 @@ def _port_open(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.settimeout(0.2)
         return s.connect_ex(("127.0.0.1", port)) == 0
-
-
-def run_config(cfg, n_sites: int, out: Path) -> dict:
-    """The Flower run config of a deployment: the federate options that differ from the defaults (Flower's run
-    config holds scalars only), ``sites``, ``heldout`` and ``out``."""
-    from ..federated.config import FederateConfig
-
-    if cfg.protocol == "lodo" and not cfg.heldout:
-        raise ConfigError("deploy: --protocol lodo needs --heldout SITE_DOMAIN (one federation per deployment; "
-                          "`federate` holds each domain out in turn), or use --protocol personal")
-    default = FederateConfig().to_dict()
-    rc = {k: v for k, v in cfg.to_dict().items()
-          if k not in ("heldout", "protocol") and v is not None and v != default[k]}
-    if "split" in rc:  # Flower's run config holds scalars
-        rc["split"] = ",".join(repr(float(x)) for x in cfg.split)
-    rc.update(sites=n_sites, heldout=cfg.heldout[0] if cfg.heldout else "", out=str(out))
-    return rc
 
 
 @dataclass
@@ -433,7 +417,8 @@ def deploy(site_caches: list, out, cfg, *, timeout: Optional[float] = None, log:
     port = free_port()
     try:
         # (imports flwr: fails early with the install hint)
-        from ..flower.client_app import _federate_config, check_deployment_keys
+        from ..flower import client_app  # noqa: F401
+        from ..flower.task import check_deployment_keys, federate_config
 
         cfg = cfg.validate(flags)
         site_caches = [Path(c).resolve() for c in site_caches]
@@ -447,7 +432,7 @@ def deploy(site_caches: list, out, cfg, *, timeout: Optional[float] = None, log:
             rc["min_results"] = int(min_results)
         rc["poll_interval"] = float(poll_interval)
         check_deployment_keys(rc)
-        _, site_cfg = _federate_config(dict(rc))  # the ServerApp's own check, before anything starts
+        _, site_cfg = federate_config(dict(rc))  # the ServerApp's own check, before anything starts
         check_site_options(site_caches, site_cfg)
         logs = out / "logs"
         logs.mkdir(parents=True, exist_ok=True)

@@ -362,7 +362,7 @@ def simulate(caches: list, out, cfg, *, num_cpus: Optional[int] = None, client_c
             rc["round_timeout"] = float(round_timeout)
         if min_results is not None:
             rc["min_results"] = int(min_results)
-        from ..flower.client_app import check_deployment_keys
+        from ..flower.task import check_deployment_keys, federate_config
 
         check_deployment_keys(rc)  # before Ray starts
         bcfg = backend_config(num_cpus, client_cpus, backend, tmp / "ray")
@@ -375,13 +375,10 @@ def simulate(caches: list, out, cfg, *, num_cpus: Optional[int] = None, client_c
         telemetry.FLWR_TELEMETRY_ENABLED = "0"
         from flwr.simulation import run_simulation
 
-        from ..flower import client_app as flower
         from ..flower.client_app import client_app
         from ..flower.server_app import server_app
 
-        check = getattr(flower, "_federate_config", None)  # the apps' own option check, before Ray starts
-        if check is not None:
-            check(rc)
+        federate_config(rc)  # the apps' own option check, before Ray starts
         from ..federated.runfolder import claim
 
         # the run folder's one lock and state marker, as deploy claims its own (a second simulate or a deploy into

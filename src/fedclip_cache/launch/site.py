@@ -94,10 +94,10 @@ class SiteClock:
 def patch_supernode(poll_interval: float) -> SiteClock:
     """Patch flwr 1.42's SuperNode loop module (``flwr.supernode.start_client_internal``): its ``time`` (see
     :class:`SiteClock`), its ``_pull_and_store_message`` (wrapped: a stored message wakes the worker) and its
-    ``pull_objects`` backoff (:func:`fedclip_cache.flower.client_app.quick_object_pulls`). The protocol is unchanged."""
+    ``pull_objects`` backoff (:func:`fedclip_cache.flower.wire.quick_object_pulls`). The protocol is unchanged."""
     import flwr.supernode.start_client_internal as sci
 
-    from ..flower.client_app import quick_object_pulls
+    from ..flower.wire import quick_object_pulls
 
     clock = SiteClock(poll_interval)
     sci.time = clock
