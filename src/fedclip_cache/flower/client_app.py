@@ -33,7 +33,7 @@ import json
 import threading
 from collections import OrderedDict
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -46,7 +46,7 @@ from ..federated.loop import class_sums, client_lanes, finetune_adapters, lane_s
 from ..federated.protocols import Client, Experiment, build_experiments, federation_name, split_indices
 from ..federated.train import batch_schedule, evaluate, lane_key, local_update
 from .task import federate_config
-from .wire import HEAD, content, read
+from .wire import HEAD, Payload, content, read
 
 try:
     from flwr.app import Context, Message
@@ -57,7 +57,21 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
 
 # ------------------------------------------------------------------------------------------------ a site
 
-def site_experiment(cache: FeatureCache, cfg: FederateConfig) -> tuple[Experiment, bool]:
+class SiteExperiment(NamedTuple):
+    """A site's experiment (its one client, or the held-out domain) and whether the site is the held-out one."""
+
+    experiment: Experiment
+    heldout: bool
+
+
+class LocalUpdate(NamedTuple):
+    """A site's trained adapter (unstacked) and its weight in the average (1, or its training-set size)."""
+
+    params: dict
+    weight: int
+
+
+def site_experiment(cache: FeatureCache, cfg: FederateConfig) -> SiteExperiment:
     """A site's view of the run from its own cache (one domain): the experiment as ``federate`` names it (batch
     and split seeds derive from the names, so a site trains exactly as its lane of the in-process loop), and
     whether this site is the held-out domain (it then only evaluates)."""
@@ -69,10 +83,11 @@ def site_experiment(cache: FeatureCache, cfg: FederateConfig) -> tuple[Experimen
     heldout = cfg.heldout[0] if cfg.heldout else None
     exp_name = federation_name(cfg)
     if name == heldout:
-        return Experiment(exp_name, cfg.seed, [Client(name, rows[:0], rows[:0], rows)], heldout, rows), True
+        return SiteExperiment(Experiment(exp_name, cfg.seed, [Client(name, rows[:0], rows[:0], rows)], heldout, rows),
+                              True)
     tr, va, te = split_indices(rows, cfg.split, cfg.seed, name, cfg.split_tail)
     client = Client(name, tr, va, te, int(len(rows) - len(tr) - len(va) - len(te)))
-    return Experiment(exp_name, cfg.seed, [client], heldout), False
+    return SiteExperiment(Experiment(exp_name, cfg.seed, [client], heldout), False)
 
 
 class SiteClient:
@@ -129,7 +144,7 @@ class SiteClient:
             raise ConfigError("--head prototype: the server sent no class prototypes")
         return head
 
-    def fit(self, params: dict, rnd: int, head: Optional[torch.Tensor] = None) -> tuple[dict, int]:
+    def fit(self, params: dict, rnd: int, head: Optional[torch.Tensor] = None) -> LocalUpdate:
         """This site's local update of round ``rnd`` from ``params`` (unstacked), and its weight."""
         sched = batch_schedule(self.client.train, self.exp.seed, rnd, lane_key(self.exp.name, self.client.name),
                                self.hp, self.views, len(self.Y))
@@ -137,7 +152,7 @@ class SiteClient:
             new = local_update(self.kind, {n: v.unsqueeze(0) for n, v in params.items()}, self.Xtrain, self.Ytrain,
                                self._head(head).unsqueeze(0), [sched], self.hp, self.opts)
         n = 1 if self.cfg.weighting == "uniform" else len(self.client.train)
-        return {k: v[0] for k, v in new.items()}, n
+        return LocalUpdate({k: v[0] for k, v in new.items()}, n)
 
     def _score(self, params: dict, rows: np.ndarray, head) -> tuple[float, float]:
         """Accuracy and mean loss on ``rows``, summed in float64 as the in-process loop does (equal numbers)."""
@@ -169,24 +184,24 @@ class SiteClient:
                                       self.opts)
             return self._score({k: v[0] for k, v in tuned.items()}, self.client.test, head)[0]
 
-    def handle(self, rec: dict, params: dict) -> tuple[dict, dict]:
-        """One message (config record, unpacked tensors) -> the reply's (config record, tensors to pack)."""
+    def handle(self, rec: dict, params: dict) -> Payload:
+        """One message (config record, unpacked tensors) -> the reply's config record and tensors to pack."""
         if rec.get("phase") == "setup":
             stats = self.class_stats() if self.cfg.head == "prototype" and not self.heldout_site else {}
-            return self.facts(), stats
+            return Payload(self.facts(), stats)
         head = params.pop(HEAD, None)
         out: dict = {"client": self.name, "heldout": self.heldout_site}
         if rec.get("phase") == "finetune":  # the held-out site never trains: it answers with nothing to record
             if not self.heldout_site:
                 out.update(finetuned=True, test_finetuned=self.finetune(params, head))
-            return out, {}
+            return Payload(out, {})
         if rec.get("evaluate"):
             out.update(self.evaluate(params, head), evaluated=True)
         if self.name in list(rec.get("train", [])) and not self.heldout_site:
             new, out["weight"] = self.fit(params, int(rec["round"]), head)
             out["trained"] = True
-            return out, new
-        return out, {}
+            return Payload(out, new)
+        return Payload(out, {})
 
 
 # ------------------------------------------------------------------------------------------------ the ClientApp

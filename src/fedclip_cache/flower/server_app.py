@@ -40,7 +40,7 @@ from ..federated.train import aggregate, client_weights
 from . import logproto
 from .polls import PollPlan
 from .task import check_deployment_keys, federate_config
-from .wire import HEAD, content, quick_object_pulls, read
+from .wire import HEAD, Payload, content, quick_object_pulls, read
 
 from flwr.app import Context, Message
 from flwr.common.logger import log
@@ -72,7 +72,7 @@ class Coordinator:
 
     # ---- set-up
 
-    def setup(self, replies: list[tuple[dict, dict]]) -> None:
+    def setup(self, replies: list[Payload]) -> None:
         """The sites' facts (and class sums); the seeded initial adapter, as ``federate``'s."""
         if not replies:
             raise RuntimeError("no site answered the set-up message")
@@ -117,7 +117,7 @@ class Coordinator:
 
     # ---- rounds
 
-    def message(self, rnd: int) -> tuple[dict, dict]:
+    def message(self, rnd: int) -> Payload:
         """Message ``rnd`` (1..R+1): its config record and tensors (the global adapter after round rnd-1)."""
         rec: dict = {"phase": "round", "round": rnd, "evaluate": (rnd - 1) in self.recorded}
         if rnd <= self.cfg.rounds:
@@ -129,9 +129,9 @@ class Coordinator:
         params = {n: v[0] for n, v in self.current.items()}
         if self.head is not None:
             params[HEAD] = self.head
-        return rec, params
+        return Payload(rec, params)
 
-    def receive(self, rnd: int, replies: list[tuple[dict, dict]]) -> None:
+    def receive(self, rnd: int, replies: list[Payload]) -> None:
         """The replies to message ``rnd``: round rnd-1's evaluation, round rnd's aggregation."""
         for rec, _ in replies:
             self.learn(rec)
@@ -164,15 +164,15 @@ class Coordinator:
 
     # ---- --finetune-steps (after the final evaluation)
 
-    def finetune_message(self) -> tuple[dict, dict]:
+    def finetune_message(self) -> Payload:
         """The fine-tune message: the selected round's global adapter (as ``federate``'s ``best_server``)."""
         rec = {"phase": "finetune", "steps": self.cfg.finetune_steps}
         params = {n: v[0] for n, v in (self.selected or self.current).items()}
         if self.head is not None:
             params[HEAD] = self.head
-        return rec, params
+        return Payload(rec, params)
 
-    def receive_finetune(self, replies: list[tuple[dict, dict]]) -> None:
+    def receive_finetune(self, replies: list[Payload]) -> None:
         """Each training site's test accuracy after fine-tuning, in the loop's lane order; a training site that
         did not answer is recorded as a failure (no number, never imputed)."""
         acc = {}
@@ -215,13 +215,13 @@ class Exchange:
         return sorted(set(self.grid.get_node_ids()) - set(self.lost.values()))
 
     def __call__(self, nodes: list[int], message_type: str, rec: dict, params: dict, group: str,
-                 timeout: float) -> list[tuple[dict, dict]]:
+                 timeout: float) -> list[Payload]:
         body = content(rec, params)
         # flwr 1.42's Grid.create_message, which it deprecates for the constructor (the grid sets run and source)
         msgs = [Message(body, dst_node_id=nid, message_type=message_type, group_id=group) for nid in nodes]
         ids = list(self.grid.push_messages(msgs))
         pending = {mid: nid for mid, nid in zip(ids, nodes) if mid}
-        replies: list[tuple[dict, dict]] = []
+        replies: list[Payload] = []
         end = time.monotonic() + timeout
         plan = self.plans.setdefault(message_type, PollPlan(self.cap))
         plan.start()

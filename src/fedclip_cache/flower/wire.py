@@ -7,7 +7,7 @@ packed float32 bytes and layout (:func:`content` / :func:`read`). The prototype 
 from __future__ import annotations
 
 import json
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -19,6 +19,13 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
 
 HEAD = "__head__"  # the prototype head's entry in a packed array
 RECORD = "fc"  # the one config record of a message's content
+
+
+class Payload(NamedTuple):
+    """What a message carries, unpacked: its config record (settings or metrics) and its named tensors."""
+
+    config: dict
+    params: dict
 
 
 def pack(params: dict) -> tuple[np.ndarray, str]:
@@ -51,12 +58,12 @@ def content(config: dict, params: Optional[dict] = None) -> RecordDict:
     return RecordDict({RECORD: ConfigRecord(rec)})
 
 
-def read(msg_content: RecordDict) -> tuple[dict, dict]:
-    """(config record as a dict, unpacked tensors) of a message's content."""
+def read(msg_content: RecordDict) -> Payload:
+    """The config record (as a dict) and the unpacked tensors of a message's content."""
     rec = dict(msg_content[RECORD])
     packed = rec.pop("packed", None)
     params = unpack(np.frombuffer(packed, np.float32), rec.pop("layout")) if packed is not None else {}
-    return rec, params
+    return Payload(rec, params)
 
 
 def quick_object_pulls(module, backoff: float) -> None:

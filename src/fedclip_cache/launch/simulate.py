@@ -76,9 +76,9 @@ def require_simulation() -> None:
 # ------------------------------------------------------------------------------------------------ the plan
 
 def run_config(cfg, out: Path, *, cache: Optional[str] = None, sites: int = 0) -> dict:
-    """The Flower run config: a deployment's (:func:`fedclip_cache.launch.deploy.run_config`: the federate options that
+    """The Flower run config: a deployment's (:func:`fedclip_cache.flower.task.run_config`: the federate options that
     differ from the defaults as scalars, ``sites``, ``heldout``, ``out``), plus ``cache`` for one shared cache."""
-    from .deploy import run_config as deployment_run_config
+    from ..flower.task import run_config as deployment_run_config
 
     rc = deployment_run_config(cfg, sites, out)
     if cache is not None:
