@@ -6,7 +6,9 @@ from pathlib import Path
 import numpy as np
 
 
-def _plt():
+def pyplot():
+    """matplotlib.pyplot on the headless Agg backend (imported on first use: ~0.6 s; the ServerApp imports it
+    early, while its rounds wait for replies)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -62,7 +64,7 @@ def sweep_plots(out: Path, results: dict) -> list[Path]:
     summary, curves, keys = results["summary"], results["curves"], results["keys"]
     if not summary:
         return []
-    plt = _plt()
+    plt = pyplot()
     pdir = Path(out) / "plots"
     written = []
 
@@ -108,7 +110,7 @@ def run_plots(run_dir: Path) -> list[Path]:
     """Accuracy-vs-round curves of one run, one line per experiment and split."""
     import pyarrow.parquet as pq
 
-    plt = _plt()
+    plt = pyplot()
     df = pq.read_table(Path(run_dir) / "metrics.parquet").to_pandas()
     fig, ax = plt.subplots(figsize=(6, 4))
     val_rounds = df[df["split"] == "val"]["round"].nunique()

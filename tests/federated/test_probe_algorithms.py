@@ -46,11 +46,11 @@ def test_flower_server_honours_fraction_fit(cache):
     """The ServerApp hard-coded fraction_fit=1 and min_fit_clients=all: `fraction-fit` in the run config was
     accepted and silently ignored. Now the server samples with the in-process rule."""
     pytest.importorskip("flwr")
-    from fedclip_cache.flower.client_app import _federate_config
+    from fedclip_cache.flower.task import federate_config
     from fedclip_cache.flower.server_app import Coordinator
 
     def sampled(**rc):
-        _, cfg = _federate_config({"cache": cache, "heldout": "a", "rounds": 2, **rc})
+        _, cfg = federate_config({"cache": cache, "heldout": "a", "rounds": 2, **rc})
         co = Coordinator(cfg)
         for name, n in (("b", 36), ("c", 30)):
             co.learn({"client": name, "dim": 16, "heldout": False, "train_n": n})

@@ -1,7 +1,7 @@
 """The Flower apps share the pure functions of the in-process loop: a deployment's rounds equal `federate`'s.
 
-The ServerApp's logic (flower_server.Coordinator) is driven here by in-process sites, every message going through
-the wire format (flower.content / flower.read) as it would through Flower."""
+The ServerApp's logic (server_app.Coordinator) is driven here by in-process sites, every message going through
+the wire format (wire.content / wire.read) as it would through Flower."""
 import json
 
 import numpy as np
@@ -14,7 +14,9 @@ flwr = pytest.importorskip("flwr")
 from fedclip_cache.federated.config import ConfigError, FederateConfig  # noqa: E402
 from fedclip_cache.federated.recorder import RunRecorder  # noqa: E402
 from fedclip_cache.federated.results import federate  # noqa: E402
-from fedclip_cache.flower.client_app import SiteClient, _federate_config, content, read  # noqa: E402
+from fedclip_cache.flower.client_app import SiteClient  # noqa: E402
+from fedclip_cache.flower.task import federate_config  # noqa: E402
+from fedclip_cache.flower.wire import content, read  # noqa: E402
 from fedclip_cache.flower.server_app import Coordinator  # noqa: E402
 from fedclip_cache.synthetic import write_synthetic_cache  # noqa: E402
 
@@ -42,7 +44,7 @@ def run_sites(sites, cfg, recorder=None, min_results=1, drop=lambda rnd, site: F
                                    {"rounds": 4, "eval_every": 2}])
 def test_deployment_rounds_equal_in_process_rounds(tmp_path, extra):
     cache = str(write_synthetic_cache(tmp_path / "c", {"a": 70, "b": 50, "c": 40}, 3, dim=16, seed=4))
-    _, cfg = _federate_config({"cache": cache, "heldout": "a", "lr": 1e-3, "hidden": 8, **extra})
+    _, cfg = federate_config({"cache": cache, "heldout": "a", "lr": 1e-3, "hidden": 8, **extra})
     co = run_sites([SiteClient(cache, cfg, pid) for pid in range(2)], cfg, RunRecorder(cfg, None))
     federate(cache, FederateConfig(lr=1e-3, hidden=8, heldout=["a"], **extra), out=tmp_path / "run")
     final = torch.load(tmp_path / "run" / "adapter.pt")
@@ -66,11 +68,11 @@ def test_flower_config_errors(tmp_path):
              ({"split": "0.5,x,0.2"}, "--split")]
     for rc, msg in cases:
         with pytest.raises(ConfigError, match=msg) as e:
-            _federate_config(rc)
+            federate_config(rc)
         assert "\n" not in str(e.value)
-    assert _federate_config({"split": "0.5,0.3,0.2"})[1].split == (0.5, 0.3, 0.2)
+    assert federate_config({"split": "0.5,0.3,0.2"})[1].split == (0.5, 0.3, 0.2)
     with pytest.raises(ConfigError, match="partition-id 5"):
-        SiteClient(cache, _federate_config({"cache": cache, "heldout": "a"})[1], 5)
+        SiteClient(cache, federate_config({"cache": cache, "heldout": "a"})[1], 5)
 
 
 def extract_sites(tmp_path, model_args, monkeypatch, capsys, *more) -> dict:
@@ -110,7 +112,7 @@ def test_sites_with_their_own_caches_train_as_the_in_process_loop(tmp_path, mode
     sites = extract_sites(tmp_path, model_args, monkeypatch, capsys, *(("--views", str(views)) if views > 1 else ()))
     opts = {"rounds": 2, "lr": 1e-3, "hidden": 8, "batch_size": 4, "head": head, "curves": curves,
             "train_views": str(views)}
-    _, cfg = _federate_config({**opts, "heldout": "sketch", "sites": 3})
+    _, cfg = federate_config({**opts, "heldout": "sketch", "sites": 3})
     clients = {d: SiteClient(p, cfg) for d, p in sites.items()}
     assert clients["sketch"].heldout_site and not clients["art"].heldout_site
     rec = RunRecorder(cfg, tmp_path / "dep")
@@ -152,7 +154,7 @@ def test_sites_with_their_own_caches_train_as_the_in_process_loop(tmp_path, mode
 
 def test_site_cache_with_several_domains_is_refused(tmp_path):
     cache = str(write_synthetic_cache(tmp_path / "c", {"a": 30, "b": 30}, 2, dim=8))
-    _, cfg = _federate_config({"heldout": "a", "sites": 2})
+    _, cfg = federate_config({"heldout": "a", "sites": 2})
     with pytest.raises(ConfigError, match="a site cache holds one domain"):
         SiteClient(cache, cfg)
 
@@ -222,7 +224,7 @@ def test_ten_or_more_partition_clients_keep_the_loops_order(tmp_path):
     trained other clients than `federate` does."""
     cache = str(write_synthetic_cache(tmp_path / "c", {"a": 40, "b": 220, "c": 220}, 3, dim=16, seed=4))
     extra = {"rounds": 3, "fraction_fit": 0.3, "partition": "iid", "num_clients": 11}
-    _, cfg = _federate_config({"cache": cache, "heldout": "a", "lr": 1e-3, "hidden": 8, **extra})
+    _, cfg = federate_config({"cache": cache, "heldout": "a", "lr": 1e-3, "hidden": 8, **extra})
     sites = [SiteClient(cache, cfg, pid) for pid in range(22)]
     assert sorted({len(s.client.train) for s in sites}) == [len(sites[0].client.train)]  # all tied: order decides
     co = run_sites(sites, cfg, RunRecorder(cfg, None))

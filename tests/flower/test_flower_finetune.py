@@ -15,7 +15,8 @@ pytest.importorskip("flwr")
 from fedclip_cache.federated.config import FederateConfig  # noqa: E402
 from fedclip_cache.federated.recorder import RunRecorder  # noqa: E402
 from fedclip_cache.federated.results import federate  # noqa: E402
-from fedclip_cache.flower.client_app import SiteClient, _federate_config  # noqa: E402
+from fedclip_cache.flower.client_app import SiteClient  # noqa: E402
+from fedclip_cache.flower.task import federate_config  # noqa: E402
 from fedclip_cache.synthetic import write_synthetic_cache  # noqa: E402
 from test_flower import extract_sites, run_sites, wire  # noqa: E402
 
@@ -49,7 +50,7 @@ def _same_finetuned(dep: dict, fed: dict) -> None:
 def test_deployment_finetune_equals_federate(tmp_path, extra):
     cache = str(write_synthetic_cache(tmp_path / "c", DOMAINS, 3, **HARD))
     opts = {**OPTS, **{k: v for k, v in extra.items() if k != "heldout"}, "finetune_steps": 5}
-    _, cfg = _federate_config({"cache": cache, "heldout": extra["heldout"], **opts})
+    _, cfg = federate_config({"cache": cache, "heldout": extra["heldout"], **opts})
     fed_cfg = FederateConfig(**opts, **({"heldout": [extra["heldout"]]} if extra["heldout"] else
                                         {"protocol": "personal"}))
     fed = federate(cache, fed_cfg, out=tmp_path / "fed")
@@ -73,7 +74,7 @@ def test_a_site_lost_in_the_finetune_phase_is_recorded_missing(tmp_path):
     `test_finetuned` and of the means, named in `deployment.finetune.failures`; the run still writes its folder."""
     cache = str(write_synthetic_cache(tmp_path / "c", DOMAINS, 3, **HARD))
     opts = {**OPTS, "rounds": 4, "finetune_steps": 5}
-    _, cfg = _federate_config({"cache": cache, "heldout": "a", **opts})
+    _, cfg = federate_config({"cache": cache, "heldout": "a", **opts})
     fed = federate(cache, FederateConfig(**opts, heldout=["a"]))["experiments"][0]["best"]["test_finetuned"]
     sites = [SiteClient(cache, cfg, pid) for pid in range(2)]
     lost = sites[1].name
@@ -92,7 +93,7 @@ def test_per_site_caches_finetune_on_view_0_with_the_note(tmp_path, model_args, 
     only, and the summary carries `federate`'s note and train_views."""
     sites = extract_sites(tmp_path, model_args, monkeypatch, capsys, "--views", "2")
     opts = {"rounds": 3, "lr": 1e-2, "hidden": 8, "batch_size": 4, "train_views": "2", "finetune_steps": 3}
-    _, cfg = _federate_config({**opts, "heldout": "sketch", "sites": 3})
+    _, cfg = federate_config({**opts, "heldout": "sketch", "sites": 3})
     clients = [SiteClient(sites[d], cfg) for d in ("sketch", "photo", "art")]  # any order
     dep = finetune_phase(run_sites(clients, cfg, RunRecorder(cfg, None)), clients).finish()
     fed = federate(tmp_path / "merged", FederateConfig(**opts, heldout=["sketch"]))

@@ -115,8 +115,9 @@ def resolve_train_views(cfg: FederateConfig, cache: FeatureCache) -> int:
     return k
 
 
-def _class_sums(X: Rows, Y: torch.Tensor, rows: np.ndarray, c: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sums of the L2-normalised features of ``rows`` per class, and class counts."""
+def class_sums(X: Rows, Y: torch.Tensor, rows: np.ndarray, c: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sums of the L2-normalised features of ``rows`` per class, and class counts: a client's share of the
+    prototype head (``build_heads`` here, a Flower site's set-up reply there; :func:`prototype_head` sums them)."""
     sums = torch.zeros(c, X.shape[1], device=Y.device)
     for s in range(0, len(rows), PROTOTYPE_CHUNK):
         r = torch.from_numpy(rows[s:s + PROTOTYPE_CHUNK])
@@ -133,6 +134,48 @@ def prototype_head(sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------------ set-up
 
+@dataclass
+class LaneSetup:
+    """What every lane of a run trains and is scored with: the rows, the adapter kind and size, the logit scale and
+    the local hyper-parameters. ``federate``'s loop and a Flower site both build it with :func:`lane_setup`, so a
+    site trains exactly as its lane of the in-process loop."""
+
+    X: Rows  # view 0 of every row: evaluation (and fine-tuning) gathers here
+    Y: torch.Tensor
+    Xtrain: Rows  # what the rounds gather from: X, or the first k views view-major (--train-views k)
+    Ytrain: torch.Tensor
+    train_views: int
+    dim: int
+    kind_name: str  # "none" when nothing trains an adapter (zeroshot, prompt learning)
+    kind: AdapterKind
+    hidden: int
+    logit_scale: float
+    logit_scale_source: str
+    hp: LocalHyper
+
+
+def lane_setup(cache: FeatureCache, cfg: FederateConfig, algo: Algorithm, device: torch.device,
+               resident: Optional[bool] = None, trains: bool = True) -> LaneSetup:
+    """The :class:`LaneSetup` of a run on ``cache``. ``resident`` as :class:`~.train.Rows` (None: copied to the
+    device when they fit); ``trains=False`` (a Flower site that only evaluates) reads no extra views."""
+    k = resolve_train_views(cfg, cache)
+    # training gathers from every view (view-major rows), evaluation from view 0 only; the views first, as before
+    # the features: on a GPU whichever is made first is the first to be copied when it fits
+    if k > 1 and trains:
+        views = cache.views(k)
+        Xtrain = Rows(host_tensor(views.reshape(k * views.shape[1], -1)), device, resident=resident)
+    X = Rows(host_tensor(cache.features), device, resident=resident)
+    Y = torch.from_numpy(cache.labels).to(device)
+    Xtrain, Ytrain = (Xtrain, Y.repeat(k)) if k > 1 and trains else (X, Y)
+    # prompt learning uses no adapter: image features go straight to normalise + logits
+    kind_name = "none" if not algo.trains or algo.prompts else cfg.adapter
+    kind = get_adapter(kind_name) if kind_name != "none" else ADAPTERS["none"]
+    d = X.shape[1]
+    logit_scale, source = resolve_logit_scale(cfg, cache)
+    return LaneSetup(X, Y, Xtrain, Ytrain, k, d, kind_name, kind, cfg.hidden or kind.default_hidden(d), logit_scale,
+                     source, LocalHyper.from_config(cfg, algo.proximal_mu(), logit_scale))
+
+
 def build_heads(cache: FeatureCache, cfg: FederateConfig, X: Rows, Y: torch.Tensor, experiments: list[Experiment],
                 device: torch.device) -> tuple[list[torch.Tensor], list[list[torch.Tensor]]]:
     """The class embeddings logits are taken against: per experiment (global model) and per client (local
@@ -146,7 +189,7 @@ def build_heads(cache: FeatureCache, cfg: FederateConfig, X: Rows, Y: torch.Tens
         return [T for _ in experiments], [[T for _ in e.clients] for e in experiments]
     exp_head, client_head = [], []
     for e in experiments:
-        parts = [_class_sums(X, Y, cl.train, c) for cl in e.clients]
+        parts = [class_sums(X, Y, cl.train, c) for cl in e.clients]
         s = sum(p[0] for p in parts)
         n = sum(p[1] for p in parts)
         exp_head.append(prototype_head(s, n))
@@ -406,25 +449,13 @@ class _Loop:
         # The features are never copied on CPU (a memmap stays a memmap); on a GPU they are copied when they fit,
         # else streamed per batch / evaluation chunk from host memory.
         resident = None if stream is None else not stream
-        self.train_views = k = resolve_train_views(cfg, cache)
-        if k > 1:  # training gathers from every view (view-major rows); evaluation from view 0 only
-            views = cache.views(k)
-            n = views.shape[1]
-            self.Xtrain = Rows(host_tensor(views.reshape(k * n, -1)), device, resident=resident)
-        self.X = Rows(host_tensor(cache.features), device, resident=resident)
-        self.Y = torch.from_numpy(cache.labels).to(device)
-        if k == 1:
-            self.Xtrain, self.Ytrain = self.X, self.Y
-        else:
-            self.Ytrain = self.Y.repeat(k)
-        self.dim = d = self.X.shape[1]
-        # prompt learning uses no adapter: image features go straight to normalise + logits
-        self.kind_name = kind_name = "none" if not algo.trains or algo.prompts else cfg.adapter
-        self.kind = get_adapter(kind_name) if kind_name != "none" else ADAPTERS["none"]
-        self.hidden = cfg.hidden or self.kind.default_hidden(d)
+        ls = lane_setup(cache, cfg, algo, device, resident)
+        self.train_views, self.X, self.Y, self.Xtrain, self.Ytrain = ls.train_views, ls.X, ls.Y, ls.Xtrain, ls.Ytrain
+        self.dim = d = ls.dim
+        self.kind_name = kind_name = ls.kind_name
+        self.kind, self.hidden = ls.kind, ls.hidden
         self.opts = {"residual_alpha": cfg.residual_alpha}
-        self.logit_scale, self.logit_scale_source = resolve_logit_scale(cfg, cache)
-        self.hp = LocalHyper.from_config(cfg, algo.proximal_mu(), self.logit_scale)
+        self.logit_scale, self.logit_scale_source, self.hp = ls.logit_scale, ls.logit_scale_source, ls.hp
 
         self.exp_head, client_head = build_heads(cache, cfg, self.X, self.Y, experiments, device)
         self.lanes = lanes = build_lanes(algo, experiments)

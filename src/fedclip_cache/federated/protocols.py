@@ -42,6 +42,18 @@ class Experiment:
     heldout: Optional[np.ndarray] = None
 
 
+def experiment_name(heldout: Optional[str], seed: int) -> str:
+    """The name of the experiment that holds ``heldout`` out (None: the personal protocol) with ``seed``:
+    ``heldout=photo/seed0`` or ``personal/seed0``. It seeds the batches (``train.lane_key``) and the sampling
+    (``loop.sample_lanes``), so ``federate``, a Flower site and the ServerApp must all name a run by it."""
+    return f"heldout={heldout}/seed{seed}" if heldout is not None else f"personal/seed{seed}"
+
+
+def federation_name(cfg: FederateConfig) -> str:
+    """The name of the one experiment a Flower deployment runs (at most one held-out domain, one seed)."""
+    return experiment_name(cfg.heldout[0] if cfg.heldout else None, cfg.seed)
+
+
 def _key(*parts) -> int:
     return zlib.crc32("/".join(map(str, parts)).encode())
 
@@ -96,7 +108,7 @@ def build_experiments(cache: FeatureCache, cfg: FederateConfig, seeds: Optional[
     exps = []
     for seed in seeds:
         if cfg.protocol == "personal":
-            exps.append(Experiment(f"personal/seed{seed}", seed, _make_clients(cache, all_rows, cfg, seed)))
+            exps.append(Experiment(experiment_name(None, seed), seed, _make_clients(cache, all_rows, cfg, seed)))
             continue
         heldouts = cfg.heldout or domains
         missing = [h for h in heldouts if h not in domains]
@@ -107,7 +119,7 @@ def build_experiments(cache: FeatureCache, cfg: FederateConfig, seeds: Optional[
         for h in heldouts:
             held = all_rows[cache.domains == h]
             pool = all_rows[cache.domains != h]
-            exps.append(Experiment(f"heldout={h}/seed{seed}", seed, _make_clients(cache, pool, cfg, seed), h, held))
+            exps.append(Experiment(experiment_name(h, seed), seed, _make_clients(cache, pool, cfg, seed), h, held))
     check_measurable(exps, cfg)
     for e in exps:
         empty = [c.name for c in e.clients if len(c.train) == 0]

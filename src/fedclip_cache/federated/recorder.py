@@ -5,7 +5,7 @@ The server of a deployment holds no data. Each evaluated round every site scores
 splits and reports (in its reply's config record) its accuracies and losses with their sizes (a training site:
 validation and test; the held-out site: its whole domain) and the facts ``federate`` reads from a cache (dimension,
 classes, model size, logit scale, cache identity). :class:`RunRecorder` turns those reports into the loop's result
-type and reuses ``results.summarise`` and ``results.write_run``'s layout, so selection (best mean validation, first
+type and writes through ``results.summarise`` and ``results.write_run``, so selection (best mean validation, first
 best), the summary and the metrics table are computed by the same code as in-process; without ``--curves`` it keeps
 test and held-out numbers only where the loop's lazy evaluation scores them (validation improved, or the last
 round), so ``metrics.parquet`` has the same rows.
@@ -20,7 +20,7 @@ from typing import Optional
 import numpy as np
 
 from .config import FederateConfig
-from .protocols import Client, Experiment
+from .protocols import Client, Experiment, federation_name
 
 
 @dataclass
@@ -121,7 +121,7 @@ class RunRecorder:
         held = [s for s, m in last.items() if m["heldout"]]
         heldout = held[0] if held else None
         cfg = self.cfg
-        name = f"heldout={heldout}/seed{cfg.seed}" if cfg.heldout else f"personal/seed{cfg.seed}"
+        name = federation_name(cfg)  # as the sites and the Coordinator name it
 
         def rows(n: int) -> np.ndarray:
             return np.zeros(int(n), np.int64)  # summaries count rows; they never index them
@@ -174,14 +174,11 @@ class RunRecorder:
                                  **({"finetune": self.finetune_health} if self.finetune_health is not None else {})}
         if self.out is not None:
             from .runfolder import RUN_OUTPUTS, begin, mark_complete, read_state
-            from .results import write_outputs
+            from .results import write_run
 
             out = Path(self.out)
             if (read_state(out) or {}).get("state") != "in-progress":  # `deploy` claimed it already; a ServerApp
                 begin(out, "deploy")  # run by hand (`flwr run`) marks it itself
-            write_outputs(out, {"deployment": True, "sites": self.info.sites, "seeds": [self.cfg.seed],
-                                "federate": self.cfg.to_dict(), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                                "logit_scale_used": res.logit_scale, "logit_scale_source": res.logit_scale_source},
-                          res, final_params, summary)
+            write_run(out, None, self.cfg, res, summary, [self.cfg.seed], sites=self.info.sites)
             mark_complete(out, "deploy", RUN_OUTPUTS)
         return summary

@@ -262,18 +262,23 @@ def train(cache: FeatureCache, cfg: FederateConfig, seeds: Optional[list[int]] =
     return _train(cache, cfg, build_experiments(cache, cfg, seeds), False)
 
 
-def write_run(out: Path, fc: FeatureCache, cfg: FederateConfig, res: LoopResult, summary: dict,
-              seeds: Optional[list[int]]) -> None:
-    write_outputs(out, {"cache": str(Path(fc.path).resolve()), "seeds": seeds or [cfg.seed],
-                        "federate": cfg.to_dict(), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                        "cache_model": fc.meta.get("model", {}).get("name"),
-                        "logit_scale_used": res.logit_scale, "logit_scale_source": res.logit_scale_source},
-                  res, res.final_params, summary)
+def write_run(out: Path, fc: Optional[FeatureCache], cfg: FederateConfig, res: LoopResult, summary: dict,
+              seeds: Optional[list[int]], sites: Optional[dict] = None) -> None:
+    """A run folder's files from the loop's result (``res.final_params`` is ``adapter.pt``): of ``federate`` and a
+    sweep point (``fc``: the cache trained on), or of a Flower deployment's ServerApp (``fc`` None, ``sites``: each
+    site's cache record; ``config.json`` then says ``deployment``)."""
+    config: dict = ({"cache": str(Path(fc.path).resolve())} if sites is None
+                    else {"deployment": True, "sites": sites})
+    config.update(seeds=seeds or [cfg.seed], federate=cfg.to_dict(), created=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    if sites is None:
+        config["cache_model"] = fc.meta.get("model", {}).get("name")
+    config.update(logit_scale_used=res.logit_scale, logit_scale_source=res.logit_scale_source)
+    write_outputs(out, config, res, res.final_params, summary)
 
 
 def write_outputs(out: Path, config: dict, res: LoopResult, params: dict, summary: dict) -> None:
-    """The four files of a run folder, ``summary.json`` last; `federate` and a deployment's ServerApp
-    (``recorder.py``) both write through here. A full disk is one line naming the file
+    """The four files of a run folder, ``summary.json`` last (:func:`write_run` writes every run folder through
+    here). A full disk is one line naming the file
     (``runfolder.disk_full``)."""
     import pyarrow.parquet as pq
     import torch

@@ -5,7 +5,8 @@ sites): what each round's message carries, and what the replies turn into -- the
 (``loop.sample_lanes``: max(int(n * fraction_fit), min_fit_clients) training sites per round, seeded, over the
 sites in the loop's lane order), its FedAvg (``train.aggregate`` with ``train.client_weights``: uniform or by
 training-set size) followed by the algorithm's ``server_update``, and the run folder (:class:`RunRecorder`).
-:func:`main` moves the messages (see flower.py for the protocol). With ``--finetune-steps`` the Coordinator keeps
+:func:`main` moves the messages (the protocol: :mod:`fedclip_cache.flower.client_app`; the progress lines
+``deploy`` follows: :mod:`fedclip_cache.flower.logproto`). With ``--finetune-steps`` the Coordinator keeps
 the global adapter of the round selected so far (``RunRecorder.selected``: the run folder's own selection) and,
 after the final evaluation, one more message sends it to the sites to fine-tune (``train.finetune``).
 
@@ -33,12 +34,14 @@ from ..federated.adapters import get_adapter, init_params
 from ..federated.algorithms import make_algorithm
 from ..federated.config import ConfigError, FederateConfig
 from ..federated.loop import prototype_head, sample_lanes
-from ..federated.protocols import Experiment
+from ..federated.protocols import Experiment, federation_name
 from ..federated.recorder import RunRecorder
 from ..federated.train import aggregate, client_weights
-from .client_app import HEAD, _federate_config, check_deployment_keys, content, read
-from .flwr_internals import quick_object_pulls
+from . import logproto
 from .polls import PollPlan
+from .task import check_deployment_keys, federate_config
+from .flwr_internals import quick_object_pulls
+from .wire import HEAD, Payload, content, read
 
 from flwr.app import Context, Message
 from flwr.common.logger import log
@@ -60,7 +63,7 @@ class Coordinator:
         self.cfg, self.recorder, self.min_results = cfg, recorder, min_results
         self.selected: dict = {}  # --finetune-steps: the global adapter of the selected round so far (stacked)
         self.algo = make_algorithm(cfg)
-        self.exp_name = f"heldout={cfg.heldout[0]}/seed{cfg.seed}" if cfg.heldout else f"personal/seed{cfg.seed}"
+        self.exp_name = federation_name(cfg)  # it seeds the sampling, as the loop's experiment
         self.sites: dict[str, dict] = {}  # name -> facts (every site that ever answered)
         self.current: dict = {}  # the global adapter, stacked (1, ...) as the loop's server state
         self.extra: dict = {}  # the server optimiser's state
@@ -70,7 +73,7 @@ class Coordinator:
 
     # ---- set-up
 
-    def setup(self, replies: list[tuple[dict, dict]]) -> None:
+    def setup(self, replies: list[Payload]) -> None:
         """The sites' facts (and class sums); the seeded initial adapter, as ``federate``'s."""
         if not replies:
             raise RuntimeError("no site answered the set-up message")
@@ -115,7 +118,7 @@ class Coordinator:
 
     # ---- rounds
 
-    def message(self, rnd: int) -> tuple[dict, dict]:
+    def message(self, rnd: int) -> Payload:
         """Message ``rnd`` (1..R+1): its config record and tensors (the global adapter after round rnd-1)."""
         rec: dict = {"phase": "round", "round": rnd, "evaluate": (rnd - 1) in self.recorded}
         if rnd <= self.cfg.rounds:
@@ -127,9 +130,9 @@ class Coordinator:
         params = {n: v[0] for n, v in self.current.items()}
         if self.head is not None:
             params[HEAD] = self.head
-        return rec, params
+        return Payload(rec, params)
 
-    def receive(self, rnd: int, replies: list[tuple[dict, dict]]) -> None:
+    def receive(self, rnd: int, replies: list[Payload]) -> None:
         """The replies to message ``rnd``: round rnd-1's evaluation, round rnd's aggregation."""
         for rec, _ in replies:
             self.learn(rec)
@@ -162,15 +165,15 @@ class Coordinator:
 
     # ---- --finetune-steps (after the final evaluation)
 
-    def finetune_message(self) -> tuple[dict, dict]:
+    def finetune_message(self) -> Payload:
         """The fine-tune message: the selected round's global adapter (as ``federate``'s ``best_server``)."""
         rec = {"phase": "finetune", "steps": self.cfg.finetune_steps}
         params = {n: v[0] for n, v in (self.selected or self.current).items()}
         if self.head is not None:
             params[HEAD] = self.head
-        return rec, params
+        return Payload(rec, params)
 
-    def receive_finetune(self, replies: list[tuple[dict, dict]]) -> None:
+    def receive_finetune(self, replies: list[Payload]) -> None:
         """Each training site's test accuracy after fine-tuning, in the loop's lane order; a training site that
         did not answer is recorded as a failure (no number, never imputed)."""
         acc = {}
@@ -213,13 +216,13 @@ class Exchange:
         return sorted(set(self.grid.get_node_ids()) - set(self.lost.values()))
 
     def __call__(self, nodes: list[int], message_type: str, rec: dict, params: dict, group: str,
-                 timeout: float) -> list[tuple[dict, dict]]:
+                 timeout: float) -> list[Payload]:
         body = content(rec, params)
         # flwr 1.42's Grid.create_message, which it deprecates for the constructor (the grid sets run and source)
         msgs = [Message(body, dst_node_id=nid, message_type=message_type, group_id=group) for nid in nodes]
         ids = list(self.grid.push_messages(msgs))
         pending = {mid: nid for mid, nid in zip(ids, nodes) if mid}
-        replies: list[tuple[dict, dict]] = []
+        replies: list[Payload] = []
         end = time.monotonic() + timeout
         plan = self.plans.setdefault(message_type, PollPlan(self.cap))
         plan.start()
@@ -268,9 +271,9 @@ def wait_for_nodes(grid: Grid, n: int, timeout: float, interval: float) -> list[
 
 def _import_plots() -> None:
     try:
-        from ..plots import _plt
+        from ..plots import pyplot
 
-        _plt()
+        pyplot()
     except Exception:  # noqa: BLE001  (the run folder's own import reports it)
         pass
 
@@ -282,7 +285,7 @@ server_app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     t0 = time.monotonic()
     rc = context.run_config
-    _, cfg = _federate_config(rc)
+    _, cfg = federate_config(rc)
     check_deployment_keys(rc)
     n_sites = int(rc.get("sites", 0))
     min_results = int(rc.get("min_results", DEFAULT_MIN_RESULTS))
@@ -294,17 +297,17 @@ def main(grid: Grid, context: Context) -> None:
     co = Coordinator(cfg, RunRecorder(cfg, Path(str(out))) if out else None, min_results)
     timeout = float(rc.get("round_timeout", DEFAULT_ROUND_TIMEOUT))
     ex = Exchange(grid, interval)
-    log(INFO, "[START] waiting for %s node(s)", n_sites)
+    log(INFO, logproto.start(n_sites))
     startup = float(rc.get("startup_timeout", DEFAULT_STARTUP_TIMEOUT))
     nodes = wait_for_nodes(grid, n_sites, startup, interval)
-    log(INFO, "[NODES] %s connected after %.2f s", len(nodes), time.monotonic() - t0)
+    log(INFO, logproto.nodes(len(nodes), time.monotonic() - t0))
     # the set-up message: each site opens its cache first (minutes for a big one), so it gets the start-up timeout
     # when that is longer than a round's
     replies = ex(nodes, "query.setup", {"phase": "setup"}, {}, "setup", max(timeout, startup))
     if ex.errors:  # a site that cannot even start (a bad cache, an option its cache cannot honour): stop here
         raise RuntimeError(f"node {ex.errors[0][0]} failed the set-up message: {ex.errors[0][1]}")
     co.setup(replies)
-    log(INFO, "[SETUP] %s site(s): %s", len(co.sites), ", ".join(sorted(co.sites)))
+    log(INFO, logproto.setup(list(co.sites)))
     if out:  # the run folder's plots need matplotlib (~0.6 s to import): imported while the rounds wait for replies
         threading.Thread(target=_import_plots, name="import-plots", daemon=True).start()
     pause = float(os.environ.get("FEDCLIP_FLOWER_ROUND_DELAY", 0))  # test hook (DEVELOPERS.md): slower rounds
@@ -315,14 +318,13 @@ def main(grid: Grid, context: Context) -> None:
         replies = ex(ex.live_nodes(), "train.round", rec, params, str(rnd), timeout)
         t2 = time.perf_counter()
         co.receive(rnd, replies)
-        log(INFO, "%s %s replies in %.3f s, aggregated in %.3f s", "[ROUND %s]" % rnd if rnd <= cfg.rounds
-            else "[SUMMARY]", len(replies), t2 - t, time.perf_counter() - t2)
+        log(INFO, logproto.round_done(rnd, cfg.rounds, len(replies), t2 - t, time.perf_counter() - t2))
     if cfg.finetune_steps:  # one more message: each training site fine-tunes the selected adapter
         t = time.perf_counter()
         rec, params = co.finetune_message()
         replies = ex(ex.live_nodes(), "train.finetune", rec, params, "finetune", timeout)
         co.receive_finetune(replies)
-        log(INFO, "[FINETUNE] %s replies in %.3f s", len(replies), time.perf_counter() - t)
+        log(INFO, logproto.finetune_done(len(replies), time.perf_counter() - t))
     co.finish()
     if out:  # plots/, as `federate` draws them (matplotlib was imported during the rounds)
         from ..plots import run_plots

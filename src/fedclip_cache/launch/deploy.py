@@ -50,6 +50,7 @@ from .checks import check_run_folder, check_site_options, check_sites
 from .flwr_cli import (FLWR_RUN_WHEN_READY, DeployError, app_pyproject, connection_config, final_status, follow_run,
                        run_status, start_run)
 from .processes import Deployment, Zygote, wait_until
+from ..flower.task import run_config  # noqa: F401  (the run config's one codec; also `deploy.run_config`)
 from .procs import free_port, make_owned, port_open, signals_ignored, sigterm_interrupts, sweep_stale, write_secret
 
 BINARIES = ("flower-superlink", "flower-supernode", "flwr")
@@ -66,23 +67,6 @@ def flower_bin_dir() -> Optional[str]:
     if all(found):
         return str(Path(found[0]).parent)
     return None
-
-
-def run_config(cfg, n_sites: int, out: Path) -> dict:
-    """The Flower run config of a deployment: the federate options that differ from the defaults (Flower's run
-    config holds scalars only), ``sites``, ``heldout`` and ``out``."""
-    from ..federated.config import FederateConfig
-
-    if cfg.protocol == "lodo" and not cfg.heldout:
-        raise ConfigError("deploy: --protocol lodo needs --heldout SITE_DOMAIN (one federation per deployment; "
-                          "`federate` holds each domain out in turn), or use --protocol personal")
-    default = FederateConfig().to_dict()
-    rc = {k: v for k, v in cfg.to_dict().items()
-          if k not in ("heldout", "protocol") and v is not None and v != default[k]}
-    if "split" in rc:  # Flower's run config holds scalars
-        rc["split"] = ",".join(repr(float(x)) for x in cfg.split)
-    rc.update(sites=n_sites, heldout=cfg.heldout[0] if cfg.heldout else "", out=str(out))
-    return rc
 
 
 TMP_PREFIX = "fedclip-deploy-"
@@ -215,7 +199,8 @@ def prepare(launch: Launch, site_caches: list, out, cfg, flags: Optional[dict], 
     run folder, the run config as the ServerApp and each site will read it. Then takes the run folder (its lock;
     the earlier run's logs removed)."""
     # (imports flwr: fails early with the install hint)
-    from ..flower.client_app import _federate_config, check_deployment_keys
+    from ..flower import client_app  # noqa: F401
+    from ..flower.task import check_deployment_keys, federate_config
 
     cfg = cfg.validate(flags)
     site_caches = [Path(c).resolve() for c in site_caches]
@@ -229,7 +214,7 @@ def prepare(launch: Launch, site_caches: list, out, cfg, flags: Optional[dict], 
         rc["min_results"] = int(min_results)
     rc["poll_interval"] = float(launch.poll_interval)
     check_deployment_keys(rc)
-    _, site_cfg = _federate_config(dict(rc))  # the ServerApp's own check, before anything starts
+    _, site_cfg = federate_config(dict(rc))  # the ServerApp's own check, before anything starts
     check_site_options(site_caches, site_cfg)
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)

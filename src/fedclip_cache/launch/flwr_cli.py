@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import FedclipCacheError
+from ..flower import logproto
 
 
 class DeployError(FedclipCacheError):
@@ -134,18 +135,19 @@ def follow_run(run: Optional[subprocess.Popen], path: Path, dep, log, timeout, t
             if m:
                 run_id = m.group(1)
                 log(f"run {run_id} started")
-            for tag, key in (("[START]", "serverapp_s"), ("[NODES]", "nodes_s")):
-                if tag in line and timings is not None:  # when the line reached us (flwr streams logs in batches)
-                    timings[key] = round(time.monotonic() - (t0 if t0 is not None else t1), 2)
-            if "[SETUP]" in line and timings is not None:
-                timings["startup_s"] = round(time.monotonic() - (t0 if t0 is not None else t1), 2)
-                log(f"set-up done ({timings['startup_s']:.1f} s): {line.split('[SETUP]')[-1].strip()}")
+            event = logproto.parse(line)  # the ServerApp's progress lines (flower/logproto.py)
+            if event is None:
+                continue
+            timing = {logproto.START: "serverapp_s", logproto.NODES: "nodes_s", logproto.SETUP: "startup_s"}
+            if event.tag in timing and timings is not None:  # when the line reached us (flwr streams logs in batches)
+                timings[timing[event.tag]] = round(time.monotonic() - (t0 if t0 is not None else t1), 2)
+            if event.tag == logproto.SETUP and timings is not None:
+                log(f"set-up done ({timings['startup_s']:.1f} s): {event.text}")
                 if status is not None:  # the run's status is asked at the end: its client's modules now, not then
                     preload_status_client()
-            m = re.search(r"\[(ROUND \d+|SUMMARY)\]", line)
-            ended = ended or "[SUMMARY]" in line
-            if m:
-                log(f"{m.group(1).lower()} ({time.monotonic() - t1:.1f} s)")
+            ended = ended or event.tag == logproto.SUMMARY
+            if event.tag in (logproto.ROUND, logproto.SUMMARY):
+                log(f"{event.label} ({time.monotonic() - t1:.1f} s)")
         if done:
             break
         # the ServerApp process ends with its run: exit 0 is no failure (the run's status says how it went)

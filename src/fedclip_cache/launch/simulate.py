@@ -76,9 +76,9 @@ def require_simulation() -> None:
 # ------------------------------------------------------------------------------------------------ the plan
 
 def run_config(cfg, out: Path, *, cache: Optional[str] = None, sites: int = 0) -> dict:
-    """The Flower run config: a deployment's (:func:`fedclip_cache.launch.deploy.run_config`: the federate options that
+    """The Flower run config: a deployment's (:func:`fedclip_cache.flower.task.run_config`: the federate options that
     differ from the defaults as scalars, ``sites``, ``heldout``, ``out``), plus ``cache`` for one shared cache."""
-    from .deploy import run_config as deployment_run_config
+    from ..flower.task import run_config as deployment_run_config
 
     rc = deployment_run_config(cfg, sites, out)
     if cache is not None:
@@ -398,7 +398,7 @@ class SimulationRun:
             rc["round_timeout"] = float(round_timeout)
         if min_results is not None:
             rc["min_results"] = int(min_results)
-        from ..flower.client_app import check_deployment_keys
+        from ..flower.task import check_deployment_keys
 
         check_deployment_keys(rc)  # before Ray starts
         self.backend = backend_config(num_cpus, client_cpus, backend, self.tmp / "ray")
@@ -415,13 +415,11 @@ class SimulationRun:
         """The apps' own option check, the run folder taken, the apps wrapped with the run config, the watcher
         started and this run's processes marked."""
         rc, nodes, roles = self.plan.run_config, self.plan.nodes, self.plan.roles
-        from ..flower import client_app as flower
         from ..flower.client_app import client_app
         from ..flower.server_app import server_app
+        from ..flower.task import federate_config
 
-        check = getattr(flower, "_federate_config", None)  # the apps' own option check, before Ray starts
-        if check is not None:
-            check(rc)
+        federate_config(rc)  # the apps' own option check, before Ray starts
         from ..federated.runfolder import claim
 
         # the run folder's one lock and state marker, as deploy claims its own (a second simulate or a deploy into
