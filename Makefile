@@ -1,10 +1,11 @@
 # Two commands on a fresh machine: `make demo` (install + main job) and `make test` (install + tests).
+# `make wheel-check` (CI runs it too): the package as a user installs it, from the wheel into a clean venv.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install test demo bench clean
+.PHONY: install test wheel-check demo bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,8 +20,12 @@ install: $(VENV)/.installed
 test: install
 	$(PY) -m pytest tests
 
+# The wheel as a user installs it: build + metadata check + a clean venv running the installed command (.ci/wheel-check)
+wheel-check: install
+	bash .ci/wheel-check $(PY) $(PYTHON)
+
 demo: install
 	$(PY) data/demo.py
 
 clean:
-	rm -rf $(VENV) demo-out
+	rm -rf $(VENV) demo-out build

@@ -13,6 +13,7 @@ from rich.table import Table
 
 from .errors import FedclipCacheError
 from .cache.config import ExtractConfig, ModelSpec
+from .pipeline import bundled_pipelines
 
 if TYPE_CHECKING:
     from .federated.config import FederateConfig
@@ -626,7 +627,8 @@ def report(
 
 @app.command()
 def run(
-    pipeline: Path = typer.Argument(..., help="Pipeline TOML (see pipelines/)."),
+    pipeline: Path = typer.Argument(..., help="Pipeline TOML file, or the name of a bundled pipeline: "
+                                              + ", ".join(bundled_pipelines()) + "."),
     data: Optional[Path] = typer.Option(None, help="Dataset folder or manifest (needed until the cache exists)."),
     set_: List[str] = typer.Option([], "--set", help="Override SECTION.KEY=VALUE, e.g. federate.rounds=50; "
                                                      "repeatable."),
@@ -650,9 +652,9 @@ def main() -> None:
     try:
         app()
     except SystemExit as e:
-        import click
-
-        if e.code == 1 and isinstance(sys.stdout, click.utils.PacifyFlushWrapper):  # click's exit on a closed pipe
+        # click's exit on a closed pipe swaps sys.stdout for its PacifyFlushWrapper. Recognised by name: typer >= 0.26
+        # runs on its own copy of click (typer._click), whose class is not click's, and click need not be installed.
+        if e.code == 1 and type(sys.stdout).__name__ == "PacifyFlushWrapper":
             _say_broken_pipe()
         raise
     except FedclipCacheError as e:  # a complete one-line diagnosis: print it, exit 2, no traceback

@@ -1,6 +1,7 @@
 """Ready-to-run pipelines: one TOML file = extract -> federate (LODO, every held-out domain) -> sweep.
 
-    fedclip-cache run pipelines/pacs.toml --data /data/PACS --set federate.rounds=50
+    fedclip-cache run pacs --data /data/PACS --set federate.rounds=50      # a bundled pipeline, by name
+    fedclip-cache run my-pipeline.toml --data /data/PACS                  # any pipeline file, by path
 
 Sections: ``[pipeline]`` (cache, out, dataset), ``[extract]`` (ExtractConfig / ModelSpec keys), ``[federate]``
 (FederateConfig keys) and ``[sweep]`` (grid, seeds, jobs). Unknown keys are errors, named, never ignored.
@@ -29,6 +30,33 @@ SECTIONS = {"pipeline": PIPELINE_KEYS, "extract": EXTRACT_KEYS,
             "federate": {f.name for f in dataclasses.fields(FederateConfig)}, "sweep": SWEEP_KEYS}
 
 
+# The ready pipelines shipped with the package. src/fedclip_cache/pipelines is a link to the repository's
+# pipelines/ folder, so a checkout, an editable install and the wheel (which carries the files as package data,
+# see pyproject.toml) all read the same files.
+BUNDLED_DIR = Path(__file__).with_name("pipelines")
+
+
+def bundled_pipelines() -> dict[str, Path]:
+    """The bundled pipelines by name (the file name without ``.toml``), sorted: what ``fedclip-cache run NAME``
+    accepts."""
+    return dict(sorted((p.stem, p) for p in BUNDLED_DIR.glob("*.toml")))
+
+
+def resolve(pipeline: str | Path) -> Path:
+    """The pipeline file to read: an existing file as given (a path always wins), else the bundled pipeline of that
+    name (``pacs`` or ``pacs.toml``); anything else is a one-line ConfigError that lists the bundled names."""
+    path = Path(pipeline)
+    if path.is_file():
+        return path
+    bundled = bundled_pipelines()
+    if len(path.parts) == 1:
+        name = path.stem if path.suffix == ".toml" else path.name
+        if name in bundled:
+            return bundled[name]
+    known = ", ".join(bundled) if bundled else f"none found in {BUNDLED_DIR}"
+    raise ConfigError(f"{pipeline}: pipeline file not found, and not the name of a bundled pipeline ({known})")
+
+
 def _parse_value(raw: str) -> Any:
     try:
         return tomllib.loads(f"v = {raw}")["v"]
@@ -50,8 +78,6 @@ class Plan:
 
 
 def _read(path: Path, overrides: Optional[list[str]]) -> tuple[dict, set[str]]:
-    if not path.is_file():
-        raise ConfigError(f"{path}: pipeline file not found")
     try:
         cfg = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
@@ -198,11 +224,12 @@ def _grid(sw: dict, label: Callable[[str], str]) -> tuple[dict[str, list], dict[
 
 
 def prepare(path: str | Path, overrides: Optional[list[str]] = None) -> Plan:
-    """Read and validate a whole pipeline — every section, every sweep grid point, the overrides — before any
-    stage runs; every error names the key as the user wrote it (TOML key or --set)."""
+    """Read and validate a whole pipeline (a file, or a bundled pipeline's name: :func:`resolve`) — every section,
+    every sweep grid point, the overrides — before any stage runs; every error names the key as the user wrote it
+    (TOML key or --set)."""
     from .sweep import check_seeds, expand
 
-    path = Path(path)
+    path = resolve(path)
     cfg, overridden = _read(path, overrides)
     label = _labeller(path, overridden)
     _check_pipeline(cfg.get("pipeline", {}), label)
@@ -239,6 +266,7 @@ def run(path: str | Path, data: Optional[str], overrides: Optional[list[str]] = 
     from .federated.runfolder import claim
     from .sweep import expand, preflight
 
+    path = resolve(path)
     plan = prepare(path, overrides)
     cfg = plan.cfg
     p = cfg.get("pipeline", {})
