@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..cache.reader import FeatureCache
-from .adapters import ADAPTERS, AdapterKind, Params, get_adapter, init_params, num_params
+from .adapters import ADAPTERS, AdapterKind, Params, adapter_options, get_adapter, init_params, num_params
 from .algorithms import Algorithm, TrainState, make_algorithm
 from .config import ConfigError, FederateConfig
 from .fpenv import flush_denormals
@@ -422,7 +422,7 @@ class _Loop:
         self.kind_name = kind_name = "none" if not algo.trains or algo.prompts else cfg.adapter
         self.kind = get_adapter(kind_name) if kind_name != "none" else ADAPTERS["none"]
         self.hidden = cfg.hidden or self.kind.default_hidden(d)
-        self.opts = {"residual_alpha": cfg.residual_alpha}
+        self.opts = adapter_options(cfg)
         self.logit_scale, self.logit_scale_source = resolve_logit_scale(cfg, cache)
         self.hp = LocalHyper.from_config(cfg, algo.proximal_mu(), self.logit_scale)
 

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from ..cache.reader import FeatureCache, open_cache
-from ..federated.adapters import get_adapter
+from ..federated.adapters import adapter_options, get_adapter
 from ..federated.algorithms import Algorithm, make_algorithm
 from ..federated.config import ConfigError, FederateConfig, option_flag
 from ..federated.fpenv import flush_denormals
@@ -210,7 +210,7 @@ class SiteClient:
         self.text = text_head(cache, cfg.template) if cfg.head == "text" else None
         self.logit_scale, self.logit_scale_source = resolve_logit_scale(cfg, cache)  # as `federate` on it
         self.hp = LocalHyper.from_config(cfg, make_algorithm(cfg).proximal_mu(), self.logit_scale)
-        self.opts = {"residual_alpha": cfg.residual_alpha}
+        self.opts = adapter_options(cfg)
 
     @property
     def name(self) -> str:
