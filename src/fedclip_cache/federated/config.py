@@ -44,9 +44,8 @@ SEED_MAX = 2**31 - 1
 
 
 def option(default: Any = dataclasses.MISSING, help: Union[str, Callable[[], str]] = "", *,
-           flag: Optional[str] = None,
-           choices: Optional[tuple[str, ...]] = None, grid: Optional[str] = None, factory: Any = None,
-           bounds: Optional[tuple[Any, Any]] = None):
+           flag: Optional[str] = None, choices: Optional[tuple[str, ...]] = None, grid: Optional[str] = None,
+           factory: Any = None, bounds: Optional[tuple[Any, Any]] = None):
     """A FederateConfig field with everything the CLI, pipelines and sweeps derive from it, written once: its
     default, help, CLI flag (default ``--field-name``), allowed values, a short grid key alias, and inclusive
     ``(low, high)`` bounds (checked by :func:`check_bounds`, the one check of every way a value arrives). ``help``

@@ -14,6 +14,7 @@ import sys
 import warnings
 import zlib
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -307,15 +308,22 @@ def client_weights(train_sizes: np.ndarray, weighting: str) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------------- evaluation
 
+class Scores(NamedTuple):
+    """Per-row results of :func:`evaluate`, shaped like its ``rows`` (G, M); padding rows hold garbage."""
+
+    correct: torch.Tensor  # bool: the argmax class is the label
+    loss: torch.Tensor  # float32 cross-entropy
+
+
 @torch.no_grad()
 def evaluate(kind: AdapterKind, params: Params, X: torch.Tensor, Y: torch.Tensor, heads: torch.Tensor,
              rows: torch.Tensor, logit_scale: float, opts: dict | None = None, chunk: int = 1024,
-             gathered: torch.Tensor | None = None):
+             gathered: torch.Tensor | None = None) -> Scores:
     """Per-row correctness and cross-entropy for G groups at once. rows (G, M) indices (-1 = padding),
     params stacked (G, ...), heads (G, C, D); ``gathered`` = X[rows] cut into contiguous ``chunk``-row pieces,
     when the caller keeps it across rounds (slicing one big tensor would copy each piece every round).
     ``X`` a tensor or a :class:`Rows` (each chunk is gathered from it, e.g. from host memory or a memmap).
-    Returns (correct (G,M) bool, loss (G,M))."""
+    Returns the :class:`Scores` of every row."""
     opts = opts or {}
     # Outputs are allocated once and filled chunk by chunk: long-lived pieces interleaved with each chunk's
     # transient logits would fragment the heap (which keeps freed memory, see keep_freed_memory) by ~0.4 GB at
@@ -331,4 +339,4 @@ def evaluate(kind: AdapterKind, params: Params, X: torch.Tensor, Y: torch.Tensor
         torch.eq(logits.argmax(-1), y, out=correct[:, s:s + chunk])
         losses[:, s:s + chunk] = F.cross_entropy(logits.transpose(1, 2), y, reduction="none")
         del logits, x
-    return correct, losses
+    return Scores(correct, losses)
