@@ -35,7 +35,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from .federated.config import GRID_ALIASES, ConfigError, FederateConfig, _said, check_bounds, parse_text
+from .federated.config import GRID_ALIASES, ConfigError, FederateConfig, as_written, check_bounds, parse_text
 from .cache.store import atomic_write, write_json
 
 
@@ -148,24 +148,24 @@ def preflight(cache_path: str | Path, points: list[FederateConfig], names: Optio
     for cfg in points:
         missing = [h for h in cfg.heldout if domains is not None and h not in domains]
         if missing:
-            raise ConfigError(f"{_said(flag('heldout'), missing[0])}: not a domain of this cache; domains: "
+            raise ConfigError(f"{as_written(flag('heldout'), missing[0])}: not a domain of this cache; domains: "
                               f"{', '.join(domains)}")
         if (cfg.head == "text" and cfg.template != "mean" and templates is not None
                 and int(cfg.template) >= len(templates)):
-            raise ConfigError(f"{_said(flag('template'), cfg.template)}: this cache has {len(templates)} "
+            raise ConfigError(f"{as_written(flag('template'), cfg.template)}: this cache has {len(templates)} "
                               f"template(s): give an index below {len(templates)} or 'mean'")
         if cfg.partition == "pathological" and classes is not None and cfg.classes_per_client > len(classes):
-            raise ConfigError(f"{_said(flag('classes_per_client'), cfg.classes_per_client)}: the cache has only "
+            raise ConfigError(f"{as_written(flag('classes_per_client'), cfg.classes_per_client)}: the cache has only "
                               f"{len(classes)} classes")
         have = int((meta.get("views") or {}).get("count", 1))
         if cfg.train_views != "all" and int(cfg.train_views) > have:
-            raise ConfigError(f"{_said(flag('train_views'), cfg.train_views)}: the cache holds {have} view(s) per "
+            raise ConfigError(f"{as_written(flag('train_views'), cfg.train_views)}: the cache holds {have} view(s) per "
                               f"image; use {have} or all, or re-extract with --views {cfg.train_views}")
         if cfg.device.startswith("cuda"):
             import torch
 
             if not torch.cuda.is_available():
-                raise ConfigError(f"{_said(flag('device'), cfg.device)}: no CUDA GPU is visible; use cpu or auto")
+                raise ConfigError(f"{as_written(flag('device'), cfg.device)}: no CUDA GPU is visible; use cpu or auto")
 
 
 def point_id(cfg: FederateConfig) -> str:
@@ -278,7 +278,7 @@ def plan(cache_path: str | Path, base: FederateConfig, grid: dict[str, list], se
     cache. Returns (points, seeds)."""
     seeds = check_seeds(seeds, seeds_label)
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
-        raise ConfigError(f"{_said(jobs_label, jobs)}: must be a whole number >= 1")
+        raise ConfigError(f"{as_written(jobs_label, jobs)}: must be a whole number >= 1")
     for k, vs in grid.items():
         check_grid_values(k, vs, (names or {}).get(k) or f"--grid {k}=")
     points = expand(base, grid, names)

@@ -12,9 +12,11 @@ import re
 import typing
 from dataclasses import dataclass, field
 from numbers import Integral, Real
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Union
+
 from ..errors import ConfigError
-from .algorithms import ALGORITHMS, get_algorithm
+from .adapters import ADAPTERS, adapters_help, list_adapters
+from .algorithms import ALGORITHMS, algorithms_help, get_algorithm
 
 
 LOSSES = ("contrastive", "ce")
@@ -24,9 +26,16 @@ PARTITIONS = ("none", "iid", "dirichlet", "pathological")
 WEIGHTINGS = ("uniform", "samples")
 OPTIMIZERS = ("adam", "sgd")
 DEVICES = ("cpu", "cuda", "auto")  # and cuda:N
-# Options of the adapter's local training, which prompt learning (promptfl, promptlocal) does not read
-ADAPTER_OPTIONS = ("adapter", "hidden", "residual_alpha", "head", "template", "loss", "local_optimizer", "lr",
-                   "beta1", "beta2", "eps", "weight_decay")
+# Options of the adapter's local training, which prompt learning (promptfl, promptlocal) does not read; with every
+# registered adapter's own ``options`` (see :func:`adapter_training_options`)
+ADAPTER_OPTIONS = ("adapter", "hidden", "head", "template", "loss", "local_optimizer", "lr", "beta1", "beta2", "eps",
+                   "weight_decay")
+
+
+def adapter_training_options() -> set[str]:
+    """The fields only adapter training reads: :data:`ADAPTER_OPTIONS` and every registered adapter's options
+    (``--residual-alpha``)."""
+    return set(ADAPTER_OPTIONS) | {n for kind in ADAPTERS.values() for n in kind.options}
 
 
 # The largest seed every consumer takes: torch's and numpy's generators take up to 2**64 - 1, but metrics.parquet
@@ -34,21 +43,24 @@ ADAPTER_OPTIONS = ("adapter", "hidden", "residual_alpha", "head", "template", "l
 SEED_MAX = 2**31 - 1
 
 
-def option(default: Any = dataclasses.MISSING, help: str = "", *, flag: Optional[str] = None,
-           choices: Optional[tuple[str, ...]] = None, grid: Optional[str] = None, factory: Any = None,
-           bounds: Optional[tuple[Any, Any]] = None):
+def option(default: Any = dataclasses.MISSING, help: Union[str, Callable[[], str]] = "", *,
+           flag: Optional[str] = None, choices: Optional[tuple[str, ...]] = None, grid: Optional[str] = None,
+           factory: Any = None, bounds: Optional[tuple[Any, Any]] = None):
     """A FederateConfig field with everything the CLI, pipelines and sweeps derive from it, written once: its
     default, help, CLI flag (default ``--field-name``), allowed values, a short grid key alias, and inclusive
-    ``(low, high)`` bounds (checked by :func:`check_bounds`, the one check of every way a value arrives)."""
+    ``(low, high)`` bounds (checked by :func:`check_bounds`, the one check of every way a value arrives). ``help``
+    may be a function, called when the help is shown: the text of a registry-backed option (``--algo``,
+    ``--adapter``) lists what is registered then."""
     meta = {"help": help, "flag": flag, "choices": choices, "grid": grid, "bounds": bounds}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
 
 
-def _said(flag: str, value: Any) -> str:
-    """How the user wrote an option and its value: ``--lr nan``, ``--grid hidden=0``,
-    ``p.toml: federate.rounds = 'two'`` (a label ending in ``=`` or a space takes the value directly)."""
+def as_written(flag: str, value: Any) -> str:
+    """How the user wrote an option and its value, the start of every refusal of a value: ``--lr nan``,
+    ``--grid hidden=0``, ``p.toml: federate.rounds = 'two'`` (a label ending in ``=`` or a space takes the value
+    directly)."""
     return f"{flag}{'' if flag.endswith(('=', ' ')) else ' '}{_show(value)}"
 
 
@@ -65,18 +77,25 @@ def check_bounds(name: str, value: Any, label: str) -> None:
     (``label``: a flag, a grid or TOML key, ``--seeds: seed``)."""
     low, high = FIELDS[name].metadata.get("bounds") or (None, None)
     if low is not None and value < low:
-        raise ConfigError(f"{_said(label, value)}: must be at least {low}")
+        raise ConfigError(f"{as_written(label, value)}: must be at least {low}")
     if high is not None and value > high:
         why = " (seeds are stored as 32-bit integers)" if name == "seed" else ""
-        raise ConfigError(f"{_said(label, value)}: must be at most {high}{why}")
+        raise ConfigError(f"{as_written(label, value)}: must be at most {high}{why}")
 
 
-def field_kind(name: str) -> tuple[type, bool]:
-    """(int | float | str | bool | tuple | list, optional) of a FederateConfig field, from its annotation."""
+class FieldKind(NamedTuple):
+    """The type of a FederateConfig field, from its annotation."""
+
+    kind: type  # int | float | str | bool | tuple | list
+    optional: bool  # None is allowed (the option's default is worked out at run time)
+
+
+def field_kind(name: str) -> FieldKind:
+    """The :class:`FieldKind` of a FederateConfig field."""
     return _KINDS[name]
 
 
-def _kinds() -> dict[str, tuple[type, bool]]:
+def _kinds() -> dict[str, FieldKind]:
     hints = typing.get_type_hints(FederateConfig)
     out = {}
     for f in dataclasses.fields(FederateConfig):
@@ -84,7 +103,7 @@ def _kinds() -> dict[str, tuple[type, bool]]:
         args = [a for a in typing.get_args(t) if a is not type(None)]
         optional = type(None) in typing.get_args(t)
         base = args[0] if optional else (typing.get_origin(t) or t)
-        out[f.name] = (base, optional)
+        out[f.name] = FieldKind(base, optional)
     return out
 
 
@@ -96,33 +115,33 @@ def _check_field(cfg: "FederateConfig", name: str, flag: str) -> None:
         return
     if kind is bool:
         if not isinstance(v, bool):
-            raise ConfigError(f"{_said(flag, v)}: expected true or false")
+            raise ConfigError(f"{as_written(flag, v)}: expected true or false")
     elif kind is int:
         if isinstance(v, bool) or not isinstance(v, Integral):
-            raise ConfigError(f"{_said(flag, v)}: expected a whole number")
+            raise ConfigError(f"{as_written(flag, v)}: expected a whole number")
         setattr(cfg, name, int(v))
     elif kind is float:
         if isinstance(v, bool) or not isinstance(v, Real):
-            raise ConfigError(f"{_said(flag, v)}: expected a number")
+            raise ConfigError(f"{as_written(flag, v)}: expected a number")
         if not math.isfinite(v):
-            raise ConfigError(f"{_said(flag, v)}: must be a finite number (nan and inf would train a NaN adapter)")
+            raise ConfigError(f"{as_written(flag, v)}: must be a finite number (nan and inf would train a NaN adapter)")
         setattr(cfg, name, float(v))
     elif name == "split":
         if (not isinstance(v, (tuple, list)) or len(v) != 3
                 or any(isinstance(x, bool) or not isinstance(x, Real) for x in v)):
-            raise ConfigError(f"{_said(flag, v)}: expected three fractions, e.g. 0.6,0.2,0.2")
+            raise ConfigError(f"{as_written(flag, v)}: expected three fractions, e.g. 0.6,0.2,0.2")
         if not all(math.isfinite(x) for x in v):
-            raise ConfigError(f"{_said(flag, v)}: fractions must be finite numbers")
+            raise ConfigError(f"{as_written(flag, v)}: fractions must be finite numbers")
         setattr(cfg, name, tuple(float(x) for x in v))
     elif name == "heldout":
         if not isinstance(v, (list, tuple)) or not all(isinstance(h, str) and h for h in v):
-            raise ConfigError(f"{_said(flag, v)}: expected domain names, e.g. [\"photo\", \"sketch\"] or "
+            raise ConfigError(f"{as_written(flag, v)}: expected domain names, e.g. [\"photo\", \"sketch\"] or "
                               f"\"photo,sketch\"")
         setattr(cfg, name, list(v))
     elif name in ("template", "train_views") and isinstance(v, Integral) and not isinstance(v, bool):
         setattr(cfg, name, str(v))  # TOML `template = 1`, `train_views = 4`
     elif kind is str and not isinstance(v, str):
-        raise ConfigError(f"{_said(flag, v)}: expected a string")
+        raise ConfigError(f"{as_written(flag, v)}: expected a string")
 
 
 NONE_WORDS = ("none", "default", "cache")  # how a grid or --set value asks for an optional field's default
@@ -168,8 +187,8 @@ def parse_text(name: str, raw: str, label: str, list_sep: str = ",") -> Any:
 class FederateConfig:
     """Every option of a federated run, each declared once (default, help, flag; see :func:`option`)."""
 
-    algo: str = option("fedclip", "Federated algorithm (see `fedclip-cache algorithms`).")
-    adapter: str = option("fedclip", "fedclip (official gate) | residual (CLIP-Adapter) | linear.")
+    algo: str = option("fedclip", lambda: "Federated algorithm: " + algorithms_help() + ".")
+    adapter: str = option("fedclip", adapters_help)
     hidden: Optional[int] = option(None, "Adapter width h (fedclip default h = D, the official setting).")
     residual_alpha: float = option(0.2, "Mixing weight of the residual adapter.")
     head: str = option("text", "text (class prompts from the cache) | prototype (class means).", choices=HEADS)
@@ -267,90 +286,13 @@ class FederateConfig:
 
         ``names`` maps a field to that spelling (a CLI flag such as ``--clients``, a TOML key such as
         ``federate.rounds``, a grid key); fields it does not name read as ``--field-name``. Non-finite numbers
-        (nan, inf) are always rejected: they would train an all-NaN adapter.
+        (nan, inf) are always rejected: they would train an all-NaN adapter. The checks run in a fixed order
+        (types, choices, formats, counts, ranges, combinations): the first that fails is the one reported.
         """
-        names = dict(names or {})
-
-        def flag(name: str) -> str:
-            return names.get(name) or option_flag(name)
-
-        for f in dataclasses.fields(self):
-            _check_field(self, f.name, flag(f.name))
-
-        def bad(name: str, why: str) -> ConfigError:
-            return ConfigError(f"{_said(flag(name), getattr(self, name))}: {why}")
-
-        def one_of(name, options):
-            if getattr(self, name) not in options:
-                raise ConfigError(f"{_said(flag(name), getattr(self, name))} unknown; "
-                                  f"choose one of {', '.join(options)}")
-
-        one_of("algo", tuple(ALGORITHMS))  # `federate.algo = 'x'` / `--grid algo='x'`, as every other choice
-        from .adapters import list_adapters  # here, not at the top: adapters need torch, --help and info do not
-
-        one_of("adapter", tuple(list_adapters()))
-        for f in dataclasses.fields(self):
-            if f.metadata.get("choices"):
-                one_of(f.name, f.metadata["choices"])
-        if not (self.device in DEVICES or re.fullmatch(r"cuda:\d+", self.device)):
-            raise bad("device", f"unknown device; choose one of {'|'.join(DEVICES)}")
-        if self.template != "mean" and not re.fullmatch(r"\d+", self.template):
-            raise bad("template", "give a template index (0, 1, ...) or 'mean'")
-
-        if self.train_views != "all" and not (re.fullmatch(r"\d+", self.train_views) and int(self.train_views) >= 1):
-            raise bad("train_views", "give a number of views >= 1 or 'all' (views of a cache extracted with --views)")
-
-        def at_least(name, low):
-            if getattr(self, name) < low:
-                raise bad(name, f"must be at least {low}")
-
-        for name in ("batch_size", "local_epochs", "eval_every", "num_clients", "classes_per_client",
-                     "min_fit_clients", "n_ctx"):
-            at_least(name, 1)
-        for f in dataclasses.fields(self):
-            if f.metadata.get("bounds") and getattr(self, f.name) is not None:
-                check_bounds(f.name, getattr(self, f.name), flag(f.name))
-        if self.hidden is not None:
-            at_least("hidden", 1)
-        at_least("rounds", 0)  # 0: nothing is trained, the starting adapter is scored once (round 0)
-        if self.algo != "zeroshot" and self.rounds > 0:  # zeroshot trains nothing: rounds are not used
-            if self.eval_every > self.rounds:
-                raise bad("eval_every", f"must not exceed {_said(flag('rounds'), self.rounds)} (only the last round "
-                                        f"would be evaluated)")
-        for name in ("lr", "eps", "alpha", "prompt_lr"):
-            if getattr(self, name) <= 0:
-                raise bad(name, "must be > 0")
-        if self.logit_scale is not None and self.logit_scale <= 0:
-            raise bad("logit_scale", "must be > 0")
-        for name in ("weight_decay", "mu", "finetune_steps", "prompt_weight_decay"):
-            at_least(name, 0)
-        for name in ("server_lr", "tau"):
-            if getattr(self, name) is not None and getattr(self, name) <= 0:
-                raise bad(name, "must be > 0")
-        if not 0 < self.fraction_fit <= 1:
-            raise bad("fraction_fit", "must be in (0, 1]")
-        for name in ("server_momentum", "prompt_momentum"):
-            if not 0 <= getattr(self, name) < 1:
-                raise bad(name, "must be in [0, 1)")
-        if not 0 <= self.residual_alpha <= 1:
-            raise bad("residual_alpha", "must be between 0 and 1")
-        for name in ("beta1", "beta2", "server_beta1", "server_beta2"):
-            if not 0 <= getattr(self, name) < 1:
-                raise bad(name, "must be in [0, 1)")
-        if min(self.split) < 0 or max(self.split) > 1 or abs(sum(self.split) - 1) > 1e-6:
-            raise ConfigError(f"{flag('split').rstrip('= ')} must be three fractions in [0, 1] summing to 1, "
-                              f"e.g. 0.6,0.2,0.2 (got {_show(self.split)})")
-        if self.split[0] == 0 and self.split_source == "random":
-            raise bad("split", "the train fraction must be > 0")
-        if self.batch_size < 2 and self.loss == "contrastive":
-            raise bad("batch_size", "must be >= 2 for the contrastive loss (batches of one are skipped)")
-        if self.heldout:
-            if self.protocol != "lodo":
-                raise bad("heldout", f"only the lodo protocol holds domains out "
-                                     f"({_said(flag('protocol'), self.protocol)} does not)")
-            if len(set(self.heldout)) != len(self.heldout):
-                dup = next(h for h in self.heldout if self.heldout.count(h) > 1)
-                raise bad("heldout", f"domain {dup!r} is given twice")
+        checks = _Checks(self, names)
+        for step in (checks.types, checks.choices, checks.formats, checks.counts, checks.ranges,
+                     checks.combinations):
+            step()
         return self
 
     def ignored_options(self) -> list[str]:
@@ -359,7 +301,7 @@ class FederateConfig:
         used = set(algo.uses)
         owned = {n for a in ALGORITHMS.values() for n in a.uses}
         if algo.prompts:  # prompt learning trains no adapter, with its own loss and optimiser
-            owned |= set(ADAPTER_OPTIONS)
+            owned |= adapter_training_options()
         default = FederateConfig()
         return [n for n in sorted(owned - used) if getattr(self, n) != getattr(default, n)]
 
@@ -382,16 +324,131 @@ class FederateConfig:
         return cls(**d)
 
 
+class _Checks:
+    """The named steps of :meth:`FederateConfig.validate` on one configuration; every refusal names the option as
+    the user wrote it (``names``: field -> spelling, else ``--field-name``)."""
+
+    COUNTS = ("batch_size", "local_epochs", "eval_every", "num_clients", "classes_per_client", "min_fit_clients",
+              "n_ctx")  # whole numbers >= 1
+    # > 0; None (where allowed) is the model's or the algorithm's own value
+    POSITIVE = ("lr", "eps", "alpha", "prompt_lr", "logit_scale")
+    NON_NEGATIVE = ("weight_decay", "mu", "finetune_steps", "prompt_weight_decay")
+    SERVER_POSITIVE = ("server_lr", "tau")
+    MOMENTA = ("server_momentum", "prompt_momentum")  # in [0, 1)
+    BETAS = ("beta1", "beta2", "server_beta1", "server_beta2")  # in [0, 1)
+
+    def __init__(self, cfg: FederateConfig, names: Optional[Mapping[str, str]]) -> None:
+        self.cfg, self.names = cfg, dict(names or {})
+
+    def flag(self, name: str) -> str:
+        return self.names.get(name) or option_flag(name)
+
+    def bad(self, name: str, why: str) -> ConfigError:
+        return ConfigError(f"{as_written(self.flag(name), getattr(self.cfg, name))}: {why}")
+
+    def one_of(self, name: str, options: tuple[str, ...]) -> None:
+        if getattr(self.cfg, name) not in options:
+            raise ConfigError(f"{as_written(self.flag(name), getattr(self.cfg, name))} unknown; "
+                              f"choose one of {', '.join(options)}")
+
+    def at_least(self, name: str, low: float) -> None:
+        if getattr(self.cfg, name) < low:
+            raise self.bad(name, f"must be at least {low}")
+
+    def positive(self, name: str) -> None:
+        value = getattr(self.cfg, name)
+        if value is not None and value <= 0:
+            raise self.bad(name, "must be > 0")
+
+    def below_one(self, name: str) -> None:
+        if not 0 <= getattr(self.cfg, name) < 1:
+            raise self.bad(name, "must be in [0, 1)")
+
+    def types(self) -> None:
+        """Each field's type, with light normalisation (``_check_field``)."""
+        for f in dataclasses.fields(self.cfg):
+            _check_field(self.cfg, f.name, self.flag(f.name))
+
+    def choices(self) -> None:
+        """Registered names (``--algo``, ``--adapter``) and declared ``choices``: `federate.algo = 'x'` and
+        `--grid algo='x'` are refused like every other choice."""
+        self.one_of("algo", tuple(ALGORITHMS))
+        self.one_of("adapter", tuple(list_adapters()))
+        for f in dataclasses.fields(self.cfg):
+            if f.metadata.get("choices"):
+                self.one_of(f.name, f.metadata["choices"])
+
+    def formats(self) -> None:
+        """Text options with a shape: ``--device``, ``--template``, ``--train-views``."""
+        cfg = self.cfg
+        if not (cfg.device in DEVICES or re.fullmatch(r"cuda:\d+", cfg.device)):
+            raise self.bad("device", f"unknown device; choose one of {'|'.join(DEVICES)}")
+        if cfg.template != "mean" and not re.fullmatch(r"\d+", cfg.template):
+            raise self.bad("template", "give a template index (0, 1, ...) or 'mean'")
+        if cfg.train_views != "all" and not (re.fullmatch(r"\d+", cfg.train_views) and int(cfg.train_views) >= 1):
+            raise self.bad("train_views", "give a number of views >= 1 or 'all' (views of a cache extracted with "
+                                          "--views)")
+
+    def counts(self) -> None:
+        """Whole-number options: at least 1, declared ``bounds``, ``--hidden``, ``--rounds`` and ``--eval-every``."""
+        cfg = self.cfg
+        for name in self.COUNTS:
+            self.at_least(name, 1)
+        for f in dataclasses.fields(cfg):
+            if f.metadata.get("bounds") and getattr(cfg, f.name) is not None:
+                check_bounds(f.name, getattr(cfg, f.name), self.flag(f.name))
+        if cfg.hidden is not None:
+            self.at_least("hidden", 1)
+        self.at_least("rounds", 0)  # 0: nothing is trained, the starting adapter is scored once (round 0)
+        if cfg.algo != "zeroshot" and cfg.rounds > 0:  # zeroshot trains nothing: rounds are not used
+            if cfg.eval_every > cfg.rounds:
+                raise self.bad("eval_every", f"must not exceed {as_written(self.flag('rounds'), cfg.rounds)} (only "
+                                             f"the last round would be evaluated)")
+
+    def ranges(self) -> None:
+        """Real-valued options: rates, weights, fractions and decays in their intervals, then ``--split``."""
+        cfg = self.cfg
+        for name in self.POSITIVE:
+            self.positive(name)
+        for name in self.NON_NEGATIVE:
+            self.at_least(name, 0)
+        for name in self.SERVER_POSITIVE:
+            self.positive(name)
+        if not 0 < cfg.fraction_fit <= 1:
+            raise self.bad("fraction_fit", "must be in (0, 1]")
+        for name in self.MOMENTA:
+            self.below_one(name)
+        if not 0 <= cfg.residual_alpha <= 1:
+            raise self.bad("residual_alpha", "must be between 0 and 1")
+        for name in self.BETAS:
+            self.below_one(name)
+        if min(cfg.split) < 0 or max(cfg.split) > 1 or abs(sum(cfg.split) - 1) > 1e-6:
+            raise ConfigError(f"{self.flag('split').rstrip('= ')} must be three fractions in [0, 1] summing to 1, "
+                              f"e.g. 0.6,0.2,0.2 (got {_show(cfg.split)})")
+        if cfg.split[0] == 0 and cfg.split_source == "random":
+            raise self.bad("split", "the train fraction must be > 0")
+
+    def combinations(self) -> None:
+        """Options that are valid alone but not together: the contrastive loss's batch size, held-out domains."""
+        cfg = self.cfg
+        if cfg.batch_size < 2 and cfg.loss == "contrastive":
+            raise self.bad("batch_size", "must be >= 2 for the contrastive loss (batches of one are skipped)")
+        if cfg.heldout:
+            if cfg.protocol != "lodo":
+                raise self.bad("heldout", f"only the lodo protocol holds domains out "
+                                          f"({as_written(self.flag('protocol'), cfg.protocol)} does not)")
+            if len(set(cfg.heldout)) != len(cfg.heldout):
+                dup = next(h for h in cfg.heldout if cfg.heldout.count(h) > 1)
+                raise self.bad("heldout", f"domain {dup!r} is given twice")
+
+
 _KINDS = _kinds()
 
 
 def option_help(name: str) -> str:
-    """The help text of an option (``--algo``'s lists the registered algorithms)."""
-    if name == "algo":
-        from .algorithms import algorithms_help
-
-        return "Federated algorithm: " + algorithms_help() + "."
-    return FIELDS[name].metadata["help"]
+    """The help text of an option (``--algo``'s and ``--adapter``'s list what is registered)."""
+    text = FIELDS[name].metadata["help"]
+    return text() if callable(text) else text
 
 
 def option_flag(name: str) -> str:

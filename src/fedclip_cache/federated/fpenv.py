@@ -29,7 +29,7 @@ import ctypes.util
 import functools
 import sys
 import threading
-from typing import Iterator
+from typing import Any, Iterator, NamedTuple, Optional
 
 import torch
 
@@ -37,11 +37,19 @@ _LOCK = threading.Lock()
 _FENV_BYTES = 64  # glibc x86-64 fenv_t is 32 bytes, aarch64 8; generous so fegetenv never writes past the end
 
 
+class _Runtimes(NamedTuple):
+    """The C entry points :func:`_broadcast_env` calls."""
+
+    fegetenv: Any  # libm's fegetenv, callable
+    fesetenv: ctypes.c_void_p  # libm's fesetenv, as the address GOMP_parallel calls on every thread
+    parallels: list  # GOMP_parallel of each loaded OpenMP runtime
+
+
 @functools.cache
-def _runtimes() -> tuple:
-    """(fegetenv, fesetenv address, [GOMP_parallel of each loaded OpenMP runtime]) or () when unavailable."""
+def _runtimes() -> Optional[_Runtimes]:
+    """The entry points, or None when unavailable (not Linux, no libm)."""
     if not sys.platform.startswith("linux"):
-        return ()
+        return None
     try:
         libm = ctypes.CDLL(ctypes.util.find_library("m") or "libm.so.6")
         fegetenv, fesetenv = libm.fegetenv, libm.fesetenv
@@ -58,22 +66,21 @@ def _runtimes() -> tuple:
             fn.restype = None
             parallels.append(fn)
     except (OSError, AttributeError):
-        return ()
+        return None
     fegetenv.argtypes = [ctypes.c_void_p]
-    return fegetenv, ctypes.cast(fesetenv, ctypes.c_void_p), parallels
+    return _Runtimes(fegetenv, ctypes.cast(fesetenv, ctypes.c_void_p), parallels)
 
 
 def _broadcast_env() -> bool:
     """Copy the calling thread's floating-point environment to every thread of the OpenMP pool(s)."""
     rt = _runtimes()
-    if not rt or not rt[2]:
+    if rt is None or not rt.parallels:
         return False
-    fegetenv, fesetenv, parallels = rt
     env = (ctypes.c_byte * _FENV_BYTES)()
-    if fegetenv(ctypes.addressof(env)) != 0:
+    if rt.fegetenv(ctypes.addressof(env)) != 0:
         return False
-    for par in parallels:  # num_threads 0: the default team size, i.e. torch.set_num_threads' value
-        par(fesetenv, ctypes.addressof(env), 0, 0)
+    for par in rt.parallels:  # num_threads 0: the default team size, i.e. torch.set_num_threads' value
+        par(rt.fesetenv, ctypes.addressof(env), 0, 0)
     return True
 
 

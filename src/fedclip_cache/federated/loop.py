@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from ..cache.reader import FeatureCache
-from .adapters import ADAPTERS, AdapterKind, Params, get_adapter, init_params, num_params
+from .adapters import (ADAPTERS, AdapterKind, Params, adapter_options, adapter_width, get_adapter, init_params,
+                       num_params)
 from .algorithms import Algorithm, TrainState, make_algorithm
 from .config import ConfigError, FederateConfig
 from .fpenv import flush_denormals
@@ -152,6 +153,7 @@ class LaneSetup:
     logit_scale: float
     logit_scale_source: str
     hp: LocalHyper
+    opts: dict  # the options the adapter's forward reads (adapters.adapter_options)
 
 
 def lane_setup(cache: FeatureCache, cfg: FederateConfig, algo: Algorithm, device: torch.device,
@@ -172,8 +174,8 @@ def lane_setup(cache: FeatureCache, cfg: FederateConfig, algo: Algorithm, device
     kind = get_adapter(kind_name) if kind_name != "none" else ADAPTERS["none"]
     d = X.shape[1]
     logit_scale, source = resolve_logit_scale(cfg, cache)
-    return LaneSetup(X, Y, Xtrain, Ytrain, k, d, kind_name, kind, cfg.hidden or kind.default_hidden(d), logit_scale,
-                     source, LocalHyper.from_config(cfg, algo.proximal_mu(), logit_scale))
+    return LaneSetup(X, Y, Xtrain, Ytrain, k, d, kind_name, kind, adapter_width(kind, cfg.hidden, d), logit_scale,
+                     source, LocalHyper.from_config(cfg, algo.proximal_mu(), logit_scale), adapter_options(cfg))
 
 
 def build_heads(cache: FeatureCache, cfg: FederateConfig, X: Rows, Y: torch.Tensor, experiments: list[Experiment],
@@ -454,7 +456,7 @@ class _Loop:
         self.dim = d = ls.dim
         self.kind_name = kind_name = ls.kind_name
         self.kind, self.hidden = ls.kind, ls.hidden
-        self.opts = {"residual_alpha": cfg.residual_alpha}
+        self.opts = ls.opts
         self.logit_scale, self.logit_scale_source, self.hp = ls.logit_scale, ls.logit_scale_source, ls.hp
 
         self.exp_head, client_head = build_heads(cache, cfg, self.X, self.Y, experiments, device)

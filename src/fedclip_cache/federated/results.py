@@ -80,40 +80,46 @@ def selected_round(val_curve: np.ndarray) -> int:
     return int(np.argmax(np.nan_to_num(np.asarray(val_curve, dtype=float), nan=-np.inf)))
 
 
-def summarise(res: LoopResult, cfg: FederateConfig, cache: FeatureCache) -> dict:
-    segs = res.segments
-    exps = []
-    for ei, e in enumerate(res.experiments):
-        ix = [i for i, s in enumerate(segs) if s["experiment"] == e.name]
-        val = [i for i in ix if segs[i]["split"] == "val"]
-        test = [i for i in ix if segs[i]["split"] == "test"]
-        held = [i for i in ix if segs[i]["split"] == "heldout"]
-        val_curve = res.val_mean[:, ei] if res.val_mean is not None else \
-            (res.acc[:, val].mean(1) if val else np.zeros(len(res.rounds)))
-        # no validation data (--split 1,0,0, or clients too small for a val split): nothing to select with, so the
-        # last round is reported (the rule of a run without validation), said in a note; never round 1 by default
-        best = selected_round(val_curve) if val else len(res.rounds) - 1
+def experiment_summary(res: LoopResult, ei: int) -> dict:
+    """The summary of experiment ``ei``: its clients' split sizes, and the selected ("best": by mean validation
+    accuracy, or the last round without validation data) and the last round's accuracies."""
+    segs, e = res.segments, res.experiments[ei]
+    ix = [i for i, s in enumerate(segs) if s["experiment"] == e.name]
+    val = [i for i in ix if segs[i]["split"] == "val"]
+    test = [i for i in ix if segs[i]["split"] == "test"]
+    held = [i for i in ix if segs[i]["split"] == "heldout"]
+    val_curve = res.val_mean[:, ei] if res.val_mean is not None else \
+        (res.acc[:, val].mean(1) if val else np.zeros(len(res.rounds)))
+    # no validation data (--split 1,0,0, or clients too small for a val split): nothing to select with, so the
+    # last round is reported (the rule of a run without validation), said in a note; never round 1 by default
+    best = selected_round(val_curve) if val else len(res.rounds) - 1
 
-        def at(k, val=val, test=test, held=held, val_curve=val_curve):
-            return {
-                "round": int(res.rounds[k]),
-                "val_mean": _finite(val_curve[k]) if val else None,
-                # a client missing from a round (a deployment's lost site) is left out, never imputed
-                "test": {segs[i]["client"]: float(res.acc[k, i]) for i in test if not np.isnan(res.acc[k, i])},
-                "test_mean": _mean(res.acc[k, test]) if test else None,
-                "heldout": _mean(res.acc[k, held]) if held else None,
-            }
-        record = {"experiment": e.name, "heldout": e.heldout_name, "seed": e.seed,
-                  "clients": {cl.name: {"train": len(cl.train), "val": len(cl.val), "test": len(cl.test),
-                                        "dropped": cl.dropped} for cl in e.clients},
-                  "heldout_size": int(len(e.heldout)) if e.heldout is not None else 0,
-                  "selected_by": "val_mean" if val else "last_round",
-                  "best": at(best), "last": at(len(res.rounds) - 1)}
-        if res.finetuned is not None:  # personalised: the selected model fine-tuned on each client's train split
-            tuned = res.finetuned[e.name]
-            record["best"]["test_finetuned"] = tuned
-            record["best"]["test_mean_finetuned"] = float(np.mean(list(tuned.values()))) if tuned else None
-        exps.append(record)
+    def at(k: int) -> dict:
+        return {
+            "round": int(res.rounds[k]),
+            "val_mean": _finite(val_curve[k]) if val else None,
+            # a client missing from a round (a deployment's lost site) is left out, never imputed
+            "test": {segs[i]["client"]: float(res.acc[k, i]) for i in test if not np.isnan(res.acc[k, i])},
+            "test_mean": _mean(res.acc[k, test]) if test else None,
+            "heldout": _mean(res.acc[k, held]) if held else None,
+        }
+    record = {"experiment": e.name, "heldout": e.heldout_name, "seed": e.seed,
+              "clients": {cl.name: {"train": len(cl.train), "val": len(cl.val), "test": len(cl.test),
+                                    "dropped": cl.dropped} for cl in e.clients},
+              "heldout_size": int(len(e.heldout)) if e.heldout is not None else 0,
+              "selected_by": "val_mean" if val else "last_round",
+              "best": at(best), "last": at(len(res.rounds) - 1)}
+    if res.finetuned is not None:  # personalised: the selected model fine-tuned on each client's train split
+        tuned = res.finetuned[e.name]
+        record["best"]["test_finetuned"] = tuned
+        record["best"]["test_mean_finetuned"] = float(np.mean(list(tuned.values()))) if tuned else None
+    return record
+
+
+def summarise(res: LoopResult, cfg: FederateConfig, cache: FeatureCache) -> dict:
+    """summary.json of a run: every experiment's summary (:func:`experiment_summary`) and their means, what was
+    trained (adapter or prompt), the notes (:func:`summary_notes`), the communication cost and the cache."""
+    exps = [experiment_summary(res, ei) for ei in range(len(res.experiments))]
     n_clients = max(len(e.clients) for e in res.experiments)
     fit = float(np.mean(res.fit_clients)) / len(res.experiments) if res.fit_clients else None
 
@@ -121,19 +127,8 @@ def summarise(res: LoopResult, cfg: FederateConfig, cache: FeatureCache) -> dict
         vals = [x[which][key] for x in exps if x[which][key] is not None]
         return float(np.mean(vals)) if vals else None
 
-    # Samples in no split: the official split boundaries drop the 0-2 left over per training client (counted once
-    # per client and seed: a domain is split the same way in every held-out run).
-    dropped = {f"{e.seed}/{cl.name}": cl.dropped for e in res.experiments for cl in e.clients}
-    notes = list(res.notes) + measurement_notes(res.experiments, cfg)
-    ignored = cfg.ignored_options()
-    if ignored:
-        notes.append(f"{cfg.algo} does not use {', '.join('--' + n.replace('_', '-') for n in ignored)} "
-                     f"(set, but ignored)")
-    if res.logit_scale_source.startswith("fallback"):
-        notes.append(f"logit scale {res.logit_scale_source}")
-    if sum(dropped.values()):
-        notes.append(f"--split-tail drop (official boundaries): {sum(dropped.values())} sample(s) of training "
-                     f"clients are in no split; --split-tail test gives them to the test split")
+    dropped = dropped_samples(res)
+    notes = summary_notes(res, cfg, dropped)
     prompts = get_algorithm(cfg.algo).prompts  # prompt learning: no adapter, no head, CE
     ctx = res.final_params.get("ctx") if prompts else None
     return {
@@ -163,6 +158,28 @@ def summarise(res: LoopResult, cfg: FederateConfig, cache: FeatureCache) -> dict
         "cache": cache.record() if hasattr(cache, "record") else cache_record(cache),  # a deployment: its sites
         "seconds": round(res.seconds, 3),
     }
+
+
+def dropped_samples(res: LoopResult) -> dict[str, int]:
+    """Samples in no split, per ``seed/client``: the official split boundaries drop the 0-2 left over per training
+    client (counted once per client and seed: a domain is split the same way in every held-out run)."""
+    return {f"{e.seed}/{cl.name}": cl.dropped for e in res.experiments for cl in e.clients}
+
+
+def summary_notes(res: LoopResult, cfg: FederateConfig, dropped: dict[str, int]) -> list[str]:
+    """The summary's notes: the loop's, what could not be measured, options set but ignored, a fallback logit
+    scale, samples dropped by the split boundaries."""
+    notes = list(res.notes) + measurement_notes(res.experiments, cfg)
+    ignored = cfg.ignored_options()
+    if ignored:
+        notes.append(f"{cfg.algo} does not use {', '.join('--' + n.replace('_', '-') for n in ignored)} "
+                     f"(set, but ignored)")
+    if res.logit_scale_source.startswith("fallback"):
+        notes.append(f"logit scale {res.logit_scale_source}")
+    if sum(dropped.values()):
+        notes.append(f"--split-tail drop (official boundaries): {sum(dropped.values())} sample(s) of training "
+                     f"clients are in no split; --split-tail test gives them to the test split")
+    return notes
 
 
 def measurement_notes(experiments, cfg: FederateConfig) -> list[str]:

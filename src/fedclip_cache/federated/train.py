@@ -14,6 +14,7 @@ import sys
 import warnings
 import zlib
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 
 from .adapters import AdapterKind, Params, cosine_logits
 from .config import FederateConfig
+from .torch_ops import fused_adam_, increment_steps
 
 _D = FederateConfig()  # defaults are written once, in FederateConfig
 
@@ -169,60 +171,81 @@ def local_update(kind: AdapterKind, params: Params, X: torch.Tensor, Y: torch.Te
     """
     opts = opts or {}
     keep_freed_memory()
-    lanes = len(schedules)
     nb = np.array([len(s) for s in schedules])
-    if lanes == 0 or not params:
+    if len(schedules) == 0 or not params:
         return {k: v.clone() for k, v in params.items()}
     if np.any(np.diff(nb) > 0):
         raise ValueError("lanes must be sorted by non-increasing number of batches")
     names = list(params)
     p = {k: v.detach().clone().contiguous() for k, v in params.items()}
     anchor = {k: v.detach().clone() for k, v in params.items()} if hp.mu > 0 else None
-    m = {k: torch.zeros_like(v) for k, v in p.items()}
-    v2 = {k: torch.zeros_like(v) for k, v in p.items()}
-    dev = params[names[0]].device  # where the parameters (and the computation) live
-    steps = [torch.zeros((), dtype=torch.float32, device=dev) for _ in range(lanes)]
+    adam = _LaneAdam(p, params[names[0]].device)
+    idx = padded_batches(schedules)
+    # X: a tensor or a Rows (resident or streamed); gather indices live where X gathers, labels where Y lives
+    idx_x = torch.from_numpy(idx).clamp(min=0).to(getattr(X, "index_device", X.device))
+    idx_y = torch.from_numpy(idx).to(Y.device)
+    for t in range(int(nb[0])):
+        k = int((nb > t).sum())  # lanes still busy at step t: a prefix, so every op below works on views
+        it = idx_y[t, :k]
+        valid = it >= 0
+        leaves = {n: p[n][:k].detach().requires_grad_(True) for n in names}
+        loss = batch_loss(kind, leaves, X[idx_x[t, :k]], Y[it.clamp(min=0)], valid, heads[:k], hp, opts)
+        grads = dict(zip(names, torch.autograd.grad(loss, [leaves[n] for n in names])))
+        with torch.no_grad():
+            if anchor is not None:  # FedProx: the gradient of mu/2 ||w - w_global||^2
+                for n, g in grads.items():
+                    g.add_(p[n][:k] - anchor[n][:k], alpha=hp.mu)
+            if correction is not None:
+                for n, g in grads.items():
+                    g.add_(correction[n][:k])
+            if hp.optimizer == "sgd":
+                _sgd_step(p, grads, k, hp)
+            else:
+                adam.step(p, grads, k, hp)
+    return p
+
+
+def padded_batches(schedules: list[list[np.ndarray]]) -> np.ndarray:
+    """The lanes' batches as one (steps, lanes, B) array of row indices, -1 = padding (lanes sorted by
+    non-increasing number of batches, so lane l is busy for its first ``len(schedules[l])`` steps)."""
     # Batches are padded to the longest one scheduled, never to --batch-size itself: a batch size far above every
     # client's data would otherwise allocate with the batch size (measured, 2 clients of 14 training images,
     # --batch-size 10^7: peak RSS 4.8 GB and 22 s before, 1.1 GB and 6 s now -- the import baseline). Same
     # batches and results; a --batch-size >= the data trains exactly as --batch-size = the data (tested).
     bsz = max((len(b) for s in schedules for b in s), default=1)
-    # (steps, lanes, B) row indices, -1 = padding
-    idx = np.full((int(nb[0]), lanes, bsz), -1, np.int64)
-    for l, sched in enumerate(schedules):
+    idx = np.full((max((len(s) for s in schedules), default=0), len(schedules), bsz), -1, np.int64)
+    for lane, sched in enumerate(schedules):
         for t, b in enumerate(sched):
-            idx[t, l, :len(b)] = b
-    # X: a tensor or a Rows (resident or streamed); gather indices live where X gathers, labels where Y lives
-    idx_x = torch.from_numpy(idx).clamp(min=0).to(getattr(X, "index_device", X.device))
-    idx_y = torch.from_numpy(idx).to(Y.device)
-    for t in range(int(nb[0])):
-        k = int((nb > t).sum())
-        it = idx_y[t, :k]
-        valid = it >= 0
-        leaves = {n: p[n][:k].detach().requires_grad_(True) for n in names}
-        loss = batch_loss(kind, leaves, X[idx_x[t, :k]], Y[it.clamp(min=0)], valid, heads[:k], hp, opts)
-        grads = torch.autograd.grad(loss, [leaves[n] for n in names])
-        with torch.no_grad():
-            if anchor is not None:
-                for n, g in zip(names, grads):
-                    g.add_(p[n][:k] - anchor[n][:k], alpha=hp.mu)
-            if correction is not None:
-                for n, g in zip(names, grads):
-                    g.add_(correction[n][:k])
-            if hp.optimizer == "sgd":  # torch.optim.SGD: d = g + wd * w; w -= lr * d
-                for n, g in zip(names, grads):
-                    pl = p[n][:k]
-                    if hp.weight_decay:
-                        g.add_(pl, alpha=hp.weight_decay)
-                    pl.add_(g, alpha=-hp.lr)
-                continue
-            torch._foreach_add_(steps[:k], 1.0)
-            for n, g in zip(names, grads):
-                pl, gl, ml, vl = p[n][:k], g.contiguous(), m[n][:k], v2[n][:k]  # fused Adam needs dense
-                torch._fused_adam_(list(pl.unbind(0)), list(gl.unbind(0)), list(ml.unbind(0)), list(vl.unbind(0)),
-                                   [], steps[:k], lr=hp.lr, beta1=hp.beta1, beta2=hp.beta2,
-                                   weight_decay=hp.weight_decay, eps=hp.eps, amsgrad=False, maximize=False)
-    return p
+            idx[t, lane, :len(b)] = b
+    return idx
+
+
+def _sgd_step(p: Params, grads: Params, k: int, hp: LocalHyper) -> None:
+    """torch.optim.SGD on the first ``k`` lanes, in place: d = g + wd * w; w -= lr * d."""
+    for n, g in grads.items():
+        pl = p[n][:k]
+        if hp.weight_decay:
+            g.add_(pl, alpha=hp.weight_decay)
+        pl.add_(g, alpha=-hp.lr)
+
+
+class _LaneAdam:
+    """A fresh torch.optim.Adam per lane, stepped for the busy lanes ``[:k]`` at once (``torch_ops``): moments
+    stacked like the parameters, one step counter per lane."""
+
+    def __init__(self, p: Params, device: torch.device) -> None:
+        self.m = {k: torch.zeros_like(v) for k, v in p.items()}
+        self.v = {k: torch.zeros_like(v) for k, v in p.items()}
+        lanes = next(iter(p.values())).shape[0]
+        self.steps = [torch.zeros((), dtype=torch.float32, device=device) for _ in range(lanes)]
+
+    def step(self, p: Params, grads: Params, k: int, hp: LocalHyper) -> None:
+        increment_steps(self.steps[:k])
+        for n, g in grads.items():
+            pl, gl, ml, vl = p[n][:k], g.contiguous(), self.m[n][:k], self.v[n][:k]  # fused Adam needs dense
+            fused_adam_(list(pl.unbind(0)), list(gl.unbind(0)), list(ml.unbind(0)), list(vl.unbind(0)),
+                        self.steps[:k], lr=hp.lr, beta1=hp.beta1, beta2=hp.beta2, weight_decay=hp.weight_decay,
+                        eps=hp.eps)
 
 
 def training_bytes(kind: AdapterKind, d: int, h: int, lanes: int, groups: int, batch: int, classes: int,
@@ -285,15 +308,22 @@ def client_weights(train_sizes: np.ndarray, weighting: str) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------------- evaluation
 
+class Scores(NamedTuple):
+    """Per-row results of :func:`evaluate`, shaped like its ``rows`` (G, M); padding rows hold garbage."""
+
+    correct: torch.Tensor  # bool: the argmax class is the label
+    loss: torch.Tensor  # float32 cross-entropy
+
+
 @torch.no_grad()
 def evaluate(kind: AdapterKind, params: Params, X: torch.Tensor, Y: torch.Tensor, heads: torch.Tensor,
              rows: torch.Tensor, logit_scale: float, opts: dict | None = None, chunk: int = 1024,
-             gathered: torch.Tensor | None = None):
+             gathered: torch.Tensor | None = None) -> Scores:
     """Per-row correctness and cross-entropy for G groups at once. rows (G, M) indices (-1 = padding),
     params stacked (G, ...), heads (G, C, D); ``gathered`` = X[rows] cut into contiguous ``chunk``-row pieces,
     when the caller keeps it across rounds (slicing one big tensor would copy each piece every round).
     ``X`` a tensor or a :class:`Rows` (each chunk is gathered from it, e.g. from host memory or a memmap).
-    Returns (correct (G,M) bool, loss (G,M))."""
+    Returns the :class:`Scores` of every row."""
     opts = opts or {}
     # Outputs are allocated once and filled chunk by chunk: long-lived pieces interleaved with each chunk's
     # transient logits would fragment the heap (which keeps freed memory, see keep_freed_memory) by ~0.4 GB at
@@ -309,4 +339,4 @@ def evaluate(kind: AdapterKind, params: Params, X: torch.Tensor, Y: torch.Tensor
         torch.eq(logits.argmax(-1), y, out=correct[:, s:s + chunk])
         losses[:, s:s + chunk] = F.cross_entropy(logits.transpose(1, 2), y, reduction="none")
         del logits, x
-    return correct, losses
+    return Scores(correct, losses)

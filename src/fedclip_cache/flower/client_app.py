@@ -115,7 +115,7 @@ class SiteClient:
         self.kind, self.dim, self.hidden, self.hp = lanes.kind, lanes.dim, lanes.hidden, lanes.hp
         self.logit_scale, self.logit_scale_source = lanes.logit_scale, lanes.logit_scale_source
         self.text = text_head(cache, cfg.template) if cfg.head == "text" else None
-        self.opts = {"residual_alpha": cfg.residual_alpha}
+        self.opts = lanes.opts
 
     @property
     def name(self) -> str:

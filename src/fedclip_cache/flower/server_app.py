@@ -30,7 +30,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ..federated.adapters import get_adapter, init_params
+from ..federated.adapters import adapter_width, get_adapter, init_params
 from ..federated.algorithms import make_algorithm
 from ..federated.config import ConfigError, FederateConfig
 from ..federated.loop import prototype_head, sample_lanes
@@ -85,7 +85,7 @@ class Coordinator:
                               f"site with the same model")
         d = dim.pop()
         kind = get_adapter(self.cfg.adapter)
-        p = init_params(self.cfg.adapter, d, self.cfg.hidden or kind.default_hidden(d), self.cfg.seed)
+        p = init_params(self.cfg.adapter, d, adapter_width(kind, self.cfg.hidden, d), self.cfg.seed)
         self.current = {n: v.unsqueeze(0) for n, v in p.items()}
         if self.cfg.head == "prototype":  # loop.build_heads: sum over the training sites (lane order) of sums/counts
             stats = [(r["client"], a) for r, a in replies if a]

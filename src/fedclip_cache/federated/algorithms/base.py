@@ -20,7 +20,7 @@ algorithm sees that world only through a :class:`RoundContext`, so it never deal
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar, Optional, Protocol
+from typing import TYPE_CHECKING, ClassVar, NamedTuple, Optional, Protocol
 
 from ...errors import ConfigError
 
@@ -43,6 +43,13 @@ class TrainState:
     server: dict
     clients: dict
     extra: dict = field(default_factory=dict)
+
+
+class ServerUpdate(NamedTuple):
+    """What :meth:`Algorithm.server_update` returns."""
+
+    params: Params  # the new global model of each experiment, stacked (E, ...)
+    extra: dict  # the algorithm's state after the update (see TrainState.extra)
 
 
 class RoundContext(Protocol):
@@ -110,10 +117,10 @@ class Algorithm:
         state.server, state.extra = self.server_update(state.server, ctx.average(trained), state.extra, ctx.rnd)
         return state
 
-    def server_update(self, current: Params, averaged: Params, extra: dict, rnd: int) -> tuple[Params, dict]:
+    def server_update(self, current: Params, averaged: Params, extra: dict, rnd: int) -> ServerUpdate:
         """The new global model from the current one and the clients' (weighted) average; pure (returns new
         tensors and state). FedAvg: the average itself."""
-        return averaged, extra
+        return ServerUpdate(averaged, extra)
 
     # ---- evaluation
     def scored_params(self, state: TrainState) -> Params:

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, ClassVar
 
-from .base import Algorithm, Params, register_algorithm
+from .base import Algorithm, Params, ServerUpdate, register_algorithm
 
 if TYPE_CHECKING:  # the registry is imported without torch (see base.py): tensor methods only
     import torch
@@ -77,16 +77,16 @@ class FedAvgM(ServerOptimizer):
     uses = ("server_lr", "server_momentum")
     default_server_lr = 1.0  # Flower's
 
-    def server_update(self, current: Params, averaged: Params, extra: dict, rnd: int) -> tuple[Params, dict]:
+    def server_update(self, current: Params, averaged: Params, extra: dict, rnd: int) -> ServerUpdate:
         lr, beta = self.server_lr, self.cfg.server_momentum
         if lr == 1.0 and beta == 0.0:  # Flower skips the server step then: the average itself, bit for bit
-            return averaged, extra
+            return ServerUpdate(averaged, extra)
         step = {n: current[n] - averaged[n] for n in current}  # updates are the opposite of gradients
         if beta > 0.0:
             if "momentum" in extra:
                 step = {n: beta * extra["momentum"][n] + step[n] for n in step}
             extra = {**extra, "momentum": step}
-        return {n: current[n] - lr * step[n] for n in current}, extra
+        return ServerUpdate({n: current[n] - lr * step[n] for n in current}, extra)
 
 
 class AdaptiveServer(ServerOptimizer):
@@ -104,7 +104,7 @@ class AdaptiveServer(ServerOptimizer):
     def step_size(self, rnd: int) -> float:
         return self.server_lr
 
-    def server_update(self, current: Params, averaged: Params, extra: dict, rnd: int) -> tuple[Params, dict]:
+    def server_update(self, current: Params, averaged: Params, extra: dict, rnd: int) -> ServerUpdate:
         b1, eta, tau = self.beta1(), self.step_size(rnd), self.tau
         delta = {n: averaged[n] - current[n] for n in current}
         m0 = extra.get("m") or {n: d.new_zeros(d.shape) for n, d in delta.items()}
@@ -112,7 +112,7 @@ class AdaptiveServer(ServerOptimizer):
         m = {n: b1 * m0[n] + (1 - b1) * d for n, d in delta.items()}
         v = {n: self.second_moment(v0[n], d) for n, d in delta.items()}
         new = {n: current[n] + eta * m[n] / (_sqrt(v[n]) + tau) for n in current}  # Flower's order of operations
-        return new, {**extra, "m": m, "v": v}
+        return ServerUpdate(new, {**extra, "m": m, "v": v})
 
 
 @register_algorithm

@@ -2,8 +2,9 @@
 
 PromptFL (Guo et al., "PromptFL: Let Federated Participants Cooperatively Learn Prompts Instead of Models", IEEE
 TMC 2023): every client trains CoOp's context vectors (Zhou et al., IJCV 2022) with the CLIP model frozen, and the
-server averages them (FedAvg); a round moves n_ctx x width parameters (C x n_ctx x width with CSC) each way (8,192 for 16 x 512). No adapter:
-image features go straight to L2-normalisation and the cosine logits against the prompted class embeddings.
+server averages them (FedAvg); a round moves n_ctx x width parameters (C x n_ctx x width with CSC) each way
+(8,192 for 16 x 512). No adapter: image features go straight to L2-normalisation and the cosine logits against
+the prompted class embeddings.
 
 The loop (``loop.py``) builds the frozen text tower from the cache's provenance (``prompts.load_text_model``) when
 an algorithm sets ``prompts = True``: local training (``ctx.train``) is then prompt training (SGD with

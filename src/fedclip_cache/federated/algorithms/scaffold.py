@@ -23,7 +23,7 @@ lr times a gradient: a heuristic, not the analysed method.
 """
 from __future__ import annotations
 
-from .base import Algorithm, TrainState, register_algorithm
+from .base import Algorithm, ServerUpdate, TrainState, register_algorithm
 
 # Module rule of the registry: no ``import torch`` at module level (the CLI imports algorithms for --help); all
 # arithmetic uses methods of the tensors we are given.
@@ -72,13 +72,13 @@ class Scaffold(Algorithm):
             summed = cn.new_zeros(cn.shape).index_add_(0, exp, ci_new[n] - ci_s[n])
             new_c[n] = cn + summed / n_clients.to(cn.dtype).view((-1,) + (1,) * (cn.dim() - 1))
 
-        state.server, _ = self.server_update(state.server, ctx.average(y), {}, ctx.rnd)
+        state.server = self.server_update(state.server, ctx.average(y), {}, ctx.rnd).params
         state.extra = {"c": new_c, "c_i": ctx.scatter(c_i, ci_new)}
         return state
 
-    def server_update(self, current, averaged, extra, rnd):
+    def server_update(self, current, averaged, extra, rnd) -> ServerUpdate:
         """x <- x + server_lr * (avg_i y_i - x) = x + server_lr * avg_i (y_i - x) (the weights sum to one)."""
         eta = self.server_lr
         if eta == 1.0:  # the average itself, bit for bit FedAvg's
-            return averaged, extra
-        return {n: v + eta * (averaged[n] - v) for n, v in current.items()}, extra
+            return ServerUpdate(averaged, extra)
+        return ServerUpdate({n: v + eta * (averaged[n] - v) for n, v in current.items()}, extra)
