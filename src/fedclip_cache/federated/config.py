@@ -10,10 +10,11 @@ import dataclasses
 import math
 import re
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from numbers import Integral, Real
 from typing import Any, Mapping, Optional
 from ..errors import ConfigError
+from ..options import option
 from .algorithms import ALGORITHMS, get_algorithm
 
 
@@ -32,18 +33,6 @@ ADAPTER_OPTIONS = ("adapter", "hidden", "residual_alpha", "head", "template", "l
 # The largest seed every consumer takes: torch's and numpy's generators take up to 2**64 - 1, but metrics.parquet
 # stores the seed in an int32 column (a larger seed trained, then failed writing it: OverflowError, no results).
 SEED_MAX = 2**31 - 1
-
-
-def option(default: Any = dataclasses.MISSING, help: str = "", *, flag: Optional[str] = None,
-           choices: Optional[tuple[str, ...]] = None, grid: Optional[str] = None, factory: Any = None,
-           bounds: Optional[tuple[Any, Any]] = None):
-    """A FederateConfig field with everything the CLI, pipelines and sweeps derive from it, written once: its
-    default, help, CLI flag (default ``--field-name``), allowed values, a short grid key alias, and inclusive
-    ``(low, high)`` bounds (checked by :func:`check_bounds`, the one check of every way a value arrives)."""
-    meta = {"help": help, "flag": flag, "choices": choices, "grid": grid, "bounds": bounds}
-    if factory is not None:
-        return field(default_factory=factory, metadata=meta)
-    return field(default=default, metadata=meta)
 
 
 def _said(flag: str, value: Any) -> str:
