@@ -6,7 +6,7 @@ import inspect
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, List, Optional
+from typing import TYPE_CHECKING, Any, List, NamedTuple, Optional
 
 import typer
 from rich.console import Console
@@ -87,7 +87,15 @@ def _list_file(path: Path, option: str) -> list[str]:
     return [ln.strip() for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
 
 
-def _extract_parameters() -> list[inspect.Parameter]:
+class CliParameter(NamedTuple):
+    """One parameter of a command built from declared options: its name, type and ``typer.Option``/``Argument``."""
+
+    name: str
+    annotation: Any
+    declared: Any
+
+
+def _extract_parameters() -> list[CliParameter]:
     """Every extract option declared in cache/config.py as a typer argument or option, in declaration order: its
     flag, help and default come from the declaration, so `extract` never restates them. How the command line takes
     a value follows its type and metadata: a path is PATH, three numbers are one comma-separated text, a list is a
@@ -101,7 +109,7 @@ def _extract_parameters() -> list[inspect.Parameter]:
             continue
         help_ = meta["help"] or None
         if meta.get("argument"):
-            out.append((name, Path, typer.Argument(..., help=help_)))
+            out.append(CliParameter(name, Path, typer.Argument(..., help=help_)))
             continue
         default, decls = option_default(name), [flag]
         if kind.item is float:  # three numbers: one text, 0.5,0.5,0.5
@@ -115,10 +123,11 @@ def _extract_parameters() -> list[inspect.Parameter]:
         else:
             annotation = Optional[kind.base] if kind.optional else kind.base
         low, high = (meta.get("bounds") or (None, None)) if meta.get("parser_bounds") else (None, None)
-        out.append((name, annotation, typer.Option(default, *decls, help=help_, min=low, max=high)))
+        out.append(CliParameter(name, annotation, typer.Option(default, *decls, help=help_, min=low, max=high)))
         if meta.get("from_file"):
             file = meta["from_file"]
-            out.append((_file_parameter(name), Optional[Path], typer.Option(None, file.flag, help=file.help)))
+            out.append(CliParameter(_file_parameter(name), Optional[Path], typer.Option(None, file.flag,
+                                                                                         help=file.help)))
     return out
 
 
@@ -129,7 +138,7 @@ def _file_parameter(name: str) -> str:
     return OPTIONS[name].metadata["from_file"].flag.lstrip("-").replace("-", "_")
 
 
-EXTRACT_OPTIONS = _extract_parameters()
+EXTRACT_PARAMETERS = _extract_parameters()
 
 
 def _extract_values(kw: dict) -> dict:
@@ -138,10 +147,10 @@ def _extract_values(kw: dict) -> dict:
     from .cache.config import KINDS, OPTIONS, option_flag
 
     values = {}
-    for name, _, _ in EXTRACT_OPTIONS:
-        if name not in OPTIONS:  # a from_file parameter: read with its list option
+    for name, f in OPTIONS.items():
+        if f.metadata.get("cli") is False:
             continue
-        meta, kind, flag, v = OPTIONS[name].metadata, KINDS[name], option_flag(name), kw[name]
+        meta, kind, flag, v = f.metadata, KINDS[name], option_flag(name), kw[name]
         if kind.item is float:
             v = _floats(v, flag)
         elif kind.item is str and meta.get("path"):
@@ -169,12 +178,12 @@ def with_extract_options(func):
 
     sig = inspect.signature(func)
     own = [p for p in sig.parameters.values() if p.name != "ex_options"]
-    declared = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=opt, annotation=t)
-                for n, t, opt in EXTRACT_OPTIONS]
+    declared = [inspect.Parameter(p.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=p.declared,
+                                  annotation=p.annotation) for p in EXTRACT_PARAMETERS]
 
     @functools.wraps(func)
     def wrapper(**kw):
-        declared_kw = {n: kw.pop(n) for n, _, _ in EXTRACT_OPTIONS}
+        declared_kw = {p.name: kw.pop(p.name) for p in EXTRACT_PARAMETERS}
         return func(**kw, ex_options=_extract_values(declared_kw))
 
     wrapper.__signature__ = sig.replace(parameters=declared + own)

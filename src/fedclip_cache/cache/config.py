@@ -332,6 +332,9 @@ def _check_kind(f: dataclasses.Field, kind, value: Any, label: str) -> None:
     elif kind.base is int:
         if isinstance(value, bool) or not isinstance(value, Integral):
             raise ConfigError(f"{said(label, value)}: expected {_whole(f)}")
+    elif kind.base is float:
+        if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
+            raise ConfigError(f"{said(label, value)}: expected a finite number")
     elif kind.base is str:
         if not isinstance(value, str) and not (f.metadata.get("path") and isinstance(value, os.PathLike)):
             raise ConfigError(f"{said(label, value)}: expected a string")
