@@ -214,7 +214,8 @@ def extract(
 
     console.print(f"[bold green]cache[/] {escape(rep.cache)}: +{rep.embedded} embedded, {len(rep.skipped)} skipped, "
                   f"{rep.already_cached} already cached ({rep.changed} changed files re-extracted, {rep.retried} "
-                  f"retried), {len(rep.retired)} retired, {rep.refreshed} refreshed (label, domain, split or file identity), in {rep.seconds:.1f}s ({rep.images_per_s:,.0f} img/s); "
+                  f"retried), {len(rep.retired)} retired, {rep.refreshed} refreshed (label, domain, split or file "
+                  f"identity), in {rep.seconds:.1f}s ({rep.images_per_s:,.0f} img/s); "
                   f"total {rep.total_images} images", soft_wrap=True)
     if rep.views > 1:
         console.print(f"views: {rep.views} per image ({rep.extended} cached image(s) given their missing views)",

@@ -18,7 +18,8 @@ from typing import Any, Mapping, NamedTuple, Optional, Sequence
 
 from ..errors import ConfigError
 from ..options import field_kinds, flag_of, named, option, said
-from .views import MAX_VIEWS
+from .datasets import DATASETS, canonical
+from .views import MAX_VIEWS, AugmentError, parse_augment
 
 DEFAULT_TEMPLATES = ("a picture of a {}",)  # the official FedCLIP prompt: 'a picture of a' + ' ' + classname
 
@@ -66,8 +67,6 @@ def check_templates(templates: Sequence[str], where: str = "--template") -> None
         raise ConfigError(f"{where}: template {dup!r} is given twice; list each template once")
 
 
-
-
 # ------------------------------------------------------------------------------- rules of single options
 # Each takes a value already of the declared type and the label the user wrote (see check_option).
 
@@ -82,7 +81,8 @@ def _device(value: str, label: str) -> None:
 def _three_numbers(value: Sequence[float], label: str) -> None:
     """Normalisation mean or std: one finite number per RGB channel."""
     if len(value) != 3 or not all(math.isfinite(x) for x in value):
-        raise ConfigError(f"{named(label)} takes three finite numbers, e.g. 0.5,0.5,0.5 (got {[float(x) for x in value]})")
+        raise ConfigError(f"{named(label)} takes three finite numbers, e.g. 0.5,0.5,0.5 (got "
+                          f"{[float(x) for x in value]})")
 
 
 def _three_positive(value: Sequence[float], label: str) -> None:
@@ -110,8 +110,6 @@ def _classes(value: Sequence[str], label: str) -> None:
 
 
 def _augment(value: str, label: str) -> None:
-    from .views import AugmentError, parse_augment
-
     try:
         parse_augment(value)
     except AugmentError as e:  # its message starts "--augment '<recipe>': "; say it as the user wrote it
@@ -119,8 +117,6 @@ def _augment(value: str, label: str) -> None:
 
 
 def _dataset(value: str, label: str) -> None:
-    from .datasets import DATASETS, canonical
-
     if canonical(value) is None:
         raise ConfigError(f"{said(label, value)} unknown; choose one of {', '.join(DATASETS)} or leave it out")
 

@@ -65,7 +65,9 @@ class ExtractReport:
 def resolve_device(device: str) -> torch.device:
     import re
 
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device or ""):
+    from .config import DEVICE_PATTERN
+
+    if not re.fullmatch(DEVICE_PATTERN, device or ""):
         raise ExtractError(f"--device {device!r} unknown; use auto, cpu, cuda or cuda:N")
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
