@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import dataclasses
 import typing
-from typing import Any, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional, Union
 
 
-def option(default: Any = dataclasses.MISSING, help: str = "", *, flag: Optional[str] = None,
-           choices: Optional[tuple[str, ...]] = None, bounds: Optional[tuple[Any, Any]] = None, factory: Any = None,
-           **more: Any):
+def option(default: Any = dataclasses.MISSING, help: Union[str, Callable[[], str]] = "", *,
+           flag: Optional[str] = None, choices: Optional[tuple[str, ...]] = None,
+           bounds: Optional[tuple[Any, Any]] = None, factory: Any = None, **more: Any):
     """A config field with everything the CLI, pipelines and checks derive from it, written once: its default (or
     ``factory``), help, CLI flag (default ``--field-name``, see :func:`flag_of`), allowed values and inclusive
-    ``(low, high)`` bounds (``None``: no limit on that side). ``more`` holds what one config adds for its own
-    front ends (a grid alias for federate's sweeps; how the ``extract`` command takes a file, ...)."""
+    ``(low, high)`` bounds (``None``: no limit on that side). ``help`` may be a function, called when the help is
+    shown (a registry-backed option lists what is registered then). ``more`` holds what one config adds for its
+    own front ends (a grid alias for federate's sweeps; how the ``extract`` command takes a file, ...)."""
     meta = {"help": help, "flag": flag, "choices": choices, "bounds": bounds, **more}
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=meta)
