@@ -34,7 +34,7 @@ class Built(Exception):
 def run(monkeypatch, capsys):
     """``fedclip-cache extract ...`` through the real entry point, with a stand-in runner that checks the options as
     the real one does first (:meth:`ExtractConfig.validate`) and returns the config: (exit code, output, cfg)."""
-    def stand_in(cfg):
+    def stand_in(cfg, **_):  # the runner's other arguments (a progress bar) do not matter here
         raise Built(cfg.validate())
 
     runner = types.ModuleType("fedclip_cache.cache.extract")
@@ -198,7 +198,7 @@ class Built(Exception):
     pass
 
 
-def stand_in(cfg):  # the runner: check the options as the real one does first, hand back the config
+def stand_in(cfg, **_):  # the runner: check the options as the real one does first, hand back the config
     raise Built(cfg.validate())
 
 

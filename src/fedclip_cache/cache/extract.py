@@ -23,7 +23,7 @@ from .integrity import CACHE_FORMAT_VERSION, CacheBusy, WriterLock
 from .imageio import ImageFiles
 from .models import LoadedModel, load_model
 from .config import DEFAULT_TEMPLATES, ExtractConfig, ModelSpec, check_templates  # noqa: F401  (re-exported)
-from .sources import OWN_OUTPUT, ImageTable, quoted, scan
+from .sources import OWN_OUTPUT, ImageTable, check_label_text, quoted, scan
 from ..errors import FedclipCacheError
 
 FORMAT_VERSION = CACHE_FORMAT_VERSION
