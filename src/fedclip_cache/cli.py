@@ -2,17 +2,18 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, List, Optional
+from typing import TYPE_CHECKING, Any, List, NamedTuple, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from .errors import FedclipCacheError
-from .cache.config import ExtractConfig, ModelSpec
+from .cache.config import ExtractConfig
 from .pipeline import bundled_pipelines
 
 if TYPE_CHECKING:
@@ -71,9 +72,6 @@ def _floats(text: Optional[str], name: str) -> Optional[list[float]]:
     return vals
 
 
-_EX, _MS = ExtractConfig(source="", out=""), ModelSpec()  # extract's defaults, declared once in specs.py
-
-
 LIST_FILE_MAX = 16 << 20  # one short line per class or template: ImageNet-21k's 21,841 classes are 0.5 MB
 
 
@@ -90,95 +88,123 @@ def _list_file(path: Path, option: str) -> list[str]:
     return [ln.strip() for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
 
 
+class CliParameter(NamedTuple):
+    """One parameter of a command built from declared options: its name, type and ``typer.Option``/``Argument``."""
+
+    name: str
+    annotation: Any
+    declared: Any
+
+
+def _extract_parameters() -> list[CliParameter]:
+    """Every extract option declared in cache/config.py as a typer argument or option, in declaration order: its
+    flag, help and default come from the declaration, so `extract` never restates them. How the command line takes
+    a value follows its type and metadata: a path is PATH, three numbers are one comma-separated text, a list is a
+    repeatable flag (plus a file of one item per line: ``from_file``) or a file (``path``)."""
+    from .cache.config import KINDS, OPTIONS, option_default, option_flag
+
+    out = []
+    for name, f in OPTIONS.items():
+        meta, kind, flag = f.metadata, KINDS[name], option_flag(name)
+        if meta.get("cli") is False:
+            continue
+        help_ = meta["help"] or None
+        if meta.get("argument"):
+            out.append(CliParameter(name, Path, typer.Argument(..., help=help_)))
+            continue
+        default, decls = option_default(name), [flag]
+        if kind.item is float:  # three numbers: one text, 0.5,0.5,0.5
+            annotation, default = Optional[str], None
+        elif kind.item is str:
+            annotation, default = (Optional[Path], None) if meta.get("path") else (Optional[List[str]], None)
+        elif meta.get("path"):
+            annotation = Optional[Path]
+        elif kind.base is bool:
+            annotation, decls = (Optional[bool] if kind.optional else bool), [f"{flag}/--no-{flag[2:]}"]
+        else:
+            annotation = Optional[kind.base] if kind.optional else kind.base
+        low, high = (meta.get("bounds") or (None, None)) if meta.get("parser_bounds") else (None, None)
+        out.append(CliParameter(name, annotation, typer.Option(default, *decls, help=help_, min=low, max=high)))
+        if meta.get("from_file"):
+            file = meta["from_file"]
+            out.append(CliParameter(_file_parameter(name), Optional[Path], typer.Option(None, file.flag,
+                                                                                         help=file.help)))
+    return out
+
+
+def _file_parameter(name: str) -> str:
+    """The parameter of an option's ``from_file`` flag (``templates`` -> ``templates_file``)."""
+    from .cache.config import OPTIONS
+
+    return OPTIONS[name].metadata["from_file"].flag.lstrip("-").replace("-", "_")
+
+
+EXTRACT_PARAMETERS = _extract_parameters()
+
+
+def _extract_values(kw: dict) -> dict:
+    """The command line's values as extract option values: paths as text, three numbers parsed, list files read;
+    a list given neither by its flag nor by its file is left out (its declared default)."""
+    from .cache.config import KINDS, OPTIONS, option_flag
+
+    values = {}
+    for name, f in OPTIONS.items():
+        if f.metadata.get("cli") is False:
+            continue
+        meta, kind, flag, v = f.metadata, KINDS[name], option_flag(name), kw[name]
+        if kind.item is float:
+            v = _floats(v, flag)
+        elif kind.item is str and meta.get("path"):
+            v = None if v is None else _list_file(v, flag)
+        elif kind.item is str:
+            v = list(v or [])
+            file = meta.get("from_file") and kw[_file_parameter(name)]
+            if file:
+                lines = _list_file(file, meta["from_file"].flag)
+                if not lines:
+                    raise typer.BadParameter(f"{file}: {meta['from_file'].empty}", param_hint=meta["from_file"].flag)
+                v += lines
+            if not v:
+                continue
+        elif meta.get("path") and v is not None:
+            v = str(v)
+        values[name] = v
+    return values
+
+
+def with_extract_options(func):
+    """Put every declared extract option before a command's own parameters; they arrive as ``ex_options`` (a dict
+    of extract option values, see :func:`_extract_values`)."""
+    import functools
+
+    sig = inspect.signature(func)
+    own = [p for p in sig.parameters.values() if p.name != "ex_options"]
+    declared = [inspect.Parameter(p.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=p.declared,
+                                  annotation=p.annotation) for p in EXTRACT_PARAMETERS]
+
+    @functools.wraps(func)
+    def wrapper(**kw):
+        declared_kw = {p.name: kw.pop(p.name) for p in EXTRACT_PARAMETERS}
+        return func(**kw, ex_options=_extract_values(declared_kw))
+
+    wrapper.__signature__ = sig.replace(parameters=declared + own)
+    return wrapper
+
+
 @app.command()
+@with_extract_options
 def extract(
-    source: Path = typer.Argument(..., help="DomainBed folder ROOT/<domain>/<class>/<image>, or a manifest "
-                                            ".csv/.parquet (path, label, domain[, client][, split])."),
-    out: Path = typer.Argument(..., help="Cache folder to create or extend (resumable)."),
-    model: str = typer.Option(_MS.model, help="open_clip model name, NAME/TAG (e.g. ViT-B-32/openai), or "
-                                               "local-dir:DIR."),
-    pretrained: Optional[str] = typer.Option(_MS.pretrained, help="Pretrained tag, a local checkpoint file, or "
-                                                            "'none' for random init."),
-    model_config: Optional[Path] = typer.Option(None, help="Custom architecture JSON (registered with "
-                                                           "open_clip; its file stem becomes the model name)."),
-    image_mean: Optional[str] = typer.Option(None, help="Override normalisation mean, e.g. 0.5,0.5,0.5."),
-    image_std: Optional[str] = typer.Option(None, help="Override normalisation std, e.g. 0.5,0.5,0.5."),
-    format: str = typer.Option(_EX.format, help="parquet or hdf5."),
-    device: str = typer.Option(_EX.device, help="auto, cpu or cuda."),
-    precision: str = typer.Option(_EX.precision, help="auto (fp16 autocast on CUDA, fp32 on CPU), fp32, fp16 or bf16."),
-    dtype: str = typer.Option(_EX.dtype, help="Stored embedding dtype: float32 or float16."),
-    batch_size: int = typer.Option(_EX.batch_size, min=1),
-    workers: Optional[int] = typer.Option(_EX.workers, min=0, help="DataLoader worker processes (default: all CPUs up to 32 on "
-                                                                     "CUDA, min(4, CPUs) on CPU)."),
-    shard_size: int = typer.Option(_EX.shard_size, min=1, help="Images per committed shard (the most a crash can lose)."),
-    template: Optional[List[str]] = typer.Option(None, help="Prompt template with {} for the class; repeatable. "
-                                                            "Default: the official 'a picture of a {}'."),
-    templates_file: Optional[Path] = typer.Option(None, help="File with one template per line."),
-    classes: Optional[Path] = typer.Option(None, "--classes", help="File with the full class list, one per line, "
-                                                                    "in label order (default: the classes found, "
-                                                                    "sorted). Every site of a federation passes "
-                                                                    "the same file, so labels and text prompts "
-                                                                    "agree even where a site lacks a class."),
-    strict: bool = typer.Option(_EX.strict, help="Fail on the first unreadable image instead of skipping it."),
-    seed: int = typer.Option(_MS.seed, help="Seed for random-init models (--pretrained none)."),
-    quick_gelu: Optional[bool] = typer.Option(
-        None, "--quick-gelu/--no-quick-gelu",
-        help="Transformer MLP activation. Default (auto): QuickGELU when the pretrained tag's config says so "
-             "(openai, laion400m, metaclip, ...; OpenAI trained with it), else what the model config says "
-             "(-quickgelu names, quick_gelu in a JSON/local-dir config). A checkpoint FILE cannot tell us the "
-             "activation its weights were trained with: pass --quick-gelu for OpenAI-trained weights loaded from a "
-             "file. The activation built is recorded in the cache."),
-    dataset: Optional[str] = typer.Option(None, help="Known dataset (PACS, VLCS, OfficeHome, DomainNet) to check "
-                                                     "counts against; default: recognised only by its exact set "
-                                                     "of domain names."),
-    exif_transpose: bool = typer.Option(_EX.exif_transpose, help="Rotate images by their EXIF orientation tag before "
-                                                    "preprocessing (the official code, like ImageFolder, does not)."),
-    verify: bool = typer.Option(_EX.verify, help="Re-hash every committed shard before resuming (default: size check); "
-                                            "damaged shards are removed and their images re-embedded."),
-    views: Optional[int] = typer.Option(
-        _EX.views, help="Views per image, K >= 1 (default: the cache's own, 1 for a new cache). View 0 is the "
-                        "deterministic evaluation view (exactly the feature a plain extract stores); views 1..K-1 "
-                        "are seeded augmented views (--augment) for training with `federate --train-views`. "
-                        "Costs K x the extraction time and K x the storage; raising K on an existing cache "
-                        "computes only the new views."),
-    augment: Optional[str] = typer.Option(
-        _EX.augment, help="Recipe of the augmented views (only with --views >= 2): comma-separated rrc=LO-HI "
-                          "(RandomResizedCrop to the model's input size and interpolation, area scale), ratio=LO-HI "
-                          "(crop aspect ratio, default 3/4-4/3), flip[=P] (horizontal flip, P=0.5), jitter=S "
-                          "(brightness/contrast/saturation). Default 'rrc=0.5-1,flip' (PromptFL/CoOp training "
-                          "augmentation). Fixed for a cache once it holds views."),
-    augment_seed: Optional[int] = typer.Option(
-        _EX.augment_seed, help="Seed of the augmented views (default 0): view k of an image depends only on this "
-                               "seed, the image's path in the dataset and k. Fixed for a cache once it holds "
-                               "views."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    ex_options: dict = None,
 ):
     """Run frozen open_clip once over every image and store raw embeddings + class-prompt text embeddings.
 
     Re-running the same command resumes a killed run, embeds only new or changed images, retries files that failed
     for a transient reason, retires images deleted or moved since, and repairs damaged shards or metadata. One
     extract at a time per cache: a second is refused while the first runs."""
-    from .cache.extract import DEFAULT_TEMPLATES, extract as run_extract
+    from .cache.extract import extract as run_extract
 
-    templates = list(template or [])
-    if templates_file:
-        from_file = _list_file(templates_file, "--templates-file")
-        if not from_file:
-            raise typer.BadParameter(f"{templates_file}: no templates in the file (one per line, with {{}})",
-                                     param_hint="--templates-file")
-        templates += from_file
-    class_list = None
-    if classes is not None:
-        class_list = _list_file(classes, "--classes")
-    cfg = ExtractConfig(
-        source=str(source), out=str(out), classes=class_list,
-        model=ModelSpec(model=model, pretrained=pretrained, model_config=str(model_config) if model_config else None,
-                        image_mean=_floats(image_mean, "--image-mean"), image_std=_floats(image_std, "--image-std"),
-                        seed=seed, quick_gelu=quick_gelu),
-        format=format, device=device, precision=precision, dtype=dtype, batch_size=batch_size, workers=workers,
-        shard_size=shard_size, templates=templates or list(DEFAULT_TEMPLATES), strict=strict, progress=not quiet,
-        dataset=dataset, exif_transpose=exif_transpose, verify=verify, views=views, augment=augment,
-        augment_seed=augment_seed)
+    cfg = ExtractConfig.from_options({**ex_options, "progress": not quiet})
     rep = run_extract(cfg)
     import os
     if int(os.environ.get("RANK", "0")) != 0:
@@ -189,7 +215,8 @@ def extract(
 
     console.print(f"[bold green]cache[/] {escape(rep.cache)}: +{rep.embedded} embedded, {len(rep.skipped)} skipped, "
                   f"{rep.already_cached} already cached ({rep.changed} changed files re-extracted, {rep.retried} "
-                  f"retried), {len(rep.retired)} retired, {rep.refreshed} refreshed (label, domain, split or file identity), in {rep.seconds:.1f}s ({rep.images_per_s:,.0f} img/s); "
+                  f"retried), {len(rep.retired)} retired, {rep.refreshed} refreshed (label, domain, split or file "
+                  f"identity), in {rep.seconds:.1f}s ({rep.images_per_s:,.0f} img/s); "
                   f"total {rep.total_images} images", soft_wrap=True)
     if rep.views > 1:
         console.print(f"views: {rep.views} per image ({rep.extended} cached image(s) given their missing views)",

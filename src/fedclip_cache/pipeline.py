@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from .federated.config import ConfigError, FederateConfig, parse_text
-from .cache.config import ExtractConfig, ModelSpec, check_templates
+from .cache.config import PIPELINE_OPTIONS, ExtractConfig, check_option
+from .options import said
 
 try:
     import tomllib
@@ -22,9 +23,8 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
 PIPELINE_KEYS = {"name", "cache", "out", "dataset", "description"}
-# [extract] keys: every ModelSpec and ExtractConfig field (specs.py) except what the pipeline itself provides.
-EXTRACT_KEYS = ({f.name for f in dataclasses.fields(ModelSpec)} | {f.name for f in dataclasses.fields(ExtractConfig)}) \
-    - {"source", "out", "progress", "dataset"}
+# [extract] keys: every extract option (cache/config.py) except what the pipeline itself provides.
+EXTRACT_KEYS = set(PIPELINE_OPTIONS)
 SWEEP_KEYS = {"grid", "seeds", "jobs"}
 SECTIONS = {"pipeline": PIPELINE_KEYS, "extract": EXTRACT_KEYS,
             "federate": {f.name for f in dataclasses.fields(FederateConfig)}, "sweep": SWEEP_KEYS}
@@ -121,72 +121,23 @@ def _labeller(path: Path, overridden: set[str]) -> Callable[[str], str]:
     return label
 
 
-def _said(label: str, value: Any) -> str:
-    return f"{label}{value!r}"
-
-
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _check_pipeline(p: dict, label: Callable[[str], str]) -> None:
-    from .cache.datasets import DATASETS, canonical
-
     for k, v in p.items():
         if not isinstance(v, str) or (k in ("name", "cache", "out") and not v.strip()):
-            raise ConfigError(f"{_said(label('pipeline.' + k), v)}: expected a non-empty string")
-    if "dataset" in p and canonical(p["dataset"]) is None:
-        raise ConfigError(f"{_said(label('pipeline.dataset'), p['dataset'])}: unknown dataset; known: "
-                          f"{', '.join(DATASETS)}")
-
-
-EXTRACT_CHOICES = {"format": ("parquet", "hdf5"), "precision": ("auto", "fp32", "fp16", "bf16"),
-                   "dtype": ("float32", "float16"), "device": ("auto", "cpu", "cuda")}
+            raise ConfigError(f"{said(label('pipeline.' + k), v)}: expected a non-empty string")
+    if "dataset" in p:
+        check_option("dataset", p["dataset"], label("pipeline.dataset"))  # extract's --dataset
 
 
 def _check_extract(ex: dict, label: Callable[[str], str]) -> None:
-    """Types and ranges of the [extract] keys, checked even when the cache is re-used (a typo is still a typo)."""
-    import math
-
+    """Types and ranges of the [extract] keys, checked even when the cache is re-used (a typo is still a typo): the
+    checks of the extract options themselves (cache/config.py), naming the key as the user wrote it."""
     for k, v in ex.items():
-        where = _said(label("extract." + k), v)
-        if k in ("model", "pretrained", "model_config") and not isinstance(v, str):
-            raise ConfigError(f"{where}: expected a string")
-        if k in EXTRACT_CHOICES and v not in EXTRACT_CHOICES[k] and not (k == "device" and isinstance(v, str)
-                                                                          and v.startswith("cuda:")):
-            raise ConfigError(f"{where}: unknown; choose one of {', '.join(EXTRACT_CHOICES[k])}")
-        if k in ("batch_size", "shard_size") and (not _is_int(v) or v < 1):
-            raise ConfigError(f"{where}: expected a whole number >= 1")
-        if k in ("workers", "seed", "augment_seed") and (not _is_int(v) or v < 0):
-            raise ConfigError(f"{where}: expected a whole number >= 0")
-        if k == "views" and (not _is_int(v) or v < 1):
-            raise ConfigError(f"{where}: expected a whole number >= 1 (1 = only the evaluation view)")
-        if k == "augment":
-            from .cache.views import AugmentError, parse_augment
-
-            try:
-                parse_augment(v)
-            except AugmentError as e:
-                raise ConfigError(f"{where}: {str(e).split(': ', 1)[-1]}") from None
-        if k in ("strict", "quick_gelu", "exif_transpose", "verify") and not isinstance(v, bool):
-            raise ConfigError(f"{where}: expected true or false")
-        if k in ("image_mean", "image_std") and (
-                not isinstance(v, list) or len(v) != 3
-                or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)):
-            raise ConfigError(f"{where}: expected three finite numbers, e.g. [0.5, 0.5, 0.5]")
-        if k == "image_std" and any(x <= 0 for x in v):
-            raise ConfigError(f"{where}: standard deviations must be > 0")
-        if k == "classes" and (not isinstance(v, list) or not v or not all(isinstance(c, str) and c for c in v)):
-            raise ConfigError(f"{where}: expected a non-empty list of class names, in label order")
-        if k == "classes":
-            from .cache.sources import check_label_text
-
-            for c in v:
-                check_label_text("class", c, where)  # the rule extract applies to class names from the data
-        if k == "templates":
-            if not isinstance(v, list) or not v or not all(isinstance(t, str) for t in v):
-                raise ConfigError(f"{where}: expected a non-empty list of strings, e.g. [\"a picture of a {{}}\"]")
-            check_templates(v, where)  # the same rule as extract --template
+        check_option(k, v, label("extract." + k))
 
 
 def _federate_config(fed: dict, label: Callable[[str], str]) -> tuple[FederateConfig, dict[str, str]]:
@@ -204,7 +155,7 @@ def _grid(sw: dict, label: Callable[[str], str]) -> tuple[dict[str, list], dict[
 
     raw = sw.get("grid", {})
     if not isinstance(raw, dict):
-        raise ConfigError(f"{_said(label('sweep.grid'), raw)}: expected a table, e.g. grid = {{ hidden = [32, 64] }}")
+        raise ConfigError(f"{said(label('sweep.grid'), raw)}: expected a table, e.g. grid = {{ hidden = [32, 64] }}")
     grid, names = {}, {}
     for key, vals in raw.items():
         name = grid_field(key, where=label("sweep.grid").rstrip("= "))
@@ -240,11 +191,11 @@ def prepare(path: str | Path, overrides: Optional[list[str]] = None) -> Plan:
     seeds = sw.get("seeds", [0])
     seeds = [seeds] if _is_int(seeds) else seeds
     if not isinstance(seeds, list):
-        raise ConfigError(f"{_said(label('sweep.seeds'), seeds)}: expected a list of whole numbers, e.g. [0, 1, 2]")
+        raise ConfigError(f"{said(label('sweep.seeds'), seeds)}: expected a list of whole numbers, e.g. [0, 1, 2]")
     seeds = check_seeds(seeds, label("sweep.seeds").rstrip("= "))
     jobs = sw.get("jobs", 1)
     if not _is_int(jobs) or jobs < 1:
-        raise ConfigError(f"{_said(label('sweep.jobs'), jobs)}: expected a whole number >= 1")
+        raise ConfigError(f"{said(label('sweep.jobs'), jobs)}: expected a whole number >= 1")
     expand(fed, grid, {**fed_names, **grid_names})
     return Plan(cfg, fed, fed_names, grid, grid_names, seeds, jobs)
 
@@ -261,8 +212,7 @@ def run(path: str | Path, data: Optional[str], overrides: Optional[list[str]] = 
     The whole pipeline is validated first (:func:`prepare`), and against the cache as soon as it exists, so a
     typo in the sweep fails before the federate stage trains anything."""
     from .cache.reader import open_cache
-    from .cache.extract import ExtractConfig, extract
-    from .cache.models import ModelSpec
+    from .cache.extract import extract
     from .federated.runfolder import claim
     from .sweep import expand, preflight
 
@@ -285,12 +235,8 @@ def run(path: str | Path, data: Optional[str], overrides: Optional[list[str]] = 
         preflight(cache, points, names)
         log(f"re-using cache {cache}")
     else:  # extract is incremental: a no-op for unchanged data, and it picks up added, changed and removed files
-        spec = ModelSpec(**{f.name: ex.pop(f.name) for f in dataclasses.fields(ModelSpec) if f.name in ex})
-        for k in ("templates", "classes"):
-            if k in ex:
-                ex[k] = list(ex[k])
-        rep = extract(ExtractConfig(source=str(data), out=str(cache), model=spec, dataset=p.get("dataset"),
-                                    progress=True, **ex))
+        rep = extract(ExtractConfig.from_options({**ex, "source": str(data), "out": str(cache),
+                                                  "dataset": p.get("dataset"), "progress": True}))
         log(f"extracted {rep.embedded} images ({len(rep.skipped)} skipped, {len(rep.retired)} retired, "
             f"{rep.refreshed} refreshed) into {cache}")
         for w in rep.warnings:

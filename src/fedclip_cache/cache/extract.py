@@ -65,7 +65,9 @@ class ExtractReport:
 def resolve_device(device: str) -> torch.device:
     import re
 
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device or ""):
+    from .config import DEVICE_PATTERN
+
+    if not re.fullmatch(DEVICE_PATTERN, device or ""):
         raise ExtractError(f"--device {device!r} unknown; use auto, cpu, cuda or cuda:N")
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -256,39 +258,11 @@ def _plan(table: ImageTable, known: dict, views: int = 1) -> tuple[np.ndarray, i
 
 
 def validate_config(cfg: ExtractConfig) -> None:
-    if cfg.format not in store.FORMATS:
-        raise ExtractError(f"--format {cfg.format!r} unknown; use parquet or hdf5")
-    if cfg.dtype not in ("float32", "float16"):
-        raise ExtractError(f"--dtype {cfg.dtype!r} unknown; use float32 or float16")
-    if cfg.precision not in ("auto", "fp32", "fp16", "bf16"):
-        raise ExtractError(f"--precision {cfg.precision!r} unknown; use auto, fp32, fp16 or bf16")
-    check_templates(cfg.templates if isinstance(cfg.templates, str) else list(cfg.templates))
-    if cfg.classes is not None:
-        if not cfg.classes:
-            raise ExtractError("--classes: the class list must name at least one class, one per line")
-        for c in cfg.classes:
-            check_label_text("class", c, "--classes")
-        dup = next((c for i, c in enumerate(cfg.classes) if c in cfg.classes[:i]), None)
-        if dup is not None:
-            raise ExtractError(f"--classes: class {dup!r} is listed twice; each class once, in label order")
-    for name in ("batch_size", "shard_size"):
-        if getattr(cfg, name) < 1:
-            raise ExtractError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(cfg, name)})")
-    if cfg.workers is not None and cfg.workers < 0:
-        raise ExtractError(f"--workers must be 0 or more (got {cfg.workers})")
-    for name, vals in (("--image-mean", cfg.model.image_mean), ("--image-std", cfg.model.image_std)):
-        if vals is not None and (len(vals) != 3 or not all(np.isfinite(v) for v in vals)):
-            raise ExtractError(f"{name} takes three finite numbers, e.g. 0.5,0.5,0.5 (got {list(vals)})")
-    if cfg.model.image_std is not None and min(cfg.model.image_std) <= 0:
-        raise ExtractError(f"--image-std values must be > 0 (got {list(cfg.model.image_std)})")
+    """Refuse a bad option before anything is loaded: every declared check (:meth:`ExtractConfig.validate`, the
+    same as the command line's and a pipeline's), then what only torch can tell (a CUDA device asked for and none
+    visible)."""
+    cfg.validate()
     resolve_device(cfg.device)
-    _views.check_views(cfg.views, cfg.augment, cfg.augment_seed)
-    if cfg.dataset is not None:
-        from .datasets import DATASETS, canonical
-
-        if canonical(cfg.dataset) is None:
-            raise ExtractError(f"--dataset {cfg.dataset!r} unknown; choose one of {', '.join(DATASETS)} or leave it "
-                               f"out")
 
 
 def extract(cfg: ExtractConfig) -> ExtractReport:

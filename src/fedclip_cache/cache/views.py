@@ -98,21 +98,6 @@ def recipe_text(recipe: dict) -> str:
 MAX_VIEWS = 256  # K x 3 x 224 x 224 float32 = 154 MB for one image at K = 256: beyond that, memory, not data
 
 
-def check_views(views, augment, augment_seed) -> None:
-    """Types and ranges of the extract options (None = the cache's own / the default)."""
-    if views is not None and (isinstance(views, bool) or not isinstance(views, int) or views < 1):
-        raise AugmentError(f"--views {views!r}: expected a whole number >= 1 (1 = only the evaluation view, "
-                           f"as today)")
-    if views is not None and views > MAX_VIEWS:
-        raise AugmentError(f"--views {views}: at most {MAX_VIEWS} views per image (one image's views are decoded "
-                           f"and held together; CLAP caches 20, Tip-Adapter averages 10)")
-    if augment is not None:
-        parse_augment(augment)
-    if augment_seed is not None and (isinstance(augment_seed, bool) or not isinstance(augment_seed, int)
-                                     or not 0 <= augment_seed < 2**63):
-        raise AugmentError(f"--augment-seed {augment_seed!r}: expected a whole number in [0, 2**63)")
-
-
 def view_seed(seed: int, image_id: str, k: int) -> int:
     """The seed of view ``k`` of image ``image_id``: a hash, so that it depends on nothing else."""
     h = hashlib.blake2b(f"{seed}/{image_id}/{k}".encode(), digest_size=8).digest()

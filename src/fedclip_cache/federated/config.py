@@ -10,11 +10,12 @@ import dataclasses
 import math
 import re
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from numbers import Integral, Real
-from typing import Any, Callable, Mapping, NamedTuple, Optional, Union
+from typing import Any, Mapping, NamedTuple, Optional
 
 from ..errors import ConfigError
+from ..options import flag_of, option, said as as_written, show  # noqa: F401  (as_written: the one formatter of refused values)
 from .adapters import ADAPTERS, adapters_help, list_adapters
 from .algorithms import ALGORITHMS, algorithms_help, get_algorithm
 
@@ -41,35 +42,6 @@ def adapter_training_options() -> set[str]:
 # The largest seed every consumer takes: torch's and numpy's generators take up to 2**64 - 1, but metrics.parquet
 # stores the seed in an int32 column (a larger seed trained, then failed writing it: OverflowError, no results).
 SEED_MAX = 2**31 - 1
-
-
-def option(default: Any = dataclasses.MISSING, help: Union[str, Callable[[], str]] = "", *,
-           flag: Optional[str] = None, choices: Optional[tuple[str, ...]] = None, grid: Optional[str] = None,
-           factory: Any = None, bounds: Optional[tuple[Any, Any]] = None):
-    """A FederateConfig field with everything the CLI, pipelines and sweeps derive from it, written once: its
-    default, help, CLI flag (default ``--field-name``), allowed values, a short grid key alias, and inclusive
-    ``(low, high)`` bounds (checked by :func:`check_bounds`, the one check of every way a value arrives). ``help``
-    may be a function, called when the help is shown: the text of a registry-backed option (``--algo``,
-    ``--adapter``) lists what is registered then."""
-    meta = {"help": help, "flag": flag, "choices": choices, "grid": grid, "bounds": bounds}
-    if factory is not None:
-        return field(default_factory=factory, metadata=meta)
-    return field(default=default, metadata=meta)
-
-
-def as_written(flag: str, value: Any) -> str:
-    """How the user wrote an option and its value, the start of every refusal of a value: ``--lr nan``,
-    ``--grid hidden=0``, ``p.toml: federate.rounds = 'two'`` (a label ending in ``=`` or a space takes the value
-    directly)."""
-    return f"{flag}{'' if flag.endswith(('=', ' ')) else ' '}{_show(value)}"
-
-
-def _show(value: Any) -> str:
-    if isinstance(value, tuple):
-        return ",".join(_show(v) for v in value)
-    if isinstance(value, list):
-        return ",".join(map(str, value)) if all(isinstance(v, str) for v in value) else repr(value)
-    return repr(value) if isinstance(value, str) else str(value)
 
 
 def check_bounds(name: str, value: Any, label: str) -> None:
@@ -424,7 +396,7 @@ class _Checks:
             self.below_one(name)
         if min(cfg.split) < 0 or max(cfg.split) > 1 or abs(sum(cfg.split) - 1) > 1e-6:
             raise ConfigError(f"{self.flag('split').rstrip('= ')} must be three fractions in [0, 1] summing to 1, "
-                              f"e.g. 0.6,0.2,0.2 (got {_show(cfg.split)})")
+                              f"e.g. 0.6,0.2,0.2 (got {show(cfg.split)})")
         if cfg.split[0] == 0 and cfg.split_source == "random":
             raise self.bad("split", "the train fraction must be > 0")
 
@@ -453,7 +425,7 @@ def option_help(name: str) -> str:
 
 def option_flag(name: str) -> str:
     """The flag a user types for a field (``num_clients`` -> ``--clients``)."""
-    return FIELDS[name].metadata.get("flag") or "--" + name.replace("_", "-")
+    return flag_of(FIELDS[name])
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(FederateConfig)}
