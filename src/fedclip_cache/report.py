@@ -148,10 +148,9 @@ def report_path(path, fmt: str, plots: bool, console: Console, partial: bool = F
     """Re-render a run folder or a sweep folder from what is on disk. Only what its run completed is rendered: an
     incomplete, mixed or busy folder is a one-line error (``runfolder.check_readable``); a sweep with points still
     to do says "k of n points" and is refused unless ``partial``."""
-    import json
     from pathlib import Path
 
-    from .federated.runfolder import check_readable, disk_full, folder_kind
+    from .federated.runfolder import folder_kind
     from .cache.store import CacheError
 
     path = Path(path)
@@ -159,55 +158,68 @@ def report_path(path, fmt: str, plots: bool, console: Console, partial: bool = F
         raise CacheError(f"--format {fmt!r} unknown; use table, md, csv or json")
     kind = folder_kind(path)  # its state.json's kind, else what its files say
     if kind == "sweep":
-        from .plots import sweep_plots
-        from .sweep import collect, summary_csv, summary_rows
-
-        notes = sweep_notes(path, partial)
-        res = collect(path)
-        if plots:
-            with disk_full(path, "plots"):
-                sweep_plots(path, res)
-        cols, rows = summary_rows(res["summary"])
-        _notes(notes, fmt, console)
-        if fmt == "table":
-            render_sweep(res, console)
-        elif fmt == "md":
-            print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
-            for r in rows:
-                print("| " + " | ".join(r) + " |")
-        elif fmt == "csv":
-            print(summary_csv(res), end="")
-        else:
-            print(json.dumps(res["summary"], indent=2))
-        return
+        return _report_sweep(path, fmt, plots, console, partial)
     if kind in ("federate", "deploy"):
-        notes = check_readable(path, kind)
-        s = json.loads((path / "summary.json").read_text())
-        if plots and (path / "metrics.parquet").is_file():
-            from .plots import run_plots
-
-            with disk_full(path, "plots"):
-                run_plots(path)
-        _notes(notes, fmt, console)
-        if fmt == "table":
-            render_run_summary(s, console)
-        elif fmt == "json":
-            print(json.dumps(s, indent=2))
-        else:
-            sep = "," if fmt == "csv" else " | "
-            head = ["experiment", "best_round", "heldout", "test_mean", "heldout_last", "test_mean_last"]
-            lines = [sep.join(head)] + ([] if fmt == "csv" else ["|".join(["---"] * len(head))])
-            for e in s["experiments"]:
-                vals = [e["experiment"], e["best"]["round"], _pct(e["best"]["heldout"]), _pct(e["best"]["test_mean"]),
-                        _pct(e["last"]["heldout"]), _pct(e["last"]["test_mean"])]
-                lines.append(sep.join(map(str, vals)))
-            if fmt == "md":
-                lines = ["| " + ln + " |" for ln in lines]
-            print("\n".join(lines))
-        return
+        return _report_run(path, kind, fmt, plots, console)
     if kind == "pipeline":
         raise CacheError(f"{path}: a pipeline (`run`) output folder; report its federate/ or sweep/ folder")
     raise CacheError(f"{path}: neither a run folder (summary.json) nor a sweep folder (sweep.json)")
+
+
+def _report_sweep(path, fmt: str, plots: bool, console: Console, partial: bool) -> None:
+    import json
+
+    from .federated.runfolder import disk_full
+    from .plots import sweep_plots
+    from .sweep import collect, summary_csv, summary_rows
+
+    notes = sweep_notes(path, partial)
+    res = collect(path)
+    if plots:
+        with disk_full(path, "plots"):
+            sweep_plots(path, res)
+    cols, rows = summary_rows(res["summary"])
+    _notes(notes, fmt, console)
+    if fmt == "table":
+        render_sweep(res, console)
+    elif fmt == "md":
+        print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
+        for r in rows:
+            print("| " + " | ".join(r) + " |")
+    elif fmt == "csv":
+        print(summary_csv(res), end="")
+    else:
+        print(json.dumps(res["summary"], indent=2))
+
+
+def _report_run(path, kind: str, fmt: str, plots: bool, console: Console) -> None:
+    import json
+
+    from .federated.runfolder import check_readable, disk_full
+
+    notes = check_readable(path, kind)
+    s = json.loads((path / "summary.json").read_text())
+    if plots and (path / "metrics.parquet").is_file():
+        from .plots import run_plots
+
+        with disk_full(path, "plots"):
+            run_plots(path)
+    _notes(notes, fmt, console)
+    if fmt == "table":
+        render_run_summary(s, console)
+    elif fmt == "json":
+        print(json.dumps(s, indent=2))
+    else:
+        sep = "," if fmt == "csv" else " | "
+        head = ["experiment", "best_round", "heldout", "test_mean", "heldout_last", "test_mean_last"]
+        lines = [sep.join(head)] + ([] if fmt == "csv" else ["|".join(["---"] * len(head))])
+        for e in s["experiments"]:
+            vals = [e["experiment"], e["best"]["round"], _pct(e["best"]["heldout"]), _pct(e["best"]["test_mean"]),
+                    _pct(e["last"]["heldout"]), _pct(e["last"]["test_mean"])]
+            lines.append(sep.join(map(str, vals)))
+        if fmt == "md":
+            lines = ["| " + ln + " |" for ln in lines]
+        print("\n".join(lines))
 
 
 def sweep_notes(path, partial: bool) -> list[str]:

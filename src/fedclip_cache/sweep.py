@@ -312,45 +312,16 @@ def sweep(cache_path: str | Path, base: FederateConfig, grid: dict[str, list], s
     try:
         with disk_full(out, "sweep.json"):
             write_json(out / "sweep.json", record)
-        todo, stale = [], 0
-        for cfg in points:
-            folder = out / "points" / point_folder(cfg, seeds)
-            done_file = folder / "summary.json"
-            if done_file.is_file() and _point_identity(done_file) != identity:
-                done_file.unlink()  # trained on an earlier commit of this cache: not these results
-                stale += 1
-            if not done_file.is_file():
-                with disk_full(out):
-                    folder.mkdir(parents=True, exist_ok=True)
-                todo.append((cfg, folder))
-        done = len(points) - len(todo)
-        if on_done:
-            on_done(done, len(points))
+        todo, stale = _points_to_run(out, points, seeds, identity)
+        progress = _Progress(len(points), len(points) - len(todo), on_done)
         if jobs <= 1:
             cache = open_cache(cache_path, **opener) if todo else None  # read once for all points, not once per point
             for cfg, folder in todo:
                 with _refused_point(out, record, folder, lock):
                     _run_point(cache, cfg.to_dict(), seeds, str(folder), None)
-                done += 1
-                if on_done:
-                    on_done(done, len(points))
+                progress.one_more()
         else:
-            threads = max(1, (os.cpu_count() or 1) // jobs)
-            from .launch.procs import die_with_parent
-
-            # A --jobs worker ends when the sweep that started it dies (``deploy``'s own rule: Linux's
-            # PR_SET_PDEATHSIG). Without it a `kill -9` of the sweep left its workers training on, for as long as
-            # their points took, writing their points into the folder after its lock was gone, beside the next
-            # sweep run into it.
-            with ProcessPoolExecutor(jobs, initializer=die_with_parent, initargs=(os.getpid(),)) as ex:
-                futs = {ex.submit(_run_point, str(cache_path), cfg.to_dict(), seeds, str(folder), threads, opener):
-                        folder for cfg, folder in todo}
-                for f in as_completed(futs):
-                    with _refused_point(out, record, futs[f], lock):
-                        f.result()
-                    done += 1
-                    if on_done:
-                        on_done(done, len(points))
+            _run_in_workers(cache_path, todo, seeds, jobs, opener, out, record, lock, progress)
         st = status(out)
         results = collect(out, st["done"])
         results.update(ran=len(todo), points=len(points), stale=stale, done=len(st["done"]),
@@ -362,6 +333,60 @@ def sweep(cache_path: str | Path, base: FederateConfig, grid: dict[str, list], s
     finally:
         lock.close()
     return results
+
+
+class _Progress:
+    """Counts finished points and reports ``(done, total)`` to the caller's callback after each one."""
+
+    def __init__(self, total: int, done: int, on_done: Optional[Callable[[int, int], None]]):
+        self.total, self.done, self.on_done = total, done, on_done
+        self._say()
+
+    def one_more(self) -> None:
+        self.done += 1
+        self._say()
+
+    def _say(self) -> None:
+        if self.on_done:
+            self.on_done(self.done, self.total)
+
+
+def _points_to_run(out: Path, points: list, seeds: list[int], identity) -> tuple[list, int]:
+    """The grid points without a valid result in ``out`` (``(cfg, folder)``, their folders made) and how many
+    results were dropped as stale: trained on an earlier commit of this cache, so not these results."""
+    from .federated.runfolder import disk_full
+
+    todo, stale = [], 0
+    for cfg in points:
+        folder = out / "points" / point_folder(cfg, seeds)
+        done_file = folder / "summary.json"
+        if done_file.is_file() and _point_identity(done_file) != identity:
+            done_file.unlink()
+            stale += 1
+        if not done_file.is_file():
+            with disk_full(out):
+                folder.mkdir(parents=True, exist_ok=True)
+            todo.append((cfg, folder))
+    return todo, stale
+
+
+def _run_in_workers(cache_path, todo: list, seeds: list[int], jobs: int, opener: dict, out: Path, record: dict,
+                    lock, progress: _Progress) -> None:
+    """``--jobs N``: the points in N worker processes, each with its share of the cores."""
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    from .launch.procs import die_with_parent
+
+    # A --jobs worker ends when the sweep that started it dies (``deploy``'s own rule: Linux's
+    # PR_SET_PDEATHSIG). Without it a `kill -9` of the sweep left its workers training on, for as long as
+    # their points took, writing their points into the folder after its lock was gone, beside the next
+    # sweep run into it.
+    with ProcessPoolExecutor(jobs, initializer=die_with_parent, initargs=(os.getpid(),)) as ex:
+        futs = {ex.submit(_run_point, str(cache_path), cfg.to_dict(), seeds, str(folder), threads, opener):
+                folder for cfg, folder in todo}
+        for f in as_completed(futs):
+            with _refused_point(out, record, futs[f], lock):
+                f.result()
+            progress.one_more()
 
 
 @contextlib.contextmanager

@@ -150,23 +150,29 @@ def follow_run(run: Optional[subprocess.Popen], path: Path, dep, log, timeout, t
                 log(f"{event.label} ({time.monotonic() - t1:.1f} s)")
         if done:
             break
-        # the ServerApp process ends with its run: exit 0 is no failure (the run's status says how it went)
-        others = [d for d in dep.dead() if not d.startswith("flwr-run") and d not in ("serverapp (exit 0)",
-                                                                                       "zygote (exit 0)")]
-        if keep_going:
-            for d in others:
-                if d.startswith("site-") and d not in lost:
-                    lost.add(d)
-                    log(f"{d} exited during the run: going on without it (logs: {dep.logs})")
-            others = [d for d in others if not d.startswith("site-")]
-        if others:
-            raise DeployError(f"{', '.join(others)} exited during the run (logs: {dep.logs})")
+        _check_processes(dep, keep_going, lost, log)
         if timeout and time.monotonic() - t1 > timeout:
             raise DeployError(f"the run did not finish within {timeout:.0f} s (logs: {dep.logs})")
         time.sleep(0.1)
     if run_id is None:
         raise DeployError(f"`flwr run` did not start a run (exit {run.returncode if run else '?'}; see {path})")
     return run_id
+
+
+def _check_processes(dep, keep_going: bool, lost: set, log) -> None:
+    """Fail when a process of the deployment ``dep`` exited during the run; with ``keep_going`` a site's exit is
+    said once (``lost``) and the run goes on. The ServerApp process ends with its run: exit 0 is no failure (the
+    run's status says how it went)."""
+    others = [d for d in dep.dead() if not d.startswith("flwr-run") and d not in ("serverapp (exit 0)",
+                                                                                   "zygote (exit 0)")]
+    if keep_going:
+        for d in others:
+            if d.startswith("site-") and d not in lost:
+                lost.add(d)
+                log(f"{d} exited during the run: going on without it (logs: {dep.logs})")
+        others = [d for d in others if not d.startswith("site-")]
+    if others:
+        raise DeployError(f"{', '.join(others)} exited during the run (logs: {dep.logs})")
 
 
 def preload_status_client() -> None:
