@@ -23,7 +23,7 @@ import torch
 
 NORMS = {"half": ([0.5, 0.5, 0.5], [0.5, 0.5, 0.5]),
          "imagenet": ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])}
-DEFAULT_NORM = "imagenet"  # measured better (README "Offline demo"): python data/convert_efficientnet.py --measure
+DEFAULT_NORM = "imagenet"  # measured better (docs/demo.md): python data/convert_efficientnet.py --measure
 EMBED_DIM = 512
 
 

@@ -184,7 +184,7 @@ class FederateConfig:
     rounds: int = option(200, "Communication rounds (official README: 200).")
     mu: float = option(0.0, "FedProx proximal weight.")
     server_lr: Optional[float] = option(None, "Server learning rate of fedavgm/fedadam/fedyogi/fedadagrad/scaffold; "
-                                              "default: the algorithm's own (see the README).")
+                                              "default: the algorithm's own (see docs/federate.md).")
     server_momentum: float = option(0.9, "Server momentum of fedavgm.")
     server_beta1: float = option(0.9, "First-moment decay of fedadam/fedyogi (Flower's beta_1).")
     server_beta2: float = option(0.99, "Second-moment decay of fedadam/fedyogi (Flower's beta_2).")
