@@ -178,7 +178,9 @@ def extract(
         shard_size=shard_size, templates=templates or list(DEFAULT_TEMPLATES), strict=strict, progress=not quiet,
         dataset=dataset, exif_transpose=exif_transpose, verify=verify, views=views, augment=augment,
         augment_seed=augment_seed)
-    rep = run_extract(cfg)
+    from .progress import extract_bar
+
+    rep = run_extract(cfg, progress=extract_bar)
     import os
     if int(os.environ.get("RANK", "0")) != 0:
         return

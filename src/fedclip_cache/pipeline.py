@@ -237,6 +237,7 @@ def run(path: str | Path, data: Optional[str], overrides: Optional[list[str]] = 
     from .cache.extract import ExtractConfig, extract
     from .cache.models import ModelSpec
     from .federated.runfolder import claim
+    from .progress import extract_bar
     from .sweep import expand, preflight
 
     plan = prepare(path, overrides)
@@ -262,7 +263,7 @@ def run(path: str | Path, data: Optional[str], overrides: Optional[list[str]] = 
             if k in ex:
                 ex[k] = list(ex[k])
         rep = extract(ExtractConfig(source=str(data), out=str(cache), model=spec, dataset=p.get("dataset"),
-                                    progress=True, **ex))
+                                    progress=True, **ex), progress=extract_bar)
         log(f"extracted {rep.embedded} images ({len(rep.skipped)} skipped, {len(rep.retired)} retired, "
             f"{rep.refreshed} refreshed) into {cache}")
         for w in rep.warnings:

@@ -28,6 +28,7 @@ import torch
 from ..errors import FedclipCacheError
 from .store import file_sha256
 from .config import ModelSpec  # noqa: F401  (re-exported: the public API names it here)
+from .openclip_compat import local_dir_checkpoint
 
 
 class ModelLoadError(FedclipCacheError, RuntimeError):
@@ -323,9 +324,7 @@ def load_model(spec: ModelSpec, device: str | torch.device = "cpu") -> LoadedMod
             raise ModelLoadError(f"{cfg_file}: missing; a local-dir model needs open_clip_config.json "
                                  f"(with model_cfg and preprocess_cfg) next to its weights")
         ckpts = sorted(p for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".safetensors"))
-        from open_clip.factory import _find_checkpoint_in_dir
-
-        found = _find_checkpoint_in_dir(folder)  # the file open_clip will read
+        found = local_dir_checkpoint(folder)  # the file open_clip will read
         if found:
             _refuse_non_checkpoint(found)
         weights = {"kind": "local-dir", "config_sha256": file_sha256(cfg_file),
@@ -433,9 +432,7 @@ def _load_failure(spec: ModelSpec, name: str, pretrained: Optional[str], kwargs:
 def _checkpoint_path(name: str, pretrained: Optional[str]) -> str:
     """The file open_clip was reading, for error messages."""
     if name.startswith("local-dir:"):
-        from open_clip.factory import _find_checkpoint_in_dir
-
-        return _find_checkpoint_in_dir(Path(name[len("local-dir:"):])) or name
+        return local_dir_checkpoint(name[len("local-dir:"):]) or name
     if pretrained and os.path.isfile(pretrained):
         return pretrained
     try:

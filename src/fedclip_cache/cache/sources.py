@@ -25,6 +25,7 @@ import json
 import os
 import stat
 import unicodedata
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -70,12 +71,17 @@ class ImageTable:
     def classes(self) -> list[str]:
         return sorted(set(self.class_name.tolist()))
 
+    @classmethod
+    def row_fields(cls) -> tuple[str, ...]:
+        """The per-image fields (numpy arrays of equal length), in declaration order."""
+        return tuple(f.name for f in dataclasses.fields(cls) if f.name not in _TABLE_FIELDS)
+
     def take(self, idx: np.ndarray) -> "ImageTable":
-        return ImageTable(self.root, *(getattr(self, c)[idx] for c in COLUMNS), ignored=self.ignored,
-                          problems=self.problems)
+        """The rows ``idx`` (every per-image field, by name; the ignored and problem lists stay whole)."""
+        return dataclasses.replace(self, **{f: getattr(self, f)[idx] for f in self.row_fields()})
 
 
-COLUMNS = ("relpath", "domain", "client", "class_name", "split", "size", "mtime_ns", "ino", "ctime_ns")
+_TABLE_FIELDS = frozenset({"root", "ignored", "problems"})  # about the whole scan, not one value per image
 
 
 def image_id(relpath: str) -> str:
@@ -235,10 +241,13 @@ def _stat_row(st: os.stat_result) -> tuple[int, int, int, int]:
     return st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns
 
 
-def _stat_columns(rows: list) -> list[np.ndarray]:
-    """size, mtime_ns, ino, ctime_ns as int64 arrays (inode numbers above 2**63 wrap, consistently)."""
+_STAT_FIELDS = ("size", "mtime_ns", "ino", "ctime_ns")  # the order of _stat_row
+
+
+def _stat_columns(rows: list) -> dict[str, np.ndarray]:
+    """size, mtime_ns, ino, ctime_ns as int64 arrays, by field name (inode numbers above 2**63 wrap, consistently)."""
     a = np.array(rows, dtype=np.uint64).reshape(-1, 4).view(np.int64)
-    return [np.ascontiguousarray(a[:, k]) for k in range(4)]
+    return {name: np.ascontiguousarray(a[:, k]) for k, name in enumerate(_STAT_FIELDS)}
 
 
 def scan_folder(root: str | Path, exclude: Sequence[str | Path] = ()) -> ImageTable:
@@ -304,8 +313,9 @@ def scan_folder(root: str | Path, exclude: Sequence[str | Path] = ()) -> ImageTa
                     cls.append(class_name)
                     stats.append(_stat_row(fst))
     dom_a = np.array(dom, dtype=object)
-    return ImageTable(root, np.array(rel, dtype=object), dom_a, dom_a.copy(), np.array(cls, dtype=object),
-                      np.full(len(rel), "", dtype=object), *_stat_columns(stats), ignored, problems)
+    return ImageTable(root=root, relpath=np.array(rel, dtype=object), domain=dom_a, client=dom_a.copy(),
+                      class_name=np.array(cls, dtype=object), split=np.full(len(rel), "", dtype=object),
+                      **_stat_columns(stats), ignored=ignored, problems=problems)
 
 
 def scan_manifest(path: str | Path) -> ImageTable:
@@ -384,8 +394,9 @@ def scan_manifest(path: str | Path) -> ImageTable:
         rel.append(full[len(str(root)) + 1:] if full.startswith(str(root) + os.sep) else full)
         stats.append(_stat_row(st))
     k = np.array(keep, np.int64)
-    return ImageTable(root, np.array(rel, dtype=object), domains[k], clients[k], labels[k], splits[k],
-                      *_stat_columns(stats), ignored, problems)
+    return ImageTable(root=root, relpath=np.array(rel, dtype=object), domain=domains[k], client=clients[k],
+                      class_name=labels[k], split=splits[k], **_stat_columns(stats), ignored=ignored,
+                      problems=problems)
 
 
 def scan(source: str | Path, exclude: Sequence[str | Path] = ()) -> ImageTable:
