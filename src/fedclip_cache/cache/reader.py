@@ -17,7 +17,7 @@ from typing import Optional
 
 import numpy as np
 
-from . import integrity, store
+from . import integrity, schema, store
 
 
 @dataclass
@@ -55,10 +55,7 @@ class FeatureCache:
         self._features = value
 
     def _read_features(self) -> np.ndarray:
-        gone = [str(s) for s, *_ in self._sources if not Path(s).is_file()]
-        if gone:
-            raise store.CacheError(f"{gone[0]}: the cache changed since it was opened (an extract ran); open it "
-                                   f"again")
+        self._check_unchanged()
         if self.features_in == "mmap":
             return _mapped_features(self)
         out = np.empty((len(self.labels), self.dim), np.float32)
@@ -80,6 +77,29 @@ class FeatureCache:
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def column(self, name: str) -> np.ndarray:
+        """Any shard column of ``schema.COLUMNS`` (``path_bytes`` aside: ``paths`` is it, decoded) for the served
+        rows, aligned with ``features``, read from the shards now: a column without a named field here is read so."""
+        if name not in schema.column_names() or name == "path_bytes":
+            raise ValueError(f"{name!r} is not a cache column; columns: {', '.join(schema.stored_columns())}")
+        self._check_unchanged()
+        out: Optional[np.ndarray] = None
+        for shard, src, dst, rows in self._sources:
+            if not len(src):
+                continue
+            values = store.read_shard(shard, (name,), False, self.dim)[0][name]
+            if out is None:
+                out = np.empty(len(self.labels), values.dtype)
+            out[dst] = values[src]
+        return out
+
+    def _check_unchanged(self) -> None:
+        """Refuse to read shards that an extract retired since this cache was opened."""
+        gone = [str(s) for s, *_ in self._sources if not Path(s).is_file()]
+        if gone:
+            raise store.CacheError(f"{gone[0]}: the cache changed since it was opened (an extract ran); open it "
+                                   f"again")
 
     @property
     def num_views(self) -> int:
@@ -107,10 +127,7 @@ class FeatureCache:
         if short:
             raise store.CacheError(f"{short[0]}: shard holds fewer views than the cache's {self.num_views}; re-run "
                                    f"the same extract command to repair the cache")
-        gone = [str(s) for s, *_ in self._sources if not Path(s).is_file()]
-        if gone:
-            raise store.CacheError(f"{gone[0]}: the cache changed since it was opened (an extract ran); open it "
-                                   f"again")
+        self._check_unchanged()
         out = np.empty((k, len(self.labels), self.dim), np.float32)
         if self._features is not None:
             out[0] = self._features
