@@ -16,10 +16,6 @@ from fedclip_cache.synthetic import write_image_folder, write_synthetic_cache
 
 def _with_columns(monkeypatch, *extra: schema.Column) -> None:
     monkeypatch.setattr(schema, "COLUMNS", schema.COLUMNS + extra)
-    # the store's views of the schema are derived at import time: derive them again, as a fresh import would
-    monkeypatch.setattr(store, "STRING_COLUMNS", schema.text_columns())
-    monkeypatch.setattr(store, "INT_COLUMNS", schema.int_columns())
-    monkeypatch.setattr(store, "INDEX_COLUMNS", schema.column_names(index=True))
 
 
 def _shard_columns(cache) -> dict[str, np.ndarray]:

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple, Union
 
-from . import store
+from . import schema, store
 from .schema import FORMAT_VERSION, PRE_ID_FORMAT, READ_FORMATS
 from .store import CacheError, file_sha256
 
@@ -276,7 +276,7 @@ class Inventory:
     foreign: list[str] = field(default_factory=list)  # shards of other caches (a shared shards/): left alone
     no_id: list[str] = field(default_factory=list)  # unlisted format-3 shards: whose cannot be told; left alone
     unknown: list[str] = field(default_factory=list)  # unlisted shards too damaged to tell whose: left alone
-    shard_cols: dict[str, dict] = field(default_factory=dict)  # name -> INDEX_COLUMNS arrays, in row order
+    shard_cols: dict[str, dict] = field(default_factory=dict)  # name -> schema index columns, in row order
     winners: dict[str, Event] = field(default_factory=dict)
     shard_views: dict[str, int] = field(default_factory=dict)  # name -> views per row (1: view 0 only)
 
@@ -330,7 +330,7 @@ def _read_and_check(path: Path, fp: dict, dim: int, cache_id: str, views: dict |
     if rows != meta.get("rows") or meta.get("dim") != dim or dim_on_disk != dim:
         raise CacheError(f"{path}: shard holds {rows} rows of width {dim_on_disk}, expected {meta.get('rows')} "
                          f"of width {dim}")
-    cols, _ = store.read_shard(path, store.INDEX_COLUMNS, False, dim)
+    cols, _ = store.read_shard(path, schema.column_names(index=True), False, dim)
     return meta, cols
 
 

@@ -231,7 +231,7 @@ def open_cache(path: str | Path, allow_incomplete: bool = False, verify: bool = 
     sel = keep[pc.sort_indices(kept, sort_keys=[("path_bytes", "ascending")]).to_numpy()]
     rows = table.take(pa.array(sel)).combine_chunks()
     del table, tables, kept
-    cls = {c: store.category_to_numpy(rows.column(c)) for c in store.CATEGORY_COLUMNS}
+    cls = {c: store.category_to_numpy(rows.column(c)) for c in schema.column_names(category=True)}
     cls["id"] = rows.column("id").to_numpy(zero_copy_only=False)
     cls["path"] = store.decode_paths(rows.column("path_bytes"))
     # Labels come from class names against the cache's current class list.

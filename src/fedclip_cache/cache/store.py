@@ -42,11 +42,7 @@ FEATURES_FILE, FEATURES_STAMP = "features.npy", "features.json"  # the memory-ma
 ROOT_FILES = frozenset({META_FILE, LOCK_FILE, FEATURES_FILE, FEATURES_STAMP, *(f"text{e}" for e in FORMATS.values())})
 # Format 3 (before the cache id) is still read: the same layout without ``cache_id``. Such a shard is its cache's
 # only because that cache's cache.json lists it (``integrity.owns_listed``); nothing else can tell whose it is.
-# The columns and the format version are declared once, in schema.py; these are views of it.
-STRING_COLUMNS = schema.text_columns()
-INT_COLUMNS = schema.int_columns()
-# What the writer compares with a new scan: change detection and the metadata the scan may have changed.
-INDEX_COLUMNS = schema.column_names(index=True)
+# The columns and the format version are declared once, in schema.py.
 META_KEY = "fedclip_cache"
 ROW_GROUP_ROWS = 8192
 
@@ -434,7 +430,7 @@ def read_shard(path: Path, columns: tuple[str, ...], with_embedding: bool, dim: 
             for c in columns:
                 if c == "path":
                     cols[c] = np.array([os.fsdecode(bytes(b)) for b in f["path_bytes"][:]], dtype=object)
-                elif c in STRING_COLUMNS:
+                elif c in schema.text_columns():
                     cols[c] = f[c].asstr()[:].astype(object)
                 else:
                     cols[c] = f[c][:]
@@ -451,27 +447,24 @@ def read_shard(path: Path, columns: tuple[str, ...], with_embedding: bool, dim: 
         raise _damaged(path, e) from None
 
 
-CATEGORY_COLUMNS = schema.column_names(category=True)
-
-
 def read_shard_arrow(path: Path):
     """The reader's columns of a shard as an Arrow table: ``id`` (string), ``path_bytes`` (binary) and the
-    dictionary-encoded ``domain``, ``client``, ``class_name`` and ``split`` (few distinct values: no per-row
-    strings until the reader wants them)."""
+    dictionary-encoded category columns of the schema: ``domain``, ``client``, ``class_name`` and ``split`` (few
+    distinct values: no per-row strings until the reader wants them)."""
     import pyarrow as pa
 
+    categories = schema.column_names(category=True)
     try:
         if path.suffix == ".parquet":
             import pyarrow.parquet as pq
 
-            return pq.read_table(path, columns=["id", "path_bytes", *CATEGORY_COLUMNS],
-                                 read_dictionary=list(CATEGORY_COLUMNS))
+            return pq.read_table(path, columns=["id", "path_bytes", *categories], read_dictionary=list(categories))
         import h5py
 
         with h5py.File(path, "r") as f:
             arrays = {"id": pa.array(f["id"].asstr()[:].tolist(), pa.string()),
                       "path_bytes": pa.array([bytes(b) for b in f["path_bytes"][:]], pa.binary())}
-            for c in CATEGORY_COLUMNS:
+            for c in categories:
                 arrays[c] = pa.array(f[c].asstr()[:].tolist(), pa.string()).dictionary_encode()
         return pa.table(arrays)
     except Exception as e:
