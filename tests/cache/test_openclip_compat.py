@@ -1,6 +1,5 @@
 """open_clip's private names behind ``cache/openclip_compat.py``: these fail loudly when an open_clip release
 removes one or changes its answer (then update the adapter, not its callers)."""
-import open_clip
 
 from fedclip_cache.cache import openclip_compat
 

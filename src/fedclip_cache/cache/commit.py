@@ -69,10 +69,7 @@ def commit(out: Path, meta: dict, inv: Inventory, table: ImageTable, session: st
                      meta["cache_id"], meta.get("views") if k > 1 else None)
             listing[new] = shard_record(shard_dir / new, int(keep.sum()), k)
 
-    skipped = [r for i, r in inv.skip_records().items() if i in live]
-    skipped += [{"id": image_id(p), "path": p, "reason": r, "kind": "scan", "size": 0, "mtime_ns": 0}
-                for p, r in table.problems]
-    skipped.sort(key=lambda r: r["path"])
+    skipped = _skip_records(inv, table, live)
     retired = sorted(retired_paths)
     images = sum(r["rows"] for r in listing.values())
     want = int((meta.get("views") or {}).get("count", 1))
@@ -92,6 +89,15 @@ def commit(out: Path, meta: dict, inv: Inventory, table: ImageTable, session: st
     for derived in (store.FEATURES_FILE, store.FEATURES_STAMP):  # the old commit's mapped copy (rebuilt on demand)
         (out / derived).unlink(missing_ok=True)
     return CommitResult(images, len(skipped), retired, superseded, refreshed)
+
+
+def _skip_records(inv: Inventory, table: ImageTable, live) -> list[dict]:
+    """The cache's skip records, by path: files of the dataset whose newest attempt failed, and the names the scan
+    could not read (kind "scan": re-checked by every scan, never planned from)."""
+    skipped = [r for i, r in inv.skip_records().items() if i in live]
+    skipped += [{"id": image_id(p), "path": p, "reason": r, "kind": "scan", "size": 0, "mtime_ns": 0}
+                for p, r in table.problems]
+    return sorted(skipped, key=lambda r: r["path"])
 
 
 def _rewrite(src: Path, dst: Path, keep: np.ndarray, updates: dict, fmt: str, dtype: str, fp: dict, session: str,
