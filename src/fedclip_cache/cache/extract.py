@@ -1,4 +1,5 @@
-"""Runner of the extract stage: reader (sources) -> mapper (imageio + frozen CLIP) -> writer (store).
+"""Runner of the extract stage: reader (sources) -> mapper (imageio + encoder: the frozen CLIP) -> writer (writer,
+store) -> commit.
 
 Run it in one process, or under ``torchrun --nproc-per-node N -m fedclip_cache extract ...``: every rank scans the
 same dataset, takes every N-th image still to do, and commits its own shards; rank 0 owns the metadata and the
@@ -10,7 +11,7 @@ import dataclasses
 import datetime as _dt
 import os
 import time
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, ContextManager, NamedTuple, Optional, Sequence
@@ -19,10 +20,10 @@ import numpy as np
 import torch
 
 from . import integrity, store, views as _views
-from .integrity import CacheBusy, WriterLock
-from .imageio import ImageFiles
-from .models import LoadedModel, load_model
 from .config import DEFAULT_TEMPLATES, ExtractConfig, ModelSpec, check_templates  # noqa: F401  (re-exported)
+from .encoder import ImageEncoder, autocast_for, embed_plain, embed_with_views, input_size
+from .integrity import CacheBusy, WriterLock
+from .models import LoadedModel, load_model
 from .schema import FORMAT_VERSION
 from .sources import OWN_OUTPUT, ImageTable, check_label_text, quoted, scan
 from .writer import CachedRows, RowSource, ShardTarget, ShardWriter
@@ -77,13 +78,6 @@ def resolve_device(device: str) -> torch.device:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ExtractError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")
     return torch.device(device)
-
-
-def autocast_for(device: torch.device, precision: str):
-    if precision == "fp32":
-        return nullcontext()
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[precision]
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def _dist() -> tuple[int, int]:
@@ -182,11 +176,6 @@ def _check_distinct_prompts(tokenizer, tokens: torch.Tensor, templates: Sequence
                                    f"normalises Unicode and spaces, and cuts long prompts), so their text embeddings "
                                    f"would be identical; rename or merge one (the class folder, the manifest's label "
                                    f"or --classes)")
-
-
-def _input_size(lm: LoadedModel) -> tuple[int, int]:
-    s = lm.preprocess_cfg.get("size", 224)
-    return tuple(s) if isinstance(s, (list, tuple)) else (s, s)
 
 
 def _meta_record(lm: LoadedModel, cfg: ExtractConfig, fp: dict, dim: int, cache_id: str) -> dict:
@@ -511,7 +500,7 @@ def _open_and_plan(cfg: ExtractConfig, table: ImageTable, lm: LoadedModel, fp: d
     vcfg = _views.resolve(meta.get("views"), cfg.views, cfg.augment, cfg.augment_seed, str(out))
     if vcfg["count"] > 1:
         _views.AugmentedView(lm.preprocess, lm.preprocess_cfg, vcfg["augment"], vcfg["seed"])  # fails early
-        vcfg["size"], vcfg["interpolation"] = list(_input_size(lm)), lm.preprocess_cfg.get("interpolation")
+        vcfg["size"], vcfg["interpolation"] = list(input_size(lm)), lm.preprocess_cfg.get("interpolation")
         meta["views"] = vcfg  # the target, on disk before any shard: a resume goes on with the same views
     else:
         meta.pop("views", None)
@@ -623,40 +612,6 @@ def _no_progress(total: int):
     yield lambda n: None
 
 
-class _Encoder:
-    """The frozen image tower on this process's device, and the loaders that feed it."""
-
-    def __init__(self, cfg: ExtractConfig, lm: LoadedModel, device: torch.device, dim: int):
-        self.cfg, self.lm, self.device, self.dim = cfg, lm, device, dim
-        self.model = lm.model.to(memory_format=torch.channels_last) if device.type == "cuda" else lm.model
-        # CPU: workers share the cores with the forward, a few suffice; GPU: decoding is the bottleneck, use them all.
-        cpus = os.cpu_count() or 1
-        self.workers = cfg.workers if cfg.workers is not None else \
-            (min(cpus, 32) if device.type == "cuda" else min(4, cpus))
-
-    def loader(self, dataset, batches=None):
-        sizes = {"batch_size": self.cfg.batch_size, "shuffle": False} if batches is None else {"batch_sampler": batches}
-        from torch.utils.data import DataLoader
-
-        return DataLoader(dataset, **sizes, num_workers=self.workers, pin_memory=self.device.type == "cuda",
-                          persistent_workers=False, prefetch_factor=4 if self.workers > 0 else None)
-
-    def encode(self, x: torch.Tensor) -> np.ndarray:
-        """(n, 3, H, W) -> (n, D) float32, in one forward pass (none for n = 0)."""
-        if not len(x):
-            return np.zeros((0, self.dim), np.float32)
-        return self.model.encode_image(_to_device(x, self.device)).float().cpu().numpy()
-
-    def encode_views(self, xa: torch.Tensor) -> np.ndarray:
-        """(n, V, 3, H, W) -> (n, V, D), in forward passes of at most batch_size images."""
-        n, v = xa.shape[:2]
-        flat = xa.reshape(n * v, *xa.shape[2:])
-        bs = self.cfg.batch_size
-        parts = [self.model.encode_image(_to_device(flat[s:s + bs].contiguous(), self.device)).float().cpu()
-                 for s in range(0, len(flat), bs)]
-        return (torch.cat(parts).numpy() if parts else np.zeros((0, self.dim), np.float32)).reshape(n, v, self.dim)
-
-
 def _run_shards(cfg: ExtractConfig, lm: LoadedModel, rows: ImageTable, ids: np.ndarray, classes: list[str],
                 device: torch.device, target: ShardTarget, report: ExtractReport, world: int, n_full: int,
                 cached: CachedRows, progress: Optional[ProgressBar]) -> None:
@@ -667,20 +622,24 @@ def _run_shards(cfg: ExtractConfig, lm: LoadedModel, rows: ImageTable, ids: np.n
     source = RowSource(rows, ids, np.array([label_of[c] for c in rows.class_name], np.int32),
                        np.array([os.fsencode(r) for r in rows.relpath], dtype=object))
     writer = ShardWriter(target, source, n_full, cached)
-    enc = _Encoder(cfg, lm, device, target.dim)
+    enc = ImageEncoder(cfg, lm, device, target.dim)
     paths = [os.path.join(rows.root, r) for r in rows.relpath]
 
     def failed(ok, idx, transient, reasons) -> None:
         _record_failures(cfg, paths, rows, writer, report, ok, idx, transient, reasons)
 
     with (progress or _no_progress)(len(rows) * world) as advance:
+        def step(n: int) -> None:
+            advance(n * world)  # every rank embeds about as many: rank 0's bar stands for the group
+
         with torch.inference_mode(), autocast_for(device, cfg.precision):
             if target.views is None:
-                _embed_plain(enc, paths, writer, report, failed, lambda n: advance(n * world))
+                done = embed_plain(enc, paths, writer, failed, step)
             else:
-                _embed_with_views(enc, paths, ids, writer, report, failed, lambda n: advance(n * world), n_full,
-                                  cached)
+                done = embed_with_views(enc, paths, ids, writer, failed, step, n_full, cached)
         writer.flush()
+    report.embedded += done.embedded
+    report.extended += done.extended
 
 
 def _record_failures(cfg: ExtractConfig, paths: list[str], rows: ImageTable, writer: ShardWriter,
@@ -693,125 +652,3 @@ def _record_failures(cfg: ExtractConfig, paths: list[str], rows: ImageTable, wri
                                f"fix or remove the file, or drop --strict)")
         report.skipped.append((store.display_text(str(rows.relpath[i])), r))
         writer.skip(i, r, bool(transient[pos]))
-
-
-def _embed_plain(enc: _Encoder, paths: list[str], writer: ShardWriter, report: ExtractReport, failed,
-                 advance: Callable[[int], None]) -> None:
-    """One view per image: the plain path, exactly as it always was."""
-    lm, cfg = enc.lm, enc.cfg
-    for x, idx, ok, transient, reasons, digests in enc.loader(
-            ImageFiles(paths, lm.preprocess, _input_size(lm), cfg.exif_transpose)):
-        n, n_ok = len(idx), int(ok.sum())
-        if n_ok < n:
-            failed(ok, idx, transient, reasons)
-        emb = enc.encode(x if n_ok == n else x[ok])
-        keep = ok.numpy()
-        writer.add(idx.numpy()[keep], emb, np.asarray(digests, dtype=object)[keep])
-        report.embedded += n_ok
-        advance(n)
-
-
-def _embed_with_views(enc: _Encoder, paths: list[str], ids: np.ndarray, writer: ShardWriter,
-                      report: ExtractReport, failed, advance: Callable[[int], None], n_full: int,
-                      cached: CachedRows) -> None:
-    """K views per image: one pass over the new/changed images (every view), then one per view count already held
-    by the cached rows being extended (only the views they lack)."""
-    lm, cfg, k_views = enc.lm, enc.cfg, writer.target.views["count"]
-    vcfg = writer.target.views
-    aug = _views.AugmentedView(lm.preprocess, lm.preprocess_cfg, vcfg["augment"], vcfg["seed"])
-    passes = [(np.arange(n_full), 0)]
-    passes += [(n_full + np.flatnonzero(cached.held == h), int(h)) for h in np.unique(cached.held)]
-    for order, first in passes:
-        if not len(order):
-            continue
-        ds = ViewFiles(paths, lm.preprocess, _input_size(lm), cfg.exif_transpose, order, ids, aug,
-                       max(first, 1), k_views, with_view0=first == 0)
-        parts, ends = view_batches(len(order), cfg.batch_size, k_views - max(first, 1) + (first == 0))
-        held_back: list[_HeldBack] = []  # the parts of a batch_size chunk whose view 0 is not encoded yet
-        for (x, xa, idx, ok, transient, reasons, digests), end in zip(enc.loader(ds, parts), ends):
-            n, n_ok = len(idx), int(ok.sum())
-            if n_ok < n:
-                failed(ok, idx, transient, reasons)
-            keep = ok.numpy()
-            new = enc.encode_views(xa[ok] if n_ok < n else xa)
-            if first == 0:  # view 0 exactly as the plain path computes it: one pass per chunk
-                held_back.append(_HeldBack(x if n_ok == n else x[ok], idx.numpy()[keep],
-                                           np.asarray(digests, dtype=object)[keep], new))
-                if end:
-                    report.embedded += _write_chunk(enc, writer, held_back)
-                    held_back = []
-            else:
-                report.extended += writer.extend(idx.numpy()[keep], new, np.asarray(digests, dtype=object)[keep])
-            advance(n)
-
-
-class _HeldBack(NamedTuple):
-    """One loader part of a chunk with views: its view-0 inputs, row indices, content hashes and encoded views."""
-
-    x: torch.Tensor
-    idx: np.ndarray
-    digests: np.ndarray
-    views: np.ndarray
-
-
-def _write_chunk(enc: _Encoder, writer: ShardWriter, parts: list[_HeldBack]) -> int:
-    """Encode view 0 of a whole ``batch_size`` chunk in one pass (as the plain path batches it) and hand the rows,
-    with their augmented views, to the writer; returns the number of rows."""
-    x0 = torch.cat([p.x for p in parts])
-    writer.add(np.concatenate([p.idx for p in parts]), enc.encode(x0), np.concatenate([p.digests for p in parts]),
-               np.concatenate([p.views for p in parts]))
-    return len(x0)
-
-
-def view_batches(n: int, batch_size: int, per_image: int) -> tuple[list[list[int]], list[bool]]:
-    """Loader batches for an extraction with views: each ``batch_size`` chunk of the images (the plain path's
-    batches, so view 0 is still encoded in exactly those batches) split into parts of about ``batch_size //
-    per_image`` images, so that a loader batch holds about ``batch_size`` images' tensors whatever the number of
-    views (``batch_size`` images x K views would hold K times the memory, times the prefetched batches). Returns
-    the parts and, for each, whether it ends its chunk."""
-    parts, ends = [], []
-    for start in range(0, n, batch_size):
-        chunk = np.arange(start, min(start + batch_size, n))
-        count = min(len(chunk), max(1, -(-len(chunk) * per_image // batch_size)))  # ~batch_size images' tensors
-        pieces = [p for p in np.array_split(chunk, count) if len(p)]
-        parts += [p.tolist() for p in pieces]
-        ends += [False] * (len(pieces) - 1) + [True]
-    return parts, ends
-
-
-class ViewFiles(ImageFiles):
-    """Decode each image once and produce view 0 (the model's preprocessing; only when ``with_view0``) and the
-    augmented views ``first..count-1``. Items: (x, views (V, 3, H, W), index, ok, transient, reason, hash)."""
-
-    def __init__(self, paths, preprocess, input_size, exif_transpose, order, ids, augment, first: int, count: int,
-                 with_view0: bool):
-        super().__init__(paths, preprocess, input_size, exif_transpose)
-        self.order, self.ids, self.augment = order, ids, augment
-        self.first, self.count, self.with_view0 = first, count, with_view0
-
-    def __len__(self) -> int:
-        return len(self.order)
-
-    def __getitem__(self, j: int):
-        from .imageio import BadImage, content_hash, open_rgb, read_regular_file
-
-        i = int(self.order[j])
-        v = self.count - self.first
-        blank = torch.zeros(3, *self.input_size) if self.with_view0 else torch.zeros(0)
-        try:
-            data = read_regular_file(self.paths[i])
-            img = open_rgb(self.paths[i], self.exif_transpose, data)
-            x = self.preprocess(img) if self.with_view0 else blank
-            xa = torch.stack([self.augment(img, str(self.ids[i]), k) for k in range(self.first, self.count)])
-            return x, xa, i, True, False, "", content_hash(data)
-        except BadImage as e:
-            return blank, torch.zeros(v, 3, *self.input_size), i, False, e.transient, str(e), ""
-        except Exception as e:  # preprocessing of an odd image (e.g. 1x0 pixels)
-            return blank, torch.zeros(v, 3, *self.input_size), i, False, False, \
-                f"preprocessing failed: {type(e).__name__}: {e}", ""
-
-
-def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    if device.type == "cuda":
-        return x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-    return x
