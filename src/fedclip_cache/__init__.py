@@ -9,8 +9,8 @@ from importlib import import_module
 
 _PUBLIC = {
     "FeatureCache": ".cache.reader", "open_cache": ".cache.reader", "cache_overview": ".cache.reader",
-    "ExtractConfig": ".cache.extract", "ExtractReport": ".cache.extract", "extract": ".cache.extract",
-    "ModelSpec": ".cache.models", "load_model": ".cache.models",
+    "ExtractConfig": ".cache.config", "ExtractReport": ".cache.extract", "extract": ".progress",
+    "ModelSpec": ".cache.config", "load_model": ".cache.models",
     "federate": ".federated.results", "FederateConfig": ".federated.config",
     "sweep": ".sweep",
     "list_algorithms": ".federated.algorithms", "register_algorithm": ".federated.algorithms",

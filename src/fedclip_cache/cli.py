@@ -205,7 +205,9 @@ def extract(
     from .cache.extract import extract as run_extract
 
     cfg = ExtractConfig.from_options({**ex_options, "progress": not quiet})
-    rep = run_extract(cfg)
+    from .progress import extract_bar
+
+    rep = run_extract(cfg, progress=extract_bar)
     import os
     if int(os.environ.get("RANK", "0")) != 0:
         return

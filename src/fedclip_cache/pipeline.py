@@ -214,6 +214,7 @@ def run(path: str | Path, data: Optional[str], overrides: Optional[list[str]] = 
     from .cache.reader import open_cache
     from .cache.extract import extract
     from .federated.runfolder import claim
+    from .progress import extract_bar
     from .sweep import expand, preflight
 
     path = resolve(path)
@@ -236,7 +237,8 @@ def run(path: str | Path, data: Optional[str], overrides: Optional[list[str]] = 
         log(f"re-using cache {cache}")
     else:  # extract is incremental: a no-op for unchanged data, and it picks up added, changed and removed files
         rep = extract(ExtractConfig.from_options({**ex, "source": str(data), "out": str(cache),
-                                                  "dataset": p.get("dataset"), "progress": True}))
+                                                  "dataset": p.get("dataset"), "progress": True}),
+                      progress=extract_bar)
         log(f"extracted {rep.embedded} images ({len(rep.skipped)} skipped, {len(rep.retired)} retired, "
             f"{rep.refreshed} refreshed) into {cache}")
         for w in rep.warnings:

@@ -77,11 +77,9 @@ def write_synthetic_cache(out: str | Path, domain_sizes: dict[str, int], num_cla
                           seed: int = 0, fmt: str = "parquet", model_params: int = 151_277_313,
                           shard_rows: int = 65_536, logit_scale: float = 100.0, **kw) -> Path:
     """A complete, committed cache folder (the same files extract writes) holding synthetic features."""
-    import os
-
     from .cache import store
-    from .cache.extract import FORMAT_VERSION
     from .cache.integrity import shard_record
+    from .cache.schema import FORMAT_VERSION, complete_columns
     from .cache.sources import image_id
 
     feats, labels, doms, text = synthetic_cache_arrays(domain_sizes, num_classes, dim, seed, **kw)
@@ -89,12 +87,9 @@ def write_synthetic_cache(out: str | Path, domain_sizes: dict[str, int], num_cla
     out = Path(out)
     n = len(labels)
     paths = np.array([f"{d}/{classes[y]}/{i:06d}.jpg" for i, (d, y) in enumerate(zip(doms, labels))], dtype=object)
-    cols = {"id": np.array([image_id(p) for p in paths], dtype=object), "path": paths,
-            "path_bytes": np.array([os.fsencode(p) for p in paths], dtype=object), "domain": doms,
-            "client": doms, "class_name": np.array([classes[y] for y in labels], dtype=object),
-            "split": np.full(n, "", dtype=object), "label": labels,
-            "size": np.zeros(n, np.int64), "mtime_ns": np.zeros(n, np.int64), "ino": np.zeros(n, np.int64),
-            "ctime_ns": np.zeros(n, np.int64), "content_hash": np.full(n, "", dtype=object)}
+    cols = complete_columns({"id": np.array([image_id(p) for p in paths], dtype=object), "path": paths,
+                             "domain": doms, "client": doms, "split": np.full(n, "", dtype=object), "label": labels,
+                             "class_name": np.array([classes[y] for y in labels], dtype=object)}, n)
     fingerprint = {"model": "synthetic", "seed": seed}
     session = "00000000T000000000000"
     cache_id = store.new_cache_id()

@@ -74,19 +74,19 @@ def test_transient_failures_are_retried_permanent_ones_kept(tmp_path, image_root
 
     flaky = image_root / "art/cat/art_cat_0000.png"
     (image_root / "art/cat/broken.png").write_text("not a png")
-    real = imageio._read_regular_file
+    real = imageio.read_regular_file
 
     def denied(path):
         if path.endswith("art_cat_0000.png"):
             raise imageio.BadImage("cannot open: Permission denied", transient=True)
         return real(path)
 
-    monkeypatch.setattr(imageio, "_read_regular_file", denied)
+    monkeypatch.setattr(imageio, "read_regular_file", denied)
     o = extract_ok(run, image_root, tmp_path / "c", model_args)
     assert "+35 embedded, 2 skipped" in o
     kinds = {Path(s["path"]).name: s["kind"] for s in open_cache(tmp_path / "c").skipped}
     assert kinds == {"art_cat_0000.png": "transient", "broken.png": "permanent"}
-    monkeypatch.setattr(imageio, "_read_regular_file", real)
+    monkeypatch.setattr(imageio, "read_regular_file", real)
     o = extract_ok(run, image_root, tmp_path / "c", model_args)  # nothing changed on disk
     assert "+1 embedded, 0 skipped" in o and "1 retried" in o  # the permanent failure is not re-tried
     c = open_cache(tmp_path / "c")

@@ -248,12 +248,12 @@ _HDF5_WRITE_FAILS = """
 import resource, signal, sys
 from pathlib import Path
 import numpy as np
-from fedclip_cache.cache import store
+from fedclip_cache.cache import schema, store
 out, what = Path(sys.argv[1]), sys.argv[2]
 n = 64
-cols = {c: [f"x{i}" for i in range(n)] for c in store.STRING_COLUMNS}
+cols = {c: [f"x{i}" for i in range(n)] for c in schema.text_columns()}
 cols["path_bytes"] = [b"abc"] * n
-cols.update({c: np.arange(n) for c in store.INT_COLUMNS})
+cols.update({c: np.arange(n) for c in schema.int_columns()})
 emb = np.random.default_rng(0).random((n, 32), dtype=np.float32)
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG, as a full disk fails them
 resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[3]), resource.RLIM_INFINITY))

@@ -59,7 +59,7 @@ def test_loader_batches_hold_about_batch_size_images_and_view0_keeps_its_batches
                                                                                    run):
     """With K views a loader batch carries ~batch_size/K images (not batch_size x K images' tensors); view 0 is
     still encoded in the plain path's batches, so it stays bit-identical, bad images included."""
-    from fedclip_cache.cache.extract import view_batches
+    from fedclip_cache.cache.encoder import view_batches
 
     parts, ends = view_batches(1000, 256, 8)
     assert sum(parts, []) == list(range(1000)) and max(map(len, parts)) <= 32

@@ -63,9 +63,10 @@ def set_times(root: Path) -> None:
 
 
 def main(out: Path) -> None:
-    if store.SHARD_FORMAT_VERSION != 3:
+    written = getattr(store, "SHARD_FORMAT_VERSION", None)  # (later code declares it in cache/schema.py: format 4)
+    if written != 3:
         sys.exit(f"run with the code of commit c2fb9e5 first on PYTHONPATH (this one writes shard format "
-                 f"{store.SHARD_FORMAT_VERSION}, not 3)")
+                 f"{written or 4}, not 3)")
     if out.exists():
         shutil.rmtree(out)
     images = write_image_folder(out / "images", DOMAINS, CLASSES, PER_CLASS, SIZE, seed=0)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import store
+from . import schema, store
 from .integrity import Inventory, add_new_shards, shard_record
 from .sources import ImageTable, image_id
 
@@ -29,9 +29,6 @@ class CommitResult:
     retired: list[str]
     superseded: int
     refreshed: int  # rows whose label, domain, client, split or inode/ctime the scan changed (features kept)
-
-
-_SCAN_OWNED = ("domain", "client", "class_name", "split", "ino", "ctime_ns")
 
 
 def commit(out: Path, meta: dict, inv: Inventory, table: ImageTable, session: str, fp: dict, dim: int, fmt: str,
@@ -46,8 +43,7 @@ def commit(out: Path, meta: dict, inv: Inventory, table: ImageTable, session: st
     for name, stored in inv.shard_cols.items():
         ids = stored["id"]
         gone = ~np.array([i in live for i in ids.tolist()], bool)
-        keep = ~gone & np.array([inv.winners.get(i, ())[:3] == ("row", name, pos)
-                                 for pos, i in enumerate(ids.tolist())], bool)
+        keep = ~gone & np.array([inv.serves(i, name, pos) for pos, i in enumerate(ids.tolist())], bool)
         # Retired: embedded rows of files no longer in the dataset. A skipped file that was deleted was never
         # embedded: its skip record just goes, it is not counted as retired.
         retired_paths.update(stored["path"][gone].tolist())
@@ -55,9 +51,9 @@ def commit(out: Path, meta: dict, inv: Inventory, table: ImageTable, session: st
         # The scan is the truth for what it says about a kept row: its label, domain, client and split (a manifest
         # may change them without touching the file), and its inode/ctime (checked by content hash in the plan).
         at = np.array([scan_row[i] for i in ids[keep].tolist()], np.int64)
-        current = {c: getattr(table, c)[at] for c in _SCAN_OWNED}
+        current = {c.name: getattr(table, c.scan_field)[at] for c in schema.COLUMNS if c.scan_owned}
         stale = np.zeros(len(at), bool)
-        for c in _SCAN_OWNED:
+        for c in current:
             stale |= np.asarray(stored[c][keep] != current[c], bool)
         refreshed += int(stale.sum())
         if keep.all() and len(keep) and not stale.any():
@@ -73,10 +69,7 @@ def commit(out: Path, meta: dict, inv: Inventory, table: ImageTable, session: st
                      meta["cache_id"], meta.get("views") if k > 1 else None)
             listing[new] = shard_record(shard_dir / new, int(keep.sum()), k)
 
-    skipped = [w[1] for i, w in inv.winners.items() if w[0] == "skip" and i in live]
-    skipped += [{"id": image_id(p), "path": p, "reason": r, "kind": "scan", "size": 0, "mtime_ns": 0}
-                for p, r in table.problems]
-    skipped.sort(key=lambda r: r["path"])
+    skipped = _skip_records(inv, table, live)
     retired = sorted(retired_paths)
     images = sum(r["rows"] for r in listing.values())
     want = int((meta.get("views") or {}).get("count", 1))
@@ -98,9 +91,18 @@ def commit(out: Path, meta: dict, inv: Inventory, table: ImageTable, session: st
     return CommitResult(images, len(skipped), retired, superseded, refreshed)
 
 
+def _skip_records(inv: Inventory, table: ImageTable, live) -> list[dict]:
+    """The cache's skip records, by path: files of the dataset whose newest attempt failed, and the names the scan
+    could not read (kind "scan": re-checked by every scan, never planned from)."""
+    skipped = [r for i, r in inv.skip_records().items() if i in live]
+    skipped += [{"id": image_id(p), "path": p, "reason": r, "kind": "scan", "size": 0, "mtime_ns": 0}
+                for p, r in table.problems]
+    return sorted(skipped, key=lambda r: r["path"])
+
+
 def _rewrite(src: Path, dst: Path, keep: np.ndarray, updates: dict, fmt: str, dtype: str, fp: dict, session: str,
              dim: int, cache_id: str, views: dict | None = None) -> None:
-    cols, emb = store.read_shard(src, store.STRING_COLUMNS + tuple(store.INT_COLUMNS), True, dim)
+    cols, emb = store.read_shard(src, schema.stored_columns(), True, dim)
     cols = {c: v[keep] for c, v in cols.items()}  # "path" comes back lossless (from the stored bytes)
     cols.update(updates)
     cols["path_bytes"] = np.array([os.fsencode(p) for p in cols["path"]], dtype=object)

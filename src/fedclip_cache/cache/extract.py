@@ -1,4 +1,5 @@
-"""Runner of the extract stage: reader (sources) -> mapper (imageio + frozen CLIP) -> writer (store).
+"""Runner of the extract stage: reader (sources) -> mapper (imageio + encoder: the frozen CLIP) -> writer (writer,
+store) -> commit.
 
 Run it in one process, or under ``torchrun --nproc-per-node N -m fedclip_cache extract ...``: every rank scans the
 same dataset, takes every N-th image still to do, and commits its own shards; rank 0 owns the metadata and the
@@ -10,23 +11,28 @@ import dataclasses
 import datetime as _dt
 import os
 import time
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, ContextManager, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
 
 from . import integrity, store, views as _views
-from .integrity import CACHE_FORMAT_VERSION, CacheBusy, WriterLock
-from .imageio import ImageFiles
-from .models import LoadedModel, load_model
 from .config import DEFAULT_TEMPLATES, ExtractConfig, ModelSpec, check_templates  # noqa: F401  (re-exported)
-from .sources import OWN_OUTPUT, ImageTable, check_label_text, quoted, scan
+from .encoder import ImageEncoder, autocast_for, embed_plain, embed_with_views, input_size
+from .integrity import CacheBusy, WriterLock
+from .models import LoadedModel, load_model
+from .schema import FORMAT_VERSION
+from .sources import OWN_OUTPUT, ImageTable, quoted, scan
+from .writer import CachedRows, RowSource, ShardTarget, ShardWriter
 from ..errors import FedclipCacheError
 
-FORMAT_VERSION = CACHE_FORMAT_VERSION
+
+# A progress bar: called with the number of images to attempt, it returns a context manager that yields a function
+# to call with how many more were attempted. The CLI passes one (cache/ draws nothing itself: it imports no rich).
+ProgressBar = Callable[[int], ContextManager[Callable[[int], None]]]
 
 
 class ExtractError(FedclipCacheError, RuntimeError):
@@ -74,13 +80,6 @@ def resolve_device(device: str) -> torch.device:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ExtractError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")
     return torch.device(device)
-
-
-def autocast_for(device: torch.device, precision: str):
-    if precision == "fp32":
-        return nullcontext()
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[precision]
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def _dist() -> tuple[int, int]:
@@ -181,11 +180,6 @@ def _check_distinct_prompts(tokenizer, tokens: torch.Tensor, templates: Sequence
                                    f"or --classes)")
 
 
-def _input_size(lm: LoadedModel) -> tuple[int, int]:
-    s = lm.preprocess_cfg.get("size", 224)
-    return tuple(s) if isinstance(s, (list, tuple)) else (s, s)
-
-
 def _meta_record(lm: LoadedModel, cfg: ExtractConfig, fp: dict, dim: int, cache_id: str) -> dict:
     import open_clip
 
@@ -210,12 +204,23 @@ def _meta_record(lm: LoadedModel, cfg: ExtractConfig, fp: dict, dim: int, cache_
 
 # --------------------------------------------------------------------------------------------- the run
 
-def _plan(table: ImageTable, known: dict, views: int = 1) -> tuple[np.ndarray, int, int, int, np.ndarray]:
+class Work(NamedTuple):
+    """What :func:`plan_work` found to do: ``todo`` (rows to embed whole), ``already`` (rows cached and unchanged),
+    ``changed`` (cached files changed since), ``retried`` (transient skips tried again), ``extend`` (cached rows,
+    not re-embedded, that hold fewer views than asked: only their missing views are computed)."""
+
+    todo: np.ndarray
+    already: int
+    changed: int
+    retried: int
+    extend: np.ndarray
+
+
+def plan_work(table: ImageTable, known: dict[str, integrity.Known], views: int = 1) -> Work:
     """Rows of ``table`` still to extract: new ids; files whose size or mtime changed; files whose inode or ctime
     changed (a rename, a swap of two same-size files, a copy) and whose bytes no longer hash to what was embedded;
-    files whose last attempt failed for a transient reason (permission denied, I/O error). Returns (todo, already,
-    changed, retried, extend): ``extend`` are the cached rows, not to re-extract, that hold fewer than ``views``
-    views (only their missing views are computed)."""
+    files whose last attempt failed for a transient reason (permission denied, I/O error); and the cached rows
+    that hold fewer than ``views`` views."""
     todo, changed, retried, suspects = [], 0, 0, []
     stats = zip(table.size.tolist(), table.mtime_ns.tolist(), table.ino.tolist(), table.ctime_ns.tolist())
     for i, (iid, st) in enumerate(zip(table.ids.tolist(), stats)):
@@ -223,16 +228,15 @@ def _plan(table: ImageTable, known: dict, views: int = 1) -> tuple[np.ndarray, i
         if prev is None:
             todo.append(i)
             continue
-        (size, mtime, ino, ctime), kind, digest, _ = prev
-        if (size, mtime) != st[:2]:
+        if (prev.stat.size, prev.stat.mtime_ns) != st[:2]:
             todo.append(i)
             changed += 1
-        elif kind == "transient":
+        elif prev.kind == "transient":
             todo.append(i)
             retried += 1
-        elif (ino, ctime) != st[2:]:
-            if kind == "row" and digest:
-                suspects.append((i, digest))  # same size and mtime, another inode or ctime: look at the bytes
+        elif (prev.stat.ino, prev.stat.ctime_ns) != st[2:]:
+            if prev.kind == "row" and prev.content_hash:
+                suspects.append((i, prev.content_hash))  # same size and mtime, another inode or ctime: the bytes
             else:
                 todo.append(i)
                 changed += 1
@@ -253,8 +257,8 @@ def _plan(table: ImageTable, known: dict, views: int = 1) -> tuple[np.ndarray, i
     if views > 1:
         redo = set(todo.tolist())
         extend = np.array([i for i, iid in enumerate(table.ids.tolist()) if i not in redo
-                           and known[iid][1] == "row" and known[iid][3] < views], np.int64)
-    return todo, len(table) - len(todo), changed, retried, extend
+                           and known[iid].kind == "row" and known[iid].views < views], np.int64)
+    return Work(todo, len(table) - len(todo), changed, retried, extend)
 
 
 def validate_config(cfg: ExtractConfig) -> None:
@@ -265,8 +269,10 @@ def validate_config(cfg: ExtractConfig) -> None:
     resolve_device(cfg.device)
 
 
-def extract(cfg: ExtractConfig) -> ExtractReport:
-    """Embed every image of ``cfg.source`` not yet in ``cfg.out`` and commit the cache; see the module docstring."""
+def extract(cfg: ExtractConfig, progress: Optional[ProgressBar] = None) -> ExtractReport:
+    """Embed every image of ``cfg.source`` not yet in ``cfg.out`` and commit the cache; see the module docstring.
+    ``progress``: a progress bar (:data:`ProgressBar`) drawn while images are embedded when ``cfg.progress`` is
+    set (on rank 0 only); the CLI passes ``fedclip_cache.progress.extract_bar``."""
     validate_config(cfg)
     t0 = time.perf_counter()
     rank, world = _dist()
@@ -300,7 +306,8 @@ def extract(cfg: ExtractConfig) -> ExtractReport:
             busy = _broadcast(busy, world)
             if busy:
                 raise CacheBusy(busy)
-            report = _extract_locked(cfg, table, lm, fp, device, out, rank, world, t0)
+            report = _extract_locked(cfg, table, lm, fp, device, out, rank, world, t0,
+                                     progress if cfg.progress else None)
     except OSError as e:
         if _unwritable_here(e, out):  # e.g. a shards/ folder shared by a lab, writable only by its owner
             folder = store.display_text(os.path.dirname(e.filename))
@@ -407,80 +414,120 @@ def _recover_cache_id(out: Path, fmt: str) -> str:
                        f"folder")
 
 
-def _extract_locked(cfg: ExtractConfig, table: ImageTable, lm: LoadedModel, fp: dict, device, out: Path,
-                    rank: int, world: int, t0: float) -> ExtractReport:
-    from .commit import commit
+@dataclass
+class WorkPlan:
+    """What rank 0 decided and every rank of the run follows: the rows to embed whole (``todo``), the cached rows
+    that only get new views (``extend``, living where ``cached`` says), the embedding width, the views record and
+    the cache's id."""
 
-    meta_file = out / store.META_FILE
+    todo: np.ndarray
+    dim: int
+    views: dict
+    extend: np.ndarray
+    cached: CachedRows
+    cache_id: str
+
+
+@dataclass
+class _Opened:
+    """Rank 0's hold on the cache between planning and the commit."""
+
+    meta: dict
+    inv: integrity.Inventory
+    plan: WorkPlan
+
+
+def _extract_locked(cfg: ExtractConfig, table: ImageTable, lm: LoadedModel, fp: dict, device, out: Path,
+                    rank: int, world: int, t0: float, progress: Optional[ProgressBar] = None) -> ExtractReport:
     report = ExtractReport(str(out), len(table), 0, 0, 0, [], list(table.ignored), 0.0, 0, 0,
                            warnings=_layout_warnings(table, cfg.dataset) + _own_output_warnings(table))
     classes, templates = _class_list(cfg, table), list(cfg.templates)
-    plan = None
-    if rank == 0:
-        meta, _ = _open_or_create(cfg, lm, fp, out, report)
-        integrity.check_not_a_copy(out, meta)  # before anything in a shards folder it may share is touched
-        meta["folder"] = os.path.realpath(out)
-        removed_tmp = integrity.clean_temporaries(out, meta["cache_id"])  # a killed run's (never visible)
-        vcfg = _views.resolve(meta.get("views"), cfg.views, cfg.augment, cfg.augment_seed, str(out))
-        if vcfg["count"] > 1:
-            _views.AugmentedView(lm.preprocess, lm.preprocess_cfg, vcfg["augment"], vcfg["seed"])  # fails early
-            vcfg["size"], vcfg["interpolation"] = list(_input_size(lm)), lm.preprocess_cfg.get("interpolation")
-            meta["views"] = vcfg  # the target, on disk before any shard: a resume goes on with the same views
-        else:
-            meta.pop("views", None)
-        stale_text = meta.get("classes") != classes or meta.get("templates") != templates or \
-            not _text_matches(out, cfg.format, templates, classes, int(meta.get("embedding_dim") or 0))
-        if stale_text:  # a resume with the same classes and templates re-encodes nothing
-            text = encode_text(lm, templates, classes, device, cfg.precision)
-            meta["embedding_dim"] = int(text.shape[-1])
-        # From here until the commit, readers refuse the cache: the fingerprint is on disk before the first shard.
-        meta["state"] = "in-progress"
-        meta["classes"], meta["templates"] = classes, templates
-        (out / store.SHARD_DIR).mkdir(parents=True, exist_ok=True)
-        store.write_json(meta_file, meta)
-        if stale_text:
-            store.write_text(out, cfg.format, templates, classes, text)
-        inv = integrity.take_inventory(out, meta, fp, int(meta["embedding_dim"]), verify=cfg.verify)
-        report.warnings += [f"{out / store.SHARD_DIR / f}: not a shard of this tool (by its name); left alone and "
-                            f"never read" for f in store.foreign_files(out)]
-        report.warnings += _ownership_warnings(out, inv)
-        report.repaired += inv.removed
-        if removed_tmp:
-            report.repaired.append(("temporary files", f"{removed_tmp} left by a killed run, removed"))
-        known = inv.known()
-        todo, report.already_cached, report.changed, report.retried, ext = _plan(table, known, vcfg["count"])
-        # where each row to extend lives now: (shard, position, views it holds, content hash)
-        src = [inv.winners[i] for i in table.ids[ext].tolist()]
-        ext_src = (np.array([w[1] for w in src], dtype=object), np.array([w[2] for w in src], np.int64),
-                   np.array([known[i][3] for i in table.ids[ext].tolist()], np.int64),
-                   np.array([w[3][4] for w in src], dtype=object))
-        plan = (todo, int(meta["embedding_dim"]), vcfg, ext, ext_src, meta["cache_id"])
+    opened = _open_and_plan(cfg, table, lm, fp, device, out, report, classes, templates) if rank == 0 else None
     session = _broadcast(_dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S%f"), world)
-    todo, dim, vcfg, ext, ext_src, cache_id = _broadcast(plan, world)
-    report.views = vcfg["count"]
-    mine, mine_ext = todo[rank::world], ext[rank::world]
+    plan = _broadcast(opened.plan if opened else None, world)
+    report.views = plan.views["count"]
+    mine, mine_ext = plan.todo[rank::world], plan.extend[rank::world]
     if len(mine) or len(mine_ext):
         t_loop = time.perf_counter()
         rows = np.concatenate([mine, mine_ext])
-        sources = tuple(a[rank::world] for a in ext_src)
-        _run_shards(cfg, lm, table.take(rows), table.ids[rows], classes, dim, fp, device, out, session, rank,
-                    report, world, vcfg, len(mine), sources, cache_id)
+        target = ShardTarget(out, cfg.format, cfg.dtype, cfg.shard_size, session, rank, plan.cache_id, fp, plan.dim,
+                             plan.views if plan.views["count"] > 1 else None,
+                             float(os.environ.get("FEDCLIP_CACHE_SHARD_DELAY", "0")))  # test hook: crash window
+        _run_shards(cfg, lm, table.take(rows), table.ids[rows], classes, device, target, report, world,
+                    len(mine), plan.cached[rank::world], progress if rank == 0 else None)
         report.loop_seconds = time.perf_counter() - t_loop
     _barrier(world)
     if rank == 0:
-        meta["classes"], meta["templates"] = classes, templates
-        meta["domains"] = sorted(set(table.domain.tolist()))
-        meta["ignored"] = sorted([p, r] for p, r in table.ignored)
-        run = {"time": _now(), "source": str(Path(cfg.source).resolve()), "scanned": len(table),
-               "todo": int(len(todo)), "world_size": world, "device": str(device)}
-        if vcfg["count"] > 1:
-            run.update(views=vcfg["count"], extended=int(len(ext)))
-        result = commit(out, meta, inv, table, session, fp, dim, cfg.format, cfg.dtype, run, t0)
-        report.retired, report.refreshed = result.retired, result.refreshed
-        report.total_images, report.total_skipped = result.images, result.skipped
-        report.skipped += [(store.display_text(p), r) for p, r in table.problems]
+        _commit_run(cfg, out, opened, table, classes, templates, session, fp, device, world, report, t0)
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _open_and_plan(cfg: ExtractConfig, table: ImageTable, lm: LoadedModel, fp: dict, device, out: Path,
+                   report: ExtractReport, classes: list[str], templates: list[str]) -> _Opened:
+    """Rank 0, under the writer lock: open (or create, or repair) the cache, mark it in progress with its text
+    embeddings and views record on disk, take the inventory of its shards and plan the work."""
+    meta, _ = _open_or_create(cfg, lm, fp, out, report)
+    integrity.check_not_a_copy(out, meta)  # before anything in a shards folder it may share is touched
+    meta["folder"] = os.path.realpath(out)
+    removed_tmp = integrity.clean_temporaries(out, meta["cache_id"])  # a killed run's (never visible)
+    vcfg = _views.resolve(meta.get("views"), cfg.views, cfg.augment, cfg.augment_seed, str(out))
+    if vcfg["count"] > 1:
+        _views.AugmentedView(lm.preprocess, lm.preprocess_cfg, vcfg["augment"], vcfg["seed"])  # fails early
+        vcfg["size"], vcfg["interpolation"] = list(input_size(lm)), lm.preprocess_cfg.get("interpolation")
+        meta["views"] = vcfg  # the target, on disk before any shard: a resume goes on with the same views
+    else:
+        meta.pop("views", None)
+    stale_text = meta.get("classes") != classes or meta.get("templates") != templates or \
+        not _text_matches(out, cfg.format, templates, classes, int(meta.get("embedding_dim") or 0))
+    if stale_text:  # a resume with the same classes and templates re-encodes nothing
+        text = encode_text(lm, templates, classes, device, cfg.precision)
+        meta["embedding_dim"] = int(text.shape[-1])
+    # From here until the commit, readers refuse the cache: the fingerprint is on disk before the first shard.
+    meta["state"] = "in-progress"
+    meta["classes"], meta["templates"] = classes, templates
+    (out / store.SHARD_DIR).mkdir(parents=True, exist_ok=True)
+    store.write_json(out / store.META_FILE, meta)
+    if stale_text:
+        store.write_text(out, cfg.format, templates, classes, text)
+    inv = integrity.take_inventory(out, meta, fp, int(meta["embedding_dim"]), verify=cfg.verify)
+    report.warnings += [f"{out / store.SHARD_DIR / f}: not a shard of this tool (by its name); left alone and "
+                        f"never read" for f in store.foreign_files(out)]
+    report.warnings += _ownership_warnings(out, inv)
+    report.repaired += inv.removed
+    if removed_tmp:
+        report.repaired.append(("temporary files", f"{removed_tmp} left by a killed run, removed"))
+    known = inv.known()
+    work = plan_work(table, known, vcfg["count"])
+    report.already_cached, report.changed, report.retried = work.already, work.changed, work.retried
+    ext_ids = table.ids[work.extend].tolist()
+    rows = [inv.winners[i] for i in ext_ids]  # where each row to extend lives now (only rows are extended)
+    cached = CachedRows(np.array([w.shard for w in rows], dtype=object), np.array([w.position for w in rows], np.int64),
+                        np.array([known[i].views for i in ext_ids], np.int64),
+                        np.array([w.content_hash for w in rows], dtype=object))
+    return _Opened(meta, inv, WorkPlan(work.todo, int(meta["embedding_dim"]), vcfg, work.extend, cached,
+                                       meta["cache_id"]))
+
+
+def _commit_run(cfg: ExtractConfig, out: Path, opened: _Opened, table: ImageTable, classes: list[str],
+                templates: list[str], session: str, fp: dict, device, world: int, report: ExtractReport,
+                t0: float) -> None:
+    """Rank 0, after every rank's shards are written: record the run and commit the cache (``commit.commit``)."""
+    from .commit import commit
+
+    meta, plan = opened.meta, opened.plan
+    meta["classes"], meta["templates"] = classes, templates
+    meta["domains"] = sorted(set(table.domain.tolist()))
+    meta["ignored"] = sorted([p, r] for p, r in table.ignored)
+    run = {"time": _now(), "source": str(Path(cfg.source).resolve()), "scanned": len(table),
+           "todo": int(len(plan.todo)), "world_size": world, "device": str(device)}
+    if plan.views["count"] > 1:
+        run.update(views=plan.views["count"], extended=int(len(plan.extend)))
+    result = commit(out, meta, opened.inv, table, session, fp, plan.dim, cfg.format, cfg.dtype, run,
+                    t0)
+    report.retired, report.refreshed = result.retired, result.refreshed
+    report.total_images, report.total_skipped = result.images, result.skipped
+    report.skipped += [(store.display_text(p), r) for p, r in table.problems]
 
 
 def _ownership_warnings(out: Path, inv: integrity.Inventory) -> list[str]:
@@ -534,269 +581,48 @@ def _layout_warnings(table: ImageTable, dataset: Optional[str]) -> list[str]:
     return datasets.check(dataset, dict(zip(doms.tolist(), counts.tolist())), set(table.class_name.tolist()))
 
 
-def _run_shards(cfg: ExtractConfig, lm: LoadedModel, rows: ImageTable, ids: np.ndarray, classes: list[str], dim: int,
-                fp: dict, device: torch.device, out: Path, session: str, rank: int, report: ExtractReport,
-                world: int, vcfg: Optional[dict] = None, n_full: Optional[int] = None,
-                sources: Optional[tuple] = None, cache_id: str = "") -> None:
-    """Embed ``rows`` and commit them in shards. With views (``vcfg["count"]`` = K > 1), the first ``n_full`` rows
+@contextmanager
+def _no_progress(total: int):
+    yield lambda n: None
+
+
+def _run_shards(cfg: ExtractConfig, lm: LoadedModel, rows: ImageTable, ids: np.ndarray, classes: list[str],
+                device: torch.device, target: ShardTarget, report: ExtractReport, world: int, n_full: int,
+                cached: CachedRows, progress: Optional[ProgressBar]) -> None:
+    """Embed ``rows`` and commit them in shards. With views (``target.views``: K > 1), the first ``n_full`` rows
     are embedded whole (view 0 exactly as without views, plus K-1 augmented views) and the others only get the
-    views they lack (``sources``: where their cached row lives, its view count and content hash)."""
-    from torch.utils.data import DataLoader
-
-    # CPU: workers share the cores with the forward, a few suffice; GPU: decoding is the bottleneck, use them all.
-    cpus = os.cpu_count() or 1
-    workers = cfg.workers if cfg.workers is not None else (min(cpus, 32) if device.type == "cuda" else min(4, cpus))
-    paths = [os.path.join(rows.root, r) for r in rows.relpath]
-    k_views = (vcfg or {}).get("count", 1)
-    n_full = len(rows) if n_full is None else n_full
-
-    def loader(dataset, batches=None):
-        sizes = {"batch_size": cfg.batch_size, "shuffle": False} if batches is None else {"batch_sampler": batches}
-        return DataLoader(dataset, **sizes, num_workers=workers, pin_memory=device.type == "cuda",
-                          persistent_workers=False, prefetch_factor=4 if workers > 0 else None)
-
-    model = lm.model
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    views they lack (``cached``: where their cached row lives, its view count and content hash)."""
     label_of = {c: i for i, c in enumerate(classes)}
-    labels = np.array([label_of[c] for c in rows.class_name], np.int32)
-    path_bytes = np.array([os.fsencode(r) for r in rows.relpath], dtype=object)
-    slow = float(os.environ.get("FEDCLIP_CACHE_SHARD_DELAY", "0"))  # test hook: widen the crash window
-    writer = _ShardWriter(cfg, out, session, rank, fp, dim, ids, rows, labels, path_bytes, slow, vcfg, n_full,
-                          sources, cache_id)
+    source = RowSource(rows, ids, np.array([label_of[c] for c in rows.class_name], np.int32),
+                       np.array([os.fsencode(r) for r in rows.relpath], dtype=object))
+    writer = ShardWriter(target, source, n_full, cached)
+    enc = ImageEncoder(cfg, lm, device, target.dim)
+    paths = [os.path.join(rows.root, r) for r in rows.relpath]
 
-    def failed(ok, idx, transient, reasons):
-        for pos in (~ok).nonzero().flatten().tolist():  # only the failed images of this batch
-            i, r = int(idx[pos]), reasons[pos]
-            if cfg.strict:
-                raise ExtractError(f"{paths[i]}: {r} (--strict makes any skipped image an error; "
-                                   f"fix or remove the file, or drop --strict)")
-            report.skipped.append((store.display_text(str(rows.relpath[i])), r))
-            writer.skip(i, r, bool(transient[pos]))
+    def failed(ok, idx, transient, reasons) -> None:
+        _record_failures(cfg, paths, rows, writer, report, ok, idx, transient, reasons)
 
-    def encode_views(xa: torch.Tensor) -> np.ndarray:
-        """(n, V, 3, H, W) -> (n, V, D), in forward passes of at most batch_size images."""
-        n, v = xa.shape[:2]
-        flat = xa.reshape(n * v, *xa.shape[2:])
-        parts = [model.encode_image(_to_device(flat[s:s + cfg.batch_size].contiguous(), device)).float().cpu()
-                 for s in range(0, len(flat), cfg.batch_size)]
-        return (torch.cat(parts).numpy() if parts else np.zeros((0, dim), np.float32)).reshape(n, v, dim)
+    with (progress or _no_progress)(len(rows) * world) as advance:
+        def step(n: int) -> None:
+            advance(n * world)  # every rank embeds about as many: rank 0's bar stands for the group
 
-    progress = _progress(cfg.progress and rank == 0, len(rows) * world)
-    with progress as bar:
-        task = bar.add_task("extract", total=len(rows) * world) if bar else None
         with torch.inference_mode(), autocast_for(device, cfg.precision):
-            if k_views == 1:  # the plain path, exactly as it always was
-                full = loader(ImageFiles(paths, lm.preprocess, _input_size(lm), cfg.exif_transpose))
-                for x, idx, ok, transient, reasons, digests in full:
-                    n, n_ok = len(idx), int(ok.sum())
-                    if n_ok == n:
-                        emb = model.encode_image(_to_device(x, device)).float().cpu().numpy()
-                    else:
-                        failed(ok, idx, transient, reasons)
-                        emb = (model.encode_image(_to_device(x[ok], device)).float().cpu().numpy() if n_ok
-                               else np.zeros((0, dim), np.float32))
-                    keep = ok.numpy()
-                    writer.add(idx.numpy()[keep], emb, np.asarray(digests, dtype=object)[keep])
-                    report.embedded += n_ok
-                    if bar:
-                        bar.update(task, advance=n * world)
+            if target.views is None:
+                done = embed_plain(enc, paths, writer, failed, step)
             else:
-                aug = _views.AugmentedView(lm.preprocess, lm.preprocess_cfg, vcfg["augment"], vcfg["seed"])
-                # one pass over the new/changed images (every view), then one per view count already held
-                passes = [(np.arange(n_full), 0)]
-                held = sources[2] if sources is not None else np.zeros(0, np.int64)
-                passes += [(n_full + np.flatnonzero(held == h), int(h)) for h in np.unique(held)]
-                for order, first in passes:
-                    if not len(order):
-                        continue
-                    ds = ViewFiles(paths, lm.preprocess, _input_size(lm), cfg.exif_transpose, order, ids, aug,
-                                   max(first, 1), k_views, with_view0=first == 0)
-                    parts, ends = view_batches(len(order), cfg.batch_size, k_views - max(first, 1) + (first == 0))
-                    held_back: list = []  # the parts of a batch_size chunk whose view 0 is not encoded yet
-                    for (x, xa, idx, ok, transient, reasons, digests), end in zip(loader(ds, parts), ends):
-                        n, n_ok = len(idx), int(ok.sum())
-                        if n_ok < n:
-                            failed(ok, idx, transient, reasons)
-                        keep = ok.numpy()
-                        new = encode_views(xa[ok] if n_ok < n else xa)
-                        if first == 0:  # view 0 exactly as the plain path computes it: one pass per chunk
-                            held_back.append((x if n_ok == n else x[ok], idx.numpy()[keep],
-                                              np.asarray(digests, dtype=object)[keep], new))
-                            if end:
-                                x0 = torch.cat([h[0] for h in held_back])
-                                emb = (model.encode_image(_to_device(x0, device)).float().cpu().numpy() if len(x0)
-                                       else np.zeros((0, dim), np.float32))
-                                idx0, dig0, views0 = (np.concatenate([h[j] for h in held_back]) for j in (1, 2, 3))
-                                writer.add(idx0, emb, dig0, views0)
-                                report.embedded += len(x0)
-                                held_back = []
-                        else:
-                            report.extended += writer.extend(idx.numpy()[keep], new,
-                                                             np.asarray(digests, dtype=object)[keep])
-                        if bar:
-                            bar.update(task, advance=n * world)
+                done = embed_with_views(enc, paths, ids, writer, failed, step, n_full, cached)
         writer.flush()
+    report.embedded += done.embedded
+    report.extended += done.extended
 
 
-def view_batches(n: int, batch_size: int, per_image: int) -> tuple[list[list[int]], list[bool]]:
-    """Loader batches for an extraction with views: each ``batch_size`` chunk of the images (the plain path's
-    batches, so view 0 is still encoded in exactly those batches) split into parts of about ``batch_size //
-    per_image`` images, so that a loader batch holds about ``batch_size`` images' tensors whatever the number of
-    views (``batch_size`` images x K views would hold K times the memory, times the prefetched batches). Returns
-    the parts and, for each, whether it ends its chunk."""
-    parts, ends = [], []
-    for start in range(0, n, batch_size):
-        chunk = np.arange(start, min(start + batch_size, n))
-        count = min(len(chunk), max(1, -(-len(chunk) * per_image // batch_size)))  # ~batch_size images' tensors
-        pieces = [p for p in np.array_split(chunk, count) if len(p)]
-        parts += [p.tolist() for p in pieces]
-        ends += [False] * (len(pieces) - 1) + [True]
-    return parts, ends
-
-
-class ViewFiles(ImageFiles):
-    """Decode each image once and produce view 0 (the model's preprocessing; only when ``with_view0``) and the
-    augmented views ``first..count-1``. Items: (x, views (V, 3, H, W), index, ok, transient, reason, hash)."""
-
-    def __init__(self, paths, preprocess, input_size, exif_transpose, order, ids, augment, first: int, count: int,
-                 with_view0: bool):
-        super().__init__(paths, preprocess, input_size, exif_transpose)
-        self.order, self.ids, self.augment = order, ids, augment
-        self.first, self.count, self.with_view0 = first, count, with_view0
-
-    def __len__(self) -> int:
-        return len(self.order)
-
-    def __getitem__(self, j: int):
-        from .imageio import BadImage, _read_regular_file, content_hash, open_rgb
-
-        i = int(self.order[j])
-        v = self.count - self.first
-        blank = torch.zeros(3, *self.input_size) if self.with_view0 else torch.zeros(0)
-        try:
-            data = _read_regular_file(self.paths[i])
-            img = open_rgb(self.paths[i], self.exif_transpose, data)
-            x = self.preprocess(img) if self.with_view0 else blank
-            xa = torch.stack([self.augment(img, str(self.ids[i]), k) for k in range(self.first, self.count)])
-            return x, xa, i, True, False, "", content_hash(data)
-        except BadImage as e:
-            return blank, torch.zeros(v, 3, *self.input_size), i, False, e.transient, str(e), ""
-        except Exception as e:  # preprocessing of an odd image (e.g. 1x0 pixels)
-            return blank, torch.zeros(v, 3, *self.input_size), i, False, False, \
-                f"preprocessing failed: {type(e).__name__}: {e}", ""
-
-
-class _ShardWriter:
-    """Buffers embedded rows and skip records; commits a shard every ``shard_size`` attempted images. With views,
-    each row carries its K-1 augmented views; rows being extended copy their view 0 and older views from the shard
-    that holds them."""
-
-    def __init__(self, cfg, out, session, rank, fp, dim, ids, rows, labels, path_bytes, slow, vcfg=None, n_full=0,
-                 sources=None, cache_id=""):
-        self.cfg, self.out, self.session, self.rank, self.fp, self.dim = cfg, out, session, rank, fp, dim
-        self.cache_id = cache_id
-        self.ids, self.rows, self.labels, self.path_bytes, self.slow = ids, rows, labels, path_bytes, slow
-        self.vcfg = vcfg if vcfg and vcfg.get("count", 1) > 1 else None
-        self.n_full, self.sources = n_full, sources
-        self._old: dict[str, tuple] = {}  # the last shards read for extensions: name -> (embedding, views)
-        self.idx: list[np.ndarray] = []
-        self.emb: list[np.ndarray] = []
-        self.views: list[np.ndarray] = []
-        self.digests: list[np.ndarray] = []
-        self.skipped: list[dict] = []
-        self.embedded = 0
-        self.seq = 0
-
-    def add(self, idx: np.ndarray, emb: np.ndarray, digests: np.ndarray, views: np.ndarray | None = None) -> None:
-        self.idx.append(idx)
-        self.emb.append(emb)
-        self.digests.append(digests)
-        if self.vcfg is not None:
-            self.views.append(views)
-        self.embedded += len(idx)
-        if self.embedded + len(self.skipped) >= self.cfg.shard_size:
-            self.flush()
-
-    def _old_rows(self, name: str) -> tuple[np.ndarray, np.ndarray]:
-        if name not in self._old:
-            if len(self._old) >= 2:  # rows to extend come in path order, as the shards hold them: keep two
-                self._old.pop(next(iter(self._old)))
-            path = self.out / store.SHARD_DIR / name
-            _, emb = store.read_shard(path, (), True, self.dim)
-            self._old[name] = (emb, store.read_shard_views(path, self.dim))
-        return self._old[name]
-
-    def extend(self, idx: np.ndarray, new: np.ndarray, digests: np.ndarray) -> int:
-        """Rows already cached with fewer views: keep their view 0 and views, append ``new``. A file whose bytes
-        no longer match what was embedded is skipped as transient (the next run re-embeds it whole)."""
-        names, pos, held, old_digest = (a[idx - self.n_full] for a in self.sources)
-        same = np.array([not o or d == o for d, o in zip(digests.tolist(), old_digest.tolist())], bool)
-        for i in idx[~same].tolist():
-            self.skip(i, "the file changed while its views were added; re-run to re-embed it", True)
-        idx, new, names, pos, held, digests = idx[same], new[same], names[same], pos[same], held[same], digests[same]
-        if not len(idx):
-            return 0
-        emb = np.empty((len(idx), self.dim), np.float32)
-        views = np.empty((len(idx), self.vcfg["count"] - 1, self.dim), np.float32)
-        for name in dict.fromkeys(names.tolist()):
-            at = np.flatnonzero(names == name)
-            old_emb, old_views = self._old_rows(name)
-            emb[at] = old_emb[pos[at]]
-            h = int(held[at[0]])
-            views[at, :h - 1] = old_views[pos[at], :h - 1]
-            views[at, h - 1:] = new[at]
-        self.add(idx, emb, digests, views)
-        return len(idx)
-
-    def skip(self, i: int, reason: str, transient: bool) -> None:
-        r = self.rows
-        self.skipped.append({"id": self.ids[i], "path": str(r.relpath[i]), "reason": reason,
-                             "kind": "transient" if transient else "permanent", "size": int(r.size[i]),
-                             "mtime_ns": int(r.mtime_ns[i]), "ino": int(r.ino[i]), "ctime_ns": int(r.ctime_ns[i])})
-
-    def flush(self) -> None:
-        if not self.embedded and not self.skipped:
-            return
-        r = self.rows
-        idx = np.concatenate(self.idx) if self.idx else np.zeros(0, np.int64)
-        emb = np.concatenate(self.emb) if self.emb else np.zeros((0, self.dim), np.float32)
-        cols = {"id": self.ids[idx], "path": r.relpath[idx], "path_bytes": self.path_bytes[idx],
-                "domain": r.domain[idx], "client": r.client[idx], "class_name": r.class_name[idx],
-                "split": r.split[idx], "label": self.labels[idx], "size": r.size[idx], "mtime_ns": r.mtime_ns[idx],
-                "ino": r.ino[idx], "ctime_ns": r.ctime_ns[idx],
-                "content_hash": np.concatenate(self.digests) if self.digests else np.zeros(0, object)}
-        name = f"part-{self.session}-r{self.rank:03d}-{self.seq:05d}{store.FORMATS[self.cfg.format]}"
-        smeta = {"fingerprint": self.fp, "session": self.session, "cache_id": self.cache_id, "skipped": self.skipped}
-        views = None
-        if self.vcfg is not None:
-            k = self.vcfg["count"]
-            views = np.concatenate(self.views) if self.views else np.zeros((0, k - 1, self.dim), np.float32)
-            smeta.update(augment=self.vcfg["augment"], augment_seed=self.vcfg["seed"])
-        store.write_shard(self.out / store.SHARD_DIR / name, self.cfg.format, cols, emb, self.cfg.dtype, smeta, views)
-        self.seq += 1
-        self.idx, self.emb, self.views, self.digests, self.skipped, self.embedded = [], [], [], [], [], 0
-        if self.slow:
-            time.sleep(self.slow)
-
-
-def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    if device.type == "cuda":
-        return x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-    return x
-
-
-def _progress(enabled: bool, total: int):
-    if not enabled:
-        return nullcontext(None)
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                               TimeRemainingColumn)
-
-    class _Rate(TextColumn):
-        def render(self, task):
-            from rich.text import Text
-            speed = task.finished_speed or task.speed
-            return Text(f"{speed:,.0f} img/s" if speed else "… img/s")
-
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), _Rate(""),
-                    TimeElapsedColumn(), TimeRemainingColumn(), transient=False)
+def _record_failures(cfg: ExtractConfig, paths: list[str], rows: ImageTable, writer: ShardWriter,
+                     report: ExtractReport, ok, idx, transient, reasons) -> None:
+    """The images of a batch that could not be decoded: skip records (an error under ``--strict``)."""
+    for pos in (~ok).nonzero().flatten().tolist():  # only the failed images of this batch
+        i, r = int(idx[pos]), reasons[pos]
+        if cfg.strict:
+            raise ExtractError(f"{paths[i]}: {r} (--strict makes any skipped image an error; "
+                               f"fix or remove the file, or drop --strict)")
+        report.skipped.append((store.display_text(str(rows.relpath[i])), r))
+        writer.skip(i, r, bool(transient[pos]))

@@ -27,7 +27,7 @@ class BadImage(Exception):
         self.transient = transient
 
 
-def _read_regular_file(path: str) -> bytes:
+def read_regular_file(path: str) -> bytes:
     """The file's bytes. Opened non-blocking and checked with fstat, so a FIFO or device never hangs a worker."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
@@ -56,7 +56,7 @@ def content_hash(data: bytes) -> str:
 def hash_file(path: str) -> str:
     """``content_hash`` of a file on disk, or "" when it cannot be read."""
     try:
-        return content_hash(_read_regular_file(path))
+        return content_hash(read_regular_file(path))
     except BadImage:
         return ""
 
@@ -69,7 +69,7 @@ def open_rgb(path: str, exif_transpose: bool = False, data: bytes | None = None)
     image would silently poison the cache. EXIF orientation is ignored unless ``exif_transpose`` (the official
     FedCLIP code, like torchvision's ImageFolder, ignores it).
     """
-    data = _read_regular_file(path) if data is None else data
+    data = read_regular_file(path) if data is None else data
     try:
         img = Image.open(io.BytesIO(data))
         img.load()
@@ -109,7 +109,7 @@ class ImageFiles(Dataset):
         """(image tensor, index, ok flag, transient flag, reason, content hash): the flags collate into tensors, so
         the main loop checks a whole batch at once and only looks at reasons when something failed."""
         try:
-            data = _read_regular_file(self.paths[i])
+            data = read_regular_file(self.paths[i])
             x = self.preprocess(open_rgb(self.paths[i], self.exif_transpose, data))
             return x, i, True, False, "", content_hash(data)
         except BadImage as e:

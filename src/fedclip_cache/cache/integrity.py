@@ -29,14 +29,13 @@ import socket
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple, Union
 
-from . import store
+from . import schema, store
+from .schema import FORMAT_VERSION, PRE_ID_FORMAT, READ_FORMATS
 from .store import CacheError, file_sha256
 
 LOCK_FILE = store.LOCK_FILE
-CACHE_FORMAT_VERSION = 4  # 4: cache.json and every shard carry the cache id
-PRE_ID_FORMAT = 3  # no cache id anywhere: read as it is, upgraded in place by the next extract (``upgrade``)
-READ_FORMATS = (PRE_ID_FORMAT, CACHE_FORMAT_VERSION)
 
 
 class CacheBusy(CacheError):
@@ -162,13 +161,13 @@ def upgrade(meta: dict) -> dict:
     own: ``owns_listed``). Only the writer calls this, under the lock; the id is on disk with the run's first
     in-progress cache.json, before any shard that carries it."""
     rest = {k: v for k, v in meta.items() if k not in ("format_version", "cache_id")}
-    return {"format_version": CACHE_FORMAT_VERSION, "cache_id": store.new_cache_id(), **rest}  # id near the top
+    return {"format_version": FORMAT_VERSION, "cache_id": store.new_cache_id(), **rest}  # id near the top
 
 
 def owns_listed(smeta: dict, cache_id: str) -> bool:
     """Whether a shard that cache.json lists belongs to this cache: it carries the cache's id, or it is a format-3
     shard (no id at all), which the listing alone makes this cache's."""
-    if smeta.get("format_version") == store.PRE_ID_SHARD_FORMAT:
+    if smeta.get("format_version") == PRE_ID_FORMAT:
         return "cache_id" not in smeta
     return smeta.get("cache_id") == cache_id
 
@@ -225,13 +224,51 @@ def check_listing(cache: Path, meta: dict) -> dict:
 
 # ------------------------------------------------------------------------------------------------- the writer
 
+class FileStat(NamedTuple):
+    """What tells whether a file changed since it was embedded (see ``extract.plan``)."""
+
+    size: int
+    mtime_ns: int
+    ino: int
+    ctime_ns: int
+
+
+class RowEvent(NamedTuple):
+    """An image embedded in shard ``shard`` at row ``position``, from a file with ``stat`` and ``content_hash``."""
+
+    shard: str
+    position: int
+    stat: FileStat
+    content_hash: str
+
+
+class SkipEvent(NamedTuple):
+    """An image attempted and skipped: ``record`` is its skip record (id, path, reason, kind, size, mtime_ns...)."""
+
+    record: dict
+
+
+Event = Union[RowEvent, SkipEvent]
+
+
+class Known(NamedTuple):
+    """What the cache knows of one image id, for planning: its file's ``stat`` when last seen; ``kind`` "row"
+    (embedded), "permanent" or "transient" (skipped); the ``content_hash`` embedded ("" for a skip); the number of
+    ``views`` its row holds (0 for a skip)."""
+
+    stat: FileStat
+    kind: str
+    content_hash: str
+    views: int
+
+
 @dataclass
 class Inventory:
     """Every shard on disk, sorted into what the cache holds, what a killed run left, and what is damaged.
 
-    ``winners`` maps image id -> the newest event for it: ("row", shard name, position, (size, mtime_ns, ino,
-    ctime_ns, content hash)) or ("skip", record). Committed content comes first; shards of runs that never committed come after, in session
-    order; a later event for the same id supersedes an earlier one (a changed file, a retried skip).
+    ``winners`` maps image id -> the newest event for it (a :class:`RowEvent` or a :class:`SkipEvent`). Committed
+    content comes first; shards of runs that never committed come after, in session order; a later event for the
+    same id supersedes an earlier one (a changed file, a retried skip).
     """
 
     listed: dict[str, dict] = field(default_factory=dict)  # committed shards still valid: name -> record
@@ -239,33 +276,40 @@ class Inventory:
     foreign: list[str] = field(default_factory=list)  # shards of other caches (a shared shards/): left alone
     no_id: list[str] = field(default_factory=list)  # unlisted format-3 shards: whose cannot be told; left alone
     unknown: list[str] = field(default_factory=list)  # unlisted shards too damaged to tell whose: left alone
-    shard_cols: dict[str, dict] = field(default_factory=dict)  # name -> INDEX_COLUMNS arrays, in row order
-    winners: dict[str, tuple] = field(default_factory=dict)
+    shard_cols: dict[str, dict] = field(default_factory=dict)  # name -> schema index columns, in row order
+    winners: dict[str, Event] = field(default_factory=dict)
     shard_views: dict[str, int] = field(default_factory=dict)  # name -> views per row (1: view 0 only)
 
     def add_shard(self, name: str, cols: dict, skipped: list[dict], views: int = 1) -> None:
         ids = cols["id"]
         self.shard_cols[name] = cols
         self.shard_views[name] = int(views)
-        stat = zip(cols["size"].tolist(), cols["mtime_ns"].tolist(), cols["ino"].tolist(), cols["ctime_ns"].tolist(),
-                   cols["content_hash"].tolist())
-        for pos, (i, st) in enumerate(zip(ids.tolist(), stat)):
-            self.winners[i] = ("row", name, pos, st)
+        stat = zip(cols["size"].tolist(), cols["mtime_ns"].tolist(), cols["ino"].tolist(), cols["ctime_ns"].tolist())
+        for pos, (i, st, digest) in enumerate(zip(ids.tolist(), stat, cols["content_hash"].tolist())):
+            self.winners[i] = RowEvent(name, pos, FileStat(*st), digest)
         for rec in skipped:
-            self.winners[rec["id"]] = ("skip", rec)
+            self.winners[rec["id"]] = SkipEvent(rec)
 
-    def known(self) -> dict[str, tuple]:
-        """id -> ((size, mtime_ns, ino, ctime_ns), kind, content hash, views) where kind is "row", "permanent" or
-        "transient" and views the number of views the row holds (0 for skip records)."""
+    def known(self) -> dict[str, Known]:
+        """id -> what the cache knows of it (:class:`Known`)."""
         out = {}
         for i, w in self.winners.items():
-            if w[0] == "row":
-                out[i] = (tuple(w[3][:4]), "row", w[3][4], self.shard_views.get(w[1], 1))
+            if isinstance(w, RowEvent):
+                out[i] = Known(w.stat, "row", w.content_hash, self.shard_views.get(w.shard, 1))
             else:
-                r = w[1]
-                out[i] = ((r["size"], r["mtime_ns"], r.get("ino", -1), r.get("ctime_ns", -1)),
-                          r.get("kind", "permanent"), "", 0)
+                r = w.record
+                out[i] = Known(FileStat(r["size"], r["mtime_ns"], r.get("ino", -1), r.get("ctime_ns", -1)),
+                               r.get("kind", "permanent"), "", 0)
         return out
+
+    def serves(self, image_id: str, shard: str, position: int) -> bool:
+        """Whether the newest event of ``image_id`` is the row at ``position`` of ``shard``."""
+        w = self.winners.get(image_id)
+        return isinstance(w, RowEvent) and w.shard == shard and w.position == position
+
+    def skip_records(self) -> dict[str, dict]:
+        """id -> skip record, for the ids whose newest event is a skip."""
+        return {i: w.record for i, w in self.winners.items() if isinstance(w, SkipEvent)}
 
 
 def _read_and_check(path: Path, fp: dict, dim: int, cache_id: str, views: dict | None = None,
@@ -286,7 +330,7 @@ def _read_and_check(path: Path, fp: dict, dim: int, cache_id: str, views: dict |
     if rows != meta.get("rows") or meta.get("dim") != dim or dim_on_disk != dim:
         raise CacheError(f"{path}: shard holds {rows} rows of width {dim_on_disk}, expected {meta.get('rows')} "
                          f"of width {dim}")
-    cols, _ = store.read_shard(path, store.INDEX_COLUMNS, False, dim)
+    cols, _ = store.read_shard(path, schema.column_names(index=True), False, dim)
     return meta, cols
 
 
@@ -306,7 +350,7 @@ def take_inventory(cache: Path, meta: dict, fp: dict, dim: int, verify: bool = F
     last = meta.get("last_session") or ""
     for rec in meta.get("skipped", []):  # committed skip records are the oldest events; shards refine them
         if rec.get("kind") != "scan":
-            inv.winners[rec["id"]] = ("skip", rec)
+            inv.winners[rec["id"]] = SkipEvent(rec)
     for p in store.shard_files(cache, meta["format"]):
         name, rec = p.name, listed.get(p.name)
         if rec is None:  # not in this cache's commit record: ours only if the shard itself says so

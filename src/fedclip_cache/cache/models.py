@@ -22,12 +22,13 @@ import pickle
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
 import torch
 from ..errors import FedclipCacheError
 from .store import file_sha256
 from .config import ModelSpec  # noqa: F401  (re-exported: the public API names it here)
+from .openclip_compat import local_dir_checkpoint
 
 
 class ModelLoadError(FedclipCacheError, RuntimeError):
@@ -314,54 +315,9 @@ def load_model(spec: ModelSpec, device: str | torch.device = "cpu") -> LoadedMod
     spec = spec.normalised()
     if spec.model_config:
         register_model_config(spec.model_config)
-    name, pretrained = spec.model, spec.pretrained
-
-    if name.startswith("local-dir:"):
-        folder = Path(name[len("local-dir:"):])
-        cfg_file = folder / "open_clip_config.json"
-        if not cfg_file.is_file():
-            raise ModelLoadError(f"{cfg_file}: missing; a local-dir model needs open_clip_config.json "
-                                 f"(with model_cfg and preprocess_cfg) next to its weights")
-        ckpts = sorted(p for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".safetensors"))
-        from open_clip.factory import _find_checkpoint_in_dir
-
-        found = _find_checkpoint_in_dir(folder)  # the file open_clip will read
-        if found:
-            _refuse_non_checkpoint(found)
-        weights = {"kind": "local-dir", "config_sha256": file_sha256(cfg_file),
-                   "files": {p.name: file_sha256(p) for p in ckpts}}
-        # open_clip resolves relative local-dir paths against the CWD; make it absolute and unambiguous.
-        name = "local-dir:" + str(folder.resolve())
-    elif open_clip.get_model_config(name) is None and not name.startswith("hf-hub:"):
-        raise ModelLoadError(f"unknown model {name!r}; use one of open_clip.list_models() or pass "
-                             f"--model-config FILE.json for a custom architecture")
-    elif pretrained is None:
-        weights = {"kind": "random-init", "seed": spec.seed}
-    elif os.path.isfile(pretrained):
-        _refuse_non_checkpoint(pretrained)
-        weights = {"kind": "file", "file": os.path.basename(pretrained), "sha256": file_sha256(pretrained)}
-    else:
-        weights = _check_weights_obtainable(name, pretrained)
-
-    if spec.model_config:
-        weights["arch_config_sha256"] = file_sha256(spec.model_config)
-
-    kwargs = {}
-    # The activation: OpenAI's (and LAION-400M's, MetaCLIP's, ...) weights were trained with QuickGELU, but
-    # open_clip 3.3 builds a plain name like ViT-B-32 with nn.GELU and only warns. Follow the tag's config.
-    if spec.quick_gelu is not None:
-        activation_source = "--quick-gelu" if spec.quick_gelu else "--no-quick-gelu"
-        if spec.quick_gelu:
-            kwargs["force_quick_gelu"] = True
-        else:
-            kwargs["quick_gelu"] = False  # a model kwarg overrides the config's quick_gelu
-    elif weights["kind"] == "tag" and open_clip.get_pretrained_cfg(name, pretrained).get("quick_gelu", False):
-        kwargs["force_quick_gelu"] = True
-        activation_source = f"pretrained tag {pretrained!r} (quick_gelu)"
-    elif weights["kind"] == "file":
-        activation_source = "model config (a checkpoint file does not record its activation)"
-    else:
-        activation_source = "model config"
+    name, weights = _resolve_weights(spec)
+    pretrained = spec.pretrained
+    kwargs, activation_source = _activation(spec, weights)
     if spec.image_mean is not None:
         kwargs["image_mean"] = tuple(float(x) for x in spec.image_mean)
     if spec.image_std is not None:
@@ -388,6 +344,65 @@ def load_model(spec: ModelSpec, device: str | torch.device = "cpu") -> LoadedMod
     return LoadedModel(model=model, preprocess=preprocess, tokenizer=tokenizer, spec=spec,
                        weights=weights, preprocess_cfg=pcfg, activation=built_activation(model),
                        activation_source=activation_source)
+
+
+def _resolve_weights(spec: ModelSpec) -> tuple[str, dict]:
+    """(the model name open_clip is given, the weights record of the fingerprint); refuses a model or weights that
+    cannot be had, before anything is built."""
+    import open_clip
+
+    name, pretrained = spec.model, spec.pretrained
+    if name.startswith("local-dir:"):
+        folder = Path(name[len("local-dir:"):])
+        cfg_file = folder / "open_clip_config.json"
+        if not cfg_file.is_file():
+            raise ModelLoadError(f"{cfg_file}: missing; a local-dir model needs open_clip_config.json "
+                                 f"(with model_cfg and preprocess_cfg) next to its weights")
+        ckpts = sorted(p for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".safetensors"))
+        found = local_dir_checkpoint(folder)  # the file open_clip will read
+        if found:
+            _refuse_non_checkpoint(found)
+        weights = {"kind": "local-dir", "config_sha256": file_sha256(cfg_file),
+                   "files": {p.name: file_sha256(p) for p in ckpts}}
+        # open_clip resolves relative local-dir paths against the CWD; make it absolute and unambiguous.
+        name = "local-dir:" + str(folder.resolve())
+    elif open_clip.get_model_config(name) is None and not name.startswith("hf-hub:"):
+        raise ModelLoadError(f"unknown model {name!r}; use one of open_clip.list_models() or pass "
+                             f"--model-config FILE.json for a custom architecture")
+    elif pretrained is None:
+        weights = {"kind": "random-init", "seed": spec.seed}
+    elif os.path.isfile(pretrained):
+        _refuse_non_checkpoint(pretrained)
+        weights = {"kind": "file", "file": os.path.basename(pretrained), "sha256": file_sha256(pretrained)}
+    else:
+        weights = _check_weights_obtainable(name, pretrained)
+    if spec.model_config:
+        weights["arch_config_sha256"] = file_sha256(spec.model_config)
+    return name, weights
+
+
+def _activation(spec: ModelSpec, weights: dict) -> tuple[dict, str]:
+    """(open_clip keyword arguments that choose the activation, where that choice came from)."""
+    import open_clip
+
+    kwargs = {}
+    # The activation: OpenAI's (and LAION-400M's, MetaCLIP's, ...) weights were trained with QuickGELU, but
+    # open_clip 3.3 builds a plain name like ViT-B-32 with nn.GELU and only warns. Follow the tag's config.
+    if spec.quick_gelu is not None:
+        activation_source = "--quick-gelu" if spec.quick_gelu else "--no-quick-gelu"
+        if spec.quick_gelu:
+            kwargs["force_quick_gelu"] = True
+        else:
+            kwargs["quick_gelu"] = False  # a model kwarg overrides the config's quick_gelu
+    elif weights["kind"] == "tag" and open_clip.get_pretrained_cfg(spec.model, spec.pretrained).get("quick_gelu",
+                                                                                                     False):
+        kwargs["force_quick_gelu"] = True
+        activation_source = f"pretrained tag {spec.pretrained!r} (quick_gelu)"
+    elif weights["kind"] == "file":
+        activation_source = "model config (a checkpoint file does not record its activation)"
+    else:
+        activation_source = "model config"
+    return kwargs, activation_source
 
 
 def _refuse_non_checkpoint(path: str) -> None:
@@ -433,9 +448,7 @@ def _load_failure(spec: ModelSpec, name: str, pretrained: Optional[str], kwargs:
 def _checkpoint_path(name: str, pretrained: Optional[str]) -> str:
     """The file open_clip was reading, for error messages."""
     if name.startswith("local-dir:"):
-        from open_clip.factory import _find_checkpoint_in_dir
-
-        return _find_checkpoint_in_dir(Path(name[len("local-dir:"):])) or name
+        return local_dir_checkpoint(name[len("local-dir:"):]) or name
     if pretrained and os.path.isfile(pretrained):
         return pretrained
     try:

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 
-from . import integrity, store
+from . import integrity, schema, store
 
 
 @dataclass
@@ -40,7 +40,7 @@ class FeatureCache:
     features_in: str = "memory"  # or "mmap": features served from a memory-mapped file (caches bigger than RAM)
     verify: bool = False  # opened with verify: checksums of the shards and of a memory-mapped copy are checked
     _features: Optional[np.ndarray] = field(default=None, repr=False)
-    _sources: list = field(default_factory=list, repr=False)  # (shard path, source rows, destination rows)
+    _sources: list[ShardRows] = field(default_factory=list, repr=False)  # where each served row's embedding is
     _views: Optional[np.ndarray] = field(default=None, repr=False)  # (k, N, D) once views(k) was read
 
     @property
@@ -55,10 +55,7 @@ class FeatureCache:
         self._features = value
 
     def _read_features(self) -> np.ndarray:
-        gone = [str(s) for s, *_ in self._sources if not Path(s).is_file()]
-        if gone:
-            raise store.CacheError(f"{gone[0]}: the cache changed since it was opened (an extract ran); open it "
-                                   f"again")
+        self._check_unchanged()
         if self.features_in == "mmap":
             return _mapped_features(self)
         out = np.empty((len(self.labels), self.dim), np.float32)
@@ -80,6 +77,29 @@ class FeatureCache:
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def column(self, name: str) -> np.ndarray:
+        """Any shard column of ``schema.COLUMNS`` (``path_bytes`` aside: ``paths`` is it, decoded) for the served
+        rows, aligned with ``features``, read from the shards now: a column without a named field here is read so."""
+        if name not in schema.column_names() or name == "path_bytes":
+            raise ValueError(f"{name!r} is not a cache column; columns: {', '.join(schema.stored_columns())}")
+        self._check_unchanged()
+        out: Optional[np.ndarray] = None
+        for shard, src, dst, rows in self._sources:
+            if not len(src):
+                continue
+            values = store.read_shard(shard, (name,), False, self.dim)[0][name]
+            if out is None:
+                out = np.empty(len(self.labels), values.dtype)
+            out[dst] = values[src]
+        return out
+
+    def _check_unchanged(self) -> None:
+        """Refuse to read shards that an extract retired since this cache was opened."""
+        gone = [str(s) for s, *_ in self._sources if not Path(s).is_file()]
+        if gone:
+            raise store.CacheError(f"{gone[0]}: the cache changed since it was opened (an extract ran); open it "
+                                   f"again")
 
     @property
     def num_views(self) -> int:
@@ -107,10 +127,7 @@ class FeatureCache:
         if short:
             raise store.CacheError(f"{short[0]}: shard holds fewer views than the cache's {self.num_views}; re-run "
                                    f"the same extract command to repair the cache")
-        gone = [str(s) for s, *_ in self._sources if not Path(s).is_file()]
-        if gone:
-            raise store.CacheError(f"{gone[0]}: the cache changed since it was opened (an extract ran); open it "
-                                   f"again")
+        self._check_unchanged()
         out = np.empty((k, len(self.labels), self.dim), np.float32)
         if self._features is not None:
             out[0] = self._features
@@ -191,59 +208,14 @@ def open_cache(path: str | Path, allow_incomplete: bool = False, verify: bool = 
     if text.shape[-1] != dim:
         raise store.CacheError(f"{path}/text{store.FORMATS[meta['format']]}: width {text.shape[-1]}, the cache's is "
                                f"{dim}; re-run the same extract command to rebuild it")
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    tables = [store.read_shard_arrow(shard) for shard in plan.shards]
-    sizes = [t.num_rows for t in tables]
-    table = pa.concat_tables(tables).unify_dictionaries() if tables else None
-    n = sum(sizes)
-    if not n:
-        raise store.CacheError(f"{path}: the cache holds no images; run extract to fill it")
-    keep = np.arange(n)
-    if plan.dedupe:  # unfinished cache: uncommitted shards may repeat ids; the newest (last) row wins
-        ids = table.column("id").to_numpy()
-        _, first_from_end = np.unique(ids[::-1], return_index=True)
-        keep = np.sort(n - 1 - first_from_end)
-    elif pc.count_distinct(table.column("id")).as_py() != n:
-        raise store.CacheError(f"{path}: the committed shards repeat an image; re-run the same extract command to "
-                               f"repair the cache")
-    # Canonical order (by the path's bytes) so that caches written by 1 or N processes, in any shard order, give
-    # the same arrays.
-    kept = table.take(pa.array(keep)) if plan.dedupe else table
-    sel = keep[pc.sort_indices(kept, sort_keys=[("path_bytes", "ascending")]).to_numpy()]
-    rows = table.take(pa.array(sel)).combine_chunks()
-    del table, tables, kept
-    cls = {c: store.category_to_numpy(rows.column(c)) for c in store.CATEGORY_COLUMNS}
-    cls["id"] = rows.column("id").to_numpy(zero_copy_only=False)
-    cls["path"] = store.decode_paths(rows.column("path_bytes"))
-    # Labels come from class names against the cache's current class list.
-    lookup = {c: i for i, c in enumerate(classes)}
-    names_col = rows.column("class_name").combine_chunks()
-    names = names_col.dictionary.to_pylist()
-    unknown = [c for c in names if c not in lookup]
-    if unknown:
-        raise store.CacheError(f"{path}: rows of class {unknown[0]!r} that the cache's class list lacks; re-run the "
-                               f"same extract command to repair the cache")
-    labels = np.array([lookup[c] for c in names] + [-1], np.int64)[names_col.indices.to_numpy(zero_copy_only=False)]
-    del rows, names_col
-    store.release_arrow_memory()
-    sources = []
-    dest_of_row = np.full(n, -1, np.int64)
-    dest_of_row[sel] = np.arange(len(sel))
-    starts = np.concatenate([[0], np.cumsum(sizes)])  # the shards' rows are concatenated in order
-    for s, shard in enumerate(plan.shards):
-        d = dest_of_row[starts[s]:starts[s + 1]]
-        src = np.flatnonzero(d >= 0)
-        sources.append((shard, src, d[src], sizes[s]))
-    skipped = _skipped(meta)
+    cols, labels, sources = _read_rows(path, plan, classes)
     cache = FeatureCache(
-        path=path, meta=meta, ids=cls["id"], paths=cls["path"], domains=cls["domain"], clients=cls["client"],
-        class_names=cls["class_name"], labels=labels, splits=cls["split"], classes=classes, templates=templates,
-        text_embeddings=text.astype(np.float32), skipped=skipped, complete=plan.complete,
+        path=path, meta=meta, ids=cols["id"], paths=cols["path"], domains=cols["domain"], clients=cols["client"],
+        class_names=cols["class_name"], labels=labels, splits=cols["split"], classes=classes, templates=templates,
+        text_embeddings=text.astype(np.float32), skipped=_skipped(meta), complete=plan.complete,
         incomplete_reason=plan.note, verify=verify, _sources=sources)
     if features_in == "auto":
-        features_in = "mmap" if plan.complete and len(sel) * dim * 4 > available_memory() // 2 else "memory"
+        features_in = "mmap" if plan.complete and len(labels) * dim * 4 > available_memory() // 2 else "memory"
     if features_in == "mmap" and not plan.complete:
         raise store.CacheError(f"{path}: an unfinished cache cannot be memory-mapped; finish the extract first, or "
                                f"use --features memory")
@@ -251,6 +223,79 @@ def open_cache(path: str | Path, allow_incomplete: bool = False, verify: bool = 
     if load_features:
         cache.features  # noqa: B018 - read now, while the shards are the ones just checked
     return cache
+
+
+class ShardRows(NamedTuple):
+    """The rows a reader serves from one shard: its rows ``src`` go to rows ``dst`` of the cache's arrays;
+    ``rows`` is the shard's row count."""
+
+    shard: Path
+    src: np.ndarray
+    dst: np.ndarray
+    rows: int
+
+
+def _read_rows(path: Path, plan: integrity.ReadPlan, classes: list[str]
+               ) -> tuple[dict[str, np.ndarray], np.ndarray, list[ShardRows]]:
+    """The per-row columns (id, path and the category columns) in canonical order, the labels, and where each
+    served row's embedding lives; read from the shards' Arrow tables without per-row Python work."""
+    import pyarrow as pa
+
+    tables = [store.read_shard_arrow(shard) for shard in plan.shards]
+    sizes = [t.num_rows for t in tables]
+    if not sum(sizes):
+        raise store.CacheError(f"{path}: the cache holds no images; run extract to fill it")
+    table = pa.concat_tables(tables).unify_dictionaries()
+    del tables
+    sel = _canonical_rows(path, table, plan.dedupe)
+    rows = table.take(pa.array(sel)).combine_chunks()
+    del table
+    cols = {c: store.category_to_numpy(rows.column(c)) for c in schema.column_names(category=True)}
+    cols["id"] = rows.column("id").to_numpy(zero_copy_only=False)
+    cols["path"] = store.decode_paths(rows.column("path_bytes"))
+    labels = _labels(path, rows.column("class_name").combine_chunks(), classes)
+    del rows
+    store.release_arrow_memory()
+    dest_of_row = np.full(sum(sizes), -1, np.int64)
+    dest_of_row[sel] = np.arange(len(sel))
+    starts = np.concatenate([[0], np.cumsum(sizes)])  # the shards' rows are concatenated in order
+    sources = []
+    for s, shard in enumerate(plan.shards):
+        d = dest_of_row[starts[s]:starts[s + 1]]
+        src = np.flatnonzero(d >= 0)
+        sources.append(ShardRows(shard, src, d[src], sizes[s]))
+    return cols, labels, sources
+
+
+def _canonical_rows(path: Path, table, dedupe: bool) -> np.ndarray:
+    """Rows of the concatenated shards to serve, in canonical order (by the path's bytes) so that caches written
+    by 1 or N processes, in any shard order, give the same arrays. ``dedupe`` (an unfinished cache, whose
+    uncommitted shards may repeat ids): the newest (last) row of each id; otherwise a repeated id is damage."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    n = table.num_rows
+    keep = np.arange(n)
+    if dedupe:
+        ids = table.column("id").to_numpy()
+        _, first_from_end = np.unique(ids[::-1], return_index=True)
+        keep = np.sort(n - 1 - first_from_end)
+    elif pc.count_distinct(table.column("id")).as_py() != n:
+        raise store.CacheError(f"{path}: the committed shards repeat an image; re-run the same extract command to "
+                               f"repair the cache")
+    kept = table.take(pa.array(keep)) if dedupe else table
+    return keep[pc.sort_indices(kept, sort_keys=[("path_bytes", "ascending")]).to_numpy()]
+
+
+def _labels(path: Path, names_col, classes: list[str]) -> np.ndarray:
+    """int64 labels from the dictionary-encoded class names, against the cache's current class list."""
+    lookup = {c: i for i, c in enumerate(classes)}
+    names = names_col.dictionary.to_pylist()
+    unknown = [c for c in names if c not in lookup]
+    if unknown:
+        raise store.CacheError(f"{path}: rows of class {unknown[0]!r} that the cache's class list lacks; re-run the "
+                               f"same extract command to repair the cache")
+    return np.array([lookup[c] for c in names] + [-1], np.int64)[names_col.indices.to_numpy(zero_copy_only=False)]
 
 
 @dataclass

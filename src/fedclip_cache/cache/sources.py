@@ -25,9 +25,10 @@ import json
 import os
 import stat
 import unicodedata
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 from ..errors import FedclipCacheError
@@ -70,12 +71,17 @@ class ImageTable:
     def classes(self) -> list[str]:
         return sorted(set(self.class_name.tolist()))
 
+    @classmethod
+    def row_fields(cls) -> tuple[str, ...]:
+        """The per-image fields (numpy arrays of equal length), in declaration order."""
+        return tuple(f.name for f in dataclasses.fields(cls) if f.name not in _TABLE_FIELDS)
+
     def take(self, idx: np.ndarray) -> "ImageTable":
-        return ImageTable(self.root, *(getattr(self, c)[idx] for c in COLUMNS), ignored=self.ignored,
-                          problems=self.problems)
+        """The rows ``idx`` (every per-image field, by name; the ignored and problem lists stay whole)."""
+        return dataclasses.replace(self, **{f: getattr(self, f)[idx] for f in self.row_fields()})
 
 
-COLUMNS = ("relpath", "domain", "client", "class_name", "split", "size", "mtime_ns", "ino", "ctime_ns")
+_TABLE_FIELDS = frozenset({"root", "ignored", "problems"})  # about the whole scan, not one value per image
 
 
 def image_id(relpath: str) -> str:
@@ -235,10 +241,13 @@ def _stat_row(st: os.stat_result) -> tuple[int, int, int, int]:
     return st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns
 
 
-def _stat_columns(rows: list) -> list[np.ndarray]:
-    """size, mtime_ns, ino, ctime_ns as int64 arrays (inode numbers above 2**63 wrap, consistently)."""
+_STAT_FIELDS = ("size", "mtime_ns", "ino", "ctime_ns")  # the order of _stat_row
+
+
+def _stat_columns(rows: list) -> dict[str, np.ndarray]:
+    """size, mtime_ns, ino, ctime_ns as int64 arrays, by field name (inode numbers above 2**63 wrap, consistently)."""
     a = np.array(rows, dtype=np.uint64).reshape(-1, 4).view(np.int64)
-    return [np.ascontiguousarray(a[:, k]) for k in range(4)]
+    return {name: np.ascontiguousarray(a[:, k]) for k, name in enumerate(_STAT_FIELDS)}
 
 
 def scan_folder(root: str | Path, exclude: Sequence[str | Path] = ()) -> ImageTable:
@@ -251,61 +260,85 @@ def scan_folder(root: str | Path, exclude: Sequence[str | Path] = ()) -> ImageTa
     if not root.is_dir():
         raise SourceError(f"{root}: not a folder; pass a DomainBed-style ROOT/<domain>/<class>/<image> folder "
                           f"or a manifest .csv/.parquet")
-    rel, dom, cls, stats, ignored, problems = [], [], [], [], [], []
+    found = _FolderScan(root, exclude)
     for d in sorted(p for p in root.iterdir() if not p.name.startswith(".")):
         if not d.is_dir():
-            ignored.append((d.name, "file at dataset root (expected ROOT/<domain>/<class>/<image>)"))
+            found.ignored.append((d.name, "file at dataset root (expected ROOT/<domain>/<class>/<image>)"))
             continue
         entries = sorted(d.iterdir())
-        if _skip_own(str(d), (p.name for p in entries), root, exclude, ignored):
+        if _skip_own(str(d), (p.name for p in entries), root, exclude, found.ignored):
             continue
-        domain = label_text(d.name)
-        domain_checked = False
         for c in (p for p in entries if not p.name.startswith(".")):
             if not c.is_dir():
-                ignored.append((str(c.relative_to(root)), "file directly in a domain folder (no class folder)"))
+                found.ignored.append((str(c.relative_to(root)), "file directly in a domain folder (no class folder)"))
                 continue
+            found.class_folder(d, c)
+    dom_a = np.array(found.domain, dtype=object)
+    return ImageTable(root=root, relpath=np.array(found.relpath, dtype=object), domain=dom_a, client=dom_a.copy(),
+                      class_name=np.array(found.class_name, dtype=object),
+                      split=np.full(len(found.relpath), "", dtype=object), **_stat_columns(found.stats),
+                      ignored=found.ignored, problems=found.problems)
 
-            def unlistable(e: OSError):
-                problems.append((os.path.relpath(e.filename, root), f"cannot list folder: {e.strerror or e}"))
 
-            class_name, class_checked = label_text(c.name), False
-            for dirpath, dirnames, filenames in os.walk(c, onerror=unlistable):
-                if _skip_own(dirpath, filenames + dirnames, root, exclude, ignored):
-                    dirnames.clear()
+@dataclass
+class _FolderScan:
+    """What :func:`scan_folder` has found so far: one entry per image in the lists, and the ignored and unreadable
+    names."""
+
+    root: Path
+    exclude: tuple[str, ...]
+    relpath: list = field(default_factory=list)
+    domain: list = field(default_factory=list)
+    class_name: list = field(default_factory=list)
+    stats: list = field(default_factory=list)
+    ignored: list = field(default_factory=list)
+    problems: list = field(default_factory=list)
+    _checked: set = field(default_factory=set)  # domain and class folders whose names were checked
+
+    def class_folder(self, d: Path, c: Path) -> None:
+        """Every image under the class folder ``c`` of the domain folder ``d``."""
+        root = self.root
+
+        def unlistable(e: OSError):
+            self.problems.append((os.path.relpath(e.filename, root), f"cannot list folder: {e.strerror or e}"))
+
+        domain, class_name = label_text(d.name), label_text(c.name)
+        for dirpath, dirnames, filenames in os.walk(c, onerror=unlistable):
+            if _skip_own(dirpath, filenames + dirnames, root, self.exclude, self.ignored):
+                dirnames.clear()
+                continue
+            # Linked sub-folders are not followed: inside a dataset they are aliases or loops (a link to ".."
+            # would re-label a whole domain). Link the class folder itself, or list files in a manifest.
+            for sub in [n for n in dirnames if os.path.islink(os.path.join(dirpath, n))]:
+                dirnames.remove(sub)
+                self.ignored.append((os.path.relpath(os.path.join(dirpath, sub), root),
+                                     "linked folder inside a class folder, not followed (link the class folder "
+                                     "itself, or list the files in a manifest)"))
+            dirnames.sort()
+            for f in sorted(filenames):
+                r = os.path.relpath(os.path.join(dirpath, f), root)
+                if f.startswith("."):
+                    continue  # .DS_Store and friends are not data
+                if Path(f).suffix.lower() not in IMAGE_EXTENSIONS:
+                    self.ignored.append((r, "not an image file extension"))
                     continue
-                # Linked sub-folders are not followed: inside a dataset they are aliases or loops (a link to ".."
-                # would re-label a whole domain). Link the class folder itself, or list files in a manifest.
-                for sub in [n for n in dirnames if os.path.islink(os.path.join(dirpath, n))]:
-                    dirnames.remove(sub)
-                    ignored.append((os.path.relpath(os.path.join(dirpath, sub), root),
-                                    "linked folder inside a class folder, not followed (link the class folder "
-                                    "itself, or list the files in a manifest)"))
-                dirnames.sort()
-                for f in sorted(filenames):
-                    r = os.path.relpath(os.path.join(dirpath, f), root)
-                    if f.startswith("."):
-                        continue  # .DS_Store and friends are not data
-                    if Path(f).suffix.lower() not in IMAGE_EXTENSIONS:
-                        ignored.append((r, "not an image file extension"))
-                        continue
-                    fst, why = stat_image(os.path.join(dirpath, f))
-                    if fst is None:
-                        problems.append((r, why))
-                        continue
-                    if not domain_checked:  # only folders that hold images name a domain or a class
-                        check_path_name("domain", d.name, f"{shown(d)} (a domain folder)")
-                        domain_checked = True
-                    if not class_checked:
-                        check_label_text("class", class_name, f"{shown(c)} (a class folder)")
-                        class_checked = True
-                    rel.append(r)
-                    dom.append(domain)
-                    cls.append(class_name)
-                    stats.append(_stat_row(fst))
-    dom_a = np.array(dom, dtype=object)
-    return ImageTable(root, np.array(rel, dtype=object), dom_a, dom_a.copy(), np.array(cls, dtype=object),
-                      np.full(len(rel), "", dtype=object), *_stat_columns(stats), ignored, problems)
+                fst, why = stat_image(os.path.join(dirpath, f))
+                if fst is None:
+                    self.problems.append((r, why))
+                    continue
+                self._check_names(d, c)  # only folders that hold images name a domain or a class
+                self.relpath.append(r)
+                self.domain.append(domain)
+                self.class_name.append(class_name)
+                self.stats.append(_stat_row(fst))
+
+    def _check_names(self, d: Path, c: Path) -> None:
+        if d not in self._checked:
+            check_path_name("domain", d.name, f"{shown(d)} (a domain folder)")
+            self._checked.add(d)
+        if c not in self._checked:
+            check_label_text("class", label_text(c.name), f"{shown(c)} (a class folder)")
+            self._checked.add(c)
 
 
 def scan_manifest(path: str | Path) -> ImageTable:
@@ -316,11 +349,52 @@ def scan_manifest(path: str | Path) -> ImageTable:
     error. Paths under the manifest's folder are stored relative to it, so the image id does not depend on the
     spelling.
     """
+    path = Path(path)
+    m = _manifest_columns(path)
+    root = path.parent.resolve()
+    keep, rel, stats, ignored, problems = [], [], [], [], []
+    first_row: dict[str, int] = {}
+    for i, p in enumerate(m.path.tolist()):
+        full = os.path.normpath(p if os.path.isabs(p) else os.path.join(root, p))
+        if Path(p).suffix.lower() not in IMAGE_EXTENSIONS:
+            ignored.append((p, "not an image file extension"))
+            continue
+        st, why = stat_image(full)
+        if st is None:
+            (ignored if why == "missing on disk" else problems).append(
+                (p, "listed in manifest but missing on disk" if why == "missing on disk" else why))
+            continue
+        key = os.path.realpath(full)
+        if key in first_row:
+            ignored.append(_same_file(path, m, first_row[key], i))
+            continue
+        first_row[key] = i
+        keep.append(i)
+        rel.append(full[len(str(root)) + 1:] if full.startswith(str(root) + os.sep) else full)
+        stats.append(_stat_row(st))
+    k = np.array(keep, np.int64)
+    return ImageTable(root=root, relpath=np.array(rel, dtype=object), domain=m.domain[k], client=m.client[k],
+                      class_name=m.label[k], split=m.split[k], **_stat_columns(stats), ignored=ignored,
+                      problems=problems)
+
+
+class _Manifest(NamedTuple):
+    """A manifest's columns, checked, one str per row (``client`` defaults to the domain, ``split`` to "")."""
+
+    path: np.ndarray
+    label: np.ndarray
+    domain: np.ndarray
+    client: np.ndarray
+    split: np.ndarray
+
+
+def _manifest_columns(path: Path) -> _Manifest:
+    """Read the manifest file and check its columns: required ones present and never empty, domain and client
+    names usable as one path component, labels usable as prompt text."""
     import pyarrow as pa
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
-    path = Path(path)
     if not path.is_file():
         raise SourceError(f"{path}: manifest not found")
     try:
@@ -356,36 +430,18 @@ def scan_manifest(path: str | Path) -> ImageTable:
     _check_column(path, "label", labels, check_label_text, "class")
     splits = col("split")
     splits = np.full(len(paths), "", dtype=object) if splits is None else splits
-    root = path.parent.resolve()
-    keep, rel, stats, ignored, problems = [], [], [], [], []
-    first_row: dict[str, int] = {}
-    for i, p in enumerate(paths.tolist()):
-        full = os.path.normpath(p if os.path.isabs(p) else os.path.join(root, p))
-        if Path(p).suffix.lower() not in IMAGE_EXTENSIONS:
-            ignored.append((p, "not an image file extension"))
-            continue
-        st, why = stat_image(full)
-        if st is None:
-            (ignored if why == "missing on disk" else problems).append(
-                (p, "listed in manifest but missing on disk" if why == "missing on disk" else why))
-            continue
-        key = os.path.realpath(full)
-        if key in first_row:
-            j = first_row[key]
-            fields = ("label", "domain", "client", "split")
-            if any(a[i] != a[j] for a in (labels, domains, clients, splits)):
-                diff = next(f for f, a in zip(fields, (labels, domains, clients, splits)) if a[i] != a[j])
-                raise SourceError(f"{path}: rows {j + 2} and {i + 2} name the same file ({paths[j]} and {p}) with "
-                                  f"different {diff}; keep one of them")
-            ignored.append((p, f"same file as manifest row {j + 2} ({paths[j]}); embedded once"))
-            continue
-        first_row[key] = i
-        keep.append(i)
-        rel.append(full[len(str(root)) + 1:] if full.startswith(str(root) + os.sep) else full)
-        stats.append(_stat_row(st))
-    k = np.array(keep, np.int64)
-    return ImageTable(root, np.array(rel, dtype=object), domains[k], clients[k], labels[k], splits[k],
-                      *_stat_columns(stats), ignored, problems)
+    return _Manifest(paths, labels, domains, clients, splits)
+
+
+def _same_file(path: Path, m: _Manifest, j: int, i: int) -> tuple[str, str]:
+    """The ignored entry for manifest row ``i``, which names the same file as row ``j``; an error when the two
+    rows disagree on what the file is."""
+    for field_name in ("label", "domain", "client", "split"):
+        a = getattr(m, field_name)
+        if a[i] != a[j]:
+            raise SourceError(f"{path}: rows {j + 2} and {i + 2} name the same file ({m.path[j]} and {m.path[i]}) "
+                              f"with different {field_name}; keep one of them")
+    return m.path[i], f"same file as manifest row {j + 2} ({m.path[j]}); embedded once"
 
 
 def scan(source: str | Path, exclude: Sequence[str | Path] = ()) -> ImageTable:

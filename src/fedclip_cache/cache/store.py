@@ -29,6 +29,8 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+
+from . import schema
 from ..errors import FedclipCacheError
 
 META_FILE = "cache.json"
@@ -38,16 +40,9 @@ FORMATS = {"parquet": ".parquet", "hdf5": ".h5"}
 FEATURES_FILE, FEATURES_STAMP = "features.npy", "features.json"  # the memory-mapped copy (cache.py)
 # The files of a cache folder besides shards/: what a killed run's temporary files may stand for (never others).
 ROOT_FILES = frozenset({META_FILE, LOCK_FILE, FEATURES_FILE, FEATURES_STAMP, *(f"text{e}" for e in FORMATS.values())})
-SHARD_FORMAT_VERSION = 4  # 4: every shard names the cache it belongs to (cache_id)
 # Format 3 (before the cache id) is still read: the same layout without ``cache_id``. Such a shard is its cache's
 # only because that cache's cache.json lists it (``integrity.owns_listed``); nothing else can tell whose it is.
-PRE_ID_SHARD_FORMAT = 3
-READ_SHARD_FORMATS = (PRE_ID_SHARD_FORMAT, SHARD_FORMAT_VERSION)
-STRING_COLUMNS = ("id", "path", "domain", "client", "class_name", "split", "content_hash")
-INT_COLUMNS = {"label": np.int32, "size": np.int64, "mtime_ns": np.int64, "ino": np.int64, "ctime_ns": np.int64}
-# What the writer compares with a new scan: change detection and the metadata the scan may have changed.
-INDEX_COLUMNS = ("id", "path", "size", "mtime_ns", "ino", "ctime_ns", "content_hash", "domain", "client",
-                 "class_name", "split")
+# The columns and the format version are declared once, in schema.py.
 META_KEY = "fedclip_cache"
 ROW_GROUP_ROWS = 8192
 
@@ -246,12 +241,12 @@ def shard_cache_id(path: Path) -> str | None:
 
 def write_shard(path: Path, fmt: str, cols: dict, emb: np.ndarray, dtype: str, meta: dict,
                 views: np.ndarray | None = None) -> None:
-    """Write embedded rows (``cols``: STRING_COLUMNS + INT_COLUMNS + ``path_bytes``) and ``meta`` atomically.
+    """Write embedded rows (``cols``: one array per column of ``schema.COLUMNS``) and ``meta`` atomically.
     ``views`` (rows, K-1, D): the augmented views of each row (``extract --views K``), stored beside view 0 in the
     same row, so an image and its views are committed, superseded and retired together."""
     if not CACHE_ID.fullmatch(str(meta.get("cache_id"))):
         raise ValueError(f"internal error: shard {path.name} written without its cache's id")
-    meta = {**meta, "format_version": SHARD_FORMAT_VERSION, "rows": int(len(emb)), "dim": int(emb.shape[1])}
+    meta = {**meta, "format_version": schema.FORMAT_VERSION, "rows": int(len(emb)), "dim": int(emb.shape[1])}
     if views is not None:
         meta["views"] = int(views.shape[1]) + 1
     writer = _parquet_write if fmt == "parquet" else _hdf5_write
@@ -262,14 +257,32 @@ def _text_column(values) -> list[str]:
     return [display_text(v) for v in values]
 
 
+def _arrow_values(col: schema.Column, values):
+    """What ``pa.array`` is given for one column of a shard."""
+    if col.is_text:
+        return _text_column(values)
+    if col.kind == "bytes":
+        return list(values)
+    return np.asarray(values, col.kind)
+
+
+def _hdf5_values(col: schema.Column, values) -> np.ndarray:
+    """What ``create_dataset`` is given for one column of a shard (file-system bytes as uint8 arrays: lossless)."""
+    if col.is_text:
+        return np.array(_text_column(values), dtype=object)
+    if col.kind == "bytes":
+        raw = np.empty(len(values), dtype=object)
+        raw[:] = [np.frombuffer(b, np.uint8) for b in values]
+        return raw
+    return np.asarray(values, col.kind)
+
+
 def _parquet_write(path: Path, cols: dict, emb: np.ndarray, dtype: str, meta: dict, views=None) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    n, d = emb.shape
-    arrays = {c: pa.array(_text_column(cols[c]), pa.string()) for c in STRING_COLUMNS}
-    arrays["path_bytes"] = pa.array(list(cols["path_bytes"]), pa.binary())
-    arrays.update({c: pa.array(np.asarray(cols[c], t)) for c, t in INT_COLUMNS.items()})
+    d = emb.shape[1]
+    arrays = {c.name: pa.array(_arrow_values(c, cols[c.name]), schema.arrow_type(c)) for c in schema.COLUMNS}
     pa_type = pa.float16() if dtype == "float16" else pa.float32()
     arrays["embedding"] = pa.FixedSizeListArray.from_arrays(
         pa.array(np.ascontiguousarray(emb, dtype=dtype).reshape(-1), pa_type), d)
@@ -303,15 +316,8 @@ def _hdf5_write(path: Path, cols: dict, emb: np.ndarray, dtype: str, meta: dict,
 
 
 def _hdf5_fill(f, cols: dict, emb: np.ndarray, dtype: str, meta: dict, views=None) -> None:
-    import h5py
-
-    for c in STRING_COLUMNS:
-        f.create_dataset(c, data=np.array(_text_column(cols[c]), dtype=object), dtype=h5py.string_dtype())
-    raw = np.empty(len(emb), dtype=object)  # file-system bytes, lossless for any file name
-    raw[:] = [np.frombuffer(b, np.uint8) for b in cols["path_bytes"]]
-    f.create_dataset("path_bytes", data=raw, dtype=h5py.vlen_dtype(np.uint8))
-    for c, t in INT_COLUMNS.items():
-        f.create_dataset(c, data=np.asarray(cols[c], t))
+    for c in schema.COLUMNS:
+        f.create_dataset(c.name, data=_hdf5_values(c, cols[c.name]), dtype=schema.hdf5_dtype(c))
     f.create_dataset("embedding", data=np.ascontiguousarray(emb, dtype=dtype))
     if views is not None:
         f.create_dataset("views", data=np.ascontiguousarray(views, dtype=dtype))  # (rows, K-1, D)
@@ -360,8 +366,8 @@ def read_shard_meta(path: Path, check_version: bool = True) -> dict:
             raw = md.get(META_KEY.encode())
             meta = json.loads(raw) if raw else {}
             meta["_rows_on_disk"] = pq.ParquetFile(path).metadata.num_rows
-            schema = pq.read_schema(path)
-            meta["_views_width"] = schema.field("views").type.list_size if "views" in schema.names else 0
+            arrow_schema = pq.read_schema(path)
+            meta["_views_width"] = arrow_schema.field("views").type.list_size if "views" in arrow_schema.names else 0
         else:
             import h5py
 
@@ -375,10 +381,10 @@ def read_shard_meta(path: Path, check_version: bool = True) -> dict:
                     (0 if v is None else -1)
     except Exception as e:  # pyarrow / h5py raise assorted errors on truncated or garbage files
         raise _damaged(path, e) from None
-    if check_version and meta.get("format_version") not in READ_SHARD_FORMATS:
+    if check_version and meta.get("format_version") not in schema.READ_FORMATS:
         raise CacheError(f"{path}: shard written by another fedclip-cache format "
                          f"({meta.get('format_version', 'unknown')}, this version reads "
-                         f"{' and '.join(map(str, READ_SHARD_FORMATS))}); re-extract into a new folder")
+                         f"{' and '.join(map(str, schema.READ_FORMATS))}); re-extract into a new folder")
     return meta
 
 
@@ -424,7 +430,7 @@ def read_shard(path: Path, columns: tuple[str, ...], with_embedding: bool, dim: 
             for c in columns:
                 if c == "path":
                     cols[c] = np.array([os.fsdecode(bytes(b)) for b in f["path_bytes"][:]], dtype=object)
-                elif c in STRING_COLUMNS:
+                elif c in schema.text_columns():
                     cols[c] = f[c].asstr()[:].astype(object)
                 else:
                     cols[c] = f[c][:]
@@ -441,27 +447,24 @@ def read_shard(path: Path, columns: tuple[str, ...], with_embedding: bool, dim: 
         raise _damaged(path, e) from None
 
 
-CATEGORY_COLUMNS = ("domain", "client", "class_name", "split")
-
-
 def read_shard_arrow(path: Path):
     """The reader's columns of a shard as an Arrow table: ``id`` (string), ``path_bytes`` (binary) and the
-    dictionary-encoded ``domain``, ``client``, ``class_name`` and ``split`` (few distinct values: no per-row
-    strings until the reader wants them)."""
+    dictionary-encoded category columns of the schema: ``domain``, ``client``, ``class_name`` and ``split`` (few
+    distinct values: no per-row strings until the reader wants them)."""
     import pyarrow as pa
 
+    categories = schema.column_names(category=True)
     try:
         if path.suffix == ".parquet":
             import pyarrow.parquet as pq
 
-            return pq.read_table(path, columns=["id", "path_bytes", *CATEGORY_COLUMNS],
-                                 read_dictionary=list(CATEGORY_COLUMNS))
+            return pq.read_table(path, columns=["id", "path_bytes", *categories], read_dictionary=list(categories))
         import h5py
 
         with h5py.File(path, "r") as f:
             arrays = {"id": pa.array(f["id"].asstr()[:].tolist(), pa.string()),
                       "path_bytes": pa.array([bytes(b) for b in f["path_bytes"][:]], pa.binary())}
-            for c in CATEGORY_COLUMNS:
+            for c in categories:
                 arrays[c] = pa.array(f[c].asstr()[:].tolist(), pa.string()).dictionary_encode()
         return pa.table(arrays)
     except Exception as e:

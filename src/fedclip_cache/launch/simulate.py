@@ -99,17 +99,15 @@ def write_domain_cache(cache, domain: str, out: Path) -> Path:
     same classes, prompts, text embeddings, model record and logit scale): what a site that owns only that domain
     would have extracted."""
     from ..cache import store
-    from ..cache.integrity import CACHE_FORMAT_VERSION, shard_record
+    from ..cache.integrity import shard_record
+    from ..cache.schema import FORMAT_VERSION, complete_columns
 
     rows = np.flatnonzero(cache.domains == domain)
     fmt = cache.meta["format"]
     n = len(rows)
-    cols = {"id": cache.ids[rows], "path": cache.paths[rows],
-            "path_bytes": np.array([os.fsencode(p) for p in cache.paths[rows]], dtype=object),
-            "domain": cache.domains[rows], "client": cache.clients[rows], "class_name": cache.class_names[rows],
-            "split": cache.splits[rows], "label": cache.labels[rows],
-            **{c: np.zeros(n, np.int64) for c in ("size", "mtime_ns", "ino", "ctime_ns")},
-            "content_hash": np.full(n, "", dtype=object)}
+    cols = complete_columns({"id": cache.ids[rows], "path": cache.paths[rows], "domain": cache.domains[rows],
+                             "client": cache.clients[rows], "class_name": cache.class_names[rows],
+                             "split": cache.splits[rows], "label": cache.labels[rows]}, n)
     session = "00000000T000000000000"
     name = f"part-{session}-r000-00000{store.FORMATS[fmt]}"
     out = Path(out)
@@ -119,7 +117,7 @@ def write_domain_cache(cache, domain: str, out: Path) -> Path:
                       "float32", {"fingerprint": fingerprint, "session": session, "cache_id": cache_id,
                                   "skipped": []})
     store.write_text(out, fmt, list(cache.templates), list(cache.classes), cache.text_embeddings)
-    meta = {**cache.meta, "format_version": CACHE_FORMAT_VERSION, "cache_id": cache_id, "dtype": "float32",
+    meta = {**cache.meta, "format_version": FORMAT_VERSION, "cache_id": cache_id, "dtype": "float32",
             "domains": [domain],
             "counts": {"images": n, "skipped": 0},
             "runs": [], "state": "complete", "shards": {name: shard_record(out / store.SHARD_DIR / name, n)},
