@@ -294,7 +294,7 @@ def test_every_module_imports_on_its_own_in_a_fresh_interpreter():
     ("import fedclip_cache.cache.store\nx = fedclip_cache.cache.store._x\n",
      ["fedclip_cache.cache.extract:2 uses fedclip_cache.cache.store._x"]),
     ("from . import imageio\nx = imageio.open_rgb\nclass A:\n    def _own(self):\n        return self._own\n", []),
-])
+], ids=["from-import", "module-attribute", "getattr", "dotted-attribute", "public-and-own"])
 def test_the_private_name_check_sees_each_way_of_reaching_a_name(monkeypatch, source, expected):
     """The checker itself, on one module's source swapped in: each spelling of a private use is found, and public
     names and a module's own private names are not."""

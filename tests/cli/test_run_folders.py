@@ -13,9 +13,6 @@ from fedclip_cache.federated.config import FederateConfig
 from fedclip_cache.federated.results import federate
 from fedclip_cache.synthetic import write_synthetic_cache
 
-import cliutil
-from cliutil import cli
-
 
 def read_state(folder) -> dict | None:
     """RUN/state.json, read as a user would (None when there is none)."""
@@ -23,8 +20,10 @@ def read_state(folder) -> dict | None:
     return json.loads(f.read_text()) if f.is_file() else None
 
 
-def one_line_error(res, *fragments) -> str:
-    return cliutil.one_line_error(*res, *fragments)
+@pytest.fixture
+def one_line_error(one_line_error):
+    """The shared check, taking ``run(...)``'s (code, out, err) as one value."""
+    return lambda res, *fragments: one_line_error(*res, *fragments)
 
 
 @pytest.fixture(scope="module")
@@ -32,15 +31,10 @@ def cache(tmp_path_factory):
     return write_synthetic_cache(tmp_path_factory.mktemp("c") / "c", {"a": 40, "b": 30, "c": 30}, 3, dim=16, seed=1)
 
 
-@pytest.fixture
-def run(monkeypatch, capsys):
-    return lambda *args: cli(monkeypatch, capsys, *args)
-
-
 FED = ["--rounds", "1", "--hidden", "4", "--heldout", "a", "-q"]
 
 
-def test_failed_rerun_leaves_no_mixed_folder_and_report_refuses_it(cache, tmp_path, run, monkeypatch):
+def test_failed_rerun_leaves_no_mixed_folder_and_report_refuses_it(cache, tmp_path, run, monkeypatch, one_line_error):
     """Probe: a second `federate -o RUN` that failed late left its new config.json beside the first run's
     summary.json, metrics.parquet and adapter.pt, and `report RUN` exited 0."""
     out = tmp_path / "run"
@@ -64,7 +58,7 @@ def test_failed_rerun_leaves_no_mixed_folder_and_report_refuses_it(cache, tmp_pa
     one_line_error(run("report", out), "incomplete run folder", "re-run")
 
 
-def test_a_file_rewritten_after_the_run_completed_is_a_mixed_folder(cache, tmp_path, run):
+def test_a_file_rewritten_after_the_run_completed_is_a_mixed_folder(cache, tmp_path, run, one_line_error):
     out = tmp_path / "run"
     assert run("federate", cache, "-o", out, *FED)[0] == 0
     other = tmp_path / "other"
@@ -76,7 +70,7 @@ def test_a_file_rewritten_after_the_run_completed_is_a_mixed_folder(cache, tmp_p
     one_line_error(run("report", out), "mixed run folder", "summary.json")
 
 
-def test_second_writer_is_refused_at_once_naming_the_holder(cache, tmp_path, run):
+def test_second_writer_is_refused_at_once_naming_the_holder(cache, tmp_path, run, one_line_error):
     """Probe: two `federate -o RUN` at once both exited 0 and the last writer won."""
     from fedclip_cache.federated.runfolder import claim
 
@@ -94,7 +88,7 @@ def test_second_writer_is_refused_at_once_naming_the_holder(cache, tmp_path, run
     assert run("federate", cache, "-o", out, *FED)[0] == 0  # released (a killed holder releases it, too)
 
 
-def test_a_real_holder_process_refuses_others_until_killed(cache, tmp_path, run):
+def test_a_real_holder_process_refuses_others_until_killed(cache, tmp_path, run, one_line_error):
     """The lock is the kernel's: another process holding it refuses a federate; kill -9 of the holder frees it,
     and the folder it left is marked incomplete, never complete."""
     out = tmp_path / "run"
@@ -116,7 +110,7 @@ def test_a_real_holder_process_refuses_others_until_killed(cache, tmp_path, run)
     assert read_state(out)["state"] == "complete"
 
 
-def test_one_kind_of_run_per_folder(cache, tmp_path, run):
+def test_one_kind_of_run_per_folder(cache, tmp_path, run, one_line_error):
     fed, sw = tmp_path / "fed", tmp_path / "sw"
     assert run("federate", cache, "-o", fed, *FED)[0] == 0
     assert run("sweep", cache, "-o", sw, "--grid", "hidden=4", "--seeds", "0", *FED)[0] == 0
@@ -144,7 +138,7 @@ def test_one_kind_of_run_per_folder(cache, tmp_path, run):
 
 @pytest.mark.parametrize("name", ["summary.md", "summary.csv", "results.parquet", "state.json",
                                   "plots/accuracy_vs_round.png"])
-def test_a_file_of_ones_own_with_a_name_a_run_writes_is_never_overwritten(cache, tmp_path, run, name):
+def test_a_file_of_ones_own_with_a_name_a_run_writes_is_never_overwritten(cache, tmp_path, run, name, one_line_error):
     """Probe 1: only the first few output names were checked: `sweep -o MYFOLDER` overwrote one's summary.md,
     summary.csv, results.parquet or state.json, `federate -o` one's plots/accuracy_vs_round.png (exit 0)."""
     mine = tmp_path / "mine"
@@ -177,7 +171,7 @@ def _killed_sweep(cache, out, monkeypatch, finished: int):
     monkeypatch.setattr(sw, "_run_point", real)
 
 
-def test_partial_sweep_says_k_of_n_and_is_refused_unless_asked(cache, tmp_path, run, monkeypatch):
+def test_partial_sweep_says_k_of_n_and_is_refused_unless_asked(cache, tmp_path, run, monkeypatch, one_line_error):
     """Probe: a sweep killed after 2 of 4 points: `report` showed 2 rows, no "2 of 4 points", exit 0."""
     out = tmp_path / "sw"
     _killed_sweep(cache, out, monkeypatch, 2)
@@ -195,14 +189,14 @@ def test_partial_sweep_says_k_of_n_and_is_refused_unless_asked(cache, tmp_path, 
     assert code == 0 and len(o.strip().splitlines()) == 1 + 4 and not e
 
 
-def test_sweep_with_nothing_finished_is_a_one_line_error(cache, tmp_path, run, monkeypatch):
+def test_sweep_with_nothing_finished_is_a_one_line_error(cache, tmp_path, run, monkeypatch, one_line_error):
     out = tmp_path / "sw"
     _killed_sweep(cache, out, monkeypatch, 0)
     one_line_error(run("report", out), "no point of this sweep has finished (0 of 4 points)")
     one_line_error(run("report", out, "--partial"), "0 of 4 points")
 
 
-def test_sweep_folder_belongs_to_one_cache_grid_and_seeds(cache, tmp_path, run):
+def test_sweep_folder_belongs_to_one_cache_grid_and_seeds(cache, tmp_path, run, one_line_error):
     """Probe: a sweep folder reused with another cache mixed rows of both caches in one table."""
     out = tmp_path / "sw"
     base = ["--seeds", "0", "--rounds", "1", "--heldout", "a", "-q"]
@@ -228,7 +222,7 @@ def test_sweep_folder_belongs_to_one_cache_grid_and_seeds(cache, tmp_path, run):
 
 @pytest.mark.parametrize("writer", ["torch", "pyarrow", "json"])
 def test_disk_full_is_one_line_naming_the_file_and_leaves_the_folder_incomplete(cache, tmp_path, run,
-                                                                                 monkeypatch, writer):
+                                                                                 monkeypatch, writer, one_line_error):
     """Probe: a full disk in `federate` gave torch's "unexpected pos 960 vs 854" traceback."""
     out = tmp_path / "run"
     if writer == "torch":
@@ -264,7 +258,7 @@ def test_disk_full_is_one_line_naming_the_file_and_leaves_the_folder_incomplete(
     one_line_error(run("report", out), "incomplete run folder")
 
 
-def test_a_short_torch_write_with_room_left_is_not_called_disk_full(cache, tmp_path, run, monkeypatch):
+def test_a_short_torch_write_with_room_left_is_not_called_disk_full(cache, tmp_path, run, monkeypatch, one_line_error):
     def short(*a, **k):
         raise RuntimeError("[enforce fail at inline_container.cc:778] . unexpected pos 960 vs 854")
     monkeypatch.setattr("torch.save", short)
@@ -322,7 +316,7 @@ def test_killed_sweep_takes_its_workers_with_it(cache, tmp_path):
     assert not left
 
 
-def test_disk_full_in_a_sweep_point(cache, tmp_path, run, monkeypatch):
+def test_disk_full_in_a_sweep_point(cache, tmp_path, run, monkeypatch, one_line_error):
     def full(*a, **k):
         raise OSError(28, "No space left on device")
     monkeypatch.setattr("torch.save", full)
@@ -332,7 +326,7 @@ def test_disk_full_in_a_sweep_point(cache, tmp_path, run, monkeypatch):
     assert read_state(out)["state"] == "in-progress"
 
 
-def test_too_long_output_name_is_one_line(cache, tmp_path, run):
+def test_too_long_output_name_is_one_line(cache, tmp_path, run, one_line_error):
     """Probe: a 300-character -o name gave a traceback."""
     long = tmp_path / ("x" * 300)
     one_line_error(run("federate", cache, "-o", long, *FED), "too long", "shorter name")
@@ -344,7 +338,7 @@ def test_too_long_output_name_is_one_line(cache, tmp_path, run):
     one_line_error(run("federate", cache, "-o", tmp_path / "f" / "sub", *FED), "is a file, not a folder")
 
 
-def test_a_run_refused_after_taking_the_lock_leaves_the_earlier_run_as_it_was(cache, tmp_path, run):
+def test_a_run_refused_after_taking_the_lock_leaves_the_earlier_run_as_it_was(cache, tmp_path, run, one_line_error):
     """Probe 1: refusals of the training loop's own checks (memory for --hidden, the text model and prompt fit of
     promptfl) came after the folder was claimed: exit 2 in one line, yet the earlier complete run's outputs were
     deleted and the folder left in-progress."""
@@ -358,7 +352,7 @@ def test_a_run_refused_after_taking_the_lock_leaves_the_earlier_run_as_it_was(ca
     assert run("report", out, "--format", "csv")[0] == 0
 
 
-def test_a_sweep_point_refused_by_the_loop_leaves_the_sweep_folder_as_it_was(cache, tmp_path, run):
+def test_a_sweep_point_refused_by_the_loop_leaves_the_sweep_folder_as_it_was(cache, tmp_path, run, one_line_error):
     """Probe 1: a grid value refused by the training loop's own checks (--grid hidden=..,9999999999: memory) came
     after the sweep folder recorded it as one of its points; the folder then said "k of k+1 points" for ever (a
     corrected sweep into it never completed, report refused it)."""
@@ -396,7 +390,7 @@ def test_stdout_closed_early_is_said_on_stderr(cache, tmp_path, run, fmt):
     assert "standard output was closed" in err and "broken pipe" in err and "Traceback" not in err, err
 
 
-def test_a_file_or_folder_where_a_run_writes_the_other_is_one_line(cache, tmp_path, run):
+def test_a_file_or_folder_where_a_run_writes_the_other_is_one_line(cache, tmp_path, run, one_line_error):
     """Probe 1: a file `plots` in a run folder: `report` ended in a FileExistsError traceback, and `federate -o`
     trained the whole run and then failed the same way (NotADirectoryError), leaving the folder incomplete."""
     out = tmp_path / "run"
@@ -426,7 +420,7 @@ def test_a_file_or_folder_where_a_run_writes_the_other_is_one_line(cache, tmp_pa
                    "points is a file where the run writes its points/ folder")
 
 
-def test_output_name_not_utf8_is_one_line_and_creates_nothing(cache, tmp_path, run):
+def test_output_name_not_utf8_is_one_line_and_creates_nothing(cache, tmp_path, run, one_line_error):
     """Probe 1: `federate -o $'b\\xffad'` trained the whole run, then pyarrow raised UnicodeEncodeError (a traceback,
     exit 1) and left the folder in-progress; a sweep the same after its first point."""
     bad = tmp_path / os.fsdecode(b"b\xffad")
@@ -462,7 +456,8 @@ def test_tables_keep_rows_apart_when_not_a_terminal(tmp_path):
     assert "…" not in r.stdout
 
 
-def test_sweep_written_before_it_recorded_its_cache_is_refused_when_its_points_disagree(cache, tmp_path, run):
+def test_sweep_written_before_it_recorded_its_cache_is_refused_when_its_points_disagree(cache, tmp_path, run,
+                                                                                        one_line_error):
     """A sweep folder of an older fedclip-cache (no cache identity in sweep.json, no state.json) whose points were
     trained on two caches: its rows were averaged together; now a one-line error."""
     out = tmp_path / "sw"

@@ -214,8 +214,6 @@ def test_class_specific_context_equals_coop_csc_reference(lm):
 
 # ------------------------------------------------------------------------------------------- the CLI on a cache
 
-from cliutil import cli  # noqa: E402  (the real entry point, in-process)
-
 
 @pytest.fixture(scope="module")
 def cache_dir(tiny_model, tmp_path_factory):
@@ -232,7 +230,7 @@ def cache_dir(tiny_model, tmp_path_factory):
 
 
 @pytest.mark.parametrize("algo,csc", [("promptfl", False), ("promptlocal", False), ("promptfl", True)])
-def test_federate_prompt_learning_writes_summary(algo, csc, cache_dir, tiny_model, tmp_path, monkeypatch, capsys):
+def test_federate_prompt_learning_writes_summary(algo, csc, cache_dir, tiny_model, tmp_path, monkeypatch, capsys, cli):
     cfg, _ = tiny_model
     out = tmp_path / "run"
     ctx = ["--n-ctx", "4"] if algo == "promptfl" else ["--ctx-init", "a photo of a"]  # 4 tokens
@@ -259,7 +257,7 @@ def test_federate_prompt_learning_writes_summary(algo, csc, cache_dir, tiny_mode
 
 
 def test_prompt_learning_refuses_a_model_it_cannot_load_or_that_is_not_the_caches(cache_dir, tmp_path, monkeypatch,
-                                                                                    capsys, tiny_model):
+                                                                                    capsys, tiny_model, cli):
     from fedclip_cache.synthetic import write_tiny_model
 
     def one_line_error(*args):

@@ -21,11 +21,6 @@ from fedclip_cache.synthetic import write_synthetic_cache  # noqa: E402
 DOMAINS = ("art", "photo", "sketch")
 
 
-def _sites(tmp_path, domains=DOMAINS):
-    # one domain per site, the same classes and (as with one model) the same prompt embeddings
-    return [str(write_synthetic_cache(tmp_path / f"site-{d}", {d: 60}, 3, dim=16, seed=1)) for d in domains]
-
-
 def _group_gone(pgid: int) -> bool:
     try:
         os.killpg(pgid, 0)
@@ -35,12 +30,12 @@ def _group_gone(pgid: int) -> bool:
 
 
 @pytest.mark.slow
-def test_local_deployment_runs_and_stops_everything(tmp_path):
+def test_local_deployment_runs_and_stops_everything(tmp_path, synthetic_sites, run_sites):
     """A real deployment (--head prototype: class sums and counts from the training sites first) writes the run
     folder of the same rounds run in-process, and stops every process it started."""
     if dep.flower_bin_dir() is None:
         pytest.skip("Flower's CLIs (flower-superlink, flower-supernode, flwr) are not installed")
-    sites = _sites(tmp_path)
+    sites = synthetic_sites(tmp_path)
     cfg = FederateConfig(rounds=2, hidden=8, heldout=["sketch"], head="prototype").validate()
     messages = []
     res = dep.deploy(sites, tmp_path / "run", cfg, timeout=240, log=messages.append)
@@ -71,7 +66,6 @@ def test_local_deployment_runs_and_stops_everything(tmp_path):
 
     from fedclip_cache.federated.recorder import RunRecorder
     from fedclip_cache.flower.client_app import SiteClient
-    from test_flower import run_sites
 
     co = run_sites([SiteClient(p, cfg) for p in sites], cfg, RunRecorder(cfg, None))
     here = co.finish()
@@ -81,8 +75,8 @@ def test_local_deployment_runs_and_stops_everything(tmp_path):
     assert here["experiments"] == summary["experiments"] and here["mean"] == summary["mean"]
 
 
-def test_deploy_refuses_bad_input_before_starting_anything(tmp_path, monkeypatch):
-    sites = _sites(tmp_path, ("art", "photo"))
+def test_deploy_refuses_bad_input_before_starting_anything(tmp_path, monkeypatch, synthetic_sites):
+    sites = synthetic_sites(tmp_path, ("art", "photo"))
     cfg = FederateConfig(rounds=1).validate()
     with pytest.raises(ConfigError, match="at least 2"):
         dep.deploy(sites[:1], tmp_path / "run", cfg)
@@ -107,20 +101,18 @@ def test_deploy_refuses_bad_input_before_starting_anything(tmp_path, monkeypatch
     assert not (tmp_path / "run").exists()  # nothing written, nothing started
 
 
-def test_cli_deploy_one_line_error(tmp_path, monkeypatch, capsys):
-    from test_cache_integrity import cli, one_line_error
-
-    sites = _sites(tmp_path, ("art",))
+def test_cli_deploy_one_line_error(tmp_path, monkeypatch, capsys, synthetic_sites, cli, one_line_error):
+    sites = synthetic_sites(tmp_path, ("art",))
     one_line_error(*cli(monkeypatch, capsys, "deploy", sites[0], "-o", tmp_path / "run"), "at least 2")
     one_line_error(*cli(monkeypatch, capsys, "deploy", sites[0], tmp_path / "nope", "-o", tmp_path / "run",
                         "--rounds", "2"), "does not exist")
-    sites = _sites(tmp_path, ("art", "photo"))
+    sites = synthetic_sites(tmp_path, ("art", "photo"))
     one_line_error(*cli(monkeypatch, capsys, "deploy", *sites, "-o", tmp_path / "run", "--protocol", "personal",
                         "--device", "cuda"), "--device cuda: not supported")
 
 
 @pytest.mark.slow
-def test_a_site_killed_mid_run_is_recorded_and_rejoins(tmp_path, monkeypatch):
+def test_a_site_killed_mid_run_is_recorded_and_rejoins(tmp_path, monkeypatch, synthetic_sites):
     """Kill one training site (SuperNode and worker: one process) after round 2, and start it again on the same
     cache: the run finishes, the rounds it missed record one adapter fewer and a failure, and once back (a new
     node) it is sampled, trains and evaluates again."""
@@ -132,7 +124,7 @@ def test_a_site_killed_mid_run_is_recorded_and_rejoins(tmp_path, monkeypatch):
     if dep.flower_bin_dir() is None:
         pytest.skip("Flower's CLIs (flower-superlink, flower-supernode, flwr) are not installed")
     monkeypatch.setenv("FEDCLIP_FLOWER_ROUND_DELAY", "1")  # rounds left for the restarted site to come back
-    sites = _sites(tmp_path)
+    sites = synthetic_sites(tmp_path)
     cfg = FederateConfig(rounds=10, hidden=8, heldout=["sketch"]).validate()
     state: dict = {}
 
@@ -193,7 +185,7 @@ def test_sites_with_different_class_lists_or_dims_fail_before_start(tmp_path):
                                                             seed=1))], cfg) == ["art", "photo", "sketch"]
 
 
-def test_run_folder_that_is_a_file_is_a_one_line_error(tmp_path):
+def test_run_folder_that_is_a_file_is_a_one_line_error(tmp_path, synthetic_sites):
     """Probe: `deploy -o FILE` ended in a NotADirectoryError traceback (and `simulate -o FILE` failed only after
     the whole simulation had run)."""
     f = tmp_path / "afile"
@@ -204,27 +196,11 @@ def test_run_folder_that_is_a_file_is_a_one_line_error(tmp_path):
     dep.check_run_folder(tmp_path / "new" / "run")  # not there yet: fine
     if dep.flower_bin_dir() is not None:
         with pytest.raises(ConfigError, match="is a file"):
-            dep.deploy(_sites(tmp_path), f, FederateConfig(rounds=1, heldout=["sketch"]).validate())
-
-
-def _wait_gone(pid: int, limit: float = 10.0) -> bool:
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        try:  # a zombie of ours counts as gone
-            if Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z":
-                return True
-        except OSError:
-            return True
-        time.sleep(0.05)
-    return False
+            dep.deploy(synthetic_sites(tmp_path), f, FederateConfig(rounds=1, heldout=["sketch"]).validate())
 
 
 @pytest.mark.skipif(getattr(dep, "_dies_with_us", lambda: 0)() is None, reason="PR_SET_PDEATHSIG is Linux-only")
-def test_processes_started_by_deploy_die_with_it(tmp_path):
+def test_processes_started_by_deploy_die_with_it(tmp_path, wait_gone):
     """Probe: `kill -9` of `deploy` left its zygote, the SuperLink, the ServerApp process, every site and `flwr
     run` running (each in its own session). A child started as deploy starts them ends with it."""
     import signal
@@ -240,7 +216,7 @@ def test_processes_started_by_deploy_die_with_it(tmp_path):
     try:
         parent.send_signal(signal.SIGKILL)
         parent.wait()
-        assert _wait_gone(child, 10), "the child outlived its killed parent"
+        assert wait_gone(child, 10), "the child outlived its killed parent"
     finally:
         try:
             os.kill(child, signal.SIGKILL)
@@ -250,7 +226,7 @@ def test_processes_started_by_deploy_die_with_it(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.skipif(getattr(dep, "_dies_with_us", lambda: 0)() is None, reason="PR_SET_PDEATHSIG is Linux-only")
-def test_kill_9_of_deploy_ends_every_process_it_started(tmp_path):
+def test_kill_9_of_deploy_ends_every_process_it_started(tmp_path, synthetic_sites, wait_gone):
     import re
     import signal
     import subprocess
@@ -259,7 +235,7 @@ def test_kill_9_of_deploy_ends_every_process_it_started(tmp_path):
 
     if dep.flower_bin_dir() is None:
         pytest.skip("Flower's CLIs (flower-superlink, flower-supernode, flwr) are not installed")
-    sites = _sites(tmp_path)
+    sites = synthetic_sites(tmp_path)
     cmd = [sys.executable, "-m", "fedclip_cache", "deploy", *sites, "-o", str(tmp_path / "run"), "--heldout",
            "sketch", "--rounds", "100000"]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -275,7 +251,7 @@ def test_kill_9_of_deploy_ends_every_process_it_started(tmp_path):
         os.kill(p.pid, signal.SIGKILL)
         p.wait()
         t = time.monotonic()
-        assert all(_wait_gone(pid, 10) for pid in pids), f"sites still running {time.monotonic() - t:.1f} s after"
+        assert all(wait_gone(pid, 10) for pid in pids), f"sites still running {time.monotonic() - t:.1f} s after"
         assert not (tmp_path / "run" / "summary.json").exists()
     finally:
         for pid in pids:
@@ -290,17 +266,18 @@ def test_kill_9_of_deploy_ends_every_process_it_started(tmp_path):
                                       ({"round_timeout": 0}, "round_timeout 0"),
                                       ({"min_results": 0}, "min_results 0"),
                                       ({"min_results": 4}, "min_results 4")])
-def test_fault_tolerance_options_fail_before_start(tmp_path, kw, match):
+def test_fault_tolerance_options_fail_before_start(tmp_path, kw, match, synthetic_sites):
     """Probe: --round-timeout nan ran with a timeout that never expires; -5 failed after start-up as "no site
     answered the set-up message"; --min-results 0 / more than the sites failed only inside the ServerApp."""
     if dep.flower_bin_dir() is None:
         pytest.skip("Flower's CLIs are not installed")
     with pytest.raises(ConfigError, match=match):
-        dep.deploy(_sites(tmp_path), tmp_path / "run", FederateConfig(rounds=1, heldout=["sketch"]).validate(), **kw)
+        dep.deploy(synthetic_sites(tmp_path), tmp_path / "run", FederateConfig(rounds=1, heldout=["sketch"]).validate(),
+                   **kw)
     assert not (tmp_path / "run").exists()
 
 
-def test_interrupted_deploy_says_so_in_one_line(tmp_path, monkeypatch):
+def test_interrupted_deploy_says_so_in_one_line(tmp_path, monkeypatch, synthetic_sites, cli):
     """Probe: Ctrl-C of `deploy` exited 130 with no word at all (the run folder left without summary.json)."""
     from typer.testing import CliRunner
 
@@ -310,13 +287,13 @@ def test_interrupted_deploy_says_so_in_one_line(tmp_path, monkeypatch):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(dep, "deploy", interrupted)
-    res = CliRunner().invoke(cli.app, ["deploy", *_sites(tmp_path), "-o", str(tmp_path / "run"), "--heldout",
+    res = CliRunner().invoke(cli.app, ["deploy", *synthetic_sites(tmp_path), "-o", str(tmp_path / "run"), "--heldout",
                                        "sketch"])
     assert res.exit_code == 130
     assert "deploy: interrupted" in res.output and "Traceback" not in res.output
 
 
-def test_second_deploy_into_a_busy_run_folder_is_a_one_line_error(tmp_path):
+def test_second_deploy_into_a_busy_run_folder_is_a_one_line_error(tmp_path, synthetic_sites):
     """Probe: two `deploy -o SAME` at once shared RUN/logs; the second read the first's run ID from flwr-run.log and
     failed with "Run ID not found" while both wrote the same outputs. And a re-run into a completed run folder
     that was killed left the old summary.json: the folder looked complete."""
@@ -335,13 +312,13 @@ def test_second_deploy_into_a_busy_run_folder_is_a_one_line_error(tmp_path):
     assert json.loads((out / "state.json").read_text())["state"] == "in-progress"
     try:
         with pytest.raises(ConfigError, match="in use by another deploy"):
-            dep.deploy(_sites(tmp_path), out, FederateConfig(rounds=1, heldout=["sketch"]).validate())
+            dep.deploy(synthetic_sites(tmp_path), out, FederateConfig(rounds=1, heldout=["sketch"]).validate())
     finally:
         held.close()
     dep._lock_run_folder(out).close()  # free again
 
 
-def test_site_checks_its_cache_and_port_before_start(tmp_path):
+def test_site_checks_its_cache_and_port_before_start(tmp_path, synthetic_sites, cli):
     """Probe: `site MERGED_CACHE` (three domains) started a SuperNode and retried the SuperLink forever; `site
     --port 0` ended in flower-supernode's multi-line usage text."""
     from typer.testing import CliRunner
@@ -349,7 +326,7 @@ def test_site_checks_its_cache_and_port_before_start(tmp_path):
     from fedclip_cache import cli
 
     merged = str(write_synthetic_cache(tmp_path / "merged", {"a": 10, "b": 10}, 3, dim=8))
-    for args, match in (([merged], "holds one domain"), ([_sites(tmp_path)[0], "--port", "0"], "--port 0")):
+    for args, match in (([merged], "holds one domain"), ([synthetic_sites(tmp_path)[0], "--port", "0"], "--port 0")):
         res = CliRunner().invoke(cli.app, ["site", *args, "--superlink", "127.0.0.1:1", "--insecure"])
         assert isinstance(res.exception, ConfigError) and match in str(res.exception), res.output
 
@@ -378,15 +355,15 @@ def test_stale_temporary_folders_of_dead_deploys_are_swept(tmp_path):
 
 
 @pytest.mark.parametrize("value", ["-1", "nan", "inf"])
-def test_deploy_timeout_must_be_a_positive_number(tmp_path, monkeypatch, capsys, value):
+def test_deploy_timeout_must_be_a_positive_number(tmp_path, monkeypatch, capsys, value, synthetic_sites):
     """Probe: --timeout -1 started everything and failed after start-up with "did not finish within -1 s"."""
     if dep.flower_bin_dir() is None:
         pytest.skip("Flower's CLIs are not installed")
     from fedclip_cache.cli import main
 
     before = set(Path(tempfile.gettempdir()).glob(dep.TMP_PREFIX + "*"))
-    monkeypatch.setattr(sys, "argv", ["fedclip-cache", "deploy", *_sites(tmp_path), "-o", str(tmp_path / "run"),
-                                      "--heldout", "sketch", "--timeout", value])
+    monkeypatch.setattr(sys, "argv", ["fedclip-cache", "deploy", *synthetic_sites(tmp_path), "-o",
+                                      str(tmp_path / "run"), "--heldout", "sketch", "--timeout", value])
     with pytest.raises(SystemExit) as ex:
         main()
     out, err = capsys.readouterr()

@@ -95,14 +95,13 @@ def test_simulation_of_a_shared_cache_equals_federate(tmp_path):
 
 
 @pytest.mark.slow
-def test_simulation_of_per_site_caches_equals_federate_on_all_their_images(tmp_path, monkeypatch, capsys):
+def test_simulation_of_per_site_caches_equals_federate_on_all_their_images(tmp_path, monkeypatch, capsys, cli):
     """Per-site caches (node K gets cache=SITE_K), through the CLI: the run folder equals `federate` on one cache
     of all sites' images; `report` renders it."""
     _needs_ray()
     from fedclip_cache.cache.reader import open_cache
     from fedclip_cache.federated.results import federate
     from fedclip_cache.launch.simulate import write_domain_cache
-    from test_cache_integrity import cli
 
     merged = write_synthetic_cache(tmp_path / "merged", DOMAINS, 4, **HARD)
     fc = open_cache(merged)
@@ -184,10 +183,8 @@ def test_missing_extra_is_one_line_naming_it(monkeypatch):
         flower_sim.require_simulation()
 
 
-def test_cli_simulate_one_line_errors(tmp_path, monkeypatch, capsys):
+def test_cli_simulate_one_line_errors(tmp_path, monkeypatch, capsys, cli, one_line_error):
     _needs_ray()
-    from test_cache_integrity import cli, one_line_error
-
     cache = str(write_synthetic_cache(tmp_path / "c", DOMAINS, 3, dim=8))
     one_line_error(*cli(monkeypatch, capsys, "simulate", cache, "-o", tmp_path / "run"), "--protocol personal")
     one_line_error(*cli(monkeypatch, capsys, "simulate", cache, "-o", tmp_path / "run", "--heldout", "art",

@@ -1,7 +1,4 @@
 """Adversarial probes of the algorithm registry, partial participation and option plumbing."""
-import math
-import types
-
 import pytest
 import torch
 
@@ -32,7 +29,8 @@ def test_finite_run_has_no_divergence_note(cache):
 
 
 @pytest.mark.parametrize("spelling,said", [(None, "--algo 'nope' unknown"),
-                                           ({"algo": "p.toml: federate.algo = "}, "p.toml: federate.algo = 'nope' unknown"),
+                                           ({"algo": "p.toml: federate.algo = "},
+                                           "p.toml: federate.algo = 'nope' unknown"),
                                            ({"algo": "--grid algo="}, "--grid algo='nope' unknown")])
 def test_unknown_algo_message_spacing(spelling, said):
     """Other choices read `--flag 'x' unknown`, `federate.key = 'x'`, `--grid key='x'`; --algo added a second space
