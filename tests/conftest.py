@@ -66,15 +66,10 @@ def _extract_ok(run, src, out, model_args, *extra) -> str:
     return o
 
 
-@pytest.fixture(scope="session")
-def cli():
-    """``cli(monkeypatch, capsys, *args) -> (exit code, stdout, stderr)``: the real entry point, in-process."""
-    return _cli
-
-
 @pytest.fixture
 def run(monkeypatch, capsys):
-    """``run(*args) -> (exit code, stdout, stderr)``: ``cli`` bound to this test's monkeypatch and capsys."""
+    """``run(*args) -> (exit code, stdout, stderr)``: ``fedclip-cache ARGS`` through its real entry point (with its
+    error handling), in-process, with this test's monkeypatch and capsys."""
     return lambda *args: _cli(monkeypatch, capsys, *args)
 
 

@@ -189,7 +189,7 @@ def _files(tmp_path: Path, ckpt: Path) -> dict:
     put("shape.pt", "1 of another shape (first: 'token_embedding.weight: checkpoint [7], model [49408, 64]')",
         obj=wrong)
     wrong = dict(sd)
-    wrong["positional_embedding"] = torch.zeros(7)  # open_clip's resize step fails first (was an IndexError)
+    wrong["positional_embedding"] = torch.zeros(7)  # open_clip's resize step fails first (an IndexError)
     put("shape0.pt", "1 of another shape (first: 'positional_embedding: checkpoint [7]", obj=wrong)
     return out
 

@@ -154,9 +154,10 @@ def test_info_reads_no_embeddings_and_imports_no_torch(tmp_path):
 
 
 def test_a_cache_folder_with_a_non_utf8_path_is_refused_in_one_line(tmp_path, monkeypatch, capsys, image_root,
-                                                                     model_args, one_line_error, cli):
-    """pyarrow opens files by UTF-8 path only: a cache moved to a folder whose name holds undecodable bytes used to
-    fail as 'damaged text embeddings ... re-run extract' (the cache is fine); extracting into one was a traceback."""
+                                                                     model_args, one_line_error, run):
+    """pyarrow opens files by UTF-8 path only: a cache in a folder whose path holds undecodable bytes is refused in one
+    line saying so (not as damaged text embeddings: the cache is fine), and extracting into one is refused before
+    anything is written."""
     import os
 
     from fedclip_cache.synthetic import write_synthetic_cache
@@ -166,8 +167,8 @@ def test_a_cache_folder_with_a_non_utf8_path_is_refused_in_one_line(tmp_path, mo
     os.rename(good, odd)
     with pytest.raises(CacheError, match=r"caf\\xe9: the cache folder's path is not valid UTF-8"):
         open_cache(odd)
-    code, out, err = cli(monkeypatch, capsys, "info", odd)
+    code, out, err = run("info", odd)
     assert code != 0 and one_line_error(code, out, err, "not valid UTF-8")
-    code, out, err = cli(monkeypatch, capsys, "extract", image_root, odd + "-new", *model_args, "-q")
+    code, out, err = run("extract", image_root, odd + "-new", *model_args, "-q")
     assert code != 0 and one_line_error(code, out, err, "rename or move the folder")
     assert not os.path.exists(odd + "-new")

@@ -21,7 +21,7 @@ def test_sweep_never_reuses_points_of_another_cache_or_commit(tmp_path, model_ar
         assert json.loads(summary.read_text())["cache"]["images"] == 32
     other = write_image_folder(tmp_path / "other", per_class=2)
     extract_ok(run, other, tmp_path / "c2", model_args)
-    # another cache, same folder: refused (issue 19: its rows were mixed with the first cache's); a new folder
+    # another cache, same folder: refused (its rows would mix with the first cache's); a new folder
     one_line_error(*run("sweep", tmp_path / "c2", "-o", tmp_path / "s", *args), "holds another sweep", "new folder")
     code, o, e = run("sweep", tmp_path / "c2", "-o", tmp_path / "s2", *args)
     assert code == 0 and "2 grid point(s) trained now" in o

@@ -1,7 +1,7 @@
 """The Flower apps share the pure functions of the in-process loop: a deployment's rounds equal `federate`'s.
 
-The ServerApp's logic (flower_server.Coordinator) is driven here by in-process sites, every message going through
-the wire format (flower.content / flower.read) as it would through Flower."""
+The ServerApp's logic (flower.server_app.Coordinator) is driven here by in-process sites, every message going
+through the wire format (client_app.content / client_app.read) as it would through Flower."""
 import json
 
 import numpy as np
@@ -102,7 +102,7 @@ def test_sites_with_their_own_caches_train_as_the_in_process_loop(tmp_path, mode
     rep = CliRunner().invoke(app, ["report", str(tmp_path / "dep")], env={"COLUMNS": "200"})
     assert rep.exit_code == 0 and "heldout=sketch/seed0" in rep.output, rep.output
     assert (tmp_path / "dep" / "plots" / "accuracy_vs_round.png").is_file()
-    # the ServerApp marks its run folder complete, as `federate` does, listing what it wrote (issue 19)
+    # the ServerApp marks its run folder complete, as `federate` does, listing what it wrote
     state = json.loads((tmp_path / "dep" / "state.json").read_text())
     assert state["kind"] == "deploy" and state["state"] == "complete"
     assert set(state["files"]) == {"config.json", "metrics.parquet", "adapter.pt", "summary.json"}

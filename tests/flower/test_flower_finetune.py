@@ -3,8 +3,9 @@
 `federate`'s schedule, seeds and fresh optimiser (loop.finetune_adapters, one implementation) and returns its test
 accuracy. The run folder's `best.test_finetuned` and means equal `federate`'s.
 
-The fast tests drive the ServerApp's logic (flower_server.Coordinator) with in-process sites through the wire format,
-as tests/test_flower.py does; the end-to-end `deploy` run is marked `slow` like tests/test_deploy.py's."""
+The fast tests drive the ServerApp's logic (flower.server_app.Coordinator) with in-process sites through the wire
+format, as tests/flower/test_flower.py does; the end-to-end `deploy` run is marked `slow` like
+tests/launch/test_deploy.py's."""
 import json
 
 import numpy as np

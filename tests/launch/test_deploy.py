@@ -47,7 +47,7 @@ def test_local_deployment_runs_and_stops_everything(tmp_path, synthetic_sites, r
     for name in ("superlink", "serverapp", "site-art", "site-photo", "site-sketch"):
         assert (logs / f"{name}.log").stat().st_size > 0
     assert "[ROUND 2]" in (logs / "serverapp.log").read_text()
-    assert not (logs / "flwr-run.log").exists()  # the run is started in-process (deploy_flwr.start_run)
+    assert not (logs / "flwr-run.log").exists()  # the run is started in-process (flwr_cli.start_run)
     assert json.loads((logs / "deploy.json").read_text())["status"] == "finished:completed"
     # every process it started (the zygote and what it forked: SuperLink, ServerApp, 3 sites) is gone
     assert len(res["pids"]) == 6 and all(_group_gone(p) for p in res["pids"])
@@ -59,7 +59,7 @@ def test_local_deployment_runs_and_stops_everything(tmp_path, synthetic_sites, r
     assert set(summary["cache"]["sites"]) == {"art", "photo", "sketch"}
     e = summary["experiments"][0]
     assert e["heldout"] == "sketch" and set(e["clients"]) == {"art", "photo"} and e["heldout_size"] == 60
-    # ... with the adapter and numbers of the same rounds in-process (tests/test_flower.py shows that equals
+    # ... with the adapter and numbers of the same rounds in-process (tests/flower/test_flower.py shows that equals
     # `federate` on one cache of all sites)
     import numpy as np
     import torch
@@ -101,13 +101,13 @@ def test_deploy_refuses_bad_input_before_starting_anything(tmp_path, monkeypatch
     assert not (tmp_path / "run").exists()  # nothing written, nothing started
 
 
-def test_cli_deploy_one_line_error(tmp_path, monkeypatch, capsys, synthetic_sites, cli, one_line_error):
+def test_cli_deploy_one_line_error(tmp_path, monkeypatch, capsys, synthetic_sites, one_line_error, run):
     sites = synthetic_sites(tmp_path, ("art",))
-    one_line_error(*cli(monkeypatch, capsys, "deploy", sites[0], "-o", tmp_path / "run"), "at least 2")
-    one_line_error(*cli(monkeypatch, capsys, "deploy", sites[0], tmp_path / "nope", "-o", tmp_path / "run",
+    one_line_error(*run("deploy", sites[0], "-o", tmp_path / "run"), "at least 2")
+    one_line_error(*run("deploy", sites[0], tmp_path / "nope", "-o", tmp_path / "run",
                         "--rounds", "2"), "does not exist")
     sites = synthetic_sites(tmp_path, ("art", "photo"))
-    one_line_error(*cli(monkeypatch, capsys, "deploy", *sites, "-o", tmp_path / "run", "--protocol", "personal",
+    one_line_error(*run("deploy", *sites, "-o", tmp_path / "run", "--protocol", "personal",
                         "--device", "cuda"), "--device cuda: not supported")
 
 
@@ -171,8 +171,8 @@ def test_a_site_killed_mid_run_is_recorded_and_rejoins(tmp_path, monkeypatch, sy
 
 
 def test_sites_with_different_class_lists_or_dims_fail_before_start(tmp_path):
-    """Probe: a site cache with another class list ran to completion (the held-out site scored on other classes);
-    one with another feature dim failed only after start-up, inside the ServerApp. Both: one-line errors first."""
+    """Site caches with another class list (the held-out site would be scored on other classes) or another feature dim
+    are one-line errors before anything starts."""
     cfg = FederateConfig(rounds=1, heldout=["sketch"]).validate()
     a, b = (str(write_synthetic_cache(tmp_path / f"s-{d}", {d: 20}, 3, dim=16, seed=1)) for d in ("art", "photo"))
     classes = str(write_synthetic_cache(tmp_path / "s-sketch4", {"sketch": 20}, 4, dim=16, seed=1))
@@ -186,8 +186,8 @@ def test_sites_with_different_class_lists_or_dims_fail_before_start(tmp_path):
 
 
 def test_run_folder_that_is_a_file_is_a_one_line_error(tmp_path, synthetic_sites):
-    """Probe: `deploy -o FILE` ended in a NotADirectoryError traceback (and `simulate -o FILE` failed only after
-    the whole simulation had run)."""
+    """`deploy -o FILE` (and `simulate -o FILE`) is a one-line error before anything runs, not a NotADirectoryError
+    traceback."""
     f = tmp_path / "afile"
     f.write_text("x")
     for out in (f, f / "run"):
@@ -201,8 +201,8 @@ def test_run_folder_that_is_a_file_is_a_one_line_error(tmp_path, synthetic_sites
 
 @pytest.mark.skipif(getattr(dep, "_dies_with_us", lambda: 0)() is None, reason="PR_SET_PDEATHSIG is Linux-only")
 def test_processes_started_by_deploy_die_with_it(tmp_path, wait_gone):
-    """Probe: `kill -9` of `deploy` left its zygote, the SuperLink, the ServerApp process, every site and `flwr
-    run` running (each in its own session). A child started as deploy starts them ends with it."""
+    """A child started as deploy starts its zygote, SuperLink, ServerApp process, sites and `flwr run` (each in its own
+    session) ends when deploy is killed with `kill -9`."""
     import signal
     import subprocess
     import sys
@@ -267,8 +267,8 @@ def test_kill_9_of_deploy_ends_every_process_it_started(tmp_path, synthetic_site
                                       ({"min_results": 0}, "min_results 0"),
                                       ({"min_results": 4}, "min_results 4")])
 def test_fault_tolerance_options_fail_before_start(tmp_path, kw, match, synthetic_sites):
-    """Probe: --round-timeout nan ran with a timeout that never expires; -5 failed after start-up as "no site
-    answered the set-up message"; --min-results 0 / more than the sites failed only inside the ServerApp."""
+    """--round-timeout nan or -5 and --min-results 0 or more than the sites are one-line errors before start-up (not a
+    timeout that never expires, nor a failure inside the ServerApp)."""
     if dep.flower_bin_dir() is None:
         pytest.skip("Flower's CLIs are not installed")
     with pytest.raises(ConfigError, match=match):
@@ -277,8 +277,8 @@ def test_fault_tolerance_options_fail_before_start(tmp_path, kw, match, syntheti
     assert not (tmp_path / "run").exists()
 
 
-def test_interrupted_deploy_says_so_in_one_line(tmp_path, monkeypatch, synthetic_sites, cli):
-    """Probe: Ctrl-C of `deploy` exited 130 with no word at all (the run folder left without summary.json)."""
+def test_interrupted_deploy_says_so_in_one_line(tmp_path, monkeypatch, synthetic_sites):
+    """Ctrl-C of `deploy` exits 130 saying so in one line."""
     from typer.testing import CliRunner
 
     from fedclip_cache import cli
@@ -294,9 +294,9 @@ def test_interrupted_deploy_says_so_in_one_line(tmp_path, monkeypatch, synthetic
 
 
 def test_second_deploy_into_a_busy_run_folder_is_a_one_line_error(tmp_path, synthetic_sites):
-    """Probe: two `deploy -o SAME` at once shared RUN/logs; the second read the first's run ID from flwr-run.log and
-    failed with "Run ID not found" while both wrote the same outputs. And a re-run into a completed run folder
-    that was killed left the old summary.json: the folder looked complete."""
+    """A second `deploy -o SAME` while one runs is a one-line error (never two runs sharing RUN/logs and outputs); a
+    re-run into a completed run folder that is killed leaves it incomplete, never looking complete with the old
+    summary.json."""
     if dep.flower_bin_dir() is None:
         pytest.skip("Flower's CLIs are not installed")
     out = tmp_path / "run"
@@ -318,9 +318,8 @@ def test_second_deploy_into_a_busy_run_folder_is_a_one_line_error(tmp_path, synt
     dep._lock_run_folder(out).close()  # free again
 
 
-def test_site_checks_its_cache_and_port_before_start(tmp_path, synthetic_sites, cli):
-    """Probe: `site MERGED_CACHE` (three domains) started a SuperNode and retried the SuperLink forever; `site
-    --port 0` ended in flower-supernode's multi-line usage text."""
+def test_site_checks_its_cache_and_port_before_start(tmp_path, synthetic_sites):
+    """`site MERGED_CACHE` (three domains) and `site --port 0` are one-line errors before a SuperNode starts."""
     from typer.testing import CliRunner
 
     from fedclip_cache import cli
@@ -356,7 +355,7 @@ def test_stale_temporary_folders_of_dead_deploys_are_swept(tmp_path):
 
 @pytest.mark.parametrize("value", ["-1", "nan", "inf"])
 def test_deploy_timeout_must_be_a_positive_number(tmp_path, monkeypatch, capsys, value, synthetic_sites):
-    """Probe: --timeout -1 started everything and failed after start-up with "did not finish within -1 s"."""
+    """--timeout must be a positive number: -1 (and the other bad values) is a one-line error before anything starts."""
     if dep.flower_bin_dir() is None:
         pytest.skip("Flower's CLIs are not installed")
     from fedclip_cache.cli import main

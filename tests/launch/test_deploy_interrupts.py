@@ -1,5 +1,6 @@
-"""Probes of the faster `deploy` (zygote started before the option checks, pre-forked SuperLink, in-process Control
-and Runtime APIs, poll plans): interrupts at start-up, ... Real deployments are marked `slow`."""
+"""Interrupts during `deploy`'s start-up (the zygote started before the option checks, the pre-forked SuperLink): Ctrl-C
+or SIGTERM at any point of it, from the CLI or from Python, stops at once, ends every process started so far and leaves
+no temporary folder. Real deployments are marked `slow`."""
 import os
 import subprocess
 import sys
@@ -23,10 +24,10 @@ def _needs_flower():
 
 @pytest.mark.slow
 def test_interrupt_while_the_zygote_forks_stops_at_once(tmp_path, monkeypatch, synthetic_sites, wait_gone):
-    """Probe: Ctrl-C (or any failure) after the run was submitted but before the zygote had forked every site
-    (the longest phase of the start-up: the zygote imports torch) took ~13 s to return: the forked children were
-    not the Deployment's yet, so SIGTERM reached none of them, and stop() waited its 10 s grace for the zygote,
-    which ignores SIGTERM and ends with its last child."""
+    """Ctrl-C (or any failure) after the run is submitted but before the zygote has forked every site (the longest phase
+    of the start-up: the zygote imports torch) stops within 5 s, and every process forked so far is gone: the forked
+    children belong to the Deployment at once, so SIGTERM reaches them and stop() does not wait its 10 s grace for the
+    zygote (which ignores SIGTERM and ends with its last child)."""
     _needs_flower()
     seen: dict = {}
 
@@ -49,10 +50,9 @@ def test_interrupt_while_the_zygote_forks_stops_at_once(tmp_path, monkeypatch, s
 
 
 def test_sigterm_while_the_options_are_checked_cleans_up(tmp_path, synthetic_sites):
-    """Probe: SIGTERM to `fedclip-cache deploy` during its option checks (the first seconds: they import torch)
-    killed it with the signal's default action -- before deploy() installs its handler, but after the CLI had made
-    the temporary folder and started the zygote: /tmp/fedclip-deploy-* was left behind, exit 143, no word. Now it is
-    the Ctrl-C path: one line, exit 130, nothing left."""
+    """SIGTERM to `fedclip-cache deploy` during its option checks (the first seconds: they import torch; the CLI has
+    already made the temporary folder and started the zygote) takes the Ctrl-C path: one line, exit 130, no
+    /tmp/fedclip-deploy-* left."""
     sites = synthetic_sites(tmp_path)
     tmp = tmp_path / "tmp"
     tmp.mkdir()
@@ -68,8 +68,8 @@ def test_sigterm_while_the_options_are_checked_cleans_up(tmp_path, synthetic_sit
 
 
 def test_ctrl_c_while_the_cli_reads_its_options_is_one_line(tmp_path, monkeypatch, synthetic_sites):
-    """Probe: a KeyboardInterrupt between the Launch and deploy() (the CLI's own option parsing) ended as click's
-    "Aborted!" with exit 1, not the deploy's one line and 130."""
+    """A KeyboardInterrupt between the Launch and deploy() (the CLI's own option parsing) is deploy's one line and exit
+    130 (not click's "Aborted!" and exit 1), and the Launch is aborted."""
     from typer.testing import CliRunner
 
     from fedclip_cache import cli
@@ -97,9 +97,8 @@ def test_ctrl_c_while_the_cli_reads_its_options_is_one_line(tmp_path, monkeypatc
 
 
 def test_sigterm_while_deploy_checks_its_input_cleans_up(tmp_path, synthetic_sites):
-    """Probe: the same for deploy() called from Python (its own Launch, made before the checks): SIGTERM during the
-    checks killed the caller with the default action and left /tmp/fedclip-deploy-* (deploy() installed its SIGTERM
-    handler only once the checks had passed). Now it is a KeyboardInterrupt, the launch aborted."""
+    """deploy() called from Python (its own Launch, made before the checks): SIGTERM during the checks is a
+    KeyboardInterrupt, the launch is aborted, SIGTERM's handler is restored and no /tmp/fedclip-deploy-* is left."""
     sites = synthetic_sites(tmp_path)
     tmp = tmp_path / "tmp"
     tmp.mkdir()
@@ -116,9 +115,8 @@ def test_sigterm_while_deploy_checks_its_input_cleans_up(tmp_path, synthetic_sit
 
 
 def test_a_launch_deploy_never_took_is_ended_by_the_cli(tmp_path, monkeypatch, synthetic_sites):
-    """Probe: when the CLI's deploy() call raised before it took the CLI's Launch (as in
-    test_deploy.py::test_interrupted_deploy_says_so_in_one_line), the Launch's zygote ran on (until the caller
-    exited) and its /tmp/fedclip-deploy-* folder stayed: every run of that test left one."""
+    """When the CLI's deploy() call raises before it takes the CLI's Launch, the CLI ends that Launch: its zygote is
+    gone and its /tmp/fedclip-deploy-* folder removed."""
     import tempfile
 
     from typer.testing import CliRunner
