@@ -94,6 +94,7 @@ def test_float16_storage_and_several_templates(tmp_path, image_root, model_args)
     assert c.meta["dtype"] == "float16"
 
 
+@pytest.mark.slow  # > 10 s on 2 quiet cores (subprocesses or a ViT-B/32-sized model)
 def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path, tiny_model, model_args, kill_after_shards):
     root = write_image_folder(tmp_path / "data", per_class=8)  # 72 images
     out = tmp_path / "killed"
@@ -230,6 +231,7 @@ def test_manifest_csv_and_parquet(tmp_path, image_root, model_args):
     assert res.exit_code != 0 and "bad.csv" in str(res.exception) and "path" in str(res.exception)
 
 
+@pytest.mark.slow  # > 10 s on 2 quiet cores (subprocesses or a ViT-B/32-sized model)
 def test_two_process_gloo_run_equals_single_process(tmp_path, image_root, model_args):
     extract(image_root, tmp_path / "one", model_args)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",

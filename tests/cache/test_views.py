@@ -85,6 +85,7 @@ def test_views_depend_only_on_seed_image_and_k(tmp_path, image_root, model_args,
     assert view(img, "abc", 1).shape == (3, 32, 32)
 
 
+@pytest.mark.slow  # > 10 s on 2 quiet cores (subprocesses or a ViT-B/32-sized model)
 def test_two_process_torchrun_views_equal_one_process(tmp_path, image_root, model_args, run, extract_ok):
     """Under torchrun every rank augments its share of the images; views depend only on (seed, image, k), so the
     cache equals a one-process extract view for view."""
@@ -161,6 +162,7 @@ def test_bad_view_options_are_one_line_errors(tmp_path, image_root, model_args, 
         parse_augment("ratio=0.5-2,flip")
 
 
+@pytest.mark.slow  # > 10 s on 2 quiet cores (subprocesses or a ViT-B/32-sized model)
 def test_resume_after_sigkill_with_views(tmp_path, model_args, kill_after_shards):
     root = write_image_folder(tmp_path / "data", per_class=6)  # 54 images
     out = tmp_path / "killed"
