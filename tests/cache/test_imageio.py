@@ -95,7 +95,7 @@ def test_odd_files_table(tmp_path, model_args, run, extract_ok):
     raw = [p for p in c.paths if b"\xe9" in os.fsencode(p)]
     assert len(raw) == 1 and os.path.isfile(root / raw[0])
     code, o, e = run("info", tmp_path / "c")
-    assert code == 0 and "caf\\xe9.png" not in o + e or True  # rendering never crashes on such names
+    assert code == 0, o + e  # rendering never crashes on such names
     assert "Traceback" not in o + e
     # a second run re-checks the odd files and changes nothing
     o2 = extract_ok(run, root, tmp_path / "c", model_args)

@@ -31,7 +31,7 @@ def test_finite_run_has_no_divergence_note(cache):
 
 @pytest.mark.parametrize("spelling,said", [(None, "--algo 'nope' unknown"),
                                            ({"algo": "p.toml: federate.algo = "},
-                                           "p.toml: federate.algo = 'nope' unknown"),
+                                            "p.toml: federate.algo = 'nope' unknown"),
                                            ({"algo": "--grid algo="}, "--grid algo='nope' unknown")])
 def test_unknown_algo_message_spacing(spelling, said):
     """An unknown --algo reads like every other choice: `--algo 'x' unknown`, `federate.algo = 'x'`, `--grid algo='x'`
