@@ -15,7 +15,6 @@ import pytest
 from fedclip_cache import open_cache
 from fedclip_cache.cache.store import CacheError
 from fedclip_cache.synthetic import write_image_folder, write_synthetic_cache
-from test_cache_integrity import _slow_extract, _wait_for_shards, extract_ok, one_line_error, run  # noqa: F401
 
 
 def _meta(cache: Path) -> dict:
@@ -24,10 +23,11 @@ def _meta(cache: Path) -> dict:
 
 # ------------------------------------------------------------------------------------- temporary files
 
-def test_users_tmp_files_survive_an_extract_and_a_resumed_one(tmp_path, image_root, model_args, run):
+def test_users_tmp_files_survive_an_extract_and_a_resumed_one(tmp_path, image_root, model_args, run, extract_ok,
+                                                              slow_extract, wait_for_shards):
     out = tmp_path / "c"
-    proc, _ = _slow_extract(image_root, out, model_args, delay="0.3")
-    _wait_for_shards(out, 1)
+    proc, _ = slow_extract(image_root, out, model_args, delay="0.3")
+    wait_for_shards(out, 1)
     users = {out / ".notes.tmp": "mine", out / "shards" / ".notes.tmp": "mine too",
              out / ".cache.json.x.tmp": "looks like the old pattern, still mine"}
     for p, text in users.items():
@@ -67,7 +67,8 @@ def test_a_temporary_file_a_live_process_is_writing_is_never_cleaned(tmp_path):
 
 # ------------------------------------------------------------------------------------- someone's folder
 
-def test_extract_into_someone_elses_folder_is_refused(tmp_path, image_root, model_args, run):
+def test_extract_into_someone_elses_folder_is_refused(tmp_path, image_root, model_args, run, extract_ok,
+                                                      one_line_error):
     cases = {"notes": {"notes.txt": "mine"}, "json": {"cache.json": '{"my": "settings"}'},
              "subfolder": {"shards/readme.md": "mine"},
              # another tool's folder laid out like a cache: its cache.json was taken for our damaged one, overwritten
@@ -94,7 +95,8 @@ def test_extract_into_someone_elses_folder_is_refused(tmp_path, image_root, mode
 
 # ------------------------------------------------------------------------------------- a shared shards folder
 
-def test_two_caches_sharing_one_shards_folder_never_take_each_others_shards(tmp_path, model_args, run, capsys):
+def test_two_caches_sharing_one_shards_folder_never_take_each_others_shards(tmp_path, model_args, run, capsys,
+                                                                            extract_ok, one_line_error):
     shared = tmp_path / "shared"
     shared.mkdir()
     roots, caches = {}, {}
@@ -130,7 +132,8 @@ def test_two_caches_sharing_one_shards_folder_never_take_each_others_shards(tmp_
     assert len(list(shared.glob("part-*"))) == 2 and len(open_cache(caches["a"])) == 12
 
 
-def test_a_copy_of_a_cache_over_the_same_shared_shards_is_refused(tmp_path, image_root, model_args, run):
+def test_a_copy_of_a_cache_over_the_same_shared_shards_is_refused(tmp_path, image_root, model_args, run, extract_ok,
+                                                                  one_line_error):
     """`cp -a` of a cache whose shards/ is a link copies the link: two cache.json with one id over one shards folder.
     Extracting a subset into the copy retired the original's rows and deleted its shard (the original then failed
     with 'shard listed in cache.json is missing')."""
@@ -161,7 +164,7 @@ def test_a_copy_of_a_cache_over_the_same_shared_shards_is_refused(tmp_path, imag
 
 @pytest.mark.parametrize("bad", ["../../x.parquet", "ABSOLUTE", "sub/part-20260101T000000000000-r000-00000.parquet",
                                  "part-20260101T000000000000-r000-00000.h5"])
-def test_shard_names_outside_shards_are_refused_by_every_reader(tmp_path, run, bad):
+def test_shard_names_outside_shards_are_refused_by_every_reader(tmp_path, run, bad, one_line_error):
     cache = write_synthetic_cache(tmp_path / "c", {"art": 20, "photo": 10}, 3, dim=8, shard_rows=16)
     outside = write_synthetic_cache(tmp_path / "evil", {"zzz": 5}, 3, dim=8)
     src = next((outside / "shards").glob("part-*"))
@@ -183,7 +186,7 @@ def test_shard_names_outside_shards_are_refused_by_every_reader(tmp_path, run, b
 
 
 def test_extract_repairs_a_listing_with_a_foreign_name_and_never_touches_that_file(tmp_path, image_root, model_args,
-                                                                                    run):
+                                                                                    run, extract_ok):
     out = tmp_path / "c"
     extract_ok(run, image_root, out, model_args, "--shard-size", "12")
     ref = open_cache(out)
@@ -204,7 +207,8 @@ def test_extract_repairs_a_listing_with_a_foreign_name_and_never_touches_that_fi
 # ------------------------------------------------------------------------------------- a full disk
 
 @pytest.mark.parametrize("at", ["shard", "commit"])
-def test_disk_full_is_one_line_and_the_same_command_resumes(tmp_path, image_root, model_args, run, monkeypatch, at):
+def test_disk_full_is_one_line_and_the_same_command_resumes(tmp_path, image_root, model_args, run, monkeypatch, at,
+                                                            extract_ok, one_line_error):
     """ENOSPC as pyarrow raises it (measured on a full 1 MiB tmpfs) at the third shard, or as a file write raises it
     at the commit of cache.json."""
     from fedclip_cache.cache import store
@@ -282,7 +286,8 @@ def test_hdf5_write_failing_midway_raises_cleanly(tmp_path, what, limit):
     assert "RuntimeError" not in r.stderr and os.listdir(tmp_path) == []
 
 
-def test_an_unwritable_shards_folder_is_one_line_and_resumes(tmp_path, image_root, model_args, run, monkeypatch):
+def test_an_unwritable_shards_folder_is_one_line_and_resumes(tmp_path, image_root, model_args, run, monkeypatch,
+                                                             extract_ok, one_line_error):
     """A shards/ folder shared by a lab but writable only by its owner (or on a read-only mount): the shard write's
     PermissionError/EROFS was a traceback, exit 1 (measured with a read-only bind mount; root ignores modes, so the
     refusal is raised here as the file system raises it)."""
@@ -326,7 +331,7 @@ def test_cache_files_respect_the_umask(tmp_path, umask, mode):
 
 # ------------------------------------------------------------------------------------- retired
 
-def test_retired_counts_only_files_that_were_embedded(tmp_path, image_root, model_args, run):
+def test_retired_counts_only_files_that_were_embedded(tmp_path, image_root, model_args, run, extract_ok):
     broken = image_root / "art/cat/broken.png"
     broken.write_text("not a png")
     out = tmp_path / "c"

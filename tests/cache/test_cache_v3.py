@@ -15,7 +15,6 @@ from fedclip_cache import open_cache
 from fedclip_cache.cache import store
 from fedclip_cache.cache.store import CacheError
 
-from test_cache_integrity import one_line_error, run  # noqa: F401  (the in-process CLI fixture)
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "cache-v3"
 EXPECTED = json.loads((GOLDEN / "expected.json").read_text())
@@ -95,7 +94,7 @@ def test_format3_cache_reads_as_the_old_code_read_it(tmp_path, fmt, run):
     assert {n: b for n, b in after.items() if not n.startswith("features.")} == before
 
 
-def test_format3_listing_must_name_plain_shard_files(tmp_path, run):
+def test_format3_listing_must_name_plain_shard_files(tmp_path, run, one_line_error):
     cache = old_cache(tmp_path, "parquet")
     meta = json.loads((cache / "cache.json").read_text())
     name = next(iter(meta["shards"]))
@@ -184,7 +183,7 @@ def test_unlisted_format3_shard_is_left_alone_and_its_images_re_embedded(tmp_pat
 
 
 @pytest.mark.parametrize("command", ["info", "extract"])
-def test_format2_cache_is_still_refused_in_one_line(tmp_path, run, command, old_model):
+def test_format2_cache_is_still_refused_in_one_line(tmp_path, run, command, old_model, one_line_error):
     cache, data = old_cache(tmp_path, "parquet"), old_images(tmp_path)
     edit_meta(cache, format_version=2)
     args = ("info", cache) if command == "info" else ("extract", data, cache, *old_model, "--device", "cpu", "-q")

@@ -1,7 +1,6 @@
 """Extract stage: correctness of stored embeddings, formats, resume after a crash, growth, bad files."""
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -21,19 +20,6 @@ from fedclip_cache.synthetic import write_image_folder
 
 runner = CliRunner()
 
-
-
-def kill_after_shards(cmd: list, out, shards: int = 3, delay: float = 0.3) -> int:
-    """Run an extract command with a per-shard delay, SIGKILL it once ``shards`` shards are committed; returns how
-    many shards were committed when it died."""
-    proc = subprocess.Popen(cmd, env={**os.environ, "FEDCLIP_CACHE_SHARD_DELAY": str(delay)},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    while time.time() < deadline and len(list((out / "shards").glob("*.parquet"))) < shards:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    return len(list((out / "shards").glob("*.parquet")))
 
 def run_cli(*args):
     res = runner.invoke(app, [str(a) for a in args])
@@ -108,7 +94,8 @@ def test_float16_storage_and_several_templates(tmp_path, image_root, model_args)
     assert c.meta["dtype"] == "float16"
 
 
-def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path, tiny_model, model_args):
+@pytest.mark.slow  # > 10 s on 2 quiet cores (subprocesses or a ViT-B/32-sized model)
+def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path, tiny_model, model_args, kill_after_shards):
     root = write_image_folder(tmp_path / "data", per_class=8)  # 72 images
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "fedclip_cache", "extract", str(root), str(out), *model_args,
@@ -244,6 +231,7 @@ def test_manifest_csv_and_parquet(tmp_path, image_root, model_args):
     assert res.exit_code != 0 and "bad.csv" in str(res.exception) and "path" in str(res.exception)
 
 
+@pytest.mark.slow  # > 10 s on 2 quiet cores (subprocesses or a ViT-B/32-sized model)
 def test_two_process_gloo_run_equals_single_process(tmp_path, image_root, model_args):
     extract(image_root, tmp_path / "one", model_args)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",

@@ -17,14 +17,8 @@ from fedclip_cache.cache.models import ModelLoadError, ModelSpec, load_model
 from fedclip_cache.pipeline import load as load_pipeline
 from fedclip_cache.synthetic import write_image_folder, write_synthetic_cache
 
-from test_cache_integrity import cli, extract_ok, one_line_error
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture
-def run(monkeypatch, capsys):
-    return lambda *args: cli(monkeypatch, capsys, *args)
 
 
 def write_manifest(path: Path, image_root: Path, domain=None, client=None, label=None, fmt="csv") -> Path:
@@ -63,7 +57,8 @@ BAD_NAMES = [
 
 @pytest.mark.parametrize("column", ["domain", "client"])
 @pytest.mark.parametrize("name,why", BAD_NAMES, ids=[repr(n[:6]) for n, _ in BAD_NAMES])
-def test_manifest_name_unusable_as_a_file_name_is_refused(tmp_path, image_root, model_args, run, column, name, why):
+def test_manifest_name_unusable_as_a_file_name_is_refused(tmp_path, image_root, model_args, run, column, name, why,
+                                                          one_line_error):
     # Parquet carries any string (NUL, newline) that a CSV cannot; the rule is the same for both
     fmt = "csv" if name.isprintable() and "," not in name and name.strip() == name else "parquet"
     man = write_manifest(tmp_path / f"m.{fmt}", image_root, **{column: name}, fmt=fmt)
@@ -73,7 +68,7 @@ def test_manifest_name_unusable_as_a_file_name_is_refused(tmp_path, image_root, 
     assert not (tmp_path / "c").exists()  # refused before anything is written
 
 
-def test_domain_folder_names_are_checked_and_class_names_are_text(tmp_path, model_args, run):
+def test_domain_folder_names_are_checked_and_class_names_are_text(tmp_path, model_args, run, one_line_error):
     root = write_image_folder(tmp_path / "data", domains=("art", "photo"), per_class=1)
     os.rename(root / "photo", root / "pho\nto")  # a folder name may hold a newline
     one_line_error(*run("extract", root, tmp_path / "c", *model_args, "-q"), "pho\\nto (a domain folder)",
@@ -103,7 +98,8 @@ def test_path_name_rule_accepts_real_names_and_class_names_may_hold_a_slash(tmp_
         extract(ExtractConfig(source=str(tmp_path), out=str(tmp_path / "c"), classes=["cat", "a\x00b"]))
 
 
-def test_manifest_class_with_a_slash_is_kept_and_clients_like_b10_are_fine(tmp_path, image_root, model_args, run):
+def test_manifest_class_with_a_slash_is_kept_and_clients_like_b10_are_fine(tmp_path, image_root, model_args, run,
+                                                                           extract_ok):
     man = write_manifest(tmp_path / "m.csv", image_root, label="T-shirt/top", client="b#10")
     extract_ok(run, man, tmp_path / "c", model_args)
     c = open_cache(tmp_path / "c")
@@ -126,7 +122,7 @@ BAD_TEMPLATES = [
 
 @pytest.mark.parametrize("template,why", BAD_TEMPLATES, ids=[t for t, _ in BAD_TEMPLATES])
 def test_bad_template_is_one_line_from_cli_pipeline_and_library(tmp_path, image_root, model_args, run, template,
-                                                                 why):
+                                                                 why, one_line_error):
     one_line_error(*run("extract", image_root, tmp_path / "c", *model_args, "-q", "--template", template),
                    f"--template: template {template!r}", why)
     with pytest.raises(FedclipCacheError, match="extract.templates") as e:
@@ -193,12 +189,13 @@ def _files(tmp_path: Path, ckpt: Path) -> dict:
     put("shape.pt", "1 of another shape (first: 'token_embedding.weight: checkpoint [7], model [49408, 64]')",
         obj=wrong)
     wrong = dict(sd)
-    wrong["positional_embedding"] = torch.zeros(7)  # open_clip's resize step fails first (was an IndexError)
+    wrong["positional_embedding"] = torch.zeros(7)  # open_clip's resize step fails first (an IndexError)
     put("shape0.pt", "1 of another shape (first: 'positional_embedding: checkpoint [7]", obj=wrong)
     return out
 
 
-def test_pretrained_file_that_is_not_a_checkpoint_is_named_for_what_it_is(tmp_path, tiny_model, image_root, run):
+def test_pretrained_file_that_is_not_a_checkpoint_is_named_for_what_it_is(tmp_path, tiny_model, image_root, run,
+                                                                          one_line_error):
     cfg, ckpt = tiny_model
     for name, (path, fragment) in _files(tmp_path, ckpt).items():
         with pytest.raises(ModelLoadError) as e:
@@ -229,7 +226,7 @@ def test_safetensors_under_another_name_is_named_and_still_loads_when_renamed(tm
 
 # ------------------------------------------------------------------------------------------ nothing to extract
 
-def test_empty_sources_are_one_line_errors(tmp_path, model_args, run):
+def test_empty_sources_are_one_line_errors(tmp_path, model_args, run, one_line_error):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -250,7 +247,8 @@ def test_empty_sources_are_one_line_errors(tmp_path, model_args, run):
         assert not (tmp_path / "c").exists()
 
 
-def test_all_images_skipped_is_an_error_and_an_emptied_source_never_empties_the_cache(tmp_path, model_args, run):
+def test_all_images_skipped_is_an_error_and_an_emptied_source_never_empties_the_cache(tmp_path, model_args, run,
+                                                                                      extract_ok, one_line_error):
     bad = tmp_path / "bad" / "art" / "cat"
     bad.mkdir(parents=True)
     (bad / "a.png").write_bytes(b"not a png")
@@ -270,7 +268,7 @@ def test_all_images_skipped_is_an_error_and_an_emptied_source_never_empties_the_
 
 # ------------------------------------------------------------------------- our own outputs inside the dataset
 
-def test_run_sweep_and_cache_folders_inside_the_dataset_are_not_embedded(tmp_path, model_args, run):
+def test_run_sweep_and_cache_folders_inside_the_dataset_are_not_embedded(tmp_path, model_args, run, extract_ok):
     root = write_image_folder(tmp_path / "data", domains=("art", "photo"), per_class=1)
     cache = write_synthetic_cache(tmp_path / "syn", {"a": 12, "b": 12}, 2, dim=8)
     for args in (("federate", cache, "-o", root / "runs" / "x"),  # DATA/runs/x/plots/*.png
@@ -296,7 +294,8 @@ def test_run_sweep_and_cache_folders_inside_the_dataset_are_not_embedded(tmp_pat
 
 
 @pytest.mark.parametrize("classes", [("Cat", "cat"), ("caf\u00e9", "cafe\u0301"), ("a " * 90 + "x", "a " * 90 + "y")])
-def test_classes_the_tokenizer_cannot_tell_apart_are_refused(tmp_path, model_args, run, classes):
+def test_classes_the_tokenizer_cannot_tell_apart_are_refused(tmp_path, model_args, run, classes, extract_ok,
+                                                             one_line_error):
     """Class folders 'Cat' and 'cat' (or one name in two Unicode spellings, or two names that differ only past the
     77-token cut) were two classes with the same text embedding: zero-shot and FedCLIP could not separate them."""
     root = write_image_folder(tmp_path / "data", domains=("art",), classes=classes + ("dog",), per_class=1)
@@ -308,7 +307,7 @@ def test_classes_the_tokenizer_cannot_tell_apart_are_refused(tmp_path, model_arg
     extract_ok(run, ok, tmp_path / "c2", model_args)
 
 
-def test_huge_list_files_and_names_are_refused_in_a_short_line(tmp_path, image_root, model_args, run):
+def test_huge_list_files_and_names_are_refused_in_a_short_line(tmp_path, image_root, model_args, run, one_line_error):
     """A 1 GB file of zeros passed as --classes took 24 GB of memory and was killed after 5 minutes; a 15 MB one was
     a 63 MB 'one-line' error (the whole name quoted)."""
     huge = tmp_path / "huge.txt"
@@ -326,7 +325,7 @@ def test_huge_list_files_and_names_are_refused_in_a_short_line(tmp_path, image_r
     assert len(msg) < 400 and not (tmp_path / "c").exists()
 
 
-def test_a_template_that_fills_the_context_is_refused(tmp_path, image_root, model_args, run):
+def test_a_template_that_fills_the_context_is_refused(tmp_path, image_root, model_args, run, one_line_error):
     """80 words before {}: the tokenizer cut every prompt before the class name, so every class had the same text
     embedding (exit 0)."""
     template = "a " * 80 + "{}"

@@ -83,6 +83,7 @@ def _plant_hf_checkpoint(hub: Path, repo: str, state_dict: dict) -> Path:
     return snap / "open_clip_pytorch_model.bin"
 
 
+@pytest.mark.slow  # > 10 s on 2 quiet cores (subprocesses or a ViT-B/32-sized model)
 def test_openai_tag_builds_quickgelu_and_equals_openai_clip(tmp_path, monkeypatch, openai_clip):
     """Full-size ViT-B/32 with random fp16 weights in OpenAI's format, served as tag ``openai`` from an offline
     Hugging Face cache: extract must build QuickGELU, and its features must equal OpenAI's ``build_model`` +

@@ -5,15 +5,9 @@ import pytest
 
 from fedclip_cache import open_cache
 from fedclip_cache.synthetic import write_image_folder
-from test_cache_integrity import cli, extract_ok
 
 
-@pytest.fixture
-def run(monkeypatch, capsys):
-    return lambda *args: cli(monkeypatch, capsys, *args)
-
-
-def test_sites_with_different_classes_share_labels_and_prompts(tmp_path, model_args, run):
+def test_sites_with_different_classes_share_labels_and_prompts(tmp_path, model_args, run, extract_ok):
     site_a = write_image_folder(tmp_path / "a", domains=("art",), classes=("cat", "dog"), per_class=2)
     site_b = write_image_folder(tmp_path / "b", domains=("photo",), classes=("dog", "fish"), per_class=2, seed=1)
     names = tmp_path / "classes.txt"

@@ -18,17 +18,10 @@ from fedclip_cache.cache.store import CacheError
 from fedclip_cache.synthetic import write_image_folder
 from fedclip_cache.cache.views import AugmentError, AugmentedView, parse_augment, recipe_text
 
-from test_cache_integrity import cli, extract_ok, one_line_error
-from test_extract import kill_after_shards
-
-
-@pytest.fixture
-def run(monkeypatch, capsys):
-    return lambda *args: cli(monkeypatch, capsys, *args)
 
 
 @pytest.mark.parametrize("fmt", ["parquet", "hdf5"])
-def test_view0_is_a_plain_extract_and_views_differ(tmp_path, image_root, model_args, run, fmt):
+def test_view0_is_a_plain_extract_and_views_differ(tmp_path, image_root, model_args, run, fmt, extract_ok):
     extract_ok(run, image_root, tmp_path / "plain", model_args, "--format", fmt)
     o = extract_ok(run, image_root, tmp_path / "v3", model_args, "--format", fmt, "--views", "3")
     assert "views: 3 per image" in o
@@ -56,7 +49,7 @@ def test_view0_is_a_plain_extract_and_views_differ(tmp_path, image_root, model_a
 
 
 def test_loader_batches_hold_about_batch_size_images_and_view0_keeps_its_batches(tmp_path, image_root, model_args,
-                                                                                   run):
+                                                                                   run, extract_ok):
     """With K views a loader batch carries ~batch_size/K images (not batch_size x K images' tensors); view 0 is
     still encoded in the plain path's batches, so it stays bit-identical, bad images included."""
     from fedclip_cache.cache.encoder import view_batches
@@ -74,7 +67,7 @@ def test_loader_batches_hold_about_batch_size_images_and_view0_keeps_its_batches
     assert [s["path"] for s in c.meta["skipped"]] == [s["path"] for s in plain.meta["skipped"]] != []
 
 
-def test_views_depend_only_on_seed_image_and_k(tmp_path, image_root, model_args, run):
+def test_views_depend_only_on_seed_image_and_k(tmp_path, image_root, model_args, run, extract_ok):
     extract_ok(run, image_root, tmp_path / "a", model_args, "--views", "3", "--batch-size", "64")
     extract_ok(run, image_root, tmp_path / "b", model_args, "--views", "3", "--batch-size", "5", "--shard-size", "7")
     extract_ok(run, image_root, tmp_path / "s", model_args, "--views", "3", "--augment-seed", "1")
@@ -92,7 +85,8 @@ def test_views_depend_only_on_seed_image_and_k(tmp_path, image_root, model_args,
     assert view(img, "abc", 1).shape == (3, 32, 32)
 
 
-def test_two_process_torchrun_views_equal_one_process(tmp_path, image_root, model_args, run):
+@pytest.mark.slow  # > 10 s on 2 quiet cores (subprocesses or a ViT-B/32-sized model)
+def test_two_process_torchrun_views_equal_one_process(tmp_path, image_root, model_args, run, extract_ok):
     """Under torchrun every rank augments its share of the images; views depend only on (seed, image, k), so the
     cache equals a one-process extract view for view."""
     extract_ok(run, image_root, tmp_path / "one", model_args, "--views", "3")
@@ -108,7 +102,7 @@ def test_two_process_torchrun_views_equal_one_process(tmp_path, image_root, mode
     assert two.meta["views"] == one.meta["views"]
 
 
-def test_more_views_extend_and_the_cache_holds_per_view(tmp_path, image_root, model_args, run):
+def test_more_views_extend_and_the_cache_holds_per_view(tmp_path, image_root, model_args, run, extract_ok):
     out = tmp_path / "c"
     extract_ok(run, image_root, out, model_args)
     before = open_cache(out).features
@@ -145,7 +139,7 @@ def test_more_views_extend_and_the_cache_holds_per_view(tmp_path, image_root, mo
     assert t.num_rows == 35 and t.column("views").type.list_size == 3 * 32
 
 
-def test_bad_view_options_are_one_line_errors(tmp_path, image_root, model_args, run):
+def test_bad_view_options_are_one_line_errors(tmp_path, image_root, model_args, run, extract_ok, one_line_error):
     out = tmp_path / "c"
     for args, frag in ((["--views", "0"], "--views 0"), (["--views", "-2"], "--views -2"),
                        (["--views", "2", "--augment", "rrc=2-1"], "rrc='2-1'"),
@@ -168,7 +162,8 @@ def test_bad_view_options_are_one_line_errors(tmp_path, image_root, model_args, 
         parse_augment("ratio=0.5-2,flip")
 
 
-def test_resume_after_sigkill_with_views(tmp_path, model_args):
+@pytest.mark.slow  # > 10 s on 2 quiet cores (subprocesses or a ViT-B/32-sized model)
+def test_resume_after_sigkill_with_views(tmp_path, model_args, kill_after_shards):
     root = write_image_folder(tmp_path / "data", per_class=6)  # 54 images
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "fedclip_cache", "extract", str(root), str(out), *model_args, "--workers", "0",
@@ -191,7 +186,7 @@ def test_resume_after_sigkill_with_views(tmp_path, model_args):
     np.testing.assert_allclose(resumed.views(), clean.views(), rtol=1e-5, atol=1e-6)
 
 
-def test_a_killed_extension_is_finished_by_the_next_run(tmp_path, image_root, model_args, run):
+def test_a_killed_extension_is_finished_by_the_next_run(tmp_path, image_root, model_args, run, extract_ok):
     out = tmp_path / "c"
     extract_ok(run, image_root, out, model_args, "--batch-size", "4", "--shard-size", "4")  # 9 shards
     plain = open_cache(out).features
@@ -229,7 +224,7 @@ def test_batch_schedule_views():
     assert not all(np.array_equal(a, b) for a, b in zip(many, batch_schedule(train, 0, 4, 11, hp, 3, 50)))
 
 
-def test_federate_train_views(tmp_path, image_root, model_args, run):
+def test_federate_train_views(tmp_path, image_root, model_args, run, extract_ok, one_line_error):
     extract_ok(run, image_root, tmp_path / "c", model_args, "--views", "3")
     cache = tmp_path / "c"
     common = ("--rounds", "2", "--heldout", "art", "--batch-size", "4", "--lr", "0.01")
@@ -263,7 +258,7 @@ def test_federate_train_views(tmp_path, image_root, model_args, run):
     assert FederateConfig(train_views=4).validate().train_views == "4"  # TOML `train_views = 4`
 
 
-def test_promptfl_trains_on_views(tmp_path, image_root, model_args, run):
+def test_promptfl_trains_on_views(tmp_path, image_root, model_args, run, extract_ok):
     extract_ok(run, image_root, tmp_path / "c", model_args, "--views", "2")
     for tv in ("1", "2"):
         code, o, e = run("federate", tmp_path / "c", "--algo", "promptfl", "--rounds", "1", "--n-ctx", "2",

@@ -67,7 +67,7 @@ RUN = ["run", "{root}/good.toml", "--no-sweep"]
 
 # (argv, expected exit code, fragment of the one-line message, typer's own usage error?)
 CASES = [
-    # non-finite and out-of-range numbers: used to train an all-NaN adapter and exit 0
+    # non-finite and out-of-range numbers: refused, never an all-NaN adapter and exit 0
     (FED + ["--lr", "nan"], 2, "--lr nan: must be a finite number", False),
     (FED + ["--lr", "inf"], 2, "--lr inf: must be a finite number", False),
     (FED + ["--lr", "-1e-3"], 2, "--lr -0.001: must be > 0", False),
@@ -211,8 +211,8 @@ def test_library_validate_and_sweep_reject_bad_values(env, tmp_path):
 
 
 def test_no_command_has_a_no_no_flag():
-    """Issue 19 (minor): `run --help` offered `--no-sweep/--no-no-sweep` (typer's automatic --no- pair of a bool
-    option named no_sweep). Every option of every command, as click builds it."""
+    """No option of any command, as click builds it, has a doubled `--no-no-` form (typer's automatic --no- pair of a
+    bool option named no_sweep would give `run --no-no-sweep`)."""
     import typer
 
     group = typer.main.get_command(cli.app)

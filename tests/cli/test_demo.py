@@ -61,6 +61,7 @@ def test_converter_really_loads_the_package_weights(tmp_path):
         assert lm.model.encode_image(x).shape == (2, 512)
 
 
+@pytest.mark.slow  # ~15 s on 2 quiet cores: the scaled-down demo, every stage
 def test_tiny_demo_runs_end_to_end(tmp_path, capsys):
     import demo
 

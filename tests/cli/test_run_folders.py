@@ -1,6 +1,6 @@
-"""Run folders as trustworthy as caches (issue 19): one writer at a time, a state marker written last, an earlier
-run's outputs never mixed with a new one's, one kind of run per folder, sweeps that say "k of n points", a full
-disk in one line, a too-long name in one line, files that respect the umask, tables that survive a pipe."""
+"""Run folders as trustworthy as caches: one writer at a time, a state marker written last, an earlier run's outputs
+never mixed with a new one's, one kind of run per folder, sweeps that say "k of n points", a full disk in one line, a
+too-long name in one line, files that respect the umask, tables that survive a pipe."""
 import json
 import os
 import stat
@@ -13,9 +13,6 @@ from fedclip_cache.federated.config import FederateConfig
 from fedclip_cache.federated.results import federate
 from fedclip_cache.synthetic import write_synthetic_cache
 
-import cliutil
-from cliutil import cli
-
 
 def read_state(folder) -> dict | None:
     """RUN/state.json, read as a user would (None when there is none)."""
@@ -23,8 +20,10 @@ def read_state(folder) -> dict | None:
     return json.loads(f.read_text()) if f.is_file() else None
 
 
-def one_line_error(res, *fragments) -> str:
-    return cliutil.one_line_error(*res, *fragments)
+@pytest.fixture
+def one_line_error(one_line_error):
+    """The shared check, taking ``run(...)``'s (code, out, err) as one value."""
+    return lambda res, *fragments: one_line_error(*res, *fragments)
 
 
 @pytest.fixture(scope="module")
@@ -32,17 +31,12 @@ def cache(tmp_path_factory):
     return write_synthetic_cache(tmp_path_factory.mktemp("c") / "c", {"a": 40, "b": 30, "c": 30}, 3, dim=16, seed=1)
 
 
-@pytest.fixture
-def run(monkeypatch, capsys):
-    return lambda *args: cli(monkeypatch, capsys, *args)
-
-
 FED = ["--rounds", "1", "--hidden", "4", "--heldout", "a", "-q"]
 
 
-def test_failed_rerun_leaves_no_mixed_folder_and_report_refuses_it(cache, tmp_path, run, monkeypatch):
-    """Probe: a second `federate -o RUN` that failed late left its new config.json beside the first run's
-    summary.json, metrics.parquet and adapter.pt, and `report RUN` exited 0."""
+def test_failed_rerun_leaves_no_mixed_folder_and_report_refuses_it(cache, tmp_path, run, monkeypatch, one_line_error):
+    """A second `federate -o RUN` that fails late leaves nothing of the first run beside its own config.json (no
+    summary.json, metrics.parquet or adapter.pt): the folder is in-progress and `report RUN` refuses it."""
     out = tmp_path / "run"
     assert run("federate", cache, "-o", out, *FED)[0] == 0
     state = read_state(out)
@@ -64,7 +58,7 @@ def test_failed_rerun_leaves_no_mixed_folder_and_report_refuses_it(cache, tmp_pa
     one_line_error(run("report", out), "incomplete run folder", "re-run")
 
 
-def test_a_file_rewritten_after_the_run_completed_is_a_mixed_folder(cache, tmp_path, run):
+def test_a_file_rewritten_after_the_run_completed_is_a_mixed_folder(cache, tmp_path, run, one_line_error):
     out = tmp_path / "run"
     assert run("federate", cache, "-o", out, *FED)[0] == 0
     other = tmp_path / "other"
@@ -76,8 +70,9 @@ def test_a_file_rewritten_after_the_run_completed_is_a_mixed_folder(cache, tmp_p
     one_line_error(run("report", out), "mixed run folder", "summary.json")
 
 
-def test_second_writer_is_refused_at_once_naming_the_holder(cache, tmp_path, run):
-    """Probe: two `federate -o RUN` at once both exited 0 and the last writer won."""
+def test_second_writer_is_refused_at_once_naming_the_holder(cache, tmp_path, run, one_line_error):
+    """While a `federate -o RUN` holds the folder, a second federate or sweep into it is refused at once, naming the
+    holder, and `report` says a federate is writing it."""
     from fedclip_cache.federated.runfolder import claim
 
     out = tmp_path / "run"
@@ -94,7 +89,7 @@ def test_second_writer_is_refused_at_once_naming_the_holder(cache, tmp_path, run
     assert run("federate", cache, "-o", out, *FED)[0] == 0  # released (a killed holder releases it, too)
 
 
-def test_a_real_holder_process_refuses_others_until_killed(cache, tmp_path, run):
+def test_a_real_holder_process_refuses_others_until_killed(cache, tmp_path, run, one_line_error):
     """The lock is the kernel's: another process holding it refuses a federate; kill -9 of the holder frees it,
     and the folder it left is marked incomplete, never complete."""
     out = tmp_path / "run"
@@ -116,7 +111,7 @@ def test_a_real_holder_process_refuses_others_until_killed(cache, tmp_path, run)
     assert read_state(out)["state"] == "complete"
 
 
-def test_one_kind_of_run_per_folder(cache, tmp_path, run):
+def test_one_kind_of_run_per_folder(cache, tmp_path, run, one_line_error):
     fed, sw = tmp_path / "fed", tmp_path / "sw"
     assert run("federate", cache, "-o", fed, *FED)[0] == 0
     assert run("sweep", cache, "-o", sw, "--grid", "hidden=4", "--seeds", "0", *FED)[0] == 0
@@ -144,9 +139,10 @@ def test_one_kind_of_run_per_folder(cache, tmp_path, run):
 
 @pytest.mark.parametrize("name", ["summary.md", "summary.csv", "results.parquet", "state.json",
                                   "plots/accuracy_vs_round.png"])
-def test_a_file_of_ones_own_with_a_name_a_run_writes_is_never_overwritten(cache, tmp_path, run, name):
-    """Probe 1: only the first few output names were checked: `sweep -o MYFOLDER` overwrote one's summary.md,
-    summary.csv, results.parquet or state.json, `federate -o` one's plots/accuracy_vs_round.png (exit 0)."""
+def test_a_file_of_ones_own_with_a_name_a_run_writes_is_never_overwritten(cache, tmp_path, run, name, one_line_error):
+    """Every output name a run writes is checked before it starts: a user's own summary.md, summary.csv,
+    results.parquet, state.json or plots/accuracy_vs_round.png in the folder is refused in one line and left as it
+    was."""
     mine = tmp_path / "mine"
     (mine / name).parent.mkdir(parents=True)
     (mine / name).write_text("my own")
@@ -177,8 +173,9 @@ def _killed_sweep(cache, out, monkeypatch, finished: int):
     monkeypatch.setattr(sw, "_run_point", real)
 
 
-def test_partial_sweep_says_k_of_n_and_is_refused_unless_asked(cache, tmp_path, run, monkeypatch):
-    """Probe: a sweep killed after 2 of 4 points: `report` showed 2 rows, no "2 of 4 points", exit 0."""
+def test_partial_sweep_says_k_of_n_and_is_refused_unless_asked(cache, tmp_path, run, monkeypatch, one_line_error):
+    """A sweep killed after 2 of 4 points: `report` refuses it naming "2 of 4 points" and --partial; with --partial it
+    shows the 2 finished rows and says PARTIAL; the same sweep run again trains the other 2 and completes the folder."""
     out = tmp_path / "sw"
     _killed_sweep(cache, out, monkeypatch, 2)
     assert read_state(out)["state"] == "in-progress"
@@ -195,15 +192,16 @@ def test_partial_sweep_says_k_of_n_and_is_refused_unless_asked(cache, tmp_path, 
     assert code == 0 and len(o.strip().splitlines()) == 1 + 4 and not e
 
 
-def test_sweep_with_nothing_finished_is_a_one_line_error(cache, tmp_path, run, monkeypatch):
+def test_sweep_with_nothing_finished_is_a_one_line_error(cache, tmp_path, run, monkeypatch, one_line_error):
     out = tmp_path / "sw"
     _killed_sweep(cache, out, monkeypatch, 0)
     one_line_error(run("report", out), "no point of this sweep has finished (0 of 4 points)")
     one_line_error(run("report", out, "--partial"), "0 of 4 points")
 
 
-def test_sweep_folder_belongs_to_one_cache_grid_and_seeds(cache, tmp_path, run):
-    """Probe: a sweep folder reused with another cache mixed rows of both caches in one table."""
+def test_sweep_folder_belongs_to_one_cache_grid_and_seeds(cache, tmp_path, run, one_line_error):
+    """A sweep folder belongs to one cache, grid, seed list and set of fixed options: another is refused in one line and
+    changes nothing (rows of two caches never share a table); widening the grid is the same sweep."""
     out = tmp_path / "sw"
     base = ["--seeds", "0", "--rounds", "1", "--heldout", "a", "-q"]
     assert run("sweep", cache, "-o", out, "--grid", "hidden=2,4", *base)[0] == 0
@@ -228,8 +226,9 @@ def test_sweep_folder_belongs_to_one_cache_grid_and_seeds(cache, tmp_path, run):
 
 @pytest.mark.parametrize("writer", ["torch", "pyarrow", "json"])
 def test_disk_full_is_one_line_naming_the_file_and_leaves_the_folder_incomplete(cache, tmp_path, run,
-                                                                                 monkeypatch, writer):
-    """Probe: a full disk in `federate` gave torch's "unexpected pos 960 vs 854" traceback."""
+                                                                                 monkeypatch, writer, one_line_error):
+    """A full disk while `federate` writes any of its files is one line naming that file (no torch traceback), and the
+    folder is left incomplete."""
     out = tmp_path / "run"
     if writer == "torch":
         def full(*a, **k):  # what torch.save raises when its zip writer's write comes up short
@@ -264,7 +263,7 @@ def test_disk_full_is_one_line_naming_the_file_and_leaves_the_folder_incomplete(
     one_line_error(run("report", out), "incomplete run folder")
 
 
-def test_a_short_torch_write_with_room_left_is_not_called_disk_full(cache, tmp_path, run, monkeypatch):
+def test_a_short_torch_write_with_room_left_is_not_called_disk_full(cache, tmp_path, run, monkeypatch, one_line_error):
     def short(*a, **k):
         raise RuntimeError("[enforce fail at inline_container.cc:778] . unexpected pos 960 vs 854")
     monkeypatch.setattr("torch.save", short)
@@ -296,8 +295,8 @@ def _alive(pid: int) -> bool:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
 def test_killed_sweep_takes_its_workers_with_it(cache, tmp_path):
-    """Probe 1: `kill -9` of a `sweep --jobs 2` left its two workers training on (re-parented to init), writing
-    their points into the folder after its lock was gone."""
+    """`kill -9` of a `sweep --jobs 2` ends its two workers too: none trains on, re-parented to init, writing points
+    into the folder after its lock is gone."""
     import time
 
     out = tmp_path / "sw"
@@ -322,7 +321,7 @@ def test_killed_sweep_takes_its_workers_with_it(cache, tmp_path):
     assert not left
 
 
-def test_disk_full_in_a_sweep_point(cache, tmp_path, run, monkeypatch):
+def test_disk_full_in_a_sweep_point(cache, tmp_path, run, monkeypatch, one_line_error):
     def full(*a, **k):
         raise OSError(28, "No space left on device")
     monkeypatch.setattr("torch.save", full)
@@ -332,8 +331,8 @@ def test_disk_full_in_a_sweep_point(cache, tmp_path, run, monkeypatch):
     assert read_state(out)["state"] == "in-progress"
 
 
-def test_too_long_output_name_is_one_line(cache, tmp_path, run):
-    """Probe: a 300-character -o name gave a traceback."""
+def test_too_long_output_name_is_one_line(cache, tmp_path, run, one_line_error):
+    """A 300-character -o name is a one-line error, not a traceback."""
     long = tmp_path / ("x" * 300)
     one_line_error(run("federate", cache, "-o", long, *FED), "too long", "shorter name")
     one_line_error(run("sweep", cache, "-o", long, "--grid", "hidden=4", "--seeds", "0", *FED), "too long")
@@ -344,10 +343,10 @@ def test_too_long_output_name_is_one_line(cache, tmp_path, run):
     one_line_error(run("federate", cache, "-o", tmp_path / "f" / "sub", *FED), "is a file, not a folder")
 
 
-def test_a_run_refused_after_taking_the_lock_leaves_the_earlier_run_as_it_was(cache, tmp_path, run):
-    """Probe 1: refusals of the training loop's own checks (memory for --hidden, the text model and prompt fit of
-    promptfl) came after the folder was claimed: exit 2 in one line, yet the earlier complete run's outputs were
-    deleted and the folder left in-progress."""
+def test_a_run_refused_after_taking_the_lock_leaves_the_earlier_run_as_it_was(cache, tmp_path, run, one_line_error):
+    """Refusals by the training loop's own checks (memory for --hidden, the text model and prompt fit of promptfl),
+    which come after the folder is claimed, are one line and leave the earlier complete run's outputs and state as they
+    were."""
     out = tmp_path / "run"
     assert run("federate", cache, "-o", out, *FED)[0] == 0
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != ".lock"}
@@ -358,10 +357,10 @@ def test_a_run_refused_after_taking_the_lock_leaves_the_earlier_run_as_it_was(ca
     assert run("report", out, "--format", "csv")[0] == 0
 
 
-def test_a_sweep_point_refused_by_the_loop_leaves_the_sweep_folder_as_it_was(cache, tmp_path, run):
-    """Probe 1: a grid value refused by the training loop's own checks (--grid hidden=..,9999999999: memory) came
-    after the sweep folder recorded it as one of its points; the folder then said "k of k+1 points" for ever (a
-    corrected sweep into it never completed, report refused it)."""
+def test_a_sweep_point_refused_by_the_loop_leaves_the_sweep_folder_as_it_was(cache, tmp_path, run, one_line_error):
+    """A grid value refused by the training loop's own checks (--grid hidden=..,9999999999: memory) is not recorded as a
+    point of the sweep folder: the folder stays complete, a corrected sweep completes it, and a new folder refused the
+    same way is no sweep folder afterwards."""
     out = tmp_path / "sw"
     sw = ["sweep", cache, "-o", out, "--seeds", "0", *FED]
     assert run(*sw, "--grid", "hidden=4,8")[0] == 0
@@ -384,8 +383,8 @@ def test_a_sweep_point_refused_by_the_loop_leaves_the_sweep_folder_as_it_was(cac
 
 @pytest.mark.parametrize("fmt", ["table", "json"])
 def test_stdout_closed_early_is_said_on_stderr(cache, tmp_path, run, fmt):
-    """Probe 1: `federate ... | head` (any reader that stops early) exited 1 with nothing on stderr, after the
-    table (rich's and click's handling of a broken pipe): it read as a failure without a cause."""
+    """`report ... | head` (any reader that stops early, here before anything is written) exits 1 saying on stderr that
+    standard output was closed (broken pipe), without a traceback: never a failure without a cause."""
     out = tmp_path / "run"
     assert run("federate", cache, "-o", out, *FED)[0] == 0
     p = subprocess.Popen([sys.executable, "-m", "fedclip_cache", "report", str(out), "--no-plots", "--format", fmt],
@@ -396,9 +395,10 @@ def test_stdout_closed_early_is_said_on_stderr(cache, tmp_path, run, fmt):
     assert "standard output was closed" in err and "broken pipe" in err and "Traceback" not in err, err
 
 
-def test_a_file_or_folder_where_a_run_writes_the_other_is_one_line(cache, tmp_path, run):
-    """Probe 1: a file `plots` in a run folder: `report` ended in a FileExistsError traceback, and `federate -o`
-    trained the whole run and then failed the same way (NotADirectoryError), leaving the folder incomplete."""
+def test_a_file_or_folder_where_a_run_writes_the_other_is_one_line(cache, tmp_path, run, one_line_error):
+    """A file where a run writes a folder (`plots`, a sweep's `points`) or a folder where it writes a file
+    (`summary.json`) is a one-line error from `report`, `federate -o` and `sweep -o` that leaves the folder as it was
+    (never a FileExistsError or NotADirectoryError traceback)."""
     out = tmp_path / "run"
     assert run("federate", cache, "-o", out, *FED)[0] == 0
     import shutil
@@ -426,9 +426,9 @@ def test_a_file_or_folder_where_a_run_writes_the_other_is_one_line(cache, tmp_pa
                    "points is a file where the run writes its points/ folder")
 
 
-def test_output_name_not_utf8_is_one_line_and_creates_nothing(cache, tmp_path, run):
-    """Probe 1: `federate -o $'b\\xffad'` trained the whole run, then pyarrow raised UnicodeEncodeError (a traceback,
-    exit 1) and left the folder in-progress; a sweep the same after its first point."""
+def test_output_name_not_utf8_is_one_line_and_creates_nothing(cache, tmp_path, run, one_line_error):
+    """An -o name that is not UTF-8 is refused in one line by federate and sweep before anything is created (pyarrow
+    cannot write under such a name)."""
     bad = tmp_path / os.fsdecode(b"b\xffad")
     one_line_error(run("federate", cache, "-o", bad, *FED), "not valid UTF-8", "UTF-8 name")
     one_line_error(run("sweep", cache, "-o", bad / "s", "--grid", "hidden=4", "--seeds", "0", *FED), "UTF-8")
@@ -437,7 +437,8 @@ def test_output_name_not_utf8_is_one_line_and_creates_nothing(cache, tmp_path, r
 
 @pytest.mark.parametrize("umask", [0o022, 0o002])
 def test_run_files_respect_the_umask(cache, tmp_path, run, umask):
-    """Probe: run files were written 0600 (atomic writes via mkstemp): a shared lab run folder was unreadable."""
+    """Run files are written with the umask's mode (0666 & ~umask), not mkstemp's 0600 (atomic writes go through it): a
+    shared lab run folder stays readable."""
     old = os.umask(umask)
     try:
         out = tmp_path / "run"
@@ -449,7 +450,8 @@ def test_run_files_respect_the_umask(cache, tmp_path, run, umask):
 
 
 def test_tables_keep_rows_apart_when_not_a_terminal(tmp_path):
-    """Probe: piped into a log, every row of the table read `heldout=do…`: rows could not be told apart."""
+    """Piped into a log (no terminal width), `report` shows every row's whole experiment name
+    (`heldout=domain_photograph/seed0`, never cut with `…`): rows can be told apart."""
     names = {"domain_photograph": 30, "domain_watercolour": 30, "domain_pencil_sketch": 30}
     c = write_synthetic_cache(tmp_path / "c", names, 3, dim=16, seed=1)
     federate(c, FederateConfig(rounds=1, hidden=4), out=tmp_path / "run")
@@ -462,9 +464,10 @@ def test_tables_keep_rows_apart_when_not_a_terminal(tmp_path):
     assert "…" not in r.stdout
 
 
-def test_sweep_written_before_it_recorded_its_cache_is_refused_when_its_points_disagree(cache, tmp_path, run):
+def test_sweep_written_before_it_recorded_its_cache_is_refused_when_its_points_disagree(cache, tmp_path, run,
+                                                                                        one_line_error):
     """A sweep folder of an older fedclip-cache (no cache identity in sweep.json, no state.json) whose points were
-    trained on two caches: its rows were averaged together; now a one-line error."""
+    trained on two caches is refused in one line, never its rows averaged together."""
     out = tmp_path / "sw"
     assert run("sweep", cache, "-o", out, "--grid", "hidden=2,4", "--seeds", "0", *FED)[0] == 0
     record = json.loads((out / "sweep.json").read_text())

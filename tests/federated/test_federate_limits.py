@@ -1,5 +1,5 @@
-"""Issue 19: federate options and results that were silently wrong or exploded -- runs with nothing to measure,
-memory asked for before it is checked, a batch size far above the data, the Dirichlet minimum the README states."""
+"""Federate options and results that must never be silently wrong or explode: runs with nothing to measure, memory asked
+for before it is checked, a batch size far above the data, the Dirichlet minimum the README states."""
 import json
 import re
 from pathlib import Path
@@ -14,7 +14,6 @@ from fedclip_cache.federated.protocols import build_experiments
 from fedclip_cache.federated.results import federate
 from fedclip_cache.synthetic import write_synthetic_cache
 
-from cliutil import cli as run_cli, one_line_error
 
 README = Path(__file__).resolve().parents[2] / "docs" / "federate.md"  # the page stating the rule
 
@@ -85,14 +84,14 @@ def test_a_deployment_without_validation_data_fine_tunes_its_last_round():
         assert rec.selected() is (r == 1)
 
 
-def test_a_run_that_would_measure_nothing_is_refused(cache, monkeypatch, capsys, tmp_path):
-    msg = one_line_error(*run_cli(monkeypatch, capsys, "federate", cache, "--protocol", "personal", "--split",
+def test_a_run_that_would_measure_nothing_is_refused(cache, monkeypatch, capsys, tmp_path, one_line_error, run):
+    msg = one_line_error(*run("federate", cache, "--protocol", "personal", "--split",
                                   "1,0,0", "--rounds", "2", "-o", tmp_path / "run"))
     assert msg.startswith("error: --split 1,0,0: no training client has validation or test data (the largest client "
                           "has 24 samples) and no domain is held out, so the run would measure nothing")
     assert not (tmp_path / "run").exists()
     # clients too small for any val/test split: the same refusal, naming --clients
-    msg = one_line_error(*run_cli(monkeypatch, capsys, "federate", cache, "--protocol", "personal", "--partition",
+    msg = one_line_error(*run("federate", cache, "--protocol", "personal", "--partition",
                                   "iid", "--clients", "8", "--rounds", "2"))
     assert "(the largest client has 3 samples)" in msg and "--clients" in msg
 
@@ -127,35 +126,35 @@ def test_a_batch_size_above_the_data_trains_exactly_as_the_data_size(cache, tmp_
     assert not any("is larger than every client" in n for n in outs[largest]["notes"])
 
 
-def test_an_adapter_that_cannot_fit_is_refused_before_allocation(cache, monkeypatch, capsys):
+def test_an_adapter_that_cannot_fit_is_refused_before_allocation(cache, monkeypatch, capsys, one_line_error, run):
     """--hidden 99999999 (D = 8: 1.7e9 parameters per adapter) went to the allocator (~200 GB)."""
     import fedclip_cache.federated.loop as loop_mod
 
     # far beyond any machine (the estimate is a lower bound: params alone ~2 PB)
-    msg = one_line_error(*run_cli(monkeypatch, capsys, "federate", cache, "--hidden", "99999999999", "--rounds", "1"))
+    msg = one_line_error(*run("federate", cache, "--hidden", "99999999999", "--rounds", "1"))
     assert msg.startswith("error: --hidden 99999999999: local training would hold at least ") and \
         msg.endswith("lower --hidden")
     # the issue's value, on a machine with 16 GiB free
     monkeypatch.setattr(loop_mod, "free_bytes", lambda device: 16 << 30)
-    msg = one_line_error(*run_cli(monkeypatch, capsys, "federate", cache, "--hidden", "99999999", "--rounds", "1"))
+    msg = one_line_error(*run("federate", cache, "--hidden", "99999999", "--rounds", "1"))
     m = re.search(r"at least ([\d,.]+) GiB \(6 client adapter\(s\) of 1,699,999,991 parameters", msg)
     assert m and float(m.group(1).replace(",", "")) > 100 and "more than the 16.0 GiB free on cpu" in msg
 
 
-def test_a_batch_that_cannot_fit_is_refused_naming_the_batch_size(tmp_path, monkeypatch, capsys):
+def test_a_batch_that_cannot_fit_is_refused_naming_the_batch_size(tmp_path, monkeypatch, capsys, one_line_error, run):
     """The contrastive loss holds B x B logits per client: a batch the data can fill but memory cannot hold is
     refused naming --batch-size (here on a machine with 1 MiB free; the adapter itself takes ~2 KiB)."""
     import fedclip_cache.federated.loop as loop_mod
 
     big = write_synthetic_cache(tmp_path / "big", {"a": 1000}, 3, dim=8, seed=0)
     monkeypatch.setattr(loop_mod, "free_bytes", lambda device: 1 << 20)
-    msg = one_line_error(*run_cli(monkeypatch, capsys, "federate", big, "--protocol", "personal", "--batch-size",
+    msg = one_line_error(*run("federate", big, "--protocol", "personal", "--batch-size",
                                   "4096", "--rounds", "1", "--hidden", "8"))
     # by hand: 600 x (8 hidden + 8 features + 600 logits) float32 = 1,478,400 B, + the adapter's 144 parameters
     # x 5 copies (adapter, gradient, 2 Adam moments; the global one) x 4 B = 2,880 B: 1.41 MiB
     assert msg.startswith("error: --batch-size 4096: local training would hold at least 1.4 MiB") and \
         "one batch of 600 through a hidden layer of 8" in msg and msg.endswith("lower --batch-size")
-    code, out, err = run_cli(monkeypatch, capsys, "federate", big, "--protocol", "personal", "--batch-size", "32",
+    code, out, err = run("federate", big, "--protocol", "personal", "--batch-size", "32",
                              "--rounds", "1", "--hidden", "8", "--json")
     assert code == 0, err
     assert json.loads(out)["experiments"][0]["best"]["test_mean"] is not None

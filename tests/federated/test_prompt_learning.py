@@ -1,4 +1,4 @@
-"""Prompt learning on the cache (PromptFL / CoOp, issue 11 section 2) on a tiny random open_clip model."""
+"""Prompt learning on the cache (PromptFL / CoOp) on a tiny random open_clip model."""
 import json
 
 import numpy as np
@@ -86,8 +86,8 @@ def _room(tokenizer, classes, length=77):
 
 
 def test_every_class_prompt_keeps_its_name_or_is_refused(lm):
-    """Issue 19 item 1: --n-ctx 74/75 was accepted and the tokenizer cut the prompts at 77 tokens (the names gone,
-    class embeddings alike); now the real prompt of every class is counted and refused in one line."""
+    """The real prompt of every class is counted against the text model's 77 tokens: an --n-ctx that would let the
+    tokenizer cut the class names off (74/75) is refused in one line."""
     from fedclip_cache.errors import ConfigError
 
     classes = CLASSES + ["a very long class name of several words"]
@@ -214,8 +214,6 @@ def test_class_specific_context_equals_coop_csc_reference(lm):
 
 # ------------------------------------------------------------------------------------------- the CLI on a cache
 
-from cliutil import cli  # noqa: E402  (the real entry point, in-process)
-
 
 @pytest.fixture(scope="module")
 def cache_dir(tiny_model, tmp_path_factory):
@@ -232,11 +230,11 @@ def cache_dir(tiny_model, tmp_path_factory):
 
 
 @pytest.mark.parametrize("algo,csc", [("promptfl", False), ("promptlocal", False), ("promptfl", True)])
-def test_federate_prompt_learning_writes_summary(algo, csc, cache_dir, tiny_model, tmp_path, monkeypatch, capsys):
+def test_federate_prompt_learning_writes_summary(algo, csc, cache_dir, tiny_model, tmp_path, monkeypatch, capsys, run):
     cfg, _ = tiny_model
     out = tmp_path / "run"
     ctx = ["--n-ctx", "4"] if algo == "promptfl" else ["--ctx-init", "a photo of a"]  # 4 tokens
-    code, o, e = cli(monkeypatch, capsys, "federate", cache_dir, "--algo", algo, "--rounds", "2", *ctx,
+    code, o, e = run("federate", cache_dir, "--algo", algo, "--rounds", "2", *ctx,
                      "--heldout", "art", "--text-model-config", cfg, "--out", out, *(["--prompt-csc"] * csc))
     assert code == 0, o + e
     s = json.loads((out / "summary.json").read_text())
@@ -259,11 +257,11 @@ def test_federate_prompt_learning_writes_summary(algo, csc, cache_dir, tiny_mode
 
 
 def test_prompt_learning_refuses_a_model_it_cannot_load_or_that_is_not_the_caches(cache_dir, tmp_path, monkeypatch,
-                                                                                    capsys, tiny_model):
+                                                                                    capsys, tiny_model, run):
     from fedclip_cache.synthetic import write_tiny_model
 
     def one_line_error(*args):
-        code, o, e = cli(monkeypatch, capsys, "federate", cache_dir, "--algo", "promptfl", "--rounds", "1",
+        code, o, e = run("federate", cache_dir, "--algo", "promptfl", "--rounds", "1",
                          "--heldout", "art", *args)
         msg = e.strip()
         assert code == 2 and "Traceback" not in o + e and msg.startswith("error:") and "\n" not in msg, (code, o, e)

@@ -1,7 +1,7 @@
 """The Flower apps share the pure functions of the in-process loop: a deployment's rounds equal `federate`'s.
 
-The ServerApp's logic (server_app.Coordinator) is driven here by in-process sites, every message going through
-the wire format (wire.content / wire.read) as it would through Flower."""
+The ServerApp's logic (flower.server_app.Coordinator) is driven here by in-process sites, every message going
+through the wire format (flower.wire.content / flower.wire.read) as it would through Flower."""
 import json
 
 import numpy as np
@@ -16,24 +16,8 @@ from fedclip_cache.federated.recorder import RunRecorder  # noqa: E402
 from fedclip_cache.federated.results import federate  # noqa: E402
 from fedclip_cache.flower.client_app import SiteClient  # noqa: E402
 from fedclip_cache.flower.task import federate_config  # noqa: E402
-from fedclip_cache.flower.wire import content, read  # noqa: E402
 from fedclip_cache.flower.server_app import Coordinator  # noqa: E402
 from fedclip_cache.synthetic import write_synthetic_cache  # noqa: E402
-
-
-def wire(rec, params):
-    return read(content(rec, params))
-
-
-def run_sites(sites, cfg, recorder=None, min_results=1, drop=lambda rnd, site: False):
-    """What the ServerApp does with the grid, with in-process sites: the set-up message, then R+1 round messages
-    (``drop(rnd, site)``: that site does not answer that message)."""
-    co = Coordinator(cfg, recorder, min_results)
-    co.setup([wire(*s.handle(*wire({"phase": "setup"}, {}))) for s in sites])
-    for rnd in range(1, cfg.rounds + 2):
-        rec, params = co.message(rnd)
-        co.receive(rnd, [wire(*s.handle(*wire(rec, params))) for s in sites if not drop(rnd, s)])
-    return co
 
 
 # Every variant equals `federate` exactly (the same pure functions, the same order of summation).
@@ -42,7 +26,7 @@ def run_sites(sites, cfg, recorder=None, min_results=1, drop=lambda rnd, site: F
                                    {"rounds": 2, "algo": "fedyogi", "weighting": "samples"},
                                    {"rounds": 4, "fraction_fit": 0.5}, {"rounds": 2, "head": "prototype"},
                                    {"rounds": 4, "eval_every": 2}])
-def test_deployment_rounds_equal_in_process_rounds(tmp_path, extra):
+def test_deployment_rounds_equal_in_process_rounds(tmp_path, extra, run_sites):
     cache = str(write_synthetic_cache(tmp_path / "c", {"a": 70, "b": 50, "c": 40}, 3, dim=16, seed=4))
     _, cfg = federate_config({"cache": cache, "heldout": "a", "lr": 1e-3, "hidden": 8, **extra})
     co = run_sites([SiteClient(cache, cfg, pid) for pid in range(2)], cfg, RunRecorder(cfg, None))
@@ -75,36 +59,9 @@ def test_flower_config_errors(tmp_path):
         SiteClient(cache, federate_config({"cache": cache, "heldout": "a"})[1], 5)
 
 
-def extract_sites(tmp_path, model_args, monkeypatch, capsys, *more) -> dict:
-    """Images of three domains extracted twice with the same model and --classes file: into one cache of all of
-    them (``tmp_path/merged``) and into one cache per site holding only its own images; returns domain -> site
-    cache."""
-    import shutil
-
-    from fedclip_cache.synthetic import write_image_folder
-    from test_cache_integrity import cli
-
-    root = write_image_folder(tmp_path / "all", per_class=6)
-    names = tmp_path / "classes.txt"
-    names.write_text("cat\ndog\nfish\n")
-
-    def extract(src, out):
-        code, o, e = cli(monkeypatch, capsys, "extract", src, out, *model_args, "--workers", "0", "-q",
-                         "--classes", names, *more)
-        assert code == 0, o + e
-
-    extract(root, tmp_path / "merged")
-    sites = {}
-    for d in ("art", "photo", "sketch"):
-        shutil.copytree(root / d, tmp_path / f"site-{d}" / d)
-        extract(tmp_path / f"site-{d}", tmp_path / f"cache-{d}")
-        sites[d] = str(tmp_path / f"cache-{d}")
-    return sites
-
-
 @pytest.mark.parametrize("head,curves,views", [("text", True, 1), ("prototype", False, 2)])
 def test_sites_with_their_own_caches_train_as_the_in_process_loop(tmp_path, model_args, monkeypatch, capsys, head,
-                                                                  curves, views):
+                                                                  curves, views, run_sites, extract_sites):
     """Each site extracts only its own images (same model, same --classes file); the server holds no cache and
     seeds the initial adapter itself; the held-out site only evaluates. The run folder equals `federate`'s on one
     cache of all sites' images: text or prototype head (class sums and counts from the sites), full curves or the
@@ -146,7 +103,7 @@ def test_sites_with_their_own_caches_train_as_the_in_process_loop(tmp_path, mode
     rep = CliRunner().invoke(app, ["report", str(tmp_path / "dep")], env={"COLUMNS": "200"})
     assert rep.exit_code == 0 and "heldout=sketch/seed0" in rep.output, rep.output
     assert (tmp_path / "dep" / "plots" / "accuracy_vs_round.png").is_file()
-    # the ServerApp marks its run folder complete, as `federate` does, listing what it wrote (issue 19)
+    # the ServerApp marks its run folder complete, as `federate` does, listing what it wrote
     state = json.loads((tmp_path / "dep" / "state.json").read_text())
     assert state["kind"] == "deploy" and state["state"] == "complete"
     assert set(state["files"]) == {"config.json", "metrics.parquet", "adapter.pt", "summary.json"}
@@ -218,7 +175,7 @@ def test_a_site_missing_from_some_rounds_is_left_out_not_imputed(tmp_path):
     assert [h["evaluate_failures"] for h in s["deployment"]["rounds"]] == [0, 1, 1]
 
 
-def test_ten_or_more_partition_clients_keep_the_loops_order(tmp_path):
+def test_ten_or_more_partition_clients_keep_the_loops_order(tmp_path, run_sites):
     """A shared cache cut into 11 equal IID clients per domain (names b#0..b#10): the server ordered the training
     sites by name as text (b#10 before b#2), the loop by client index, so with equal training sizes a sampled round
     trained other clients than `federate` does."""

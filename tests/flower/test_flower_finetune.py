@@ -3,8 +3,9 @@
 `federate`'s schedule, seeds and fresh optimiser (loop.finetune_adapters, one implementation) and returns its test
 accuracy. The run folder's `best.test_finetuned` and means equal `federate`'s.
 
-The fast tests drive the ServerApp's logic (flower_server.Coordinator) with in-process sites through the wire format,
-as tests/test_flower.py does; the end-to-end `deploy` run is marked `slow` like tests/test_deploy.py's."""
+The fast tests drive the ServerApp's logic (flower.server_app.Coordinator) with in-process sites through the wire
+format, as tests/flower/test_flower.py does; the end-to-end `deploy` run is marked `slow` like
+tests/launch/test_deploy.py's."""
 import json
 
 import numpy as np
@@ -18,7 +19,6 @@ from fedclip_cache.federated.results import federate  # noqa: E402
 from fedclip_cache.flower.client_app import SiteClient  # noqa: E402
 from fedclip_cache.flower.task import federate_config  # noqa: E402
 from fedclip_cache.synthetic import write_synthetic_cache  # noqa: E402
-from test_flower import extract_sites, run_sites, wire  # noqa: E402
 
 DOMAINS = {"a": 70, "b": 60, "c": 50}
 # hard enough that accuracies differ between rounds, clients and fine-tuning (easy synthetic data is 100 %)
@@ -27,11 +27,16 @@ HARD = dict(dim=16, seed=4, class_sep=0.6, domain_shift=0.5)
 OPTS = {"lr": 3e-2, "hidden": 8, "batch_size": 8}
 
 
-def finetune_phase(co, sites, drop=lambda site: False):
-    """The ServerApp's extra message after the final evaluation (``drop(site)``: that site does not answer)."""
-    rec, params = co.finetune_message()
-    co.receive_finetune([wire(*s.handle(*wire(rec, params))) for s in sites if not drop(s)])
-    return co
+@pytest.fixture
+def finetune_phase(wire):
+    """``finetune_phase(co, sites, drop=...) -> co``: the ServerApp's extra message after the final evaluation
+    (``drop(site)``: that site does not answer)."""
+    def phase(co, sites, drop=lambda site: False):
+        rec, params = co.finetune_message()
+        co.receive_finetune([wire(*s.handle(*wire(rec, params))) for s in sites if not drop(s)])
+        return co
+
+    return phase
 
 
 def _same_finetuned(dep: dict, fed: dict) -> None:
@@ -47,7 +52,7 @@ def _same_finetuned(dep: dict, fed: dict) -> None:
 @pytest.mark.parametrize("extra", [{"heldout": "a", "rounds": 6},
                                    {"heldout": "", "rounds": 5, "head": "prototype", "fraction_fit": 0.5,
                                     "algo": "fedprox", "mu": 0.5}])
-def test_deployment_finetune_equals_federate(tmp_path, extra):
+def test_deployment_finetune_equals_federate(tmp_path, extra, run_sites, finetune_phase):
     cache = str(write_synthetic_cache(tmp_path / "c", DOMAINS, 3, **HARD))
     opts = {**OPTS, **{k: v for k, v in extra.items() if k != "heldout"}, "finetune_steps": 5}
     _, cfg = federate_config({"cache": cache, "heldout": extra["heldout"], **opts})
@@ -69,7 +74,7 @@ def test_deployment_finetune_equals_federate(tmp_path, extra):
     assert best["test_finetuned"] != best["test"]
 
 
-def test_a_site_lost_in_the_finetune_phase_is_recorded_missing(tmp_path):
+def test_a_site_lost_in_the_finetune_phase_is_recorded_missing(tmp_path, run_sites, finetune_phase):
     """A training site that does not answer the fine-tune message (dead, timed out, an error reply) is left out of
     `test_finetuned` and of the means, named in `deployment.finetune.failures`; the run still writes its folder."""
     cache = str(write_synthetic_cache(tmp_path / "c", DOMAINS, 3, **HARD))
@@ -88,7 +93,8 @@ def test_a_site_lost_in_the_finetune_phase_is_recorded_missing(tmp_path):
     assert json.loads((tmp_path / "dep" / "summary.json").read_text()) == dep
 
 
-def test_per_site_caches_finetune_on_view_0_with_the_note(tmp_path, model_args, monkeypatch, capsys):
+def test_per_site_caches_finetune_on_view_0_with_the_note(tmp_path, model_args, monkeypatch, capsys, run_sites,
+                                                          extract_sites, finetune_phase):
     """Sites with their own caches (the held-out one only evaluates) and --train-views 2: fine-tuning uses view 0
     only, and the summary carries `federate`'s note and train_views."""
     sites = extract_sites(tmp_path, model_args, monkeypatch, capsys, "--views", "2")

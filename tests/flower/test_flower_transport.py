@@ -1,6 +1,7 @@
-"""The parts of a deployment's transport that are ours: the poll schedule (flower_polls.PollPlan), the in-process
-Runtime API of a site (flower_runtime.DirectRuntime) and the ServerApp process's log flush (flower_serverworker).
-End to end they are exercised by every real deployment in tests/test_deploy.py (whose results equal federate's)."""
+"""The parts of a deployment's transport that are ours: the poll schedule (flower.polls.PollPlan), the in-process
+Runtime API of a site (flower.runtime.DirectRuntime) and the ServerApp process's log flush (launch.serverapp).
+End to end they are exercised by every real deployment in tests/launch/test_deploy.py (whose results equal
+federate's)."""
 import queue
 import threading
 import time

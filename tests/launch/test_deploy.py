@@ -22,11 +22,6 @@ from fedclip_cache.launch.procs import CAN_DIE_WITH_PARENT  # noqa: E402
 DOMAINS = ("art", "photo", "sketch")
 
 
-def _sites(tmp_path, domains=DOMAINS):
-    # one domain per site, the same classes and (as with one model) the same prompt embeddings
-    return [str(write_synthetic_cache(tmp_path / f"site-{d}", {d: 60}, 3, dim=16, seed=1)) for d in domains]
-
-
 def _group_gone(pgid: int) -> bool:
     try:
         os.killpg(pgid, 0)
@@ -36,12 +31,12 @@ def _group_gone(pgid: int) -> bool:
 
 
 @pytest.mark.slow
-def test_local_deployment_runs_and_stops_everything(tmp_path):
+def test_local_deployment_runs_and_stops_everything(tmp_path, synthetic_sites, run_sites):
     """A real deployment (--head prototype: class sums and counts from the training sites first) writes the run
     folder of the same rounds run in-process, and stops every process it started."""
     if dep.flower_bin_dir() is None:
         pytest.skip("Flower's CLIs (flower-superlink, flower-supernode, flwr) are not installed")
-    sites = _sites(tmp_path)
+    sites = synthetic_sites(tmp_path)
     cfg = FederateConfig(rounds=2, hidden=8, heldout=["sketch"], head="prototype").validate()
     messages = []
     res = dep.deploy(sites, tmp_path / "run", cfg, timeout=240, log=messages.append)
@@ -53,7 +48,7 @@ def test_local_deployment_runs_and_stops_everything(tmp_path):
     for name in ("superlink", "serverapp", "site-art", "site-photo", "site-sketch"):
         assert (logs / f"{name}.log").stat().st_size > 0
     assert "[ROUND 2]" in (logs / "serverapp.log").read_text()
-    assert not (logs / "flwr-run.log").exists()  # the run is started in-process (deploy_flwr.start_run)
+    assert not (logs / "flwr-run.log").exists()  # the run is started in-process (flwr_cli.start_run)
     assert json.loads((logs / "deploy.json").read_text())["status"] == "finished:completed"
     # every process it started (the zygote and what it forked: SuperLink, ServerApp, 3 sites) is gone
     assert len(res["pids"]) == 6 and all(_group_gone(p) for p in res["pids"])
@@ -65,14 +60,13 @@ def test_local_deployment_runs_and_stops_everything(tmp_path):
     assert set(summary["cache"]["sites"]) == {"art", "photo", "sketch"}
     e = summary["experiments"][0]
     assert e["heldout"] == "sketch" and set(e["clients"]) == {"art", "photo"} and e["heldout_size"] == 60
-    # ... with the adapter and numbers of the same rounds in-process (tests/test_flower.py shows that equals
+    # ... with the adapter and numbers of the same rounds in-process (tests/flower/test_flower.py shows that equals
     # `federate` on one cache of all sites)
     import numpy as np
     import torch
 
     from fedclip_cache.federated.recorder import RunRecorder
     from fedclip_cache.flower.client_app import SiteClient
-    from test_flower import run_sites
 
     co = run_sites([SiteClient(p, cfg) for p in sites], cfg, RunRecorder(cfg, None))
     here = co.finish()
@@ -82,8 +76,8 @@ def test_local_deployment_runs_and_stops_everything(tmp_path):
     assert here["experiments"] == summary["experiments"] and here["mean"] == summary["mean"]
 
 
-def test_deploy_refuses_bad_input_before_starting_anything(tmp_path, monkeypatch):
-    sites = _sites(tmp_path, ("art", "photo"))
+def test_deploy_refuses_bad_input_before_starting_anything(tmp_path, monkeypatch, synthetic_sites):
+    sites = synthetic_sites(tmp_path, ("art", "photo"))
     cfg = FederateConfig(rounds=1).validate()
     with pytest.raises(ConfigError, match="at least 2"):
         dep.deploy(sites[:1], tmp_path / "run", cfg)
@@ -108,20 +102,18 @@ def test_deploy_refuses_bad_input_before_starting_anything(tmp_path, monkeypatch
     assert not (tmp_path / "run").exists()  # nothing written, nothing started
 
 
-def test_cli_deploy_one_line_error(tmp_path, monkeypatch, capsys):
-    from test_cache_integrity import cli, one_line_error
-
-    sites = _sites(tmp_path, ("art",))
-    one_line_error(*cli(monkeypatch, capsys, "deploy", sites[0], "-o", tmp_path / "run"), "at least 2")
-    one_line_error(*cli(monkeypatch, capsys, "deploy", sites[0], tmp_path / "nope", "-o", tmp_path / "run",
+def test_cli_deploy_one_line_error(tmp_path, monkeypatch, capsys, synthetic_sites, one_line_error, run):
+    sites = synthetic_sites(tmp_path, ("art",))
+    one_line_error(*run("deploy", sites[0], "-o", tmp_path / "run"), "at least 2")
+    one_line_error(*run("deploy", sites[0], tmp_path / "nope", "-o", tmp_path / "run",
                         "--rounds", "2"), "does not exist")
-    sites = _sites(tmp_path, ("art", "photo"))
-    one_line_error(*cli(monkeypatch, capsys, "deploy", *sites, "-o", tmp_path / "run", "--protocol", "personal",
+    sites = synthetic_sites(tmp_path, ("art", "photo"))
+    one_line_error(*run("deploy", *sites, "-o", tmp_path / "run", "--protocol", "personal",
                         "--device", "cuda"), "--device cuda: not supported")
 
 
 @pytest.mark.slow
-def test_a_site_killed_mid_run_is_recorded_and_rejoins(tmp_path, monkeypatch):
+def test_a_site_killed_mid_run_is_recorded_and_rejoins(tmp_path, monkeypatch, synthetic_sites):
     """Kill one training site (SuperNode and worker: one process) after round 2, and start it again on the same
     cache: the run finishes, the rounds it missed record one adapter fewer and a failure, and once back (a new
     node) it is sampled, trains and evaluates again."""
@@ -133,7 +125,7 @@ def test_a_site_killed_mid_run_is_recorded_and_rejoins(tmp_path, monkeypatch):
     if dep.flower_bin_dir() is None:
         pytest.skip("Flower's CLIs (flower-superlink, flower-supernode, flwr) are not installed")
     monkeypatch.setenv("FEDCLIP_FLOWER_ROUND_DELAY", "1")  # rounds left for the restarted site to come back
-    sites = _sites(tmp_path)
+    sites = synthetic_sites(tmp_path)
     cfg = FederateConfig(rounds=10, hidden=8, heldout=["sketch"]).validate()
     state: dict = {}
 
@@ -180,8 +172,8 @@ def test_a_site_killed_mid_run_is_recorded_and_rejoins(tmp_path, monkeypatch):
 
 
 def test_sites_with_different_class_lists_or_dims_fail_before_start(tmp_path):
-    """Probe: a site cache with another class list ran to completion (the held-out site scored on other classes);
-    one with another feature dim failed only after start-up, inside the ServerApp. Both: one-line errors first."""
+    """Site caches with another class list (the held-out site would be scored on other classes) or another feature dim
+    are one-line errors before anything starts."""
     cfg = FederateConfig(rounds=1, heldout=["sketch"]).validate()
     a, b = (str(write_synthetic_cache(tmp_path / f"s-{d}", {d: 20}, 3, dim=16, seed=1)) for d in ("art", "photo"))
     classes = str(write_synthetic_cache(tmp_path / "s-sketch4", {"sketch": 20}, 4, dim=16, seed=1))
@@ -194,9 +186,9 @@ def test_sites_with_different_class_lists_or_dims_fail_before_start(tmp_path):
                                                             seed=1))], cfg) == ["art", "photo", "sketch"]
 
 
-def test_run_folder_that_is_a_file_is_a_one_line_error(tmp_path):
-    """Probe: `deploy -o FILE` ended in a NotADirectoryError traceback (and `simulate -o FILE` failed only after
-    the whole simulation had run)."""
+def test_run_folder_that_is_a_file_is_a_one_line_error(tmp_path, synthetic_sites):
+    """`deploy -o FILE` (and `simulate -o FILE`) is a one-line error before anything runs, not a NotADirectoryError
+    traceback."""
     f = tmp_path / "afile"
     f.write_text("x")
     for out in (f, f / "run"):
@@ -205,29 +197,13 @@ def test_run_folder_that_is_a_file_is_a_one_line_error(tmp_path):
     dep.check_run_folder(tmp_path / "new" / "run")  # not there yet: fine
     if dep.flower_bin_dir() is not None:
         with pytest.raises(ConfigError, match="is a file"):
-            dep.deploy(_sites(tmp_path), f, FederateConfig(rounds=1, heldout=["sketch"]).validate())
-
-
-def _wait_gone(pid: int, limit: float = 10.0) -> bool:
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        try:  # a zombie of ours counts as gone
-            if Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z":
-                return True
-        except OSError:
-            return True
-        time.sleep(0.05)
-    return False
+            dep.deploy(synthetic_sites(tmp_path), f, FederateConfig(rounds=1, heldout=["sketch"]).validate())
 
 
 @pytest.mark.skipif(not CAN_DIE_WITH_PARENT, reason="PR_SET_PDEATHSIG is Linux-only")
-def test_processes_started_by_deploy_die_with_it(tmp_path):
-    """Probe: `kill -9` of `deploy` left its zygote, the SuperLink, the ServerApp process, every site and `flwr
-    run` running (each in its own session). A child started as deploy starts them ends with it."""
+def test_processes_started_by_deploy_die_with_it(tmp_path, wait_gone):
+    """A child started as deploy starts its zygote, SuperLink, ServerApp process, sites and `flwr run` (each in its own
+    session) ends when deploy is killed with `kill -9`."""
     import signal
     import subprocess
     import sys
@@ -241,7 +217,7 @@ def test_processes_started_by_deploy_die_with_it(tmp_path):
     try:
         parent.send_signal(signal.SIGKILL)
         parent.wait()
-        assert _wait_gone(child, 10), "the child outlived its killed parent"
+        assert wait_gone(child, 10), "the child outlived its killed parent"
     finally:
         try:
             os.kill(child, signal.SIGKILL)
@@ -251,7 +227,7 @@ def test_processes_started_by_deploy_die_with_it(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not CAN_DIE_WITH_PARENT, reason="PR_SET_PDEATHSIG is Linux-only")
-def test_kill_9_of_deploy_ends_every_process_it_started(tmp_path):
+def test_kill_9_of_deploy_ends_every_process_it_started(tmp_path, synthetic_sites, wait_gone):
     import re
     import signal
     import subprocess
@@ -260,7 +236,7 @@ def test_kill_9_of_deploy_ends_every_process_it_started(tmp_path):
 
     if dep.flower_bin_dir() is None:
         pytest.skip("Flower's CLIs (flower-superlink, flower-supernode, flwr) are not installed")
-    sites = _sites(tmp_path)
+    sites = synthetic_sites(tmp_path)
     cmd = [sys.executable, "-m", "fedclip_cache", "deploy", *sites, "-o", str(tmp_path / "run"), "--heldout",
            "sketch", "--rounds", "100000"]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -276,7 +252,7 @@ def test_kill_9_of_deploy_ends_every_process_it_started(tmp_path):
         os.kill(p.pid, signal.SIGKILL)
         p.wait()
         t = time.monotonic()
-        assert all(_wait_gone(pid, 10) for pid in pids), f"sites still running {time.monotonic() - t:.1f} s after"
+        assert all(wait_gone(pid, 10) for pid in pids), f"sites still running {time.monotonic() - t:.1f} s after"
         assert not (tmp_path / "run" / "summary.json").exists()
     finally:
         for pid in pids:
@@ -291,18 +267,19 @@ def test_kill_9_of_deploy_ends_every_process_it_started(tmp_path):
                                       ({"round_timeout": 0}, "round_timeout 0"),
                                       ({"min_results": 0}, "min_results 0"),
                                       ({"min_results": 4}, "min_results 4")])
-def test_fault_tolerance_options_fail_before_start(tmp_path, kw, match):
-    """Probe: --round-timeout nan ran with a timeout that never expires; -5 failed after start-up as "no site
-    answered the set-up message"; --min-results 0 / more than the sites failed only inside the ServerApp."""
+def test_fault_tolerance_options_fail_before_start(tmp_path, kw, match, synthetic_sites):
+    """--round-timeout nan or -5 and --min-results 0 or more than the sites are one-line errors before start-up (not a
+    timeout that never expires, nor a failure inside the ServerApp)."""
     if dep.flower_bin_dir() is None:
         pytest.skip("Flower's CLIs are not installed")
     with pytest.raises(ConfigError, match=match):
-        dep.deploy(_sites(tmp_path), tmp_path / "run", FederateConfig(rounds=1, heldout=["sketch"]).validate(), **kw)
+        dep.deploy(synthetic_sites(tmp_path), tmp_path / "run", FederateConfig(rounds=1, heldout=["sketch"]).validate(),
+                   **kw)
     assert not (tmp_path / "run").exists()
 
 
-def test_interrupted_deploy_says_so_in_one_line(tmp_path, monkeypatch):
-    """Probe: Ctrl-C of `deploy` exited 130 with no word at all (the run folder left without summary.json)."""
+def test_interrupted_deploy_says_so_in_one_line(tmp_path, monkeypatch, synthetic_sites):
+    """Ctrl-C of `deploy` exits 130 saying so in one line."""
     from typer.testing import CliRunner
 
     from fedclip_cache import cli
@@ -311,16 +288,16 @@ def test_interrupted_deploy_says_so_in_one_line(tmp_path, monkeypatch):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(dep, "deploy", interrupted)
-    res = CliRunner().invoke(cli.app, ["deploy", *_sites(tmp_path), "-o", str(tmp_path / "run"), "--heldout",
+    res = CliRunner().invoke(cli.app, ["deploy", *synthetic_sites(tmp_path), "-o", str(tmp_path / "run"), "--heldout",
                                        "sketch"])
     assert res.exit_code == 130
     assert "deploy: interrupted" in res.output and "Traceback" not in res.output
 
 
-def test_second_deploy_into_a_busy_run_folder_is_a_one_line_error(tmp_path):
-    """Probe: two `deploy -o SAME` at once shared RUN/logs; the second read the first's run ID from flwr-run.log and
-    failed with "Run ID not found" while both wrote the same outputs. And a re-run into a completed run folder
-    that was killed left the old summary.json: the folder looked complete."""
+def test_second_deploy_into_a_busy_run_folder_is_a_one_line_error(tmp_path, synthetic_sites):
+    """A second `deploy -o SAME` while one runs is a one-line error (never two runs sharing RUN/logs and outputs); a
+    re-run into a completed run folder that is killed leaves it incomplete, never looking complete with the old
+    summary.json."""
     if dep.flower_bin_dir() is None:
         pytest.skip("Flower's CLIs are not installed")
     out = tmp_path / "run"
@@ -336,21 +313,20 @@ def test_second_deploy_into_a_busy_run_folder_is_a_one_line_error(tmp_path):
     assert json.loads((out / "state.json").read_text())["state"] == "in-progress"
     try:
         with pytest.raises(ConfigError, match="in use by another deploy"):
-            dep.deploy(_sites(tmp_path), out, FederateConfig(rounds=1, heldout=["sketch"]).validate())
+            dep.deploy(synthetic_sites(tmp_path), out, FederateConfig(rounds=1, heldout=["sketch"]).validate())
     finally:
         held.close()
     dep._lock_run_folder(out).close()  # free again
 
 
-def test_site_checks_its_cache_and_port_before_start(tmp_path):
-    """Probe: `site MERGED_CACHE` (three domains) started a SuperNode and retried the SuperLink forever; `site
-    --port 0` ended in flower-supernode's multi-line usage text."""
+def test_site_checks_its_cache_and_port_before_start(tmp_path, synthetic_sites):
+    """`site MERGED_CACHE` (three domains) and `site --port 0` are one-line errors before a SuperNode starts."""
     from typer.testing import CliRunner
 
     from fedclip_cache import cli
 
     merged = str(write_synthetic_cache(tmp_path / "merged", {"a": 10, "b": 10}, 3, dim=8))
-    for args, match in (([merged], "holds one domain"), ([_sites(tmp_path)[0], "--port", "0"], "--port 0")):
+    for args, match in (([merged], "holds one domain"), ([synthetic_sites(tmp_path)[0], "--port", "0"], "--port 0")):
         res = CliRunner().invoke(cli.app, ["site", *args, "--superlink", "127.0.0.1:1", "--insecure"])
         assert isinstance(res.exception, ConfigError) and match in str(res.exception), res.output
 
@@ -379,15 +355,15 @@ def test_stale_temporary_folders_of_dead_deploys_are_swept(tmp_path):
 
 
 @pytest.mark.parametrize("value", ["-1", "nan", "inf"])
-def test_deploy_timeout_must_be_a_positive_number(tmp_path, monkeypatch, capsys, value):
-    """Probe: --timeout -1 started everything and failed after start-up with "did not finish within -1 s"."""
+def test_deploy_timeout_must_be_a_positive_number(tmp_path, monkeypatch, capsys, value, synthetic_sites):
+    """--timeout must be a positive number: -1 (and the other bad values) is a one-line error before anything starts."""
     if dep.flower_bin_dir() is None:
         pytest.skip("Flower's CLIs are not installed")
     from fedclip_cache.cli import main
 
     before = set(Path(tempfile.gettempdir()).glob(dep.TMP_PREFIX + "*"))
-    monkeypatch.setattr(sys, "argv", ["fedclip-cache", "deploy", *_sites(tmp_path), "-o", str(tmp_path / "run"),
-                                      "--heldout", "sketch", "--timeout", value])
+    monkeypatch.setattr(sys, "argv", ["fedclip-cache", "deploy", *synthetic_sites(tmp_path), "-o",
+                                      str(tmp_path / "run"), "--heldout", "sketch", "--timeout", value])
     with pytest.raises(SystemExit) as ex:
         main()
     out, err = capsys.readouterr()

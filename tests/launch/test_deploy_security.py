@@ -1,5 +1,4 @@
-"""Deployments that keep to their own files and a multi-machine recipe with TLS and SuperNode authentication
-(issue 19, items 8, 9 (deploy's side) and 10)."""
+"""Deployments that keep to their own files, and a multi-machine recipe with TLS and SuperNode authentication."""
 import json
 import os
 import signal
@@ -20,7 +19,7 @@ from fedclip_cache.federated.config import FederateConfig  # noqa: E402
 from fedclip_cache.synthetic import write_synthetic_cache  # noqa: E402
 
 DOMAINS = ("art", "photo", "sketch")
-SITE_PREFIX = "fedclip-site-"  # flower_site.SITE_PREFIX (spelled out: the name users see in /tmp)
+SITE_PREFIX = "fedclip-site-"  # launch.site.SITE_PREFIX (spelled out: the name users see in /tmp)
 
 
 def _sites(root, domains=DOMAINS, n=30):
@@ -39,8 +38,8 @@ def _private_tmp(tmp_path, monkeypatch) -> Path:
 
 @pytest.mark.slow
 def test_deploy_leaves_no_site_folder_and_deletes_only_its_own_logs(tmp_path, monkeypatch):
-    """Every deploy left one /tmp/fedclip-site-* (holding a SuperExec secret) per site: the sites were SIGKILLed,
-    so their own clean-up never ran. And `deploy -o RUN` deleted every *.log in RUN/logs/, the user's too."""
+    """A deploy leaves no /tmp/fedclip-site-* (each holds a SuperExec secret) although its sites end by SIGKILL, and
+    `deploy -o RUN` deletes only its own logs in RUN/logs/, never the user's."""
     t = _private_tmp(tmp_path, monkeypatch)
     sites = _sites(tmp_path)
     run = tmp_path / "run"
@@ -98,8 +97,8 @@ def _wait_for(what, limit: float = 90.0):
 
 @pytest.mark.slow
 def test_a_site_secret_never_outlives_the_site(tmp_path, monkeypatch):
-    """`fedclip-cache site`: its secret is 0600 in a 0700 folder; SIGTERM removes the folder; one left by a site
-    killed with kill -9 is removed by the next site (it was kept forever)."""
+    """`fedclip-cache site`: its secret is 0600 in a 0700 folder; SIGTERM removes the folder; one left by a site killed
+    with kill -9 is removed by the next site."""
     t = _private_tmp(tmp_path, monkeypatch)
     cache = _sites(tmp_path, ("art",))[0]
     log = tmp_path / "site.log"

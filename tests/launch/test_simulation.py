@@ -80,7 +80,7 @@ def test_simulation_of_a_shared_cache_equals_federate(tmp_path):
     held = json.loads((tmp_path / "sim" / "summary.json").read_text())["cache"]["sites"]["sketch"]
     assert held["path"] == str(cache.resolve()) and "temporary copy" in held["note"]
     assert json.loads(held["identity"])["path"] == str(cache.resolve())
-    # that edit of summary.json is in the run folder's commit record: complete, not a mixed folder (issue 19)
+    # that edit of summary.json is in the run folder's commit record: complete, not a mixed folder
     from fedclip_cache.federated.runfolder import check_readable
 
     assert json.loads((tmp_path / "sim" / "state.json").read_text())["state"] == "complete"
@@ -95,14 +95,13 @@ def test_simulation_of_a_shared_cache_equals_federate(tmp_path):
 
 
 @pytest.mark.slow
-def test_simulation_of_per_site_caches_equals_federate_on_all_their_images(tmp_path, monkeypatch, capsys):
+def test_simulation_of_per_site_caches_equals_federate_on_all_their_images(tmp_path, monkeypatch, capsys, run):
     """Per-site caches (node K gets cache=SITE_K), through the CLI: the run folder equals `federate` on one cache
     of all sites' images; `report` renders it."""
     _needs_ray()
     from fedclip_cache.cache.reader import open_cache
     from fedclip_cache.federated.results import federate
     from fedclip_cache.launch.simulate import write_domain_cache
-    from test_cache_integrity import cli
 
     merged = write_synthetic_cache(tmp_path / "merged", DOMAINS, 4, **HARD)
     fc = open_cache(merged)
@@ -110,7 +109,7 @@ def test_simulation_of_per_site_caches_equals_federate_on_all_their_images(tmp_p
     assert [open_cache(s).domain_names for s in sites] == [[d] for d in DOMAINS]
     cfg = FederateConfig(rounds=2, lr=1e-2, hidden=8, batch_size=8, heldout=["photo"]).validate()
     fed = federate(str(merged), cfg, out=tmp_path / "fed")
-    code, out, err = cli(monkeypatch, capsys, "simulate", *sites, "-o", tmp_path / "sim", "--rounds", "2", "--lr",
+    code, out, err = run("simulate", *sites, "-o", tmp_path / "sim", "--rounds", "2", "--lr",
                          "1e-2", "--hidden", "8", "--batch-size", "8", "--heldout", "photo", "--num-cpus", "2")
     assert code == 0, out + err
     assert "node photo: held out" in out and "run folder:" in out
@@ -184,11 +183,9 @@ def test_missing_extra_is_one_line_naming_it(monkeypatch):
         flower_sim.require_simulation()
 
 
-def test_cli_simulate_one_line_errors(tmp_path, monkeypatch, capsys):
+def test_cli_simulate_one_line_errors(tmp_path, monkeypatch, capsys, one_line_error, run):
     _needs_ray()
-    from test_cache_integrity import cli, one_line_error
-
     cache = str(write_synthetic_cache(tmp_path / "c", DOMAINS, 3, dim=8))
-    one_line_error(*cli(monkeypatch, capsys, "simulate", cache, "-o", tmp_path / "run"), "--protocol personal")
-    one_line_error(*cli(monkeypatch, capsys, "simulate", cache, "-o", tmp_path / "run", "--heldout", "art",
+    one_line_error(*run("simulate", cache, "-o", tmp_path / "run"), "--protocol personal")
+    one_line_error(*run("simulate", cache, "-o", tmp_path / "run", "--heldout", "art",
                         "--backend-config", "{nope"), "--backend-config")

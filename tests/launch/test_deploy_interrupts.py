@@ -1,7 +1,7 @@
-"""Probes of the faster `deploy` (zygote started before the option checks, pre-forked SuperLink, in-process Control
-and Runtime APIs, poll plans): interrupts at start-up, ... Real deployments are marked `slow`."""
+"""Interrupts during `deploy`'s start-up (the zygote started before the option checks, the pre-forked SuperLink): Ctrl-C
+or SIGTERM at any point of it, from the CLI or from Python, stops at once, ends every process started so far and leaves
+no temporary folder. Real deployments are marked `slow`."""
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -14,8 +14,6 @@ pytest.importorskip("flwr")
 from fedclip_cache.launch import deploy as dep  # noqa: E402
 from fedclip_cache.federated.config import FederateConfig  # noqa: E402
 
-from test_deploy import _sites, _wait_gone  # noqa: E402
-
 SRC = str(Path(dep.__file__).resolve().parents[2])
 
 
@@ -25,11 +23,11 @@ def _needs_flower():
 
 
 @pytest.mark.slow
-def test_interrupt_while_the_zygote_forks_stops_at_once(tmp_path, monkeypatch):
-    """Probe: Ctrl-C (or any failure) after the run was submitted but before the zygote had forked every site
-    (the longest phase of the start-up: the zygote imports torch) took ~13 s to return: the forked children were
-    not the Deployment's yet, so SIGTERM reached none of them, and stop() waited its 10 s grace for the zygote,
-    which ignores SIGTERM and ends with its last child."""
+def test_interrupt_while_the_zygote_forks_stops_at_once(tmp_path, monkeypatch, synthetic_sites, wait_gone):
+    """Ctrl-C (or any failure) after the run is submitted but before the zygote has forked every site (the longest phase
+    of the start-up: the zygote imports torch) stops within 5 s, and every process forked so far is gone: the forked
+    children belong to the Deployment at once, so SIGTERM reaches them and stop() does not wait its 10 s grace for the
+    zygote (which ignores SIGTERM and ends with its last child)."""
     _needs_flower()
     seen: dict = {}
 
@@ -44,19 +42,18 @@ def test_interrupt_while_the_zygote_forks_stops_at_once(tmp_path, monkeypatch):
     monkeypatch.setattr(dep.Zygote, "started", started)
     cfg = FederateConfig(rounds=1, hidden=8, heldout=["sketch"]).validate()
     with pytest.raises(KeyboardInterrupt):
-        dep.deploy(_sites(tmp_path), tmp_path / "run", cfg, log=lambda m: None)
+        dep.deploy(synthetic_sites(tmp_path), tmp_path / "run", cfg, log=lambda m: None)
     took = time.monotonic() - seen["t"]
     assert len(seen) >= 4, seen
     assert took < 5, f"deploy took {took:.1f} s to stop after the interrupt"
-    assert all(_wait_gone(pid, 5) for name, pid in seen.items() if name != "t"), seen
+    assert all(wait_gone(pid, 5) for name, pid in seen.items() if name != "t"), seen
 
 
-def test_sigterm_while_the_options_are_checked_cleans_up(tmp_path):
-    """Probe: SIGTERM to `fedclip-cache deploy` during its option checks (the first seconds: they import torch)
-    killed it with the signal's default action -- before deploy() installs its handler, but after the CLI had made
-    the temporary folder and started the zygote: /tmp/fedclip-deploy-* was left behind, exit 143, no word. Now it is
-    the Ctrl-C path: one line, exit 130, nothing left."""
-    sites = _sites(tmp_path)
+def test_sigterm_while_the_options_are_checked_cleans_up(tmp_path, synthetic_sites):
+    """SIGTERM to `fedclip-cache deploy` during its option checks (the first seconds: they import torch; the CLI has
+    already made the temporary folder and started the zygote) takes the Ctrl-C path: one line, exit 130, no
+    /tmp/fedclip-deploy-* left."""
+    sites = synthetic_sites(tmp_path)
     tmp = tmp_path / "tmp"
     tmp.mkdir()
     script = ("import os, signal, sys\nfrom fedclip_cache import cli\nfrom fedclip_cache.launch import deploy\nreal = deploy.check_sites\n"
@@ -70,9 +67,9 @@ def test_sigterm_while_the_options_are_checked_cleans_up(tmp_path):
     assert list(tmp.glob("fedclip-deploy-*")) == []
 
 
-def test_ctrl_c_while_the_cli_reads_its_options_is_one_line(tmp_path, monkeypatch):
-    """Probe: a KeyboardInterrupt between the Launch and deploy() (the CLI's own option parsing) ended as click's
-    "Aborted!" with exit 1, not the deploy's one line and 130."""
+def test_ctrl_c_while_the_cli_reads_its_options_is_one_line(tmp_path, monkeypatch, synthetic_sites):
+    """A KeyboardInterrupt between the Launch and deploy() (the CLI's own option parsing) is deploy's one line and exit
+    130 (not click's "Aborted!" and exit 1), and the Launch is aborted."""
     from typer.testing import CliRunner
 
     from fedclip_cache import cli
@@ -93,17 +90,16 @@ def test_ctrl_c_while_the_cli_reads_its_options_is_one_line(tmp_path, monkeypatc
 
     monkeypatch.setattr(dep, "Launch", FakeLaunch)
     monkeypatch.setattr(cli, "_federate_config", interrupted)
-    res = CliRunner().invoke(cli.app, ["deploy", *_sites(tmp_path), "-o", str(tmp_path / "run"), "--heldout",
+    res = CliRunner().invoke(cli.app, ["deploy", *synthetic_sites(tmp_path), "-o", str(tmp_path / "run"), "--heldout",
                                        "sketch"])
     assert res.exit_code == 130, res.output
     assert "deploy: interrupted" in res.output and aborted == [True]
 
 
-def test_sigterm_while_deploy_checks_its_input_cleans_up(tmp_path):
-    """Probe: the same for deploy() called from Python (its own Launch, made before the checks): SIGTERM during the
-    checks killed the caller with the default action and left /tmp/fedclip-deploy-* (deploy() installed its SIGTERM
-    handler only once the checks had passed). Now it is a KeyboardInterrupt, the launch aborted."""
-    sites = _sites(tmp_path)
+def test_sigterm_while_deploy_checks_its_input_cleans_up(tmp_path, synthetic_sites):
+    """deploy() called from Python (its own Launch, made before the checks): SIGTERM during the checks is a
+    KeyboardInterrupt, the launch is aborted, SIGTERM's handler is restored and no /tmp/fedclip-deploy-* is left."""
+    sites = synthetic_sites(tmp_path)
     tmp = tmp_path / "tmp"
     tmp.mkdir()
     script = ("import os, signal, sys\nfrom fedclip_cache.launch import deploy\n"
@@ -118,10 +114,9 @@ def test_sigterm_while_deploy_checks_its_input_cleans_up(tmp_path):
     assert list(tmp.glob("fedclip-deploy-*")) == []
 
 
-def test_a_launch_deploy_never_took_is_ended_by_the_cli(tmp_path, monkeypatch):
-    """Probe: when the CLI's deploy() call raised before it took the CLI's Launch (as in
-    test_deploy.py::test_interrupted_deploy_says_so_in_one_line), the Launch's zygote ran on (until the caller
-    exited) and its /tmp/fedclip-deploy-* folder stayed: every run of that test left one."""
+def test_a_launch_deploy_never_took_is_ended_by_the_cli(tmp_path, monkeypatch, synthetic_sites):
+    """When the CLI's deploy() call raises before it takes the CLI's Launch, the CLI ends that Launch: its zygote is
+    gone and its /tmp/fedclip-deploy-* folder removed."""
     import tempfile
 
     from typer.testing import CliRunner
@@ -145,7 +140,7 @@ def test_a_launch_deploy_never_took_is_ended_by_the_cli(tmp_path, monkeypatch):
 
     monkeypatch.setattr(dep, "Launch", launch)
     monkeypatch.setattr(dep, "deploy", interrupted)
-    res = CliRunner().invoke(cli.app, ["deploy", *_sites(tmp_path), "-o", str(tmp_path / "run"), "--heldout",
+    res = CliRunner().invoke(cli.app, ["deploy", *synthetic_sites(tmp_path), "-o", str(tmp_path / "run"), "--heldout",
                                        "sketch"])
     assert res.exit_code == 130 and "deploy: interrupted" in res.output
     assert len(launches) == 1 and launches[0].zygote.proc.poll() is not None
