@@ -315,7 +315,9 @@ def _federate_flags() -> dict[str, str]:
 FEDERATE_FLAGS: dict[str, str] = _federate_flags()
 
 
-def _federate_config(fed: dict, validate: bool = True) -> "FederateConfig":
+def _config_from_flags(fed: dict, validate: bool = True) -> "FederateConfig":
+    """The FederateConfig of the federate options as typed on the command line (text --split and --heldout
+    parsed), validated unless the caller validates later."""
     from .federated.config import FederateConfig, parse_text
 
     kw = dict(fed)
@@ -368,7 +370,7 @@ def federate(
     from .federated.results import federate as run_federate
     from .report import render_run_summary
 
-    cfg = _federate_config(fed_options)
+    cfg = _config_from_flags(fed_options)
     seed_list = _seeds(seeds) if seeds is not None else None
     from .cache.reader import open_cache
 
@@ -400,7 +402,7 @@ def sweep(
     from .report import render_sweep
     from .sweep import grid_names, parse_grid, plan, sweep as run_sweep
 
-    base = _federate_config(fed_options, validate=False)  # validated per grid point: the grid may override it
+    base = _config_from_flags(fed_options, validate=False)  # validated per grid point: the grid may override it
     g, names = parse_grid(grid), {**FEDERATE_FLAGS, **grid_names(grid)}
     seed_list = _seeds(seeds)
     from .cache.reader import open_cache
@@ -472,7 +474,7 @@ def deploy(
         old_term = signal.signal(signal.SIGTERM, raise_interrupt)
     try:
         launch = Launch(isolation, poll_interval)  # first: its zygote imports flwr, torch while options are checked
-        cfg = _federate_config(fed_options, validate=False)  # validated by deploy (the check imports torch)
+        cfg = _config_from_flags(fed_options, validate=False)  # validated by deploy (the check imports torch)
         res = run_deploy([str(c) for c in site_caches], out, cfg, timeout=None if timeout == 0 else timeout,
                          isolation=isolation, keep_going=keep_going, round_timeout=round_timeout,
                          min_results=min_results, poll_interval=poll_interval, launch=launch, flags=FEDERATE_FLAGS,
@@ -538,7 +540,7 @@ def simulate(
     Needs fedclip-cache\\[simulation]."""
     from .launch.simulate import parse_backend_config, simulate as run_simulate
 
-    cfg = _federate_config(fed_options)
+    cfg = _config_from_flags(fed_options)
     try:
         res = run_simulate([str(c) for c in caches], out, cfg, num_cpus=num_cpus, client_cpus=client_cpus,
                            backend=parse_backend_config(backend_config), poll_interval=poll_interval,

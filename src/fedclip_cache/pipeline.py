@@ -140,7 +140,8 @@ def _check_extract(ex: dict, label: Callable[[str], str]) -> None:
         check_option(k, v, label("extract." + k))
 
 
-def _federate_config(fed: dict, label: Callable[[str], str]) -> tuple[FederateConfig, dict[str, str]]:
+def _federate_table(fed: dict, label: Callable[[str], str]) -> tuple[FederateConfig, dict[str, str]]:
+    """The validated FederateConfig of a pipeline's ``[federate]`` table, and how each field is named in errors."""
     names = {f.name: label(f"federate.{f.name}") for f in dataclasses.fields(FederateConfig)}
     fed = dict(fed)
     for k in ("split", "heldout"):  # --set federate.split=0.6,0.2,0.2 / federate.heldout=photo,sketch
@@ -185,7 +186,7 @@ def prepare(path: str | Path, overrides: Optional[list[str]] = None) -> Plan:
     label = _labeller(path, overridden)
     _check_pipeline(cfg.get("pipeline", {}), label)
     _check_extract(cfg.get("extract", {}), label)
-    fed, fed_names = _federate_config(cfg.get("federate", {}), label)
+    fed, fed_names = _federate_table(cfg.get("federate", {}), label)
     sw = cfg.get("sweep", {})
     grid, grid_names = _grid(sw, label)
     seeds = sw.get("seeds", [0])

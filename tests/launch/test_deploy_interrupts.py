@@ -89,7 +89,7 @@ def test_ctrl_c_while_the_cli_reads_its_options_is_one_line(tmp_path, monkeypatc
         raise KeyboardInterrupt
 
     monkeypatch.setattr(dep, "Launch", FakeLaunch)
-    monkeypatch.setattr(cli, "_federate_config", interrupted)
+    monkeypatch.setattr(cli, "_config_from_flags", interrupted)
     res = CliRunner().invoke(cli.app, ["deploy", *synthetic_sites(tmp_path), "-o", str(tmp_path / "run"), "--heldout",
                                        "sketch"])
     assert res.exit_code == 130, res.output
