@@ -317,3 +317,19 @@ def test_the_cycle_check_finds_a_cycle(monkeypatch):
     assert not [c for c in import_cycles() if store in c and extract in c]
     monkeypatch.setitem(ALL_IMPORTS, store, ALL_IMPORTS[store] + [Import(store, extract, 1, True)])
     assert [c for c in import_cycles() if store in c and extract in c]
+
+
+def test_no_test_module_imports_another():
+    """Tests share helpers through fixtures (conftest.py), never by importing a test module: such an import works
+    only while pytest happens to have put that module's folder on sys.path (it broke when the tests moved into
+    package folders) and runs the other module's collection-time code."""
+    tests = Path(__file__).resolve().parent
+    names = {p.stem for p in tests.rglob("test_*.py")}
+    found = []
+    for p in sorted(tests.rglob("*.py")):
+        for node in ast.walk(ast.parse(p.read_text(), str(p))):
+            mods = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                    else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            found += [f"{p.relative_to(tests)}:{node.lineno} imports {m}" for m in mods
+                      if m.split(".")[0] in names or m.split(".")[0] in ("cliutil", "conftest")]
+    assert not found, "\n".join(found)

@@ -12,22 +12,16 @@ from fedclip_cache.federated.results import federate  # noqa: E402
 from fedclip_cache.flower.client_app import SiteClient  # noqa: E402
 from fedclip_cache.flower.server_app import Coordinator  # noqa: E402
 from fedclip_cache.flower.task import federate_config  # noqa: E402
-from fedclip_cache.flower.wire import content, read  # noqa: E402
 
 
-def wire(rec, params):
-    return read(content(rec, params))
-
-
-def test_a_site_on_a_memory_mapped_float16_cache_trains_as_federate(tmp_path, model_args, monkeypatch, capsys):
+def test_a_site_on_a_memory_mapped_float16_cache_trains_as_federate(tmp_path, model_args, monkeypatch, run, wire):
     """A float16 cache bigger than half the memory is served memory-mapped as float16 (converted per batch, as the
     loop's rows are); a site's lane gathers through the same rows and trains as ``federate`` on the same cache."""
     from fedclip_cache.cache import reader
     from fedclip_cache.synthetic import write_image_folder
-    from test_cache_integrity import cli
 
     root = write_image_folder(tmp_path / "all", per_class=6)
-    code, o, e = cli(monkeypatch, capsys, "extract", root, tmp_path / "c", *model_args, "--workers", "0", "-q",
+    code, o, e = run("extract", root, tmp_path / "c", *model_args, "--workers", "0", "-q",
                      "--dtype", "float16")
     assert code == 0, o + e
     free = reader.available_memory

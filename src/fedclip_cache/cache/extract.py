@@ -25,7 +25,7 @@ from .encoder import ImageEncoder, autocast_for, embed_plain, embed_with_views, 
 from .integrity import CacheBusy, WriterLock
 from .models import LoadedModel, load_model
 from .schema import FORMAT_VERSION
-from .sources import OWN_OUTPUT, ImageTable, quoted, scan
+from .sources import OWN_OUTPUT, FileNote, ImageTable, quoted, scan
 from .writer import CachedRows, RowSource, ShardTarget, ShardWriter
 from ..errors import FedclipCacheError
 
@@ -46,8 +46,8 @@ class ExtractReport:
     already_cached: int
     changed: int
     embedded: int
-    skipped: list[tuple[str, str]]
-    ignored: list[tuple[str, str]]
+    skipped: list[FileNote]  # (path, reason)
+    ignored: list[FileNote]
     seconds: float
     total_images: int
     total_skipped: int
@@ -56,7 +56,7 @@ class ExtractReport:
     retried: int = 0  # files skipped for a transient reason before, tried again now
     refreshed: int = 0  # cached rows whose label, domain, client or split the dataset changed (features kept)
     retired: list[str] = field(default_factory=list)  # cached files no longer in the dataset: no longer served
-    repaired: list[tuple[str, str]] = field(default_factory=list)  # (shard or file, what was wrong) fixed now
+    repaired: list[FileNote] = field(default_factory=list)  # (shard or file, what was wrong) fixed now
     views: int = 1  # views per image in the cache (extract --views)
     upgraded: str = ""  # what upgrading an older cache format changed, when this run did
     extended: int = 0  # cached images given new augmented views only (their view 0 and older views kept)
@@ -374,7 +374,7 @@ def _open_or_create(cfg: ExtractConfig, lm: LoadedModel, fp: dict, out: Path, re
             if foreign:
                 raise ExtractError(f"{meta_file}: damaged, and shard {foreign[0]} was made with another model or "
                                    f"preprocessing; extract into a new output folder") from None
-            report.repaired.append((store.META_FILE, f"damaged ({str(e).split(': ', 2)[1]}); rebuilt"))
+            report.repaired.append(FileNote(store.META_FILE, f"damaged ({str(e).split(': ', 2)[1]}); rebuilt"))
             meta = _new_meta(lm, cfg, fp, cid)
             if found_views:
                 meta["views"] = found_views
@@ -496,7 +496,7 @@ def _open_and_plan(cfg: ExtractConfig, table: ImageTable, lm: LoadedModel, fp: d
     report.warnings += _ownership_warnings(out, inv)
     report.repaired += inv.removed
     if removed_tmp:
-        report.repaired.append(("temporary files", f"{removed_tmp} left by a killed run, removed"))
+        report.repaired.append(FileNote("temporary files", f"{removed_tmp} left by a killed run, removed"))
     known = inv.known()
     work = plan_work(table, known, vcfg["count"])
     report.already_cached, report.changed, report.retried = work.already, work.changed, work.retried
@@ -527,7 +527,7 @@ def _commit_run(cfg: ExtractConfig, out: Path, opened: _Opened, table: ImageTabl
                     t0)
     report.retired, report.refreshed = result.retired, result.refreshed
     report.total_images, report.total_skipped = result.images, result.skipped
-    report.skipped += [(store.display_text(p), r) for p, r in table.problems]
+    report.skipped += [FileNote(store.display_text(p), r) for p, r in table.problems]
 
 
 def _ownership_warnings(out: Path, inv: integrity.Inventory) -> list[str]:
@@ -624,5 +624,5 @@ def _record_failures(cfg: ExtractConfig, paths: list[str], rows: ImageTable, wri
         if cfg.strict:
             raise ExtractError(f"{paths[i]}: {r} (--strict makes any skipped image an error; "
                                f"fix or remove the file, or drop --strict)")
-        report.skipped.append((store.display_text(str(rows.relpath[i])), r))
+        report.skipped.append(FileNote(store.display_text(str(rows.relpath[i])), r))
         writer.skip(i, r, bool(transient[pos]))

@@ -34,6 +34,7 @@ from typing import NamedTuple, Union
 from . import schema, store
 from .schema import FORMAT_VERSION, PRE_ID_FORMAT, READ_FORMATS
 from .store import CacheError, file_sha256
+from .sources import FileNote
 
 LOCK_FILE = store.LOCK_FILE
 
@@ -272,7 +273,7 @@ class Inventory:
     """
 
     listed: dict[str, dict] = field(default_factory=dict)  # committed shards still valid: name -> record
-    removed: list[tuple[str, str]] = field(default_factory=list)  # (file, why) deleted as damaged or leftover
+    removed: list[FileNote] = field(default_factory=list)  # (file, why) deleted as damaged or leftover
     foreign: list[str] = field(default_factory=list)  # shards of other caches (a shared shards/): left alone
     no_id: list[str] = field(default_factory=list)  # unlisted format-3 shards: whose cannot be told; left alone
     unknown: list[str] = field(default_factory=list)  # unlisted shards too damaged to tell whose: left alone
@@ -343,7 +344,7 @@ def take_inventory(cache: Path, meta: dict, fp: dict, dim: int, verify: bool = F
     cache = Path(cache)
     inv = Inventory()
     listed, bad = usable_listing(meta)
-    inv.removed += [(str(n)[:120], "listed without a valid record; dropped from the listing"
+    inv.removed += [FileNote(str(n)[:120], "listed without a valid record; dropped from the listing"
                      if store.is_shard_name(n, meta["format"]) else
                      f"not a shard file name inside {store.SHARD_DIR}/; dropped from the listing (that path was never "
                      f"read or touched)") for n in bad]
@@ -361,7 +362,7 @@ def take_inventory(cache: Path, meta: dict, fp: dict, dim: int, verify: bool = F
             if session_of(name) <= last:
                 # A shard the last commit retired but a crash left on disk: never serve it again.
                 p.unlink()
-                inv.removed.append((name, "left over from an earlier run's compaction"))
+                inv.removed.append(FileNote(name, "left over from an earlier run's compaction"))
                 continue
         try:
             if rec is not None and (p.stat().st_size != rec.get("bytes") or
@@ -370,13 +371,13 @@ def take_inventory(cache: Path, meta: dict, fp: dict, dim: int, verify: bool = F
             smeta, cols = _read_and_check(p, fp, dim, cid, views, listed=rec is not None)
         except CacheError as e:
             p.unlink()
-            inv.removed.append((name, f"damaged: {str(e).split(': ', 1)[-1]}"))
+            inv.removed.append(FileNote(name, f"damaged: {str(e).split(': ', 1)[-1]}"))
             continue
         inv.add_shard(name, cols, smeta.get("skipped", []), int(smeta.get("views", 1)))
         if rec is not None:  # unlisted shards that pass are a killed run's: adopted as the newest events
             inv.listed[name] = rec
     gone = {n for n, _ in inv.removed}
-    inv.removed += [(n, "listed in cache.json but missing on disk") for n in listed if n not in inv.listed
+    inv.removed += [FileNote(n, "listed in cache.json but missing on disk") for n in listed if n not in inv.listed
                     and n not in gone]
     return inv
 

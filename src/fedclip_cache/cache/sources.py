@@ -40,6 +40,13 @@ class SourceError(FedclipCacheError, ValueError):
     """The dataset folder or manifest is unusable; the message names the file and the fix."""
 
 
+class FileNote(NamedTuple):
+    """A file (or folder) and why it was ignored, skipped, repaired or removed: what reports list."""
+
+    path: str
+    reason: str
+
+
 @dataclass
 class ImageTable:
     """One row per image; every column is a numpy array of equal length."""
@@ -55,8 +62,8 @@ class ImageTable:
     mtime_ns: np.ndarray  # int64
     ino: np.ndarray  # int64 inode number and ctime: a rename, swap or copy changes them even when size and mtime
     ctime_ns: np.ndarray  # are equal (then the content hash decides whether the file really changed)
-    ignored: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): not images, never attempted
-    problems: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): image names we cannot read
+    ignored: list[FileNote] = field(default_factory=list)  # (path, reason): not images, never attempted
+    problems: list[FileNote] = field(default_factory=list)  # (path, reason): image names we cannot read
     #                                  (broken link, link loop, FIFO/device, unlistable folder): skipped, re-checked
     #                                  on every scan
 
@@ -233,7 +240,7 @@ def _skip_own(folder: str, files, root: Path, exclude: tuple[str, ...], ignored:
     why = "the cache folder of this extract" if exclude and os.path.realpath(folder) in exclude else \
         own_output(folder, files)
     if why:
-        ignored.append((os.path.relpath(folder, root) + os.sep, f"{why} {OWN_OUTPUT}"))
+        ignored.append(FileNote(os.path.relpath(folder, root) + os.sep, f"{why} {OWN_OUTPUT}"))
     return bool(why)
 
 
@@ -263,14 +270,14 @@ def scan_folder(root: str | Path, exclude: Sequence[str | Path] = ()) -> ImageTa
     found = _FolderScan(root, exclude)
     for d in sorted(p for p in root.iterdir() if not p.name.startswith(".")):
         if not d.is_dir():
-            found.ignored.append((d.name, "file at dataset root (expected ROOT/<domain>/<class>/<image>)"))
+            found.ignored.append(FileNote(d.name, "file at dataset root (expected ROOT/<domain>/<class>/<image>)"))
             continue
         entries = sorted(d.iterdir())
         if _skip_own(str(d), (p.name for p in entries), root, exclude, found.ignored):
             continue
         for c in (p for p in entries if not p.name.startswith(".")):
             if not c.is_dir():
-                found.ignored.append((str(c.relative_to(root)), "file directly in a domain folder (no class folder)"))
+                found.ignored.append(FileNote(str(c.relative_to(root)), "file directly in a domain folder (no class folder)"))
                 continue
             found.class_folder(d, c)
     dom_a = np.array(found.domain, dtype=object)
@@ -300,7 +307,7 @@ class _FolderScan:
         root = self.root
 
         def unlistable(e: OSError):
-            self.problems.append((os.path.relpath(e.filename, root), f"cannot list folder: {e.strerror or e}"))
+            self.problems.append(FileNote(os.path.relpath(e.filename, root), f"cannot list folder: {e.strerror or e}"))
 
         domain, class_name = label_text(d.name), label_text(c.name)
         for dirpath, dirnames, filenames in os.walk(c, onerror=unlistable):
@@ -311,7 +318,7 @@ class _FolderScan:
             # would re-label a whole domain). Link the class folder itself, or list files in a manifest.
             for sub in [n for n in dirnames if os.path.islink(os.path.join(dirpath, n))]:
                 dirnames.remove(sub)
-                self.ignored.append((os.path.relpath(os.path.join(dirpath, sub), root),
+                self.ignored.append(FileNote(os.path.relpath(os.path.join(dirpath, sub), root),
                                      "linked folder inside a class folder, not followed (link the class folder "
                                      "itself, or list the files in a manifest)"))
             dirnames.sort()
@@ -320,11 +327,11 @@ class _FolderScan:
                 if f.startswith("."):
                     continue  # .DS_Store and friends are not data
                 if Path(f).suffix.lower() not in IMAGE_EXTENSIONS:
-                    self.ignored.append((r, "not an image file extension"))
+                    self.ignored.append(FileNote(r, "not an image file extension"))
                     continue
                 fst, why = stat_image(os.path.join(dirpath, f))
                 if fst is None:
-                    self.problems.append((r, why))
+                    self.problems.append(FileNote(r, why))
                     continue
                 self._check_names(d, c)  # only folders that hold images name a domain or a class
                 self.relpath.append(r)
@@ -357,7 +364,7 @@ def scan_manifest(path: str | Path) -> ImageTable:
     for i, p in enumerate(m.path.tolist()):
         full = os.path.normpath(p if os.path.isabs(p) else os.path.join(root, p))
         if Path(p).suffix.lower() not in IMAGE_EXTENSIONS:
-            ignored.append((p, "not an image file extension"))
+            ignored.append(FileNote(p, "not an image file extension"))
             continue
         st, why = stat_image(full)
         if st is None:
