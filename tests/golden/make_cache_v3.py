@@ -1,4 +1,4 @@
-"""Make the format-3 cache fixture of tests/test_cache_v3.py with the code of commit c2fb9e5 (the last commit that
+"""Make the format-3 cache fixture of tests/cache/test_cache_v3.py with the code of commit c2fb9e5 (the last commit that
 wrote cache format 3, before every cache got a cache id), so that the test reads caches written by real old code.
 
     git -C REPO worktree add /tmp/compat-old c2fb9e5
