@@ -265,6 +265,15 @@ class EvalPlan:
         return acc, lo
 
 
+def improves(val_mean: np.ndarray, best_val: np.ndarray, has_val: np.ndarray) -> np.ndarray:
+    """Per experiment, whether this round's mean validation accuracy beats its best so far: the rounds whose test
+    and held-out numbers the lazy evaluation scores (besides the last one), in ``federate`` and in a deployment's
+    run folder (``recorder.RunRecorder``). An experiment without validation data never improves: its reported
+    model is the last round's (``results.summarise``), which is scored in full and is what ``--finetune-steps``
+    starts from."""
+    return (np.asarray(val_mean) > best_val) & np.asarray(has_val, dtype=bool)
+
+
 class Evaluator:
     """Scores the groups of a run: one per experiment (its global model), or one per lane (personal algorithms,
     each client with its own model, on its own splits and the held-out domain).
@@ -504,9 +513,7 @@ class _Loop:
         args = (self.kind, params, self.Y, self.logit_scale, self.opts)
         acc, loss = ev.val.score(*args)
         val_mean = np.array([acc[v].mean() if v else 0.0 for v in ev.val_segments])
-        # an experiment without validation data never "improves": its reported model is the last round's
-        # (results.summarise), which is scored in full and is what --finetune-steps starts from
-        improved = (val_mean > self.best_val) & self.has_val
+        improved = improves(val_mean, self.best_val, self.has_val)
         if full or improved.any():
             a2, l2 = ev.rest.score(*args)
             acc, loss = np.where(np.isnan(acc), a2, acc), np.where(np.isnan(loss), l2, loss)
