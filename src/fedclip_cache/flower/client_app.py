@@ -12,7 +12,7 @@ adapter packed into one float32 byte string, see :mod:`fedclip_cache.flower.wire
   evaluate it (it is the model whose metrics are round r-1's row; rounds as ``--eval-every`` picks them) and the
   names of the sites sampled to train in round r. Every site evaluates; a sampled site then trains from that same
   adapter (:func:`fedclip_cache.federated.train.local_update`, one lane, the algorithm's local objective) and
-  returns it with its weight. Message R+1 only evaluates. The held-out site never trains.
+  returns it with its training-set size. Message R+1 only evaluates. The held-out site never trains.
 * ``train.finetune`` (once, only with ``--finetune-steps K``): carries the selected global adapter (the best mean
   validation round's, kept by the server); each training site fine-tunes it for K steps on its own train split
   (``loop.finetune_adapters``: the schedule, seeds and fresh optimiser of ``federate``) and returns its test
@@ -65,7 +65,8 @@ class SiteExperiment(NamedTuple):
 
 
 class LocalUpdate(NamedTuple):
-    """A site's trained adapter (unstacked) and its weight in the average (1, or its training-set size)."""
+    """A site's trained adapter (unstacked) and its training-set size (the server weighs it by ``--weighting``
+    with ``train.client_weights``, as the loop does)."""
 
     params: dict
     weight: int
@@ -145,14 +146,13 @@ class SiteClient:
         return head
 
     def fit(self, params: dict, rnd: int, head: Optional[torch.Tensor] = None) -> LocalUpdate:
-        """This site's local update of round ``rnd`` from ``params`` (unstacked), and its weight."""
+        """This site's local update of round ``rnd`` from ``params`` (unstacked), and its training-set size."""
         sched = batch_schedule(self.client.train, self.exp.seed, rnd, lane_key(self.exp.name, self.client.name),
                                self.hp, self.views, len(self.Y))
         with flush_denormals(not self.cfg.keep_denormals):  # as run_loop
             new = local_update(self.kind, {n: v.unsqueeze(0) for n, v in params.items()}, self.Xtrain, self.Ytrain,
                                self._head(head).unsqueeze(0), [sched], self.hp, self.opts)
-        n = 1 if self.cfg.weighting == "uniform" else len(self.client.train)
-        return LocalUpdate({k: v[0] for k, v in new.items()}, n)
+        return LocalUpdate({k: v[0] for k, v in new.items()}, len(self.client.train))
 
     def _score(self, params: dict, rows: np.ndarray, head) -> tuple[float, float]:
         """Accuracy and mean loss on ``rows``, summed in float64 as the in-process loop does (equal numbers)."""

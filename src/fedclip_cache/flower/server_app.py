@@ -87,28 +87,29 @@ class Coordinator:
         kind = get_adapter(self.cfg.adapter)
         p = init_params(self.cfg.adapter, d, adapter_width(kind, self.cfg.hidden, d), self.cfg.seed)
         self.current = {n: v.unsqueeze(0) for n, v in p.items()}
-        if self.cfg.head == "prototype":  # loop.build_heads: sum over the training sites (lane order) of sums/counts
-            stats = [(r["client"], a) for r, a in replies if a]
-            stats.sort(key=lambda x: x[0])
+        if self.cfg.head == "prototype":  # loop.build_heads: the sites' sums/counts added in the experiment's
+            stats = {str(r["client"]): a for r, a in replies if a}  # client order (float32 sums: order matters)
             if not stats:
                 raise RuntimeError("--head prototype: no training site sent class statistics")
-            s = sum(a["sums"] for _, a in stats)
-            n = sum(a["counts"] for _, a in stats)
+            order = sorted(stats, key=self.client_order)
+            s = sum(stats[c]["sums"] for c in order)
+            n = sum(stats[c]["counts"] for c in order)
             self.head = prototype_head(s, n)
 
     def learn(self, rec: dict) -> None:
         if "dim" in rec:  # a full report (setup, evaluation): a site's facts
             self.sites[str(rec["client"])] = {k: rec[k] for k in ("heldout", "train_n", "dim", "order") if k in rec}
 
-    def training_sites(self) -> list[str]:
-        """Training sites in the loop's lane order: the order of the experiment's clients (a shared cache's
-        partition index, which the site reports; sites with their own caches: by name, as the domains of one cache
-        are ordered), then largest training split first (a stable sort, as the loop's)."""
-        def client_order(n: str):
-            order = int(self.sites[n].get("order", -1))  # -1: own cache (or a site of an older version)
-            return (order < 0, order, n)  # "b#10" is client 10, not before "b#2"
+    def client_order(self, name: str) -> tuple:
+        """Sort key of a site in the order of the experiment's clients: a shared cache's partition index, which the
+        site reports; sites with their own caches: by name, as the domains of one cache are ordered."""
+        order = int(self.sites[name].get("order", -1))  # -1: own cache (or a site of an older version)
+        return (order < 0, order, name)  # "b#10" is client 10, not before "b#2"
 
-        names = sorted((n for n, f in self.sites.items() if not f.get("heldout")), key=client_order)
+    def training_sites(self) -> list[str]:
+        """Training sites in the loop's lane order: the order of the experiment's clients (:meth:`client_order`),
+        then largest training split first (a stable sort, as ``loop.client_lanes``)."""
+        names = sorted((n for n, f in self.sites.items() if not f.get("heldout")), key=self.client_order)
         return sorted(names, key=lambda n: -int(self.sites[n]["train_n"]))
 
     def sampled(self, rnd: int) -> list[str]:
@@ -158,8 +159,8 @@ class Coordinator:
                 "unchanged", rnd, len(order), self.min_results)
             return
         stacked = {n: torch.stack([trained[s][0][n] for s in order]) for n in self.current}
-        # FedAvg as the in-process loop: uniform, or by training-set size (the weight a site reports)
-        w = client_weights(np.array([trained[s][1] for s in order]), "samples")
+        # FedAvg as the in-process loop: uniform, or by the training-set size a site reports
+        w = client_weights(np.array([trained[s][1] for s in order]), self.cfg.weighting)
         averaged = aggregate(stacked, [np.arange(len(order))], [w])
         self.current, self.extra = self.algo.server_update(self.current, averaged, self.extra, rnd)
 

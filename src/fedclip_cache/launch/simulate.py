@@ -108,8 +108,8 @@ def write_domain_cache(cache, domain: str, out: Path) -> Path:
     cols = complete_columns({"id": cache.ids[rows], "path": cache.paths[rows], "domain": cache.domains[rows],
                              "client": cache.clients[rows], "class_name": cache.class_names[rows],
                              "split": cache.splits[rows], "label": cache.labels[rows]}, n)
-    session = "00000000T000000000000"
-    name = f"part-{session}-r000-00000{store.FORMATS[fmt]}"
+    session = store.FIXED_SESSION
+    name = store.shard_name(session, 0, 0, fmt)
     out = Path(out)
     fingerprint = cache.meta.get("fingerprint")
     cache_id = store.new_cache_id()  # another cache than the one it copies rows from
