@@ -39,18 +39,14 @@ from ..federated.recorder import RunRecorder
 from ..federated.train import aggregate, client_weights
 from . import logproto
 from .polls import PollPlan
-from .task import check_deployment_keys, federate_config
+from .task import (DEFAULT_MIN_RESULTS, DEFAULT_POLL_INTERVAL, DEFAULT_ROUND_TIMEOUT, DEFAULT_STARTUP_TIMEOUT,
+                   check_deployment_keys, federate_config)
 from .flwr_internals import quick_object_pulls
 from .wire import HEAD, Payload, content, read
 
 from flwr.app import Context, Message
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
-
-DEFAULT_ROUND_TIMEOUT = 600.0
-DEFAULT_MIN_RESULTS = 1
-DEFAULT_STARTUP_TIMEOUT = 300.0
-DEFAULT_POLL_INTERVAL = 0.2  # the longest wait between two "replies yet?" requests (flwr 1.42's own: 3 s fixed)
 
 
 class Coordinator:

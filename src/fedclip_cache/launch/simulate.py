@@ -48,11 +48,9 @@ import numpy as np
 from ..errors import ConfigError, FedclipCacheError
 from .sim_guard import KEEP, MARK
 from .procs import OWNER_FILE, make_owned, sigterm_interrupts, sweep_stale
+from ..flower.task import SIMULATION_POLL_INTERVAL as DEFAULT_POLL_INTERVAL
 
 EXTRA_HINT = "pip install 'fedclip-cache[simulation]'"
-# Seconds between the ServerApp's polls for replies (the ServerApp's own default is Flower's 3 s; the in-memory
-# SuperLink answers at once, so a short poll keeps a round close to the clients' work).
-DEFAULT_POLL_INTERVAL = 0.05
 
 
 class SimulationError(FedclipCacheError):
