@@ -114,7 +114,7 @@ class RunRecorder:
         """A ``loop.LoopResult`` built from the reports: the clients every report agrees on, their segments in the
         in-process order (per client val, test; then the held-out domain), NaN where a site did not report."""
         from .algorithms import make_algorithm
-        from .loop import LoopResult, finetune_notes, improves
+        from .loop import LoopResult, finetune_notes, improves, segment
 
         last = self._last()
         train_sites = sorted(s for s, m in last.items() if not m["heldout"])
@@ -133,12 +133,10 @@ class RunRecorder:
         for s in train_sites:
             for split in ("val", "test"):
                 if last[s][f"{split}_n"]:
-                    segments.append({"experiment": name, "heldout": heldout, "seed": cfg.seed, "client": s,
-                                     "split": split, "n": int(last[s][f"{split}_n"])})
+                    segments.append(segment(exp, s, split, last[s][f"{split}_n"]))
                     keys.append((s, split))
         if heldout:
-            segments.append({"experiment": name, "heldout": heldout, "seed": cfg.seed, "client": heldout,
-                             "split": "heldout", "n": int(last[heldout]["n"])})
+            segments.append(segment(exp, heldout, "heldout", last[heldout]["n"]))
             keys.append((heldout, "heldout"))
         acc = np.full((len(self.rounds), len(keys)), np.nan)
         loss = np.full_like(acc, np.nan)

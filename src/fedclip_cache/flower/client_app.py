@@ -43,10 +43,10 @@ from ..federated.algorithms import make_algorithm
 from ..federated.config import ConfigError, FederateConfig
 from ..federated.fpenv import flush_denormals
 from ..federated.loop import class_sums, client_lanes, finetune_adapters, lane_setup, text_head
-from ..federated.protocols import Client, Experiment, build_experiments, federation_name, split_indices
+from ..federated.protocols import Client, Experiment, build_experiments, federation_name, split_client
 from ..federated.train import batch_schedule, evaluate, lane_key, local_update
 from .task import federate_config
-from .wire import HEAD, Payload, content, read
+from .wire import HEAD, LocalUpdate, Payload, content, read
 
 try:
     from flwr.app import Context, Message
@@ -64,14 +64,6 @@ class SiteExperiment(NamedTuple):
     heldout: bool
 
 
-class LocalUpdate(NamedTuple):
-    """A site's trained adapter (unstacked) and its training-set size (the server weighs it by ``--weighting``
-    with ``train.client_weights``, as the loop does)."""
-
-    params: dict
-    weight: int
-
-
 def site_experiment(cache: FeatureCache, cfg: FederateConfig) -> SiteExperiment:
     """A site's view of the run from its own cache (one domain): the experiment as ``federate`` names it (batch
     and split seeds derive from the names, so a site trains exactly as its lane of the in-process loop), and
@@ -86,9 +78,8 @@ def site_experiment(cache: FeatureCache, cfg: FederateConfig) -> SiteExperiment:
     if name == heldout:
         return SiteExperiment(Experiment(exp_name, cfg.seed, [Client(name, rows[:0], rows[:0], rows)], heldout, rows),
                               True)
-    tr, va, te = split_indices(rows, cfg.split, cfg.seed, name, cfg.split_tail)
-    client = Client(name, tr, va, te, int(len(rows) - len(tr) - len(va) - len(te)))
-    return SiteExperiment(Experiment(exp_name, cfg.seed, [client], heldout), False)
+    return SiteExperiment(Experiment(exp_name, cfg.seed, [split_client(cache, name, rows, cfg, cfg.seed)], heldout),
+                          False)
 
 
 class SiteClient:

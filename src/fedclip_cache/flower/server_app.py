@@ -25,7 +25,7 @@ import threading
 import time
 from logging import INFO, WARNING
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -33,7 +33,7 @@ import torch
 from ..federated.adapters import adapter_width, get_adapter, init_params
 from ..federated.algorithms import make_algorithm
 from ..federated.config import ConfigError, FederateConfig
-from ..federated.loop import prototype_head, sample_lanes
+from ..federated.loop import evaluated_rounds, prototype_head, sample_lanes
 from ..federated.protocols import Experiment, federation_name
 from ..federated.recorder import RunRecorder
 from ..federated.train import aggregate, client_weights
@@ -42,7 +42,7 @@ from .polls import PollPlan
 from .task import (DEFAULT_MIN_RESULTS, DEFAULT_POLL_INTERVAL, DEFAULT_ROUND_TIMEOUT, DEFAULT_STARTUP_TIMEOUT,
                    check_deployment_keys, federate_config)
 from .flwr_internals import quick_object_pulls
-from .wire import HEAD, Payload, content, read
+from .wire import HEAD, LocalUpdate, Payload, content, read
 
 from flwr.app import Context, Message
 from flwr.common.logger import log
@@ -64,8 +64,7 @@ class Coordinator:
         self.current: dict = {}  # the global adapter, stacked (1, ...) as the loop's server state
         self.extra: dict = {}  # the server optimiser's state
         self.head: Optional[torch.Tensor] = None  # --head prototype
-        R = cfg.rounds
-        self.recorded = [0] if R == 0 else [r for r in range(1, R + 1) if r % cfg.eval_every == 0 or r == R]
+        self.recorded = evaluated_rounds(cfg.rounds, cfg.eval_every)
 
     # ---- set-up
 
@@ -146,7 +145,7 @@ class Coordinator:
             name = str(rec["client"])
             if rec.get("trained") and name in self.sample and name not in seen:  # one adapter per site
                 seen.add(name)
-                trained[name] = (params, float(rec["weight"]))
+                trained[name] = LocalUpdate(params, float(rec["weight"]))
         order = [n for n in self.sample if n in trained]  # the sample is in lane order
         if self.recorder:
             self.recorder.fit_round(rnd, len(order), len(self.sample) - len(order), sampled=len(self.sample))
@@ -154,9 +153,9 @@ class Coordinator:
             log(WARNING, "round %s: %s trained adapter(s), fewer than min_results=%s; the global adapter is "
                 "unchanged", rnd, len(order), self.min_results)
             return
-        stacked = {n: torch.stack([trained[s][0][n] for s in order]) for n in self.current}
+        stacked = {n: torch.stack([trained[s].params[n] for s in order]) for n in self.current}
         # FedAvg as the in-process loop: uniform, or by the training-set size a site reports
-        w = client_weights(np.array([trained[s][1] for s in order]), self.cfg.weighting)
+        w = client_weights(np.array([trained[s].weight for s in order]), self.cfg.weighting)
         averaged = aggregate(stacked, [np.arange(len(order))], [w])
         self.current, self.extra = self.algo.server_update(self.current, averaged, self.extra, rnd)
 
@@ -198,6 +197,13 @@ class Coordinator:
 
 # ------------------------------------------------------------------------------------------------ transport
 
+class NodeError(NamedTuple):
+    """An error reply: the node it came from and the SuperLink's reason."""
+
+    node: int
+    reason: str
+
+
 class Exchange:
     """Sends a message to nodes and collects the replies, polling as :class:`~fedclip_cache.flower.polls.PollPlan`
     says (one plan per message type: fast around the time the last reply came in recent rounds, backing off to
@@ -206,7 +212,7 @@ class Exchange:
     def __init__(self, grid: Grid, cap: float):
         self.grid, self.cap = grid, cap
         self.lost: dict[str, int] = {}  # message id of a node's unanswered message -> node id
-        self.errors: list = []  # (node id, reason) of every error reply
+        self.errors: list[NodeError] = []  # every error reply
         self.plans: dict[str, PollPlan] = {}
 
     def live_nodes(self) -> list[int]:
@@ -236,7 +242,7 @@ class Exchange:
                     continue
                 if m.has_error():
                     log(WARNING, "node %s: %s", node, m.error.reason)
-                    self.errors.append((node, m.error.reason))
+                    self.errors.append(NodeError(node, m.error.reason))
                     continue
                 replies.append(read(m.content))
             left = end - time.monotonic()
@@ -302,7 +308,7 @@ def main(grid: Grid, context: Context) -> None:
     # when that is longer than a round's
     replies = ex(nodes, "query.setup", {"phase": "setup"}, {}, "setup", max(timeout, startup))
     if ex.errors:  # a site that cannot even start (a bad cache, an option its cache cannot honour): stop here
-        raise RuntimeError(f"node {ex.errors[0][0]} failed the set-up message: {ex.errors[0][1]}")
+        raise RuntimeError(f"node {ex.errors[0].node} failed the set-up message: {ex.errors[0].reason}")
     co.setup(replies)
     log(INFO, logproto.setup(list(co.sites)))
     if out:  # the run folder's plots need matplotlib (~0.6 s to import): imported while the rounds wait for replies
