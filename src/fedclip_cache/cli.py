@@ -449,17 +449,15 @@ def deploy(
                                                  "long-lived ClientApp process) | subprocess / process: Flower's "
                                                  "stock runners, a fresh flwr-clientapp process per message "
                                                  "(~25 s per round; for comparison)."),
-    poll_interval: float = typer.Option(DEFAULT_POLL_INTERVAL,
-                                        help="Longest wait between two polls of the ServerApp and the "
-                                             "SuperNodes (adaptive: 0.01 s right after a message, 1.5x longer "
-                                                  "each time while idle; flwr 1.42's own: 3 s fixed)."),
+    poll_interval: float = typer.Option(DEFAULT_POLL_INTERVAL, help="Longest wait between two polls of the "
+                                        "ServerApp and the SuperNodes (adaptive: 0.01 s right after a message, 1.5x "
+                                        "longer each time while idle; flwr 1.42's own: 3 s fixed)."),
     keep_going: bool = typer.Option(False, "--keep-going", help="A SuperNode that dies is reported and the run goes "
                                                                "on without it (default: the deployment fails)."),
     round_timeout: Optional[float] = typer.Option(None, help="Seconds a round waits for replies (ServerApp "
                                                              f"default {DEFAULT_ROUND_TIMEOUT:g})."),
-    min_results: Optional[int] = typer.Option(None, help="Fewer training results in a round keep the global "
-                                                         "adapter as it was (ServerApp default "
-                                                         f"{DEFAULT_MIN_RESULTS})."),
+    min_results: Optional[int] = typer.Option(None, help="Fewer training results in a round keep the global adapter "
+                                                         f"as it was (ServerApp default {DEFAULT_MIN_RESULTS})."),
     fed_options: dict = None,
 ):
     """A real Flower deployment on localhost: a SuperLink, its ServerApp process and one site (`fedclip-cache site`:
