@@ -15,6 +15,8 @@ from rich.table import Table
 from .errors import FedclipCacheError
 from .cache.config import ExtractConfig
 from .pipeline import bundled_pipelines
+from .flower.task import (DEFAULT_MIN_RESULTS, DEFAULT_POLL_INTERVAL, DEFAULT_ROUND_TIMEOUT, MAX_POLL_INTERVAL,
+                          SIMULATION_POLL_INTERVAL)
 
 if TYPE_CHECKING:
     from .federated.config import FederateConfig
@@ -447,15 +449,15 @@ def deploy(
                                                  "long-lived ClientApp process) | subprocess / process: Flower's "
                                                  "stock runners, a fresh flwr-clientapp process per message "
                                                  "(~25 s per round; for comparison)."),
-    poll_interval: float = typer.Option(0.2, help="Longest wait between two polls of the ServerApp and the "
-                                                  "SuperNodes (adaptive: 0.01 s right after a message, 1.5x longer "
-                                                  "each time while idle; flwr 1.42's own: 3 s fixed)."),
+    poll_interval: float = typer.Option(DEFAULT_POLL_INTERVAL, help="Longest wait between two polls of the "
+                                        "ServerApp and the SuperNodes (adaptive: 0.01 s right after a message, 1.5x "
+                                        "longer each time while idle; flwr 1.42's own: 3 s fixed)."),
     keep_going: bool = typer.Option(False, "--keep-going", help="A SuperNode that dies is reported and the run goes "
                                                                "on without it (default: the deployment fails)."),
     round_timeout: Optional[float] = typer.Option(None, help="Seconds a round waits for replies (ServerApp "
-                                                             "default 600)."),
-    min_results: Optional[int] = typer.Option(None, help="Fewer training results in a round keep the global "
-                                                         "adapter as it was (ServerApp default 1)."),
+                                                             f"default {DEFAULT_ROUND_TIMEOUT:g})."),
+    min_results: Optional[int] = typer.Option(None, help="Fewer training results in a round keep the global adapter "
+                                                         f"as it was (ServerApp default {DEFAULT_MIN_RESULTS})."),
     fed_options: dict = None,
 ):
     """A real Flower deployment on localhost: a SuperLink, its ServerApp process and one site (`fedclip-cache site`:
@@ -526,12 +528,14 @@ def simulate(
     backend_config: Optional[str] = typer.Option(None, help="Flower's backend config as JSON (or @FILE): "
                                                             "init_args (ray.init), client_resources, actor; merged "
                                                             "over --num-cpus/--client-cpus."),
-    poll_interval: float = typer.Option(0.05, help="Seconds between the ServerApp's polls for replies (Flower's "
+    poll_interval: float = typer.Option(SIMULATION_POLL_INTERVAL,
+                                        help="Seconds between the ServerApp's polls for replies (Flower's "
                                                    "own: 3 s)."),
     round_timeout: Optional[float] = typer.Option(None, help="Seconds a round waits for replies (ServerApp "
-                                                             "default 600)."),
+                                                             f"default {DEFAULT_ROUND_TIMEOUT:g})."),
     min_results: Optional[int] = typer.Option(None, help="Fewer training results in a round keep the global "
-                                                         "adapter as it was (ServerApp default 1)."),
+                                                         "adapter as it was (ServerApp default "
+                                                         f"{DEFAULT_MIN_RESULTS})."),
     verbose: bool = typer.Option(False, help="Flower's DEBUG log."),
     fed_options: dict = None,
 ):
@@ -575,7 +579,8 @@ def site(
         None, help="This site's SuperNode authentication key (flwr 1.42: an EC private key in OpenSSH format, e.g. "
                    "`ssh-keygen -t ecdsa -b 384 -N '' -f site_key`); its public key is registered on the server "
                    "with `flwr supernode register site_key.pub`. Needs TLS (--root-certificates)."),
-    poll_interval: float = typer.Option(0.2, help="Longest wait between the SuperNode's requests for messages "
+    poll_interval: float = typer.Option(DEFAULT_POLL_INTERVAL,
+                                        help="Longest wait between the SuperNode's requests for messages "
                                                   "(adaptive: 0.01 s right after a message, 1.5x longer each time "
                                                   "while idle; flwr 1.42's own: 3 s fixed)."),
 ):
@@ -590,8 +595,8 @@ def site(
     from .launch.site import check_site_credentials
 
     extra = check_site_credentials(insecure, root_certificates, auth_supernode_private_key)
-    if not 0 < poll_interval <= 60:
-        raise ConfigError(f"--poll-interval {poll_interval}: must be in (0, 60] seconds")
+    if not 0 < poll_interval <= MAX_POLL_INTERVAL:
+        raise ConfigError(f"--poll-interval {poll_interval}: must be in (0, {MAX_POLL_INTERVAL:g}] seconds")
     if not 1 <= port <= 65535:
         raise ConfigError(f"site: --port {port}: must be between 1 and 65535")
     from .cache.reader import cache_overview

@@ -91,12 +91,12 @@ def write_synthetic_cache(out: str | Path, domain_sizes: dict[str, int], num_cla
                              "domain": doms, "client": doms, "split": np.full(n, "", dtype=object), "label": labels,
                              "class_name": np.array([classes[y] for y in labels], dtype=object)}, n)
     fingerprint = {"model": "synthetic", "seed": seed}
-    session = "00000000T000000000000"
+    session = store.FIXED_SESSION
     cache_id = store.new_cache_id()
     listing = {}
     for k, start in enumerate(range(0, n, shard_rows)):
         part = slice(start, start + shard_rows)
-        name = f"part-{session}-r000-{k:05d}{store.FORMATS[fmt]}"
+        name = store.shard_name(session, 0, k, fmt)
         store.write_shard(out / store.SHARD_DIR / name, fmt, {c: v[part] for c, v in cols.items()}, feats[part],
                           "float32", {"fingerprint": fingerprint, "session": session, "cache_id": cache_id,
                                        "skipped": []})

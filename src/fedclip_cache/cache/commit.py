@@ -61,7 +61,7 @@ def commit(out: Path, meta: dict, inv: Inventory, table: ImageTable, session: st
             continue
         obsolete.append(name)
         if keep.any():  # compact: the rows still served move to a new shard of this session, with fresh metadata
-            new = f"part-{session}-r000-c{seq:05d}{store.FORMATS[fmt]}"
+            new = store.shard_name(session, 0, seq, fmt, compacted=True)
             seq += 1
             current["label"] = np.array([label_of[c] for c in current["class_name"]], np.int32)
             k = inv.shard_views[name]

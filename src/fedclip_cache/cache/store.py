@@ -325,6 +325,15 @@ def _hdf5_fill(f, cols: dict, emb: np.ndarray, dtype: str, meta: dict, views=Non
 
 
 SHARD_NAME = re.compile(r"part-\d{8}T\d{12}-r\d{3}-c?\d{5}\.(parquet|h5)")
+# The session of a cache written in one go rather than by extract (synthetic caches, simulate's held-out copy).
+FIXED_SESSION = "00000000T000000000000"
+
+
+def shard_name(session: str, rank: int, seq: int, fmt: str, compacted: bool = False) -> str:
+    """The file name of shard ``seq`` of ``session`` written by process ``rank`` (``compacted``: rewritten by the
+    commit without its retired rows): ``part-<session>-r<rank>-[c]<seq>.ext``, the names :data:`SHARD_NAME`
+    accepts (they sort by session, then rank)."""
+    return f"part-{session}-r{rank:03d}-{'c' if compacted else ''}{seq:05d}{FORMATS[fmt]}"
 
 
 def is_shard_name(name, fmt: str) -> bool:

@@ -34,7 +34,7 @@ class ShardTarget:
     delay: float = 0.0  # seconds to sleep after each shard (a test hook that widens the crash window)
 
     def shard_name(self, seq: int) -> str:
-        return f"part-{self.session}-r{self.rank:03d}-{seq:05d}{store.FORMATS[self.fmt]}"
+        return store.shard_name(self.session, self.rank, seq, self.fmt)
 
 
 @dataclass(frozen=True)

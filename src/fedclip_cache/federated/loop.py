@@ -265,6 +265,28 @@ class EvalPlan:
         return acc, lo
 
 
+def evaluated_rounds(rounds: int, eval_every: int) -> list[int]:
+    """The rounds a run scores: every ``eval_every``-th and the last; a run of no rounds scores its starting point
+    once, as round 0. ``federate``'s loop and a deployment's server evaluate the same rounds."""
+    return [0] if rounds == 0 else [r for r in range(1, rounds + 1) if r % eval_every == 0 or r == rounds]
+
+
+def segment(exp: Experiment, client: str, split: str, n: int) -> dict:
+    """One scored segment of a run (a client's val or test split, or the held-out domain): a row group of
+    ``metrics.parquet``, as the loop's :class:`Evaluator` and a deployment's recorder name it."""
+    return {"experiment": exp.name, "heldout": exp.heldout_name, "seed": exp.seed, "client": client, "split": split,
+            "n": int(n)}
+
+
+def improves(val_mean: np.ndarray, best_val: np.ndarray, has_val: np.ndarray) -> np.ndarray:
+    """Per experiment, whether this round's mean validation accuracy beats its best so far: the rounds whose test
+    and held-out numbers the lazy evaluation scores (besides the last one), in ``federate`` and in a deployment's
+    run folder (``recorder.RunRecorder``). An experiment without validation data never improves: its reported
+    model is the last round's (``results.summarise``), which is scored in full and is what ``--finetune-steps``
+    starts from."""
+    return (np.asarray(val_mean) > best_val) & np.asarray(has_val, dtype=bool)
+
+
 class Evaluator:
     """Scores the groups of a run: one per experiment (its global model), or one per lane (personal algorithms,
     each client with its own model, on its own splits and the held-out domain).
@@ -282,8 +304,7 @@ class Evaluator:
         def add(e: Experiment, client: str, split: str, idx: np.ndarray, into: list):
             if len(idx) == 0:
                 return
-            self.segments.append({"experiment": e.name, "heldout": e.heldout_name, "seed": e.seed,
-                                  "client": client, "split": split, "n": int(len(idx))})
+            self.segments.append(segment(e, client, split, len(idx)))
             into.append((len(self.segments) - 1, idx))
 
         def add_group(e: Experiment, clients, heldout_label: str, head: torch.Tensor, src: int):
@@ -504,9 +525,7 @@ class _Loop:
         args = (self.kind, params, self.Y, self.logit_scale, self.opts)
         acc, loss = ev.val.score(*args)
         val_mean = np.array([acc[v].mean() if v else 0.0 for v in ev.val_segments])
-        # an experiment without validation data never "improves": its reported model is the last round's
-        # (results.summarise), which is scored in full and is what --finetune-steps starts from
-        improved = (val_mean > self.best_val) & self.has_val
+        improved = improves(val_mean, self.best_val, self.has_val)
         if full or improved.any():
             a2, l2 = ev.rest.score(*args)
             acc, loss = np.where(np.isnan(acc), a2, acc), np.where(np.isnan(loss), l2, loss)
@@ -536,6 +555,7 @@ class _Loop:
         rounds, accs, losses, val_means, fit = [], [], [], [], []
         diverged = None  # first evaluated round at which some scored adapter held NaN/inf
         total = cfg.rounds if algo.trains else 0
+        evaluated = evaluated_rounds(total, cfg.eval_every)
         if total == 0:  # nothing to train: score the starting point once, as round 0
             a, lo, v = self._score(full=True)
             rounds.append(0), accs.append(a), losses.append(lo), val_means.append(v)
@@ -543,7 +563,7 @@ class _Loop:
             sampled = sample_lanes(self.members, self.experiments, cfg, r)
             self.state = algo.run_round(self.state, LaneRound(self, r, sampled))
             fit.append(len(sampled))
-            if r % cfg.eval_every == 0 or r == total:
+            if r in evaluated:
                 a, lo, v = self._score(full=cfg.curves or r == total)
                 rounds.append(r), accs.append(a), losses.append(lo), val_means.append(v)
                 if diverged is None and not all(bool(torch.isfinite(p).all())

@@ -93,12 +93,16 @@ def _make_clients(cache: FeatureCache, pool: np.ndarray, cfg: FederateConfig, se
             parts = partition(cfg.partition, cache.labels[idx], cfg.num_clients, seed + _key(scope) % 10_000,
                               cfg.alpha, cfg.classes_per_client)
             groups += [(f"{scope}#{i}", idx[p]) for i, p in enumerate(parts)]
-    clients = []
-    for name, idx in groups:
-        tr, va, te = (_split_from_cache(cache, idx, name) if cfg.split_source == "cache"
-                      else split_indices(idx, cfg.split, seed, name, cfg.split_tail))
-        clients.append(Client(name, tr, va, te, int(len(idx) - len(tr) - len(va) - len(te))))
-    return clients
+    return [split_client(cache, name, idx, cfg, seed) for name, idx in groups]
+
+
+def split_client(cache: FeatureCache, name: str, idx: np.ndarray, cfg: FederateConfig, seed: int) -> Client:
+    """Client ``name`` holding rows ``idx``: its train/val/test splits (``--split-source``: seeded by the seed and
+    the client's name, or the cache's split column) and the rows they leave over. ``federate`` and a Flower site
+    with its own cache both form their clients here."""
+    tr, va, te = (_split_from_cache(cache, idx, name) if cfg.split_source == "cache"
+                  else split_indices(idx, cfg.split, seed, name, cfg.split_tail))
+    return Client(name, tr, va, te, int(len(idx) - len(tr) - len(va) - len(te)))
 
 
 def build_experiments(cache: FeatureCache, cfg: FederateConfig, seeds: Optional[list[int]] = None) -> list[Experiment]:

@@ -114,7 +114,7 @@ class RunRecorder:
         """A ``loop.LoopResult`` built from the reports: the clients every report agrees on, their segments in the
         in-process order (per client val, test; then the held-out domain), NaN where a site did not report."""
         from .algorithms import make_algorithm
-        from .loop import LoopResult, finetune_notes
+        from .loop import LoopResult, finetune_notes, improves, segment
 
         last = self._last()
         train_sites = sorted(s for s, m in last.items() if not m["heldout"])
@@ -133,12 +133,10 @@ class RunRecorder:
         for s in train_sites:
             for split in ("val", "test"):
                 if last[s][f"{split}_n"]:
-                    segments.append({"experiment": name, "heldout": heldout, "seed": cfg.seed, "client": s,
-                                     "split": split, "n": int(last[s][f"{split}_n"])})
+                    segments.append(segment(exp, s, split, last[s][f"{split}_n"]))
                     keys.append((s, split))
         if heldout:
-            segments.append({"experiment": name, "heldout": heldout, "seed": cfg.seed, "client": heldout,
-                             "split": "heldout", "n": int(last[heldout]["n"])})
+            segments.append(segment(exp, heldout, "heldout", last[heldout]["n"]))
             keys.append((heldout, "heldout"))
         acc = np.full((len(self.rounds), len(keys)), np.nan)
         loss = np.full_like(acc, np.nan)
@@ -149,11 +147,12 @@ class RunRecorder:
         val = [k for k, (_, split) in enumerate(keys) if split == "val"]
         val_mean = self.val_means().reshape(len(self.rounds), 1)
         if not cfg.curves:  # as the loop's lazy Evaluator: test/held-out kept where validation improved, and last
-            best, rest = -np.inf, [k for k in range(len(keys)) if k not in val]
+            best, rest = np.full(1, -np.inf), [k for k in range(len(keys)) if k not in val]
+            has_val = np.array([bool(self._val_sites())])
             for r in range(len(self.rounds)):
-                improved = bool(val_mean[r, 0] > best)
-                best = val_mean[r, 0] if improved else best
-                if not improved and r != len(self.rounds) - 1:
+                improved = improves(val_mean[r], best, has_val)
+                best = np.where(improved, val_mean[r], best)
+                if not improved.any() and r != len(self.rounds) - 1:
                     acc[r, rest] = loss[r, rest] = np.nan
         first = last[train_sites[0]] if train_sites else next(iter(last.values()))
         views = int(first.get("train_views", 1))  # --train-views as the sites resolved it

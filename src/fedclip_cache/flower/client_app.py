@@ -12,7 +12,7 @@ adapter packed into one float32 byte string, see :mod:`fedclip_cache.flower.wire
   evaluate it (it is the model whose metrics are round r-1's row; rounds as ``--eval-every`` picks them) and the
   names of the sites sampled to train in round r. Every site evaluates; a sampled site then trains from that same
   adapter (:func:`fedclip_cache.federated.train.local_update`, one lane, the algorithm's local objective) and
-  returns it with its weight. Message R+1 only evaluates. The held-out site never trains.
+  returns it with its training-set size. Message R+1 only evaluates. The held-out site never trains.
 * ``train.finetune`` (once, only with ``--finetune-steps K``): carries the selected global adapter (the best mean
   validation round's, kept by the server); each training site fine-tunes it for K steps on its own train split
   (``loop.finetune_adapters``: the schedule, seeds and fresh optimiser of ``federate``) and returns its test
@@ -43,10 +43,10 @@ from ..federated.algorithms import make_algorithm
 from ..federated.config import ConfigError, FederateConfig
 from ..federated.fpenv import flush_denormals
 from ..federated.loop import class_sums, client_lanes, finetune_adapters, lane_setup, text_head
-from ..federated.protocols import Client, Experiment, build_experiments, federation_name, split_indices
+from ..federated.protocols import Client, Experiment, build_experiments, federation_name, split_client
 from ..federated.train import batch_schedule, evaluate, lane_key, local_update
 from .task import federate_config
-from .wire import HEAD, Payload, content, read
+from .wire import HEAD, LocalUpdate, Payload, content, read
 
 try:
     from flwr.app import Context, Message
@@ -64,13 +64,6 @@ class SiteExperiment(NamedTuple):
     heldout: bool
 
 
-class LocalUpdate(NamedTuple):
-    """A site's trained adapter (unstacked) and its weight in the average (1, or its training-set size)."""
-
-    params: dict
-    weight: int
-
-
 def site_experiment(cache: FeatureCache, cfg: FederateConfig) -> SiteExperiment:
     """A site's view of the run from its own cache (one domain): the experiment as ``federate`` names it (batch
     and split seeds derive from the names, so a site trains exactly as its lane of the in-process loop), and
@@ -85,9 +78,8 @@ def site_experiment(cache: FeatureCache, cfg: FederateConfig) -> SiteExperiment:
     if name == heldout:
         return SiteExperiment(Experiment(exp_name, cfg.seed, [Client(name, rows[:0], rows[:0], rows)], heldout, rows),
                               True)
-    tr, va, te = split_indices(rows, cfg.split, cfg.seed, name, cfg.split_tail)
-    client = Client(name, tr, va, te, int(len(rows) - len(tr) - len(va) - len(te)))
-    return SiteExperiment(Experiment(exp_name, cfg.seed, [client], heldout), False)
+    return SiteExperiment(Experiment(exp_name, cfg.seed, [split_client(cache, name, rows, cfg, cfg.seed)], heldout),
+                          False)
 
 
 class SiteClient:
@@ -145,14 +137,13 @@ class SiteClient:
         return head
 
     def fit(self, params: dict, rnd: int, head: Optional[torch.Tensor] = None) -> LocalUpdate:
-        """This site's local update of round ``rnd`` from ``params`` (unstacked), and its weight."""
+        """This site's local update of round ``rnd`` from ``params`` (unstacked), and its training-set size."""
         sched = batch_schedule(self.client.train, self.exp.seed, rnd, lane_key(self.exp.name, self.client.name),
                                self.hp, self.views, len(self.Y))
         with flush_denormals(not self.cfg.keep_denormals):  # as run_loop
             new = local_update(self.kind, {n: v.unsqueeze(0) for n, v in params.items()}, self.Xtrain, self.Ytrain,
                                self._head(head).unsqueeze(0), [sched], self.hp, self.opts)
-        n = 1 if self.cfg.weighting == "uniform" else len(self.client.train)
-        return LocalUpdate({k: v[0] for k, v in new.items()}, n)
+        return LocalUpdate({k: v[0] for k, v in new.items()}, len(self.client.train))
 
     def _score(self, params: dict, rows: np.ndarray, head) -> tuple[float, float]:
         """Accuracy and mean loss on ``rows``, summed in float64 as the in-process loop does (equal numbers)."""

@@ -99,6 +99,18 @@ INTERNALS: tuple = (
     Internal("flwr.supercore.fab", "Fab", "launch/flwr_cli.py"),
     *_names("flwr.common.serde", "fab_to_proto user_config_to_proto run_from_proto context_from_proto "
                                  "fab_from_proto", "launch/flwr_cli.py, launch/site.py"),
+    *_names("flwr.proto.control_pb2", "StartRunRequest ListRunsRequest", "launch/flwr_cli.py"),
+    # the Runtime API's requests and constants (launch/site.py, launch/serverapp.py, flower/runtime.py)
+    Internal("flwr.proto.runtime_pb2", "AcquireTaskRequest", "launch/site.py, launch/serverapp.py"),
+    *_names("flwr.proto.runtime_pb2", "PullAppMessagesRequest PullTaskInputRequest SendTaskHeartbeatRequest",
+            "launch/site.py"),
+    Internal("flwr.proto.node_pb2", "Node", "launch/site.py"),
+    Internal("flwr.supercore.constant", "TaskType", "launch/site.py, launch/serverapp.py"),
+    *_names("flwr.common.constant", "ErrorCode SubStatus", "launch/site.py"),
+    Internal("flwr.supercore.retry", "exponential", "launch/site.py"),
+    Internal("flwr.supercore.error", "FlowerError", "flower/runtime.py"),
+    # launch/simulate.py: Flower's telemetry switched off in the module (read when flwr is first imported)
+    Internal("flwr.supercore.telemetry", "FLWR_TELEMETRY_ENABLED", "launch/simulate.py"),
 )
 
 

@@ -25,7 +25,7 @@ import threading
 import time
 from logging import INFO, WARNING
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -33,24 +33,20 @@ import torch
 from ..federated.adapters import adapter_width, get_adapter, init_params
 from ..federated.algorithms import make_algorithm
 from ..federated.config import ConfigError, FederateConfig
-from ..federated.loop import prototype_head, sample_lanes
+from ..federated.loop import evaluated_rounds, prototype_head, sample_lanes
 from ..federated.protocols import Experiment, federation_name
 from ..federated.recorder import RunRecorder
 from ..federated.train import aggregate, client_weights
 from . import logproto
 from .polls import PollPlan
-from .task import check_deployment_keys, federate_config
+from .task import (DEFAULT_MIN_RESULTS, DEFAULT_POLL_INTERVAL, DEFAULT_ROUND_TIMEOUT, DEFAULT_STARTUP_TIMEOUT,
+                   check_deployment_keys, federate_config)
 from .flwr_internals import quick_object_pulls
-from .wire import HEAD, Payload, content, read
+from .wire import HEAD, LocalUpdate, Payload, content, read
 
 from flwr.app import Context, Message
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
-
-DEFAULT_ROUND_TIMEOUT = 600.0
-DEFAULT_MIN_RESULTS = 1
-DEFAULT_STARTUP_TIMEOUT = 300.0
-DEFAULT_POLL_INTERVAL = 0.2  # the longest wait between two "replies yet?" requests (flwr 1.42's own: 3 s fixed)
 
 
 class Coordinator:
@@ -68,8 +64,7 @@ class Coordinator:
         self.current: dict = {}  # the global adapter, stacked (1, ...) as the loop's server state
         self.extra: dict = {}  # the server optimiser's state
         self.head: Optional[torch.Tensor] = None  # --head prototype
-        R = cfg.rounds
-        self.recorded = [0] if R == 0 else [r for r in range(1, R + 1) if r % cfg.eval_every == 0 or r == R]
+        self.recorded = evaluated_rounds(cfg.rounds, cfg.eval_every)
 
     # ---- set-up
 
@@ -87,28 +82,29 @@ class Coordinator:
         kind = get_adapter(self.cfg.adapter)
         p = init_params(self.cfg.adapter, d, adapter_width(kind, self.cfg.hidden, d), self.cfg.seed)
         self.current = {n: v.unsqueeze(0) for n, v in p.items()}
-        if self.cfg.head == "prototype":  # loop.build_heads: sum over the training sites (lane order) of sums/counts
-            stats = [(r["client"], a) for r, a in replies if a]
-            stats.sort(key=lambda x: x[0])
+        if self.cfg.head == "prototype":  # loop.build_heads: the sites' sums/counts added in the experiment's
+            stats = {str(r["client"]): a for r, a in replies if a}  # client order (float32 sums: order matters)
             if not stats:
                 raise RuntimeError("--head prototype: no training site sent class statistics")
-            s = sum(a["sums"] for _, a in stats)
-            n = sum(a["counts"] for _, a in stats)
+            order = sorted(stats, key=self.client_order)
+            s = sum(stats[c]["sums"] for c in order)
+            n = sum(stats[c]["counts"] for c in order)
             self.head = prototype_head(s, n)
 
     def learn(self, rec: dict) -> None:
         if "dim" in rec:  # a full report (setup, evaluation): a site's facts
             self.sites[str(rec["client"])] = {k: rec[k] for k in ("heldout", "train_n", "dim", "order") if k in rec}
 
-    def training_sites(self) -> list[str]:
-        """Training sites in the loop's lane order: the order of the experiment's clients (a shared cache's
-        partition index, which the site reports; sites with their own caches: by name, as the domains of one cache
-        are ordered), then largest training split first (a stable sort, as the loop's)."""
-        def client_order(n: str):
-            order = int(self.sites[n].get("order", -1))  # -1: own cache (or a site of an older version)
-            return (order < 0, order, n)  # "b#10" is client 10, not before "b#2"
+    def client_order(self, name: str) -> tuple:
+        """Sort key of a site in the order of the experiment's clients: a shared cache's partition index, which the
+        site reports; sites with their own caches: by name, as the domains of one cache are ordered."""
+        order = int(self.sites[name].get("order", -1))  # -1: own cache (or a site of an older version)
+        return (order < 0, order, name)  # "b#10" is client 10, not before "b#2"
 
-        names = sorted((n for n, f in self.sites.items() if not f.get("heldout")), key=client_order)
+    def training_sites(self) -> list[str]:
+        """Training sites in the loop's lane order: the order of the experiment's clients (:meth:`client_order`),
+        then largest training split first (a stable sort, as ``loop.client_lanes``)."""
+        names = sorted((n for n, f in self.sites.items() if not f.get("heldout")), key=self.client_order)
         return sorted(names, key=lambda n: -int(self.sites[n]["train_n"]))
 
     def sampled(self, rnd: int) -> list[str]:
@@ -149,7 +145,7 @@ class Coordinator:
             name = str(rec["client"])
             if rec.get("trained") and name in self.sample and name not in seen:  # one adapter per site
                 seen.add(name)
-                trained[name] = (params, float(rec["weight"]))
+                trained[name] = LocalUpdate(params, float(rec["weight"]))
         order = [n for n in self.sample if n in trained]  # the sample is in lane order
         if self.recorder:
             self.recorder.fit_round(rnd, len(order), len(self.sample) - len(order), sampled=len(self.sample))
@@ -157,9 +153,9 @@ class Coordinator:
             log(WARNING, "round %s: %s trained adapter(s), fewer than min_results=%s; the global adapter is "
                 "unchanged", rnd, len(order), self.min_results)
             return
-        stacked = {n: torch.stack([trained[s][0][n] for s in order]) for n in self.current}
-        # FedAvg as the in-process loop: uniform, or by training-set size (the weight a site reports)
-        w = client_weights(np.array([trained[s][1] for s in order]), "samples")
+        stacked = {n: torch.stack([trained[s].params[n] for s in order]) for n in self.current}
+        # FedAvg as the in-process loop: uniform, or by the training-set size a site reports
+        w = client_weights(np.array([trained[s].weight for s in order]), self.cfg.weighting)
         averaged = aggregate(stacked, [np.arange(len(order))], [w])
         self.current, self.extra = self.algo.server_update(self.current, averaged, self.extra, rnd)
 
@@ -201,6 +197,13 @@ class Coordinator:
 
 # ------------------------------------------------------------------------------------------------ transport
 
+class NodeError(NamedTuple):
+    """An error reply: the node it came from and the SuperLink's reason."""
+
+    node: int
+    reason: str
+
+
 class Exchange:
     """Sends a message to nodes and collects the replies, polling as :class:`~fedclip_cache.flower.polls.PollPlan`
     says (one plan per message type: fast around the time the last reply came in recent rounds, backing off to
@@ -209,7 +212,7 @@ class Exchange:
     def __init__(self, grid: Grid, cap: float):
         self.grid, self.cap = grid, cap
         self.lost: dict[str, int] = {}  # message id of a node's unanswered message -> node id
-        self.errors: list = []  # (node id, reason) of every error reply
+        self.errors: list[NodeError] = []  # every error reply
         self.plans: dict[str, PollPlan] = {}
 
     def live_nodes(self) -> list[int]:
@@ -239,7 +242,7 @@ class Exchange:
                     continue
                 if m.has_error():
                     log(WARNING, "node %s: %s", node, m.error.reason)
-                    self.errors.append((node, m.error.reason))
+                    self.errors.append(NodeError(node, m.error.reason))
                     continue
                 replies.append(read(m.content))
             left = end - time.monotonic()
@@ -305,7 +308,7 @@ def main(grid: Grid, context: Context) -> None:
     # when that is longer than a round's
     replies = ex(nodes, "query.setup", {"phase": "setup"}, {}, "setup", max(timeout, startup))
     if ex.errors:  # a site that cannot even start (a bad cache, an option its cache cannot honour): stop here
-        raise RuntimeError(f"node {ex.errors[0][0]} failed the set-up message: {ex.errors[0][1]}")
+        raise RuntimeError(f"node {ex.errors[0].node} failed the set-up message: {ex.errors[0].reason}")
     co.setup(replies)
     log(INFO, logproto.setup(list(co.sites)))
     if out:  # the run folder's plots need matplotlib (~0.6 s to import): imported while the rounds wait for replies

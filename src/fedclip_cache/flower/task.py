@@ -18,6 +18,16 @@ from ..federated.config import ConfigError, FederateConfig, option_flag
 
 # Run-config keys of a deployment besides the federate options (read by the ServerApp, see server_app.py).
 DEPLOYMENT_KEYS = ("sites", "out", "round_timeout", "min_results", "startup_timeout", "poll_interval")
+# Their defaults when the run config leaves them out, and the longest poll interval; `deploy`, `site` and the CLI
+# use the same constants.
+DEFAULT_ROUND_TIMEOUT = 600.0
+DEFAULT_MIN_RESULTS = 1
+DEFAULT_STARTUP_TIMEOUT = 300.0
+DEFAULT_POLL_INTERVAL = 0.2  # the longest wait between two "replies yet?" requests (flwr 1.42's own: 3 s fixed)
+MAX_POLL_INTERVAL = 60.0
+# `simulate`'s poll interval: the in-memory SuperLink answers at once, so a short poll keeps a round close to the
+# clients' work
+SIMULATION_POLL_INTERVAL = 0.05
 
 # Federate options the Flower apps do not honour, each with what to do instead (a silently ignored option would
 # give a run folder that looks like federate's but is not). Checked against the defaults.
@@ -96,10 +106,10 @@ def check_deployment_keys(rc: dict) -> None:
     n_sites = int(rc.get("sites", 0))
     if n_sites < 1:
         raise ConfigError("set the run config's `sites` to the number of SuperNodes")
-    min_results = int(rc.get("min_results", 1))
+    min_results = int(rc.get("min_results", DEFAULT_MIN_RESULTS))
     if not 1 <= min_results <= n_sites:
         raise ConfigError(f"min_results {min_results}: must be between 1 and the number of nodes ({n_sites})")
-    for key, hi in (("round_timeout", None), ("startup_timeout", None), ("poll_interval", 60.0)):
+    for key, hi in (("round_timeout", None), ("startup_timeout", None), ("poll_interval", MAX_POLL_INTERVAL)):
         if key in rc:
             v = float(rc[key])
             if not (math.isfinite(v) and v > 0 and (hi is None or v <= hi)):

@@ -28,6 +28,14 @@ class Payload(NamedTuple):
     params: dict
 
 
+class LocalUpdate(NamedTuple):
+    """A site's trained adapter (unstacked) and its training-set size (the server weighs it by ``--weighting``
+    with ``train.client_weights``, as the loop does)."""
+
+    params: dict
+    weight: float
+
+
 def pack(params: dict) -> tuple[np.ndarray, str]:
     """Named tensors -> one flat float32 array and its layout (JSON: [[name, shape], ...]): one Array (one object
     per hop) whatever the adapter's parameter count."""

@@ -50,12 +50,12 @@ from .checks import check_run_folder, check_site_options, check_sites
 from .flwr_cli import (FLWR_RUN_WHEN_READY, DeployError, app_pyproject, connection_config, final_status, follow_run,
                        run_status, start_run)
 from .processes import Deployment, Zygote, wait_until
+from ..flower.task import DEFAULT_POLL_INTERVAL, MAX_POLL_INTERVAL
 from ..flower.task import run_config  # noqa: F401  (the run config's one codec; also `deploy.run_config`)
 from .procs import free_port, make_owned, port_open, signals_ignored, sigterm_interrupts, sweep_stale, write_secret
 
 BINARIES = ("flower-superlink", "flower-supernode", "flwr")
 ISOLATIONS = ("worker", "subprocess", "process")
-DEFAULT_POLL_INTERVAL = 0.2
 
 
 def flower_bin_dir() -> Optional[str]:
@@ -89,8 +89,8 @@ class Launch:
     def __init__(self, isolation: str = "worker", poll_interval: float = DEFAULT_POLL_INTERVAL):
         if isolation not in ISOLATIONS:
             raise ConfigError(f"deploy: isolation {isolation!r} unknown; choose {', '.join(ISOLATIONS)}")
-        if not 0 < poll_interval <= 60:
-            raise ConfigError(f"deploy: poll interval {poll_interval}: must be in (0, 60] seconds")
+        if not 0 < poll_interval <= MAX_POLL_INTERVAL:
+            raise ConfigError(f"deploy: poll interval {poll_interval}: must be in (0, {MAX_POLL_INTERVAL:g}] seconds")
         self.bindir = flower_bin_dir()
         if self.bindir is None:
             raise DeployError("deploy needs Flower's command-line tools (flower-superlink, flower-supernode, flwr): "

@@ -48,11 +48,9 @@ import numpy as np
 from ..errors import ConfigError, FedclipCacheError
 from .sim_guard import KEEP, MARK
 from .procs import OWNER_FILE, make_owned, sigterm_interrupts, sweep_stale
+from ..flower.task import SIMULATION_POLL_INTERVAL as DEFAULT_POLL_INTERVAL
 
 EXTRA_HINT = "pip install 'fedclip-cache[simulation]'"
-# Seconds between the ServerApp's polls for replies (the ServerApp's own default is Flower's 3 s; the in-memory
-# SuperLink answers at once, so a short poll keeps a round close to the clients' work).
-DEFAULT_POLL_INTERVAL = 0.05
 
 
 class SimulationError(FedclipCacheError):
@@ -108,8 +106,8 @@ def write_domain_cache(cache, domain: str, out: Path) -> Path:
     cols = complete_columns({"id": cache.ids[rows], "path": cache.paths[rows], "domain": cache.domains[rows],
                              "client": cache.clients[rows], "class_name": cache.class_names[rows],
                              "split": cache.splits[rows], "label": cache.labels[rows]}, n)
-    session = "00000000T000000000000"
-    name = f"part-{session}-r000-00000{store.FORMATS[fmt]}"
+    session = store.FIXED_SESSION
+    name = store.shard_name(session, 0, 0, fmt)
     out = Path(out)
     fingerprint = cache.meta.get("fingerprint")
     cache_id = store.new_cache_id()  # another cache than the one it copies rows from

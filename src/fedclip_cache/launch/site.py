@@ -44,10 +44,10 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
+from ..flower.task import DEFAULT_POLL_INTERVAL
 from .procs import make_owned, port_open, sweep_stale, write_secret
 
 CLIENT_APP_REF = "fedclip_cache.flower.client_app:client_app"
-DEFAULT_POLL_INTERVAL = 0.2
 SITE_PREFIX = "fedclip-site-"  # a standalone site's private folder under the temporary folder (procs.py)
 
 

@@ -153,7 +153,7 @@ def main() -> None:
     with os.fdopen(pipe, "rb") as f:  # the specs, as the SuperLink's child read them from stdin
         data = f.read()
     if not data:
-        raise SystemExit("deploy_zygote: no specs (the SuperLink's child ended before it read them)")
+        raise SystemExit("launch.zygote: no specs (the SuperLink's child ended before it read them)")
     msg = json.loads(data)
     specs = msg["specs"]
     fd = os.open(msg["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)  # stderr: from now on the run's log,
