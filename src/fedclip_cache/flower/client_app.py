@@ -42,9 +42,9 @@ from ..cache.reader import FeatureCache, open_cache
 from ..federated.algorithms import make_algorithm
 from ..federated.config import ConfigError, FederateConfig
 from ..federated.fpenv import flush_denormals
-from ..federated.loop import class_sums, client_lanes, finetune_adapters, lane_setup, text_head
+from ..federated.loop import EvalPlan, class_sums, client_lanes, finetune_adapters, lane_setup, text_head
 from ..federated.protocols import Client, Experiment, build_experiments, federation_name, split_client
-from ..federated.train import batch_schedule, evaluate, lane_key, local_update
+from ..federated.train import batch_schedule, lane_key, local_update
 from .task import federate_config
 from .wire import HEAD, LocalUpdate, Payload, content, read
 
@@ -146,13 +146,14 @@ class SiteClient:
         return LocalUpdate({k: v[0] for k, v in new.items()}, len(self.client.train))
 
     def _score(self, params: dict, rows: np.ndarray, head) -> tuple[float, float]:
-        """Accuracy and mean loss on ``rows``, summed in float64 as the in-process loop does (equal numbers)."""
+        """Accuracy and mean loss on ``rows``: one segment of the loop's own :class:`~..federated.loop.EvalPlan`,
+        so a site scores its split exactly as ``federate`` scores that client's (NaN for an empty split)."""
         if not len(rows):
             return float("nan"), float("nan")
-        correct, loss = evaluate(self.kind, {n: v.unsqueeze(0) for n, v in params.items()}, self.X, self.Y,
-                                 self._head(head).unsqueeze(0), torch.from_numpy(rows).unsqueeze(0),
-                                 self.logit_scale, self.opts)
-        return int(correct.sum()) / len(rows), float(loss.double().sum()) / len(rows)
+        plan = EvalPlan([[(0, rows)]], 1, self.X, self._head(head).unsqueeze(0), torch.device("cpu"))
+        acc, loss = plan.score(self.kind, {n: v.unsqueeze(0) for n, v in params.items()}, self.Y, self.logit_scale,
+                               self.opts)
+        return float(acc[0]), float(loss[0])
 
     def evaluate(self, params: dict, head: Optional[torch.Tensor] = None) -> dict:
         """The global adapter on this site's own splits, with the facts (the recorder's report of this site)."""
