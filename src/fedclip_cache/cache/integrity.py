@@ -315,19 +315,20 @@ class Inventory:
 
 def _read_and_check(path: Path, fp: dict, dim: int, cache_id: str, views: dict | None = None,
                     listed: bool = False) -> tuple[dict, dict]:
-    meta = store.read_shard_meta(path)
+    footer = store.read_shard_footer(path)
+    meta = footer.meta
     if not (owns_listed(meta, cache_id) if listed else meta.get("cache_id") == cache_id):
         raise CacheError(f"{path}: shard of another cache (cache id {meta.get('cache_id')})")
     if meta.get("fingerprint") != fp:
         raise CacheError(f"{path}: shard written with another model/preprocessing")
     k = int(meta.get("views", 1))
-    if meta.get("_views_width", 0) != (k - 1) * dim:
-        raise CacheError(f"{path}: shard says {k} views per row but stores {meta.get('_views_width')} view values "
+    if footer.views_width != (k - 1) * dim:
+        raise CacheError(f"{path}: shard says {k} views per row but stores {footer.views_width} view values "
                          f"per row")
     if k > 1 and (meta.get("augment") != (views or {}).get("augment")
                   or meta.get("augment_seed") != (views or {}).get("seed")):
         raise CacheError(f"{path}: shard's views were made with another augmentation recipe or seed")
-    rows, dim_on_disk = meta["_rows_on_disk"], meta.get("_dim_on_disk", meta.get("dim"))
+    rows, dim_on_disk = footer.rows, footer.dim if footer.dim is not None else meta.get("dim")
     if rows != meta.get("rows") or meta.get("dim") != dim or dim_on_disk != dim:
         raise CacheError(f"{path}: shard holds {rows} rows of width {dim_on_disk}, expected {meta.get('rows')} "
                          f"of width {dim}")

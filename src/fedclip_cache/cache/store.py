@@ -26,7 +26,7 @@ import re
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 
@@ -364,37 +364,51 @@ def _damaged(path: Path, e: BaseException) -> BaseException:
                       f"`fedclip-cache extract` command to re-embed its rows")
 
 
-def read_shard_meta(path: Path, check_version: bool = True) -> dict:
-    """The shard's own metadata (rows, dim, fingerprint, session, cache_id, skipped files), from its footer only.
-    ``check_version=False``: also a shard of another format (to tell whose it is)."""
+class ShardFooter(NamedTuple):
+    """A shard's footer: the metadata its writer stored, and what the file itself holds (read from the data's own
+    shapes, so a shard whose metadata disagrees with its contents is caught by ``integrity``)."""
+
+    meta: dict  # rows, dim, fingerprint, session, cache_id, views, skipped files, format_version, ...
+    rows: int  # rows stored (-1: an HDF5 shard without an embedding dataset)
+    dim: Optional[int]  # HDF5: the stored embedding width (-1: none); Parquet: None (the list type carries it)
+    views_width: int  # values per row in the views column (0: no views; -1: a views dataset of another length)
+
+
+def read_shard_footer(path: Path, check_version: bool = True) -> ShardFooter:
+    """The shard's footer (its metadata and stored shape), without reading its rows. ``check_version=False``: also a
+    shard of another format (to tell whose it is)."""
     try:
         if path.suffix == ".parquet":
             import pyarrow.parquet as pq
 
-            md = pq.read_schema(path).metadata or {}
-            raw = md.get(META_KEY.encode())
-            meta = json.loads(raw) if raw else {}
-            meta["_rows_on_disk"] = pq.ParquetFile(path).metadata.num_rows
             arrow_schema = pq.read_schema(path)
-            meta["_views_width"] = arrow_schema.field("views").type.list_size if "views" in arrow_schema.names else 0
+            raw = (arrow_schema.metadata or {}).get(META_KEY.encode())
+            meta = json.loads(raw) if raw else {}
+            rows, dim = pq.ParquetFile(path).metadata.num_rows, None
+            views_width = arrow_schema.field("views").type.list_size if "views" in arrow_schema.names else 0
         else:
             import h5py
 
             with h5py.File(path, "r") as f:
                 raw = f.attrs.get(META_KEY)
                 meta = json.loads(raw) if raw else {}
-                meta["_rows_on_disk"] = int(f["embedding"].shape[0]) if "embedding" in f else -1
-                meta["_dim_on_disk"] = int(f["embedding"].shape[1]) if "embedding" in f else -1
+                rows = int(f["embedding"].shape[0]) if "embedding" in f else -1
+                dim = int(f["embedding"].shape[1]) if "embedding" in f else -1
                 v = f["views"].shape if "views" in f else None
-                meta["_views_width"] = int(v[1] * v[2]) if v is not None and v[0] == meta["_rows_on_disk"] else \
-                    (0 if v is None else -1)
+                views_width = int(v[1] * v[2]) if v is not None and v[0] == rows else (0 if v is None else -1)
     except Exception as e:  # pyarrow / h5py raise assorted errors on truncated or garbage files
         raise _damaged(path, e) from None
     if check_version and meta.get("format_version") not in schema.READ_FORMATS:
         raise CacheError(f"{path}: shard written by another fedclip-cache format "
                          f"({meta.get('format_version', 'unknown')}, this version reads "
                          f"{' and '.join(map(str, schema.READ_FORMATS))}); re-extract into a new folder")
-    return meta
+    return ShardFooter(meta, rows, dim, views_width)
+
+
+def read_shard_meta(path: Path, check_version: bool = True) -> dict:
+    """The metadata a shard's writer stored (rows, dim, fingerprint, session, cache_id, skipped files), from its
+    footer only (see :func:`read_shard_footer` for what the file itself holds)."""
+    return read_shard_footer(path, check_version).meta
 
 
 def decode_paths(arrow_binary) -> np.ndarray:
@@ -576,9 +590,10 @@ def read_shard_embedding_into(path: Path, out: np.ndarray, dest: np.ndarray | No
 
 def read_shard_views(path: Path, dim: int) -> np.ndarray:
     """(rows, K-1, D) augmented views of a shard, in stored dtype ((rows, 0, D) for a shard without views)."""
-    meta = read_shard_meta(path)
+    footer = read_shard_footer(path)
+    meta = footer.meta
     if int(meta.get("views", 1)) == 1:
-        return np.zeros((meta["_rows_on_disk"], 0, dim), np.float32)
+        return np.zeros((footer.rows, 0, dim), np.float32)
     blocks = [block.reshape(len(block), -1, dim) for _, block in iter_shard_embedding(path, column="views")]
     return np.concatenate(blocks) if blocks else np.zeros((0, int(meta["views"]) - 1, dim), np.float32)
 
