@@ -17,6 +17,7 @@ from fedclip_cache.cli import app, main
 from fedclip_cache.cache.models import ModelSpec, load_model
 from fedclip_cache.cache.store import CacheError
 from fedclip_cache.synthetic import write_image_folder
+from fedclip_cache.launch.procs import free_port
 
 runner = CliRunner()
 
@@ -234,7 +235,8 @@ def test_manifest_csv_and_parquet(tmp_path, image_root, model_args):
 @pytest.mark.slow  # > 10 s on 2 quiet cores (subprocesses or a ViT-B/32-sized model)
 def test_two_process_gloo_run_equals_single_process(tmp_path, image_root, model_args):
     extract(image_root, tmp_path / "one", model_args)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
+    # a free port, not a fixed one: a fixed port failed when another torchrun (a parallel test run) held it
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
            "-m", "fedclip_cache", "extract", str(image_root), str(tmp_path / "two"), *model_args,
            "--workers", "0", "-q", "--batch-size", "5", "--device", "cpu"]
     env = {**os.environ, "FEDCLIP_DIST_BACKEND": "gloo", "OMP_NUM_THREADS": "1"}

@@ -17,6 +17,7 @@ from fedclip_cache.federated.train import LocalHyper, batch_schedule
 from fedclip_cache.cache.store import CacheError
 from fedclip_cache.synthetic import write_image_folder
 from fedclip_cache.cache.views import AugmentError, AugmentedView, parse_augment, recipe_text
+from fedclip_cache.launch.procs import free_port
 
 
 
@@ -90,7 +91,8 @@ def test_two_process_torchrun_views_equal_one_process(tmp_path, image_root, mode
     """Under torchrun every rank augments its share of the images; views depend only on (seed, image, k), so the
     cache equals a one-process extract view for view."""
     extract_ok(run, image_root, tmp_path / "one", model_args, "--views", "3")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29547",
+    # a free port, not a fixed one: a fixed port failed when another torchrun (a parallel test run) held it
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
            "-m", "fedclip_cache", "extract", str(image_root), str(tmp_path / "two"), *model_args,
            "--workers", "0", "-q", "--batch-size", "5", "--device", "cpu", "--views", "3"]
     env = {**os.environ, "FEDCLIP_DIST_BACKEND": "gloo", "OMP_NUM_THREADS": "1"}
