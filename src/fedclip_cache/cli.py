@@ -204,12 +204,9 @@ def extract(
     Re-running the same command resumes a killed run, embeds only new or changed images, retries files that failed
     for a transient reason, retires images deleted or moved since, and repairs damaged shards or metadata. One
     extract at a time per cache: a second is refused while the first runs."""
-    from .cache.extract import extract as run_extract
+    from .progress import extract as run_extract  # draws the progress bar unless --quiet
 
-    cfg = ExtractConfig.from_options({**ex_options, "progress": not quiet})
-    from .progress import extract_bar
-
-    rep = run_extract(cfg, progress=extract_bar)
+    rep = run_extract(ExtractConfig.from_options({**ex_options, "progress": not quiet}))
     import os
     if int(os.environ.get("RANK", "0")) != 0:
         return

@@ -213,9 +213,8 @@ def run(path: str | Path, data: Optional[str], overrides: Optional[list[str]] = 
     The whole pipeline is validated first (:func:`prepare`), and against the cache as soon as it exists, so a
     typo in the sweep fails before the federate stage trains anything."""
     from .cache.reader import open_cache
-    from .cache.extract import extract
+    from .progress import extract  # with its progress bar
     from .federated.runfolder import claim
-    from .progress import extract_bar
     from .sweep import expand, preflight
 
     path = resolve(path)
@@ -238,8 +237,7 @@ def run(path: str | Path, data: Optional[str], overrides: Optional[list[str]] = 
         log(f"re-using cache {cache}")
     else:  # extract is incremental: a no-op for unchanged data, and it picks up added, changed and removed files
         rep = extract(ExtractConfig.from_options({**ex, "source": str(data), "out": str(cache),
-                                                  "dataset": p.get("dataset"), "progress": True}),
-                      progress=extract_bar)
+                                                  "dataset": p.get("dataset"), "progress": True}))
         log(f"extracted {rep.embedded} images ({len(rep.skipped)} skipped, {len(rep.retired)} retired, "
             f"{rep.refreshed} refreshed) into {cache}")
         for w in rep.warnings:

@@ -70,8 +70,6 @@ def test_sigterm_while_the_options_are_checked_cleans_up(tmp_path, synthetic_sit
 def test_ctrl_c_while_the_cli_reads_its_options_is_one_line(tmp_path, monkeypatch, synthetic_sites):
     """A KeyboardInterrupt between the Launch and deploy() (the CLI's own option parsing) is deploy's one line and exit
     130 (not click's "Aborted!" and exit 1), and the Launch is aborted."""
-    from typer.testing import CliRunner
-
     from fedclip_cache import cli
 
     aborted = []
@@ -85,13 +83,9 @@ def test_ctrl_c_while_the_cli_reads_its_options_is_one_line(tmp_path, monkeypatc
         def abort(self):
             aborted.append(True)
 
-    def interrupted(*a, **k):
-        raise KeyboardInterrupt
-
     monkeypatch.setattr(dep, "Launch", FakeLaunch)
-    monkeypatch.setattr(cli, "_config_from_flags", interrupted)
-    res = CliRunner().invoke(cli.app, ["deploy", *synthetic_sites(tmp_path), "-o", str(tmp_path / "run"), "--heldout",
-                                       "sketch"])
+    monkeypatch.setattr(cli, "_config_from_flags", _ctrl_c)
+    res = _cli_deploy(tmp_path, synthetic_sites)
     assert res.exit_code == 130, res.output
     assert "deploy: interrupted" in res.output and aborted == [True]
 
@@ -119,10 +113,6 @@ def test_a_launch_deploy_never_took_is_ended_by_the_cli(tmp_path, monkeypatch, s
     gone and its /tmp/fedclip-deploy-* folder removed."""
     import tempfile
 
-    from typer.testing import CliRunner
-
-    from fedclip_cache import cli
-
     if dep.flower_bin_dir() is None:
         pytest.skip("Flower's CLIs are not installed")
     tmp = tmp_path / "tmp"
@@ -135,13 +125,23 @@ def test_a_launch_deploy_never_took_is_ended_by_the_cli(tmp_path, monkeypatch, s
         launches.append(real(*a, **k))
         return launches[-1]
 
-    def interrupted(*a, **k):
-        raise KeyboardInterrupt
-
     monkeypatch.setattr(dep, "Launch", launch)
-    monkeypatch.setattr(dep, "deploy", interrupted)
-    res = CliRunner().invoke(cli.app, ["deploy", *synthetic_sites(tmp_path), "-o", str(tmp_path / "run"), "--heldout",
-                                       "sketch"])
+    monkeypatch.setattr(dep, "deploy", _ctrl_c)
+    res = _cli_deploy(tmp_path, synthetic_sites)
     assert res.exit_code == 130 and "deploy: interrupted" in res.output
     assert len(launches) == 1 and launches[0].zygote.proc.poll() is not None
     assert list(tmp.glob("fedclip-deploy-*")) == []
+
+
+def _ctrl_c(*a, **k):
+    raise KeyboardInterrupt
+
+
+def _cli_deploy(tmp_path, synthetic_sites):
+    """``fedclip-cache deploy`` of three synthetic site caches, in-process (typer's runner)."""
+    from typer.testing import CliRunner
+
+    from fedclip_cache import cli
+
+    return CliRunner().invoke(cli.app, ["deploy", *synthetic_sites(tmp_path), "-o", str(tmp_path / "run"),
+                                        "--heldout", "sketch"])

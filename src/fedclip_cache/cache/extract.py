@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from . import integrity, store, views as _views
-from .config import DEFAULT_TEMPLATES, ExtractConfig, ModelSpec, check_templates  # noqa: F401  (re-exported)
+from .config import ExtractConfig
 from .encoder import ImageEncoder, autocast_for, embed_plain, embed_with_views, input_size
 from .integrity import CacheBusy, WriterLock
 from .models import LoadedModel, load_model
