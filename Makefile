@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# torch 2.14.1 + torchvision 0.29.1 install from this machine's local disk (see DEVELOPERS.md)
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -e '.[test,demo,flower,simulation]'
+	$(PY) -m pip install -q -e '.[test,demo,flower,simulation,hf,flwr-datasets,tracking]'
 	touch $@
 
 install: $(VENV)/.installed
