@@ -165,11 +165,9 @@ def test_rounds_average_sigma_keep_u_v_and_score_each_client_with_its_own(cache_
     assert len(lanes) == 2
     init = pl.init_params(exps[0].seed)
     state = [dict(init) for _ in lanes]
-    sampled_ever = set()
     for rnd in (1, 2, 3):
         sampled = sample_lanes([np.arange(len(lanes))], exps, cfg, rnd)
         assert len(sampled) == 1
-        sampled_ever |= set(sampled.tolist())
         trained = {}
         for i in sampled:
             ln = lanes[i]
@@ -184,7 +182,8 @@ def test_rounds_average_sigma_keep_u_v_and_score_each_client_with_its_own(cache_
     for i in range(len(lanes)):
         for k in ("sigma", "U", "V"):
             torch.testing.assert_close(res.final_params[k][i], state[i][k], atol=1e-6, rtol=1e-5)
-    assert len(sampled_ever) == 2 or any(torch.equal(res.final_params["U"][i], init["U"]) for i in range(2))
+    assert torch.equal(res.final_params["sigma"][0], res.final_params["sigma"][1])  # one global prompt ...
+    assert not torch.equal(res.final_params["U"][0], res.final_params["U"][1])  # ... personal parts of their own
     # each client's validation split is scored against its own sigma + U V
     e = exps[0]
     for si, seg in enumerate(res.segments):
