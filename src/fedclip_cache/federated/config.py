@@ -220,6 +220,12 @@ class FederateConfig:
     prompt_full_context: bool = option(False, "Prompt learning: run the text transformer over the full context "
                                               "(77 tokens) instead of truncating after the longest prompt (same "
                                               "results; slower; for timing).")
+    # FedPGP (--algo fedpgp; Cui et al., ICML 2024; defaults from the official code, cited in docs/federate.md)
+    pgp_rank: int = option(8, "FedPGP: rank of each client's personal low-rank prompt U V (U: n_ctx x rank, V: "
+                              "rank x width; official: 8).", bounds=(1, None))
+    pgp_mu: float = option(0.5, "FedPGP: weight of the CLIP-guided contrastive term in the local loss (official "
+                                "script: 0.5).", bounds=(0, None))
+    pgp_temp: float = option(0.5, "FedPGP: temperature of the contrastive term (official: 0.5).")
     train_views: str = option("1", "Views of each training image to train on (a cache extracted with --views K): "
                                    "1 (official: the deterministic view only) | N <= K | all. Each local epoch "
                                    "every training sample uses one of its first N views, drawn with a seeded RNG "
@@ -303,7 +309,7 @@ class _Checks:
     COUNTS = ("batch_size", "local_epochs", "eval_every", "num_clients", "classes_per_client", "min_fit_clients",
               "n_ctx")  # whole numbers >= 1
     # > 0; None (where allowed) is the model's or the algorithm's own value
-    POSITIVE = ("lr", "eps", "alpha", "prompt_lr", "logit_scale")
+    POSITIVE = ("lr", "eps", "alpha", "prompt_lr", "logit_scale", "pgp_temp")
     NON_NEGATIVE = ("weight_decay", "mu", "finetune_steps", "prompt_weight_decay")
     SERVER_POSITIVE = ("server_lr", "tau")
     MOMENTA = ("server_momentum", "prompt_momentum")  # in [0, 1)
@@ -403,6 +409,9 @@ class _Checks:
     def combinations(self) -> None:
         """Options that are valid alone but not together: the contrastive loss's batch size, held-out domains."""
         cfg = self.cfg
+        if cfg.prompt_csc and "prompt_csc" not in get_algorithm(cfg.algo).uses and get_algorithm(cfg.algo).prompts:
+            raise self.bad("prompt_csc", f"{cfg.algo} learns one context shared by every class (FedPGP's "
+                                         f"sigma + U V); class-specific contexts are for promptfl and promptlocal")
         if cfg.batch_size < 2 and cfg.loss == "contrastive":
             raise self.bad("batch_size", "must be >= 2 for the contrastive loss (batches of one are skipped)")
         if cfg.heldout:

@@ -65,6 +65,7 @@ class LoopResult:
     fit_clients: list[int] = field(default_factory=list)  # clients that trained per round, summed over experiments
     notes: list[str] = field(default_factory=list)
     train_views: int = 1  # --train-views resolved against the cache
+    communicated_params: Optional[int] = None  # parameters a client sends per round when not all it trains (fedpgp)
 
 
 def _normalise(t: torch.Tensor) -> torch.Tensor:
@@ -368,9 +369,9 @@ class LaneRound:
             from .prompts import round_lr
 
             lr = round_lr(lp.cfg.prompt_lr, self.rnd, lp.cfg.rounds, lp.cfg.prompt_schedule)
-            ctx = lp.prompts.train(start["ctx"], schedules, lp.Xtrain, lp.Ytrain, lr, lp.logit_scale,
+            out = lp.prompts.train(start, schedules, lp.Xtrain, lp.Ytrain, lr, lp.logit_scale,
                                    lp.cfg.prompt_momentum, lp.cfg.prompt_weight_decay)
-            return {"ctx": ctx}, np.array([len(s) for s in schedules])
+            return out, np.array([len(s) for s in schedules])
         heads = lp.lane_head if self.everyone else lp.lane_head[self.idx]
         out = local_update(lp.kind, start, lp.Xtrain, lp.Ytrain, heads, schedules, lp.hp, lp.opts, correction)
         return out, np.array([len(s) for s in schedules])
@@ -490,16 +491,18 @@ class _Loop:
         self.evaluator = Evaluator(algo, experiments, lanes, self.X, self.exp_head, self.lane_head, device)
         self.has_val = np.array([bool(v) for v in self.evaluator.val_segments])
 
-        # Prompt learning (promptfl, promptlocal): no adapter; the parameters are the context vectors
-        self.prompts = None
+        # Prompt learning (promptfl, promptlocal, fedpgp): no adapter; the parameters are the algorithm's prompt
+        # tensors over the frozen text tower (algo.learner: prompts.ContextParams, pgp.PGPLearner)
+        self.prompts = self.text_tower = None
         if algo.prompts:
             from .prompts import PromptLearner, load_text_model
 
             lm = load_text_model(cache.meta, device, cfg.text_model_config, cfg.text_pretrained)
-            self.prompts = PromptLearner(lm.model, lm.tokenizer, cache.classes, cfg.n_ctx, cfg.ctx_init,
-                                         truncate=not cfg.prompt_full_context, device=device, csc=cfg.prompt_csc)
-            inits = {s: {"ctx": self.prompts.init_ctx(s)} for s in {e.seed for e in experiments}}
-            shapes = {"ctx": self.prompts.ctx_shape} if lanes else {}
+            self.text_tower = PromptLearner(lm.model, lm.tokenizer, cache.classes, cfg.n_ctx, cfg.ctx_init,
+                                            truncate=not cfg.prompt_full_context, device=device, csc=cfg.prompt_csc)
+            self.prompts = algo.learner(self.text_tower)
+            inits = {s: self.prompts.init_params(s) for s in {e.seed for e in experiments}}
+            shapes = self.prompts.param_shapes if lanes else {}
         else:
             check_memory(self)
             inits = {s: init_params(kind_name, d, self.hidden, s) for s in {e.seed for e in experiments}}
@@ -520,7 +523,7 @@ class _Loop:
     def _score(self, full: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         ev, params = self.evaluator, self._scored()
         if self.prompts is not None:  # each group's class embeddings come from its own context vectors
-            ev.val.heads = ev.rest.heads = self.prompts.heads(params["ctx"])
+            ev.val.heads = ev.rest.heads = self.prompts.heads(params)
             params = {}
         args = (self.kind, params, self.Y, self.logit_scale, self.opts)
         acc, loss = ev.val.score(*args)
@@ -548,8 +551,8 @@ class _Loop:
         cfg, algo = self.cfg, self.algo
         self.best_val = np.full(len(self.experiments), -np.inf)
         self.notes: list[str] = []
-        if self.prompts is not None and cfg.ctx_init and self.prompts.n_ctx != cfg.n_ctx:
-            self.notes.append(f"--ctx-init {cfg.ctx_init!r} sets n_ctx = {self.prompts.n_ctx}, its token count (as "
+        if self.prompts is not None and cfg.ctx_init and self.text_tower.n_ctx != cfg.n_ctx:
+            self.notes.append(f"--ctx-init {cfg.ctx_init!r} sets n_ctx = {self.text_tower.n_ctx}, its token count (as "
                               f"CoOp); --n-ctx {cfg.n_ctx} is not used")
         self.best_server: Params = {}
         rounds, accs, losses, val_means, fit = [], [], [], [], []
@@ -590,6 +593,7 @@ class _Loop:
                          np.array(val_means), fit_clients=fit, notes=self.notes, train_views=self.train_views)
         if self.prompts is not None:
             res.trainable_params = self.prompts.num_params
+            res.communicated_params = self.prompts.communicated_params
         res.notes += finetune_notes(cfg, algo, self.train_views)
         if cfg.finetune_steps and algo.trains and not algo.personal:
             self._keep_best(~self.has_val)  # no validation data: fine-tune the last round's model, the one reported
@@ -653,9 +657,9 @@ def finetune(loop: _Loop) -> dict:
     start = {n: v[lane_exp] for n, v in start_from.items()}
     if loop.prompts is not None:  # prompt learning: fine-tune the context with the prompt optimiser at --prompt-lr
         schedules = finetune_schedules(lanes, cfg.finetune_steps, loop.hp)
-        ctx = loop.prompts.train(start["ctx"], schedules, loop.X, loop.Y, cfg.prompt_lr, loop.logit_scale,
-                                 cfg.prompt_momentum, cfg.prompt_weight_decay)
-        tuned, heads = {}, loop.prompts.heads(ctx)  # each client scored against its own context's class embeddings
+        params = loop.prompts.train(start, schedules, loop.X, loop.Y, cfg.prompt_lr, loop.logit_scale,
+                                    cfg.prompt_momentum, cfg.prompt_weight_decay)
+        tuned, heads = {}, loop.prompts.heads(params)  # each client scored against its own context's embeddings
     else:
         heads = torch.stack([loop.exp_head[ln.exp] for ln in lanes])
         tuned = finetune_adapters(loop.kind, start, loop.X, loop.Y, heads, lanes, cfg.finetune_steps, loop.hp,

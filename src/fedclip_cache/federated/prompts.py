@@ -236,6 +236,38 @@ class PromptLearner:
         return torch.cat([self.class_embeddings_many(ctxs[i:i + per]) for i in range(0, len(ctxs), per)])
 
 
+class ContextParams:
+    """CoOp / PromptFL's parameter set ``{"ctx": (*ctx_shape)}`` over a :class:`PromptLearner`: the interface the
+    loop trains and scores every prompt method through (``param_shapes``, ``init_params``, ``train``, ``heads``,
+    ``num_params``, ``communicated_params``; FedPGP's is ``pgp.PGPLearner``). Parameters are dicts of tensors
+    stacked over clients."""
+
+    def __init__(self, base: PromptLearner):
+        self.base = base
+
+    @property
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {"ctx": self.base.ctx_shape}
+
+    @property
+    def num_params(self) -> int:
+        return self.base.num_params
+
+    @property
+    def communicated_params(self) -> int:
+        return self.base.num_params
+
+    def init_params(self, seed: int) -> dict[str, torch.Tensor]:
+        return {"ctx": self.base.init_ctx(seed)}
+
+    def train(self, start: dict, schedules: list[list[np.ndarray]], X, Y: torch.Tensor, lr: float, scale: float,
+              momentum: float = 0.0, weight_decay: float = 0.0) -> dict:
+        return {"ctx": self.base.train(start["ctx"], schedules, X, Y, lr, scale, momentum, weight_decay)}
+
+    def heads(self, params: dict) -> torch.Tensor:
+        return self.base.heads(params["ctx"])
+
+
 def round_lr(lr: float, rnd: int, rounds: int, schedule: str = "constant") -> float:
     """The prompt step size of round ``rnd`` (1-based) of ``rounds``: constant, or cosine annealing to zero stepped
     once per round (round 1 uses ``lr``)."""

@@ -40,12 +40,14 @@ def metrics_table(res: LoopResult):
 
 
 def communication(cfg: FederateConfig, n_clients: int, trainable: int, rounds: int, model_params: Optional[int],
-                  num_classes: int, dim: int, fit_clients: Optional[float] = None) -> dict:
+                  num_classes: int, dim: int, fit_clients: Optional[float] = None,
+                  communicated: Optional[int] = None) -> dict:
     """Bytes one experiment moves: each round every sampled client downloads and uploads ``upload_factor``
     adapters' worth of float32 parameters (SCAFFOLD: the adapter and a control variate). ``fit_clients`` is the
-    mean number of clients sampled per round (default: all)."""
+    mean number of clients sampled per round (default: all). ``communicated``: the parameters that travel when
+    they are fewer than those trained (FedPGP: sigma, not the personal U V)."""
     algo = get_algorithm(cfg.algo)
-    per_client = trainable * BYTES_PER_PARAM
+    per_client = (trainable if communicated is None else communicated) * BYTES_PER_PARAM
     fit = n_clients if fit_clients is None else fit_clients
     up = int(round(per_client * algo.upload_factor * fit)) if algo.communicates else 0
     proto = (num_classes * dim + num_classes) * BYTES_PER_PARAM * n_clients if cfg.head == "prototype" and \
@@ -130,7 +132,7 @@ def summarise(res: LoopResult, cfg: FederateConfig, cache: FeatureCache) -> dict
     dropped = dropped_samples(res)
     notes = summary_notes(res, cfg, dropped)
     prompts = get_algorithm(cfg.algo).prompts  # prompt learning: no adapter, no head, CE
-    ctx = res.final_params.get("ctx") if prompts else None
+    ctx = res.final_params.get("ctx", res.final_params.get("sigma")) if prompts else None  # fedpgp: sigma
     return {
         "algo": cfg.algo, "adapter": "none" if cfg.algo == "zeroshot" or prompts else cfg.adapter,
         "hidden": None if prompts else cfg.hidden, "head": "prompt" if prompts else cfg.head,
@@ -141,7 +143,9 @@ def summarise(res: LoopResult, cfg: FederateConfig, cache: FeatureCache) -> dict
                        "lr": cfg.prompt_lr, "schedule": cfg.prompt_schedule, "optimizer": "sgd",
                        "momentum": cfg.prompt_momentum, "weight_decay": cfg.prompt_weight_decay,
                        "class_specific": cfg.prompt_csc,
-                       "truncated": not cfg.prompt_full_context}} if prompts else {}),
+                       "truncated": not cfg.prompt_full_context,
+                       **({"rank": cfg.pgp_rank, "mu": cfg.pgp_mu, "temp": cfg.pgp_temp}
+                          if cfg.algo == "fedpgp" else {})}} if prompts else {}),
         "logit_scale": res.logit_scale, "logit_scale_source": res.logit_scale_source,
         "split_tail": cfg.split_tail if cfg.split_source == "random" else None,
         "split_dropped": int(sum(dropped.values())),
@@ -154,7 +158,7 @@ def summarise(res: LoopResult, cfg: FederateConfig, cache: FeatureCache) -> dict
                     else {})},
         "communication": communication(cfg, n_clients, res.trainable_params,
                                        cfg.rounds if cfg.algo != "zeroshot" else 0, cache.model_params,
-                                       len(cache.classes), cache.dim, fit),
+                                       len(cache.classes), cache.dim, fit, res.communicated_params),
         "cache": cache.record() if hasattr(cache, "record") else cache_record(cache),  # a deployment: its sites
         "seconds": round(res.seconds, 3),
     }

@@ -4,7 +4,7 @@ Adding an algorithm: a new module here with a ``@register_algorithm`` class, imp
 """
 from .base import (ALGORITHMS, Algorithm, RoundContext, ServerUpdate, TrainState, algorithms_help, get_algorithm,
                    list_algorithms, register_algorithm)
-from . import fedavg, fedopt, scaffold, baselines, prompt  # noqa: E402,F401  (registration order = --help order)
+from . import fedavg, fedopt, scaffold, baselines, prompt, fedpgp  # noqa: E402,F401  (registration = --help order)
 
 __all__ = ["ALGORITHMS", "Algorithm", "RoundContext", "ServerUpdate", "TrainState", "algorithms_help", "get_algorithm",
            "list_algorithms", "register_algorithm", "make_algorithm"]

@@ -22,6 +22,13 @@ PROMPT_OPTIONS = ("n_ctx", "ctx_init", "prompt_lr", "prompt_momentum", "prompt_w
                   "prompt_schedule", "text_model_config", "text_pretrained", "prompt_full_context")
 
 
+def context_learner(base):
+    """CoOp's parameter set ``{"ctx"}`` over the frozen text tower ``base`` (``prompts.ContextParams``)."""
+    from ..prompts import ContextParams
+
+    return ContextParams(base)
+
+
 @register_algorithm
 class PromptFL(Algorithm):
     name = "promptfl"
@@ -30,6 +37,10 @@ class PromptFL(Algorithm):
                  "IEEE TMC 2023; Zhou et al., CoOp, IJCV 2022")
     prompts = True
     uses = PROMPT_OPTIONS
+
+    def learner(self, base):
+        """The prompt parameters this method trains over the frozen text tower ``base`` (prompts.PromptLearner)."""
+        return context_learner(base)
 
 
 @register_algorithm
@@ -41,3 +52,6 @@ class PromptLocal(Algorithm):
     personal = True
     communicates = False
     uses = PROMPT_OPTIONS
+
+    def learner(self, base):
+        return context_learner(base)
