@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
-    # 3 domains x 5 classes: every class of every client has a few training images (10-20)
+    # 3 domains x 5 classes: every class of every client has 5 or more training images
     return write_synthetic_cache(tmp_path_factory.mktemp("shots") / "c", {"a": 120, "b": 100, "c": 110}, 5, dim=16,
                                  seed=1)
 
