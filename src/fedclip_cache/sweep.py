@@ -576,8 +576,8 @@ def summary_csv(results: dict) -> str:
     for rec in results["summary"]:
         f = {}
         for k, v in rec.items():
-            if isinstance(v, dict):
-                f[f"{k}_mean"], f[f"{k}_std"] = v["mean"], v["std"]
+            if isinstance(v, dict) or (v is None and k in ("base", "novel", "hm")):  # None: no --base-to-novel
+                f[f"{k}_mean"], f[f"{k}_std"] = (v["mean"], v["std"]) if v else (None, None)
             else:
                 f[k] = v
         flat.append(f)
