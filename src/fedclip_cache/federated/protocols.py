@@ -203,7 +203,8 @@ def build_experiments(cache: FeatureCache, cfg: FederateConfig, seeds: Optional[
     for e in exps:
         empty = [c.name for c in e.clients if len(c.train) == 0]
         if empty and cfg.algo not in ("zeroshot",):
-            raise ConfigError(f"client {empty[0]} has no training samples in {e.name}; use fewer clients or "
+            why = " of the base classes (--base-to-novel)" if cfg.base_to_novel else ""
+            raise ConfigError(f"client {empty[0]} has no training samples{why} in {e.name}; use fewer clients or "
                               f"another partition")
     return exps
 
