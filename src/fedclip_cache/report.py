@@ -106,6 +106,17 @@ def _pct(x) -> str:
     return "—" if x is None else f"{100 * x:.2f}"
 
 
+# --base-to-novel: the columns beside held-out / test (which are then the base classes'), and the summary's keys
+NOVEL_COLUMNS = (("held-out novel", "heldout_novel", "heldout_novel_best"), ("held-out HM", "heldout_hm",
+                 "heldout_hm_best"), ("test novel", "test_novel_mean", "test_novel_mean_best"),
+                 ("test HM", "test_hm", "test_hm_best"))
+
+
+def novel_columns(s: dict) -> tuple:
+    """The base-to-novel columns a run summary's tables add (none without --base-to-novel)."""
+    return NOVEL_COLUMNS if s.get("base_to_novel") else ()
+
+
 def render_run_summary(s: dict, console: Console) -> None:
     comm = s["communication"]
     console.print(f"[bold]{s['algo']}[/] adapter={s['adapter']} hidden={s['hidden'] or 'default'} head={s['head']} "
@@ -114,18 +125,25 @@ def render_run_summary(s: dict, console: Console) -> None:
     console.print(f"trainable parameters {comm['trainable_params']:,}{ratio}; "
                   f"{comm['bytes_up_per_round']:,} B up + {comm['bytes_down_per_round']:,} B down per round, "
                   f"{comm['bytes_total']:,} B in total", soft_wrap=True)
+    if s.get("shots") or s.get("base_to_novel"):
+        b2n = s.get("base_to_novel")
+        console.print(f"protocols: shots={s.get('shots') or 'all'}" + (
+            f"; base-to-novel: {len(b2n['base_classes'])} base / {len(b2n['novel_classes'])} novel classes "
+            f"(held-out and test columns: base classes; HM = harmonic mean)" if b2n else ""), soft_wrap=True)
+    novel = novel_columns(s)
     tuned = "test_mean_finetuned" in s["mean"]  # --finetune-steps: personalised accuracy beside the global one
     t = Table(title="accuracy (%) at the selected round (best mean validation) / last round")
     for col in ("experiment", "best round", "held-out", "clients' test (mean)") + \
-            (("test, fine-tuned",) if tuned else ()) + ("held-out (last)", "test (last)"):
+            (("test, fine-tuned",) if tuned else ()) + tuple(c[0] for c in novel) + ("held-out (last)", "test (last)"):
         t.add_column(col, justify="right" if col != "experiment" else "left")
     for e in s["experiments"]:
         t.add_row(e["experiment"], str(e["best"]["round"]), _pct(e["best"]["heldout"]), _pct(e["best"]["test_mean"]),
                   *((_pct(e["best"].get("test_mean_finetuned")),) if tuned else ()),
-                  _pct(e["last"]["heldout"]), _pct(e["last"]["test_mean"]))
+                  *(_pct(e["best"].get(c[1])) for c in novel), _pct(e["last"]["heldout"]), _pct(e["last"]["test_mean"]))
     m = s["mean"]
     t.add_row("[bold]mean", "", _pct(m["heldout_best"]), _pct(m["test_mean_best"]),
-              *((_pct(m["test_mean_finetuned"]),) if tuned else ()), _pct(m["heldout_last"]),
+              *((_pct(m["test_mean_finetuned"]),) if tuned else ()), *(_pct(m.get(c[2])) for c in novel),
+              _pct(m["heldout_last"]),
               _pct(m["test_mean_last"]))
     console.print(t)
     for note in s.get("notes", []):
@@ -211,11 +229,12 @@ def _report_run(path, kind: str, fmt: str, plots: bool, console: Console) -> Non
         print(json.dumps(s, indent=2))
     else:
         sep = "," if fmt == "csv" else " | "
-        head = ["experiment", "best_round", "heldout", "test_mean", "heldout_last", "test_mean_last"]
+        novel = [c[1] for c in novel_columns(s)]
+        head = ["experiment", "best_round", "heldout", "test_mean", *novel, "heldout_last", "test_mean_last"]
         lines = [sep.join(head)] + ([] if fmt == "csv" else ["|".join(["---"] * len(head))])
         for e in s["experiments"]:
             vals = [e["experiment"], e["best"]["round"], _pct(e["best"]["heldout"]), _pct(e["best"]["test_mean"]),
-                    _pct(e["last"]["heldout"]), _pct(e["last"]["test_mean"])]
+                    *(_pct(e["best"].get(k)) for k in novel), _pct(e["last"]["heldout"]), _pct(e["last"]["test_mean"])]
             lines.append(sep.join(map(str, vals)))
         if fmt == "md":
             lines = ["| " + ln + " |" for ln in lines]

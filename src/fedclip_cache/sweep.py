@@ -175,6 +175,9 @@ def point_id(cfg: FederateConfig) -> str:
         d.pop("keep_denormals", None)
     if d.get("train_views") == "1":  # likewise
         d.pop("train_views", None)
+    for name in ("shots", "base_to_novel"):  # protocols (issue 23), likewise when off
+        if not d.get(name):
+            d.pop(name, None)
     return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -480,12 +483,15 @@ def collect(out: str | Path, folders: Optional[list[str]] = None) -> dict:
             common = {"point": pid, **point, "algo": cfg["algo"], "adapter": s["adapter"], "seed": e["seed"],
                       "heldout": e["heldout"] or "", "trainable_params": params,
                       "bytes_total": s["communication"]["bytes_total"], "best_round": e["best"]["round"]}
+            # --base-to-novel: acc_* are the base classes', acc_novel_best the novel classes' (None without it)
             if e["heldout"]:
                 rows.append({**common, "target": e["heldout"], "split": "heldout",
-                             "acc_best": e["best"]["heldout"], "acc_last": e["last"]["heldout"]})
+                             "acc_best": e["best"]["heldout"], "acc_last": e["last"]["heldout"],
+                             "acc_novel_best": e["best"].get("heldout_novel")})
             for client, acc in e["best"]["test"].items():
                 rows.append({**common, "target": client, "split": "test", "acc_best": acc,
-                             "acc_last": e["last"]["test"].get(client)})
+                             "acc_last": e["last"]["test"].get(client),
+                             "acc_novel_best": e["best"].get("test_novel", {}).get(client)})
         curves.append({"point": pid, "folder": str(folder), **point, "algo": cfg["algo"], "params": params})
     table = pa.Table.from_pylist(rows) if rows else None
     return {"keys": keys, "table": table, "summary": summarise(table, keys), "curves": curves, "out": str(out)}
@@ -507,9 +513,25 @@ def summarise(table, keys: list[str]) -> list[dict]:
         for tgt, gt in g.groupby("target", sort=True):
             rec[f"{tgt}"] = _mean_std(gt["acc_best"].to_numpy())
         rec["avg"] = _mean_std(per_seed_avg.to_numpy())
+        if "acc_novel_best" in df and df["acc_novel_best"].notna().any():
+            rec.update(base_novel_hm(g))
         rec["seeds"] = int(g["seed"].nunique())
         out.append(rec)
     return out
+
+
+def base_novel_hm(g) -> dict:
+    """``--base-to-novel`` columns of one point's rows (a pandas frame): base, novel and their harmonic mean,
+    each mean ± std over seeds of the seed's average over targets (HM of the seed's averages, as
+    ``results.mean_novel``); None for a point run without it (a grid over base_to_novel)."""
+    from .federated.protocols import harmonic_mean
+
+    if g["acc_novel_best"].isna().all():
+        return {"base": None, "novel": None, "hm": None}
+    base = g.groupby("seed")["acc_best"].mean()
+    novel = g.groupby("seed")["acc_novel_best"].mean()
+    hm = np.array([harmonic_mean(float(base[s]), float(novel[s])) for s in base.index], dtype=float)
+    return {"base": _mean_std(base.to_numpy()), "novel": _mean_std(novel.to_numpy()), "hm": _mean_std(hm)}
 
 
 def _mean_std(x: np.ndarray) -> dict:
@@ -525,7 +547,8 @@ def summary_rows(summary: list[dict]) -> tuple[list[str], list[list[str]]]:
         row = []
         for c in cols:
             v = rec.get(c)
-            row.append(f"{100 * v['mean']:.2f} ± {100 * v['std']:.2f}" if isinstance(v, dict) else str(v))
+            row.append(f"{100 * v['mean']:.2f} ± {100 * v['std']:.2f}" if isinstance(v, dict) else
+                       "-" if v is None and c in ("base", "novel", "hm") else str(v))
         rows.append(row)
     return cols, rows
 
@@ -553,8 +576,8 @@ def summary_csv(results: dict) -> str:
     for rec in results["summary"]:
         f = {}
         for k, v in rec.items():
-            if isinstance(v, dict):
-                f[f"{k}_mean"], f[f"{k}_std"] = v["mean"], v["std"]
+            if isinstance(v, dict) or (v is None and k in ("base", "novel", "hm")):  # None: no --base-to-novel
+                f[f"{k}_mean"], f[f"{k}_std"] = (v["mean"], v["std"]) if v else (None, None)
             else:
                 f[k] = v
         flat.append(f)

@@ -246,6 +246,14 @@ class FederateConfig:
                                      "over dropped and counted) | test (they go to test).", choices=("drop", "test"))
     client_key: str = option("domain", "domain | client: which cache column defines clients.",
                              choices=("domain", "client"))
+    # Protocols (issue 23): few-shot training splits and base-to-novel generalisation (federated/protocols.py)
+    shots: Optional[int] = option(None, "Few-shot: keep K training images per class in each client's training "
+                                        "split (seeded per class: the same images for every algorithm, and those "
+                                        "of K a subset of those of K' > K); validation and test unchanged. "
+                                        "Default: every training image.", bounds=(1, None))
+    base_to_novel: bool = option(False, "Base-to-novel (FedTPG, CoCoOp): train and validate on the base classes "
+                                        "(the first ceil(C/2) of the class list); test on base and on novel "
+                                        "classes, each among its own classes, and their harmonic mean.")
     seed: int = option(0, f"Seed (data split, shuffles, adapter init), 0 to {SEED_MAX}.", bounds=(0, SEED_MAX))
     eval_every: int = option(1, "Evaluate every N rounds (official: every round).")
     curves: bool = option(False, "Score test and held-out sets every evaluated round (full curves for plots). "
@@ -421,6 +429,22 @@ class _Checks:
             if len(set(cfg.heldout)) != len(cfg.heldout):
                 dup = next(h for h in cfg.heldout if cfg.heldout.count(h) > 1)
                 raise self.bad("heldout", f"domain {dup!r} is given twice")
+        if cfg.base_to_novel:
+            self.base_to_novel()
+
+    def base_to_novel(self) -> None:
+        """``--base-to-novel`` with what has nothing to say about classes never trained on."""
+        cfg = self.cfg
+        prompts = get_algorithm(cfg.algo).prompts
+        if cfg.head == "prototype" and not prompts:
+            raise self.bad("head", f"a prototype head has no novel-class prototypes without novel-class data; "
+                                   f"{self.flag('base_to_novel')} needs the text head ({self.flag('head')} text)")
+        if cfg.prompt_csc and prompts:
+            raise self.bad("prompt_csc", f"class-specific contexts of novel classes are never trained; "
+                                         f"{self.flag('base_to_novel')} needs one shared context")
+        if cfg.finetune_steps:
+            raise self.bad("finetune_steps", f"not supported with {self.flag('base_to_novel')} (its test split mixes "
+                                             f"base and novel classes); use --finetune-steps 0")
 
 
 _KINDS = _kinds()

@@ -26,10 +26,11 @@ from .adapters import (ADAPTERS, AdapterKind, Params, adapter_options, adapter_w
 from .algorithms import Algorithm, TrainState, make_algorithm
 from .config import ConfigError, FederateConfig
 from .fpenv import flush_denormals
-from .protocols import Experiment
+from .protocols import ClassSplit, Experiment, class_split
 from .train import (LocalHyper, Rows, aggregate, batch_schedule, client_weights, evaluate, host_tensor, lane_key,
                     local_update)
 
+NOVEL = "_novel"  # --base-to-novel: the split name of a test or held-out segment's novel-class rows ("test_novel")
 EVAL_CHUNK = 1024  # rows per evaluation matmul: small enough to stay in cache (measured: -15 % vs one piece)
 # Evaluation rows are gathered once and kept across rounds only up to this size: gathering them again each round
 # costs one pass over them, which matters when rounds are short (PACS: ~40 MB, -15 % of the run) and is noise when
@@ -66,6 +67,7 @@ class LoopResult:
     notes: list[str] = field(default_factory=list)
     train_views: int = 1  # --train-views resolved against the cache
     communicated_params: Optional[int] = None  # parameters a client sends per round when not all it trains (fedpgp)
+    classes: Optional[ClassSplit] = None  # --base-to-novel: the base and novel classes
 
 
 def _normalise(t: torch.Tensor) -> torch.Tensor:
@@ -168,7 +170,9 @@ def lane_setup(cache: FeatureCache, cfg: FederateConfig, algo: Algorithm, device
         views = cache.views(k)
         Xtrain = Rows(host_tensor(views.reshape(k * views.shape[1], -1)), device, resident=resident)
     X = Rows(host_tensor(cache.features), device, resident=resident)
-    Y = torch.from_numpy(cache.labels).to(device)
+    # --base-to-novel: each label as an index among its own group's classes (the heads are base or novel only)
+    Y = torch.from_numpy(class_split(len(cache.classes)).local_labels(cache.labels) if cfg.base_to_novel
+                         else cache.labels).to(device)
     Xtrain, Ytrain = (Xtrain, Y.repeat(k)) if k > 1 and trains else (X, Y)
     # prompt learning uses no adapter: image features go straight to normalise + logits
     kind_name = "none" if not algo.trains or algo.prompts else cfg.adapter
@@ -298,9 +302,11 @@ class Evaluator:
     for the plots."""
 
     def __init__(self, algo: Algorithm, experiments: list[Experiment], lanes: list[Lane], X: Rows,
-                 exp_head: list[torch.Tensor], lane_head: Optional[torch.Tensor], device: torch.device):
+                 exp_head: list[torch.Tensor], lane_head: Optional[torch.Tensor], device: torch.device,
+                 classes: Optional[ClassSplit] = None, labels: Optional[np.ndarray] = None):
         self.segments: list[dict] = []
-        val_groups, rest_groups, heads, source = [], [], [], []
+        self.classes = classes  # --base-to-novel: test rows of novel classes are scored by self.novel
+        val_groups, rest_groups, novel_groups, heads, source = [], [], [], [], []
 
         def add(e: Experiment, client: str, split: str, idx: np.ndarray, into: list):
             if len(idx) == 0:
@@ -308,14 +314,22 @@ class Evaluator:
             self.segments.append(segment(e, client, split, len(idx)))
             into.append((len(self.segments) - 1, idx))
 
+        def add_tested(e: Experiment, client: str, split: str, idx: np.ndarray, rest: list, novel: list):
+            if classes is None:
+                return add(e, client, split, idx, rest)
+            base = classes.is_base(labels[idx])
+            add(e, client, split, idx[base], rest)
+            add(e, client, split + NOVEL, idx[~base], novel)
+
         def add_group(e: Experiment, clients, heldout_label: str, head: torch.Tensor, src: int):
-            val, rest = [], []
+            val, rest, novel = [], [], []
             for cl in clients:
                 add(e, cl.name, "val", cl.val, val)
-                add(e, cl.name, "test", cl.test, rest)
+                add_tested(e, cl.name, "test", cl.test, rest, novel)
             if e.heldout is not None:
-                add(e, heldout_label, "heldout", e.heldout, rest)
-            val_groups.append(val), rest_groups.append(rest), heads.append(head), source.append(src)
+                add_tested(e, heldout_label, "heldout", e.heldout, rest, novel)
+            val_groups.append(val), rest_groups.append(rest), novel_groups.append(novel)
+            heads.append(head), source.append(src)
 
         if algo.personal:
             for li, ln in enumerate(lanes):
@@ -328,9 +342,30 @@ class Evaluator:
         n = len(self.segments)
         self.val = EvalPlan(val_groups, n, X, heads_t, device)
         self.rest = EvalPlan(rest_groups, n, X, heads_t, device)
+        self.novel = EvalPlan(novel_groups, n, X, heads_t, device) if classes is not None else None
+        self.set_heads(heads_t)
         self.source = torch.tensor(source, dtype=torch.long, device=device)
         self.val_segments = [[i for i, s in enumerate(self.segments) if s["experiment"] == e.name
                               and s["split"] == "val"] for e in experiments]
+
+    def set_heads(self, heads: torch.Tensor) -> None:
+        """The class embeddings (G, C, D) of every group (prompt learning: new each round); with
+        ``--base-to-novel`` validation and base-class test rows are scored among the base classes, novel-class
+        test rows among the novel classes."""
+        if self.classes is None:
+            self.val.heads = self.rest.heads = heads
+            return
+        self.val.heads = self.rest.heads = heads[:, torch.from_numpy(self.classes.base).to(heads.device)]
+        self.novel.heads = heads[:, torch.from_numpy(self.classes.novel).to(heads.device)]
+
+    def score_tests(self, *args) -> tuple[np.ndarray, np.ndarray]:
+        """Accuracy and loss of the test and held-out segments (NaN elsewhere): :meth:`EvalPlan.score`'s
+        arguments."""
+        acc, loss = self.rest.score(*args)
+        if self.novel is not None:
+            a2, l2 = self.novel.score(*args)
+            acc, loss = np.where(np.isnan(acc), a2, acc), np.where(np.isnan(loss), l2, loss)
+        return acc, loss
 
 
 # ------------------------------------------------------------------------------------------------ a round
@@ -369,8 +404,8 @@ class LaneRound:
             from .prompts import round_lr
 
             lr = round_lr(lp.cfg.prompt_lr, self.rnd, lp.cfg.rounds, lp.cfg.prompt_schedule)
-            out = lp.prompts.train(start, schedules, lp.Xtrain, lp.Ytrain, lr, lp.logit_scale,
-                                   lp.cfg.prompt_momentum, lp.cfg.prompt_weight_decay)
+            out = lp.train_prompts.train(start, schedules, lp.Xtrain, lp.Ytrain, lr, lp.logit_scale,
+                                         lp.cfg.prompt_momentum, lp.cfg.prompt_weight_decay)
             return out, np.array([len(s) for s in schedules])
         heads = lp.lane_head if self.everyone else lp.lane_head[self.idx]
         out = local_update(lp.kind, start, lp.Xtrain, lp.Ytrain, heads, schedules, lp.hp, lp.opts, correction)
@@ -488,12 +523,16 @@ class _Loop:
         self.members = [np.array([i for i, ln in enumerate(lanes) if ln.exp == ei], dtype=np.int64)
                         for ei in range(len(experiments))]
         self.lane_exp = torch.tensor([ln.exp for ln in lanes], dtype=torch.long, device=device)
-        self.evaluator = Evaluator(algo, experiments, lanes, self.X, self.exp_head, self.lane_head, device)
+        self.classes = class_split(len(cache.classes)) if cfg.base_to_novel else None
+        self.evaluator = Evaluator(algo, experiments, lanes, self.X, self.exp_head, self.lane_head, device,
+                                   self.classes, cache.labels)
+        if self.classes is not None and self.lane_head is not None:  # clients train among the base classes only
+            self.lane_head = self.lane_head[:, torch.from_numpy(self.classes.base).to(device)]
         self.has_val = np.array([bool(v) for v in self.evaluator.val_segments])
 
         # Prompt learning (promptfl, promptlocal, fedpgp): no adapter; the parameters are the algorithm's prompt
         # tensors over the frozen text tower (algo.learner: prompts.ContextParams, pgp.PGPLearner)
-        self.prompts = self.text_tower = None
+        self.prompts = self.text_tower = self.train_prompts = None
         if algo.prompts:
             from .prompts import PromptLearner, load_text_model
 
@@ -501,6 +540,10 @@ class _Loop:
             self.text_tower = PromptLearner(lm.model, lm.tokenizer, cache.classes, cfg.n_ctx, cfg.ctx_init,
                                             truncate=not cfg.prompt_full_context, device=device, csc=cfg.prompt_csc)
             self.prompts = algo.learner(self.text_tower)
+            # the prompts clients train: every class's, or the base classes' alone (--base-to-novel)
+            self.train_prompts = self.prompts if self.classes is None else algo.learner(PromptLearner(
+                lm.model, lm.tokenizer, [cache.classes[i] for i in self.classes.base], cfg.n_ctx, cfg.ctx_init,
+                truncate=not cfg.prompt_full_context, device=device, csc=cfg.prompt_csc))
             inits = {s: self.prompts.init_params(s) for s in {e.seed for e in experiments}}
             shapes = self.prompts.param_shapes if lanes else {}
         else:
@@ -523,14 +566,14 @@ class _Loop:
     def _score(self, full: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         ev, params = self.evaluator, self._scored()
         if self.prompts is not None:  # each group's class embeddings come from its own context vectors
-            ev.val.heads = ev.rest.heads = self.prompts.heads(params)
+            ev.set_heads(self.prompts.heads(params))
             params = {}
         args = (self.kind, params, self.Y, self.logit_scale, self.opts)
         acc, loss = ev.val.score(*args)
         val_mean = np.array([acc[v].mean() if v else 0.0 for v in ev.val_segments])
         improved = improves(val_mean, self.best_val, self.has_val)
         if full or improved.any():
-            a2, l2 = ev.rest.score(*args)
+            a2, l2 = ev.score_tests(*args)
             acc, loss = np.where(np.isnan(acc), a2, acc), np.where(np.isnan(loss), l2, loss)
         if improved.any():
             self.best_val = np.where(improved, val_mean, self.best_val)
@@ -590,7 +633,8 @@ class _Loop:
         res = LoopResult(self.experiments, self.evaluator.segments, rounds, np.array(accs), np.array(losses),
                          num_params(self.kind_name, self.dim, self.hidden), 0.0,
                          {n: v.cpu() for n, v in final.items()}, self.logit_scale, self.logit_scale_source,
-                         np.array(val_means), fit_clients=fit, notes=self.notes, train_views=self.train_views)
+                         np.array(val_means), fit_clients=fit, notes=self.notes, train_views=self.train_views,
+                         classes=self.classes)
         if self.prompts is not None:
             res.trainable_params = self.prompts.num_params
             res.communicated_params = self.prompts.communicated_params

@@ -8,11 +8,21 @@ Each training client is split 60/20/20 by a seeded shuffle (seeded by the client
 split in every held-out run), with the official boundaries ``int(.6n)``, ``int(.2n)``, ``int(.2n)``; the 0-2
 samples left over are dropped as in the official code (counted in the summary) or, with ``--split-tail test``,
 given to the test split.
+
+Two protocols of the prompt-learning literature apply on top of either, to every algorithm:
+
+* ``--shots K`` (CoOp, PromptFL): each client's *training* split keeps K images per class (:func:`few_shot`);
+  validation and test splits are those of the full data.
+* ``--base-to-novel`` (FedTPG, Qiu et al., ICLR 2024; CoCoOp, Zhou et al., CVPR 2022): the first ``ceil(C/2)``
+  classes by index are *base*, the rest *novel* (:func:`class_split`, FedTPG's ``math.ceil(n / 2)``); training and
+  validation splits keep base-class images only; test splits are scored on base and novel images separately, each
+  among its own classes, and summarised by their harmonic mean (:func:`harmonic_mean`).
 """
 from __future__ import annotations
 
+import math
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
@@ -29,6 +39,7 @@ class Client:
     val: np.ndarray
     test: np.ndarray
     dropped: int = 0  # samples in no split (the official split's floor remainder, --split-tail drop)
+    short: dict[int, int] = field(default_factory=dict)  # --shots K: class -> images kept, for classes with < K
 
 
 @dataclass
@@ -98,15 +109,79 @@ def _make_clients(cache: FeatureCache, pool: np.ndarray, cfg: FederateConfig, se
 
 def split_client(cache: FeatureCache, name: str, idx: np.ndarray, cfg: FederateConfig, seed: int) -> Client:
     """Client ``name`` holding rows ``idx``: its train/val/test splits (``--split-source``: seeded by the seed and
-    the client's name, or the cache's split column) and the rows they leave over. ``federate`` and a Flower site
-    with its own cache both form their clients here."""
+    the client's name, or the cache's split column) and the rows they leave over; then the protocols: with
+    ``--base-to-novel`` its train and val splits keep base-class rows only, with ``--shots K`` its train split
+    keeps K rows per class (:func:`few_shot`). ``federate`` and a Flower site with its own cache both form their
+    clients here."""
     tr, va, te = (_split_from_cache(cache, idx, name) if cfg.split_source == "cache"
                   else split_indices(idx, cfg.split, seed, name, cfg.split_tail))
-    return Client(name, tr, va, te, int(len(idx) - len(tr) - len(va) - len(te)))
+    dropped = int(len(idx) - len(tr) - len(va) - len(te))
+    if cfg.base_to_novel:
+        base = class_split(len(cache.classes)).is_base(cache.labels)
+        tr, va = tr[base[tr]], va[base[va]]
+    short: dict[int, int] = {}
+    if cfg.shots is not None:
+        tr, short = few_shot(cache.labels, tr, cfg.shots, seed, name)
+    return Client(name, tr, va, te, dropped, short)
+
+
+def few_shot(labels: np.ndarray, train: np.ndarray, shots: int, seed: int, name: str
+             ) -> tuple[np.ndarray, dict[int, int]]:
+    """``--shots K``: the first K rows of each class of ``train`` in a permutation seeded by (seed, client name,
+    class) alone, so every algorithm trains on the same images and the rows of K are a subset of those of any
+    K' > K. A class with fewer than K rows keeps all of them; returns the kept rows (sorted) and, for such classes,
+    class -> rows kept (a class the client does not hold at all is not listed)."""
+    y = labels[train]
+    kept, short = [], {}
+    for c in np.unique(y):
+        rows = np.sort(train[y == c])
+        perm = np.random.default_rng([seed, _key(name), int(c)]).permutation(len(rows))
+        kept.append(rows[perm[:shots]])
+        if len(rows) < shots:
+            short[int(c)] = int(len(rows))
+    return (np.sort(np.concatenate(kept)) if kept else train[:0]), short
+
+
+@dataclass(frozen=True)
+class ClassSplit:
+    """``--base-to-novel``'s classes: ``base`` and ``novel`` class indices, in order."""
+
+    base: np.ndarray
+    novel: np.ndarray
+
+    def is_base(self, labels: np.ndarray) -> np.ndarray:
+        """Whether each label is a base class."""
+        return np.asarray(labels) < len(self.base)
+
+    def local_labels(self, labels: np.ndarray) -> np.ndarray:
+        """Each label as an index among its own group's classes (base: 0..nb-1, novel: 0..nn-1), the labels every
+        base-to-novel head (base classes only, novel classes only) is scored and trained against."""
+        labels = np.asarray(labels)
+        return np.where(labels < len(self.base), labels, labels - len(self.base))
+
+
+def class_split(num_classes: int) -> ClassSplit:
+    """Base = the first ``ceil(C/2)`` classes by index, novel = the rest: FedTPG's rule (``dataloader/
+    dm_federated.py``: ``m = math.ceil(n / 2)``, base ``[:m]``, new ``[m:]``), as CoCoOp's ``subsample_classes``."""
+    m = math.ceil(num_classes / 2)
+    return ClassSplit(np.arange(m), np.arange(m, num_classes))
+
+
+def harmonic_mean(base: Optional[float], novel: Optional[float]) -> Optional[float]:
+    """The harmonic mean of base and novel accuracy (CoCoOp, FedTPG): ``2 b n / (b + n)``; 0 when both are 0;
+    None when either is unmeasured."""
+    if base is None or novel is None:
+        return None
+    return 2 * base * novel / (base + novel) if base + novel > 0 else 0.0
 
 
 def build_experiments(cache: FeatureCache, cfg: FederateConfig, seeds: Optional[list[int]] = None) -> list[Experiment]:
     seeds = [cfg.seed] if seeds is None else seeds
+    if cfg.base_to_novel and len(cache.classes) < 2:
+        from .config import option_flag
+
+        raise ConfigError(f"{option_flag('base_to_novel')}: the cache {cache.path} has {len(cache.classes)} class(es); "
+                          f"base and novel classes need at least two")
     domains = cache.domain_names
     all_rows = np.arange(len(cache))
     exps = []
@@ -128,7 +203,8 @@ def build_experiments(cache: FeatureCache, cfg: FederateConfig, seeds: Optional[
     for e in exps:
         empty = [c.name for c in e.clients if len(c.train) == 0]
         if empty and cfg.algo not in ("zeroshot",):
-            raise ConfigError(f"client {empty[0]} has no training samples in {e.name}; use fewer clients or "
+            why = " of the base classes (--base-to-novel)" if cfg.base_to_novel else ""
+            raise ConfigError(f"client {empty[0]} has no training samples{why} in {e.name}; use fewer clients or "
                               f"another partition")
     return exps
 

@@ -11,8 +11,8 @@ from ..cache.reader import FeatureCache, open_cache
 from ..cache.store import atomic_write, write_json
 from .algorithms import get_algorithm
 from .config import FederateConfig
-from .loop import LoopResult, run_loop
-from .protocols import build_experiments, split_said
+from .loop import NOVEL, LoopResult, run_loop
+from .protocols import build_experiments, harmonic_mean, split_said
 
 BYTES_PER_PARAM = 4  # float32 adapters travel
 
@@ -97,7 +97,7 @@ def experiment_summary(res: LoopResult, ei: int) -> dict:
     best = selected_round(val_curve) if val else len(res.rounds) - 1
 
     def at(k: int) -> dict:
-        return {
+        out = {
             "round": int(res.rounds[k]),
             "val_mean": _finite(val_curve[k]) if val else None,
             # a client missing from a round (a deployment's lost site) is left out, never imputed
@@ -105,6 +105,7 @@ def experiment_summary(res: LoopResult, ei: int) -> dict:
             "test_mean": _mean(res.acc[k, test]) if test else None,
             "heldout": _mean(res.acc[k, held]) if held else None,
         }
+        return {**out, **novel_accuracies(res, ix, k, out)} if res.classes is not None else out
     record = {"experiment": e.name, "heldout": e.heldout_name, "seed": e.seed,
               "clients": {cl.name: {"train": len(cl.train), "val": len(cl.val), "test": len(cl.test),
                                     "dropped": cl.dropped} for cl in e.clients},
@@ -116,6 +117,47 @@ def experiment_summary(res: LoopResult, ei: int) -> dict:
         record["best"]["test_finetuned"] = tuned
         record["best"]["test_mean_finetuned"] = float(np.mean(list(tuned.values()))) if tuned else None
     return record
+
+
+def novel_accuracies(res: LoopResult, ix: list[int], k: int, base: dict) -> dict:
+    """``--base-to-novel``: round ``k``'s novel-class accuracies of the segments ``ix`` (one experiment) beside
+    ``base`` (its ``test``/``test_mean``/``heldout``, which are the base classes'), and the harmonic means."""
+    segs = res.segments
+    test = [i for i in ix if segs[i]["split"] == "test" + NOVEL]
+    held = [i for i in ix if segs[i]["split"] == "heldout" + NOVEL]
+    novel_mean = _mean(res.acc[k, test]) if test else None
+    heldout_novel = _mean(res.acc[k, held]) if held else None
+    return {"test_novel": {segs[i]["client"]: float(res.acc[k, i]) for i in test if not np.isnan(res.acc[k, i])},
+            "test_novel_mean": novel_mean, "test_hm": harmonic_mean(base["test_mean"], novel_mean),
+            "heldout_novel": heldout_novel, "heldout_hm": harmonic_mean(base["heldout"], heldout_novel)}
+
+
+def protocol_record(res: LoopResult, cfg: FederateConfig, classes: list[str]) -> dict:
+    """What summary.json says of the protocols: ``shots`` (None: every training image) with the classes some
+    client holds fewer of (``seed/client`` -> class -> images kept), and ``base_to_novel`` (None, or its rule and
+    classes)."""
+    short = {f"{e.seed}/{cl.name}": {classes[c]: n for c, n in cl.short.items()}
+             for e in res.experiments for cl in e.clients if cl.short}
+    b2n = None if res.classes is None else {
+        "rule": "base = the first ceil(C/2) classes by index, novel = the rest (FedTPG)",
+        "base_classes": [classes[i] for i in res.classes.base],
+        "novel_classes": [classes[i] for i in res.classes.novel]}
+    return {"shots": cfg.shots, "shots_short": short if cfg.shots is not None else None, "base_to_novel": b2n}
+
+
+def mean_novel(exps: list[dict]) -> dict:
+    """``--base-to-novel``: the summary's means of novel accuracy, and the harmonic means of the mean base and mean
+    novel accuracies (CoCoOp's and FedTPG's tables: HM of the averages, not the average of HMs)."""
+    out = {}
+    for which in ("best", "last"):
+        def avg(key):
+            vals = [x[which][key] for x in exps if x[which].get(key) is not None]
+            return float(np.mean(vals)) if vals else None
+        for base, novel in (("heldout", "heldout_novel"), ("test_mean", "test_novel_mean")):
+            b, n = avg(base), avg(novel)
+            stem = base.replace("_mean", "")
+            out[f"{novel}_{which}"], out[f"{stem}_hm_{which}"] = n, harmonic_mean(b, n)
+    return out
 
 
 def summarise(res: LoopResult, cfg: FederateConfig, cache: FeatureCache) -> dict:
@@ -149,13 +191,15 @@ def summarise(res: LoopResult, cfg: FederateConfig, cache: FeatureCache) -> dict
         "logit_scale": res.logit_scale, "logit_scale_source": res.logit_scale_source,
         "split_tail": cfg.split_tail if cfg.split_source == "random" else None,
         "split_dropped": int(sum(dropped.values())),
+        **protocol_record(res, cfg, list(cache.classes)),
         "notes": notes,
         "rounds": cfg.rounds if cfg.algo != "zeroshot" else 0,
         "experiments": exps,
         "mean": {"heldout_best": avg("heldout", "best"), "test_mean_best": avg("test_mean", "best"),
                  "heldout_last": avg("heldout", "last"), "test_mean_last": avg("test_mean", "last"),
                  **({"test_mean_finetuned": avg("test_mean_finetuned", "best")} if res.finetuned is not None
-                    else {})},
+                    else {}),
+                 **(mean_novel(exps) if res.classes is not None else {})},
         "communication": communication(cfg, n_clients, res.trainable_params,
                                        cfg.rounds if cfg.algo != "zeroshot" else 0, cache.model_params,
                                        len(cache.classes), cache.dim, fit, res.communicated_params),
@@ -183,7 +227,20 @@ def summary_notes(res: LoopResult, cfg: FederateConfig, dropped: dict[str, int])
     if sum(dropped.values()):
         notes.append(f"--split-tail drop (official boundaries): {sum(dropped.values())} sample(s) of training "
                      f"clients are in no split; --split-tail test gives them to the test split")
-    return notes
+    return notes + shots_notes(res, cfg)
+
+
+def shots_notes(res: LoopResult, cfg: FederateConfig) -> list[str]:
+    """``--shots K``: the classes some client has fewer than K training images of, which keep all they have."""
+    short = [(e, cl) for e in res.experiments for cl in e.clients if cl.short]
+    if cfg.shots is None or not short:
+        return []
+    e, cl = short[0]
+    c, n = next(iter(cl.short.items()))
+    total = sum(len(cl.short) for _, cl in short)
+    return [f"--shots {cfg.shots}: {total} (client, class) pair(s) in {len(short)} client split(s) have fewer "
+            f"training images and keep all they have (e.g. {cl.name} in {e.name}, class index {c}: {n}); see "
+            f"summary.json shots_short"]
 
 
 def measurement_notes(experiments, cfg: FederateConfig) -> list[str]:

@@ -33,6 +33,7 @@ SIMULATION_POLL_INTERVAL = 0.05
 # give a run folder that looks like federate's but is not). Checked against the defaults.
 UNSUPPORTED = {
     "device": "the sites train on their CPU; leave --device at cpu",
+    "base_to_novel": "the sites score no novel-class test rows yet; use `fedclip-cache federate`",
 }
 
 
