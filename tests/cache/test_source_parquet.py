@@ -193,3 +193,33 @@ def test_parquet_with_path_column_is_still_a_manifest(tmp_path, image_root, mode
     c = open_cache(tmp_path / "c")
     assert len(c) == 36 and not any("#" in p for p in c.paths)
     shutil.rmtree(tmp_path / "c")
+
+
+def test_cache_inside_the_parquet_folder_is_not_data(tmp_path, pacs_like, model_args, run, extract_ok):
+    """The cache's own Parquet shards, written inside the source folder, are never read as rows."""
+    _, pqdir = pacs_like
+    extract_ok(run, pqdir, pqdir / "cache", model_args)
+    o = extract_ok(run, pqdir, pqdir / "cache", model_args)
+    assert "+0 embedded" in o and "36 already cached" in o, o
+
+
+def test_a_folder_whose_name_looks_like_a_pattern_is_still_a_folder(tmp_path, model_args, run, extract_ok):
+    root = write_image_folder(tmp_path / "PACS [v2]", domains=("art",), per_class=1)
+    extract_ok(run, root, tmp_path / "c", model_args)
+    assert len(open_cache(tmp_path / "c")) == 3
+
+
+def test_pipeline_source_key(tmp_path, one_line_error):
+    """A pipeline's [pipeline] source names any extract source; relative paths live under --base-dir."""
+    from fedclip_cache.errors import FedclipCacheError
+    from fedclip_cache.pipeline import load, pipeline_source
+
+    for src in ("hf:flwrlabs/pacs", "pq/data", "wds/{00000..00009}.tar"):
+        (tmp_path / "p.toml").write_text(f'[pipeline]\nname = "p"\nsource = "{src}"\n')
+        assert load(tmp_path / "p.toml")["pipeline"]["source"] == src
+    (tmp_path / "p.toml").write_text('[pipeline]\nname = "p"\nsource = " "\n')
+    with pytest.raises(FedclipCacheError, match="source"):
+        load(tmp_path / "p.toml")
+    assert pipeline_source("hf:flwrlabs/pacs", tmp_path) == "hf:flwrlabs/pacs"
+    assert pipeline_source("wds/{0..1}.tar", tmp_path) == str(tmp_path / "wds" / "{0..1}.tar")
+    assert pipeline_source(None, tmp_path) is None

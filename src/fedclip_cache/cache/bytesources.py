@@ -90,7 +90,7 @@ def container_kind(source: str) -> str:
     if source.startswith(HF_PREFIX):
         return "hf"
     parts = source.split("::")
-    if len(parts) > 1 or _has_magic(source):
+    if not os.path.exists(source) and (len(parts) > 1 or _has_magic(source)):  # "/data/PACS [v2]" is a folder
         names = [n for p in parts for n in expand_braces(p)]
         exts = {_ext(n) for n in names}
         if exts <= {".tar"}:
@@ -138,14 +138,31 @@ def _parquet_folder(p: Path) -> bool:
     from .sources import IMAGE_EXTENSIONS
 
     found = False
-    for _, dirs, files in os.walk(p):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
+    for _, _, files in _walk(p):
         for f in files:
             e = _ext(f)
             if e in IMAGE_EXTENSIONS:
                 return False
             found = found or e == ".parquet"
     return found
+
+
+def _walk(root: Path):
+    """``os.walk`` of a source folder without hidden folders and without this tool's own outputs (a cache written
+    inside the folder holds Parquet shards that are not data: :func:`.sources.own_output`)."""
+    from .sources import own_output
+
+    for top, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and
+                         not own_output(os.path.join(top, d), _listdir(os.path.join(top, d))))
+        yield top, dirs, files
+
+
+def _listdir(path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []
 
 
 def resolve_files(source: str, ext: str) -> tuple[Path, list[Path]]:
@@ -156,7 +173,7 @@ def resolve_files(source: str, ext: str) -> tuple[Path, list[Path]]:
     parts = source.split("::")
     if len(parts) == 1 and Path(source).is_dir():
         root = Path(source)
-        files = sorted(Path(d) / f for d, _, fs in os.walk(root) for f in fs if _ext(f) == ext)
+        files = sorted(Path(d) / f for d, _, fs in _walk(root) for f in fs if _ext(f) == ext)
         return root, files
     files, missing = [], []
     for part in parts:
