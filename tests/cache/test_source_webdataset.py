@@ -137,3 +137,19 @@ def test_torchrun_shards_the_rows(tmp_path, model_args, run, extract_ok):
     one, two = open_cache(tmp_path / "one"), open_cache(tmp_path / "two")
     assert (one.paths == two.paths).all() and (one.labels == two.labels).all()
     np.testing.assert_allclose(one.features, two.features, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow  # > 10 s: an extract subprocess slowed down to be raced
+def test_writer_lock_holds_for_shards(tmp_path, model_args, run, one_line_error, slow_extract, wait_for_shards):
+    root = write_image_folder(tmp_path / "folder")
+    write_wds_shards(root, tmp_path / "wds", shards=2)
+    src, out = str(tmp_path / "wds" / "*.tar"), tmp_path / "c"
+    proc, _ = slow_extract(src, out, model_args)
+    wait_for_shards(out, 1)
+    try:
+        one_line_error(*run("extract", src, out, *model_args, "--workers", "0", "-q"),
+                       "another extract is writing this cache", f"pid {proc.pid}")
+    finally:
+        _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert len(open_cache(out)) == 36
