@@ -71,6 +71,10 @@ def test_classlabel_order_is_the_label_index(tmp_path, model_args, run, extract_
     c = open_cache(tmp_path / "c")
     assert c.classes == names and c.domain_names == ["x"]  # named after the file
     assert [c.classes[y] for y in c.labels] == [cl for _, _, cl in imgs]
+    (tmp_path / "classes.txt").write_text("dog\ncat\n")  # --classes need not list a ClassLabel name without rows
+    extract_ok(run, tmp_path / "x.parquet", tmp_path / "c3", model_args, "--image-column", "img", "--classes",
+               tmp_path / "classes.txt")
+    assert open_cache(tmp_path / "c3").classes == ["dog", "cat"]
     t2 = pa.table({"img": [p.read_bytes() for p, _, _ in imgs], "label": [c for _, _, c in imgs]})
     pq.write_table(t2, tmp_path / "s.parquet")
     extract_ok(run, tmp_path / "s.parquet", tmp_path / "c2", model_args, "--image-column", "img", "--domain", "clipart")

@@ -552,7 +552,7 @@ def _class_list(cfg: ExtractConfig, table: ImageTable) -> list[str]:
     classes, sorted."""
     if cfg.classes is None:
         return table.classes
-    unknown = sorted(set(table.classes) - set(cfg.classes))
+    unknown = sorted(set(table.class_name.tolist()) - set(cfg.classes))  # classes with images (not ClassLabel's)
     if unknown:
         raise ExtractError(f"{cfg.source}: class {unknown[0]!r} ({len(unknown)} class(es) in all) is not in the "
                            f"--classes list; add it to the list every site uses, or remove those images")
