@@ -662,7 +662,9 @@ def report(
 def run(
     pipeline: Path = typer.Argument(..., help="Pipeline TOML file, or the name of a bundled pipeline: "
                                               + ", ".join(bundled_pipelines()) + "."),
-    data: Optional[Path] = typer.Option(None, help="Dataset folder or manifest (needed until the cache exists)."),
+    data: Optional[Path] = typer.Option(None, help="Dataset: a folder, a manifest, hf:NAME[:SPLIT], Parquet with image "
+                                                   "bytes or WebDataset shards (default: the pipeline's [pipeline] "
+                                                   "source; needed until the cache exists)."),
     set_: List[str] = typer.Option([], "--set", help="Override SECTION.KEY=VALUE, e.g. federate.rounds=50; "
                                                      "repeatable."),
     base_dir: Path = typer.Option(Path("."), help="Where the pipeline's relative cache/out paths live."),

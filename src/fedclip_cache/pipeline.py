@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -22,7 +23,9 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
-PIPELINE_KEYS = {"name", "cache", "out", "dataset", "description"}
+# source: the dataset extract reads when --data is not given (a folder, a manifest, hf:NAME[:SPLIT], Parquet with
+# image bytes, WebDataset shards: cache/bytesources.py); --data overrides it.
+PIPELINE_KEYS = {"name", "cache", "out", "dataset", "description", "source"}
 # [extract] keys: every extract option (cache/config.py) except what the pipeline itself provides.
 EXTRACT_KEYS = set(PIPELINE_OPTIONS)
 SWEEP_KEYS = {"grid", "seeds", "jobs"}
@@ -127,7 +130,7 @@ def _is_int(v: Any) -> bool:
 
 def _check_pipeline(p: dict, label: Callable[[str], str]) -> None:
     for k, v in p.items():
-        if not isinstance(v, str) or (k in ("name", "cache", "out") and not v.strip()):
+        if not isinstance(v, str) or (k in ("name", "cache", "out", "source") and not v.strip()):
             raise ConfigError(f"{said(label('pipeline.' + k), v)}: expected a non-empty string")
     if "dataset" in p:
         check_option("dataset", p["dataset"], label("pipeline.dataset"))  # extract's --dataset
@@ -206,6 +209,14 @@ def load(path: str | Path, overrides: Optional[list[str]] = None) -> dict:
     return prepare(path, overrides).cfg
 
 
+def pipeline_source(source: Optional[str], base_dir: Path) -> Optional[str]:
+    """A pipeline's ``[pipeline] source`` as extract takes it: ``hf:NAME`` as written, a relative path (or pattern)
+    under ``base_dir`` like the pipeline's cache and out."""
+    if source is None or source.startswith("hf:") or os.path.isabs(source):
+        return source
+    return "::".join(str(Path(base_dir) / part) for part in source.split("::"))
+
+
 def run(path: str | Path, data: Optional[str], overrides: Optional[list[str]] = None, base_dir: str | Path = ".",
         log: Callable[[str], None] = print, skip_sweep: bool = False) -> dict:
     """Extract (incremental: only new or changed images are embedded; skipped without --data), federate, sweep.
@@ -226,12 +237,14 @@ def run(path: str | Path, data: Optional[str], overrides: Optional[list[str]] = 
     cache = base_dir / p.get("cache", f"caches/{name}")
     out = base_dir / p.get("out", f"runs/{name}")
     ex = dict(cfg.get("extract", {}))
+    data = data if data is not None else pipeline_source(p.get("source"), base_dir)
     names = {**plan.fed_names, **plan.grid_names}
     sweeping = bool(cfg.get("sweep")) and not skip_sweep
     points = [plan.federate] + (expand(plan.federate, plan.grid, names) if sweeping else [])
     if data is None:  # no dataset given: use the cache as it is (open_cache refuses an unfinished one)
         if not (cache / "cache.json").is_file():
-            raise ConfigError(f"{cache} does not exist yet: pass --data PATH (the dataset folder or manifest)")
+            raise ConfigError(f"{cache} does not exist yet: pass --data PATH (the dataset folder or manifest, "
+                              f"hf:NAME, Parquet or WebDataset shards) or set [pipeline] source")
         open_cache(cache, load_features=False)  # an unfinished or damaged cache is refused before any work
         preflight(cache, points, names)
         log(f"re-using cache {cache}")

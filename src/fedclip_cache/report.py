@@ -15,6 +15,7 @@ def cache_summary(c: "FeatureCache | CacheOverview") -> dict:
     model = m.get("model") or {}
     return {
         "path": str(c.path),
+        "source": ((m.get("runs") or [{}])[-1]).get("source"),  # the last extract's (hf:NAME, a path, a pattern)
         "format": m["format"],
         "model": model.get("name"),
         "pretrained": model.get("pretrained"),
@@ -74,6 +75,8 @@ def render_cache_summary(s: dict, console: Console) -> None:
     else:
         console.print("views: 1 per image (the deterministic preprocessing above)")
     console.print(f"templates: {s['templates']}")
+    if s.get("source"):
+        console.print(f"source: {escape(s['source'])}", soft_wrap=True)
     t = Table(title=f"{s['images']:,} images · {len(s['domains'])} domains × {len(s['classes'])} classes")
     t.add_column("class")
     for d in s["domains"]:

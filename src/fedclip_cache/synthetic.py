@@ -113,3 +113,75 @@ def write_synthetic_cache(out: str | Path, domain_sizes: dict[str, int], num_cla
         "state": "complete", "shards": listing, "last_session": session, "skipped": [],
         "retired": {"count": 0, "paths": []}})
     return out
+
+
+# ------------------------------------------------------------------ the same images as Parquet and WebDataset shards
+# (extract's sources: cache/bytesources.py). Rows follow the folder's scan order (domain, class, file name).
+
+def folder_images(root: str | Path) -> list[tuple[Path, str, str]]:
+    """(file, domain, class) of every image of a DomainBed folder written by :func:`write_image_folder`, in the
+    order ``extract`` scans it."""
+    root = Path(root)
+    return [(p, p.parent.parent.name, p.parent.name) for p in sorted(root.glob("*/*/*")) if p.is_file()]
+
+
+def hf_image_schema(classes: Sequence[str]):
+    """The Arrow schema of ``flwrlabs/pacs`` / ``flwrlabs/office-home`` on the Hub: ``image`` struct<bytes, path>,
+    ``domain`` string, ``label`` int64 whose class names are the ClassLabel in the ``huggingface`` metadata."""
+    import pyarrow as pa
+
+    features = {"image": {"_type": "Image"}, "domain": {"dtype": "string", "_type": "Value"},
+                "label": {"names": list(classes), "_type": "ClassLabel"}}
+    return pa.schema([("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
+                      ("domain", pa.string()), ("label", pa.int64())],
+                     metadata={b"huggingface": json.dumps({"info": {"features": features}}).encode()})
+
+
+def write_hf_parquet(root: str | Path, out: str | Path, files: int = 2, row_group_size: int = 5,
+                     prefix: str = "train") -> list[Path]:
+    """The images of the folder ``root`` as Parquet files ``out/<prefix>-0000k-of-0000n.parquet`` with exactly
+    ``flwrlabs/pacs``'s schema (:func:`hf_image_schema`; classes sorted as the folder's), split over ``files``
+    files of small row groups."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    images = folder_images(root)
+    classes = sorted({c for _, _, c in images})
+    schema = hf_image_schema(classes)
+    recs = [{"image": {"bytes": p.read_bytes(), "path": p.name}, "domain": d, "label": classes.index(c)}
+            for p, d, c in images]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for k, part in enumerate(np.array_split(np.arange(len(recs)), files)):
+        path = out / f"{prefix}-{k:05d}-of-{files:05d}.parquet"
+        pq.write_table(pa.Table.from_pylist([recs[i] for i in part], schema=schema), path,
+                       row_group_size=row_group_size)
+        paths.append(path)
+    return paths
+
+
+def write_wds_shards(root: str | Path, out: str | Path, shards: int = 2) -> list[Path]:
+    """The images of the folder ``root`` as WebDataset shards ``out/0000k.tar`` (img2dataset's layout): per
+    image ``KEY.<ext>`` (its bytes), ``KEY.json`` ({"label": class, "domain": domain}) and ``KEY.txt``."""
+    import io
+    import tarfile
+
+    images = folder_images(root)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for k, part in enumerate(np.array_split(np.arange(len(images)), shards)):
+        path = out / f"{k:05d}.tar"
+        with tarfile.open(path, "w") as tf:
+            for i in part.tolist():
+                p, d, c = images[i]
+                key = f"{i:09d}"
+                for name, data in ((f"{key}{p.suffix}", p.read_bytes()),
+                                   (f"{key}.json", json.dumps({"label": c, "domain": d}).encode()),
+                                   (f"{key}.txt", f"a picture of a {c}".encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tf.addfile(info, io.BytesIO(data))
+        paths.append(path)
+    return paths

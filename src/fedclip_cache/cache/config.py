@@ -121,6 +121,21 @@ def _dataset(value: str, label: str) -> None:
         raise ConfigError(f"{said(label, value)} unknown; choose one of {', '.join(DATASETS)} or leave it out")
 
 
+def _column(value: str, label: str) -> None:
+    if not value.strip():
+        raise ConfigError(f"{said(label, value)}: a column or key name cannot be empty; leave the option out for its "
+                          f"default")
+
+
+def _domain_name(value: str, label: str) -> None:
+    from .sources import path_name_problem  # here: sources needs numpy, --help does not
+
+    why = path_name_problem(value)
+    if why:
+        raise ConfigError(f"{said(label, value)} {why}; a domain name becomes a file name, so it must be one plain "
+                          f"name")
+
+
 class FromFile(NamedTuple):
     """A list option whose items the ``extract`` command also reads from a file, one per line: that file's flag,
     its help, and why an empty one is refused (it would silently stand for the default)."""
@@ -186,8 +201,11 @@ class ModelSpec:
 class ExtractConfig:
     """Every option of an ``extract`` run; the model's options are its ``model`` (:class:`ModelSpec`)."""
 
-    source: str = option(help="DomainBed folder ROOT/<domain>/<class>/<image>, or a manifest .csv/.parquet (path, "
-                              "label, domain[, client][, split]).", path=True, argument=True, pipeline=False)
+    source: str = option(help="DomainBed folder ROOT/<domain>/<class>/<image>; a manifest .csv/.parquet (path, "
+                              "label, domain[, client][, split]); hf:NAME[:SPLIT] (a dataset in the local Hugging "
+                              "Face cache); a Parquet file, folder or glob with image bytes; or WebDataset shards "
+                              "'DIR/{00000..00099}.tar' (brace pattern, glob or '::' list).", path=True,
+                         argument=True, pipeline=False)
     out: str = option(help="Cache folder to create or extend (resumable).", path=True, argument=True, pipeline=False)
     model: ModelSpec = field(default_factory=ModelSpec)
     format: str = option("parquet", "parquet or hdf5.", choices=("parquet", "hdf5"))
@@ -241,6 +259,32 @@ class ExtractConfig:
     augment_seed: Optional[int] = option(
         None, "Seed of the augmented views (default 0): view k of an image depends only on this seed, the image's "
               "path in the dataset and k. Fixed for a cache once it holds views.", bounds=(0, 2**63 - 1))
+
+    # Sources whose images are bytes in container files (hf:, Parquet with image bytes, WebDataset shards;
+    # cache/bytesources.py): where a row's image, label, domain, client and split are. Parquet column names, or the
+    # keys of a WebDataset sample's .json. Refused for a folder or manifest, which name their own.
+    image_column: str = option("image", "Parquet/hf: column holding the image bytes (HF struct<bytes, path> or "
+                                        "binary).", rule=_column)
+    label_column: str = option("label", "Parquet/hf: column, or WebDataset .json key, of the label (a ClassLabel "
+                                        "index, or the class name; WebDataset also reads a .cls member).",
+                               rule=_column)
+    domain_column: str = option("domain", "Parquet/hf: column, or WebDataset .json key, of the domain (none: the "
+                                          "whole source is one domain, named by --domain or after the dataset).",
+                                rule=_column)
+    client_column: Optional[str] = option(None, "Parquet/hf: column, or WebDataset .json key, of the client "
+                                                "(default: the domain).", rule=_column)
+    split_column: Optional[str] = option(None, "Parquet/hf: column, or WebDataset .json key, of the split "
+                                               "(default: none).", rule=_column)
+    domain: Optional[str] = option(None, "Parquet/hf:/WebDataset: the name of the one domain of a source without a "
+                                         "domain column; with one, extract only the rows of this domain (a site's "
+                                         "own cache).", rule=_domain_name)
+
+    def source_columns(self):
+        """The :class:`~.bytesources.Columns` of a container source, from the options above."""
+        from .bytesources import Columns
+
+        return Columns(self.image_column, self.label_column, self.domain_column, self.client_column,
+                       self.split_column, self.domain)
 
     def option_values(self) -> dict[str, Any]:
         """Every option's value by name (:data:`OPTIONS`), the model's side by side with the run's."""

@@ -78,7 +78,7 @@ class ImageEncoder:
         return (torch.cat(parts).numpy() if parts else np.zeros((0, self.dim), np.float32)).reshape(n, v, self.dim)
 
 
-def embed_plain(enc: ImageEncoder, paths: list[str], writer: ShardWriter, failed: Failed,
+def embed_plain(enc: ImageEncoder, paths, writer: ShardWriter, failed: Failed,
                 advance: Callable[[int], None]) -> Embedded:
     """One view per image: the plain path, exactly as it always was."""
     embedded = 0
@@ -96,7 +96,7 @@ def embed_plain(enc: ImageEncoder, paths: list[str], writer: ShardWriter, failed
     return Embedded(embedded, 0)
 
 
-def embed_with_views(enc: ImageEncoder, paths: list[str], ids: np.ndarray, writer: ShardWriter, failed: Failed,
+def embed_with_views(enc: ImageEncoder, paths, ids: np.ndarray, writer: ShardWriter, failed: Failed,
                      advance: Callable[[int], None], n_full: int, cached: CachedRows) -> Embedded:
     """K views per image: one pass over the new/changed images (every view), then one per view count already held
     by the cached rows being extended (only the views they lack)."""
@@ -179,14 +179,14 @@ class ViewFiles(ImageFiles):
         return len(self.order)
 
     def __getitem__(self, j: int):
-        from .imageio import BadImage, content_hash, open_rgb, read_regular_file
+        from .imageio import BadImage, content_hash, open_rgb
 
         i = int(self.order[j])
         v = self.count - self.first
         blank = torch.zeros(3, *self.input_size) if self.with_view0 else torch.zeros(0)
         try:
-            data = read_regular_file(self.paths[i])
-            img = open_rgb(self.paths[i], self.exif_transpose, data)
+            data = self.paths.read(i)
+            img = open_rgb("", self.exif_transpose, data)
             x = self.preprocess(img) if self.with_view0 else blank
             xa = torch.stack([self.augment(img, str(self.ids[i]), k) for k in range(self.first, self.count)])
             return x, xa, i, True, False, "", content_hash(data)

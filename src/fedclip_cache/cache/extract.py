@@ -25,6 +25,7 @@ from .encoder import ImageEncoder, autocast_for, embed_plain, embed_with_views, 
 from .integrity import CacheBusy, WriterLock
 from .models import LoadedModel, load_model
 from .schema import FORMAT_VERSION
+from .bytesources import source_record
 from .sources import OWN_OUTPUT, FileNote, ImageTable, quoted, scan
 from .writer import CachedRows, RowSource, ShardTarget, ShardWriter
 from ..errors import FedclipCacheError
@@ -287,7 +288,7 @@ def extract(cfg: ExtractConfig, progress: Optional[ProgressBar] = None) -> Extra
     if out.exists() and not out.is_dir():
         raise ExtractError(f"{out}: exists and is not a folder; pass a folder for the cache")
     integrity.check_output_folder(out)
-    table = scan(cfg.source, exclude=(out,))  # a cache inside the dataset is not data
+    table = scan(cfg.source, exclude=(out,), columns=cfg.source_columns())  # a cache inside the dataset is not data
     if cfg.strict and table.problems:
         p, why = table.problems[0]
         raise ExtractError(f"{os.path.join(table.root, store.display_text(p))}: {why} (--strict makes any skipped "
@@ -519,7 +520,7 @@ def _commit_run(cfg: ExtractConfig, out: Path, opened: _Opened, table: ImageTabl
     meta["classes"], meta["templates"] = classes, templates
     meta["domains"] = sorted(set(table.domain.tolist()))
     meta["ignored"] = sorted([p, r] for p, r in table.ignored)
-    run = {"time": _now(), "source": str(Path(cfg.source).resolve()), "scanned": len(table),
+    run = {"time": _now(), "source": source_record(str(cfg.source)), "scanned": len(table),
            "todo": int(len(plan.todo)), "world_size": world, "device": str(device)}
     if plan.views["count"] > 1:
         run.update(views=plan.views["count"], extended=int(len(plan.extend)))
@@ -551,7 +552,7 @@ def _class_list(cfg: ExtractConfig, table: ImageTable) -> list[str]:
     classes, sorted."""
     if cfg.classes is None:
         return table.classes
-    unknown = sorted(set(table.classes) - set(cfg.classes))
+    unknown = sorted(set(table.class_name.tolist()) - set(cfg.classes))  # classes with images (not ClassLabel's)
     if unknown:
         raise ExtractError(f"{cfg.source}: class {unknown[0]!r} ({len(unknown)} class(es) in all) is not in the "
                            f"--classes list; add it to the list every site uses, or remove those images")
@@ -598,6 +599,7 @@ def _run_shards(cfg: ExtractConfig, lm: LoadedModel, rows: ImageTable, ids: np.n
     writer = ShardWriter(target, source, n_full, cached)
     enc = ImageEncoder(cfg, lm, device, target.dim)
     paths = [os.path.join(rows.root, r) for r in rows.relpath]
+    images = rows.blobs if rows.blobs is not None else paths  # bytes inside container files, or one file per row
 
     def failed(ok, idx, transient, reasons) -> None:
         _record_failures(cfg, paths, rows, writer, report, ok, idx, transient, reasons)
@@ -608,9 +610,9 @@ def _run_shards(cfg: ExtractConfig, lm: LoadedModel, rows: ImageTable, ids: np.n
 
         with torch.inference_mode(), autocast_for(device, cfg.precision):
             if target.views is None:
-                done = embed_plain(enc, paths, writer, failed, step)
+                done = embed_plain(enc, images, writer, failed, step)
             else:
-                done = embed_with_views(enc, paths, ids, writer, failed, step, n_full, cached)
+                done = embed_with_views(enc, images, ids, writer, failed, step, n_full, cached)
         writer.flush()
     report.embedded += done.embedded
     report.extended += done.extended

@@ -92,12 +92,27 @@ def open_rgb(path: str, exif_transpose: bool = False, data: bytes | None = None)
     return img
 
 
+class FileBytes:
+    """The bytes of image files by index (:func:`read_regular_file`); a source whose images are bytes inside
+    container files has its own reader with the same ``read`` (:class:`.bytesources.BlobRows`)."""
+
+    def __init__(self, paths: list[str]):
+        self.paths = paths
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def read(self, i: int) -> bytes:
+        return read_regular_file(self.paths[i])
+
+
 class ImageFiles(Dataset):
     """Decode + preprocess by index; a bad file yields a zero tensor and its reason instead of an exception,
-    so one broken JPEG never stops a million-image run."""
+    so one broken JPEG never stops a million-image run. ``paths``: the image files, or a reader of image bytes by
+    index (an object with ``read(i)``, e.g. rows inside Parquet files or tar shards)."""
 
-    def __init__(self, paths: list[str], preprocess, input_size: tuple[int, int], exif_transpose: bool = False):
-        self.paths = paths
+    def __init__(self, paths, preprocess, input_size: tuple[int, int], exif_transpose: bool = False):
+        self.paths = paths if hasattr(paths, "read") else FileBytes(list(paths))
         self.preprocess = preprocess
         self.input_size = input_size
         self.exif_transpose = exif_transpose
@@ -109,8 +124,8 @@ class ImageFiles(Dataset):
         """(image tensor, index, ok flag, transient flag, reason, content hash): the flags collate into tensors, so
         the main loop checks a whole batch at once and only looks at reasons when something failed."""
         try:
-            data = read_regular_file(self.paths[i])
-            x = self.preprocess(open_rgb(self.paths[i], self.exif_transpose, data))
+            data = self.paths.read(i)
+            x = self.preprocess(open_rgb("", self.exif_transpose, data))
             return x, i, True, False, "", content_hash(data)
         except BadImage as e:
             return torch.zeros(3, *self.input_size), i, False, e.transient, str(e), ""

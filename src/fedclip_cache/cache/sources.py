@@ -28,10 +28,13 @@ import unicodedata
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import TYPE_CHECKING, NamedTuple, Optional, Sequence
 
 import numpy as np
 from ..errors import FedclipCacheError
+
+if TYPE_CHECKING:
+    from .bytesources import BlobRows, Columns
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
@@ -66,6 +69,9 @@ class ImageTable:
     problems: list[FileNote] = field(default_factory=list)  # (path, reason): image names we cannot read
     #                                  (broken link, link loop, FIFO/device, unlistable folder): skipped, re-checked
     #                                  on every scan
+    blobs: Optional["BlobRows"] = None  # rows whose image is bytes inside a container file (bytesources.py): where
+    #                                     each row's bytes are; None: each row is the file root/relpath
+    class_order: Optional[list] = None  # the source's own class list in label order (HF ClassLabel names)
 
     def __len__(self) -> int:
         return len(self.relpath)
@@ -76,7 +82,8 @@ class ImageTable:
 
     @property
     def classes(self) -> list[str]:
-        return sorted(set(self.class_name.tolist()))
+        """The class list in label order: the source's own (HF ClassLabel names) when it has one, else sorted."""
+        return list(self.class_order) if self.class_order else sorted(set(self.class_name.tolist()))
 
     @classmethod
     def row_fields(cls) -> tuple[str, ...]:
@@ -85,10 +92,11 @@ class ImageTable:
 
     def take(self, idx: np.ndarray) -> "ImageTable":
         """The rows ``idx`` (every per-image field, by name; the ignored and problem lists stay whole)."""
-        return dataclasses.replace(self, **{f: getattr(self, f)[idx] for f in self.row_fields()})
+        blobs = self.blobs.take(idx) if self.blobs is not None else None
+        return dataclasses.replace(self, **{f: getattr(self, f)[idx] for f in self.row_fields()}, blobs=blobs)
 
 
-_TABLE_FIELDS = frozenset({"root", "ignored", "problems"})  # about the whole scan, not one value per image
+_TABLE_FIELDS = frozenset({"root", "ignored", "problems", "blobs", "class_order"})  # about the whole scan, not per image
 
 
 def image_id(relpath: str) -> str:
@@ -265,8 +273,9 @@ def scan_folder(root: str | Path, exclude: Sequence[str | Path] = ()) -> ImageTa
     root = Path(root)
     exclude = tuple(os.path.realpath(e) for e in exclude)
     if not root.is_dir():
-        raise SourceError(f"{root}: not a folder; pass a DomainBed-style ROOT/<domain>/<class>/<image> folder "
-                          f"or a manifest .csv/.parquet")
+        raise SourceError(f"{root}: not a folder; pass a DomainBed-style ROOT/<domain>/<class>/<image> folder, "
+                          f"a manifest .csv/.parquet, hf:NAME[:SPLIT], Parquet file(s) with image bytes or WebDataset "
+                          f"shards DIR/{{00000..00099}}.tar")
     found = _FolderScan(root, exclude)
     for d in sorted(p for p in root.iterdir() if not p.name.startswith(".")):
         if not d.is_dir():
@@ -451,9 +460,20 @@ def _same_file(path: Path, m: _Manifest, j: int, i: int) -> tuple[str, str]:
     return m.path[i], f"same file as manifest row {j + 2} ({m.path[j]}); embedded once"
 
 
-def scan(source: str | Path, exclude: Sequence[str | Path] = ()) -> ImageTable:
-    """The image table of a DomainBed folder or a manifest; ``exclude``: folders not to scan (the cache being
-    written, when it sits inside the dataset). A source with no usable image is an error that says why."""
+def scan(source: str | Path, exclude: Sequence[str | Path] = (), columns: Optional["Columns"] = None) -> ImageTable:
+    """The image table of a DomainBed folder, a manifest, or a source whose images are bytes inside container files
+    (``hf:NAME[:SPLIT]``, Parquet with image bytes, WebDataset tar shards: :mod:`.bytesources`, read with
+    ``columns``); ``exclude``: folders not to scan (the cache being written, when it sits inside the dataset). A
+    source with no usable image is an error that says why."""
+    from .bytesources import Columns, container_kind, scan_containers
+
+    columns = columns or Columns()
+    if container_kind(str(source)):
+        return scan_containers(str(source), columns)
+    if columns != Columns():
+        raise SourceError(f"{shown(source)}: --image-column, --label-column, --domain-column, --client-column, "
+                          f"--split-column and --domain are for Parquet, hf: and WebDataset sources; a folder or "
+                          f"manifest names its own columns (leave them out)")
     source = Path(source)
     if source.is_file() and source.suffix.lower() in (".csv", ".parquet", ".tsv"):
         table = scan_manifest(source)
