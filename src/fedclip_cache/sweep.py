@@ -175,6 +175,10 @@ def point_id(cfg: FederateConfig) -> str:
         d.pop("keep_denormals", None)
     if d.get("train_views") == "1":  # likewise
         d.pop("train_views", None)
+    for name, default in (("min_partition_size", 10), ("self_balancing", False), ("class_assignment", "random"),
+                          ("flwr_shuffle", True)):  # flwr-datasets partitioner options: likewise
+        if d.get(name) == default:
+            d.pop(name, None)
     return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
