@@ -1,6 +1,6 @@
 """Benchmark: extract sources on the SAME images (not a test).
 
-    python bench/bench_sources.py [--images 2000] [--size 256] [--model tiny|ViT-B-32] [--repeat 3] [--rss]
+    python bench/bench_sources.py [--images 2000] [--size 256] [--model tiny|ViT-B-32] [--repeat 3]
     python bench/bench_sources.py --decode-only          # no extract: reading + decoding alone
 
 One set of generated JPEGs (4 domains x 7 classes) is written three ways:
@@ -14,7 +14,7 @@ and measured per source:
   decode   read + the pipeline's decoder (cache.imageio.open_rgb: full decode to RGB), images/s, one process
   pipeline `extract` of the whole source (DataLoader workers, preprocess, encode, shards), steady-state images/s
            (report.embedded / report.loop_seconds) and end to end, in a fresh process per run, with its peak RSS
---rss    peak RSS of an extract of 1k vs 10k images (96 px, tiny model) per source.
+Peak RSS at 1k vs 10k images per source: bench/bench_sources_rss.py.
 Runs are interleaved (folder, parquet, wds, folder, ...) --repeat times; the median is reported. The source forms
 other than the folder need the extract sources of issue 21 (fedclip_cache.cache.bytesources).
 Writes bench/results/sources-<setup>.json.
@@ -167,7 +167,7 @@ def rate_decode(kind: str, src: str) -> float:
 
 
 # ------------------------------------------------------------------------------------ the whole pipeline
-def run_extract(src: str, out: Path, model: list[str], workers: int, batch: int, device: str) -> dict:
+def run_extract(src: str, out: Path, model: dict, workers: int, batch: int, device: str) -> dict:
     """``extract`` in a fresh process; its rates and the main process's peak resident set (sampled every 20 ms:
     ru_maxrss alone is dominated by torch's import high-water mark)."""
     code = ("import json,threading,time\n"
@@ -177,7 +177,7 @@ def run_extract(src: str, out: Path, model: list[str], workers: int, batch: int,
             "def watch():\n"
             "    while not stop[0]: peak[0]=max(peak[0],rss()); time.sleep(0.02)\n"
             "t=threading.Thread(target=watch); t.start()\n"
-            f"spec=ModelSpec(**{dict(zip(('model_config', 'pretrained'), model)) if len(model) == 2 else {'model': model[0], 'pretrained': None}!r})\n"
+            f"spec=ModelSpec(**{model!r})\n"
             f"rep=extract(ExtractConfig(source={src!r}, out={str(out)!r}, progress=False, workers={workers}, "
             f"batch_size={batch}, device={device!r}, model=spec, shard_size=1024))\n"
             "stop[0]=True; t.join()\n"
@@ -190,13 +190,14 @@ def run_extract(src: str, out: Path, model: list[str], workers: int, batch: int,
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def model_args(name: str, tmp: Path) -> list[str]:
+def model_spec(name: str, tmp: Path) -> dict:
+    """ModelSpec arguments: the tiny random open_clip model, or an open_clip architecture with random weights."""
     if name != "tiny":
-        return [name]
+        return {"model": name, "pretrained": None}
     from fedclip_cache.synthetic import write_tiny_model
 
     cfg, ckpt = write_tiny_model(tmp / "model")
-    return [str(cfg), str(ckpt)]
+    return {"model_config": str(cfg), "pretrained": str(ckpt)}
 
 
 def medians(runs: list[dict]) -> dict:
@@ -205,7 +206,7 @@ def medians(runs: list[dict]) -> dict:
 
 def measure(sources: dict[str, str], a, tmp: Path) -> dict:
     out: dict = {k: {"read": [], "decode": [], "pipeline": []} for k in sources}
-    model = None if a.decode_only else model_args(a.model, tmp)
+    model = None if a.decode_only else model_spec(a.model, tmp)
     for r in range(a.repeat):
         for kind, src in sources.items():
             out[kind]["read"].append(rate_read(kind, src))
@@ -217,19 +218,6 @@ def measure(sources: dict[str, str], a, tmp: Path) -> dict:
     return {k: {"read_img_s": round(statistics.median(v["read"]), 1),
                 "decode_img_s": round(statistics.median(v["decode"]), 1),
                 **({"pipeline": medians(v["pipeline"])} if v["pipeline"] else {})} for k, v in out.items()}
-
-
-def rss(a, tmp: Path) -> dict:
-    model = model_args("tiny", tmp)
-    res: dict = {}
-    for n in (1000, 10000):
-        sources = build(make_samples(n, size=96), tmp / f"rss{n}")
-        for kind, src in sources.items():
-            r = run_extract(src, tmp / f"rss-cache-{kind}-{n}", model, a.workers, a.batch, "cpu")
-            res.setdefault(kind, {})[f"peak_rss_mb_{n // 1000}k"] = round(r["peak_rss_mb"], 1)
-    for v in res.values():
-        v["rss_growth"] = round(v["peak_rss_mb_10k"] / v["peak_rss_mb_1k"] - 1, 3)
-    return res
 
 
 def main():
@@ -244,7 +232,6 @@ def main():
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--sources", default=",".join(SOURCES))
     ap.add_argument("--decode-only", action="store_true", help="read and decode alone; no extract")
-    ap.add_argument("--rss", action="store_true", help="also peak RSS of 1k vs 10k images per source")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     a = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -257,8 +244,6 @@ def main():
            "machine": platform.machine(), "cpus": os.cpu_count(), "images": a.images, "size": a.size,
            "workers": a.workers, "batch": a.batch, "repeat": a.repeat, "build_s": round(built, 1),
            "load_before": os.getloadavg()[0], "sources": measure(sources, a, tmp)}
-    if a.rss:
-        res["rss"] = rss(a, tmp)
     res["load_after"] = os.getloadavg()[0]
     print(json.dumps(res, indent=2))
     Path(a.out).mkdir(parents=True, exist_ok=True)
