@@ -154,7 +154,8 @@ def preflight(cache_path: str | Path, points: list[FederateConfig], names: Optio
                 and int(cfg.template) >= len(templates)):
             raise ConfigError(f"{as_written(flag('template'), cfg.template)}: this cache has {len(templates)} "
                               f"template(s): give an index below {len(templates)} or 'mean'")
-        if cfg.partition == "pathological" and classes is not None and cfg.classes_per_client > len(classes):
+        if (cfg.partition in ("pathological", "flwr-pathological") and classes is not None
+                and cfg.classes_per_client > len(classes)):
             raise ConfigError(f"{as_written(flag('classes_per_client'), cfg.classes_per_client)}: the cache has only "
                               f"{len(classes)} classes")
         have = int((meta.get("views") or {}).get("count", 1))

@@ -143,3 +143,13 @@ def test_sweep_point_ids_are_unchanged_at_the_new_options_defaults():
     changed = [FederateConfig(min_partition_size=5), FederateConfig(self_balancing=True),
                FederateConfig(class_assignment="deterministic"), FederateConfig(flwr_shuffle=False)]
     assert len({point_id(c) for c in changed} | {"a9b1c6f344c8"}) == 5
+
+
+def test_sweep_preflight_refuses_more_classes_per_client_than_the_cache_has(tmp_path):
+    """Before any work, as for --partition pathological (flwr-datasets would refuse only when the point runs)."""
+    from fedclip_cache.sweep import preflight
+
+    cache = write_synthetic_cache(tmp_path / "c", {"a": 20, "b": 20}, 3, dim=8)
+    with pytest.raises(ConfigError, match=r"--classes-per-client 4: the cache has only 3 classes"):
+        preflight(cache, [FederateConfig(partition="flwr-pathological", classes_per_client=4)])
+    preflight(cache, [FederateConfig(partition="flwr-pathological", classes_per_client=3)])
