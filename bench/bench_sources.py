@@ -14,6 +14,8 @@ and measured per source:
   decode   read + the pipeline's decoder (cache.imageio.open_rgb: full decode to RGB), images/s, one process
   pipeline `extract` of the whole source (DataLoader workers, preprocess, encode, shards), steady-state images/s
            (report.embedded / report.loop_seconds) and end to end, in a fresh process per run, with its peak RSS
+Every rate is also given per CPU second (``*_img_cpu_s``: this process, and for extract its reaped workers too):
+on a shared machine the wall-clock rates follow the load, the CPU cost of a source does not.
 Peak RSS at 1k vs 10k images per source: bench/bench_sources_rss.py.
 Runs are interleaved (folder, parquet, wds, folder, ...) --repeat times; the median is reported. The source forms
 other than the folder need the extract sources of issue 21 (fedclip_cache.cache.bytesources).
@@ -151,19 +153,25 @@ READERS: dict[str, Callable[[str], Iterator[bytes]]] = {"folder": read_folder, "
                                                          "wds": read_wds}
 
 
-def rate_read(kind: str, src: str) -> float:
-    t, n = time.perf_counter(), sum(1 for _ in READERS[kind](src))
-    return n / (time.perf_counter() - t)
+class Rate(NamedTuple):
+    img_s: float  # images per wall-clock second
+    img_cpu_s: float  # images per CPU second of this process (what the work costs, whatever the machine's load)
 
 
-def rate_decode(kind: str, src: str) -> float:
+def rate(images: Iterator) -> Rate:
+    t, c = time.perf_counter(), time.process_time()
+    n = sum(1 for _ in images)
+    return Rate(n / (time.perf_counter() - t), n / (time.process_time() - c))
+
+
+def rate_read(kind: str, src: str) -> Rate:
+    return rate(READERS[kind](src))
+
+
+def rate_decode(kind: str, src: str) -> Rate:
     from fedclip_cache.cache.imageio import open_rgb
 
-    t, n = time.perf_counter(), 0
-    for data in READERS[kind](src):
-        open_rgb("bench", data=data)
-        n += 1
-    return n / (time.perf_counter() - t)
+    return rate(open_rgb("bench", data=data) for data in READERS[kind](src))
 
 
 # ------------------------------------------------------------------------------------ the whole pipeline
@@ -177,12 +185,17 @@ def run_extract(src: str, out: Path, model: dict, workers: int, batch: int, devi
             "def watch():\n"
             "    while not stop[0]: peak[0]=max(peak[0],rss()); time.sleep(0.02)\n"
             "t=threading.Thread(target=watch); t.start()\n"
+            "import resource\n"
+            "def cpu(): return sum(r.ru_utime + r.ru_stime for r in (resource.getrusage(resource.RUSAGE_SELF), "
+            "resource.getrusage(resource.RUSAGE_CHILDREN)))\n"
+            "c0=cpu()\n"
             f"spec=ModelSpec(**{model!r})\n"
             f"rep=extract(ExtractConfig(source={src!r}, out={str(out)!r}, progress=False, workers={workers}, "
             f"batch_size={batch}, device={device!r}, model=spec, shard_size=1024))\n"
-            "stop[0]=True; t.join()\n"
+            "stop[0]=True; t.join(); c1=cpu()\n"
             "print(json.dumps({'embedded': rep.embedded, 'img_s': rep.embedded / rep.loop_seconds, "
-            "'end_to_end_img_s': rep.embedded / rep.seconds, 'peak_rss_mb': peak[0]}))")
+            "'end_to_end_img_s': rep.embedded / rep.seconds, 'img_cpu_s': rep.embedded / (c1 - c0), "
+            "'peak_rss_mb': peak[0]}))")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
     if res.returncode:
@@ -215,8 +228,10 @@ def measure(sources: dict[str, str], a, tmp: Path) -> dict:
                 res = run_extract(src, tmp / f"cache-{kind}-{r}", model, a.workers, a.batch, a.device)
                 assert res["embedded"] == a.images, (kind, res)
                 out[kind]["pipeline"].append(res)
-    return {k: {"read_img_s": round(statistics.median(v["read"]), 1),
-                "decode_img_s": round(statistics.median(v["decode"]), 1),
+    return {k: {"read_img_s": round(statistics.median(r.img_s for r in v["read"]), 1),
+                "read_img_cpu_s": round(statistics.median(r.img_cpu_s for r in v["read"]), 1),
+                "decode_img_s": round(statistics.median(r.img_s for r in v["decode"]), 1),
+                "decode_img_cpu_s": round(statistics.median(r.img_cpu_s for r in v["decode"]), 1),
                 **({"pipeline": medians(v["pipeline"])} if v["pipeline"] else {})} for k, v in out.items()}
 
 
