@@ -11,7 +11,8 @@ One set of generated JPEGs (4 domains x 7 classes) is written three ways:
   wds      WebDataset shards as img2dataset writes them: {00000..0000K}.tar of KEY.jpg + KEY.json + KEY.txt
 and measured per source:
   read     the image bytes alone (file reads / Parquet column batches / tar members), images/s
-  decode   read + the pipeline's decoder (cache.imageio.open_rgb: full decode to RGB), images/s, one process
+  decode   read + the pipeline's decoder (cache.imageio.open_rgb: full decode to RGB), images/s, one process;
+           and the decoder alone on the same bytes read beforehand (decode_in_memory)
   pipeline `extract` of the whole source (DataLoader workers, preprocess, encode, shards), steady-state images/s
            (report.embedded / report.loop_seconds) and end to end, in a fresh process per run, with its peak RSS
 Every rate is also given per CPU second (``*_img_cpu_s``: this process, and for extract its reaped workers too):
@@ -168,10 +169,12 @@ def rate_read(kind: str, src: str) -> Rate:
     return rate(READERS[kind](src))
 
 
-def rate_decode(kind: str, src: str) -> Rate:
+def rate_decode(kind: str, src: str, in_memory: bool = False) -> Rate:
+    """Read + decode, streamed; ``in_memory``: the bytes read first, only the decoding timed."""
     from fedclip_cache.cache.imageio import open_rgb
 
-    return rate(open_rgb("bench", data=data) for data in READERS[kind](src))
+    images = list(READERS[kind](src)) if in_memory else READERS[kind](src)
+    return rate(open_rgb("bench", data=data) for data in images)
 
 
 # ------------------------------------------------------------------------------------ the whole pipeline
@@ -218,12 +221,13 @@ def medians(runs: list[dict]) -> dict:
 
 
 def measure(sources: dict[str, str], a, tmp: Path) -> dict:
-    out: dict = {k: {"read": [], "decode": [], "pipeline": []} for k in sources}
+    out: dict = {k: {"read": [], "decode": [], "memory": [], "pipeline": []} for k in sources}
     model = None if a.decode_only else model_spec(a.model, tmp)
     for r in range(a.repeat):
         for kind, src in sources.items():
             out[kind]["read"].append(rate_read(kind, src))
             out[kind]["decode"].append(rate_decode(kind, src))
+            out[kind]["memory"].append(rate_decode(kind, src, in_memory=True))
             if model is not None:
                 res = run_extract(src, tmp / f"cache-{kind}-{r}", model, a.workers, a.batch, a.device)
                 assert res["embedded"] == a.images, (kind, res)
@@ -232,6 +236,7 @@ def measure(sources: dict[str, str], a, tmp: Path) -> dict:
                 "read_img_cpu_s": round(statistics.median(r.img_cpu_s for r in v["read"]), 1),
                 "decode_img_s": round(statistics.median(r.img_s for r in v["decode"]), 1),
                 "decode_img_cpu_s": round(statistics.median(r.img_cpu_s for r in v["decode"]), 1),
+                "decode_in_memory_img_cpu_s": round(statistics.median(r.img_cpu_s for r in v["memory"]), 1),
                 **({"pipeline": medians(v["pipeline"])} if v["pipeline"] else {})} for k, v in out.items()}
 
 
