@@ -154,7 +154,8 @@ def preflight(cache_path: str | Path, points: list[FederateConfig], names: Optio
                 and int(cfg.template) >= len(templates)):
             raise ConfigError(f"{as_written(flag('template'), cfg.template)}: this cache has {len(templates)} "
                               f"template(s): give an index below {len(templates)} or 'mean'")
-        if cfg.partition == "pathological" and classes is not None and cfg.classes_per_client > len(classes):
+        if (cfg.partition in ("pathological", "flwr-pathological") and classes is not None
+                and cfg.classes_per_client > len(classes)):
             raise ConfigError(f"{as_written(flag('classes_per_client'), cfg.classes_per_client)}: the cache has only "
                               f"{len(classes)} classes")
         have = int((meta.get("views") or {}).get("count", 1))
@@ -168,16 +169,20 @@ def preflight(cache_path: str | Path, points: list[FederateConfig], names: Optio
                 raise ConfigError(f"{as_written(flag('device'), cfg.device)}: no CUDA GPU is visible; use cpu or auto")
 
 
+# Options added after sweep folders were first written: at their declared default they are left out of a point's
+# id, so a folder made before the option existed keeps its id (and its finished points). A new option whose default
+# keeps the old behaviour goes here.
+LATER_OPTIONS = ("keep_denormals", "train_views", "pgp_rank", "pgp_mu", "pgp_temp", "min_partition_size",
+                 "self_balancing", "class_assignment", "flwr_shuffle", "shots", "base_to_novel")
+
+
 def point_id(cfg: FederateConfig) -> str:
     d = cfg.to_dict()
     d.pop("seed")
-    if not d.get("keep_denormals"):  # the default: points made before the option existed keep their ids
-        d.pop("keep_denormals", None)
-    if d.get("train_views") == "1":  # likewise
-        d.pop("train_views", None)
-    for name in ("shots", "base_to_novel"):  # protocols (issue 23), likewise when off
-        if not d.get(name):
-            d.pop(name, None)
+    defaults = FederateConfig().to_dict()
+    for name in LATER_OPTIONS:
+        if name in d and d[name] == defaults[name]:
+            d.pop(name)
     return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 

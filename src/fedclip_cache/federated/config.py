@@ -18,12 +18,13 @@ from ..errors import ConfigError
 from ..options import flag_of, option, said as as_written, show  # noqa: F401  (as_written: the one formatter of refused values)
 from .adapters import ADAPTERS, adapters_help, list_adapters
 from .algorithms import ALGORITHMS, algorithms_help, get_algorithm
+from .flwr_partition import CLASS_ASSIGNMENTS, FLWR_PARTITIONS
 
 
 LOSSES = ("contrastive", "ce")
 HEADS = ("text", "prototype")
 PROTOCOLS = ("lodo", "personal")
-PARTITIONS = ("none", "iid", "dirichlet", "pathological")
+PARTITIONS = ("none", "iid", "dirichlet", "pathological") + FLWR_PARTITIONS
 WEIGHTINGS = ("uniform", "samples")
 OPTIMIZERS = ("adam", "sgd")
 DEVICES = ("cpu", "cuda", "auto")  # and cuda:N
@@ -232,11 +233,21 @@ class FederateConfig:
                                    "(seed, round, client, epoch); validation, test and held-out always use view 0.")
     protocol: str = option("lodo", "lodo (leave-one-domain-out, official) | personal.", choices=PROTOCOLS)
     heldout: list[str] = option(help="Held-out domain(s), comma-separated; default: each in turn.", factory=list)
-    partition: str = option("none", "none (clients = domains) | iid | dirichlet | pathological.", choices=PARTITIONS)
+    partition: str = option("none", "none (clients = domains) | iid | dirichlet | pathological | flwr-iid | "
+                                    "flwr-dirichlet | flwr-pathological (flwr-datasets' own partitioners; extra "
+                                    "[flwr-datasets]).", choices=PARTITIONS)
     alpha: float = option(0.5, "Dirichlet concentration (smaller = more label skew).")
     num_clients: int = option(4, "Clients per partition scope.", flag="--clients", grid="clients")
     classes_per_client: int = option(2, "Classes per client for --partition pathological.")
     partition_scope: str = option("domain", "domain (split each domain) | pooled.", choices=("domain", "pooled"))
+    # flwr-datasets partitioners (--partition flwr-*, federated/flwr_partition.py): their options, flwr's defaults
+    min_partition_size: int = option(10, "--partition flwr-dirichlet: DirichletPartitioner's min_partition_size "
+                                         "(re-draw until every client has this many samples).", bounds=(0, None))
+    self_balancing: bool = option(False, "--partition flwr-dirichlet: DirichletPartitioner's self_balancing.")
+    class_assignment: str = option("random", "--partition flwr-pathological: PathologicalPartitioner's "
+                                             "class_assignment_mode.", choices=CLASS_ASSIGNMENTS)
+    flwr_shuffle: bool = option(True, "--partition flwr-*: shuffle the rows with --seed before partitioning, as "
+                                      "FederatedDataset(shuffle=True) does.")
     split: tuple[float, float, float] = option((0.6, 0.2, 0.2), "Train/val/test fractions of each training client.")
     split_source: str = option("random", "random (seeded) | cache (the manifest's split column).",
                                choices=("random", "cache"))

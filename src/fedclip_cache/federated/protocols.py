@@ -29,6 +29,7 @@ import numpy as np
 
 from ..cache.reader import FeatureCache
 from .config import ConfigError, FederateConfig
+from .flwr_partition import FLWR_PARTITIONS, FlwrOptions, flwr_partition
 from .partition import partition
 
 
@@ -101,8 +102,11 @@ def _make_clients(cache: FeatureCache, pool: np.ndarray, cfg: FederateConfig, se
         scopes = ([(u, pool[units[pool] == u]) for u in sorted(set(units[pool].tolist()))]
                   if cfg.partition_scope == "domain" else [("pooled", pool)])
         for scope, idx in scopes:
-            parts = partition(cfg.partition, cache.labels[idx], cfg.num_clients, seed + _key(scope) % 10_000,
-                              cfg.alpha, cfg.classes_per_client)
+            if cfg.partition in FLWR_PARTITIONS:  # flwr-datasets' seed is --seed itself (its default: 42)
+                parts = flwr_partition(cfg.partition, cache.labels[idx], cfg.num_clients, seed, FlwrOptions.of(cfg))
+            else:
+                parts = partition(cfg.partition, cache.labels[idx], cfg.num_clients, seed + _key(scope) % 10_000,
+                                  cfg.alpha, cfg.classes_per_client)
             groups += [(f"{scope}#{i}", idx[p]) for i, p in enumerate(parts)]
     return [split_client(cache, name, idx, cfg, seed) for name, idx in groups]
 
