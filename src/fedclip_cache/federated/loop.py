@@ -365,12 +365,10 @@ class LaneRound:
         schedules = [batch_schedule(lp.lanes[i].train, lp.lanes[i].seed, self.rnd, lp.lanes[i].key, lp.hp,
                                     lp.train_views, len(lp.Y)) for i in self.lanes]
         if lp.prompts is not None:  # prompt learning: the clients train context vectors (federated/prompts.py)
-            from .prompts import round_lr
+            from .promptsteps import prompt_round  # (a Flower site calls it too)
 
-            lr = round_lr(lp.cfg.prompt_lr, self.rnd, lp.cfg.rounds, lp.cfg.prompt_schedule)
-            ctx = lp.prompts.train(start["ctx"], schedules, lp.Xtrain, lp.Ytrain, lr, lp.logit_scale,
-                                   lp.cfg.prompt_momentum, lp.cfg.prompt_weight_decay)
-            return {"ctx": ctx}, np.array([len(s) for s in schedules])
+            out = prompt_round(lp.prompts, lp.cfg, start, schedules, lp.Xtrain, lp.Ytrain, self.rnd, lp.logit_scale)
+            return out, np.array([len(s) for s in schedules])
         heads = lp.lane_head if self.everyone else lp.lane_head[self.idx]
         out = local_update(lp.kind, start, lp.Xtrain, lp.Ytrain, heads, schedules, lp.hp, lp.opts, correction)
         return out, np.array([len(s) for s in schedules])
@@ -493,11 +491,9 @@ class _Loop:
         # Prompt learning (promptfl, promptlocal): no adapter; the parameters are the context vectors
         self.prompts = None
         if algo.prompts:
-            from .prompts import PromptLearner, load_text_model
+            from .promptsteps import prompt_learner  # the text tower from the cache's provenance (as a site's)
 
-            lm = load_text_model(cache.meta, device, cfg.text_model_config, cfg.text_pretrained)
-            self.prompts = PromptLearner(lm.model, lm.tokenizer, cache.classes, cfg.n_ctx, cfg.ctx_init,
-                                         truncate=not cfg.prompt_full_context, device=device, csc=cfg.prompt_csc)
+            self.prompts = prompt_learner(cache.meta, cache.classes, cfg, device)
             inits = {s: {"ctx": self.prompts.init_ctx(s)} for s in {e.seed for e in experiments}}
             shapes = {"ctx": self.prompts.ctx_shape} if lanes else {}
         else:
@@ -652,9 +648,10 @@ def finetune(loop: _Loop) -> dict:
     lane_exp = torch.tensor([ln.exp for ln in lanes], dtype=torch.long, device=loop.device)
     start = {n: v[lane_exp] for n, v in start_from.items()}
     if loop.prompts is not None:  # prompt learning: fine-tune the context with the prompt optimiser at --prompt-lr
+        from .promptsteps import prompt_finetune  # (a Flower site calls it too)
+
         schedules = finetune_schedules(lanes, cfg.finetune_steps, loop.hp)
-        ctx = loop.prompts.train(start["ctx"], schedules, loop.X, loop.Y, cfg.prompt_lr, loop.logit_scale,
-                                 cfg.prompt_momentum, cfg.prompt_weight_decay)
+        ctx = prompt_finetune(loop.prompts, cfg, start, schedules, loop.X, loop.Y, loop.logit_scale)["ctx"]
         tuned, heads = {}, loop.prompts.heads(ctx)  # each client scored against its own context's class embeddings
     else:
         heads = torch.stack([loop.exp_head[ln.exp] for ln in lanes])

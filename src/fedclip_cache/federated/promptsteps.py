@@ -1,0 +1,46 @@
+"""Prompt learning's steps, shared by ``federate``'s loop (``loop.py``) and a Flower site
+(``flower/client_app.py``): one rule per fact, so a deployment's prompt rounds are the in-process rounds.
+
+* :func:`prompt_learner`: the frozen text tower rebuilt from a cache's own provenance (``prompts.load_text_model``:
+  the same paths, fingerprint check and one-line errors everywhere) with the run's class prompts;
+* :func:`prompt_round`: the local update of round ``rnd`` (the round's step size, ``--prompt-schedule``, then
+  ``PromptLearner.train`` with the prompt optimiser's settings);
+* :func:`prompt_finetune`: ``--finetune-steps`` of a context (the prompt optimiser at ``--prompt-lr``).
+
+Parameters travel as ``{"ctx": (L, *ctx_shape)}`` (L lanes side by side). Imports torch (through ``prompts``):
+imported lazily by the loop and the site, never by the algorithm registry.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .config import FederateConfig
+from .prompts import PromptLearner, load_text_model, round_lr
+
+CTX = "ctx"  # the one parameter of CoOp / PromptFL: the context vectors (what a deployment's messages carry)
+
+
+def prompt_learner(meta: dict, classes, cfg: FederateConfig, device: torch.device | str = "cpu") -> PromptLearner:
+    """The frozen text tower of the cache whose ``cache.json`` is ``meta`` (its model, checked against the recorded
+    fingerprint; ``--text-model-config`` / ``--text-pretrained`` say where its files are) with the class prompts of
+    ``classes``: ``--n-ctx`` / ``--ctx-init`` / ``--prompt-csc`` / ``--prompt-full-context``."""
+    lm = load_text_model(meta, device, cfg.text_model_config, cfg.text_pretrained)
+    return PromptLearner(lm.model, lm.tokenizer, classes, cfg.n_ctx, cfg.ctx_init,
+                         truncate=not cfg.prompt_full_context, device=device, csc=cfg.prompt_csc)
+
+
+def prompt_round(learner: PromptLearner, cfg: FederateConfig, start: dict, schedules: list[list[np.ndarray]], X,
+                 Y: torch.Tensor, rnd: int, logit_scale: float) -> dict:
+    """Round ``rnd``'s local update of the lanes ``start`` (``{"ctx": (L, ...)}``), lane k on ``schedules[k]``."""
+    lr = round_lr(cfg.prompt_lr, rnd, cfg.rounds, cfg.prompt_schedule)
+    return {CTX: learner.train(start[CTX], schedules, X, Y, lr, logit_scale, cfg.prompt_momentum,
+                               cfg.prompt_weight_decay)}
+
+
+def prompt_finetune(learner: PromptLearner, cfg: FederateConfig, start: dict, schedules: list[list[np.ndarray]],
+                    X, Y: torch.Tensor, logit_scale: float) -> dict:
+    """``--finetune-steps``: the lanes' contexts ``start`` trained on ``schedules`` with the prompt optimiser at
+    ``--prompt-lr`` (a fresh momentum buffer, as a round)."""
+    return {CTX: learner.train(start[CTX], schedules, X, Y, cfg.prompt_lr, logit_scale, cfg.prompt_momentum,
+                               cfg.prompt_weight_decay)}
