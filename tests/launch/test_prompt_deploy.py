@@ -67,20 +67,24 @@ def test_a_site_without_its_text_model_is_refused_before_anything_starts(tmp_pat
 
 
 @pytest.mark.slow
-def test_promptfl_deployment_equals_federate(tmp_path, model_args, tiny_model, monkeypatch, capsys, extract_sites):
-    """A real local deployment of promptfl: three site processes, each rebuilding the text tower from its own cache;
-    the ServerApp's run folder equals `federate` on one cache of all three sites' images."""
+@pytest.mark.parametrize("algo", ["promptfl", "promptlocal"])
+def test_prompt_deployment_equals_federate(tmp_path, model_args, tiny_model, monkeypatch, capsys, extract_sites,
+                                           algo):
+    """A real local deployment: three site processes, each rebuilding the text tower from its own cache; the
+    ServerApp's run folder equals `federate` on one cache of all three sites' images. promptfl holds sketch out;
+    promptlocal (personal protocol) keeps each site's context in the site process's context.state."""
     from fedclip_cache.federated.results import federate
     from fedclip_cache.launch import deploy as dep
 
     if dep.flower_bin_dir() is None:
         pytest.skip("Flower's CLIs (flower-superlink, flower-supernode, flwr) are not installed")
     sites = extract_sites(tmp_path, model_args, monkeypatch, capsys)
-    cfg = FederateConfig(**PROMPT, algo="promptfl", heldout=["sketch"], text_model_config=str(tiny_model[0]))
-    res = dep.deploy(list(sites.values()), tmp_path / "run", cfg.validate(), timeout=300, log=lambda m: None)
+    where = dict(heldout=["sketch"]) if algo == "promptfl" else dict(protocol="personal", rounds=3)
+    cfg = FederateConfig(**{**PROMPT, **where}, algo=algo, text_model_config=str(tiny_model[0])).validate()
+    res = dep.deploy(list(sites.values()), tmp_path / "run", cfg, timeout=300, log=lambda m: None)
     assert res["status"] == "finished:completed"
     fed = federate(tmp_path / "merged", cfg, out=tmp_path / "fed")
-    _equal_to_federate(tmp_path / "run", tmp_path / "fed", res["summary"], fed)
+    _equal_to_federate(tmp_path / "run", tmp_path / "fed", res["summary"], fed, personal=algo == "promptlocal")
     assert "[ROUND 2]" in (tmp_path / "run" / "logs" / "serverapp.log").read_text()
 
 
