@@ -7,10 +7,15 @@
   ``PromptLearner.train`` with the prompt optimiser's settings);
 * :func:`prompt_finetune`: ``--finetune-steps`` of a context (the prompt optimiser at ``--prompt-lr``).
 
-Parameters travel as ``{"ctx": (L, *ctx_shape)}`` (L lanes side by side). Imports torch (through ``prompts``):
-imported lazily by the loop and the site, never by the algorithm registry.
+* :func:`prompt_init`, :func:`prompt_heads`, :func:`prompt_sizes`: a lane's seeded start, the class embeddings
+  of parameters, and the sizes a site reports (the site reaches the prompt learner only through this module).
+
+Parameters are dicts of tensors, ``{"ctx": (L, *ctx_shape)}`` (L lanes side by side). Imports torch (through
+``prompts``): imported lazily by the loop and the site, never by the algorithm registry.
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -44,3 +49,25 @@ def prompt_finetune(learner: PromptLearner, cfg: FederateConfig, start: dict, sc
     ``--prompt-lr`` (a fresh momentum buffer, as a round)."""
     return {CTX: learner.train(start[CTX], schedules, X, Y, cfg.prompt_lr, logit_scale, cfg.prompt_momentum,
                                cfg.prompt_weight_decay)}
+
+
+def prompt_init(learner: PromptLearner, seed: int) -> dict:
+    """A lane's starting parameters (unstacked), as ``federate`` seeds them: the seeded context, or ``--ctx-init``'s
+    token embeddings."""
+    return {CTX: learner.init_ctx(seed)}
+
+
+def prompt_heads(learner: PromptLearner, params: dict) -> torch.Tensor:
+    """Class embeddings (G, C, D) of stacked parameters (G, ...): what each group is scored against."""
+    return learner.heads(params[CTX])
+
+
+class PromptSizes(NamedTuple):
+    """What a site reports of its prompt parameters: how many it trains, and the context's shape."""
+
+    trainable: int
+    ctx_shape: tuple
+
+
+def prompt_sizes(learner: PromptLearner) -> PromptSizes:
+    return PromptSizes(learner.num_params, tuple(learner.ctx_shape))

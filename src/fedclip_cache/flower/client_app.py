@@ -144,17 +144,23 @@ class SiteClient:
                 "logit_scale": self.logit_scale, "logit_scale_source": self.logit_scale_source,
                 "train_views": self.views, "train_n": len(c.train), "val_n": len(c.val), "test_n": len(c.test),
                 "dropped": c.dropped, "model": model_digest(self.cache.meta),
-                **({"trainable": self.prompts.num_params, "ctx_shape": list(self.prompts.ctx_shape)}
-                   if self.prompts is not None else {})}
+                **(self.prompt_facts() if self.prompts is not None else {})}
+
+    def prompt_facts(self) -> dict:
+        """Prompt learning: the parameters this site trains and the context's shape (the server has no model)."""
+        from ..federated.promptsteps import prompt_sizes
+
+        trainable, shape = prompt_sizes(self.prompts)
+        return {"trainable": trainable, "ctx_shape": list(shape)}
 
     def initial(self) -> dict:
         """The starting parameters of this site's lane as ``federate`` seeds them (prompt learning: the context of
         the experiment's seed, or ``--ctx-init``'s token embeddings, from this site's text tower)."""
         if self.prompts is None:
             raise ConfigError(f"--algo {self.cfg.algo}: the server seeds the adapter; a site has no initial one")
-        from ..federated.promptsteps import CTX
+        from ..federated.promptsteps import prompt_init
 
-        return {CTX: self.prompts.init_ctx(self.exp.seed)}
+        return prompt_init(self.prompts, self.exp.seed)
 
     def class_stats(self) -> dict:
         """Per-class sums of this site's normalised training features and class counts (``--head prototype``)."""
@@ -189,10 +195,10 @@ class SiteClient:
         or (prompt learning) no adapter against the class embeddings of the context, as the loop's ``_score``."""
         if self.prompts is None:
             return self._head(head).unsqueeze(0), {n: v.unsqueeze(0) for n, v in params.items()}
-        from ..federated.promptsteps import CTX
+        from ..federated.promptsteps import prompt_heads
 
         with flush_denormals(not self.cfg.keep_denormals):  # as run_loop
-            return self.prompts.heads(params[CTX].unsqueeze(0)), {}
+            return prompt_heads(self.prompts, {n: v.unsqueeze(0) for n, v in params.items()}), {}
 
     def _score(self, params: dict, rows: np.ndarray, head) -> tuple[float, float]:
         """Accuracy and mean loss on ``rows``: one segment of the loop's own :class:`~..federated.loop.EvalPlan`,
@@ -239,8 +245,17 @@ class SiteClient:
         if self.heldout_site:
             return Payload(self.facts(), {})
         if self.prompts is not None:
-            return Payload(self.facts(), {} if self.algo.personal else self.initial())
+            return Payload(self.facts(), self.global_part(self.initial()))
         return Payload(self.facts(), self.class_stats() if self.cfg.head == "prototype" else {})
+
+    def global_part(self, params: dict) -> dict:
+        """The part of this site's parameters the server holds, and so the part that travels: the algorithm's own
+        rule (its ``init_state``'s server state): all of it (promptfl), nothing when it communicates nothing
+        (promptlocal), the global prompt of a method that keeps a personal part at each client."""
+        if not self.algo.communicates:
+            return {}
+        server = self.algo.init_state({n: v.unsqueeze(0) for n, v in params.items()}, {}).server
+        return {n: v[0] for n, v in server.items()}
 
     def handle(self, rec: dict, params: dict, state: Optional[dict] = None) -> Payload:
         """One message (config record, unpacked tensors) -> the reply's config record and tensors to pack.
@@ -249,10 +264,12 @@ class SiteClient:
         if rec.get("phase") == "setup":
             return self.setup_reply()
         head = params.pop(HEAD, None)
-        if self.algo.personal:  # its own model, never sent: from the state (the seeded start before round 1)
-            state = self.own if state is None else state
+        shared = list(params)  # what the server sent, and so what a trained reply sends back
+        if self.algo.personal:  # its own model, kept here (the seeded start before round 1); the global part the
+            state = self.own if state is None else state  # message carries, if any, replaces the site's copy
             if not state:
                 state.update(self.initial())
+            state.update(params)
             params = dict(state)
         out: dict = {"client": self.name, "heldout": self.heldout_site}
         if rec.get("phase") == "finetune":  # the held-out site never trains: it answers with nothing to record
@@ -264,9 +281,9 @@ class SiteClient:
         if self.name in list(rec.get("train", [])) and not self.heldout_site:
             new, out["weight"] = self.fit(params, int(rec["round"]), head)
             out["trained"] = True
-            if self.algo.personal:  # kept here; the reply carries no tensor
+            if self.algo.personal:  # kept here; the reply carries only the global part (promptlocal: nothing)
                 state.update(new)
-                return Payload(out, {})
+                return Payload(out, {n: new[n] for n in shared})
             return Payload(out, new)
         return Payload(out, {})
 

@@ -107,7 +107,7 @@ class Coordinator:
         no model) -- the same on every site, or a one-line error; a personal algorithm has no global context."""
         self.trainable = max((int(r.get("trainable", 0)) for r, _ in replies), default=0)
         self.ctx_shape = next((tuple(int(x) for x in r["ctx_shape"]) for r, _ in replies if "ctx_shape" in r), None)
-        if self.algo.personal:
+        if not self.algo.communicates:  # each site keeps its own context: the server holds none
             return
         inits = sorted(((str(r["client"]), a) for r, a in replies if a), key=lambda x: self.client_order(x[0]))
         if not inits:
@@ -179,7 +179,7 @@ class Coordinator:
             self.recorder.fit_round(rnd, len(order), len(self.sample) - len(order), sampled=len(self.sample),
                                     wire={"tensor_bytes_down": self.sent_bytes,
                                           "tensor_bytes_up": sum(tensor_bytes(p) for _, p in replies)})
-        if self.algo.personal:  # each site trained its own model and kept it: nothing to aggregate
+        if not self.current:  # nothing global (promptlocal: each site trained its own context and kept it)
             return
         if len(order) < self.min_results or not order:  # too few answers: the global model stays as it was
             log(WARNING, "round %s: %s trained adapter(s), fewer than min_results=%s; the global adapter is "
@@ -229,7 +229,8 @@ class Coordinator:
 
     def finish(self) -> dict:
         params = {n: v.clone() for n, v in self.current.items()}  # a personal algorithm's stay at the sites: {}
-        trainable = sum(v[0].numel() for v in params.values()) or self.trainable
+        # what a client trains (prompt learning: as the sites report it; a personal part never reaches the server)
+        trainable = self.trainable if self.algo.prompts else sum(v[0].numel() for v in params.values())
         if not self.recorder:
             return {}
         return self.recorder.write(params, trainable, ctx_shape=None if params else self.ctx_shape)

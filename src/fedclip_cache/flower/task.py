@@ -30,8 +30,10 @@ MAX_POLL_INTERVAL = 60.0
 SIMULATION_POLL_INTERVAL = 0.05
 
 # Prompt-learning algorithms the apps run (flower/client_app.py: each site rebuilds the frozen text tower from its
-# own cache and trains the context vectors with federated/promptsteps.py; only the context travels, and nothing for
-# a personal algorithm, whose context the site keeps in Flower's context.state).
+# own cache and trains with federated/promptsteps.py). What travels is what the server holds (the algorithm's
+# init_state's server state: promptfl's context; nothing for promptlocal); a personal algorithm's site keeps its own
+# parameters in Flower's context.state, the global part replaced by each message's. A prompt method whose rounds fit
+# that rule (FedPGP: sigma averaged, U V kept) is enabled by adding its name.
 PROMPT_ALGORITHMS = ("promptfl", "promptlocal")
 
 # Federate options the Flower apps do not honour, each with what to do instead (a silently ignored option would
@@ -89,12 +91,12 @@ def check_supported(cfg: FederateConfig, per_site_caches: bool) -> None:
         if getattr(cfg, name) != getattr(default, name):
             raise ConfigError(f"{option_flag(name)} {getattr(cfg, name)}: not supported by the Flower apps: {why}")
     algo = make_algorithm(cfg)
-    if algo.prompts:
+    if algo.prompts:  # the sites keep what is personal (SiteClient.handle's state); see PROMPT_ALGORITHMS
         check_prompt_algorithm(cfg, algo)
     elif not algo.communicates:
         raise ConfigError(f"--algo {cfg.algo}: nothing to federate (it trains without a server); use "
                           f"`fedclip-cache federate`")
-    if algo.client_state or type(algo).run_round is not Algorithm.run_round:  # e.g. SCAFFOLD's c_i
+    elif algo.client_state or type(algo).run_round is not Algorithm.run_round:  # e.g. SCAFFOLD's c_i
         raise ConfigError(f"--algo {cfg.algo} is not supported by the Flower apps yet (its clients keep state "
                           f"between rounds); use `fedclip-cache federate`")
     if per_site_caches and (cfg.partition != "none" or cfg.split_source != "random" or cfg.client_key != "domain"):
