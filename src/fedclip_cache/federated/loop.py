@@ -491,9 +491,9 @@ class _Loop:
         # Prompt learning (promptfl, promptlocal): no adapter; the parameters are the context vectors
         self.prompts = None
         if algo.prompts:
-            from .promptsteps import prompt_learner  # the text tower from the cache's provenance (as a site's)
+            from .promptsteps import prompt_learner, text_model  # from the cache's provenance (as a site's)
 
-            self.prompts = prompt_learner(cache.meta, cache.classes, cfg, device)
+            self.prompts = prompt_learner(text_model(cache.meta, cfg, device), cache.classes, cfg, device)
             inits = {s: {"ctx": self.prompts.init_ctx(s)} for s in {e.seed for e in experiments}}
             shapes = {"ctx": self.prompts.ctx_shape} if lanes else {}
         else:

@@ -1,8 +1,9 @@
 """Prompt learning's steps, shared by ``federate``'s loop (``loop.py``) and a Flower site
 (``flower/client_app.py``): one rule per fact, so a deployment's prompt rounds are the in-process rounds.
 
-* :func:`prompt_learner`: the frozen text tower rebuilt from a cache's own provenance (``prompts.load_text_model``:
-  the same paths, fingerprint check and one-line errors everywhere) with the run's class prompts;
+* :func:`text_model`: the frozen model rebuilt from a cache's own provenance (``prompts.load_text_model``: the same
+  paths, fingerprint check and one-line errors everywhere); :func:`prompt_learner`: its text tower with the run's
+  class prompts;
 * :func:`prompt_round`: the local update of round ``rnd`` (the round's step size, ``--prompt-schedule``, then
   ``PromptLearner.train`` with the prompt optimiser's settings);
 * :func:`prompt_finetune`: ``--finetune-steps`` of a context (the prompt optimiser at ``--prompt-lr``).
@@ -26,11 +27,15 @@ from .prompts import PromptLearner, load_text_model, round_lr
 CTX = "ctx"  # the one parameter of CoOp / PromptFL: the context vectors (what a deployment's messages carry)
 
 
-def prompt_learner(meta: dict, classes, cfg: FederateConfig, device: torch.device | str = "cpu") -> PromptLearner:
-    """The frozen text tower of the cache whose ``cache.json`` is ``meta`` (its model, checked against the recorded
-    fingerprint; ``--text-model-config`` / ``--text-pretrained`` say where its files are) with the class prompts of
-    ``classes``: ``--n-ctx`` / ``--ctx-init`` / ``--prompt-csc`` / ``--prompt-full-context``."""
-    lm = load_text_model(meta, device, cfg.text_model_config, cfg.text_pretrained)
+def text_model(meta: dict, cfg: FederateConfig, device: torch.device | str = "cpu"):
+    """The model of the cache whose ``cache.json`` is ``meta`` (checked against its recorded fingerprint;
+    ``--text-model-config`` / ``--text-pretrained`` say where its files are when the recorded ones do not)."""
+    return load_text_model(meta, device, cfg.text_model_config, cfg.text_pretrained)
+
+
+def prompt_learner(lm, classes, cfg: FederateConfig, device: torch.device | str = "cpu") -> PromptLearner:
+    """The frozen text tower of ``lm`` (:func:`text_model`) with the class prompts of ``classes``: ``--n-ctx`` /
+    ``--ctx-init`` / ``--prompt-csc`` / ``--prompt-full-context``."""
     return PromptLearner(lm.model, lm.tokenizer, classes, cfg.n_ctx, cfg.ctx_init,
                          truncate=not cfg.prompt_full_context, device=device, csc=cfg.prompt_csc)
 

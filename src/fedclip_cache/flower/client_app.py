@@ -124,9 +124,9 @@ class SiteClient:
         # one-line errors of `federate` (promptsteps.prompt_learner); the site's lane then trains context vectors
         self.prompts = None
         if self.algo.prompts:
-            from ..federated.promptsteps import prompt_learner
+            from ..federated.promptsteps import prompt_learner, text_model
 
-            self.prompts = prompt_learner(cache.meta, cache.classes, cfg)
+            self.prompts = prompt_learner(text_model(cache.meta, cfg), cache.classes, cfg)
         self.text = text_head(cache, cfg.template) if cfg.head == "text" and self.prompts is None else None
         self.own: dict = {}  # the personal state when handle() is given none (in-process drivers)
 

@@ -90,7 +90,7 @@ def check_text_towers(caches: list, cfg) -> None:
 
     if not make_algorithm(cfg).prompts:
         return
-    from ..federated.promptsteps import prompt_learner
+    from ..federated.promptsteps import prompt_learner, text_model
 
     checked = set()
     for c in caches:
@@ -100,7 +100,7 @@ def check_text_towers(caches: list, cfg) -> None:
         if key in checked:
             continue
         try:
-            prompt_learner(cache.meta, cache.classes, cfg)
+            prompt_learner(text_model(cache.meta, cfg), cache.classes, cfg)
         except ConfigError as e:
             raise ConfigError(f"site cache {c}: {e}") from None
         checked.add(key)
