@@ -12,6 +12,7 @@ import torch
 flwr = pytest.importorskip("flwr")
 
 from fedclip_cache.federated.config import ConfigError, FederateConfig  # noqa: E402
+from fedclip_cache.federated.promptsteps import prompt_sizes  # noqa: E402
 from fedclip_cache.federated.recorder import RunRecorder  # noqa: E402
 from fedclip_cache.federated.results import federate  # noqa: E402
 from fedclip_cache.flower.client_app import SiteClient, load_state, save_state  # noqa: E402
@@ -73,7 +74,7 @@ def test_promptfl_sites_with_their_own_caches_equal_federate(tmp_path, model_arg
         co.receive_finetune([wire(*s.handle(*wire(rec, params))) for s in order])
     # what crosses the wire: the context vectors and nothing else (no adapter, no text tower, no prototypes)
     rec, params = co.message(1)
-    width = clients["art"].prompts.width
+    width = prompt_sizes(clients["art"].prompts).ctx_shape[-1]  # the text tower's width
     assert set(params) == {"ctx"} and params["ctx"].shape == ((3, 2, width) if extra else (2, width))
     dep = co.finish()
     fed = federate(tmp_path / "merged", FederateConfig(**opts, heldout=["sketch"]), out=tmp_path / "run")
@@ -128,7 +129,7 @@ def test_promptlocal_personal_protocol_keeps_each_context_at_its_site(tmp_path, 
     again = co2.finish()
     assert again["experiments"] == dep["experiments"] and again["mean"] == dep["mean"]
     kept = load_state(contexts["art"])  # the trained context, not the seeded start
-    assert set(kept) == {"ctx"} and kept["ctx"].shape == (2, actors["art"][0].prompts.width)
+    assert set(kept) == {"ctx"} and kept["ctx"].shape == prompt_sizes(actors["art"][0].prompts).ctx_shape == (2, 64)
     assert float((kept["ctx"] - actors["art"][0].initial()["ctx"]).abs().max()) > 1e-4
 
 
