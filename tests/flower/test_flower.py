@@ -45,7 +45,7 @@ def test_flower_config_errors(tmp_path):
     """Options the Flower apps cannot honour are refused in one line, naming the option and what to do."""
     cache = str(write_synthetic_cache(tmp_path / "c", {"a": 30, "b": 30}, 2, dim=8))
     cases = [({"algo": "local"}, "nothing to federate"), ({"algo": "scaffold"}, "keep state"),
-             ({"algo": "promptfl"}, "prompt learning"),
+             ({"algo": "promptlocal", "heldout": "a"}, "each site keeps its own context"),
              ({"device": "cuda"}, "--device cuda: not supported"),
              ({"partition": "iid", "sites": 2}, "--partition iid: per-site caches"),
              ({"split_source": "cache", "sites": 2}, "--split-source cache: per-site caches"),

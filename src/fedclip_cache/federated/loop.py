@@ -401,11 +401,10 @@ class LaneRound:
         schedules = [batch_schedule(lp.lanes[i].train, lp.lanes[i].seed, self.rnd, lp.lanes[i].key, lp.hp,
                                     lp.train_views, len(lp.Y)) for i in self.lanes]
         if lp.prompts is not None:  # prompt learning: the clients train context vectors (federated/prompts.py)
-            from .prompts import round_lr
+            from .promptsteps import prompt_round  # (a Flower site calls it too)
 
-            lr = round_lr(lp.cfg.prompt_lr, self.rnd, lp.cfg.rounds, lp.cfg.prompt_schedule)
-            out = lp.train_prompts.train(start, schedules, lp.Xtrain, lp.Ytrain, lr, lp.logit_scale,
-                                         lp.cfg.prompt_momentum, lp.cfg.prompt_weight_decay)
+            out = prompt_round(lp.train_prompts, lp.cfg, start, schedules, lp.Xtrain, lp.Ytrain, self.rnd,
+                               lp.logit_scale)
             return out, np.array([len(s) for s in schedules])
         heads = lp.lane_head if self.everyone else lp.lane_head[self.idx]
         out = local_update(lp.kind, start, lp.Xtrain, lp.Ytrain, heads, schedules, lp.hp, lp.opts, correction)
@@ -534,16 +533,14 @@ class _Loop:
         # tensors over the frozen text tower (algo.learner: prompts.ContextParams, pgp.PGPLearner)
         self.prompts = self.text_tower = self.train_prompts = None
         if algo.prompts:
-            from .prompts import PromptLearner, load_text_model
+            from .promptsteps import prompt_learner, text_model  # from the cache's provenance (as a site's)
 
-            lm = load_text_model(cache.meta, device, cfg.text_model_config, cfg.text_pretrained)
-            self.text_tower = PromptLearner(lm.model, lm.tokenizer, cache.classes, cfg.n_ctx, cfg.ctx_init,
-                                            truncate=not cfg.prompt_full_context, device=device, csc=cfg.prompt_csc)
-            self.prompts = algo.learner(self.text_tower)
+            lm = text_model(cache.meta, cfg, device)
+            self.prompts = prompt_learner(lm, cache.classes, cfg, device)
+            self.text_tower = self.prompts.base
             # the prompts clients train: every class's, or the base classes' alone (--base-to-novel)
-            self.train_prompts = self.prompts if self.classes is None else algo.learner(PromptLearner(
-                lm.model, lm.tokenizer, [cache.classes[i] for i in self.classes.base], cfg.n_ctx, cfg.ctx_init,
-                truncate=not cfg.prompt_full_context, device=device, csc=cfg.prompt_csc))
+            self.train_prompts = self.prompts if self.classes is None else prompt_learner(
+                lm, [cache.classes[i] for i in self.classes.base], cfg, device)
             inits = {s: self.prompts.init_params(s) for s in {e.seed for e in experiments}}
             shapes = self.prompts.param_shapes if lanes else {}
         else:
@@ -700,9 +697,10 @@ def finetune(loop: _Loop) -> dict:
     lane_exp = torch.tensor([ln.exp for ln in lanes], dtype=torch.long, device=loop.device)
     start = {n: v[lane_exp] for n, v in start_from.items()}
     if loop.prompts is not None:  # prompt learning: fine-tune the context with the prompt optimiser at --prompt-lr
+        from .promptsteps import prompt_finetune  # (a Flower site calls it too)
+
         schedules = finetune_schedules(lanes, cfg.finetune_steps, loop.hp)
-        params = loop.prompts.train(start, schedules, loop.X, loop.Y, cfg.prompt_lr, loop.logit_scale,
-                                    cfg.prompt_momentum, cfg.prompt_weight_decay)
+        params = prompt_finetune(loop.prompts, cfg, start, schedules, loop.X, loop.Y, loop.logit_scale)
         tuned, heads = {}, loop.prompts.heads(params)  # each client scored against its own context's embeddings
     else:
         heads = torch.stack([loop.exp_head[ln.exp] for ln in lanes])

@@ -36,6 +36,22 @@ class SiteCaches:
         return {"sites": self.sites, "complete": all(s.get("complete", False) for s in self.sites.values())}
 
 
+def client_key(site: str, facts: dict) -> tuple:
+    """Sort key of a site in the order of the experiment's clients: a shared cache's partition index, which the site
+    reports as ``order``; sites with their own caches (``order`` -1): by name, as the domains of one cache are
+    ordered ("b#10" is client 10, not before "b#2")."""
+    order = int(facts.get("order", -1))
+    return (order < 0, order, site)
+
+
+def lane_order(sites: list, reports: dict) -> list:
+    """Training sites in the loop's lane order (``loop.client_lanes``: the experiment's clients (:func:`client_key`),
+    then largest training split first, a stable sort): the server's sampling order, and the order in which a
+    personal algorithm's segments are scored (one group per lane)."""
+    ordered = sorted(sites, key=lambda s: client_key(s, reports[s]))
+    return sorted(ordered, key=lambda s: -int(reports[s]["train_n"]))
+
+
 @dataclass
 class RunRecorder:
     cfg: FederateConfig
@@ -49,8 +65,12 @@ class RunRecorder:
     finetuned: Optional[dict] = None  # --finetune-steps: site -> test accuracy after fine-tuning (lane order)
     finetune_health: Optional[dict] = None  # --finetune-steps: the sites that answered and those that did not
 
-    def fit_round(self, rnd: int, results: int, failures: int, sampled: Optional[int] = None) -> None:
-        self.health.append({"round": rnd, "fit_results": results, "fit_failures": failures})
+    def fit_round(self, rnd: int, results: int, failures: int, sampled: Optional[int] = None,
+                  wire: Optional[dict] = None) -> None:
+        """Round ``rnd``'s training: adapters received, sampled sites that sent none, and (``wire``) the tensor
+        bytes that crossed the wire (``tensor_bytes_down``: the round message's, each node; ``tensor_bytes_up``:
+        the replies', summed)."""
+        self.health.append({"round": rnd, "fit_results": results, "fit_failures": failures, **(wire or {})})
         self.sampled.append(results + failures if sampled is None else sampled)
 
     def evaluate_round(self, rnd: int, site_metrics: list[dict], failures: int) -> None:
@@ -130,7 +150,8 @@ class RunRecorder:
                           int(last[s]["dropped"])) for s in train_sites]
         exp = Experiment(name, cfg.seed, clients, heldout, rows(last[heldout]["n"]) if heldout else None)
         segments, keys = [], []
-        for s in train_sites:
+        algo = make_algorithm(cfg)
+        for s in lane_order(train_sites, last) if algo.personal else train_sites:  # as the loop's Evaluator
             for split in ("val", "test"):
                 if last[s][f"{split}_n"]:
                     segments.append(segment(exp, s, split, last[s][f"{split}_n"]))
@@ -156,19 +177,24 @@ class RunRecorder:
                     acc[r, rest] = loss[r, rest] = np.nan
         first = last[train_sites[0]] if train_sites else next(iter(last.values()))
         views = int(first.get("train_views", 1))  # --train-views as the sites resolved it
-        algo = make_algorithm(cfg)
         finetuned = {name: dict(self.finetuned)} if self.finetuned is not None else None
         return LoopResult([exp], segments, list(self.rounds), acc, loss, trainable, time.perf_counter() - self.t0,
                           final_params, float(first["logit_scale"]), str(first["logit_scale_source"]), val_mean,
                           finetuned=finetuned, fit_clients=list(self.sampled) or [len(train_sites)] * len(self.rounds),
                           notes=finetune_notes(cfg, algo, views), train_views=views)
 
-    def write(self, final_params: dict, trainable: int) -> dict:
-        """The summary (and, with ``out``, the run folder) of the deployment."""
+    def write(self, final_params: dict, trainable: int, ctx_shape: Optional[tuple] = None,
+              communicated: Optional[int] = None) -> dict:
+        """The summary (and, with ``out``, the run folder) of the deployment. ``ctx_shape``: the context's shape as
+        the sites report it, for a personal prompt algorithm whose contexts stay at the sites (the server has none
+        to read it from)."""
         from .results import summarise
 
         res = self.result(final_params, trainable)
+        res.communicated_params = communicated if communicated and communicated != trainable else None
         summary = summarise(res, self.cfg, self.info)
+        if ctx_shape and "prompt" in summary:
+            summary["prompt"].update(n_ctx=int(ctx_shape[-2]), width=int(ctx_shape[-1]))
         summary["deployment"] = {"rounds": self.health,
                                  **({"finetune": self.finetune_health} if self.finetune_health is not None else {})}
         if self.out is not None:

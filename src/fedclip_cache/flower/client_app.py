@@ -29,6 +29,7 @@ Requires ``pip install 'fedclip-cache[flower]'``.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 from collections import OrderedDict
@@ -42,14 +43,15 @@ from ..cache.reader import FeatureCache, open_cache
 from ..federated.algorithms import make_algorithm
 from ..federated.config import ConfigError, FederateConfig
 from ..federated.fpenv import flush_denormals
-from ..federated.loop import EvalPlan, class_sums, client_lanes, finetune_adapters, lane_setup, text_head
+from ..federated.loop import (EvalPlan, class_sums, client_lanes, finetune_adapters, finetune_schedules, lane_setup,
+                              text_head)
 from ..federated.protocols import Client, Experiment, build_experiments, federation_name, split_client
 from ..federated.train import batch_schedule, lane_key, local_update
 from .task import federate_config
-from .wire import HEAD, LocalUpdate, Payload, content, read
+from .wire import HEAD, LocalUpdate, Payload, content, pack, read, unpack
 
 try:
-    from flwr.app import Context, Message
+    from flwr.app import ConfigRecord, Context, Message
     from flwr.clientapp import ClientApp
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError("fedclip_cache.flower.client_app needs Flower: pip install 'fedclip-cache[flower]'") from e
@@ -82,10 +84,20 @@ def site_experiment(cache: FeatureCache, cfg: FederateConfig) -> SiteExperiment:
                           False)
 
 
+def model_digest(meta: dict) -> str:
+    """A short digest of a cache's model fingerprint (``cache.json``): the server checks every site reports the
+    same one (the sites' features and, for prompt learning, their text towers come from one model)."""
+    blob = json.dumps(meta.get("fingerprint"), sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
 class SiteClient:
-    """One site: its cached features never leave it; only the adapter (and, once, class sums) travels. Either one
-    training client of a shared cache (``partition_id``: its index among the run's training clients) or a site
-    with its own cache (``partition_id=None``; the held-out site only evaluates). Stateless between messages."""
+    """One site: its cached features never leave it; only the adapter (and, once, class sums) travels -- with
+    prompt learning only the context vectors, and with a personal algorithm (``promptlocal``) nothing: the site
+    keeps its own context in the ``state`` :meth:`handle` is given (the ClientApp keeps it in Flower's
+    ``context.state``). Either one training client of a shared cache (``partition_id``: its index among the run's
+    training clients) or a site with its own cache (``partition_id=None``; the held-out site only evaluates). Holds
+    no state of its own between messages (the personal state is the caller's)."""
 
     def __init__(self, cache_path: str, cfg: FederateConfig, partition_id: Optional[int] = None):
         cache = open_cache(cache_path)
@@ -100,14 +112,23 @@ class SiteClient:
             if not 0 <= partition_id < len(exp.clients):
                 raise ConfigError(f"partition-id {partition_id} out of range: {len(exp.clients)} training clients")
         self.cfg, self.exp, self.client, self.cache = cfg, exp, exp.clients[partition_id], cache
+        self.algo = make_algorithm(cfg)
         # the rows, adapter, logit scale and hyper-parameters of this site's lane, as `federate` sets them up
-        lanes = lane_setup(cache, cfg, make_algorithm(cfg), torch.device("cpu"), trains=not self.heldout_site)
+        lanes = lane_setup(cache, cfg, self.algo, torch.device("cpu"), trains=not self.heldout_site)
         self.X, self.Y, self.Xtrain, self.Ytrain, self.views = lanes.X, lanes.Y, lanes.Xtrain, lanes.Ytrain, \
             lanes.train_views
         self.kind, self.dim, self.hidden, self.hp = lanes.kind, lanes.dim, lanes.hidden, lanes.hp
         self.logit_scale, self.logit_scale_source = lanes.logit_scale, lanes.logit_scale_source
-        self.text = text_head(cache, cfg.template) if cfg.head == "text" else None
         self.opts = lanes.opts
+        # prompt learning: the frozen text tower rebuilt from THIS site's cache's provenance, with the checks and
+        # one-line errors of `federate` (promptsteps.prompt_learner); the site's lane then trains context vectors
+        self.prompts = None
+        if self.algo.prompts:
+            from ..federated.promptsteps import prompt_learner, text_model
+
+            self.prompts = prompt_learner(text_model(cache.meta, cfg), cache.classes, cfg)
+        self.text = text_head(cache, cfg.template) if cfg.head == "text" and self.prompts is None else None
+        self.own: dict = {}  # the personal state when handle() is given none (in-process drivers)
 
     @property
     def name(self) -> str:
@@ -122,7 +143,24 @@ class SiteClient:
                 "complete": bool(self.cache.complete), "identity": json.dumps(self.cache.identity()),
                 "logit_scale": self.logit_scale, "logit_scale_source": self.logit_scale_source,
                 "train_views": self.views, "train_n": len(c.train), "val_n": len(c.val), "test_n": len(c.test),
-                "dropped": c.dropped}
+                "dropped": c.dropped, "model": model_digest(self.cache.meta),
+                **(self.prompt_facts() if self.prompts is not None else {})}
+
+    def prompt_facts(self) -> dict:
+        """Prompt learning: the parameters this site trains and the context's shape (the server has no model)."""
+        from ..federated.promptsteps import prompt_sizes
+
+        trainable, shape = prompt_sizes(self.prompts)
+        return {"trainable": trainable, "ctx_shape": list(shape)}
+
+    def initial(self) -> dict:
+        """The starting parameters of this site's lane as ``federate`` seeds them (prompt learning: the context of
+        the experiment's seed, or ``--ctx-init``'s token embeddings, from this site's text tower)."""
+        if self.prompts is None:
+            raise ConfigError(f"--algo {self.cfg.algo}: the server seeds the adapter; a site has no initial one")
+        from ..federated.promptsteps import prompt_init
+
+        return prompt_init(self.prompts, self.exp.seed)
 
     def class_stats(self) -> dict:
         """Per-class sums of this site's normalised training features and class counts (``--head prototype``)."""
@@ -140,19 +178,36 @@ class SiteClient:
         """This site's local update of round ``rnd`` from ``params`` (unstacked), and its training-set size."""
         sched = batch_schedule(self.client.train, self.exp.seed, rnd, lane_key(self.exp.name, self.client.name),
                                self.hp, self.views, len(self.Y))
+        start = {n: v.unsqueeze(0) for n, v in params.items()}
         with flush_denormals(not self.cfg.keep_denormals):  # as run_loop
-            new = local_update(self.kind, {n: v.unsqueeze(0) for n, v in params.items()}, self.Xtrain, self.Ytrain,
-                               self._head(head).unsqueeze(0), [sched], self.hp, self.opts)
+            if self.prompts is not None:  # the loop's prompt round (promptsteps.prompt_round), on this lane
+                from ..federated.promptsteps import prompt_round
+
+                new = prompt_round(self.prompts, self.cfg, start, [sched], self.Xtrain, self.Ytrain, rnd,
+                                   self.logit_scale)
+            else:
+                new = local_update(self.kind, start, self.Xtrain, self.Ytrain, self._head(head).unsqueeze(0),
+                                   [sched], self.hp, self.opts)
         return LocalUpdate({k: v[0] for k, v in new.items()}, len(self.client.train))
+
+    def _scored(self, params: dict, head) -> tuple[torch.Tensor, dict]:
+        """The class embeddings and the (stacked) parameters a split is scored with: the adapter against the head,
+        or (prompt learning) no adapter against the class embeddings of the context, as the loop's ``_score``."""
+        if self.prompts is None:
+            return self._head(head).unsqueeze(0), {n: v.unsqueeze(0) for n, v in params.items()}
+        from ..federated.promptsteps import prompt_heads
+
+        with flush_denormals(not self.cfg.keep_denormals):  # as run_loop
+            return prompt_heads(self.prompts, {n: v.unsqueeze(0) for n, v in params.items()}), {}
 
     def _score(self, params: dict, rows: np.ndarray, head) -> tuple[float, float]:
         """Accuracy and mean loss on ``rows``: one segment of the loop's own :class:`~..federated.loop.EvalPlan`,
         so a site scores its split exactly as ``federate`` scores that client's (NaN for an empty split)."""
         if not len(rows):
             return float("nan"), float("nan")
-        plan = EvalPlan([[(0, rows)]], 1, self.X, self._head(head).unsqueeze(0), torch.device("cpu"))
-        acc, loss = plan.score(self.kind, {n: v.unsqueeze(0) for n, v in params.items()}, self.Y, self.logit_scale,
-                               self.opts)
+        heads, stacked = self._scored(params, head)
+        plan = EvalPlan([[(0, rows)]], 1, self.X, heads, torch.device("cpu"))
+        acc, loss = plan.score(self.kind, stacked, self.Y, self.logit_scale, self.opts)
         return float(acc[0]), float(loss[0])
 
     def evaluate(self, params: dict, head: Optional[torch.Tensor] = None) -> dict:
@@ -170,18 +225,52 @@ class SiteClient:
         (``loop.finetune_adapters`` on this site's lane: the schedule, seed, key and fresh optimiser of ``federate``)
         and scored on its test split (NaN when it has none)."""
         lanes = client_lanes([Experiment(self.exp.name, self.exp.seed, [self.client])])
+        start = {n: v.unsqueeze(0) for n, v in params.items()}
         with flush_denormals(not self.cfg.keep_denormals):  # as run_loop
-            tuned = finetune_adapters(self.kind, {n: v.unsqueeze(0) for n, v in params.items()}, self.X, self.Y,
-                                      self._head(head).unsqueeze(0), lanes, self.cfg.finetune_steps, self.hp,
-                                      self.opts)
+            if self.prompts is not None:  # the loop's prompt fine-tuning (promptsteps.prompt_finetune)
+                from ..federated.promptsteps import prompt_finetune
+
+                tuned = prompt_finetune(self.prompts, self.cfg, start,
+                                        finetune_schedules(lanes, self.cfg.finetune_steps, self.hp), self.X, self.Y,
+                                        self.logit_scale)
+            else:
+                tuned = finetune_adapters(self.kind, start, self.X, self.Y, self._head(head).unsqueeze(0), lanes,
+                                          self.cfg.finetune_steps, self.hp, self.opts)
             return self._score({k: v[0] for k, v in tuned.items()}, self.client.test, head)[0]
 
-    def handle(self, rec: dict, params: dict) -> Payload:
-        """One message (config record, unpacked tensors) -> the reply's config record and tensors to pack."""
+    def setup_reply(self) -> Payload:
+        """The set-up reply: the facts and, from a training site, what the server starts from -- its class sums
+        (``--head prototype``) or, for prompt learning, its initial context (every site derives the same one; the
+        server checks they agree). A personal algorithm's site sends no tensor: its context never leaves it."""
+        if self.heldout_site:
+            return Payload(self.facts(), {})
+        if self.prompts is not None:
+            return Payload(self.facts(), self.global_part(self.initial()))
+        return Payload(self.facts(), self.class_stats() if self.cfg.head == "prototype" else {})
+
+    def global_part(self, params: dict) -> dict:
+        """The part of this site's parameters the server holds, and so the part that travels: the algorithm's own
+        rule (its ``init_state``'s server state): all of it (promptfl), nothing when it communicates nothing
+        (promptlocal), the global prompt of a method that keeps a personal part at each client."""
+        if not self.algo.communicates:
+            return {}
+        server = self.algo.init_state({n: v.unsqueeze(0) for n, v in params.items()}, {}).server
+        return {n: v[0] for n, v in server.items()}
+
+    def handle(self, rec: dict, params: dict, state: Optional[dict] = None) -> Payload:
+        """One message (config record, unpacked tensors) -> the reply's config record and tensors to pack.
+        ``state``: the site's own parameters between messages (a personal algorithm's; updated in place), kept by
+        the caller (the ClientApp: Flower's ``context.state``); None: this object keeps them."""
         if rec.get("phase") == "setup":
-            stats = self.class_stats() if self.cfg.head == "prototype" and not self.heldout_site else {}
-            return Payload(self.facts(), stats)
+            return self.setup_reply()
         head = params.pop(HEAD, None)
+        shared = list(params)  # what the server sent, and so what a trained reply sends back
+        if self.algo.personal:  # its own model, kept here (the seeded start before round 1); the global part the
+            state = self.own if state is None else state  # message carries, if any, replaces the site's copy
+            if not state:
+                state.update(self.initial())
+            state.update(params)
+            params = dict(state)
         out: dict = {"client": self.name, "heldout": self.heldout_site}
         if rec.get("phase") == "finetune":  # the held-out site never trains: it answers with nothing to record
             if not self.heldout_site:
@@ -192,6 +281,9 @@ class SiteClient:
         if self.name in list(rec.get("train", [])) and not self.heldout_site:
             new, out["weight"] = self.fit(params, int(rec["round"]), head)
             out["trained"] = True
+            if self.algo.personal:  # kept here; the reply carries only the global part (promptlocal: nothing)
+                state.update(new)
+                return Payload(out, {n: new[n] for n in shared})
             return Payload(out, new)
         return Payload(out, {})
 
@@ -233,12 +325,32 @@ def site_client(context: Context) -> SiteClient:
 client_app = ClientApp()
 
 
+STATE = "fc.site"  # the site's own parameters between messages (personal algorithms), in Flower's context.state
+
+
+def load_state(context: Context) -> dict:
+    """The site's own parameters kept in ``context.state`` (Flower persists it per node and run: across messages,
+    and across the Ray actors of a simulation); {} before the first."""
+    if STATE not in context.state:
+        return {}
+    rec = dict(context.state[STATE])
+    return unpack(np.frombuffer(rec["packed"], np.float32), rec["layout"])
+
+
+def save_state(context: Context, state: dict) -> None:
+    if state:
+        flat, layout = pack(state)
+        context.state[STATE] = ConfigRecord({"packed": flat.tobytes(), "layout": layout})
+
+
 @client_app.query("setup")
 @client_app.train("round")
 @client_app.train("finetune")
 def _answer(message: Message, context: Context) -> Message:
     """Every message type: its one config record is the site's to handle (``SiteClient.handle`` reads the phase)."""
     rec, params = read(message.content)
-    out, arrays = site_client(context).handle(rec, params)
+    state = load_state(context)
+    out, arrays = site_client(context).handle(rec, params, state)
+    save_state(context, state)
     return Message(content(out, arrays), reply_to=message)
 

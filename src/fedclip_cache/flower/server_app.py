@@ -35,14 +35,14 @@ from ..federated.algorithms import make_algorithm
 from ..federated.config import ConfigError, FederateConfig
 from ..federated.loop import evaluated_rounds, prototype_head, sample_lanes
 from ..federated.protocols import Experiment, federation_name
-from ..federated.recorder import RunRecorder
+from ..federated.recorder import RunRecorder, client_key, lane_order
 from ..federated.train import aggregate, client_weights
 from . import logproto
 from .polls import PollPlan
 from .task import (DEFAULT_MIN_RESULTS, DEFAULT_POLL_INTERVAL, DEFAULT_ROUND_TIMEOUT, DEFAULT_STARTUP_TIMEOUT,
                    check_deployment_keys, federate_config)
 from .flwr_internals import quick_object_pulls
-from .wire import HEAD, LocalUpdate, Payload, content, read
+from .wire import HEAD, LocalUpdate, Payload, content, read, tensor_bytes
 
 from flwr.app import Context, Message
 from flwr.common.logger import log
@@ -65,6 +65,9 @@ class Coordinator:
         self.extra: dict = {}  # the server optimiser's state
         self.head: Optional[torch.Tensor] = None  # --head prototype
         self.recorded = evaluated_rounds(cfg.rounds, cfg.eval_every)
+        self.sent_bytes = 0  # tensor bytes of the last round message (each node receives them)
+        self.trainable = 0  # parameters a site trains, as the sites report it (prompt learning)
+        self.ctx_shape: Optional[tuple] = None  # the context's shape, as the sites report it (prompt learning)
 
     # ---- set-up
 
@@ -78,7 +81,14 @@ class Coordinator:
         if len(dim) != 1:
             raise ConfigError(f"the sites' caches disagree on the feature dimension ({sorted(dim)}): extract every "
                               f"site with the same model")
+        models = {str(r["model"]) for r, _ in replies if "model" in r}
+        if len(models) > 1:
+            raise ConfigError("the sites' caches were extracted with different models (their cache.json "
+                              "fingerprints differ): extract every site with the same model")
         d = dim.pop()
+        if self.algo.prompts:  # the context vectors: no adapter, no class prototypes
+            self.setup_prompts(replies)
+            return
         kind = get_adapter(self.cfg.adapter)
         p = init_params(self.cfg.adapter, d, adapter_width(kind, self.cfg.hidden, d), self.cfg.seed)
         self.current = {n: v.unsqueeze(0) for n, v in p.items()}
@@ -91,6 +101,25 @@ class Coordinator:
             n = sum(stats[c]["counts"] for c in order)
             self.head = prototype_head(s, n)
 
+    def setup_prompts(self, replies: list[Payload]) -> None:
+        """Prompt learning: the global context starts as the training sites' initial context (each site derives it
+        from its own text tower and the seed, or ``--ctx-init``'s words, as ``federate`` seeds it; the server holds
+        no model) -- the same on every site, or a one-line error; a personal algorithm has no global context."""
+        self.trainable = max((int(r.get("trainable", 0)) for r, _ in replies), default=0)
+        self.ctx_shape = next((tuple(int(x) for x in r["ctx_shape"]) for r, _ in replies if "ctx_shape" in r), None)
+        if not self.algo.communicates:  # each site keeps its own context: the server holds none
+            return
+        inits = sorted(((str(r["client"]), a) for r, a in replies if a), key=lambda x: self.client_order(x[0]))
+        if not inits:
+            raise RuntimeError(f"--algo {self.cfg.algo}: no training site sent its initial context")
+        first_site, first = inits[0]
+        for site, a in inits[1:]:
+            if set(a) != set(first) or not all(torch.equal(a[n], first[n]) for n in first):
+                raise ConfigError(f"--algo {self.cfg.algo}: sites {first_site} and {site} start from different "
+                                  f"context vectors (their text towers differ): give every site the same model "
+                                  f"and the same prompt options")
+        self.current = {n: v.unsqueeze(0) for n, v in first.items()}
+
     def learn(self, rec: dict) -> None:
         if "dim" in rec:  # a full report (setup, evaluation): a site's facts
             self.sites[str(rec["client"])] = {k: rec[k] for k in ("heldout", "train_n", "dim", "order") if k in rec}
@@ -98,14 +127,12 @@ class Coordinator:
     def client_order(self, name: str) -> tuple:
         """Sort key of a site in the order of the experiment's clients: a shared cache's partition index, which the
         site reports; sites with their own caches: by name, as the domains of one cache are ordered."""
-        order = int(self.sites[name].get("order", -1))  # -1: own cache (or a site of an older version)
-        return (order < 0, order, name)  # "b#10" is client 10, not before "b#2"
+        return client_key(name, self.sites[name])
 
     def training_sites(self) -> list[str]:
         """Training sites in the loop's lane order: the order of the experiment's clients (:meth:`client_order`),
         then largest training split first (a stable sort, as ``loop.client_lanes``)."""
-        names = sorted((n for n, f in self.sites.items() if not f.get("heldout")), key=self.client_order)
-        return sorted(names, key=lambda n: -int(self.sites[n]["train_n"]))
+        return lane_order([n for n, f in self.sites.items() if not f.get("heldout")], self.sites)
 
     def sampled(self, rnd: int) -> list[str]:
         order = self.training_sites()
@@ -123,9 +150,10 @@ class Coordinator:
                 rec["train"] = list(self.sample)
         else:
             self.sample = []
-        params = {n: v[0] for n, v in self.current.items()}
+        params = {n: v[0] for n, v in self.current.items()}  # {} for a personal algorithm: nothing travels
         if self.head is not None:
             params[HEAD] = self.head
+        self.sent_bytes = tensor_bytes(params)
         return Payload(rec, params)
 
     def receive(self, rnd: int, replies: list[Payload]) -> None:
@@ -136,7 +164,7 @@ class Coordinator:
             evals = [rec for rec, _ in replies if rec.get("evaluated")]
             seen = {str(r["client"]) for r in evals}
             self.recorder.evaluate_round(rnd - 1, evals, len(set(self.sites) - seen))
-            if self.cfg.finetune_steps and self.recorder.selected():  # the adapter these evaluations scored
+            if self.finetunes and self.recorder.selected():  # the adapter these evaluations scored
                 self.selected = {n: v.clone() for n, v in self.current.items()}
         if rnd > self.cfg.rounds:
             return
@@ -147,8 +175,12 @@ class Coordinator:
                 seen.add(name)
                 trained[name] = LocalUpdate(params, float(rec["weight"]))
         order = [n for n in self.sample if n in trained]  # the sample is in lane order
-        if self.recorder:
-            self.recorder.fit_round(rnd, len(order), len(self.sample) - len(order), sampled=len(self.sample))
+        if self.recorder:  # with the tensor bytes that crossed the wire: what each node received, what came back
+            self.recorder.fit_round(rnd, len(order), len(self.sample) - len(order), sampled=len(self.sample),
+                                    wire={"tensor_bytes_down": self.sent_bytes,
+                                          "tensor_bytes_up": sum(tensor_bytes(p) for _, p in replies)})
+        if not self.current:  # nothing global (promptlocal: each site trained its own context and kept it)
+            return
         if len(order) < self.min_results or not order:  # too few answers: the global model stays as it was
             log(WARNING, "round %s: %s trained adapter(s), fewer than min_results=%s; the global adapter is "
                 "unchanged", rnd, len(order), self.min_results)
@@ -160,6 +192,12 @@ class Coordinator:
         self.current, self.extra = self.algo.server_update(self.current, averaged, self.extra, rnd)
 
     # ---- --finetune-steps (after the final evaluation)
+
+    @property
+    def finetunes(self) -> bool:
+        """Whether the fine-tune message follows the rounds (``--finetune-steps``; a personal algorithm keeps a
+        model per client already: ignored, as ``federate`` says in a note)."""
+        return bool(self.cfg.finetune_steps) and not self.algo.personal
 
     def finetune_message(self) -> Payload:
         """The fine-tune message: the selected round's global adapter (as ``federate``'s ``best_server``)."""
@@ -190,9 +228,14 @@ class Coordinator:
             self.recorder.finetune_round(tuned, missing)
 
     def finish(self) -> dict:
-        params = {n: v.clone() for n, v in self.current.items()}
-        trainable = sum(v[0].numel() for v in params.values())
-        return self.recorder.write(params, trainable) if self.recorder else {}
+        params = {n: v.clone() for n, v in self.current.items()}  # a personal algorithm's stay at the sites: {}
+        # what a client trains (prompt learning: as the sites report it; a personal part never reaches the server)
+        trainable = self.trainable if self.algo.prompts else sum(v[0].numel() for v in params.values())
+        if not self.recorder:
+            return {}
+        communicated = sum(v[0].numel() for v in params.values()) if self.algo.prompts else None
+        return self.recorder.write(params, trainable, ctx_shape=None if params else self.ctx_shape,
+                                   communicated=communicated)
 
 
 # ------------------------------------------------------------------------------------------------ transport
@@ -322,7 +365,7 @@ def main(grid: Grid, context: Context) -> None:
         t2 = time.perf_counter()
         co.receive(rnd, replies)
         log(INFO, logproto.round_done(rnd, cfg.rounds, len(replies), t2 - t, time.perf_counter() - t2))
-    if cfg.finetune_steps:  # one more message: each training site fine-tunes the selected adapter
+    if co.finetunes:  # one more message: each training site fine-tunes the selected adapter
         t = time.perf_counter()
         rec, params = co.finetune_message()
         replies = ex(ex.live_nodes(), "train.finetune", rec, params, "finetune", timeout)

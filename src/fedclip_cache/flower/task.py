@@ -29,6 +29,13 @@ MAX_POLL_INTERVAL = 60.0
 # clients' work
 SIMULATION_POLL_INTERVAL = 0.05
 
+# Prompt-learning algorithms the apps run (flower/client_app.py: each site rebuilds the frozen text tower from its
+# own cache and trains with federated/promptsteps.py). What travels is what the server holds (the algorithm's
+# init_state's server state: promptfl's context; nothing for promptlocal); a personal algorithm's site keeps its own
+# parameters in Flower's context.state, the global part replaced by each message's. A prompt method whose rounds fit
+# that rule (FedPGP: sigma averaged, U V kept) is enabled by adding its name.
+PROMPT_ALGORITHMS = ("promptfl", "promptlocal", "fedpgp")
+
 # Federate options the Flower apps do not honour, each with what to do instead (a silently ignored option would
 # give a run folder that looks like federate's but is not). Checked against the defaults.
 UNSUPPORTED = {
@@ -85,19 +92,31 @@ def check_supported(cfg: FederateConfig, per_site_caches: bool) -> None:
         if getattr(cfg, name) != getattr(default, name):
             raise ConfigError(f"{option_flag(name)} {getattr(cfg, name)}: not supported by the Flower apps: {why}")
     algo = make_algorithm(cfg)
-    if not algo.communicates:
+    if algo.prompts:  # the sites keep what is personal (SiteClient.handle's state); see PROMPT_ALGORITHMS
+        check_prompt_algorithm(cfg, algo)
+    elif not algo.communicates:
         raise ConfigError(f"--algo {cfg.algo}: nothing to federate (it trains without a server); use "
                           f"`fedclip-cache federate`")
-    if algo.prompts:
-        raise ConfigError(f"--algo {cfg.algo} (prompt learning) is not supported by the Flower apps yet; use "
-                          f"`fedclip-cache federate`")
-    if algo.client_state or type(algo).run_round is not Algorithm.run_round:  # e.g. SCAFFOLD's c_i
+    elif algo.client_state or type(algo).run_round is not Algorithm.run_round:  # e.g. SCAFFOLD's c_i
         raise ConfigError(f"--algo {cfg.algo} is not supported by the Flower apps yet (its clients keep state "
                           f"between rounds); use `fedclip-cache federate`")
     if per_site_caches and (cfg.partition != "none" or cfg.split_source != "random" or cfg.client_key != "domain"):
         bad = next(n for n in ("partition", "split_source", "client_key") if getattr(cfg, n) != getattr(default, n))
         raise ConfigError(f"{option_flag(bad)} {getattr(cfg, bad)}: per-site caches: a site is one client (use the "
                           f"default --partition none, --split-source random, --client-key domain)")
+
+
+def check_prompt_algorithm(cfg: FederateConfig, algo: Algorithm) -> None:
+    """A one-line ConfigError for a prompt-learning algorithm the apps cannot run as asked: one not in
+    :data:`PROMPT_ALGORITHMS`, or a personal one (each site keeps its own context) with a held-out site, which
+    would have to receive every site's context to score it."""
+    if cfg.algo not in PROMPT_ALGORITHMS:
+        raise ConfigError(f"--algo {cfg.algo} (prompt learning) is not supported by the Flower apps yet (they run "
+                          f"{', '.join(PROMPT_ALGORITHMS)}); use `fedclip-cache federate`")
+    if algo.personal and cfg.heldout:
+        raise ConfigError(f"--algo {cfg.algo} --heldout {cfg.heldout[0]}: each site keeps its own context, which "
+                          f"never leaves it, so no held-out site can score it; use --protocol personal (no "
+                          f"--heldout), or `fedclip-cache federate`")
 
 
 def check_deployment_keys(rc: dict) -> None:

@@ -55,6 +55,12 @@ def unpack(flat: np.ndarray, layout: str) -> dict[str, torch.Tensor]:
     return out
 
 
+def tensor_bytes(params: dict) -> int:
+    """Bytes of tensors a message carries: :func:`pack` sends every element as float32 (the count a deployment's
+    run folder records per round, beside ``federate``'s formula)."""
+    return 4 * sum(int(v.numel()) if torch.is_tensor(v) else int(np.asarray(v).size) for v in params.values())
+
+
 def content(config: dict, params: Optional[dict] = None) -> RecordDict:
     """A message's content: ONE config record holding the settings or metrics and, when there are tensors, their
     packed float32 bytes and layout -- three objects per message on each hop (message, record dict, record), where

@@ -75,3 +75,32 @@ def check_site_options(site_caches: list, cfg) -> None:
         resolve_logit_scale(cfg, cache)
         if cfg.head == "text":
             text_head(cache, cfg.template)
+    check_text_towers(site_caches, cfg)
+
+
+def check_text_towers(caches: list, cfg) -> None:
+    """Prompt learning: each site's frozen text tower rebuilt from its own cache's provenance, as the site will
+    (``promptsteps.prompt_learner``: the model files, the recorded fingerprint, the class prompts' fit), here
+    before anything starts: a one-line error naming the cache instead of a run that fails at its set-up message.
+    Caches with the same model record and classes are checked once (a model is loaded once, not once per site)."""
+    import json
+
+    from ..cache.reader import open_cache
+    from ..federated.algorithms import make_algorithm
+
+    if not make_algorithm(cfg).prompts:
+        return
+    from ..federated.promptsteps import prompt_learner, text_model
+
+    checked = set()
+    for c in caches:
+        cache = open_cache(c)
+        key = json.dumps([cache.meta.get(k) for k in ("model", "fingerprint", "preprocess")] + [list(cache.classes)],
+                         sort_keys=True, default=str)
+        if key in checked:
+            continue
+        try:
+            prompt_learner(text_model(cache.meta, cfg), cache.classes, cfg)
+        except ConfigError as e:
+            raise ConfigError(f"site cache {c}: {e}") from None
+        checked.add(key)

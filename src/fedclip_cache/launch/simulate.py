@@ -161,6 +161,9 @@ def plan(caches: list, cfg, out: Path, tmp: Path) -> SimulationPlan:
     if not cache.is_dir():
         raise ConfigError(f"simulate: cache {cache} does not exist (run `fedclip-cache extract` first)")
     rc = run_config(cfg, out, cache=str(cache))  # `sites` is set below, once the nodes are known
+    from .checks import check_text_towers
+
+    check_text_towers([cache], cfg)  # prompt learning: the text tower every node rebuilds from this cache
     fc = open_cache(cache)
     exp = build_experiments(fc, cfg)[0]  # the run's training clients, exactly as `federate` forms them
     n = len(exp.clients)
