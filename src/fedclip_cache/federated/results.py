@@ -10,7 +10,7 @@ import numpy as np
 from ..cache.reader import FeatureCache, open_cache
 from ..cache.store import atomic_write, write_json
 from .algorithms import get_algorithm
-from .config import FederateConfig
+from .config import ConfigError, FederateConfig
 from .loop import LoopResult, run_loop
 from .protocols import build_experiments, split_said
 
@@ -233,6 +233,7 @@ def federate(cache: str | Path | FeatureCache, cfg: FederateConfig, out: Optiona
     from .runfolder import RUN_OUTPUTS, claim, disk_full
 
     cfg.validate()
+    check_tracking(cfg, out)
     fc = cache if isinstance(cache, FeatureCache) else open_cache(cache, allow_incomplete=allow_incomplete)
     exps = build_experiments(fc, cfg, seeds)
     # Locked now (a second federate is refused at once), but the earlier run in the folder is kept until this one
@@ -249,10 +250,24 @@ def federate(cache: str | Path | FeatureCache, cfg: FederateConfig, out: Optiona
                 with disk_full(Path(out), "plots"):
                     run_plots(Path(out))
             folder.complete(RUN_OUTPUTS)
+            if cfg.log:  # the complete folder to the trackers (a failing tracker is warned about, never raised)
+                from .tracking import track_run
+
+                track_run(Path(out), cfg.log, cfg.mlflow_uri)
     finally:
         if folder is not None:
             folder.close()
     return summary
+
+
+def check_tracking(cfg: FederateConfig, out) -> None:
+    """``--log``: each tracker's package installed, and a run folder to read the numbers from and keep the
+    trackers' files in (checked before the run starts)."""
+    from .tracking import check_available
+
+    if check_available(cfg.log) and out is None:
+        raise ConfigError(f"--log {cfg.log}: needs a run folder (-o RUN): the trackers are sent what it holds and "
+                          f"keep their files in it")
 
 
 def _train(fc: FeatureCache, cfg: FederateConfig, exps, progress: bool) -> tuple[LoopResult, dict]:
