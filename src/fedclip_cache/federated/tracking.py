@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import ConfigError
+from ..options import named
 
 TRACKERS = ("tensorboard", "mlflow", "wandb")
 # tracker -> (the package it needs, the extra that installs it)
@@ -56,7 +57,7 @@ def parse_log(text: Optional[str], label: str = "--log") -> tuple[str, ...]:
     names = [n.strip().lower() for n in (text or "").split(",") if n.strip()]
     bad = [n for n in names if n not in TRACKERS]
     if bad:
-        raise ConfigError(f"{label} {text!r}: unknown tracker {bad[0]!r}; choose any of {','.join(TRACKERS)} "
+        raise ConfigError(f"{named(label)} {text!r}: unknown tracker {bad[0]!r}; choose any of {','.join(TRACKERS)} "
                           f"(comma-separated)")
     return tuple(dict.fromkeys(names))
 
@@ -68,7 +69,7 @@ def check_available(text: Optional[str], label: str = "--log") -> tuple[str, ...
     for n in names:
         package, extra = _NEEDS[n]
         if importlib.util.find_spec(package) is None:
-            raise ConfigError(f"{label} {n}: the {package} package is not installed; pip install "
+            raise ConfigError(f"{named(label)} {n}: the {package} package is not installed; pip install "
                               f"'fedclip-cache[{extra}]' (or 'fedclip-cache[tracking]' for all three)")
     return names
 

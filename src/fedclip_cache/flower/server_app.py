@@ -36,6 +36,7 @@ from ..federated.config import ConfigError, FederateConfig
 from ..federated.loop import evaluated_rounds, prototype_head, sample_lanes
 from ..federated.protocols import Experiment, federation_name
 from ..federated.recorder import RunRecorder
+from ..federated.tracking import check_available, track_run
 from ..federated.train import aggregate, client_weights
 from . import logproto
 from .polls import PollPlan
@@ -290,6 +291,7 @@ def main(grid: Grid, context: Context) -> None:
     rc = context.run_config
     _, cfg = federate_config(rc)
     check_deployment_keys(rc)
+    check_available(cfg.log)  # --log: the trackers' packages, before any round
     n_sites = int(rc.get("sites", 0))
     min_results = int(rc.get("min_results", DEFAULT_MIN_RESULTS))
     interval = float(rc.get("poll_interval", DEFAULT_POLL_INTERVAL))
@@ -333,3 +335,5 @@ def main(grid: Grid, context: Context) -> None:
         from ..plots import run_plots
 
         run_plots(Path(str(out)))
+        if cfg.log:  # the complete run folder to the trackers (a failing one is warned about, never raised)
+            track_run(Path(str(out)), cfg.log, cfg.mlflow_uri)
