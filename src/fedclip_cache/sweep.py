@@ -373,7 +373,7 @@ def _point_tracker(out: Path, base: FederateConfig, grid: dict, todo: list) -> O
     names = parse_log(base.log)
     if not names:
         return None
-    tracker = Tracker(names, out, base.mlflow_uri)
+    tracker = Tracker(names, out, base.mlflow_uri).warm()  # imports while the first point trains
     def text(v) -> str:
         return ",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
     tags = {Path(folder).name: {k: text(getattr(cfg, k)) for k in grid} for cfg, folder in todo}

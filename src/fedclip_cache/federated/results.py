@@ -239,7 +239,12 @@ def federate(cache: str | Path | FeatureCache, cfg: FederateConfig, out: Optiona
     # Locked now (a second federate is refused at once), but the earlier run in the folder is kept until this one
     # has trained: the loop's own checks (memory, prompt fit, the text model) refuse only after it has started.
     folder = claim(Path(out), "federate", "federate -o", start=False) if out is not None else None
+    tracker = None
     try:
+        if folder is not None and cfg.log:  # --log: the trackers' imports and store warm up while it trains
+            from .tracking import start_tracking
+
+            tracker = start_tracking(Path(out), cfg.log, cfg.mlflow_uri)
         res, summary = _train(fc, cfg, exps, progress)
         if folder is not None:
             folder.start()
@@ -253,7 +258,7 @@ def federate(cache: str | Path | FeatureCache, cfg: FederateConfig, out: Optiona
             if cfg.log:  # the complete folder to the trackers (a failing tracker is warned about, never raised)
                 from .tracking import track_run
 
-                track_run(Path(out), cfg.log, cfg.mlflow_uri)
+                track_run(Path(out), cfg.log, cfg.mlflow_uri, tracker)
     finally:
         if folder is not None:
             folder.close()

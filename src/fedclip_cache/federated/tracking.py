@@ -113,6 +113,10 @@ class Backend:
     def __init__(self, root: Path, mlflow_uri: Optional[str] = None):
         self.root = Path(root)
 
+    def warm(self) -> None:
+        """Import the library (and open the store) ahead of time: :meth:`Tracker.warm` runs it while the run
+        trains."""
+
     def open(self, info: RunInfo) -> None: ...
 
     def log_round(self, rnd: int, metrics: dict) -> None: ...
@@ -140,6 +144,9 @@ class TensorBoard(Backend):
     summary metrics as TensorBoard's hparams of the run (its HPARAMS view compares the runs)."""
 
     name = "tensorboard"
+
+    def warm(self) -> None:
+        from torch.utils.tensorboard import SummaryWriter  # noqa: F401
 
     def open(self, info: RunInfo) -> None:
         import shutil
@@ -183,11 +190,14 @@ class Mlflow(Backend):
         self.local = not mlflow_uri
         self.client = None
 
+    def warm(self) -> None:
+        if self.client is None:
+            self.client = self._client()
+
     def open(self, info: RunInfo) -> None:
         from mlflow.entities import Param
 
-        if self.client is None:
-            self.client = self._client()
+        self.warm()
         exp = self.client.get_experiment_by_name(info.group)
         if exp is None:
             where = (self.root / "mlartifacts").resolve().as_uri() if self.local else None
@@ -202,6 +212,8 @@ class Mlflow(Backend):
             self.client.log_batch(self.run.info.run_id, params=params[i:i + self.PARAMS])
 
     def _client(self):
+        if self.local:
+            self.root.mkdir(parents=True, exist_ok=True)
         logging.getLogger("alembic").setLevel(logging.WARNING)  # the SQLite store's schema set-up, said at INFO
         logging.getLogger("mlflow").setLevel(logging.WARNING)
         with warnings.catch_warnings():
@@ -246,6 +258,11 @@ class Wandb(Backend):
 
     name = "wandb"
 
+    def warm(self) -> None:
+        import wandb
+
+        wandb.setup()  # W&B's service process, started once per process
+
     def open(self, info: RunInfo) -> None:
         import wandb
 
@@ -278,6 +295,22 @@ class Tracker:
     def __init__(self, names, root: Path, mlflow_uri: Optional[str] = None):
         self.backends = [BACKENDS[n](Path(root), mlflow_uri) for n in names]
         self.failed: dict = {}  # tracker -> what it raised
+        self._warming = None
+
+    def warm(self) -> "Tracker":
+        """Import the trackers' libraries and open MLflow's store in a background thread, while the run trains
+        (a few seconds of imports and MLflow's schema set-up otherwise added after the run); the first call that
+        sends anything waits for it."""
+        import threading
+
+        self._warming = threading.Thread(target=self._each, args=("warm",), name="tracking-warm", daemon=True)
+        self._warming.start()
+        return self
+
+    def _ready(self) -> None:
+        if self._warming is not None:
+            self._warming.join()
+            self._warming = None
 
     def _each(self, method: str, *args) -> None:
         for b in list(self.backends):
@@ -293,6 +326,7 @@ class Tracker:
                       f"folder is complete, {b.name} gets nothing more from this run", file=sys.stderr)
 
     def open(self, info: RunInfo) -> None:
+        self._ready()
         self._each("open", info)
 
     def log_round(self, rnd: int, metrics: dict) -> None:
@@ -384,12 +418,19 @@ def track_folder(tracker: Tracker, folder: Path, group: str, prefix: str = "", t
 TRACKING_FIELDS = ("log", "mlflow_uri")
 
 
-def track_run(folder: Path, log: Optional[str], mlflow_uri: Optional[str] = None) -> Optional[Tracker]:
-    """``federate -o RUN --log ...`` and a deployment's ServerApp: the finished run folder ``RUN`` to its trackers,
-    grouped by the folder's name (None when ``log`` names none)."""
+def start_tracking(folder: Path, log: Optional[str], mlflow_uri: Optional[str] = None) -> Optional[Tracker]:
+    """The trackers of run folder ``folder``, warming up (:meth:`Tracker.warm`) while the run trains; None when
+    ``log`` names none. Send the finished folder with :func:`track_run` (``tracker=``)."""
     names = parse_log(log)
-    if not names:
-        return None
-    tracker = Tracker(names, folder, mlflow_uri)
-    track_folder(tracker, folder, Path(folder).resolve().name)
+    return Tracker(names, folder, mlflow_uri).warm() if names else None
+
+
+def track_run(folder: Path, log: Optional[str], mlflow_uri: Optional[str] = None,
+              tracker: Optional[Tracker] = None) -> Optional[Tracker]:
+    """``federate -o RUN --log ...`` and a deployment's ServerApp: the finished run folder ``RUN`` to its trackers
+    (``tracker``: those :func:`start_tracking` warmed), grouped by the folder's name (None when ``log`` names
+    none)."""
+    tracker = tracker or (Tracker(parse_log(log), folder, mlflow_uri) if parse_log(log) else None)
+    if tracker is not None:
+        track_folder(tracker, folder, Path(folder).resolve().name)
     return tracker
