@@ -371,7 +371,7 @@ def _point_tracker(out: Path, base: FederateConfig, grid: dict, todo: list) -> O
     from .federated.tracking import Tracker, parse_log, track_folder
 
     names = parse_log(base.log)
-    if not names:
+    if not names or not todo:
         return None
     tracker = Tracker(names, out, base.mlflow_uri).warm()  # imports while the first point trains
     def text(v) -> str:
