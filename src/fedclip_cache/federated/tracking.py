@@ -214,6 +214,9 @@ class Mlflow(Backend):
     def _client(self):
         if self.local:
             self.root.mkdir(parents=True, exist_ok=True)
+        # no usage statistics sent by MLflow (as `simulate` switches off Ray's and Flower's); the user's own
+        # MLFLOW_DISABLE_TELEMETRY wins
+        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
         logging.getLogger("alembic").setLevel(logging.WARNING)  # the SQLite store's schema set-up, said at INFO
         logging.getLogger("mlflow").setLevel(logging.WARNING)
         with warnings.catch_warnings():
