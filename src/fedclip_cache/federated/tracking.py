@@ -217,12 +217,12 @@ class Mlflow(Backend):
         # no usage statistics sent by MLflow (as `simulate` switches off Ray's and Flower's); the user's own
         # MLFLOW_DISABLE_TELEMETRY wins
         os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-        logging.getLogger("alembic").setLevel(logging.WARNING)  # the SQLite store's schema set-up, said at INFO
-        logging.getLogger("mlflow").setLevel(logging.WARNING)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # SQLAlchemy's deprecation of a loader MLflow 3.17 uses
-            from mlflow.tracking import MlflowClient
+            from mlflow.tracking import MlflowClient  # (importing mlflow sets up its loggers: quieted after)
 
+            logging.getLogger("alembic").setLevel(logging.WARNING)  # the SQLite store's schema set-up, at INFO
+            logging.getLogger("mlflow").setLevel(logging.WARNING)
             client = MlflowClient(tracking_uri=self.uri)
             client.search_experiments(max_results=1)  # opens (and, new, creates) the store now
         return client
