@@ -266,3 +266,20 @@ def test_tracking_options_are_not_a_points_identity(cache, tmp_path, offline_wan
     # another --log on the same folder: the same sweep, nothing re-run
     again = sweep(str(cache), FederateConfig(**CFG, heldout=["art"]), {"hidden": [4, 8]}, [0], out)
     assert again["ran"] == 0 and again["done"] == 2
+
+
+def test_pipeline_key_log_is_checked_before_any_stage(tmp_path, monkeypatch):
+    import importlib.util
+
+    from fedclip_cache.pipeline import prepare, run
+
+    p = tmp_path / "p.toml"
+    p.write_text('[federate]\nrounds = 2\nlog = "tensorboard,neptune"\n')
+    with pytest.raises(ConfigError, match=r"p\.toml: federate\.log 'tensorboard,neptune': unknown tracker 'neptune'"):
+        prepare(p)
+    p.write_text('[federate]\nrounds = 2\nlog = "wandb"\n')
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"federate\.log wandb: the wandb package is not installed"):
+        run(p, None, base_dir=tmp_path)  # refused before the (missing) cache is even looked at
+    assert not (tmp_path / "runs").exists()
