@@ -241,6 +241,9 @@ def run(path: str | Path, data: Optional[str], overrides: Optional[list[str]] = 
     names = {**plan.fed_names, **plan.grid_names}
     sweeping = bool(cfg.get("sweep")) and not skip_sweep
     points = [plan.federate] + (expand(plan.federate, plan.grid, names) if sweeping else [])
+    from .federated.tracking import check_available
+
+    check_available(plan.federate.log, names.get("log") or "federate.log")  # a tracker's package, before extract
     if data is None:  # no dataset given: use the cache as it is (open_cache refuses an unfinished one)
         if not (cache / "cache.json").is_file():
             raise ConfigError(f"{cache} does not exist yet: pass --data PATH (the dataset folder or manifest, "

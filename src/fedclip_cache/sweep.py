@@ -37,6 +37,7 @@ import numpy as np
 
 from .federated.config import GRID_ALIASES, ConfigError, FederateConfig, as_written, check_bounds, parse_text
 from .cache.store import atomic_write, write_json
+from .federated.tracking import TRACKING_FIELDS
 
 
 
@@ -49,6 +50,9 @@ def grid_field(key: str, where: str = "--grid") -> str:
         hint = " (use --seeds for seeds)" if name in ("seed", "seeds") else ""
         raise ConfigError(f"{where} key {key!r} is not a federate option{hint}; known: "
                           f"{', '.join(sorted(k for k in fields if k != 'seed'))}")
+    if name in TRACKING_FIELDS:  # where the numbers go, the same for every point
+        raise ConfigError(f"{where} key {key!r}: tracking is not a grid option; give --{key.replace('_', '-')} "
+                          f"once for the whole sweep")
     return name
 
 
@@ -179,6 +183,8 @@ LATER_OPTIONS = ("keep_denormals", "train_views", "pgp_rank", "pgp_mu", "pgp_tem
 def point_id(cfg: FederateConfig) -> str:
     d = cfg.to_dict()
     d.pop("seed")
+    for name in TRACKING_FIELDS:  # where the numbers are also sent (--log), not what the point is
+        d.pop(name, None)
     defaults = FederateConfig().to_dict()
     for name in LATER_OPTIONS:
         if name in d and d[name] == defaults[name]:
@@ -238,7 +244,7 @@ def _record(cache_path, identity: dict, base: FederateConfig, grid: dict, seeds:
 
     cache = str(Path(cache_path).resolve())
     keys = list(grid)
-    base_d = {k: v for k, v in base.to_dict().items() if k not in keys and k != "seed"}
+    base_d = {k: v for k, v in base.to_dict().items() if k not in keys and k != "seed" and k not in TRACKING_FIELDS}
     names = [point_folder(c, seeds) for c in points]
     if old is None:
         return {"cache": cache, "cache_identity": identity, "base": base.to_dict(), "grid": _grid_json(grid),
@@ -256,7 +262,8 @@ def _record(cache_path, identity: dict, base: FederateConfig, grid: dict, seeds:
         def said(ks) -> str:  # as typed: clients, not num_clients
             return ", ".join(option_flag(k).lstrip("-") if k in FIELDS else k for k in ks) or "nothing"
         refuse(f"--grid over {said(old.get('grid_keys') or [])}, not over {said(keys)}")
-    old_base = {k: v for k, v in (old.get("base") or {}).items() if k not in keys and k != "seed"}
+    old_base = {k: v for k, v in (old.get("base") or {}).items()
+                if k not in keys and k != "seed" and k not in TRACKING_FIELDS}
     differ = sorted(k for k in old_base.keys() & base_d.keys()
                     if json.dumps(old_base[k], sort_keys=True) != json.dumps(base_d[k], sort_keys=True))
     if differ:
@@ -285,6 +292,9 @@ def plan(cache_path: str | Path, base: FederateConfig, grid: dict[str, list], se
     """Validate a whole sweep without doing any work: seeds, jobs, every grid point, and the points against the
     cache. Returns (points, seeds)."""
     seeds = check_seeds(seeds, seeds_label)
+    from .federated.tracking import check_available
+
+    check_available(base.log, (names or {}).get("log") or "--log")  # a tracker's package: before any work
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ConfigError(f"{as_written(jobs_label, jobs)}: must be a whole number >= 1")
     for k, vs in grid.items():
@@ -321,13 +331,13 @@ def sweep(cache_path: str | Path, base: FederateConfig, grid: dict[str, list], s
         with disk_full(out, "sweep.json"):
             write_json(out / "sweep.json", record)
         todo, stale = _points_to_run(out, points, seeds, identity)
-        progress = _Progress(len(points), len(points) - len(todo), on_done)
+        progress = _Progress(len(points), len(points) - len(todo), on_done, _point_tracker(out, base, grid, todo))
         if jobs <= 1:
             cache = open_cache(cache_path, **opener) if todo else None  # read once for all points, not once per point
             for cfg, folder in todo:
                 with _refused_point(out, record, folder, lock):
                     _run_point(cache, cfg.to_dict(), seeds, str(folder), None)
-                progress.one_more()
+                progress.one_more(folder)
         else:
             _run_in_workers(cache_path, todo, seeds, jobs, opener, out, record, lock, progress)
         st = status(out)
@@ -346,17 +356,36 @@ def sweep(cache_path: str | Path, base: FederateConfig, grid: dict[str, list], s
 class _Progress:
     """Counts finished points and reports ``(done, total)`` to the caller's callback after each one."""
 
-    def __init__(self, total: int, done: int, on_done: Optional[Callable[[int, int], None]]):
-        self.total, self.done, self.on_done = total, done, on_done
+    def __init__(self, total: int, done: int, on_done: Optional[Callable[[int, int], None]],
+                 on_point: Optional[Callable[[Path], None]] = None):
+        self.total, self.done, self.on_done, self.on_point = total, done, on_done, on_point
         self._say()
 
-    def one_more(self) -> None:
+    def one_more(self, folder: Optional[Path] = None) -> None:
+        if folder is not None and self.on_point:  # --log: the finished point to the trackers
+            self.on_point(Path(folder))
         self.done += 1
         self._say()
 
     def _say(self) -> None:
         if self.on_done:
             self.on_done(self.done, self.total)
+
+
+def _point_tracker(out: Path, base: FederateConfig, grid: dict, todo: list) -> Optional[Callable[[Path], None]]:
+    """``--log``: what sends each point finished now to the trackers (files in the sweep folder: SWEEP/tb,
+    SWEEP/mlflow.db, SWEEP/wandb), one tracked run per experiment named ``POINT/experiment``, grouped by the sweep
+    folder's name and tagged with the point's grid values; None without ``--log``."""
+    from .federated.tracking import Tracker, parse_log, track_folder
+
+    names = parse_log(base.log)
+    if not names or not todo:
+        return None
+    tracker = Tracker(names, out, base.mlflow_uri).warm()  # imports while the first point trains
+    def text(v) -> str:
+        return ",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
+    tags = {Path(folder).name: {k: text(getattr(cfg, k)) for k in grid} for cfg, folder in todo}
+    return lambda folder: track_folder(tracker, folder, out.resolve().name, f"{folder.name}/", tags[folder.name])
 
 
 def _points_to_run(out: Path, points: list, seeds: list[int], identity) -> tuple[list, int]:
@@ -394,7 +423,7 @@ def _run_in_workers(cache_path, todo: list, seeds: list[int], jobs: int, opener:
         for f in as_completed(futs):
             with _refused_point(out, record, futs[f], lock):
                 f.result()
-            progress.one_more()
+            progress.one_more(futs[f])
 
 
 @contextlib.contextmanager

@@ -19,6 +19,7 @@ from ..options import flag_of, option, said as as_written, show  # noqa: F401  (
 from .adapters import ADAPTERS, adapters_help, list_adapters
 from .algorithms import ALGORITHMS, algorithms_help, get_algorithm
 from .flwr_partition import CLASS_ASSIGNMENTS, FLWR_PARTITIONS
+from .tracking import parse_log
 
 
 LOSSES = ("contrastive", "ce")
@@ -277,6 +278,12 @@ class FederateConfig:
     keep_denormals: bool = option(False, "Do not flush denormal floats to zero (by default they are flushed on "
                                          "every CPU thread while training: saturated softmax gradients otherwise "
                                          "slow steps down many times).")
+    # Experiment tracking (issue 22, federated/tracking.py): where a run's numbers are also sent, never what the run
+    # is: left out of sweep point ids (sweep.point_id) and of the hyper-parameters the trackers receive
+    log: str = option("", "Also send the run folder's numbers to trackers: any of tensorboard,mlflow,wandb "
+                          "(comma-separated; files inside the run folder: RUN/tb, RUN/mlflow.db, RUN/wandb). Needs -o.")
+    mlflow_uri: Optional[str] = option(None, "--log mlflow: the MLflow tracking URI (a server, http://HOST:5000); "
+                                             "default: sqlite:///RUN/mlflow.db inside the run folder.")
 
     def validate(self, names: Optional[Mapping[str, str]] = None) -> "FederateConfig":
         """Check every field's type and range; raise :class:`ConfigError` naming the option as the user wrote it.
@@ -382,6 +389,7 @@ class _Checks:
             raise self.bad("device", f"unknown device; choose one of {'|'.join(DEVICES)}")
         if cfg.template != "mean" and not re.fullmatch(r"\d+", cfg.template):
             raise self.bad("template", "give a template index (0, 1, ...) or 'mean'")
+        parse_log(cfg.log, self.flag("log"))  # tracker names (their packages: tracking.check_available)
         if cfg.train_views != "all" and not (re.fullmatch(r"\d+", cfg.train_views) and int(cfg.train_views) >= 1):
             raise self.bad("train_views", "give a number of views >= 1 or 'all' (views of a cache extracted with "
                                           "--views)")

@@ -10,7 +10,7 @@ import numpy as np
 from ..cache.reader import FeatureCache, open_cache
 from ..cache.store import atomic_write, write_json
 from .algorithms import get_algorithm
-from .config import FederateConfig
+from .config import ConfigError, FederateConfig
 from .loop import NOVEL, LoopResult, run_loop
 from .protocols import build_experiments, harmonic_mean, split_said
 
@@ -294,12 +294,18 @@ def federate(cache: str | Path | FeatureCache, cfg: FederateConfig, out: Optiona
     from .runfolder import RUN_OUTPUTS, claim, disk_full
 
     cfg.validate()
+    check_tracking(cfg, out)
     fc = cache if isinstance(cache, FeatureCache) else open_cache(cache, allow_incomplete=allow_incomplete)
     exps = build_experiments(fc, cfg, seeds)
     # Locked now (a second federate is refused at once), but the earlier run in the folder is kept until this one
     # has trained: the loop's own checks (memory, prompt fit, the text model) refuse only after it has started.
     folder = claim(Path(out), "federate", "federate -o", start=False) if out is not None else None
+    tracker = None
     try:
+        if folder is not None and cfg.log:  # --log: the trackers' imports and store warm up while it trains
+            from .tracking import start_tracking
+
+            tracker = start_tracking(Path(out), cfg.log, cfg.mlflow_uri)
         res, summary = _train(fc, cfg, exps, progress)
         if folder is not None:
             folder.start()
@@ -310,10 +316,24 @@ def federate(cache: str | Path | FeatureCache, cfg: FederateConfig, out: Optiona
                 with disk_full(Path(out), "plots"):
                     run_plots(Path(out))
             folder.complete(RUN_OUTPUTS)
+            if cfg.log:  # the complete folder to the trackers (a failing tracker is warned about, never raised)
+                from .tracking import track_run
+
+                track_run(Path(out), cfg.log, cfg.mlflow_uri, tracker)
     finally:
         if folder is not None:
             folder.close()
     return summary
+
+
+def check_tracking(cfg: FederateConfig, out) -> None:
+    """``--log``: each tracker's package installed, and a run folder to read the numbers from and keep the
+    trackers' files in (checked before the run starts)."""
+    from .tracking import check_available
+
+    if check_available(cfg.log) and out is None:
+        raise ConfigError(f"--log {cfg.log}: needs a run folder (-o RUN): the trackers are sent what it holds and "
+                          f"keep their files in it")
 
 
 def _train(fc: FeatureCache, cfg: FederateConfig, exps, progress: bool) -> tuple[LoopResult, dict]:

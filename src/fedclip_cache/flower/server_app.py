@@ -36,6 +36,7 @@ from ..federated.config import ConfigError, FederateConfig
 from ..federated.loop import evaluated_rounds, prototype_head, sample_lanes
 from ..federated.protocols import Experiment, federation_name
 from ..federated.recorder import RunRecorder, client_key, lane_order
+from ..federated.tracking import check_available, start_tracking, track_run
 from ..federated.train import aggregate, client_weights
 from . import logproto
 from .polls import PollPlan
@@ -333,6 +334,8 @@ def main(grid: Grid, context: Context) -> None:
     rc = context.run_config
     _, cfg = federate_config(rc)
     check_deployment_keys(rc)
+    check_available(cfg.log)  # --log: the trackers' packages, before any round
+    tracker = start_tracking(Path(str(rc["out"])), cfg.log, cfg.mlflow_uri) if rc.get("out") else None  # warm
     n_sites = int(rc.get("sites", 0))
     min_results = int(rc.get("min_results", DEFAULT_MIN_RESULTS))
     interval = float(rc.get("poll_interval", DEFAULT_POLL_INTERVAL))
@@ -376,3 +379,5 @@ def main(grid: Grid, context: Context) -> None:
         from ..plots import run_plots
 
         run_plots(Path(str(out)))
+        if cfg.log:  # the complete run folder to the trackers (a failing one is warned about, never raised)
+            track_run(Path(str(out)), cfg.log, cfg.mlflow_uri, tracker)

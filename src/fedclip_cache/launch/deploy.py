@@ -215,6 +215,9 @@ def prepare(launch: Launch, site_caches: list, out, cfg, flags: Optional[dict], 
     rc["poll_interval"] = float(launch.poll_interval)
     check_deployment_keys(rc)
     _, site_cfg = federate_config(dict(rc))  # the ServerApp's own check, before anything starts
+    from ..federated.tracking import check_available
+
+    check_available(site_cfg.log)  # --log: the ServerApp's trackers installed (they run beside deploy)
     check_site_options(site_caches, site_cfg)
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)

@@ -400,6 +400,9 @@ class SimulationRun:
         from ..flower.task import check_deployment_keys
 
         check_deployment_keys(rc)  # before Ray starts
+        from ..federated.tracking import check_available
+
+        check_available(cfg.log)  # --log: the ServerApp's trackers installed
         self.backend = backend_config(num_cpus, client_cpus, backend, self.tmp / "ray")
         # offline: no usage statistics from Ray, no telemetry from Flower (read when flwr is first imported, so
         # also switched off in the module if something imported it already)
