@@ -166,6 +166,10 @@ def preflight(cache_path: str | Path, points: list[FederateConfig], names: Optio
 
             if not torch.cuda.is_available():
                 raise ConfigError(f"{as_written(flag('device'), cfg.device)}: no CUDA GPU is visible; use cpu or auto")
+        if cfg.precision != "fp32" and cfg.device != "auto":  # --precision bf16 without bf16 matmul: one line
+            from .federated.precision import check_precision
+
+            check_precision(cfg.precision, cfg.device, flag("precision"))
 
 
 def point_id(cfg: FederateConfig) -> str:
@@ -175,6 +179,8 @@ def point_id(cfg: FederateConfig) -> str:
         d.pop("keep_denormals", None)
     if d.get("train_views") == "1":  # likewise
         d.pop("train_views", None)
+    if d.get("precision") == "fp32":  # likewise (--precision, the default)
+        d.pop("precision", None)
     return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 

@@ -18,6 +18,7 @@ from ..errors import ConfigError
 from ..options import flag_of, option, said as as_written, show  # noqa: F401  (as_written: the one formatter of refused values)
 from .adapters import ADAPTERS, adapters_help, list_adapters
 from .algorithms import ALGORITHMS, algorithms_help, get_algorithm
+from .precision import PRECISIONS
 
 
 LOSSES = ("contrastive", "ce")
@@ -252,6 +253,12 @@ class FederateConfig:
     keep_denormals: bool = option(False, "Do not flush denormal floats to zero (by default they are flushed on "
                                          "every CPU thread while training: saturated softmax gradients otherwise "
                                          "slow steps down many times).")
+    # --precision (issue 23, bf16 training; federated/precision.py): fp32 is the default and the reference
+    precision: str = option("fp32", "Local training's forward passes: fp32 (default, the reference) | bf16 "
+                                    "(bfloat16 autocast around the adapter and the frozen text tower, as extract "
+                                    "--precision bf16 around the encoder; parameters, optimiser state, loss, "
+                                    "aggregation and evaluation stay fp32). bf16 needs native bf16 matmul: a CPU "
+                                    "with AVX512-BF16/AMX or a CUDA GPU with bf16.", choices=PRECISIONS)
 
     def validate(self, names: Optional[Mapping[str, str]] = None) -> "FederateConfig":
         """Check every field's type and range; raise :class:`ConfigError` naming the option as the user wrote it.

@@ -24,8 +24,9 @@ from ..cache.reader import FeatureCache
 from .adapters import (ADAPTERS, AdapterKind, Params, adapter_options, adapter_width, get_adapter, init_params,
                        num_params)
 from .algorithms import Algorithm, TrainState, make_algorithm
-from .config import ConfigError, FederateConfig
+from .config import ConfigError, FederateConfig, option_flag
 from .fpenv import flush_denormals
+from .precision import check_precision
 from .protocols import Experiment
 from .train import (LocalHyper, Rows, aggregate, batch_schedule, client_weights, evaluate, host_tensor, lane_key,
                     local_update)
@@ -159,7 +160,10 @@ class LaneSetup:
 def lane_setup(cache: FeatureCache, cfg: FederateConfig, algo: Algorithm, device: torch.device,
                resident: Optional[bool] = None, trains: bool = True) -> LaneSetup:
     """The :class:`LaneSetup` of a run on ``cache``. ``resident`` as :class:`~.train.Rows` (None: copied to the
-    device when they fit); ``trains=False`` (a Flower site that only evaluates) reads no extra views."""
+    device when they fit); ``trains=False`` (a Flower site that only evaluates) reads no extra views.
+    ``--precision bf16`` is refused here, in one line, where the device has no bf16 matmul."""
+    if trains:
+        check_precision(cfg.precision, device, option_flag("precision"))
     k = resolve_train_views(cfg, cache)
     # training gathers from every view (view-major rows), evaluation from view 0 only; the views first, as before
     # the features: on a GPU whichever is made first is the first to be copied when it fits
@@ -497,7 +501,8 @@ class _Loop:
 
             lm = load_text_model(cache.meta, device, cfg.text_model_config, cfg.text_pretrained)
             self.prompts = PromptLearner(lm.model, lm.tokenizer, cache.classes, cfg.n_ctx, cfg.ctx_init,
-                                         truncate=not cfg.prompt_full_context, device=device, csc=cfg.prompt_csc)
+                                         truncate=not cfg.prompt_full_context, device=device, csc=cfg.prompt_csc,
+                                         precision=cfg.precision)
             inits = {s: {"ctx": self.prompts.init_ctx(s)} for s in {e.seed for e in experiments}}
             shapes = {"ctx": self.prompts.ctx_shape} if lanes else {}
         else:
