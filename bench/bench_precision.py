@@ -191,9 +191,10 @@ def main() -> None:
     ap.add_argument("--pacs-rounds", type=int, default=10)
     ap.add_argument("--digits-rounds", type=int, default=30)
     ap.add_argument("--class-sep", type=float, default=0.1, help="synthetic class separation (harder below 1)")
+    ap.add_argument("--out", default=None, help="results file (default bench/results/precision-<threads>threads.json)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    dest = Path(__file__).parent / "results" / f"precision-{a.threads}threads.json"
+    dest = Path(a.out) if a.out else Path(__file__).parent / "results" / f"precision-{a.threads}threads.json"
     out = json.loads(dest.read_text()) if dest.exists() else {}
     out.update(cpu=platform.processor() or platform.machine(), threads=a.threads, torch=torch.__version__,
                date=time.strftime("%Y-%m-%d"))

@@ -112,7 +112,7 @@ def _plain_blocks(transformer) -> bool:
     need = ("ln_1", "attn", "ls_1", "ln_2", "mlp", "ls_2")
     return all(all(hasattr(b, n) for n in need) and not hasattr(b, "ln_1_kv")
                and isinstance(b.attn, torch.nn.MultiheadAttention) and b.attn.batch_first
-               and b.attn._qkv_same_embed_dim and b.attn.bias_k is None and not b.attn.add_zero_attn
+               and b.attn.in_proj_weight is not None and b.attn.bias_k is None and not b.attn.add_zero_attn
                and (b.attn.dropout == 0 or not b.attn.training) for b in blocks)
 
 
