@@ -2,7 +2,7 @@
 
     python bench/bench_precision.py                      # every part, 2 threads
     python bench/bench_precision.py --parts peak,adapter,prompt --reps 5
-    python bench/bench_precision.py --parts accuracy --pacs-rounds 10 --digits-rounds 30
+    python bench/bench_precision.py --parts accuracy_digits,accuracy_pacs --pacs-rounds 10 --digits-rounds 30
 
 Parts (each result carries the 1-minute load average read when it was measured: the cores are shared):
 
@@ -13,7 +13,7 @@ Parts (each result carries the 1-minute load average read when it was measured: 
 * ``prompt``: promptfl local training on a ViT-B-32-sized text tower (random weights: the same compute), 7 classes,
   n_ctx 16, batch 32: the 3 clients side by side (one text pass over their 21 prompts per step, the default) and
   one client at a time, fp32 and bf16 interleaved, best of --reps; GFLOP/s as above.
-* ``accuracy``: ``federate`` fedclip, 5 seeds x every held-out domain, fp32 then bf16 back to back, on a synthetic
+* ``accuracy_digits``, ``accuracy_pacs``: ``federate`` fedclip, 5 seeds x every held-out domain, fp32 then bf16 back to back, on a synthetic
   cache shaped like the digits demo (4 domains x 300 images, 10 classes, D = 512, prototype head, as the demo) and
   one shaped like PACS (2048/2344/1670/2500 images, 7 classes, D = 512, text head); the per-(seed, held-out) paired
   differences of the selected held-out and test accuracies, against the seed-to-seed spread.
@@ -163,29 +163,35 @@ def accuracy_on(cache, base, seeds) -> dict:
     return out
 
 
-def accuracy(a) -> dict:
+def accuracy_digits(a) -> dict:
     from fedclip_cache.federated.config import FederateConfig
     from fedclip_cache.synthetic import write_synthetic_cache
 
-    seeds = list(range(5))
-    out = {}
     with tempfile.TemporaryDirectory() as d:
-        digits = write_synthetic_cache(Path(d) / "digits", DIGITS, 10, dim=512, seed=1, class_sep=a.class_sep)
-        out["digits_shaped"] = accuracy_on(digits, FederateConfig(algo="fedclip", head="prototype",
-                                                                  rounds=a.digits_rounds), seeds)
-        out["digits_shaped"]["setup"] = (f"synthetic 4 x 300 images, 10 classes, D=512, class_sep {a.class_sep}, "
-                                         f"fedclip prototype head, {a.digits_rounds} rounds, official optimiser")
-        pacs = write_synthetic_cache(Path(d) / "pacs", PACS, len(PACS_CLASSES), dim=512, seed=2,
-                                     class_sep=a.class_sep)
-        out["pacs_shaped"] = accuracy_on(pacs, FederateConfig(algo="fedclip", rounds=a.pacs_rounds), seeds)
-        out["pacs_shaped"]["setup"] = (f"synthetic PACS sizes, 7 classes, D=512, class_sep {a.class_sep}, fedclip "
-                                       f"text head, {a.pacs_rounds} rounds, official optimiser")
+        cache = write_synthetic_cache(Path(d) / "digits", DIGITS, 10, dim=512, seed=1, class_sep=a.class_sep)
+        out = accuracy_on(cache, FederateConfig(algo="fedclip", head="prototype", rounds=a.digits_rounds),
+                          list(range(5)))
+    out["setup"] = (f"synthetic 4 x 300 images, 10 classes, D=512, class_sep {a.class_sep}, fedclip prototype "
+                    f"head, {a.digits_rounds} rounds, official optimiser, 5 seeds x 4 held-out domains")
+    return out
+
+
+def accuracy_pacs(a) -> dict:
+    from fedclip_cache.federated.config import FederateConfig
+    from fedclip_cache.synthetic import write_synthetic_cache
+
+    with tempfile.TemporaryDirectory() as d:
+        cache = write_synthetic_cache(Path(d) / "pacs", PACS, len(PACS_CLASSES), dim=512, seed=2,
+                                      class_sep=a.class_sep)
+        out = accuracy_on(cache, FederateConfig(algo="fedclip", rounds=a.pacs_rounds), list(range(5)))
+    out["setup"] = (f"synthetic PACS sizes, 7 classes, D=512, class_sep {a.class_sep}, fedclip text head, "
+                    f"{a.pacs_rounds} rounds, official optimiser, 5 seeds x 4 held-out domains")
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--parts", default="peak,adapter,prompt,accuracy")
+    ap.add_argument("--parts", default="peak,adapter,prompt,accuracy_digits,accuracy_pacs")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--pacs-rounds", type=int, default=10)
