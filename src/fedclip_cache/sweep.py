@@ -166,10 +166,13 @@ def preflight(cache_path: str | Path, points: list[FederateConfig], names: Optio
 
             if not torch.cuda.is_available():
                 raise ConfigError(f"{as_written(flag('device'), cfg.device)}: no CUDA GPU is visible; use cpu or auto")
-        if cfg.precision != "fp32" and cfg.device != "auto":  # --precision bf16 without bf16 matmul: one line
+        if cfg.precision != "fp32":  # --precision bf16 without bf16 matmul: one line, before any point trains
+            import torch
+
             from .federated.precision import check_precision
 
-            check_precision(cfg.precision, cfg.device, flag("precision"))
+            check_precision(cfg.precision, cfg.device if cfg.device != "auto" else
+                            ("cuda" if torch.cuda.is_available() else "cpu"), flag("precision"))
 
 
 def point_id(cfg: FederateConfig) -> str:
