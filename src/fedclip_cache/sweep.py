@@ -171,13 +171,20 @@ def preflight(cache_path: str | Path, points: list[FederateConfig], names: Optio
 
             if not torch.cuda.is_available():
                 raise ConfigError(f"{as_written(flag('device'), cfg.device)}: no CUDA GPU is visible; use cpu or auto")
+        if cfg.precision != "fp32":  # --precision bf16 without bf16 matmul: one line, before any point trains
+            import torch
+
+            from .federated.precision import check_precision
+
+            check_precision(cfg.precision, cfg.device if cfg.device != "auto" else
+                            ("cuda" if torch.cuda.is_available() else "cpu"), flag("precision"))
 
 
 # Options added after sweep folders were first written: at their declared default they are left out of a point's
 # id, so a folder made before the option existed keeps its id (and its finished points). A new option whose default
 # keeps the old behaviour goes here.
 LATER_OPTIONS = ("keep_denormals", "train_views", "pgp_rank", "pgp_mu", "pgp_temp", "min_partition_size",
-                 "self_balancing", "class_assignment", "flwr_shuffle", "shots", "base_to_novel")
+                 "self_balancing", "class_assignment", "flwr_shuffle", "shots", "base_to_novel", "precision")
 
 
 def point_id(cfg: FederateConfig) -> str:

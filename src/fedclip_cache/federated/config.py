@@ -20,6 +20,7 @@ from .adapters import ADAPTERS, adapters_help, list_adapters
 from .algorithms import ALGORITHMS, algorithms_help, get_algorithm
 from .flwr_partition import CLASS_ASSIGNMENTS, FLWR_PARTITIONS
 from .tracking import parse_log
+from .precision import PRECISIONS
 
 
 LOSSES = ("contrastive", "ce")
@@ -284,6 +285,12 @@ class FederateConfig:
                           "(comma-separated; files inside the run folder: RUN/tb, RUN/mlflow.db, RUN/wandb). Needs -o.")
     mlflow_uri: Optional[str] = option(None, "--log mlflow: the MLflow tracking URI (a server, http://HOST:5000); "
                                              "default: sqlite:///RUN/mlflow.db inside the run folder.")
+    # --precision (issue 23, bf16 training; federated/precision.py): fp32 is the default and the reference
+    precision: str = option("fp32", "Local training's forward passes: fp32 (default, the reference) | bf16 "
+                                    "(bfloat16 autocast around the adapter and the frozen text tower, as extract "
+                                    "--precision bf16 around the encoder; parameters, optimiser state, loss, "
+                                    "aggregation and evaluation stay fp32). bf16 needs native bf16 matmul: a CPU "
+                                    "with AVX512-BF16/AMX or a CUDA GPU with bf16.", choices=PRECISIONS)
 
     def validate(self, names: Optional[Mapping[str, str]] = None) -> "FederateConfig":
         """Check every field's type and range; raise :class:`ConfigError` naming the option as the user wrote it.

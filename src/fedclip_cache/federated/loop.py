@@ -24,8 +24,9 @@ from ..cache.reader import FeatureCache
 from .adapters import (ADAPTERS, AdapterKind, Params, adapter_options, adapter_width, get_adapter, init_params,
                        num_params)
 from .algorithms import Algorithm, TrainState, make_algorithm
-from .config import ConfigError, FederateConfig
+from .config import ConfigError, FederateConfig, option_flag
 from .fpenv import flush_denormals
+from .precision import check_precision
 from .protocols import ClassSplit, Experiment, class_split
 from .train import (LocalHyper, Rows, aggregate, batch_schedule, client_weights, evaluate, host_tensor, lane_key,
                     local_update)
@@ -162,7 +163,10 @@ class LaneSetup:
 def lane_setup(cache: FeatureCache, cfg: FederateConfig, algo: Algorithm, device: torch.device,
                resident: Optional[bool] = None, trains: bool = True) -> LaneSetup:
     """The :class:`LaneSetup` of a run on ``cache``. ``resident`` as :class:`~.train.Rows` (None: copied to the
-    device when they fit); ``trains=False`` (a Flower site that only evaluates) reads no extra views."""
+    device when they fit); ``trains=False`` (a Flower site that only evaluates) reads no extra views.
+    ``--precision bf16`` is refused here, in one line, where the device has no bf16 matmul."""
+    if trains:
+        check_precision(cfg.precision, device, option_flag("precision"))
     k = resolve_train_views(cfg, cache)
     # training gathers from every view (view-major rows), evaluation from view 0 only; the views first, as before
     # the features: on a GPU whichever is made first is the first to be copied when it fits

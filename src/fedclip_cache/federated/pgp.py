@@ -134,7 +134,8 @@ class PGPLearner:
         """Each client's local loss (A,): mean cross-entropy of its batch with the personalised context, plus mu
         times the contrastive term. One text-tower pass over both contexts of every client."""
         a = params["sigma"].shape[0]
-        T = self.base.class_embeddings_many(torch.cat([self.context(params), params["sigma"]]))
+        T = self.base.class_embeddings_many(torch.cat([self.context(params), params["sigma"]]),
+                                            precision=self.base.precision)  # --precision: the training pass
         tf, ts = T[:a], T[a:]
         logits = scale * torch.bmm(F.normalize(batch.xs, dim=-1), tf.transpose(1, 2))
         ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch.ys.reshape(-1), reduction="none")

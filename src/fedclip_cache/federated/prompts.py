@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 from ..cache.sources import quoted
+from .precision import autocast
 
 CTX_INIT_STD = 0.02  # CoOp: nn.init.normal_(ctx_vectors, std=0.02)
 PLACEHOLDER = "X"  # CoOp's prompt_prefix = " ".join(["X"] * n_ctx)
@@ -101,14 +102,60 @@ def _refuse(names: Sequence[str], rest: Sequence[int], n_ctx: int, ctx_init: Opt
                       f"and the tokenizer would cut its name; {fix}{largest}")
 
 
+def _plain_blocks(transformer) -> bool:
+    """Whether every block of an open_clip text transformer is the standard pre-LN block (ln_1 -> self-attention by
+    a batch-first nn.MultiheadAttention without extras -> ls_1; ln_2 -> mlp -> ls_2) that :func:`_block` computes."""
+    blocks = getattr(transformer, "resblocks", None)
+    if blocks is None or not getattr(transformer, "batch_first", False) or getattr(transformer, "grad_checkpointing",
+                                                                                   False):
+        return False
+    need = ("ln_1", "attn", "ls_1", "ln_2", "mlp", "ls_2")
+    return all(all(hasattr(b, n) for n in need) and not hasattr(b, "ln_1_kv")
+               and isinstance(b.attn, torch.nn.MultiheadAttention) and b.attn.batch_first
+               and b.attn.in_proj_weight is not None and b.attn.bias_k is None and not b.attn.add_zero_attn
+               and (b.attn.dropout == 0 or not b.attn.training) for b in blocks)
+
+
+def _block(b, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """One standard block (:func:`_plain_blocks`) on batch-first x (N, L, E): open_clip's ResidualAttentionBlock,
+    with the attention written out (packed in-projection on the contiguous (N, L, E) input, scaled dot-product
+    attention, out-projection) -- what nn.MultiheadAttention computes."""
+    attn = b.attn
+    n, length, e = x.shape
+    heads = attn.num_heads
+    y = b.ln_1(x)
+    qkv = F.linear(y, attn.in_proj_weight, attn.in_proj_bias).view(n, length, 3, heads, e // heads)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (N, heads, L, E / heads)
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask.to(q.dtype))
+    o = F.linear(o.transpose(1, 2).reshape(n, length, e), attn.out_proj.weight, attn.out_proj.bias)
+    x = x + b.ls_1(o)
+    return x + b.ls_2(b.mlp(b.ln_2(x)))
+
+
+def text_transformer(transformer, x: torch.Tensor, mask: Optional[torch.Tensor], precision: str) -> torch.Tensor:
+    """The text transformer on batch-first prompts x (N, L, width). fp32: the tower's own forward (the reference,
+    unchanged). bf16 (called under bf16 autocast): the same blocks with the attention written out (:func:`_block`),
+    when they are standard. Why: nn.MultiheadAttention (batch_first) transposes its input to (L, N, E) and its
+    in-projection then multiplies the non-contiguous input by the weight expanded over the batch; in fp32 that
+    expansion is a free view, but bf16 autocast materialises it (N copies of the 512 x 1536 weight per layer and
+    pass) and the step was no faster than fp32 (ViT-B-32 text tower, 3 x 7 prompts of 20 tokens, 2 threads:
+    0.53 s vs 0.48 s; measured 2026-12-07). Written out, the projections are single contiguous GEMMs."""
+    if precision == "fp32" or not _plain_blocks(transformer):
+        return transformer(x, attn_mask=mask)
+    for b in transformer.resblocks:
+        x = _block(b, x, mask)
+    return x
+
+
 class PromptLearner:
     """The frozen text tower with class prompts ``X*n_ctx classname.``; :meth:`class_embeddings` maps context
     vectors (n_ctx, width) to L2-normalised class embeddings (C, D), differentiable in the context only."""
 
     def __init__(self, model: torch.nn.Module, tokenizer, classnames: Sequence[str], n_ctx: int = 16,
                  ctx_init: Optional[str] = None, truncate: bool = True, device: torch.device | str = "cpu",
-                 csc: bool = False):
+                 csc: bool = False, precision: str = "fp32"):
         self.tower = tower = text_tower(model)
+        self.precision = precision  # of the training passes (--precision); evaluation (heads) is always fp32
         self.device = torch.device(device)
         self.ctx_init_vectors: Optional[torch.Tensor] = None
         if ctx_init is not None:
@@ -155,8 +202,10 @@ class PromptLearner:
         """L2-normalised class embeddings (C, D) for context vectors ``ctx`` (:attr:`ctx_shape`)."""
         return self.class_embeddings_many(ctx.unsqueeze(0), length)[0]
 
-    def class_embeddings_many(self, ctx: torch.Tensor, length: Optional[int] = None) -> torch.Tensor:
-        """Class embeddings (A, C, D) of A contexts (A, *ctx_shape) in one text-tower pass over A x C prompts."""
+    def class_embeddings_many(self, ctx: torch.Tensor, length: Optional[int] = None,
+                              precision: str = "fp32") -> torch.Tensor:
+        """Class embeddings (A, C, D) of A contexts (A, *ctx_shape) in one text-tower pass over A x C prompts;
+        ``precision`` bf16: the pass under bf16 autocast (:func:`text_transformer`), the embeddings fp32."""
         t = self.tower
         n = self.length if length is None else length
         a, c = ctx.shape[0], self.n_cls
@@ -167,12 +216,13 @@ class PromptLearner:
         cast = t.transformer.get_cast_dtype() if hasattr(t.transformer, "get_cast_dtype") else x.dtype
         x = x.to(cast) + t.positional_embedding[:n].to(cast)
         mask = self.attn_mask[:n, :n].contiguous() if self.attn_mask is not None else None
-        x = t.transformer(x, attn_mask=mask)
-        x = t.ln_final(x)
-        x = x[torch.arange(a * c, device=x.device), self.eot.repeat(a)]
-        proj = t.text_projection
-        if proj is not None:
-            x = proj(x) if isinstance(proj, torch.nn.Module) else x @ proj
+        with autocast(precision, x.device):
+            x = text_transformer(t.transformer, x, mask, precision)
+            x = t.ln_final(x)
+            x = x[torch.arange(a * c, device=x.device), self.eot.repeat(a)]
+            proj = t.text_projection
+            if proj is not None:
+                x = proj(x) if isinstance(proj, torch.nn.Module) else x @ proj
         return F.normalize(x.float(), dim=-1).reshape(a, c, -1)
 
     def logits(self, ctx: torch.Tensor, x: torch.Tensor, scale: float) -> torch.Tensor:
@@ -190,6 +240,10 @@ class PromptLearner:
         Clients are trained side by side: step t runs one text-tower pass over the prompts of every client that
         still has a t-th batch (at most ``max_prompts`` prompts per pass, so memory stays bounded); each client's
         loss depends on its own context only, so the summed loss gives every client its own gradient."""
+        # Why side by side (one text pass over every sampled client's prompts): the text tower's cost is per step,
+        # not per image, and one pass of 3 x 7 prompts beats 3 passes of 7 (ViT-B-32 text tower, PACS-shaped, 2
+        # threads: 1.35x in fp32 on a quiet machine, bench/README; 2026-12-07 under load ~10, best of 3: fp32 14.2 s
+        # vs 27.5 s per step of all three, bf16 8.7 s vs 20.4 s; with 1 thread the two are equal within noise).
         out = start.detach().clone()
         per = max(1, max_prompts // max(self.n_cls, 1))
         for lo in range(0, len(schedules), per):
@@ -217,7 +271,7 @@ class PromptLearner:
             a = torch.tensor(active, device=ctx.device)
             w = ctx[a]
             leaf = w.detach().requires_grad_(True)
-            T = self.class_embeddings_many(leaf)  # (A, C, D)
+            T = self.class_embeddings_many(leaf, precision=self.precision)  # (A, C, D), fp32
             logits = scale * torch.bmm(F.normalize(xs, dim=-1), T.transpose(1, 2))
             ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ys.reshape(-1), reduction="none")
             loss = ((ce.reshape(valid.shape) * valid).sum(1) / sizes).sum()  # each client's mean, summed

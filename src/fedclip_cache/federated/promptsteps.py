@@ -41,7 +41,7 @@ def prompt_learner(lm, classes, cfg: FederateConfig, device: torch.device | str 
 
     return make_algorithm(cfg).learner(PromptLearner(lm.model, lm.tokenizer, classes, cfg.n_ctx, cfg.ctx_init,
                                                      truncate=not cfg.prompt_full_context, device=device,
-                                                     csc=cfg.prompt_csc))
+                                                     csc=cfg.prompt_csc, precision=cfg.precision))
 
 
 def prompt_round(learner: PromptLearner, cfg: FederateConfig, start: dict, schedules: list[list[np.ndarray]], X,

@@ -180,6 +180,8 @@ def summarise(res: LoopResult, cfg: FederateConfig, cache: FeatureCache) -> dict
         "hidden": None if prompts else cfg.hidden, "head": "prompt" if prompts else cfg.head,
         "loss": "ce" if prompts else cfg.loss, "protocol": cfg.protocol,
         "train_views": res.train_views,  # views per training image sampled from (1: the official single view)
+        # --precision of local training's forward passes; recorded when not the default (fp32 summaries unchanged)
+        **({"precision": cfg.precision} if cfg.precision != "fp32" else {}),
         **({"prompt": {"n_ctx": int(ctx.shape[-2]) if ctx is not None else cfg.n_ctx,
                        "width": int(ctx.shape[-1]) if ctx is not None else None, "ctx_init": cfg.ctx_init,
                        "lr": cfg.prompt_lr, "schedule": cfg.prompt_schedule, "optimizer": "sgd",

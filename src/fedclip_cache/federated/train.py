@@ -20,8 +20,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .adapters import AdapterKind, Params, cosine_logits
+from .adapters import ADAPTERS, AdapterKind, Params, cosine_logits
 from .config import FederateConfig
+from .precision import autocast
 from .torch_ops import fused_adam_, increment_steps
 
 _D = FederateConfig()  # defaults are written once, in FederateConfig
@@ -42,11 +43,12 @@ class LocalHyper:
     loss: str = _D.loss
     logit_scale: float = 100.0  # the official constant; runs use the cache's (see loop.resolve_logit_scale)
     optimizer: str = _D.local_optimizer
+    precision: str = _D.precision  # the adapter forward's dtype (precision.py); the rest stays fp32
 
     @classmethod
     def from_config(cls, cfg: FederateConfig, mu: float, logit_scale: float) -> "LocalHyper":
         return cls(cfg.lr, cfg.beta1, cfg.beta2, cfg.eps, cfg.weight_decay, cfg.batch_size, cfg.local_epochs, mu,
-                   cfg.loss, logit_scale, cfg.local_optimizer)
+                   cfg.loss, logit_scale, cfg.local_optimizer, cfg.precision)
 
 
 @functools.cache
@@ -139,6 +141,18 @@ def batch_schedule(train: np.ndarray, seed: int, rnd: int, key: int, hp: LocalHy
     return out
 
 
+def training_logits(kind: AdapterKind, params: Params, x: torch.Tensor, targets: torch.Tensor, hp: LocalHyper,
+                    opts: dict) -> torch.Tensor:
+    """:func:`cosine_logits` of local training. ``--precision bf16``: the adapter's forward runs under bf16 autocast
+    (its matmuls in bfloat16, weights kept fp32 and cast per step); its output is cast back to fp32 before the
+    normalisation and the logits, so the loss and everything after it are the fp32 code's."""
+    if hp.precision == "fp32":
+        return cosine_logits(kind, params, x, targets, hp.logit_scale, opts)
+    with autocast(hp.precision, x.device):
+        adapted = kind.forward(params, x, opts)
+    return cosine_logits(ADAPTERS["none"], {}, adapted.float(), targets, hp.logit_scale, opts)
+
+
 def batch_loss(kind: AdapterKind, params: Params, x: torch.Tensor, y: torch.Tensor, valid: torch.Tensor,
                heads: torch.Tensor, hp: LocalHyper, opts: dict) -> torch.Tensor:
     """Sum over lanes of each lane's mean loss. x (k,B,D) raw features, y (k,B), valid (k,B), heads (k,C,D)
@@ -146,13 +160,13 @@ def batch_loss(kind: AdapterKind, params: Params, x: torch.Tensor, y: torch.Tens
     n = valid.sum(1).clamp(min=1).to(x.dtype)
     w = valid.to(x.dtype)
     if hp.loss == "ce":
-        logits = cosine_logits(kind, params, x, heads, hp.logit_scale, opts)
+        logits = training_logits(kind, params, x, heads, hp, opts)
         ce = torch.logsumexp(logits, -1) - logits.gather(-1, y.unsqueeze(-1)).squeeze(-1)
         return ((ce * w).sum(1) / n).sum()
     # Official FedCLIP: CLIP loss within the batch, each image paired with its own class prompt; duplicates of a
     # class are negatives of each other (targets arange(B)).
     t = heads.gather(1, y.unsqueeze(-1).expand(-1, -1, heads.shape[-1]))
-    logits = cosine_logits(kind, params, x, t, hp.logit_scale, opts)  # (k, B_img, B_txt)
+    logits = training_logits(kind, params, x, t, hp, opts)  # (k, B_img, B_txt)
     diag = logits.diagonal(dim1=1, dim2=2)
     pad = ~valid
     ce_img = torch.logsumexp(logits.masked_fill(pad.unsqueeze(1), float("-inf")), 2) - diag
