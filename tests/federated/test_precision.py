@@ -85,6 +85,25 @@ def test_bf16_prompt_training_keeps_fp32_context_and_tracks_fp32(lm):
     assert moved > 1e-3 and float((out["bf16"] - out["fp32"]).norm() / moved) < 0.1
 
 
+@needs_bf16
+def test_bf16_fedpgp_training_keeps_fp32_parameters_and_tracks_fp32(lm):
+    """FedPGP's training pass (both contexts of every client through the text tower) runs under --precision too."""
+    from fedclip_cache.federated.pgp import PGPLearner
+
+    pgps = {p: PGPLearner(PromptLearner(lm.model, lm.tokenizer, CLASSES, n_ctx=4, precision=p), 2, 0.5, 0.5)
+            for p in ("fp32", "bf16")}
+    start = {n: v.unsqueeze(0) for n, v in pgps["fp32"].init_params(1).items()}
+    d = pgps["fp32"].heads(start).shape[-1]
+    X, Y = torch.randn(40, d), torch.randint(0, len(CLASSES), (40,))
+    sched = [[np.arange(i, i + 8) for i in range(0, 40, 8)]]
+    out = {p: pl.train(start, sched, X, Y, 0.05, 100.0, 0.9, 5e-4) for p, pl in pgps.items()}
+    for n in start:
+        assert out["bf16"][n].dtype == torch.float32
+    moved = (out["fp32"]["sigma"] - start["sigma"]).norm()
+    assert not torch.equal(out["bf16"]["sigma"], out["fp32"]["sigma"])  # the bf16 pass did run
+    assert moved > 1e-3 and float((out["bf16"]["sigma"] - out["fp32"]["sigma"]).norm() / moved) < 0.1
+
+
 # ------------------------------------------------------------------------------------------------ the adapter
 
 @needs_bf16
