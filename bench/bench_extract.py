@@ -15,8 +15,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,6 +27,8 @@ from fedclip_cache import ExtractConfig, ModelSpec
 from fedclip_cache import extract
 from fedclip_cache.cache.extract import autocast_for, resolve_device
 from fedclip_cache.cache.models import load_model
+
+from extract_rss import extract_peak_rss_mb  # bench/ is on sys.path when run as a script
 
 
 def make_jpegs(root: Path, n: int, size: int = 256, seed: int = 0) -> Path:
@@ -73,20 +73,7 @@ def peak_rss_mb(n: int, tmp: Path) -> float:
 
     cfg, ckpt = write_tiny_model(tmp / "model")
     data = make_jpegs(tmp / f"rss{n}", n, size=96)
-    # Sample the resident set during the run (ru_maxrss alone is dominated by torch's import high-water mark).
-    code = ("import threading,time,sys\n"
-            "def rss(): return int(open('/proc/self/statm').read().split()[1])*4096/2**20\n"
-            "from fedclip_cache import *\n"
-            "peak=[0]; stop=[False]\n"
-            "def watch():\n"
-            "    while not stop[0]: peak[0]=max(peak[0],rss()); time.sleep(0.02)\n"
-            "t=threading.Thread(target=watch); t.start()\n"
-            f"extract(ExtractConfig(source=r'{data}', out=r'{tmp / f'rss-cache{n}'}', progress=False, workers=2, "
-            f"model=ModelSpec(model_config=r'{cfg}', pretrained=r'{ckpt}'), shard_size=1024))\n"
-            "stop[0]=True; t.join(); print(peak[0])")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    return float(out.stdout.strip().splitlines()[-1])
+    return extract_peak_rss_mb(str(data), tmp / f"rss-cache{n}", cfg, ckpt, workers=2)
 
 
 def main():

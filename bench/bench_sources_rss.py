@@ -13,28 +13,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
+from extract_rss import extract_peak_rss_mb  # bench/ is on sys.path when run as a script
+
 HERE = Path(__file__).resolve().parent
-
-
-def peak_rss_mb(source: str, out: Path, cfg: Path, ckpt: Path, workers: int) -> float:
-    code = ("import threading,time\n"
-            "def rss(): return int(open('/proc/self/statm').read().split()[1])*4096/2**20\n"
-            "from fedclip_cache import *\n"
-            "peak=[0]; stop=[False]\n"
-            "def watch():\n"
-            "    while not stop[0]: peak[0]=max(peak[0],rss()); time.sleep(0.02)\n"
-            "t=threading.Thread(target=watch); t.start()\n"
-            f"extract(ExtractConfig(source=r'{source}', out=r'{out}', progress=False, workers={workers}, "
-            f"model=ModelSpec(model_config=r'{cfg}', pretrained=r'{ckpt}'), shard_size=1024))\n"
-            "stop[0]=True; t.join(); print(peak[0])")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    return float(res.stdout.strip().splitlines()[-1])
 
 
 def main():
@@ -54,7 +38,7 @@ def main():
         write_wds_shards(root, tmp / f"wds{n}", shards=10)
         for name, src in (("folder", root), ("parquet", tmp / f"pq{n}"),
                           ("webdataset", f"{tmp / f'wds{n}'}/{{00000..00009}}.tar")):
-            res[f"{name}_{n}"] = round(peak_rss_mb(str(src), tmp / f"c-{name}{n}", cfg, ckpt, a.workers), 1)
+            res[f"{name}_{n}"] = round(extract_peak_rss_mb(str(src), tmp / f"c-{name}{n}", cfg, ckpt, a.workers), 1)
             print(name, n, res[f"{name}_{n}"], flush=True)
     lo, hi = min(a.sizes), max(a.sizes)
     for name in ("folder", "parquet", "webdataset"):

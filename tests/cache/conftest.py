@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 
@@ -47,6 +48,26 @@ def _kill_after_shards(cmd: list, out, shards: int = 3, delay: float = 0.3) -> i
     return len(list((out / "shards").glob("*.parquet")))
 
 
+def _torchrun_extract_equals(src, one, two, model_args):
+    """Extract ``src`` into ``two`` with a two-process gloo torchrun; both ranks wrote shards and the cache equals the
+    single-process one at ``one``. Returns (open_cache(one), open_cache(two))."""
+    from fedclip_cache import open_cache
+    from fedclip_cache.launch.procs import free_port
+
+    # a free port, not a fixed one: a fixed port failed when another torchrun (a parallel test run) held it
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+           "-m", "fedclip_cache", "extract", str(src), str(two), *model_args,
+           "--workers", "0", "-q", "--batch-size", "5", "--device", "cpu"]
+    env = {**os.environ, "FEDCLIP_DIST_BACKEND": "gloo", "OMP_NUM_THREADS": "1"}
+    subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=300)
+    shards = sorted(p.name for p in (two / "shards").glob("*.parquet"))
+    assert any("-r000-" in s for s in shards) and any("-r001-" in s for s in shards)
+    a, b = open_cache(one), open_cache(two)
+    assert (a.paths == b.paths).all() and (a.labels == b.labels).all()
+    np.testing.assert_allclose(a.features, b.features, rtol=1e-5, atol=1e-6)
+    return a, b
+
+
 @pytest.fixture(scope="session")
 def shard_rows():
     """``shard_rows(cache) -> {"paths", "embedding_nulls", "n"}`` of the Parquet shard files read with pyarrow."""
@@ -70,6 +91,13 @@ def wait_for_shards():
 def kill_after_shards():
     """``kill_after_shards(cmd, out, shards=3, delay=0.3) -> shards committed``: SIGKILL an extract mid-run."""
     return _kill_after_shards
+
+
+@pytest.fixture(scope="session")
+def torchrun_extract_equals():
+    """``torchrun_extract_equals(src, one, two, model_args) -> (cache one, cache two)``: a two-process gloo torchrun
+    extract of ``src`` into ``two`` whose ranks both wrote shards and whose rows equal the cache at ``one``."""
+    return _torchrun_extract_equals
 
 
 @pytest.fixture

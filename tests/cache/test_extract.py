@@ -17,7 +17,6 @@ from fedclip_cache.cli import app, main
 from fedclip_cache.cache.models import ModelSpec, load_model
 from fedclip_cache.cache.store import CacheError
 from fedclip_cache.synthetic import write_image_folder
-from fedclip_cache.launch.procs import free_port
 
 runner = CliRunner()
 
@@ -233,19 +232,9 @@ def test_manifest_csv_and_parquet(tmp_path, image_root, model_args):
 
 
 @pytest.mark.slow  # > 10 s on 2 quiet cores (subprocesses or a ViT-B/32-sized model)
-def test_two_process_gloo_run_equals_single_process(tmp_path, image_root, model_args):
+def test_two_process_gloo_run_equals_single_process(tmp_path, image_root, model_args, torchrun_extract_equals):
     extract(image_root, tmp_path / "one", model_args)
-    # a free port, not a fixed one: a fixed port failed when another torchrun (a parallel test run) held it
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
-           "-m", "fedclip_cache", "extract", str(image_root), str(tmp_path / "two"), *model_args,
-           "--workers", "0", "-q", "--batch-size", "5", "--device", "cpu"]
-    env = {**os.environ, "FEDCLIP_DIST_BACKEND": "gloo", "OMP_NUM_THREADS": "1"}
-    subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=300)
-    shards = sorted(p.name for p in (tmp_path / "two" / "shards").glob("*.parquet"))
-    assert any("-r000-" in s for s in shards) and any("-r001-" in s for s in shards)
-    one, two = open_cache(tmp_path / "one"), open_cache(tmp_path / "two")
-    assert (one.paths == two.paths).all() and (one.labels == two.labels).all()
-    np.testing.assert_allclose(one.features, two.features, rtol=1e-5, atol=1e-6)
+    _, two = torchrun_extract_equals(image_root, tmp_path / "one", tmp_path / "two", model_args)
     assert two.meta["counts"]["images"] == 36 and two.meta["runs"][-1]["world_size"] == 2
 
 

@@ -3,9 +3,6 @@ folder of the same images, rows keyed by shard and sample key, a removed shard's
 and listed by shard and key, and one-line refusals (empty shard, a brace pattern that matches nothing)."""
 import io
 import json
-import os
-import subprocess
-import sys
 import tarfile
 
 import numpy as np
@@ -14,7 +11,6 @@ import pytest
 from fedclip_cache import open_cache
 from fedclip_cache.cache.bytesources import expand_braces
 from fedclip_cache.cache.wds_source import split_key
-from fedclip_cache.launch.procs import free_port
 from fedclip_cache.synthetic import folder_images, write_image_folder, write_wds_shards
 
 
@@ -122,21 +118,12 @@ def test_key_and_brace_rules():
 
 
 @pytest.mark.slow  # > 10 s: a two-process torchrun
-def test_torchrun_shards_the_rows(tmp_path, model_args, run, extract_ok):
+def test_torchrun_shards_the_rows(tmp_path, model_args, run, extract_ok, torchrun_extract_equals):
     root = write_image_folder(tmp_path / "folder")
     write_wds_shards(root, tmp_path / "wds", shards=2)
     src = str(tmp_path / "wds" / "{00000..00001}.tar")
     extract_ok(run, src, tmp_path / "one", model_args, "--batch-size", "5")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
-           "-m", "fedclip_cache", "extract", src, str(tmp_path / "two"), *model_args,
-           "--workers", "0", "-q", "--batch-size", "5", "--device", "cpu"]
-    env = {**os.environ, "FEDCLIP_DIST_BACKEND": "gloo", "OMP_NUM_THREADS": "1"}
-    subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=300)
-    shards = sorted(p.name for p in (tmp_path / "two" / "shards").glob("*.parquet"))
-    assert any("-r000-" in s for s in shards) and any("-r001-" in s for s in shards)
-    one, two = open_cache(tmp_path / "one"), open_cache(tmp_path / "two")
-    assert (one.paths == two.paths).all() and (one.labels == two.labels).all()
-    np.testing.assert_allclose(one.features, two.features, rtol=1e-5, atol=1e-6)
+    torchrun_extract_equals(src, tmp_path / "one", tmp_path / "two", model_args)
 
 
 @pytest.mark.slow  # > 10 s: an extract subprocess slowed down to be raced

@@ -128,19 +128,6 @@ def test_contrastive_term_pulls_sigma_to_clip_and_away_from_the_personal_prompt(
 # ------------------------------------------------------------------------------------------- rounds on a cache
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tiny_model, tmp_path_factory):
-    from fedclip_cache.cache.extract import ExtractConfig, extract
-    from fedclip_cache.synthetic import write_image_folder
-
-    root = tmp_path_factory.mktemp("fedpgp")
-    src = write_image_folder(root / "data", per_class=3)
-    cfg, ckpt = tiny_model
-    extract(ExtractConfig(str(src), str(root / "cache"), ModelSpec(model_config=str(cfg), pretrained=str(ckpt)),
-                          workers=0, progress=False, device="cpu"))
-    return root / "cache"
-
-
 def test_rounds_average_sigma_keep_u_v_and_score_each_client_with_its_own(cache_dir, tiny_model):
     """Three rounds by hand with half the clients sampled per round: each sampled client trains (sigma, U, V) from the
     global sigma and its own U V; the server's new sigma is the mean of the sampled clients' sigma; an unsampled

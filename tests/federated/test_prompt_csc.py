@@ -31,19 +31,6 @@ def coop_sgd(model, tokenizer, classnames, ctx0, batches, X, Y, lr, scale, momen
     return ctx.detach()
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tiny_model, tmp_path_factory):
-    from fedclip_cache.cache.extract import ExtractConfig, extract
-    from fedclip_cache.synthetic import write_image_folder
-
-    root = tmp_path_factory.mktemp("csc")
-    src = write_image_folder(root / "data", per_class=3)
-    cfg, ckpt = tiny_model
-    extract(ExtractConfig(str(src), str(root / "cache"), ModelSpec(model_config=str(cfg), pretrained=str(ckpt)),
-                          workers=0, progress=False, device="cpu"))
-    return root / "cache"
-
-
 @pytest.mark.parametrize("algo", ["promptfl", "promptlocal"])
 def test_csc_rounds_equal_coop_csc_reference(algo, cache_dir, tiny_model):
     from fedclip_cache import open_cache

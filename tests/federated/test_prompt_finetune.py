@@ -34,19 +34,6 @@ class CoOp(torch.nn.Module):
         return scale * F.normalize(x, dim=-1) @ self.text().t()
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tiny_model, tmp_path_factory):
-    from fedclip_cache.cache.extract import ExtractConfig, extract
-    from fedclip_cache.synthetic import write_image_folder
-
-    root = tmp_path_factory.mktemp("ft")
-    src = write_image_folder(root / "data", per_class=3)
-    cfg, ckpt = tiny_model
-    extract(ExtractConfig(str(src), str(root / "cache"), ModelSpec(model_config=str(cfg), pretrained=str(ckpt)),
-                          workers=0, progress=False, device="cpu"))
-    return root / "cache"
-
-
 @pytest.mark.parametrize("csc", [False, True])
 def test_finetuned_prompt_accuracy_equals_coop_reference(csc, cache_dir, tiny_model):
     from fedclip_cache import open_cache

@@ -215,20 +215,6 @@ def test_class_specific_context_equals_coop_csc_reference(lm):
 # ------------------------------------------------------------------------------------------- the CLI on a cache
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tiny_model, tmp_path_factory):
-    """A real cache of a tiny image folder, extracted with the tiny model (once for this module)."""
-    from fedclip_cache.cache.extract import ExtractConfig, extract
-    from fedclip_cache.synthetic import write_image_folder
-
-    root = tmp_path_factory.mktemp("prompt")
-    src = write_image_folder(root / "data", per_class=3)
-    cfg, ckpt = tiny_model
-    extract(ExtractConfig(str(src), str(root / "cache"), ModelSpec(model_config=str(cfg), pretrained=str(ckpt)),
-                          workers=0, progress=False, device="cpu"))
-    return root / "cache"
-
-
 @pytest.mark.parametrize("algo,csc", [("promptfl", False), ("promptlocal", False), ("promptfl", True)])
 def test_federate_prompt_learning_writes_summary(algo, csc, cache_dir, tiny_model, tmp_path, monkeypatch, capsys, run):
     cfg, _ = tiny_model
