@@ -1,5 +1,6 @@
 """Fixtures every test package shares: a tiny open_clip model and image folder, the CLI run in-process as a user runs
-it, the shape every refusal must have, and the in-process Flower sites a deployment is compared with.
+it, the shape every refusal must have, the in-process Flower sites a deployment is compared with, and the comparison
+of two run folders' scores and metrics tables.
 
 Helpers that are functions (``one_line_error``, ``extract_ok``, ``run_sites``, ...) are served as fixtures that
 return the function (pytest's "factory as fixture"): a test names what it uses in its signature, and no test module
@@ -148,3 +149,44 @@ def run_sites():
 def extract_sites():
     """``extract_sites(tmp_path, model_args, monkeypatch, capsys, *more) -> {domain: site cache}``."""
     return _extract_sites
+
+
+def _same_scores(a_exp: dict, b_exp: dict, heldout: bool = True) -> None:
+    """Two summaries' experiments: the same best and last round, the same accuracies (to 1e-12)."""
+    for which in ("best", "last"):
+        a, b = a_exp[which], b_exp[which]
+        assert a["round"] == b["round"]
+        assert a["test"] == pytest.approx(b["test"], abs=1e-12)
+        if heldout:
+            assert a["heldout"] == pytest.approx(b["heldout"], abs=1e-12)
+        assert a["val_mean"] == pytest.approx(b["val_mean"], abs=1e-12)
+
+
+def _same_metrics(dir_a, dir_b, loss_rtol: float | None = None):
+    """Two run folders' metrics.parquet: the same rows, the same accuracies (to 1e-12) and, with ``loss_rtol``, the
+    same losses. Returns both tables."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    m_a = pq.read_table(dir_a / "metrics.parquet").to_pandas()
+    m_b = pq.read_table(dir_b / "metrics.parquet").to_pandas()
+    assert list(m_a[["round", "client", "split", "n"]].itertuples(index=False)) == \
+        list(m_b[["round", "client", "split", "n"]].itertuples(index=False))
+    np.testing.assert_allclose(m_a["accuracy"], m_b["accuracy"], atol=1e-12)
+    if loss_rtol is not None:
+        np.testing.assert_allclose(m_a["loss"], m_b["loss"], rtol=loss_rtol)
+    return m_a, m_b
+
+
+@pytest.fixture(scope="session")
+def same_scores():
+    """``same_scores(a_exp, b_exp, heldout=True)``: the best and last rounds of two experiments agree (round; test,
+    held-out and mean validation accuracy to 1e-12; ``heldout=False`` skips the held-out one)."""
+    return _same_scores
+
+
+@pytest.fixture(scope="session")
+def same_metrics():
+    """``same_metrics(dir_a, dir_b, loss_rtol=None) -> (table a, table b)``: two run folders' metrics.parquet have
+    the same rows and accuracies (to 1e-12) and, with ``loss_rtol``, losses."""
+    return _same_metrics

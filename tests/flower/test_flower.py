@@ -61,7 +61,8 @@ def test_flower_config_errors(tmp_path):
 
 @pytest.mark.parametrize("head,curves,views", [("text", True, 1), ("prototype", False, 2)])
 def test_sites_with_their_own_caches_train_as_the_in_process_loop(tmp_path, model_args, monkeypatch, capsys, head,
-                                                                  curves, views, run_sites, extract_sites):
+                                                                  curves, views, run_sites, extract_sites,
+                                                                  same_scores, same_metrics):
     """Each site extracts only its own images (same model, same --classes file); the server holds no cache and
     seeds the initial adapter itself; the held-out site only evaluates. The run folder equals `federate`'s on one
     cache of all sites' images: text or prototype head (class sums and counts from the sites), full curves or the
@@ -80,22 +81,13 @@ def test_sites_with_their_own_caches_train_as_the_in_process_loop(tmp_path, mode
     for name, p in co.current.items():
         np.testing.assert_allclose(p.numpy(), final[name].numpy(), rtol=1e-5, atol=1e-6)
     assert json.loads((tmp_path / "dep" / "summary.json").read_text()) == dep
-    for which in ("best", "last"):
-        a, b = dep["experiments"][0][which], s["experiments"][0][which]
-        assert a["round"] == b["round"] and a["test"] == pytest.approx(b["test"], abs=1e-12)
-        assert a["heldout"] == pytest.approx(b["heldout"], abs=1e-12)
-        assert a["val_mean"] == pytest.approx(b["val_mean"], abs=1e-12)
+    same_scores(dep["experiments"][0], s["experiments"][0])
     assert dep["mean"] == pytest.approx(s["mean"], abs=1e-12)
     assert dep["experiments"][0]["clients"] == s["experiments"][0]["clients"]
     assert dep["communication"] == s["communication"]
     assert [(r["fit_results"], r["fit_failures"]) for r in dep["deployment"]["rounds"]] == [(2, 0), (2, 0)]
     assert set(dep["cache"]["sites"]) == {"art", "photo", "sketch"}
-    m_dep = pq.read_table(tmp_path / "dep" / "metrics.parquet").to_pandas()
-    m_run = pq.read_table(tmp_path / "run" / "metrics.parquet").to_pandas()
-    assert list(m_dep[["round", "client", "split", "n"]].itertuples(index=False)) == \
-        list(m_run[["round", "client", "split", "n"]].itertuples(index=False))
-    np.testing.assert_allclose(m_dep["accuracy"], m_run["accuracy"], atol=1e-12)
-    np.testing.assert_allclose(m_dep["loss"], m_run["loss"], rtol=1e-5)
+    same_metrics(tmp_path / "dep", tmp_path / "run", loss_rtol=1e-5)
     from typer.testing import CliRunner
 
     from fedclip_cache.cli import app

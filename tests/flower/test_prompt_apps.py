@@ -5,7 +5,6 @@ sites' images. Every message goes through the apps' wire encoding (conftest's ``
 import json
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -23,41 +22,38 @@ from fedclip_cache.flower.task import federate_config  # noqa: E402
 PROMPT = {"rounds": 2, "n_ctx": 2, "prompt_lr": 0.05, "batch_size": 4}
 
 
-def _same_run(dep_dir, fed_dir, dep: dict, fed: dict, personal: bool = False) -> None:
-    """A deployment's run folder equals `federate`'s: selection, accuracies, clients, communication, metrics."""
-    for a_exp, b_exp in zip(dep["experiments"], fed["experiments"]):
-        for key in ("experiment", "heldout", "seed", "clients", "heldout_size", "selected_by"):
-            assert a_exp[key] == b_exp[key], key
-        for which in ("best", "last"):
-            a, b = a_exp[which], b_exp[which]
-            assert a["round"] == b["round"]
-            assert a["test"] == pytest.approx(b["test"], abs=1e-12)
-            assert a["heldout"] == pytest.approx(b["heldout"], abs=1e-12)
-            assert a["val_mean"] == pytest.approx(b["val_mean"], abs=1e-12)
-            assert a.get("test_finetuned") == pytest.approx(b.get("test_finetuned"), abs=1e-12)
-    assert dep["mean"] == pytest.approx(fed["mean"], abs=1e-12)
-    for key in ("communication", "prompt", "notes", "head", "adapter", "loss", "protocol", "logit_scale"):
-        assert dep[key] == fed[key], key
-    m_dep = pq.read_table(dep_dir / "metrics.parquet").to_pandas()
-    m_fed = pq.read_table(fed_dir / "metrics.parquet").to_pandas()
-    assert list(m_dep[["round", "client", "split", "n"]].itertuples(index=False)) == \
-        list(m_fed[["round", "client", "split", "n"]].itertuples(index=False))
-    np.testing.assert_allclose(m_dep["accuracy"], m_fed["accuracy"], atol=1e-12)
-    np.testing.assert_allclose(m_dep["loss"], m_fed["loss"], rtol=1e-4)
-    # not one number everywhere (the comparison would prove little): 3-4 images per split, so the accuracies take
-    # few values, the losses many
-    assert m_fed["accuracy"].nunique() >= 2 and m_fed["loss"].nunique() > 4
-    dep_ad, fed_ad = torch.load(dep_dir / "adapter.pt"), torch.load(fed_dir / "adapter.pt")
-    if personal:  # the personal contexts never leave the sites: the server has none to save
-        assert dep_ad == {} and set(fed_ad) == {"ctx"}
-    else:
-        assert set(dep_ad) == set(fed_ad) == {"ctx"}
-        np.testing.assert_allclose(dep_ad["ctx"].numpy(), fed_ad["ctx"].numpy(), rtol=1e-4, atol=1e-6)
+@pytest.fixture(scope="session")
+def same_run(same_scores, same_metrics):
+    """``same_run(dep_dir, fed_dir, dep, fed, personal=False)``: a deployment's run folder equals `federate`'s:
+    selection, accuracies, clients, communication, metrics."""
+    def check(dep_dir, fed_dir, dep: dict, fed: dict, personal: bool = False) -> None:
+        for a_exp, b_exp in zip(dep["experiments"], fed["experiments"]):
+            for key in ("experiment", "heldout", "seed", "clients", "heldout_size", "selected_by"):
+                assert a_exp[key] == b_exp[key], key
+            same_scores(a_exp, b_exp)
+            for which in ("best", "last"):
+                a, b = a_exp[which], b_exp[which]
+                assert a.get("test_finetuned") == pytest.approx(b.get("test_finetuned"), abs=1e-12)
+        assert dep["mean"] == pytest.approx(fed["mean"], abs=1e-12)
+        for key in ("communication", "prompt", "notes", "head", "adapter", "loss", "protocol", "logit_scale"):
+            assert dep[key] == fed[key], key
+        _, m_fed = same_metrics(dep_dir, fed_dir, loss_rtol=1e-4)
+        # not one number everywhere (the comparison would prove little): 3-4 images per split, so the accuracies take
+        # few values, the losses many
+        assert m_fed["accuracy"].nunique() >= 2 and m_fed["loss"].nunique() > 4
+        dep_ad, fed_ad = torch.load(dep_dir / "adapter.pt"), torch.load(fed_dir / "adapter.pt")
+        if personal:  # the personal contexts never leave the sites: the server has none to save
+            assert dep_ad == {} and set(fed_ad) == {"ctx"}
+        else:
+            assert set(dep_ad) == set(fed_ad) == {"ctx"}
+            np.testing.assert_allclose(dep_ad["ctx"].numpy(), fed_ad["ctx"].numpy(), rtol=1e-4, atol=1e-6)
+
+    return check
 
 
 @pytest.mark.parametrize("extra", [{}, {"finetune_steps": 2, "prompt_csc": True, "prompt_schedule": "cosine"}])
 def test_promptfl_sites_with_their_own_caches_equal_federate(tmp_path, model_args, tiny_model, monkeypatch, capsys,
-                                                             run_sites, extract_sites, wire, extra):
+                                                             run_sites, extract_sites, wire, extra, same_run):
     """Each site's cache records the test-made model (by hash: its architecture JSON is --text-model-config); the
     site rebuilds the text tower from it and trains its lane with the loop's prompt round; the server averages the
     contexts; the held-out site scores the global context. Run folder == `federate` on one cache of all images."""
@@ -78,7 +74,7 @@ def test_promptfl_sites_with_their_own_caches_equal_federate(tmp_path, model_arg
     assert set(params) == {"ctx"} and params["ctx"].shape == ((3, 2, width) if extra else (2, width))
     dep = co.finish()
     fed = federate(tmp_path / "merged", FederateConfig(**opts, heldout=["sketch"]), out=tmp_path / "run")
-    _same_run(tmp_path / "dep", tmp_path / "run", dep, fed)
+    same_run(tmp_path / "dep", tmp_path / "run", dep, fed)
     if extra:  # --finetune-steps: each training site fine-tuned the selected global context
         assert set(dep["experiments"][0]["best"]["test_finetuned"]) == {"art", "photo"}
     # the bytes that crossed the wire are exactly the context tensors federate's formula counts
@@ -91,7 +87,8 @@ def test_promptfl_sites_with_their_own_caches_equal_federate(tmp_path, model_arg
 
 
 def test_promptlocal_personal_protocol_keeps_each_context_at_its_site(tmp_path, model_args, tiny_model, monkeypatch,
-                                                                      capsys, run_sites, extract_sites, wire):
+                                                                      capsys, run_sites, extract_sites, wire,
+                                                                      same_run):
     """promptlocal, personal protocol (no held-out site): each site trains its own context and keeps it; no tensor
     crosses the wire; the run folder's metrics and summary equal `federate`'s. The context survives in Flower's
     context.state alone: here every message is answered by a fresh SiteClient (as a Ray actor pool may)."""
@@ -103,7 +100,7 @@ def test_promptlocal_personal_protocol_keeps_each_context_at_its_site(tmp_path, 
     assert co.message(1)[1] == {}  # nothing travels down
     dep = co.finish()
     fed = federate(tmp_path / "merged", FederateConfig(**opts, protocol="personal"), out=tmp_path / "run")
-    _same_run(tmp_path / "dep", tmp_path / "run", dep, fed, personal=True)
+    same_run(tmp_path / "dep", tmp_path / "run", dep, fed, personal=True)
     assert dep["communication"]["bytes_total"] == 0
     assert all(r["tensor_bytes_down"] == r["tensor_bytes_up"] == 0 for r in dep["deployment"]["rounds"])
 
@@ -166,7 +163,8 @@ def test_prompt_refusals_are_one_line(tmp_path, model_args, tiny_model, monkeypa
 
 
 def test_fedpgp_sites_send_sigma_and_keep_their_low_rank_prompts(tmp_path, model_args, tiny_model, monkeypatch,
-                                                                   capsys, run_sites, extract_sites):
+                                                                   capsys, run_sites, extract_sites, same_scores,
+                                                                   same_metrics):
     """fedpgp (personal protocol): the server averages sigma, each site keeps its own U, V (in its state); only
     sigma crosses the wire; the run folder's metrics and summary equal `federate`'s."""
     sites = extract_sites(tmp_path, model_args, monkeypatch, capsys)
@@ -179,18 +177,10 @@ def test_fedpgp_sites_send_sigma_and_keep_their_low_rank_prompts(tmp_path, model
     dep = co.finish()
     fed = federate(tmp_path / "merged", FederateConfig(**opts, protocol="personal"), out=tmp_path / "run")
     for a, b in zip(dep["experiments"], fed["experiments"]):
-        for which in ("best", "last"):
-            assert a[which]["round"] == b[which]["round"]
-            assert a[which]["test"] == pytest.approx(b[which]["test"], abs=1e-12)
-            assert a[which]["val_mean"] == pytest.approx(b[which]["val_mean"], abs=1e-12)
+        same_scores(a, b, heldout=False)
     for key in ("communication", "prompt", "notes", "mean"):
         assert dep[key] == pytest.approx(fed[key]) if key == "mean" else dep[key] == fed[key], key
-    m_dep = pq.read_table(tmp_path / "dep" / "metrics.parquet").to_pandas()
-    m_fed = pq.read_table(tmp_path / "run" / "metrics.parquet").to_pandas()
-    assert list(m_dep[["round", "client", "split", "n"]].itertuples(index=False)) == \
-        list(m_fed[["round", "client", "split", "n"]].itertuples(index=False))
-    np.testing.assert_allclose(m_dep["accuracy"], m_fed["accuracy"], atol=1e-12)
-    np.testing.assert_allclose(m_dep["loss"], m_fed["loss"], rtol=1e-4)
+    same_metrics(tmp_path / "dep", tmp_path / "run", loss_rtol=1e-4)
     np.testing.assert_allclose(torch.load(tmp_path / "dep" / "adapter.pt")["sigma"][0].numpy(),
                                torch.load(tmp_path / "run" / "adapter.pt")["sigma"][0].numpy(), rtol=1e-4, atol=1e-6)
     comm = dep["communication"]

@@ -6,7 +6,6 @@ the run folder equals `federate`'s on one cache of all sites' images. The end-to
 import json
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -18,39 +17,35 @@ from fedclip_cache.federated.config import FederateConfig  # noqa: E402
 PROMPT = dict(rounds=2, n_ctx=2, prompt_lr=0.05, batch_size=4)
 
 
-def _equal_to_federate(run, fed_dir, summary: dict, fed: dict, personal: bool = False) -> None:
-    """The deployment's run folder equals `federate`'s (the tolerances of tests/flower/test_prompt_apps.py)."""
-    assert json.loads((run / "summary.json").read_text()) == summary
-    a_exp, b_exp = summary["experiments"][0], fed["experiments"][0]
-    for key in ("experiment", "heldout", "seed", "clients", "heldout_size", "selected_by"):
-        assert a_exp[key] == b_exp[key], key
-    for which in ("best", "last"):
-        a, b = a_exp[which], b_exp[which]
-        assert a["round"] == b["round"] and a["test"] == pytest.approx(b["test"], abs=1e-12)
-        assert a["heldout"] == pytest.approx(b["heldout"], abs=1e-12)
-        assert a["val_mean"] == pytest.approx(b["val_mean"], abs=1e-12)
-    assert summary["mean"] == pytest.approx(fed["mean"], abs=1e-12)
-    for key in ("communication", "prompt", "notes", "head", "adapter", "protocol"):
-        assert summary[key] == fed[key], key
-    m_run = pq.read_table(run / "metrics.parquet").to_pandas()
-    m_fed = pq.read_table(fed_dir / "metrics.parquet").to_pandas()
-    assert list(m_run[["round", "client", "split", "n"]].itertuples(index=False)) == \
-        list(m_fed[["round", "client", "split", "n"]].itertuples(index=False))
-    np.testing.assert_allclose(m_run["accuracy"], m_fed["accuracy"], atol=1e-12)
-    np.testing.assert_allclose(m_run["loss"], m_fed["loss"], rtol=1e-4)
-    assert m_fed["loss"].nunique() > 4
-    run_ad, fed_ad = torch.load(run / "adapter.pt"), torch.load(fed_dir / "adapter.pt")
-    if personal:  # each site's context stayed at the site
-        assert run_ad == {}
-    elif "sigma" in run_ad:  # fedpgp: the server holds sigma only (federate's holds every client's sigma, U, V)
-        assert set(run_ad) == {"sigma"}
-        np.testing.assert_allclose(run_ad["sigma"][0].numpy(), fed_ad["sigma"][0].numpy(), rtol=1e-4, atol=1e-6)
-    else:
-        np.testing.assert_allclose(run_ad["ctx"].numpy(), fed_ad["ctx"].numpy(), rtol=1e-4, atol=1e-6)
-    comm = summary["communication"]
-    for r in summary["deployment"]["rounds"]:  # only the context crossed the wire (nothing for promptlocal)
-        assert r["tensor_bytes_down"] == (0 if personal else comm["bytes_per_adapter"])
-        assert r["tensor_bytes_up"] == comm["bytes_up_per_round"]
+@pytest.fixture(scope="session")
+def equal_to_federate(same_scores, same_metrics):
+    """``equal_to_federate(run, fed_dir, summary, fed, personal=False)``: the deployment's run folder equals
+    `federate`'s (the tolerances of tests/flower/test_prompt_apps.py)."""
+    def check(run, fed_dir, summary: dict, fed: dict, personal: bool = False) -> None:
+        assert json.loads((run / "summary.json").read_text()) == summary
+        a_exp, b_exp = summary["experiments"][0], fed["experiments"][0]
+        for key in ("experiment", "heldout", "seed", "clients", "heldout_size", "selected_by"):
+            assert a_exp[key] == b_exp[key], key
+        same_scores(a_exp, b_exp)
+        assert summary["mean"] == pytest.approx(fed["mean"], abs=1e-12)
+        for key in ("communication", "prompt", "notes", "head", "adapter", "protocol"):
+            assert summary[key] == fed[key], key
+        _, m_fed = same_metrics(run, fed_dir, loss_rtol=1e-4)
+        assert m_fed["loss"].nunique() > 4
+        run_ad, fed_ad = torch.load(run / "adapter.pt"), torch.load(fed_dir / "adapter.pt")
+        if personal:  # each site's context stayed at the site
+            assert run_ad == {}
+        elif "sigma" in run_ad:  # fedpgp: the server holds sigma only (federate's holds every client's sigma, U, V)
+            assert set(run_ad) == {"sigma"}
+            np.testing.assert_allclose(run_ad["sigma"][0].numpy(), fed_ad["sigma"][0].numpy(), rtol=1e-4, atol=1e-6)
+        else:
+            np.testing.assert_allclose(run_ad["ctx"].numpy(), fed_ad["ctx"].numpy(), rtol=1e-4, atol=1e-6)
+        comm = summary["communication"]
+        for r in summary["deployment"]["rounds"]:  # only the context crossed the wire (nothing for promptlocal)
+            assert r["tensor_bytes_down"] == (0 if personal else comm["bytes_per_adapter"])
+            assert r["tensor_bytes_up"] == comm["bytes_up_per_round"]
+
+    return check
 
 
 def test_a_site_without_its_text_model_is_refused_before_anything_starts(tmp_path, model_args, monkeypatch, capsys,
@@ -72,7 +67,7 @@ def test_a_site_without_its_text_model_is_refused_before_anything_starts(tmp_pat
 @pytest.mark.slow
 @pytest.mark.parametrize("algo", ["promptfl", "promptlocal"])
 def test_prompt_deployment_equals_federate(tmp_path, model_args, tiny_model, monkeypatch, capsys, extract_sites,
-                                           algo):
+                                           algo, equal_to_federate):
     """A real local deployment: three site processes, each rebuilding the text tower from its own cache; the
     ServerApp's run folder equals `federate` on one cache of all three sites' images. promptfl holds sketch out;
     promptlocal (personal protocol) keeps each site's context in the site process's context.state."""
@@ -87,14 +82,14 @@ def test_prompt_deployment_equals_federate(tmp_path, model_args, tiny_model, mon
     res = dep.deploy(list(sites.values()), tmp_path / "run", cfg, timeout=300, log=lambda m: None)
     assert res["status"] == "finished:completed"
     fed = federate(tmp_path / "merged", cfg, out=tmp_path / "fed")
-    _equal_to_federate(tmp_path / "run", tmp_path / "fed", res["summary"], fed, personal=algo == "promptlocal")
+    equal_to_federate(tmp_path / "run", tmp_path / "fed", res["summary"], fed, personal=algo == "promptlocal")
     assert "[ROUND 2]" in (tmp_path / "run" / "logs" / "serverapp.log").read_text()
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("algo", ["promptfl", "promptlocal", "fedpgp"])
 def test_prompt_simulation_equals_federate(tmp_path, model_args, tiny_model, monkeypatch, capsys, extract_sites,
-                                           algo):
+                                           algo, equal_to_federate):
     """`simulate` on the per-site caches: promptfl (held-out sketch), and promptlocal's personal protocol, whose
     contexts live in Flower's context.state between rounds (the Ray actors answering a node's messages vary)."""
     pytest.importorskip("ray")
@@ -106,7 +101,7 @@ def test_prompt_simulation_equals_federate(tmp_path, model_args, tiny_model, mon
     cfg = FederateConfig(**{**PROMPT, **where}, algo=algo, text_model_config=str(tiny_model[0])).validate()
     res = simulate(list(sites.values()), tmp_path / "sim", cfg, num_cpus=2, log=lambda m: None)
     fed = federate(tmp_path / "merged", cfg, out=tmp_path / "fed")
-    _equal_to_federate(tmp_path / "sim", tmp_path / "fed", res["summary"], fed, personal=algo == "promptlocal")
+    equal_to_federate(tmp_path / "sim", tmp_path / "fed", res["summary"], fed, personal=algo == "promptlocal")
 
 
 def test_prompt_options_travel_in_the_run_config(tmp_path):

@@ -6,7 +6,6 @@ import os
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -24,31 +23,27 @@ def _needs_ray():
     pytest.importorskip("ray")
 
 
-def _same_run(sim: Path, fed: Path, summary_sim: dict, summary_fed: dict) -> None:
-    """A simulated run folder equals `federate`'s: selection, accuracies, clients, metrics table, adapter."""
-    a_exp, b_exp = summary_sim["experiments"][0], summary_fed["experiments"][0]
-    for key in ("experiment", "heldout", "seed", "clients", "heldout_size"):
-        assert a_exp[key] == b_exp[key], key
-    for which in ("best", "last"):
-        a, b = a_exp[which], b_exp[which]
-        assert a["round"] == b["round"]
-        assert a["test"] == pytest.approx(b["test"], abs=1e-12)
-        assert a["heldout"] == pytest.approx(b["heldout"], abs=1e-12)
-        assert a["val_mean"] == pytest.approx(b["val_mean"], abs=1e-12)
-    assert summary_sim["mean"] == pytest.approx(summary_fed["mean"], abs=1e-12)
-    assert summary_sim["communication"] == summary_fed["communication"]
-    assert json.loads((sim / "summary.json").read_text()) == summary_sim
-    m_sim = pq.read_table(sim / "metrics.parquet").to_pandas()
-    m_fed = pq.read_table(fed / "metrics.parquet").to_pandas()
-    assert list(m_sim[["round", "client", "split", "n"]].itertuples(index=False)) == \
-        list(m_fed[["round", "client", "split", "n"]].itertuples(index=False))
-    np.testing.assert_allclose(m_sim["accuracy"], m_fed["accuracy"], atol=1e-12)
-    # the accuracies are not all one number (the comparison would then prove little)
-    assert m_fed["accuracy"].nunique() > 3
-    sim_ad, fed_ad = torch.load(sim / "adapter.pt"), torch.load(fed / "adapter.pt")
-    assert set(sim_ad) == set(fed_ad)
-    for name in fed_ad:
-        np.testing.assert_allclose(sim_ad[name].numpy(), fed_ad[name].numpy(), rtol=1e-5, atol=1e-5)
+@pytest.fixture(scope="session")
+def same_run(same_scores, same_metrics):
+    """``same_run(sim, fed, summary_sim, summary_fed)``: a simulated run folder equals `federate`'s: selection,
+    accuracies, clients, metrics table, adapter."""
+    def check(sim: Path, fed: Path, summary_sim: dict, summary_fed: dict) -> None:
+        a_exp, b_exp = summary_sim["experiments"][0], summary_fed["experiments"][0]
+        for key in ("experiment", "heldout", "seed", "clients", "heldout_size"):
+            assert a_exp[key] == b_exp[key], key
+        same_scores(a_exp, b_exp)
+        assert summary_sim["mean"] == pytest.approx(summary_fed["mean"], abs=1e-12)
+        assert summary_sim["communication"] == summary_fed["communication"]
+        assert json.loads((sim / "summary.json").read_text()) == summary_sim
+        _, m_fed = same_metrics(sim, fed)
+        # the accuracies are not all one number (the comparison would then prove little)
+        assert m_fed["accuracy"].nunique() > 3
+        sim_ad, fed_ad = torch.load(sim / "adapter.pt"), torch.load(fed / "adapter.pt")
+        assert set(sim_ad) == set(fed_ad)
+        for name in fed_ad:
+            np.testing.assert_allclose(sim_ad[name].numpy(), fed_ad[name].numpy(), rtol=1e-5, atol=1e-5)
+
+    return check
 
 
 def _ray_gone() -> bool:
@@ -58,7 +53,7 @@ def _ray_gone() -> bool:
 
 
 @pytest.mark.slow
-def test_simulation_of_a_shared_cache_equals_federate(tmp_path):
+def test_simulation_of_a_shared_cache_equals_federate(tmp_path, same_run):
     """One shared cache: one virtual SuperNode per training client (partition-id) and one for the held-out domain;
     the run folder equals in-process `federate` on the same cache and seed."""
     _needs_ray()
@@ -73,7 +68,7 @@ def test_simulation_of_a_shared_cache_equals_federate(tmp_path):
     res = simulate([str(cache)], tmp_path / "sim", cfg, num_cpus=2, log=messages.append)
     assert len(res["nodes"]) == 3 and res["nodes"][2]["cache"].endswith("sketch")  # 2 trainers + the held-out
     assert res["run_config"]["cache"] == str(cache.resolve()) and res["run_config"]["heldout"] == "sketch"
-    _same_run(tmp_path / "sim", tmp_path / "fed", res["summary"], fed)
+    same_run(tmp_path / "sim", tmp_path / "fed", res["summary"], fed)
     assert [(r["fit_results"], r["fit_failures"]) for r in res["summary"]["deployment"]["rounds"]] == [(2, 0)] * 3
     assert res["summary"]["experiments"][0]["heldout_size"] == DOMAINS["sketch"]
     # the held-out site's cache is the shared cache (it evaluated a temporary copy of its rows, now deleted)
@@ -95,7 +90,8 @@ def test_simulation_of_a_shared_cache_equals_federate(tmp_path):
 
 
 @pytest.mark.slow
-def test_simulation_of_per_site_caches_equals_federate_on_all_their_images(tmp_path, monkeypatch, capsys, run):
+def test_simulation_of_per_site_caches_equals_federate_on_all_their_images(tmp_path, monkeypatch, capsys, run,
+                                                                          same_run):
     """Per-site caches (node K gets cache=SITE_K), through the CLI: the run folder equals `federate` on one cache
     of all sites' images; `report` renders it."""
     _needs_ray()
@@ -114,7 +110,7 @@ def test_simulation_of_per_site_caches_equals_federate_on_all_their_images(tmp_p
     assert code == 0, out + err
     assert "node photo: held out" in out and "run folder:" in out
     summary = json.loads((tmp_path / "sim" / "summary.json").read_text())
-    _same_run(tmp_path / "sim", tmp_path / "fed", summary, fed)
+    same_run(tmp_path / "sim", tmp_path / "fed", summary, fed)
     assert set(summary["cache"]["sites"]) == set(DOMAINS)
     assert (tmp_path / "sim" / "plots" / "accuracy_vs_round.png").is_file()
     assert _ray_gone()
