@@ -32,6 +32,7 @@ import math
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -108,6 +109,11 @@ def check_address(text: str, label: str = "--ray") -> str:
         raise ConfigError(f"{label} {text!r}: expected auto (a new Ray instance on this machine) or a running "
                           f"cluster's HOST:PORT, e.g. 10.0.0.5:6379 (`ray start --head` prints it) or ray://HOST:10001")
     return address
+
+
+def nodes_text(counts: dict[str, int]) -> str:
+    """The progress bar's "where": ``on 10.0.0.5/0a8971ab: 3, 10.0.0.6/5dc1e505: 2`` (points finished per node)."""
+    return ("on " + ", ".join(f"{label}: {n}" for label, n in counts.items())) if counts else ""
 
 
 def require_ray() -> None:
@@ -210,6 +216,12 @@ class RaySession:
         if ray.is_initialized():
             raise RayError("sweep --ray: this process is already connected to Ray; run the sweep in a new process")
         common = {"logging_level": "WARNING", "log_to_driver": False}
+        with warnings.catch_warnings():  # Ray's tip about a future default; today's (a task without GPUs sees
+            warnings.filterwarnings("ignore", "Tip: In future versions of Ray", FutureWarning)  # none) is ours
+            self._init(ray, common)
+        self.connected = True
+
+    def _init(self, ray, common: dict) -> None:
         if self.plan.address == "auto":
             self.tmp = Path(tempfile.mkdtemp(prefix="fedclip-sweep-"))
             ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False,
@@ -221,7 +233,6 @@ class RaySession:
                 first = (str(e).strip().splitlines() or [type(e).__name__])[0]
                 raise RayError(f"--ray {self.plan.address}: no Ray cluster could be joined there ({first}); start "
                                f"one with `ray start --head --port PORT`, or use --ray auto") from None
-        self.connected = True
 
     def _check_nodes(self) -> list[dict]:
         """The nodes that can run a point, each checked to see the driver's cache (one-line error otherwise)."""
