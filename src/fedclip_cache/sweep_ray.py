@@ -63,12 +63,9 @@ class RayPlan:
 
 
 def ray_plan(address: Optional[str], cpus_per_task: Optional[float] = None, gpus_per_task: Optional[float] = None,
-             jobs: int = 1, prefix: str = "--") -> Optional[RayPlan]:
+             jobs: int = 1, flag: Callable[[str], str] = lambda name: "--" + name) -> Optional[RayPlan]:
     """The checked plan from the options (None: no Ray); each wrong value is a one-line ConfigError naming it.
-    ``prefix`` words the option names (``--`` for the CLI, ``sweep.`` for a pipeline)."""
-    def flag(name: str) -> str:
-        return prefix + (name if prefix == "--" else name.replace("-", "_"))
-
+    ``flag`` words an option's name (``cpus-per-task`` -> ``--cpus-per-task``; a pipeline names its key)."""
     if address is None or str(address).strip() == "":
         for name, value in (("cpus-per-task", cpus_per_task), ("gpus-per-task", gpus_per_task)):
             if value is not None:

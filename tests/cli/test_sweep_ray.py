@@ -34,10 +34,14 @@ def cache(tmp_path_factory):
 @pytest.fixture(scope="module")
 def local(cache, tmp_path_factory):
     """The same grids swept in this process, without Ray: what every Ray sweep must equal."""
+    made = {}
+
     def make(grid: dict, rounds: int):
-        out = tmp_path_factory.mktemp("local") / "sw"
-        sweep(cache, FederateConfig(**{**BASE, "rounds": rounds}), grid, [0, 1], out)
-        return out
+        key = json.dumps([grid, rounds])
+        if key not in made:
+            made[key] = tmp_path_factory.mktemp("local") / "sw"
+            sweep(cache, FederateConfig(**{**BASE, "rounds": rounds}), grid, [0, 1], made[key])
+        return made[key]
     return make
 
 
@@ -75,8 +79,8 @@ def test_ray_options_are_checked():
     for args, fragment in bad:
         with pytest.raises(ConfigError, match=fragment.replace("(", r"\(")):
             ray_plan(*args)
-    with pytest.raises(ConfigError, match=r"sweep\.cpus_per_task 2: only with sweep\.ray"):
-        ray_plan(None, 2, None, prefix="sweep.")
+    with pytest.raises(ConfigError, match=r"p.toml: sweep\.cpus_per_task 2: only with p.toml: sweep\.ray"):
+        ray_plan(None, 2, None, flag=lambda n: "p.toml: sweep." + n.replace("-", "_"))
     assert check_address("auto") == "auto"
 
 
@@ -176,6 +180,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
 class LocalCluster:
     """Ray nodes started with ``ray start`` on this machine, one CPU each, in a temporary folder of their own;
     every process of a node carries a mark in its environment, so a node (or the whole cluster) is killed by its
@@ -204,26 +215,45 @@ class LocalCluster:
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
 
     def kill(self, name: str = "") -> list[int]:
-        """SIGKILL one node's processes (its raylet first: its workers die with it), or every process of the
-        cluster (``name`` empty: also those holding a file of its folder open); the PIDs killed."""
+        """SIGKILL one node's processes (its raylet: its workers die with it), or every process of the cluster
+        (``name`` empty: also those holding a file of its folder open); the PIDs killed. Only Ray's processes
+        (``ray`` in their command line) that carry this cluster's mark or hold its folder are ever signalled."""
         from fedclip_cache.launch.sim_guard import marked
 
+        assert self.tmp.startswith(tempfile.gettempdir() + "/fcr-")  # never an empty or shared folder
         killed = []
-        for _ in range(3):  # a process may start while the others die
-            marks = [f"{self.tmp}-{name}"] if name else self.marks
-            found = {p for m in marks for p in marked(m, "" if name else self.tmp, os.getpid())}
-            if name == "" and not found:
+        for _ in range(1 if name else 4):  # a process may start while the others die
+            found = set()
+            for mark in [f"{self.tmp}-{name}"] if name else self.marks:
+                found |= set(marked(mark, self.tmp + ("/no-such-folder" if name else ""), os.getpid()))
+            found = [pid for pid in sorted(found) if b"ray" in _cmdline(pid)]
+            if not found:
                 break
-            for pid in sorted(found):
+            for pid in found:
                 try:
                     os.kill(pid, signal.SIGKILL)
                     killed.append(pid)
                 except OSError:
                     pass
-            if name:
-                break
             time.sleep(0.5)
         return killed
+
+    def running(self, name: str, task: str) -> list[int]:
+        """The PIDs of Ray workers of node ``name`` (children of its raylet) running a task of function ``task``."""
+        from fedclip_cache.launch.sim_guard import marked
+
+        raylets = {pid for pid in marked(f"{self.tmp}-{name}", self.tmp + "/no-such-folder", os.getpid())
+                   if b"raylet/raylet" in _cmdline(pid)}
+        found = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit() and _cmdline(int(entry.name)).startswith(f"ray::{task}".encode()):
+                try:
+                    ppid = int((entry / "stat").read_text().rpartition(")")[2].split()[1])
+                except (OSError, ValueError, IndexError):
+                    continue
+                if ppid in raylets:
+                    found.append(int(entry.name))
+        return found
 
     def close(self) -> None:
         import shutil
@@ -271,19 +301,21 @@ def wait_for(check, timeout: float = 180.0):
 @pytest.mark.slow
 def test_cluster_killed_driver_resumes_without_rerunning(cluster, cache, local, tmp_path):
     """kill -9 of the sweep after its first point: the next run trains only the others, on the cluster."""
-    out = tmp_path / "sw"
-    proc = cli_sweep(cache, out, "hidden=4,8,16,32", cluster.address, "--rounds", "30", wait=False)
+    out, grid = tmp_path / "sw", "hidden=4,8,16,32,64,128"
+    proc = cli_sweep(cache, out, grid, cluster.address, "--rounds", "30", wait=False)
     try:
-        first = wait_for(lambda: ran_on(out))
+        wait_for(lambda: ran_on(out))
     finally:
         proc.kill()
         proc.communicate()
-    kept = {p: (out / "points" / p / "summary.json").stat().st_mtime_ns for p in first}
-    done = cli_sweep(cache, out, "hidden=4,8,16,32", cluster.address, "--rounds", "30")
+    kept = {p.parent.name: p.stat().st_mtime_ns for p in (out / "points").glob("*/summary.json")}
+    assert 1 <= len(kept) < 6
+    done = cli_sweep(cache, out, grid, cluster.address, "--rounds", "30")
     assert done.returncode == 0, done.stdout + done.stderr
-    assert f"{4 - len(kept)} grid point(s) trained now, {len(kept)} re-used" in done.stdout
+    assert f"{6 - len(kept)} grid point(s) trained now, {len(kept)} re-used" in done.stdout
     assert {p: (out / "points" / p / "summary.json").stat().st_mtime_ns for p in kept} == kept
-    same_sweep(local({"hidden": [4, 8, 16, 32]}, 30), out)
+    assert len({v["node"] for v in ran_on(out).values()}) == 2  # points ran on both nodes (recorded per point)
+    same_sweep(local({"hidden": [4, 8, 16, 32, 64, 128]}, 30), out)
 
 
 @pytest.mark.slow
@@ -306,24 +338,18 @@ def test_a_node_that_cannot_run_fedclip_is_refused_before_anything(cluster, cach
 
 @pytest.mark.slow
 def test_two_nodes_equal_the_local_sweep_and_a_killed_worker_loses_nothing(cluster, cache, local, tmp_path):
-    """Points run on both nodes (recorded per point); the worker node's raylet is SIGKILLed once it finished a
-    point, with points still to run: Ray retries its task on the head, and the results equal the local sweep's."""
+    """The worker node's raylet is SIGKILLed while it trains a point (a ``ray::train_task`` worker under it), with
+    points still to run: Ray retries that task on the head, and the results equal the local sweep's."""
     out, grid = tmp_path / "sw", "hidden=4,8,16,32,64,128"
     proc = cli_sweep(cache, out, grid, cluster.address, "--rounds", "30", wait=False)
-    nodes = {}
     try:
-        def worker_finished():
-            seen = ran_on(out)
-            heads = {v["node"] for v in seen.values()}
-            return seen if len(heads) == 2 else None
-        at_kill = wait_for(worker_finished)
-        nodes = {v["node"] for v in at_kill.values()}
+        wait_for(lambda: cluster.running("worker", "train_task"))
+        finished_before = set(ran_on(out))
         assert cluster.kill("worker")
         stdout, stderr = proc.communicate(timeout=300)
     finally:
         proc.kill()
     assert proc.returncode == 0, stdout + stderr
-    assert len(at_kill) <= 4  # points were left to run (the worker node was running one of them)
-    after = ran_on(out)
-    assert len(after) == 6 and len(nodes) == 2
+    assert len(finished_before) < 6  # the point the worker trained was not finished: it ran again elsewhere
+    assert len(ran_on(out)) == 6
     same_sweep(local({"hidden": [4, 8, 16, 32, 64, 128]}, 30), out)
