@@ -94,6 +94,22 @@ def test_cli_refuses_bad_ray_options_before_any_file(run, one_line_error, cache,
         assert not out.exists()
 
 
+def test_pipeline_sweep_keys_make_the_ray_plan(tmp_path):
+    from fedclip_cache.pipeline import prepare
+
+    p = tmp_path / "p.toml"
+    p.write_text('[federate]\nrounds = 3\n[sweep]\ngrid = { hidden = [4, 8] }\nray = "auto"\ncpus_per_task = 2\n')
+    assert prepare(p).ray == RayPlan("auto", 2.0, 0.0)
+    assert prepare(p, ["sweep.ray=10.0.0.5:6379", "sweep.gpus_per_task=0.5"]).ray == RayPlan("10.0.0.5:6379", 2.0,
+                                                                                            0.5)
+    with pytest.raises(ConfigError, match=r"^--set sweep.gpus_per_task 1.5: must be 0, a fraction below 1"):
+        prepare(p, ["sweep.gpus_per_task=1.5"])
+    p.write_text('[sweep]\ngrid = { hidden = [4] }\ncpus_per_task = 2\n')
+    with pytest.raises(ConfigError, match=r"^p.toml: sweep.cpus_per_task 2: only with p.toml: sweep.ray auto"):
+        prepare(p)
+    assert prepare(p, ["sweep.ray=auto"]).ray == RayPlan("auto", 2.0)
+
+
 def test_nodes_are_counted_per_point():
     record = {"ran_on": {"p1": {"node": "aaaaaaaaaaaa", "host": "10.0.0.1"},
                          "p2": {"node": "bbbbbbbbbbbb", "host": "10.0.0.2"},
