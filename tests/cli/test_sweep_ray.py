@@ -289,9 +289,9 @@ def cluster():
         c.close()
 
 
-def cli_sweep(cache, out, grid: str, cluster_address: str, *extra, wait: bool = True):
+def cli_sweep(cache, out, grid: str, address: str, *extra, wait: bool = True):
     cmd = [sys.executable, "-m", "fedclip_cache", "sweep", str(cache), "-o", str(out), "--grid", grid,
-           "--seeds", "0,1", "--lr", str(BASE["lr"]), "--ray", cluster_address, "-q", *extra]
+           "--seeds", "0,1", "--lr", str(BASE["lr"]), "--ray", address, "-q", *extra]
     if not wait:
         return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
@@ -369,3 +369,32 @@ def test_two_nodes_equal_the_local_sweep_and_a_killed_worker_loses_nothing(clust
     assert len(finished_before) < 6  # the point the worker trained was not finished: it ran again elsewhere
     assert len(ran_on(out)) == 6
     same_sweep(local({"hidden": [4, 8, 16, 32, 64, 128]}, 30), out)
+
+
+@pytest.mark.slow
+def test_ctrl_c_cancels_the_tasks_and_stops_an_auto_instance(cache, tmp_path):
+    """SIGINT while a point trains on ``--ray auto``: exit 130, no process of that Ray instance left, its session
+    folder removed, the sweep folder left in progress (the same command resumes it)."""
+    import glob
+
+    from fedclip_cache.launch.sim_guard import marked
+
+    before = set(glob.glob(os.path.join(tempfile.gettempdir(), "fedclip-sweep-*")))
+    out = tmp_path / "sw"
+    proc = cli_sweep(cache, out, "hidden=4,8,16,32", "auto", "--rounds", "60", wait=False)
+    try:
+        def session():  # this sweep's Ray instance (its session folder), once one of its workers trains a point
+            now = set(glob.glob(os.path.join(tempfile.gettempdir(), "fedclip-sweep-*"))) - before
+            training = any(_cmdline(pid).startswith(b"ray::train_task") for f in now
+                           for pid in marked("-", f, os.getpid()))
+            return now if training else None
+        folders = wait_for(session)
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130
+    assert json.loads((out / "state.json").read_text())["state"] == "in-progress"
+    assert not any(Path(f).exists() for f in folders)
+    time.sleep(1)
+    assert not [pid for f in folders for pid in marked("-", f, os.getpid())]  # no process holds a file there
