@@ -69,6 +69,8 @@ def main():
            "points": len(HIDDEN), "local_seconds": None if local_s is None else round(local_s, 2),
            "ray_seconds": round(ray_s, 2), "ray_startup_seconds": round(startup_s, 2), "points_per_node": per_node}
     if local_s:
+        out["summary_csv_equal"] = ((tmp / "local" / "summary.csv").read_bytes()
+                                    == (tmp / "ray" / "summary.csv").read_bytes())
         out["overhead_seconds"] = round(ray_s - local_s, 2)
         out["overhead_percent"] = round(100 * (ray_s - local_s) / local_s, 1)
         out["overhead_per_point_seconds"] = round((ray_s - local_s) / len(HIDDEN), 2)

@@ -362,6 +362,11 @@ class _SweepRun:
         with disk_full(out, "sweep.json"):
             write_json(out / "sweep.json", record)
         todo, stale = _points_to_run(out, points, seeds, identity)
+        ran_on = record.get("ran_on") or {}
+        if any(folder.name in ran_on for _, folder in todo):  # trained again: its node is not known yet
+            record["ran_on"] = {k: v for k, v in ran_on.items() if k not in {f.name for _, f in todo}}
+            with disk_full(out, "sweep.json"):
+                write_json(out / "sweep.json", record)
         progress = _Progress(len(points), len(points) - len(todo), on_done)
         if session is not None:
             if todo:
