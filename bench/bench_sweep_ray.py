@@ -29,6 +29,12 @@ HIDDEN = [32, 64, 128, 256, 512]
 SEEDS = [0, 1, 2]
 
 
+def training_seconds(sweep_dir: Path) -> float:
+    """The points' own training-loop time (``summary.json`` ``seconds``): what is left of the wall time is the
+    sweep's cost around training (for Ray: start-up, worker processes, opening the cache, results back)."""
+    return sum(json.loads(f.read_text())["seconds"] for f in sweep_dir.glob("points/*/summary.json"))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=40)
@@ -68,7 +74,9 @@ def main():
            "load_before": [round(x, 2) for x in load], "load_after": [round(x, 2) for x in os.getloadavg()],
            "points": len(HIDDEN), "local_seconds": None if local_s is None else round(local_s, 2),
            "ray_seconds": round(ray_s, 2), "ray_startup_seconds": round(startup_s, 2), "points_per_node": per_node}
+    out["ray_outside_training_seconds"] = round(ray_s - training_seconds(tmp / "ray"), 2)
     if local_s:
+        out["local_outside_training_seconds"] = round(local_s - training_seconds(tmp / "local"), 2)
         out["summary_csv_equal"] = ((tmp / "local" / "summary.csv").read_bytes()
                                     == (tmp / "ray" / "summary.csv").read_bytes())
         out["overhead_seconds"] = round(ray_s - local_s, 2)
