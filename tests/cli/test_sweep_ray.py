@@ -188,6 +188,7 @@ def test_a_refused_point_on_ray_is_taken_out_as_locally(monkeypatch, cache, tmp_
 # ------------------------------------------------------------------------------- slow: a real two-node cluster
 
 RAY = str(Path(sys.executable).parent / "ray")
+LONG = 200  # rounds of the cluster tests' points: long enough (seconds each) that a kill lands while points remain
 
 
 def free_port() -> int:
@@ -310,7 +311,7 @@ def wait_for(check, timeout: float = 180.0):
         got = check()
         if got:
             return got
-        time.sleep(0.2)
+        time.sleep(0.1)
     raise AssertionError("timed out")
 
 
@@ -318,7 +319,7 @@ def wait_for(check, timeout: float = 180.0):
 def test_cluster_killed_driver_resumes_without_rerunning(cluster, cache, local, tmp_path):
     """kill -9 of the sweep after its first point: the next run trains only the others, on the cluster."""
     out, grid = tmp_path / "sw", "hidden=4,8,16,32,64,128"
-    proc = cli_sweep(cache, out, grid, cluster.address, "--rounds", "30", wait=False)
+    proc = cli_sweep(cache, out, grid, cluster.address, "--rounds", str(LONG), wait=False)
     try:
         wait_for(lambda: ran_on(out))
     finally:
@@ -326,12 +327,12 @@ def test_cluster_killed_driver_resumes_without_rerunning(cluster, cache, local, 
         proc.communicate()
     kept = {p.parent.name: p.stat().st_mtime_ns for p in (out / "points").glob("*/summary.json")}
     assert 1 <= len(kept) < 6
-    done = cli_sweep(cache, out, grid, cluster.address, "--rounds", "30")
+    done = cli_sweep(cache, out, grid, cluster.address, "--rounds", str(LONG))
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"{6 - len(kept)} grid point(s) trained now, {len(kept)} re-used" in done.stdout
     assert {p: (out / "points" / p / "summary.json").stat().st_mtime_ns for p in kept} == kept
     assert len({v["node"] for v in ran_on(out).values()}) == 2  # points ran on both nodes (recorded per point)
-    same_sweep(local({"hidden": [4, 8, 16, 32, 64, 128]}, 30), out)
+    same_sweep(local({"hidden": [4, 8, 16, 32, 64, 128]}, LONG), out)
 
 
 @pytest.mark.slow
@@ -357,7 +358,7 @@ def test_two_nodes_equal_the_local_sweep_and_a_killed_worker_loses_nothing(clust
     """The worker node's raylet is SIGKILLed while it trains a point (a ``ray::train_task`` worker under it), with
     points still to run: Ray retries that task on the head, and the results equal the local sweep's."""
     out, grid = tmp_path / "sw", "hidden=4,8,16,32,64,128"
-    proc = cli_sweep(cache, out, grid, cluster.address, "--rounds", "30", wait=False)
+    proc = cli_sweep(cache, out, grid, cluster.address, "--rounds", str(LONG), wait=False)
     try:
         wait_for(lambda: cluster.running("worker", "train_task"))
         finished_before = set(ran_on(out))
@@ -368,7 +369,7 @@ def test_two_nodes_equal_the_local_sweep_and_a_killed_worker_loses_nothing(clust
     assert proc.returncode == 0, stdout + stderr
     assert len(finished_before) < 6  # the point the worker trained was not finished: it ran again elsewhere
     assert len(ran_on(out)) == 6
-    same_sweep(local({"hidden": [4, 8, 16, 32, 64, 128]}, 30), out)
+    same_sweep(local({"hidden": [4, 8, 16, 32, 64, 128]}, LONG), out)
 
 
 @pytest.mark.slow
