@@ -395,31 +395,42 @@ def sweep(
     allow_incomplete: bool = typer.Option(False, help=ALLOW_INCOMPLETE_HELP),
     features: str = typer.Option("auto", help=FEATURES_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
+    # sweeps on Ray (sweep_ray.py)
+    ray: Optional[str] = typer.Option(None, "--ray", help="Run the grid points as Ray tasks: auto (a new local Ray "
+                                      "instance) or a running cluster's HOST:PORT / ray://HOST:PORT; the cache path "
+                                      "must be visible on every node."),
+    cpus_per_task: Optional[float] = typer.Option(None, help="With --ray: CPUs each point's task declares "
+                                                             "(default 1)."),
+    gpus_per_task: Optional[float] = typer.Option(None, help="With --ray: GPUs each point's task declares; a "
+                                                             "fraction lets points share a GPU (e.g. 0.25)."),
     fed_options: dict = None,
 ):
     """Run a grid of federate configurations x seeds on one cache; tables, Parquet results and plots."""
     from .report import render_sweep
     from .sweep import grid_names, parse_grid, plan, sweep as run_sweep
+    from .sweep_ray import nodes_text, ray_plan
 
     base = _config_from_flags(fed_options, validate=False)  # validated per grid point: the grid may override it
     g, names = parse_grid(grid), {**FEDERATE_FLAGS, **grid_names(grid)}
     seed_list = _seeds(seeds)
+    on_ray = ray_plan(ray, cpus_per_task, gpus_per_task, jobs)
     from .cache.reader import open_cache
 
     open_cache(cache, allow_incomplete=allow_incomplete, load_features=False)  # an unfinished cache: refused first
-    plan(cache, base, g, seed_list, jobs, names)  # every point checked before the progress bar or any file
+    plan(cache, base, g, seed_list, jobs, names, on_cluster=on_ray is not None)  # every point, before any file
     progress = None
     if not quiet:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
             TimeRemainingColumn
         progress = Progress(TextColumn("[bold]sweep"), BarColumn(), MofNCompleteColumn(), TextColumn("runs"),
-                            TimeElapsedColumn(), TimeRemainingColumn())
+                            TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[nodes]}"))
         progress.start()
-        task = progress.add_task("sweep", total=None)
+        task = progress.add_task("sweep", total=None, nodes="")
     try:
         res = run_sweep(cache, base, g, seed_list, out, jobs=jobs, names=names, allow_incomplete=allow_incomplete,
-                        features_in=_features_in(features),
-                        on_done=(lambda d, t: progress.update(task, completed=d, total=t)) if progress else None)
+                        features_in=_features_in(features), ray=on_ray,
+                        on_done=(lambda d, t: progress.update(task, completed=d, total=t)) if progress else None,
+                        on_node=(lambda c: progress.update(task, nodes=nodes_text(c))) if progress else None)
     finally:
         if progress:
             progress.stop()

@@ -28,7 +28,7 @@ except ModuleNotFoundError:  # Python 3.10
 PIPELINE_KEYS = {"name", "cache", "out", "dataset", "description", "source"}
 # [extract] keys: every extract option (cache/config.py) except what the pipeline itself provides.
 EXTRACT_KEYS = set(PIPELINE_OPTIONS)
-SWEEP_KEYS = {"grid", "seeds", "jobs"}
+SWEEP_KEYS = {"grid", "seeds", "jobs", "ray", "cpus_per_task", "gpus_per_task"}  # ray...: sweep_ray.py
 SECTIONS = {"pipeline": PIPELINE_KEYS, "extract": EXTRACT_KEYS,
             "federate": {f.name for f in dataclasses.fields(FederateConfig)}, "sweep": SWEEP_KEYS}
 
@@ -78,6 +78,7 @@ class Plan:
     grid_names: dict[str, str]
     seeds: list[int]
     jobs: int
+    ray: Optional[Any] = None  # sweeps on Ray: a sweep_ray.RayPlan from [sweep] ray / cpus_per_task / gpus_per_task
 
 
 def _read(path: Path, overrides: Optional[list[str]]) -> tuple[dict, set[str]]:
@@ -183,6 +184,7 @@ def prepare(path: str | Path, overrides: Optional[list[str]] = None) -> Plan:
     every sweep grid point, the overrides — before any stage runs; every error names the key as the user wrote it
     (TOML key or --set)."""
     from .sweep import check_seeds, expand
+    from .sweep_ray import ray_plan
 
     path = resolve(path)
     cfg, overridden = _read(path, overrides)
@@ -200,8 +202,10 @@ def prepare(path: str | Path, overrides: Optional[list[str]] = None) -> Plan:
     jobs = sw.get("jobs", 1)
     if not _is_int(jobs) or jobs < 1:
         raise ConfigError(f"{said(label('sweep.jobs'), jobs)}: expected a whole number >= 1")
+    ray = ray_plan(sw.get("ray"), sw.get("cpus_per_task"), sw.get("gpus_per_task"), jobs,
+                   flag=lambda name: label("sweep." + name.replace("-", "_")).rstrip("= "))
     expand(fed, grid, {**fed_names, **grid_names})
-    return Plan(cfg, fed, fed_names, grid, grid_names, seeds, jobs)
+    return Plan(cfg, fed, fed_names, grid, grid_names, seeds, jobs, ray)
 
 
 def load(path: str | Path, overrides: Optional[list[str]] = None) -> dict:
@@ -279,7 +283,8 @@ def _train_stages(path, plan, cfg: dict, cache: Path, out: Path, names: dict, sw
     summary = federate(fc, fed, out=out / "federate", progress=True)
     result = {"cache": str(cache), "federate": summary, "out": str(out)}
     if sweeping:
-        result["sweep"] = sweep(cache, fed, plan.grid, plan.seeds, out / "sweep", jobs=plan.jobs, names=names)
+        result["sweep"] = sweep(cache, fed, plan.grid, plan.seeds, out / "sweep", jobs=plan.jobs, names=names,
+                                ray=plan.ray)
     with disk_full(out, "pipeline.json"):
         atomic_write(out / "pipeline.json",
                      lambda f: f.write_text(json.dumps({"pipeline": str(path), "resolved": cfg}, indent=2, default=str)))

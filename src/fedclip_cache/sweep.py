@@ -138,8 +138,10 @@ def expand(base: FederateConfig, grid: dict[str, list], names: Optional[dict[str
     return out
 
 
-def preflight(cache_path: str | Path, points: list[FederateConfig], names: Optional[dict[str, str]] = None) -> None:
-    """Check configurations against a cache's metadata (domains, templates, classes, device) before any work."""
+def preflight(cache_path: str | Path, points: list[FederateConfig], names: Optional[dict[str, str]] = None,
+              local_device: bool = True) -> None:
+    """Check configurations against a cache's metadata (domains, templates, classes, device) before any work
+    (``local_device``: a CUDA device must be visible here; off for a sweep on Ray, whose nodes train)."""
     from .cache.store import read_meta
 
     meta = read_meta(cache_path)
@@ -166,7 +168,7 @@ def preflight(cache_path: str | Path, points: list[FederateConfig], names: Optio
         if cfg.train_views != "all" and int(cfg.train_views) > have:
             raise ConfigError(f"{as_written(flag('train_views'), cfg.train_views)}: the cache holds {have} view(s) per "
                               f"image; use {have} or all, or re-extract with --views {cfg.train_views}")
-        if cfg.device.startswith("cuda"):
+        if local_device and cfg.device.startswith("cuda"):
             import torch
 
             if not torch.cuda.is_available():
@@ -210,26 +212,41 @@ def _run_point(cache, cfg_dict: dict, seeds: list[int], folder: str, threads: Op
                opener: Optional[dict] = None) -> str:
     """Train one point for all seeds together and commit its folder. ``cache``: an open FeatureCache (in-process)
     or its path (worker processes open it themselves, with ``opener``'s open_cache options)."""
+    if not hasattr(cache, "features"):
+        from .cache.reader import open_cache
+
+        cache = open_cache(cache, **(opener or {}))
+    res, summary = train_point(cache, cfg_dict, seeds, threads)
+    commit_point(folder, cache, cfg_dict, seeds, res, summary)
+    return folder
+
+
+def train_point(cache, cfg_dict: dict, seeds: list[int], threads: Optional[int] = None):
+    """One point's training, all seeds together, on an open FeatureCache: ``(LoopResult, summary)``; nothing is
+    written (a Ray task returns these to the driver, which commits them with :func:`commit_point`)."""
     import torch
 
-    from .cache.reader import open_cache
-    from .federated.results import train, write_run
-    from .federated.runfolder import disk_full
+    from .federated.results import train
 
     if threads:
         torch.set_num_threads(threads)
-    if not hasattr(cache, "features"):
-        cache = open_cache(cache, **(opener or {}))
-    cfg = FederateConfig.from_dict(cfg_dict)
-    res, summary = train(cache, cfg, seeds)
-    staging = Path(folder) / ".staging"
-    write_run(staging, cache, cfg, res, summary, seeds)
-    with disk_full(Path(folder)):
+    return train(cache, FederateConfig.from_dict(cfg_dict), seeds)
+
+
+def commit_point(folder: str | Path, cache, cfg_dict: dict, seeds: list[int], res, summary: dict) -> None:
+    """Write a trained point's folder; ``summary.json`` is moved in last (atomically): it marks the point done.
+    ``cache``: the cache trained on (its path and metadata are recorded; its features are not needed)."""
+    from .federated.results import write_run
+    from .federated.runfolder import disk_full
+
+    folder = Path(folder)
+    staging = folder / ".staging"
+    write_run(staging, cache, FederateConfig.from_dict(cfg_dict), res, summary, seeds)
+    with disk_full(folder):
         for f in ("config.json", "metrics.parquet", "adapter.pt"):
-            os.replace(staging / f, Path(folder) / f)
-        os.replace(staging / "summary.json", Path(folder) / "summary.json")  # last: marks the point done
+            os.replace(staging / f, folder / f)
+        os.replace(staging / "summary.json", folder / "summary.json")  # last: marks the point done
     shutil.rmtree(staging, ignore_errors=True)  # (a killed run's temporary files may be left in it)
-    return folder
 
 
 def point_folder(cfg: FederateConfig, seeds: list[int]) -> str:
@@ -295,9 +312,10 @@ def names_of(state: dict) -> list[str]:
 
 def plan(cache_path: str | Path, base: FederateConfig, grid: dict[str, list], seeds: list[int], jobs: int = 1,
          names: Optional[dict[str, str]] = None, seeds_label: str = "--seeds",
-         jobs_label: str = "--jobs") -> tuple[list[FederateConfig], list[int]]:
+         jobs_label: str = "--jobs", on_cluster: bool = False) -> tuple[list[FederateConfig], list[int]]:
     """Validate a whole sweep without doing any work: seeds, jobs, every grid point, and the points against the
-    cache. Returns (points, seeds)."""
+    cache. Returns (points, seeds). ``on_cluster``: the points run on Ray's nodes, so this machine's GPU is not
+    asked for (the Ray plan checks the cluster's)."""
     seeds = check_seeds(seeds, seeds_label)
     from .federated.tracking import check_available
 
@@ -307,25 +325,29 @@ def plan(cache_path: str | Path, base: FederateConfig, grid: dict[str, list], se
     for k, vs in grid.items():
         check_grid_values(k, vs, (names or {}).get(k) or f"--grid {k}=")
     points = expand(base, grid, names)
-    preflight(cache_path, points, names)
+    preflight(cache_path, points, names, local_device=not on_cluster)
     return points, seeds
 
 
 def sweep(cache_path: str | Path, base: FederateConfig, grid: dict[str, list], seeds: list[int],
           out: str | Path, jobs: int = 1, on_done: Optional[Callable[[int, int], None]] = None,
           names: Optional[dict[str, str]] = None, seeds_label: str = "--seeds", jobs_label: str = "--jobs",
-          allow_incomplete: bool = False, features_in: str = "auto") -> dict:
+          allow_incomplete: bool = False, features_in: str = "auto", ray=None,
+          on_node: Optional[Callable[[dict], None]] = None) -> dict:
     """Run every grid point not already in ``out``; return the aggregated results (see :func:`collect`).
 
     Everything (seeds, every grid point, the points against the cache, the cache's completeness) is checked before
-    anything is written; ``names`` maps a config field to how the user wrote it, for the error messages."""
+    anything is written; ``names`` maps a config field to how the user wrote it, for the error messages. ``ray``: a
+    :class:`fedclip_cache.sweep_ray.RayPlan` runs the points as Ray tasks (connected, and the cache checked on every
+    node, before the folder is touched); ``on_node`` then gets ``{node: points finished there}`` after each point."""
     from .cache.reader import open_cache
-    from .federated.runfolder import claim, disk_full
+    from .federated.runfolder import claim
 
     out = Path(out)
     # Refuses an unfinished cache now; its identity (path + commit) decides which finished points are still valid.
     identity = open_cache(cache_path, allow_incomplete=allow_incomplete, load_features=False).identity()
-    points, seeds = plan(cache_path, base, grid, seeds, jobs, names, seeds_label, jobs_label)
+    points, seeds = plan(cache_path, base, grid, seeds, jobs, names, seeds_label, jobs_label,
+                         on_cluster=ray is not None)
     opener = {"allow_incomplete": allow_incomplete, "features_in": features_in}
     record = {}
 
@@ -333,20 +355,59 @@ def sweep(cache_path: str | Path, base: FederateConfig, grid: dict[str, list], s
         old = read_record(out)
         record.update(_record(cache_path, identity, base, grid, seeds, points, old, out))
 
-    lock = claim(out, "sweep", "sweep -o", check)
+    session = None
+    if ray is not None:
+        from .sweep_ray import RaySession
+
+        session = RaySession(ray, cache_path, identity, opener, points)  # connects and checks every node first
     try:
+        lock = claim(out, "sweep", "sweep -o", check)
+        try:
+            run = _SweepRun(out, record, lock, seeds, opener, base, grid)
+            return run.go(cache_path, points, identity, jobs, session, on_done, on_node)
+        finally:
+            lock.close()
+    finally:
+        if session is not None:
+            session.close()
+
+
+class _SweepRun:
+    """One run of a sweep folder, under its lock: the points to do, run in-process, in ``--jobs`` workers or on Ray,
+    each committed as it finishes, then the folder's tables and plots."""
+
+    def __init__(self, out: Path, record: dict, lock, seeds: list[int], opener: dict, base: FederateConfig,
+                 grid: dict):
+        self.out, self.record, self.lock, self.seeds, self.opener = out, record, lock, seeds, opener
+        self.base, self.grid = base, grid  # --log: the trackers and each point's grid values as tags
+
+    def go(self, cache_path, points: list, identity: dict, jobs: int, session, on_done, on_node) -> dict:
+        from .cache.reader import open_cache
+        from .federated.runfolder import disk_full
+
+        out, record, lock, seeds = self.out, self.record, self.lock, self.seeds
         with disk_full(out, "sweep.json"):
             write_json(out / "sweep.json", record)
         todo, stale = _points_to_run(out, points, seeds, identity)
-        progress = _Progress(len(points), len(points) - len(todo), on_done, _point_tracker(out, base, grid, todo))
-        if jobs <= 1:
-            cache = open_cache(cache_path, **opener) if todo else None  # read once for all points, not once per point
+        ran_on = record.get("ran_on") or {}
+        if any(folder.name in ran_on for _, folder in todo):  # trained again: its node is not known yet
+            record["ran_on"] = {k: v for k, v in ran_on.items() if k not in {f.name for _, f in todo}}
+            with disk_full(out, "sweep.json"):
+                write_json(out / "sweep.json", record)
+        progress = _Progress(len(points), len(points) - len(todo), on_done,
+                             _point_tracker(out, self.base, self.grid, todo))
+        if session is not None:
+            if todo:
+                meta = open_cache(cache_path, **{**self.opener, "load_features": False})
+                session.run(todo, seeds, lambda point: self._commit_remote(meta, point, progress, on_node))
+        elif jobs <= 1:
+            cache = open_cache(cache_path, **self.opener) if todo else None  # read once for all points
             for cfg, folder in todo:
                 with _refused_point(out, record, folder, lock):
                     _run_point(cache, cfg.to_dict(), seeds, str(folder), None)
                 progress.one_more(folder)
         else:
-            _run_in_workers(cache_path, todo, seeds, jobs, opener, out, record, lock, progress)
+            _run_in_workers(cache_path, todo, seeds, jobs, self.opener, out, record, lock, progress)
         st = status(out)
         results = collect(out, st["done"])
         results.update(ran=len(todo), points=len(points), stale=stale, done=len(st["done"]),
@@ -355,9 +416,39 @@ def sweep(cache_path: str | Path, base: FederateConfig, grid: dict[str, list], s
             write_outputs(out, results)
         if len(st["done"]) == len(st["points"]):  # an earlier, wider run of this folder may have left points to do
             lock.complete()
-    finally:
-        lock.close()
-    return results
+        return results
+
+    def _commit_remote(self, meta, point, progress: "_Progress", on_node) -> None:
+        """A point trained by a Ray task (``point``: a :class:`fedclip_cache.sweep_ray.PointDone`), written here by
+        the driver only; the node that trained it is recorded in ``sweep.json`` (``ran_on``)."""
+        from .federated.runfolder import disk_full
+
+        folder = Path(point.folder)
+        with _refused_point(self.out, self.record, folder, self.lock):
+            point.raise_error()
+            commit_point(folder, meta, point.cfg, self.seeds, point.res, point.summary)
+        self.record.setdefault("ran_on", {})[folder.name] = {"node": point.node, "host": point.host}
+        with disk_full(self.out, "sweep.json"):
+            write_json(self.out / "sweep.json", self.record)
+        progress.one_more(folder)
+        if on_node:
+            on_node(nodes_count(self.record, self.record["points"]))
+
+
+def nodes_count(record: dict, folders: list[str]) -> dict[str, int]:
+    """``{node label: points of ``folders`` trained there}`` from ``sweep.json``'s ``ran_on`` (Ray sweeps)."""
+    counts: dict[str, int] = {}
+    for name in folders:
+        where = (record.get("ran_on") or {}).get(name)
+        if where:
+            label = node_label(where)
+            counts[label] = counts.get(label, 0) + 1
+    return counts
+
+
+def node_label(where: dict) -> str:
+    """A Ray node as the progress bar and bench name it: its host and the start of its node id."""
+    return f"{where.get('host')}/{str(where.get('node'))[:8]}"
 
 
 class _Progress:
