@@ -31,6 +31,10 @@ def marked(token: str, folder: str, owner: int) -> list:
     (``ray::DashboardAgent``) with setproctitle, which overwrites what ``/proc/PID/environ`` shows. Zombies (their
     environ and fds read empty) are not listed, nor is the simulate process ``owner`` (its Ray driver log is in the
     folder: when it closed the pipe, it cleaned up and goes on or exits by itself)."""
+    if not token or not folder or not os.path.isabs(folder) or os.path.normpath(folder) == "/":
+        # an empty folder would match every process with an open file, an empty token every unmarked one: the
+        # caller kills what this returns, so a bad argument must never widen it to the whole machine
+        raise ValueError(f"marked() needs a token and an absolute run folder, got {token!r} and {folder!r}")
     want, under = f"{MARK}={token}".encode(), os.path.join(folder, "")
     skip, found = {os.getpid(), owner}, []
     try:
