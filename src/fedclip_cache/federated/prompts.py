@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from ..errors import ConfigError
 from ..cache.sources import quoted
 from .precision import autocast
+from .sidebyside import StackedBatch, sgd_side_by_side
 
 CTX_INIT_STD = 0.02  # CoOp: nn.init.normal_(ctx_vectors, std=0.02)
 PLACEHOLDER = "X"  # CoOp's prompt_prefix = " ".join(["X"] * n_ctx)
@@ -253,35 +254,12 @@ class PromptLearner:
         return out
 
     def _train_side_by_side(self, ctx, schedules, X, Y, lr, scale, momentum, weight_decay) -> torch.Tensor:
-        ctx = ctx.clone()
-        buf = torch.zeros_like(ctx) if momentum else None
-        index_device = getattr(X, "index_device", getattr(X, "device", "cpu"))
-        for t in range(max((len(s) for s in schedules), default=0)):
-            active = [k for k, s in enumerate(schedules) if t < len(s)]
-            batches = [torch.from_numpy(np.asarray(schedules[k][t])) for k in active]
-            sizes = torch.tensor([len(b) for b in batches], device=ctx.device, dtype=torch.float32)
-            width = int(sizes.max())
-            xs = torch.zeros(len(active), width, X.shape[1], device=ctx.device)
-            ys = torch.zeros(len(active), width, dtype=torch.long, device=ctx.device)
-            valid = torch.zeros(len(active), width, device=ctx.device)
-            for k, b in enumerate(batches):
-                xs[k, :len(b)] = X[b.to(index_device)].float().to(ctx.device)
-                ys[k, :len(b)] = Y[b.to(Y.device)]
-                valid[k, :len(b)] = 1
-            a = torch.tensor(active, device=ctx.device)
-            w = ctx[a]
-            leaf = w.detach().requires_grad_(True)
-            T = self.class_embeddings_many(leaf, precision=self.precision)  # (A, C, D), fp32
-            logits = scale * torch.bmm(F.normalize(xs, dim=-1), T.transpose(1, 2))
-            ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ys.reshape(-1), reduction="none")
-            loss = ((ce.reshape(valid.shape) * valid).sum(1) / sizes).sum()  # each client's mean, summed
-            (g,) = torch.autograd.grad(loss, [leaf])
-            if weight_decay:
-                g = g + weight_decay * w
-            if buf is not None:
-                g = buf[a] = momentum * buf[a] + g
-            ctx[a] = w - lr * g
-        return ctx
+        def loss(p: dict, batch: StackedBatch) -> torch.Tensor:  # each client's mean cross-entropy, summed
+            T = self.class_embeddings_many(p["ctx"], precision=self.precision)  # (A, C, D), fp32
+            logits = scale * torch.bmm(F.normalize(batch.xs, dim=-1), T.transpose(1, 2))
+            ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch.ys.reshape(-1), reduction="none")
+            return ((ce.reshape(batch.valid.shape) * batch.valid).sum(1) / batch.sizes).sum()
+        return sgd_side_by_side({"ctx": ctx}, schedules, X, Y, loss, lr, momentum, weight_decay)["ctx"]
 
     @torch.no_grad()
     def heads(self, ctxs: torch.Tensor) -> torch.Tensor:
