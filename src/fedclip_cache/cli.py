@@ -98,6 +98,14 @@ class CliParameter(NamedTuple):
     declared: Any
 
 
+def _plain(text):
+    """A declared option's help as plain text: typer shows help through rich, whose markup would eat a bracketed
+    word such as an extra's name ('fedclip-cache[flwr-datasets]')."""
+    from rich.markup import escape
+
+    return escape(text) if isinstance(text, str) else text
+
+
 def _extract_parameters() -> list[CliParameter]:
     """Every extract option declared in cache/config.py as a typer argument or option, in declaration order: its
     flag, help and default come from the declaration, so `extract` never restates them. How the command line takes
@@ -110,7 +118,7 @@ def _extract_parameters() -> list[CliParameter]:
         meta, kind, flag = f.metadata, KINDS[name], option_flag(name)
         if meta.get("cli") is False:
             continue
-        help_ = meta["help"] or None
+        help_ = _plain(meta["help"]) or None
         if meta.get("argument"):
             out.append(CliParameter(name, Path, typer.Argument(..., help=help_)))
             continue
@@ -277,8 +285,11 @@ def _federate_options() -> list[tuple[str, type, object]]:
             annotation, default = Optional[str], None
         else:
             annotation, default = (Optional[kind] if optional else kind), f.default
-        decls = [flag] if kind is bool else ([flag] if flag != "--" + f.name.replace("_", "-") else [])
-        out.append((f.name, annotation, typer.Option(default, *decls, help=option_help(f.name))))
+        if kind is bool:  # a switch; one that is on by default also needs its off form
+            decls = [f"{flag}/--no-{flag[2:]}"] if default is True else [flag]
+        else:
+            decls = [flag] if flag != "--" + f.name.replace("_", "-") else []
+        out.append((f.name, annotation, typer.Option(default, *decls, help=_plain(option_help(f.name)))))
     return out
 
 

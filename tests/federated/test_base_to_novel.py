@@ -194,10 +194,17 @@ def test_refusals_are_one_line(opts, fragment):
     FederateConfig(algo="promptfl", head="prototype", base_to_novel=True).validate()  # prompts: --head unused
 
 
-def test_one_class_cache_and_flower_apps_refuse(tmp_path):
-    one = write_synthetic_cache(tmp_path / "one", {"a": 20, "b": 20}, 1, dim=8)
-    with pytest.raises(ConfigError, match="has 1 class"):
-        build_experiments(open_cache(one), FederateConfig(base_to_novel=True))
+@pytest.mark.parametrize("classes", [1, 2, 3])
+def test_caches_with_a_one_class_group_are_refused(tmp_path, classes):
+    """Under 4 classes base or novel holds one class, whose accuracy among itself is always 100 %."""
+    few = write_synthetic_cache(tmp_path / "few", {"a": 20, "b": 20}, classes, dim=8)
+    with pytest.raises(ConfigError, match=f"has {classes} class.*at least two classes each"):
+        build_experiments(open_cache(few), FederateConfig(base_to_novel=True))
+    four = write_synthetic_cache(tmp_path / "four", {"a": 20, "b": 20}, 4, dim=8)
+    assert build_experiments(open_cache(four), FederateConfig(base_to_novel=True))
+
+
+def test_flower_apps_refuse(tmp_path):
     from fedclip_cache.flower.task import check_supported
 
     with pytest.raises(ConfigError, match="^--base-to-novel True: not supported by the Flower apps"):

@@ -208,7 +208,8 @@ def test_options_are_declared_once_and_refused_in_one_line(run, one_line_error, 
     for bad, msg in ((dict(pgp_rank=0), "--pgp-rank 0: must be at least 1"),
                      (dict(pgp_temp=0.0), "--pgp-temp 0.0: must be > 0"),
                      (dict(pgp_mu=-1.0), "--pgp-mu -1.0: must be at least 0"),
-                     (dict(prompt_csc=True), "--prompt-csc True: fedpgp learns one context")):
+                     (dict(prompt_csc=True), "--prompt-csc True: fedpgp learns one context"),
+                     (dict(pgp_rank=5, n_ctx=4), "--pgp-rank 5: above --n-ctx 4")):
         with pytest.raises(ConfigError) as err:
             FederateConfig(algo="fedpgp", **bad).validate()
         assert str(err.value).startswith(msg) and "\n" not in str(err.value), str(err.value)

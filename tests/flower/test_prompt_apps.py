@@ -168,7 +168,7 @@ def test_fedpgp_sites_send_sigma_and_keep_their_low_rank_prompts(tmp_path, model
     """fedpgp (personal protocol): the server averages sigma, each site keeps its own U, V (in its state); only
     sigma crosses the wire; the run folder's metrics and summary equal `federate`'s."""
     sites = extract_sites(tmp_path, model_args, monkeypatch, capsys)
-    opts = {**PROMPT, "rounds": 3, "algo": "fedpgp", "text_model_config": str(tiny_model[0])}
+    opts = {**PROMPT, "rounds": 3, "algo": "fedpgp", "pgp_rank": 2, "text_model_config": str(tiny_model[0])}
     _, cfg = federate_config({**opts, "heldout": "", "sites": 3})
     clients = [SiteClient(p, cfg) for p in sites.values()]
     co = run_sites(clients, cfg, RunRecorder(cfg, tmp_path / "dep"))

@@ -78,6 +78,8 @@ def test_prompt_deployment_equals_federate(tmp_path, model_args, tiny_model, mon
         pytest.skip("Flower's CLIs (flower-superlink, flower-supernode, flwr) are not installed")
     sites = extract_sites(tmp_path, model_args, monkeypatch, capsys)
     where = dict(heldout=["sketch"]) if algo == "promptfl" else dict(protocol="personal", rounds=3)
+    if algo == "fedpgp":
+        where["pgp_rank"] = 2  # at most --n-ctx
     cfg = FederateConfig(**{**PROMPT, **where}, algo=algo, text_model_config=str(tiny_model[0])).validate()
     res = dep.deploy(list(sites.values()), tmp_path / "run", cfg, timeout=300, log=lambda m: None)
     assert res["status"] == "finished:completed"
@@ -98,6 +100,8 @@ def test_prompt_simulation_equals_federate(tmp_path, model_args, tiny_model, mon
 
     sites = extract_sites(tmp_path, model_args, monkeypatch, capsys)
     where = dict(heldout=["sketch"]) if algo == "promptfl" else dict(protocol="personal", rounds=3)
+    if algo == "fedpgp":
+        where["pgp_rank"] = 2  # at most --n-ctx
     cfg = FederateConfig(**{**PROMPT, **where}, algo=algo, text_model_config=str(tiny_model[0])).validate()
     res = simulate(list(sites.values()), tmp_path / "sim", cfg, num_cpus=2, log=lambda m: None)
     fed = federate(tmp_path / "merged", cfg, out=tmp_path / "fed")

@@ -446,6 +446,9 @@ class _Checks:
         if cfg.prompt_csc and "prompt_csc" not in get_algorithm(cfg.algo).uses and get_algorithm(cfg.algo).prompts:
             raise self.bad("prompt_csc", f"{cfg.algo} learns one context shared by every class (FedPGP's "
                                          f"sigma + U V); class-specific contexts are for promptfl and promptlocal")
+        if cfg.algo == "fedpgp" and cfg.pgp_rank > cfg.n_ctx:  # U V of rank above n_ctx: not low-rank, only cost
+            raise self.bad("pgp_rank", f"above {as_written(self.flag('n_ctx'), cfg.n_ctx)}: the personal prompt U V "
+                                       f"(n_ctx x width) has rank at most n_ctx; give a rank <= {cfg.n_ctx}")
         if cfg.batch_size < 2 and cfg.loss == "contrastive":
             raise self.bad("batch_size", "must be >= 2 for the contrastive loss (batches of one are skipped)")
         if cfg.heldout:

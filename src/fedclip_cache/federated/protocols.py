@@ -181,11 +181,13 @@ def harmonic_mean(base: Optional[float], novel: Optional[float]) -> Optional[flo
 
 def build_experiments(cache: FeatureCache, cfg: FederateConfig, seeds: Optional[list[int]] = None) -> list[Experiment]:
     seeds = [cfg.seed] if seeds is None else seeds
-    if cfg.base_to_novel and len(cache.classes) < 2:
+    if cfg.base_to_novel and len(cache.classes) < 4:
         from .config import option_flag
 
+        # with fewer than 4 classes the novel (or base) group has one class, scored among itself: always 100 %
         raise ConfigError(f"{option_flag('base_to_novel')}: the cache {cache.path} has {len(cache.classes)} class(es); "
-                          f"base and novel classes need at least two")
+                          f"base and novel need at least two classes each (4 or more in all), else accuracy "
+                          f"among one class is always 100 %")
     domains = cache.domain_names
     all_rows = np.arange(len(cache))
     exps = []
