@@ -448,6 +448,10 @@ def sweep(
     again = f" ({res['stale']} of them again because the cache changed since they ran)" if res["stale"] else ""
     console.print(f"{res['ran']} grid point(s) trained now{again}, {res['points'] - res['ran']} re-used from earlier "
                   f"runs", soft_wrap=True)
+    if base.log and res["points"] > res["ran"]:  # trackers get a point when it is trained, not when it is re-used
+        console.print(f"[bold yellow]note:[/] --log {base.log}: the {res['points'] - res['ran']} re-used point(s) "
+                      f"were not sent (only points trained by this command are); see docs/tracking.md",
+                      soft_wrap=True, markup=True)
     if res["done"] < res["total"]:  # an earlier, wider command on this folder left points to do
         console.print(f"[bold yellow]partial:[/] {res['done']} of {res['total']} points of this sweep folder are "
                       f"finished; run its wider grid again to finish it", soft_wrap=True)

@@ -217,6 +217,10 @@ class Mlflow(Backend):
         # no usage statistics sent by MLflow (as `simulate` switches off Ray's and Flower's); the user's own
         # MLFLOW_DISABLE_TELEMETRY wins
         os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+        if not self.local:  # a server: MLflow's defaults (7 retries, 120 s each) wait ~4 min on an unreachable
+            # one after the run is complete; fail within ~30 s instead (the user's own settings win)
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # SQLAlchemy's deprecation of a loader MLflow 3.17 uses
             from mlflow.tracking import MlflowClient  # (importing mlflow sets up its loggers: quieted after)
