@@ -153,3 +153,15 @@ def test_sweep_preflight_refuses_more_classes_per_client_than_the_cache_has(tmp_
     with pytest.raises(ConfigError, match=r"--classes-per-client 4: the cache has only 3 classes"):
         preflight(cache, [FederateConfig(partition="flwr-pathological", classes_per_client=4)])
     preflight(cache, [FederateConfig(partition="flwr-pathological", classes_per_client=3)])
+
+
+def test_partitioner_options_the_partition_does_not_read_are_noted():
+    """--min-partition-size etc. set with a --partition that does not read them: reported as ignored."""
+    from fedclip_cache.federated.config import FederateConfig
+
+    cfg = FederateConfig(partition="flwr-iid", min_partition_size=7, self_balancing=True,
+                         class_assignment="deterministic")
+    assert cfg.ignored_partition_options() == ["class_assignment", "min_partition_size", "self_balancing"]
+    assert FederateConfig(partition="flwr-dirichlet", min_partition_size=7).ignored_partition_options() == []
+    assert FederateConfig(partition="none", flwr_shuffle=False).ignored_partition_options() == ["flwr_shuffle"]
+    assert FederateConfig().ignored_partition_options() == []

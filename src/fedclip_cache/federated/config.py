@@ -36,6 +36,12 @@ ADAPTER_OPTIONS = ("adapter", "hidden", "head", "template", "loss", "local_optim
                    "weight_decay")
 
 
+# The flwr-datasets partitioner options each --partition reads (the others are reported as set but ignored)
+PARTITION_OPTIONS = {"flwr-iid": ("flwr_shuffle",),
+                     "flwr-dirichlet": ("min_partition_size", "self_balancing", "flwr_shuffle"),
+                     "flwr-pathological": ("class_assignment", "flwr_shuffle")}
+
+
 def adapter_training_options() -> set[str]:
     """The fields only adapter training reads: :data:`ADAPTER_OPTIONS` and every registered adapter's options
     (``--residual-alpha``)."""
@@ -315,6 +321,13 @@ class FederateConfig:
             owned |= adapter_training_options()
         default = FederateConfig()
         return [n for n in sorted(owned - used) if getattr(self, n) != getattr(default, n)]
+
+    def ignored_partition_options(self) -> list[str]:
+        """flwr-datasets partitioner options set away from their default that this --partition does not read."""
+        used = PARTITION_OPTIONS.get(self.partition, ())
+        default = FederateConfig()
+        owned = sorted({n for names in PARTITION_OPTIONS.values() for n in names})
+        return [n for n in owned if n not in used and getattr(self, n) != getattr(default, n)]
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

@@ -224,6 +224,10 @@ def summary_notes(res: LoopResult, cfg: FederateConfig, dropped: dict[str, int])
     if ignored:
         notes.append(f"{cfg.algo} does not use {', '.join('--' + n.replace('_', '-') for n in ignored)} "
                      f"(set, but ignored)")
+    unread = cfg.ignored_partition_options()
+    if unread:
+        notes.append(f"--partition {cfg.partition} does not use "
+                     f"{', '.join('--' + n.replace('_', '-') for n in unread)} (set, but ignored)")
     if res.logit_scale_source.startswith("fallback"):
         notes.append(f"logit scale {res.logit_scale_source}")
     if sum(dropped.values()):
