@@ -97,7 +97,7 @@ def test_duplicate_tar_key_refused(tmp_path, pngs):
                                          ("b.cls", b"dog"), ("a.png", pngs[2]), ("a.cls", b"dog")])
     refused(src, "0.tar: key 'a' twice", "came earlier")
     src = tar(tmp_path / "w2" / "0.tar", [("a.png", pngs[0]), ("a.png", pngs[1]), ("a.cls", b"cat")])
-    refused(src, "0.tar: key 'a' twice", "same key and extension")
+    refused(src, "0.tar: key 'a' twice", "a second member of one sample with this extension")
 
 
 def test_dot_slash_members_and_dotted_keys(tmp_path, pngs):
@@ -110,6 +110,8 @@ def test_dot_slash_members_and_dotted_keys(tmp_path, pngs):
     refused(src, "sample 'x'", "'x.1.png'", "up to the first '.'", "several images", "x_1.png")
     src = tar(tmp_path / "w3" / "0.tar", [("x.1.png", pngs[0]), ("x.1.json", js(label="cat"))])
     refused(src, "sample 'x'", "'x.1.json'", "up to the first '.'")
+    src = tar(tmp_path / "w4" / "0.tar", [("a.png", pngs[0]), ("a.json", b"[1, 2]")])
+    refused(src, "sample 'a': its .json is list, not an object")
 
 
 # ------------------------------------------------------------------------------- 3, 4. domains and values

@@ -344,9 +344,9 @@ class RowScan:
         kind = "text" if isinstance(value, str) else "whole numbers"
         self._label_kinds.setdefault(kind, where)
         if len(self._label_kinds) > 1:
-            raise SourceError(f"{where}: labels are whole numbers in some rows (first: {self._label_kinds['whole numbers']})"
-                              f" and text in others (first: {self._label_kinds['text']}); one source's labels must be "
-                              f"one kind: fix the files")
+            raise SourceError(f"labels are whole numbers in some rows (first: {self._label_kinds['whole numbers']}) "
+                              f"and text in others (first: {self._label_kinds['text']}); one source's labels must be "
+                              f"one kind (whole numbers sort as numbers, text as text): fix the files")
         return text
 
     def domain_from(self, given: bool, where: str) -> None:

@@ -78,7 +78,7 @@ def _scan_members(scan: RowScan, k: int, rel: str, path: Path, tf: tarfile.TarFi
             seen.add(mkey)
             members, key = {}, mkey
         if ext in members:
-            _duplicate(path, mkey, m.name, f"member {quoted(members[ext].name)} has the same key and extension")
+            _duplicate(path, mkey, m.name, "a second member of one sample with this extension")
         members[ext] = m
     if members:
         _sample(scan, k, rel, path, tf, key, members, columns, name)
@@ -123,7 +123,10 @@ def _json(tf: tarfile.TarFile, member, where: str) -> dict:
         data = json.loads(tf.extractfile(member).read())
     except ValueError as e:
         raise SourceError(f"{where}: its .json is not JSON ({str(e)[:120]}); fix the shard") from None
-    return data if isinstance(data, dict) else {}
+    if not isinstance(data, dict):
+        raise SourceError(f"{where}: its .json is {type(data).__name__}, not an object of keys (e.g. {{\"label\": "
+                          f"\"cat\", \"domain\": \"art\"}}); fix the shard")
+    return data
 
 
 def _labels(scan: RowScan, tf, meta: dict, members: dict, columns: Columns, name: str,
