@@ -95,7 +95,11 @@ def test_mixed_label_kinds_refused(tmp_path, pngs):
 def test_duplicate_tar_key_refused(tmp_path, pngs):
     src = tar(tmp_path / "w" / "0.tar", [("a.png", pngs[0]), ("a.cls", b"cat"), ("b.png", pngs[1]),
                                          ("b.cls", b"dog"), ("a.png", pngs[2]), ("a.cls", b"dog")])
-    refused(src, "0.tar: key 'a' twice", "came earlier")
+    refused(src, "0.tar: key 'a' twice", "came earlier", "tar --sort=name")
+    # `tar cf s.tar .` in directory order: a sample's members apart (webdataset would read two half samples)
+    src = tar(tmp_path / "w3" / "0.tar", [("./a.json", js(label="cat")), ("./b.png", pngs[1]),
+                                          ("./b.json", js(label="dog")), ("./a.png", pngs[0])])
+    refused(src, "0.tar: key 'a' twice", "member './a.png'", "next to each other")
     src = tar(tmp_path / "w2" / "0.tar", [("a.png", pngs[0]), ("a.png", pngs[1]), ("a.cls", b"cat")])
     refused(src, "0.tar: key 'a' twice", "a second member of one sample with this extension")
 

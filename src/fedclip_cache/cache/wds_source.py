@@ -74,7 +74,9 @@ def _scan_members(scan: RowScan, k: int, rel: str, path: Path, tf: tarfile.TarFi
             if members:
                 _sample(scan, k, rel, path, tf, key, members, columns, name)
             if mkey in seen:
-                _duplicate(path, mkey, m.name, "a sample of this key came earlier in the shard")
+                _duplicate(path, mkey, m.name, "a sample of this key came earlier in the shard; a sample's members "
+                                               "must be next to each other, as webdataset reads them: build shards "
+                                               "with tar --sort=name")
             seen.add(mkey)
             members, key = {}, mkey
         if ext in members:
