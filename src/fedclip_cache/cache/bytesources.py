@@ -91,14 +91,18 @@ def container_kind(source: str) -> str:
         return "hf"
     parts = source.split("::")
     if not os.path.exists(source) and (len(parts) > 1 or _has_magic(source)):  # "/data/PACS [v2]" is a folder
+        if "" in parts:
+            raise SourceError(f"{shown(source)}: an empty name in the '::' list (a leading, trailing or doubled '::'); "
+                              f"write NAME::NAME")
         names = [n for p in parts for n in expand_braces(p)]
         exts = {_ext(n) for n in names}
         if exts <= {".tar"}:
             return "tar"
         if exts <= {".parquet"}:
             return "parquet"
-        raise SourceError(f"{source}: a pattern or list must name .tar shards or .parquet files (found "
-                          f"{', '.join(sorted(exts))}); pass one of: {forms_text()}")
+        found = sorted({_ext(n) or f"no extension in {quoted(shown(n))}" for n in names})
+        raise SourceError(f"{shown(source)}: a pattern or list must name .tar shards or .parquet files, e.g. "
+                          f"'d/*.parquet' (found {', '.join(found[:4])}); pass one of: {forms_text()}")
     p = Path(source)
     if p.is_file() and p.suffix.lower() == ".tar":
         return "tar"
@@ -174,19 +178,31 @@ def resolve_files(source: str, ext: str) -> tuple[Path, list[Path]]:
     if len(parts) == 1 and Path(source).is_dir():
         root = Path(source)
         files = sorted(Path(d) / f for d, _, fs in _walk(root) for f in fs if _ext(f) == ext)
-        return root, files
+        return root, [_regular(f) for f in files]
     files, missing = [], []
     for part in parts:
         for name in expand_braces(part):
-            found = sorted(glob.glob(name)) if glob.has_magic(name) else [name] if os.path.isfile(name) else []
+            found = sorted(glob.glob(name)) if glob.has_magic(name) else [name] if os.path.lexists(name) else []
             if not found:
                 missing.append(name)
-            files += [Path(f) for f in found if _ext(f) == ext]
+            files += [_regular(Path(f)) for f in found if _ext(f) == ext]
     if missing:
         raise SourceError(f"{shown(source)}: {len(missing)} name(s) the pattern stands for match no file (first: "
                           f"{shown(missing[0])}); check the folder and the range")
     root = Path(os.path.commonpath([os.path.abspath(_fixed_dir(p)) for p in parts]))
     return root, sorted(dict.fromkeys(files))
+
+
+def _regular(path: Path) -> Path:
+    """``path`` when it is a regular file (links followed; stat only, never opened: a FIFO cannot hang the scan),
+    else a one-line error, whether it was named, globbed or found in a folder."""
+    from .sources import stat_image
+
+    st, why = stat_image(str(path))
+    if st is None:
+        raise SourceError(f"{shown(path)}: {why}; a container must be a regular file: remove it or leave it out of "
+                          f"the pattern")
+    return path
 
 
 def _fixed_dir(pattern: str) -> str:
@@ -317,6 +333,29 @@ class RowScan:
     problems: list = field(default_factory=list)
     class_order: Optional[list] = None
     _checked: set = field(default_factory=set)
+    _label_kinds: dict = field(default_factory=dict)  # "whole numbers" / "text" -> where the first such label was
+    _domain_from: dict = field(default_factory=dict)  # True (a domain column/key) / False (the one domain) -> where
+
+    def label(self, value, where: str, column: str) -> str:
+        """A label value without ClassLabel names as a class name: text, or a whole number (its digits; the class
+        list is then in numeric order, :meth:`table`). Any other value, or whole numbers in some rows and text in
+        others, is a one-line error."""
+        text = value_text(value, where, f"label in {column!r}")
+        kind = "text" if isinstance(value, str) else "whole numbers"
+        self._label_kinds.setdefault(kind, where)
+        if len(self._label_kinds) > 1:
+            raise SourceError(f"labels are whole numbers in some rows (first: {self._label_kinds['whole numbers']}) "
+                              f"and text in others (first: {self._label_kinds['text']}); one source's labels must be "
+                              f"one kind (whole numbers sort as numbers, text as text): fix the files")
+        return text
+
+    def domain_from(self, given: bool, where: str) -> None:
+        """Note whether this file/sample names its domain (a column or key) or takes the one domain; a source where
+        some do and some do not is a one-line error (the others' rows would silently form a domain of their own)."""
+        self._domain_from.setdefault(given, where)
+        if len(self._domain_from) > 1:
+            raise SourceError(f"{self._domain_from[False]}: no domain (no column or key) while {self._domain_from[True]} "
+                              f"has one; give every file/sample its domain, or none (then one domain, named by --domain)")
 
     def add(self, rel: str, data: Optional[bytes], labels: "RowLabels", file_index: int, locator: int,
             length: int = 0) -> None:
@@ -346,6 +385,8 @@ class RowScan:
 
     def table(self) -> ImageTable:
         n = len(self.relpath)
+        if self.class_order is None and set(self._label_kinds) == {"whole numbers"}:  # 2 before 10, not '10' < '2'
+            self.class_order = [str(v) for v in sorted({int(c) for c in self.class_name})]
         obj = lambda v: np.array(v, dtype=object)  # noqa: E731
         blobs = BlobRows(self.kind, [str(f) for f in self.files], np.array(self.file_of, np.int32),
                          np.array(self.locator, np.int64), np.array(self.length, np.int64), self.column)
@@ -354,6 +395,15 @@ class RowScan:
                           mtime_ns=np.array(self.mtime, np.int64), ino=np.zeros(n, np.int64),
                           ctime_ns=np.zeros(n, np.int64), ignored=self.ignored, problems=self.problems,
                           blobs=blobs, class_order=self.class_order)
+
+
+def value_text(value, where: str, what: str) -> str:
+    """A label, domain, client or split value as text: a string as is, a whole number as its digits; anything else
+    (NaN, 1.5, true, a list, a dict) is a one-line error naming ``where`` (file and row, or shard and key)."""
+    if isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool)):
+        return str(value)
+    raise SourceError(f"{where}: {what} is {quoted(value, 60)} ({type(value).__name__}); labels, domains, clients and "
+                      f"splits must be text or whole numbers: fix the file")
 
 
 class RowLabels(NamedTuple):

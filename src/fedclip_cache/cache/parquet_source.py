@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 from .bytesources import (HF_PREFIX, Columns, RowLabels, RowScan, bytes_type, default_domain, image_bytes,
-                          member_path, no_rows, resolve_files)
+                          member_path, no_rows, resolve_files, value_text)
 from .sources import ImageTable, SourceError, quoted, shown
 
 BATCH_ROWS = 256  # rows per streamed batch: a few MB of image bytes, whatever the file's size
@@ -54,12 +54,13 @@ def _scan_file(scan: RowScan, k: int, path: Path, columns: Columns, name: str) -
         raise SourceError(f"{shown(path)}: its ClassLabel names for {columns.label!r} differ from those of "
                           f"{shown(scan.files[0])}; all files of one dataset must share one class list")
     scan.class_order = names if k == 0 else scan.class_order
+    scan.domain_from(columns.domain_column in schema.names, shown(path))
     fixed = None if columns.domain_column in schema.names else default_domain(columns, name, shown(path))
     rel = os.path.relpath(path, scan.root)
     row = 0
     for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=cols):
         data = image_bytes(batch.column(columns.image))
-        labels = _labels(path, batch, columns, names, row, fixed)
+        labels = _labels(scan, path, batch, columns, names, row, fixed)
         for j, (b, lab) in enumerate(zip(data, labels)):
             if lab is not None:  # None: a row of another --domain
                 scan.add(member_path(rel, str(row + j)), b, lab, k, row + j)
@@ -100,7 +101,7 @@ def class_label_names(schema, column: str) -> Optional[list[str]]:
     return [str(n) for n in names] if isinstance(names, list) and names else None
 
 
-def _labels(path: Path, batch, columns: Columns, names: Optional[list[str]], row0: int,
+def _labels(scan: RowScan, path: Path, batch, columns: Columns, names: Optional[list[str]], row0: int,
             fixed: Optional[str]) -> list:
     """One :class:`RowLabels` per row of ``batch`` (None for a row of another ``--domain``)."""
     labels = batch.column(columns.label).to_pylist()
@@ -113,11 +114,13 @@ def _labels(path: Path, batch, columns: Columns, names: Optional[list[str]], row
         for col, v in ((columns.label, y), (columns.domain_column, d)):
             if v is None or v == "":
                 raise SourceError(f"{where}: column {col!r} is empty; every row needs a label and a domain")
-        if fixed is None and columns.domain is not None and str(d) != columns.domain:
+        d = value_text(d, where, f"domain in {columns.domain_column!r}")
+        if fixed is None and columns.domain is not None and d != columns.domain:
             out.append(None)
             continue
-        out.append(RowLabels(class_name(y, names, where, columns.label), str(d), "" if c is None else str(c),
-                             "" if s is None else str(s)))
+        y = scan.label(y, where, columns.label) if names is None else class_name(y, names, where, columns.label)
+        out.append(RowLabels(y, d, "" if c is None else value_text(c, where, f"client in {columns.client!r}"),
+                             "" if s is None else value_text(s, where, f"split in {columns.split!r}")))
     return out
 
 
