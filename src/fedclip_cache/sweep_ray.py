@@ -187,6 +187,14 @@ def probe_task(cache_path: str, allow_incomplete: bool) -> dict:
 
 # ----------------------------------------------------------------------------------------- on the driver
 
+def _still_alive(node_id: str) -> bool:
+    """Whether the node ``node_id`` is alive in the cluster now (a node killed a moment ago may still have been
+    listed: Ray marks it dead only after missed heartbeats)."""
+    import ray
+
+    return any(n["NodeID"] == node_id and n.get("Alive") for n in ray.nodes())
+
+
 class RaySession:
     """This sweep's connection to Ray: made and checked on creation (every node that can run a point sees the
     driver's cache), :meth:`run` runs points, :meth:`close` disconnects (and stops an ``auto`` instance)."""
@@ -251,6 +259,7 @@ class RaySession:
         refs = [probe.options(num_cpus=0, max_retries=0, scheduling_strategy=NodeAffinitySchedulingStrategy(
             n["NodeID"], soft=False)).remote(self.cache_path, bool(self.opener.get("allow_incomplete")))
             for n in fit]
+        usable = []
         for n, ref in zip(fit, refs):
             where = f"Ray node {n.get('NodeManagerAddress')} ({n['NodeID'][:8]})"
             try:
@@ -258,6 +267,8 @@ class RaySession:
             except ray.exceptions.GetTimeoutError:
                 raise RayError(f"{where}: did not answer the cache check within {PROBE_TIMEOUT_S:g} s") from None
             except ray.exceptions.RayError as e:
+                if not _still_alive(n["NodeID"]):  # it left the cluster since it was listed: not a broken install
+                    continue
                 raise RayError(f"{where}: cannot run fedclip-cache's tasks ({_first_line(e)}); install the same "
                                f"fedclip-cache ({fedclip_cache.__version__}) on every node") from None
             if "error" in seen:
@@ -266,7 +277,11 @@ class RaySession:
             if seen["identity"] != self.identity:
                 raise RayError(f"{where}: {self.cache_path} there is another cache or commit than on this machine; "
                                f"every node must see the same cache (a shared filesystem)")
-        return fit
+            usable.append(n)
+        if not usable:
+            raise RayError("every Ray node that could run a point left the cluster during the cache check; "
+                           "start the nodes again")
+        return usable
 
     def run(self, todo: list, seeds: list[int], commit: Callable[[PointDone], None]) -> None:
         """Every ``(cfg, folder)`` of ``todo`` as a task; ``commit`` is called on the driver as each one finishes.

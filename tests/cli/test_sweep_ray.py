@@ -374,7 +374,13 @@ def test_two_nodes_equal_the_local_sweep_and_a_killed_worker_loses_nothing(clust
     out, grid = tmp_path / "sw", "hidden=4,8,16,32,64,128"
     proc = cli_sweep(cache, out, grid, cluster.address, "--rounds", str(LONG), wait=False)
     try:
-        wait_for(lambda: cluster.running("worker", "train_task"))
+        try:
+            wait_for(lambda: cluster.running("worker", "train_task"))
+        except AssertionError:
+            proc.kill()
+            o, e = proc.communicate()
+            raise AssertionError(f"no point reached the worker; the sweep exited {proc.returncode}:\n"
+                                 f"{o[-3000:]}\n{e[-3000:]}")
         finished_before = set(ran_on(out))
         assert cluster.kill("worker")
         stdout, stderr = proc.communicate(timeout=300)
