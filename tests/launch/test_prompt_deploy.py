@@ -64,6 +64,15 @@ def test_a_site_without_its_text_model_is_refused_before_anything_starts(tmp_pat
     one_line_error(code, out, err, "each site keeps its own context")
 
 
+def prompt_config(algo: str, tiny_model) -> FederateConfig:
+    """The run a deployment and `federate` both train: promptfl holds sketch out; the personal methods run the
+    personal protocol (fedpgp with a rank at most --n-ctx)."""
+    where = dict(heldout=["sketch"]) if algo == "promptfl" else dict(protocol="personal", rounds=3)
+    if algo == "fedpgp":
+        where["pgp_rank"] = 2
+    return FederateConfig(**{**PROMPT, **where}, algo=algo, text_model_config=str(tiny_model[0])).validate()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("algo", ["promptfl", "promptlocal"])
 def test_prompt_deployment_equals_federate(tmp_path, model_args, tiny_model, monkeypatch, capsys, extract_sites,
@@ -77,10 +86,7 @@ def test_prompt_deployment_equals_federate(tmp_path, model_args, tiny_model, mon
     if dep.flower_bin_dir() is None:
         pytest.skip("Flower's CLIs (flower-superlink, flower-supernode, flwr) are not installed")
     sites = extract_sites(tmp_path, model_args, monkeypatch, capsys)
-    where = dict(heldout=["sketch"]) if algo == "promptfl" else dict(protocol="personal", rounds=3)
-    if algo == "fedpgp":
-        where["pgp_rank"] = 2  # at most --n-ctx
-    cfg = FederateConfig(**{**PROMPT, **where}, algo=algo, text_model_config=str(tiny_model[0])).validate()
+    cfg = prompt_config(algo, tiny_model)
     res = dep.deploy(list(sites.values()), tmp_path / "run", cfg, timeout=300, log=lambda m: None)
     assert res["status"] == "finished:completed"
     fed = federate(tmp_path / "merged", cfg, out=tmp_path / "fed")
@@ -99,10 +105,7 @@ def test_prompt_simulation_equals_federate(tmp_path, model_args, tiny_model, mon
     from fedclip_cache.launch.simulate import simulate
 
     sites = extract_sites(tmp_path, model_args, monkeypatch, capsys)
-    where = dict(heldout=["sketch"]) if algo == "promptfl" else dict(protocol="personal", rounds=3)
-    if algo == "fedpgp":
-        where["pgp_rank"] = 2  # at most --n-ctx
-    cfg = FederateConfig(**{**PROMPT, **where}, algo=algo, text_model_config=str(tiny_model[0])).validate()
+    cfg = prompt_config(algo, tiny_model)
     res = simulate(list(sites.values()), tmp_path / "sim", cfg, num_cpus=2, log=lambda m: None)
     fed = federate(tmp_path / "merged", cfg, out=tmp_path / "fed")
     equal_to_federate(tmp_path / "sim", tmp_path / "fed", res["summary"], fed, personal=algo == "promptlocal")
