@@ -74,6 +74,25 @@ def run(monkeypatch, capsys):
     return lambda *args: _cli(monkeypatch, capsys, *args)
 
 
+def _wait_until(check, timeout: float = 90.0):
+    """Poll ``check()`` every 0.1 s until it returns something truthy (returned), else fail after ``timeout`` s."""
+    import time
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        got = check()
+        if got:
+            return got
+        time.sleep(0.1)
+    raise AssertionError("timed out")
+
+
+@pytest.fixture(scope="session")
+def wait_until():
+    """``wait_until(check, timeout=90) -> check's first truthy value``: for tests that watch other processes."""
+    return _wait_until
+
+
 @pytest.fixture(scope="session")
 def one_line_error():
     """``one_line_error(code, out, err, *fragments) -> message``: asserts a refusal is one line on stderr, exit 2,

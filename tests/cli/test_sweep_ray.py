@@ -319,23 +319,16 @@ def ran_on(out: Path) -> dict:
         return {}
 
 
-def wait_for(check, timeout: float = 180.0):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        got = check()
-        if got:
-            return got
-        time.sleep(0.1)
-    raise AssertionError("timed out")
+RAY_WAIT_S = 180.0  # a Ray node's start, a point's first rounds: generous under load
 
 
 @pytest.mark.slow
-def test_cluster_killed_driver_resumes_without_rerunning(cluster, cache, local, tmp_path):
+def test_cluster_killed_driver_resumes_without_rerunning(cluster, cache, local, tmp_path, wait_until):
     """kill -9 of the sweep after its first point: the next run trains only the others, on the cluster."""
     out, grid = tmp_path / "sw", "hidden=4,8,16,32,64,128"
     proc = cli_sweep(cache, out, grid, cluster.address, "--rounds", str(LONG), wait=False)
     try:
-        wait_for(lambda: ran_on(out))
+        wait_until(lambda: ran_on(out), RAY_WAIT_S)
     finally:
         proc.kill()
         proc.communicate()
@@ -368,14 +361,15 @@ def test_a_node_that_cannot_run_fedclip_is_refused_before_anything(cluster, cach
 
 
 @pytest.mark.slow
-def test_two_nodes_equal_the_local_sweep_and_a_killed_worker_loses_nothing(cluster, cache, local, tmp_path):
+def test_two_nodes_equal_the_local_sweep_and_a_killed_worker_loses_nothing(cluster, cache, local, tmp_path,
+                                                                            wait_until):
     """The worker node's raylet is SIGKILLed while it trains a point (a ``ray::train_task`` worker under it), with
     points still to run: Ray retries that task on the head, and the results equal the local sweep's."""
     out, grid = tmp_path / "sw", "hidden=4,8,16,32,64,128"
     proc = cli_sweep(cache, out, grid, cluster.address, "--rounds", str(LONG), wait=False)
     try:
         try:
-            wait_for(lambda: cluster.running("worker", "train_task"))
+            wait_until(lambda: cluster.running("worker", "train_task"), RAY_WAIT_S)
         except AssertionError:
             proc.kill()
             o, e = proc.communicate()
@@ -393,7 +387,7 @@ def test_two_nodes_equal_the_local_sweep_and_a_killed_worker_loses_nothing(clust
 
 
 @pytest.mark.slow
-def test_ctrl_c_cancels_the_tasks_and_stops_an_auto_instance(cache, tmp_path):
+def test_ctrl_c_cancels_the_tasks_and_stops_an_auto_instance(cache, tmp_path, wait_until):
     """SIGINT while a point trains on ``--ray auto``: exit 130, no process of that Ray instance left, its session
     folder removed, the sweep folder left in progress (the same command resumes it)."""
     import glob
@@ -409,7 +403,7 @@ def test_ctrl_c_cancels_the_tasks_and_stops_an_auto_instance(cache, tmp_path):
             training = any(_cmdline(pid).startswith(b"ray::train_task") for f in now
                            for pid in marked("-", f, os.getpid()))
             return now if training else None
-        folders = wait_for(session)
+        folders = wait_until(session, RAY_WAIT_S)
         proc.send_signal(signal.SIGINT)
         proc.communicate(timeout=120)
     finally:

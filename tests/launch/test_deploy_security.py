@@ -6,7 +6,6 @@ import stat
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -85,18 +84,8 @@ def _start_site(cache, t: Path, log: Path) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, "TMPDIR": str(t)})
 
 
-def _wait_for(what, limit: float = 90.0):
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        got = what()
-        if got:
-            return got
-        time.sleep(0.1)
-    raise AssertionError("timed out")
-
-
 @pytest.mark.slow
-def test_a_site_secret_never_outlives_the_site(tmp_path, monkeypatch):
+def test_a_site_secret_never_outlives_the_site(tmp_path, monkeypatch, wait_until):
     """`fedclip-cache site`: its secret is 0600 in a 0700 folder; SIGTERM removes the folder; one left by a site killed
     with kill -9 is removed by the next site."""
     t = _private_tmp(tmp_path, monkeypatch)
@@ -104,12 +93,12 @@ def test_a_site_secret_never_outlives_the_site(tmp_path, monkeypatch):
     log = tmp_path / "site.log"
     p = _start_site(cache, t, log)
     try:
-        (first,) = _wait_for(lambda: _site_folders(t))
+        (first,) = wait_until(lambda: _site_folders(t))
         p.send_signal(signal.SIGTERM)  # at once: while it imports flwr and torch
         p.wait(timeout=30)
         assert not first.exists(), log.read_text()[-2000:]
         p = _start_site(cache, t, log)
-        _wait_for(lambda: "worker ready" in log.read_text())  # up: flwr's own signal handlers in place
+        wait_until(lambda: "worker ready" in log.read_text())  # up: flwr's own signal handlers in place
         (up,) = _site_folders(t)
         assert stat.S_IMODE(up.stat().st_mode) == 0o700
         assert stat.S_IMODE((up / "superexec-secret").stat().st_mode) == 0o600
@@ -117,12 +106,12 @@ def test_a_site_secret_never_outlives_the_site(tmp_path, monkeypatch):
         assert p.wait(timeout=30) == 0
         assert not up.exists(), log.read_text()[-2000:]
         p = _start_site(cache, t, log)
-        (second,) = _wait_for(lambda: _site_folders(t))
+        (second,) = wait_until(lambda: _site_folders(t))
         os.killpg(p.pid, signal.SIGKILL)
         p.wait()
         assert second.exists()  # kill -9: nothing could clean up
         p = _start_site(cache, t, log)
-        third = _wait_for(lambda: _site_folders(t) - {second})
+        third = wait_until(lambda: _site_folders(t) - {second})
         assert not second.exists() and len(third) == 1  # the dead site's folder swept; its own made
     finally:
         try:
@@ -165,7 +154,7 @@ def _port_open(port: int) -> bool:
 
 
 @pytest.mark.slow
-def test_readme_recipe_runs_with_tls_and_supernode_authentication(tmp_path):
+def test_readme_recipe_runs_with_tls_and_supernode_authentication(tmp_path, wait_until):
     """The README's multi-machine recipe on this machine: certificates and keys made by its own commands, the
     SuperLink from `fedclip-cache superlink` (Fleet API only on the sites' address, Control API on loopback), three
     sites with TLS and registered keys; the run completes. A SuperNode without a registered key is refused (with
@@ -245,7 +234,7 @@ def test_readme_recipe_runs_with_tls_and_supernode_authentication(tmp_path):
                 for site, cmd in zip(sites, cmds):
                     background(site.get("dom", cmd.split()[1]), cmd[:-1].strip())
                 if not sites[0]:  # the SuperLink: ready when both its ports are (what a person waits for)
-                    _wait_for(lambda: _port_open(control) and _port_open(fleet) or procs[-1].poll() is not None)
+                    wait_until(lambda: _port_open(control) and _port_open(fleet) or procs[-1].poll() is not None)
                     assert procs[-1].poll() is None, logs["superlink"].read_text()[-3000:]
                     strangers = start_strangers()  # beside the recipe's own steps (they take a site's start-up)
             elif "RUN_ID" in line:
